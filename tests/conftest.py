@@ -18,11 +18,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
-
 from natsraw import RawNats
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +42,7 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: f
     while time.monotonic() < deadline:
         try:
             last = predicate()
-        except (OSError, http.client.HTTPException, ValueError) as exc:
+        except (OSError, http.client.HTTPException, ValueError, TimeoutError) as exc:
             last = exc
         else:
             if last:
@@ -126,8 +126,10 @@ def nats(tmp_path: Path) -> Iterator[NatsServer]:
 class Lobbyd:
     """A real lobbyd process and a small HTTP client for its API."""
 
-    def __init__(self, env: dict[str, str], workdir: Path, name: str):
+    def __init__(self, env: dict[str, str], workdir: Path, name: str,
+                 nats: NatsServer | None = None):
         self.env = env
+        self.nats = nats
         self.workdir = workdir
         self.name = name
         self.port = int(env["PORT"])
@@ -136,16 +138,38 @@ class Lobbyd:
 
     # lifecycle -------------------------------------------------------------
     def start(self, wait: bool = True) -> Lobbyd:
+        """Start; with `wait`, return once the API answers and (if it publishes) its
+        first packet is on the subject, which proves it is subscribed too."""
+        publishes = self.env.get("REGISTER", "true").lower() not in ("0", "f", "false", "no",
+                                                                     "off")
+        watcher = self.nats.client() if (wait and publishes and self.nats) else None
+        if watcher:
+            watcher.subscribe(self.env.get("NATS_DISCOVERY_CHANNEL", "lobby.discovery"))
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(lobbyd_command(), env=self.env, stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        if wait:
+        if wait and self.env.get("DISABLE_API", "").lower() not in ("1", "true", "yes", "on"):
             wait_for(self._ready, timeout=15, what=f"{self.name} API on {self.port}")
+        if watcher:
+            try:
+                wait_for(lambda: self._said_hi(watcher), timeout=15,
+                         what=f"{self.name}'s first packet on NATS")
+            finally:
+                watcher.close()
         return self
+
+    def _said_hi(self, watcher: RawNats) -> bool:
+        _subject, payload = watcher.next_msg(timeout=1)
+        try:
+            envelope = json.loads(payload)
+            return envelope["discovery"]["hostname"] == self.env["HOSTNAME"]
+        except (ValueError, KeyError, TypeError):
+            return False
 
     def _ready(self) -> bool:
         if self.proc and self.proc.poll() is not None:
-            raise AssertionError(f"{self.name} exited {self.proc.returncode}: {self.logs()[-3000:]}")
+            raise AssertionError(
+                f"{self.name} exited {self.proc.returncode}: {self.logs()[-3000:]}")
         return self.request("GET", "/v1/discovery")[0] == 200
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int | None:
@@ -230,7 +254,7 @@ def lobbyd(tmp_path: Path, nats: NatsServer) -> Iterator[Callable[..., Lobbyd]]:
             "LOG_LEVEL": "DEBUG",
         })
         full.update({k: str(v) for k, v in env.items()})
-        d = Lobbyd(full, tmp_path, name)
+        d = Lobbyd(full, tmp_path, name, nats)
         started.append(d)
         return d.start(wait=wait) if start else d
 

@@ -1,0 +1,839 @@
+"""lobbyd benchmark harness (issue 5): one table of fleet-scale figures.
+
+    python bench/run.py            # full run (people): 3 runs of each figure, ~25 min
+    python bench/run.py --smoke    # CI smoke: 1 short run of each figure, < 3 min
+    LOBBYD_CMD="/usr/local/bin/lobby" python bench/run.py --label go   # any implementation
+
+The daemon under test is configured only through SPEC environment variables and
+observed only through NATS and its HTTP API. Simulated hosts come from
+bench/loadgen.py on a real nats-server on loopback. Every load is bounded in count
+and in time. Next to every figure the table records the machine's background
+load (load average and the CPU used by processes outside this harness), because
+the machines are shared. Results go to bench/results/<label>-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import httpload  # noqa: E402
+from loadgen import hostname as fake_hostname  # noqa: E402
+from loadgen import labels as fake_labels  # noqa: E402
+from procs import (ROOT, Daemon, LoadMeter, NatsServer, lobbyd_command,  # noqa: E402
+                   nats_server_binary)
+
+BENCH = Path(__file__).resolve().parent
+SUBJECT = "lobby.discovery"
+SENTINEL = "zz-sentinel.bench.invalid"
+
+
+# --------------------------------------------------------------------------- profiles
+
+
+@dataclass
+class Profile:
+    runs: int
+    ingest_hosts: list[int]
+    ingest_confirm_s: float
+    steady_window_s: float
+    steady_big: bool
+    http_hosts: list[int]
+    http_seconds: float
+    http_extra: bool
+    prop_changes: int
+    goodbye_trials: int
+    join_trials: int
+    join_peers: int
+    join_fakes: int
+    dead_variants: list[tuple[int, int, int, int]]  # (TTL, CLEAN_EVERY, victims' KEEP_ALIVE, n)
+    startup_trials: int
+    fanout_msgs: int
+
+
+FULL = Profile(runs=3, ingest_hosts=[1000, 10000, 100000], ingest_confirm_s=5,
+               steady_window_s=30, steady_big=True, http_hosts=[1000, 10000],
+               http_seconds=10, http_extra=True, prop_changes=200, goodbye_trials=30,
+               join_trials=10, join_peers=5, join_fakes=1000,
+               dead_variants=[(30, 15, 5, 3), (5, 60, 1, 3)], startup_trials=20,
+               fanout_msgs=300000)
+SMOKE = Profile(runs=1, ingest_hosts=[1000, 10000], ingest_confirm_s=2,
+                steady_window_s=8, steady_big=False, http_hosts=[10000], http_seconds=3,
+                http_extra=False, prop_changes=40, goodbye_trials=5, join_trials=3,
+                join_peers=2, join_fakes=200, dead_variants=[(3, 15, 1, 1)],
+                startup_trials=5, fanout_msgs=100000)
+
+# What the issue gives for the Go daemon, and the targets it sets.
+REFERENCE = {
+    "ingest": {1000: "38k/s", 10000: "8k/s", 20000: "2.6k/s", 100000: "-"},
+    "steady_cpu": "36-41% of a core", "steady_rss": "18 MB (peak 31 MB)", "idle_rss": "9.3 MB",
+    "http_10k_c8": "83 req/s, p99 237 ms", "propagation": "2-4 ms", "goodbye": "1-3 ms",
+    "dead": "40-41 s", "join": "0-5 s", "startup": "6-8 ms",
+}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def pctl(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    v = sorted(values)
+    k = (len(v) - 1) * p / 100
+    lo, hi = int(k), min(len(v) - 1, int(k) + 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class Env:
+    """One nats-server plus the daemons of one measurement; torn down by close()."""
+
+    def __init__(self, cmd: list[str], workroot: Path):
+        self.cmd = cmd
+        self.dir = Path(tempfile.mkdtemp(prefix="run-", dir=workroot))
+        self.nats = NatsServer(self.dir).start()
+        self.daemons: list[Daemon] = []
+        self.gens: list[subprocess.Popen] = []
+
+    def daemon(self, name: str, start: bool = True, cmd: list[str] | None = None,
+               **env: str | int) -> Daemon:
+        d = Daemon(cmd or self.cmd, self.nats.url, self.dir, name, SUBJECT, **env)
+        self.daemons.append(d)
+        return d.start() if start else d
+
+    def loadgen(self, hosts: int, *, mode: str = "paced", rate: float = 0, count: int = 0,
+                seq0: int = 0, duration: float = 10, sentinel: str = "",
+                max_seconds: float = 300) -> subprocess.Popen:
+        cmd = [sys.executable, str(BENCH / "loadgen.py"), "--port", str(self.nats.port),
+               "--subject", SUBJECT, "--hosts", str(hosts), "--mode", mode, "--rate", str(rate),
+               "--count", str(count), "--seq0", str(seq0), "--duration", str(duration),
+               "--max-seconds", str(max_seconds), "--wait-go"]
+        if sentinel:
+            cmd += ["--sentinel", sentinel]
+        p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        ready = p.stdout.readline()  # type: ignore[union-attr]
+        if not ready:
+            raise RuntimeError("loadgen failed to start")
+        self.gens.append(p)
+        return p
+
+    @staticmethod
+    def go(p: subprocess.Popen) -> None:
+        p.stdin.write("go\n")  # type: ignore[union-attr]
+        p.stdin.flush()  # type: ignore[union-attr]
+
+    @staticmethod
+    def result(p: subprocess.Popen, timeout: float = 400) -> dict:
+        line = p.stdout.readline()  # type: ignore[union-attr]
+        p.wait(timeout)
+        if not line:
+            raise RuntimeError("loadgen ended without a result")
+        return json.loads(line)
+
+    def close(self) -> None:
+        for p in self.gens:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        for d in self.daemons:
+            d.stop(signal.SIGKILL)
+        self.nats.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def wait_sentinel(d: Daemon, token: str, timeout: float, interval: float) -> float:
+    """Monotonic time at which the sentinel became visible (midpoint of the last miss
+    and the first hit of a poll every `interval` s)."""
+    path = f"/v1/resolve?label=sentinel:{token}"
+    deadline = time.monotonic() + timeout
+    last_miss = time.monotonic()
+    while time.monotonic() < deadline:
+        t = time.monotonic()
+        try:
+            hit = SENTINEL in d.get_json(path)  # type: ignore[operator]
+        except (OSError, RuntimeError, ValueError):
+            hit = False
+        if hit:
+            return (last_miss + t) / 2
+        last_miss = t
+        time.sleep(interval)
+    raise TimeoutError(f"sentinel {token} not visible within {timeout}s")
+
+
+def check_registry(d: Daemon, n: int, expected: list[int] | None) -> dict[str, object]:
+    """The registry must list exactly the fake hosts (with their latest seq label),
+    the daemon itself and the sentinel - nothing more, nothing less, sorted."""
+    data = d.get_json("/v1/discoveries")
+    assert isinstance(data, list)
+    names = [p["hostname"] for p in data]
+    by = {p["hostname"]: p for p in data}
+    wrong: list[str] = []
+    for i in range(n):
+        h = fake_hostname(i)
+        p = by.get(h)
+        if p is None:
+            wrong.append(f"{h} missing")
+        elif expected is not None and sorted(p["labels"]) != fake_labels(i, expected[i]):
+            wrong.append(f"{h} labels {p['labels']}")
+        if len(wrong) > 5:
+            break
+    extra = set(by) - {fake_hostname(i) for i in range(n)} - {d.hostname, SENTINEL}
+    return {"exact": not wrong and not extra and names == sorted(names) and d.hostname in by,
+            "hosts": len(data), "wrong": wrong[:5], "extra": sorted(extra)[:5],
+            "sorted": names == sorted(names)}
+
+
+def prefill(env: Env, d: Daemon, n: int, token: str = "fill") -> float:
+    """One round of `hi` for every host; returns seconds until the daemon had all of them."""
+    g = env.loadgen(n, count=n, seq0=0, sentinel=token)
+    env.go(g)
+    r = env.result(g)
+    t = wait_sentinel(d, token, timeout=120, interval=0.05)
+    return t - r["t_first"]
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def fig_idle_rss(cmd: list[str], work: Path, prof: Profile) -> dict:
+    env = Env(cmd, work)
+    try:
+        d = env.daemon("bench-idle")
+        with LoadMeter() as m:
+            time.sleep(3)
+            mem = d.mem_kib()
+        return {"value": mem["VmRSS"] / 1024, "unit": "MB", "peak_mb": mem["VmHWM"] / 1024,
+                "load": m.stop()}
+    finally:
+        env.close()
+
+
+def fig_startup(cmd: list[str], work: Path, prof: Profile, trials: int) -> dict:
+    env = Env(cmd, work)
+    try:
+        times = []
+        with LoadMeter() as m:
+            for k in range(trials):
+                d = env.daemon(f"bench-start-{k}", start=False)
+                d.start(wait=False)
+                times.append(d.wait_ready(60) * 1000)
+                d.stop()
+        return {"value": statistics.median(times), "unit": "ms", "samples": times,
+                "load": m.stop()}
+    finally:
+        env.close()
+
+
+def fig_ingest(cmd: list[str], work: Path, prof: Profile, n: int,
+               on_daemon: Callable[[Daemon, str], None] | None = None) -> dict:
+    """Highest sustained `hi` rate at N hosts with the registry exactly right at the end.
+
+    1. prefill one round; 2. burst M packets as fast as the generator goes and time
+    until the sentinel (published after them on the same connection) is visible:
+    the drain rate; 3. paced runs at 95/80/65/50 % of it for a few seconds each:
+    the first whose sentinel shows up within max(0.3 s, 10 % of the run) after the
+    last packet, with the registry exact, is the sustained rate.
+    """
+    env = Env(cmd, work)
+    poll = 0.05 if n <= 10000 else 0.1
+    try:
+        d = env.daemon("bench-ingest", TTL=86400)
+        expected = [0] * n
+        fill_s = prefill(env, d, n)
+        seq = 1
+        count = max(100_000, min(2 * n, 250_000))
+        count = -(-count // n) * n  # whole rounds
+        if on_daemon:
+            on_daemon(d, "ingest-burst")
+        with LoadMeter() as m:
+            cpu0 = d.cpu_seconds()
+            g = env.loadgen(n, count=count, seq0=seq, sentinel="burst")
+            env.go(g)
+            r = env.result(g)
+            t_done = wait_sentinel(d, "burst", timeout=300, interval=poll)
+            cpu = d.cpu_seconds() - cpu0
+        burst_s = t_done - r["t_first"]
+        drain = count / burst_s
+        for i in range(n):
+            expected[i] = seq + (count - 1 - i) // n
+        seq += count // n
+        check = check_registry(d, n, expected)
+        burst = {"packets": count, "seconds": round(burst_s, 3), "drain_rate": round(drain),
+                 "daemon_cpu_pct": round(100 * cpu / burst_s, 1), "exact": check["exact"],
+                 "check": check, "load": m.stop()}
+        confirms = []
+        sustained = None
+        for frac in (0.95, 0.8, 0.65, 0.5):
+            rate = drain * frac
+            cnt = max(n, int(rate * prof.ingest_confirm_s))
+            cnt = -(-cnt // n) * n
+            with LoadMeter() as m:
+                cpu0 = d.cpu_seconds()
+                g = env.loadgen(n, rate=rate, count=cnt, seq0=seq, sentinel=f"c{seq}",
+                                max_seconds=prof.ingest_confirm_s * 4 + 30)
+                env.go(g)
+                r = env.result(g)
+                t_vis = wait_sentinel(d, f"c{seq}", timeout=120, interval=poll)
+                cpu = d.cpu_seconds() - cpu0
+            for i in range(n):
+                expected[i] = seq + (cnt - 1 - i) // n
+            seq += cnt // n
+            check = check_registry(d, n, expected)
+            lag = t_vis - r["t_last"]
+            ok = bool(check["exact"]) and lag <= max(0.3, 0.1 * prof.ingest_confirm_s) \
+                and r["sent"] == cnt
+            c = {"target_rate": round(rate), "achieved_rate": round(r["rate"]),
+                 "packets": cnt, "lag_s": round(lag, 3), "exact": check["exact"],
+                 "daemon_cpu_pct": round(100 * cpu / (t_vis - r["t_first"]), 1),
+                 "sustained": ok, "load": m.stop()}
+            confirms.append(c)
+            log(f"ingest n={n}: {c['achieved_rate']}/s lag {c['lag_s']} s exact "
+                f"{c['exact']} -> {'ok' if ok else 'no'}")
+            if ok:
+                sustained = c
+                break
+        value = sustained["achieved_rate"] if sustained else 0
+        return {"value": value, "unit": "pkt/s", "fill_s": round(fill_s, 3), "burst": burst,
+                "confirms": confirms, "exact": bool(sustained),
+                "load": (sustained or confirms[-1])["load"]}
+    finally:
+        env.close()
+
+
+def fig_steady(cmd: list[str], work: Path, prof: Profile, n: int, window: float,
+               keep_alive: int = 5) -> dict:
+    """N hosts at KEEP_ALIVE: the daemon's CPU share and RSS after a warm-up."""
+    env = Env(cmd, work)
+    try:
+        d = env.daemon("bench-steady", TTL=86400)
+        prefill(env, d, n)
+        rate = n / keep_alive
+        warm = 5.0
+        g = env.loadgen(n, mode="keepalive", rate=rate, duration=warm + window + 5,
+                        max_seconds=warm + window + 30)
+        env.go(g)
+        time.sleep(warm)
+        with LoadMeter() as m:
+            t0, cpu0 = time.monotonic(), d.cpu_seconds()
+            time.sleep(window)
+            cpu = d.cpu_seconds() - cpu0
+            dt = time.monotonic() - t0
+            mem = d.mem_kib()
+        load = m.stop()
+        g.terminate()
+        g.wait(10)
+        names = d.get_json("/v1/discoveries")
+        return {"value": round(100 * cpu / dt, 1), "unit": "% of a core", "rate": rate,
+                "rss_mb": round(mem["VmRSS"] / 1024, 1), "peak_mb": round(mem["VmHWM"] / 1024, 1),
+                "hosts_listed": len(names), "load": load}  # type: ignore[arg-type]
+    finally:
+        env.close()
+
+
+def fig_http(cmd: list[str], work: Path, prof: Profile, n: int) -> dict:
+    """wrk against the API while N hosts keep-alive (N/5 msg/s)."""
+    env = Env(cmd, work)
+    cases = [("/v1/discoveries", 8, None), ("/v1/discoveries", 1, None)]
+    if prof.http_extra and n >= 10000:
+        cases += [("/v1/discoveries", 8, {"Accept-Encoding": "gzip"}),
+                  ("/v1/prometheus/node", 8, None), ("/v1/resolve?label=service:web", 8, None)]
+    try:
+        d = env.daemon("bench-http", TTL=86400)
+        prefill(env, d, n)
+        check = check_registry(d, n, [0] * n)
+        total = len(cases) * (prof.http_seconds + 3) + 10
+        g = env.loadgen(n, mode="keepalive", rate=n / 5, duration=total, max_seconds=total + 30)
+        env.go(g)
+        out = {}
+        for path, conns, headers in cases:
+            with LoadMeter() as m:
+                cpu0 = d.cpu_seconds()
+                t0 = time.monotonic()
+                res = httpload.http_load(d.port, path, conns, prof.http_seconds, headers)
+                cpu = d.cpu_seconds() - cpu0
+                res["daemon_cpu_pct"] = round(100 * cpu / (time.monotonic() - t0), 1)
+            res.pop("raw", None)
+            res["load"] = m.stop()
+            key = f"{path}{' gzip' if headers else ''} c{conns}"
+            out[key] = res
+            log(f"http n={n} {key}: {res['rps']:.0f} req/s p99 {res.get('p99_ms')} ms "
+                f"errors {res['errors']}")
+        g.terminate()
+        g.wait(10)
+        main = out["/v1/discoveries c8"]
+        return {"value": main["rps"], "unit": "req/s", "cases": out, "registry": check,
+                "load": main["load"]}
+    finally:
+        env.close()
+
+
+def fig_propagation(cmd: list[str], work: Path, prof: Profile) -> dict:
+    """POST/DELETE /v1/labels on A -> visible on B (B polled over one keep-alive conn)."""
+    env = Env(cmd, work)
+    try:
+        a = env.daemon("bench-prop-a")
+        b = env.daemon("bench-prop-b")
+        wait_until(lambda: a.hostname in [p["hostname"] for p in b.get_json("/v1/discoveries")],
+                   10)
+        lat, post = [], []
+        with LoadMeter() as m:
+            for k in range(prof.prop_changes):
+                label = f"bench-prop:{k // 2}"
+                add = k % 2 == 0
+                t0 = time.perf_counter()
+                status, _ = a.http.request("POST" if add else "DELETE", "/v1/labels",
+                                           body=label.encode())
+                post.append((time.perf_counter() - t0) * 1000)
+                if status != 200:
+                    raise RuntimeError(f"labels request answered {status}")
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline:
+                    hosts = b.get_json(f"/v1/resolve?label={label}")
+                    if (a.hostname in hosts) == add:  # type: ignore[operator]
+                        break
+                else:
+                    raise TimeoutError(f"change {k} not visible on B within 5 s")
+                lat.append((time.perf_counter() - t0) * 1000)
+        return {"value": round(pctl(lat, 50), 3), "unit": "ms", "p50_ms": round(pctl(lat, 50), 3),
+                "p99_ms": round(pctl(lat, 99), 3), "max_ms": round(max(lat), 3),
+                "post_p50_ms": round(pctl(post, 50), 3), "post_p99_ms": round(pctl(post, 99), 3),
+                "changes": len(lat), "load": m.stop()}
+    finally:
+        env.close()
+
+
+def wait_until(pred: Callable[[], object], timeout: float, interval: float = 0.01) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if pred():
+                return
+        except (OSError, RuntimeError, ValueError):
+            pass
+        time.sleep(interval)
+    raise TimeoutError("condition not met")
+
+
+def fig_goodbye(cmd: list[str], work: Path, prof: Profile) -> dict:
+    """SIGTERM on A -> A gone on B."""
+    env = Env(cmd, work)
+    try:
+        b = env.daemon("bench-gb-b")
+        lat, exits = [], []
+        with LoadMeter() as m:
+            for k in range(prof.goodbye_trials):
+                label = f"bench-gb:{k}"
+                a = env.daemon(f"bench-gb-a{k}", LABELS=label)
+                wait_until(lambda label=label, a=a: a.hostname in b.get_json(
+                    f"/v1/resolve?label={label}"), 10, 0.005)
+                time.sleep(0.05)
+                t0 = time.perf_counter()
+                assert a.proc is not None
+                a.proc.send_signal(signal.SIGTERM)
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    if a.hostname not in b.get_json(f"/v1/resolve?label={label}"):  # type: ignore[operator]
+                        break
+                else:
+                    raise TimeoutError(f"goodbye {k} not seen on B")
+                lat.append((time.perf_counter() - t0) * 1000)
+                a.proc.wait(10)
+                exits.append((time.perf_counter() - t0) * 1000)
+                a.stop()
+        return {"value": round(pctl(lat, 50), 3), "unit": "ms", "p50_ms": round(pctl(lat, 50), 3),
+                "p99_ms": round(pctl(lat, 99), 3), "max_ms": round(max(lat), 3),
+                "exit_p50_ms": round(pctl(exits, 50), 1), "exit_max_ms": round(max(exits), 1),
+                "trials": len(lat), "load": m.stop()}
+    finally:
+        env.close()
+
+
+def fig_join(cmd: list[str], work: Path, prof: Profile) -> dict:
+    """A new daemon starts while K real daemons and F simulated hosts run:
+    exec -> it lists every live lobbyd (and every simulated host)."""
+    env = Env(cmd, work)
+    try:
+        peers = [env.daemon(f"bench-join-peer{k}", LABELS="bench-peer:yes")
+                 for k in range(prof.join_peers)]
+        want = {p.hostname for p in peers}
+        f = prof.join_fakes
+        total = prof.join_trials * 8 + 20
+        g = env.loadgen(f, mode="keepalive", rate=f / 5, duration=total, max_seconds=total + 30)
+        env.go(g)
+        time.sleep(5.5)  # every fake host has been heard once
+        joins, after_ready, fleet, ready = [], [], [], []
+        with LoadMeter() as m:
+            for k in range(prof.join_trials):
+                c = env.daemon(f"bench-join-new{k}", start=False)
+                c.start(wait=False)
+                t_ready = c.wait_ready(60)
+                t_peers = None
+                t_fleet = None
+                deadline = time.monotonic() + 8
+                while time.monotonic() < deadline and (t_peers is None or t_fleet is None):
+                    if t_peers is None:
+                        got = set(c.get_json("/v1/resolve?label=bench-peer:yes"))  # type: ignore[arg-type]
+                        if want <= got:
+                            t_peers = time.monotonic() - c.t_exec
+                    if t_fleet is None:
+                        got = c.get_json("/v1/resolve?label=prometheus:node")
+                        if len(got) >= f:  # type: ignore[arg-type]
+                            t_fleet = time.monotonic() - c.t_exec
+                    time.sleep(0.005)
+                ready.append(t_ready * 1000)
+                joins.append((t_peers if t_peers is not None else float("inf")) * 1000)
+                after_ready.append(((t_peers or float("inf")) - t_ready) * 1000)
+                fleet.append((t_fleet if t_fleet is not None else float("inf")) * 1000)
+                c.stop()
+                time.sleep(0.2)
+        g.terminate()
+        return {"value": round(statistics.median(joins), 1), "unit": "ms",
+                "exec_to_all_lobbyd_ms": [round(x, 1) for x in joins],
+                "ready_to_all_lobbyd_ms": [round(x, 1) for x in after_ready],
+                "exec_to_all_simulated_ms": [round(x, 1) for x in fleet],
+                "exec_to_ready_ms": [round(x, 1) for x in ready],
+                "peers": prof.join_peers, "simulated_hosts": f, "load": m.stop()}
+    finally:
+        env.close()
+
+
+class LastSeen(threading.Thread):
+    """Raw NATS subscriber noting when each hostname's last packet passed."""
+
+    def __init__(self, port: int):
+        super().__init__(daemon=True)
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.sendall(b'CONNECT {"verbose":false}\r\nSUB ' + SUBJECT.encode() + b" 1\r\n")
+        self.seen: dict[str, float] = {}
+        self.stopped = False
+
+    def run(self) -> None:
+        buf = b""
+        while not self.stopped:
+            try:
+                chunk = self.sock.recv(65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            buf += chunk
+            while True:
+                if buf.startswith(b"MSG "):
+                    nl = buf.find(b"\r\n")
+                    if nl < 0:
+                        break
+                    size = int(buf[:nl].split()[-1])
+                    if len(buf) < nl + 2 + size + 2:
+                        break
+                    payload = buf[nl + 2:nl + 2 + size]
+                    buf = buf[nl + 4 + size:]
+                    try:
+                        self.seen[json.loads(payload)["discovery"]["hostname"]] = time.monotonic()
+                    except (ValueError, KeyError, TypeError):
+                        pass
+                else:
+                    nl = buf.find(b"\r\n")
+                    if nl < 0:
+                        break
+                    if buf.startswith(b"PING"):
+                        self.sock.sendall(b"PONG\r\n")
+                    buf = buf[nl + 2:]
+
+    def close(self) -> None:
+        self.stopped = True
+        self.sock.close()
+
+
+def fig_dead(cmd: list[str], work: Path, prof: Profile, ttl: int, clean: int, ka: int,
+             victims: int) -> dict:
+    """kill -9 on A -> A gone on B (B with TTL/CLEAN_EVERY as given)."""
+    env = Env(cmd, work)
+    watcher = LastSeen(env.nats.port)
+    watcher.start()
+    try:
+        b = env.daemon("bench-dead-b", TTL=ttl, CLEAN_EVERY=clean)
+        vs = [env.daemon(f"bench-dead-v{k}", KEEP_ALIVE=ka, LABELS="bench-victim:yes")
+              for k in range(victims)]
+        wait_until(lambda: len(b.get_json("/v1/resolve?label=bench-victim:yes")) == victims,  # type: ignore[arg-type]
+                   15)
+        time.sleep(min(ka, 2) + 0.3)
+        with LoadMeter() as m:
+            t_kill = time.monotonic()
+            for v in vs:
+                assert v.proc is not None
+                v.proc.kill()
+            gone: dict[str, float] = {}
+            deadline = t_kill + ttl + clean + 20
+            while time.monotonic() < deadline and len(gone) < victims:
+                listed = set(b.get_json("/v1/resolve?label=bench-victim:yes"))  # type: ignore[arg-type]
+                now = time.monotonic()
+                for v in vs:
+                    if v.hostname not in listed and v.hostname not in gone:
+                        gone[v.hostname] = now
+                time.sleep(0.05)
+        from_kill = [gone.get(v.hostname, float("inf")) - t_kill for v in vs]
+        from_last = [gone.get(v.hostname, float("inf")) - watcher.seen.get(v.hostname, t_kill)
+                     for v in vs]
+        return {"value": round(statistics.median(from_kill), 2), "unit": "s",
+                "from_kill_s": [round(x, 2) for x in from_kill],
+                "from_last_packet_s": [round(x, 2) for x in from_last],
+                "ttl": ttl, "clean_every": clean, "victim_keep_alive": ka,
+                "target_max_from_last_packet_s": ttl + 1, "load": m.stop()}
+    finally:
+        watcher.close()
+        env.close()
+
+
+def fig_fanout(work: Path, prof: Profile, subs: int = 8) -> dict:
+    """What one nats-server here delivers: M packets to S raw subscribers."""
+    env = Env([], work)
+    socks = []
+    try:
+        for _ in range(subs):
+            s = socket.create_connection(("127.0.0.1", env.nats.port))
+            s.sendall(b'CONNECT {"verbose":false}\r\nSUB ' + SUBJECT.encode() + b" 1\r\nPING\r\n")
+            buf = b""
+            while b"PONG" not in buf:
+                buf += s.recv(4096)
+            s.setblocking(False)
+            socks.append(s)
+        m_count = prof.fanout_msgs
+        g = env.loadgen(1000, count=m_count, seq0=1000)  # 4-digit seq: fixed frame size
+        # each delivered message: "MSG subj 1 LEN\r\n" + payload + "\r\n"; count payload bytes
+        import selectors
+        sel = selectors.DefaultSelector()
+        for s in socks:
+            sel.register(s, selectors.EVENT_READ)
+        got = dict.fromkeys(range(len(socks)), 0)
+        with LoadMeter() as m:
+            cpu0 = env.nats.proc and _cpu(env.nats.proc.pid)
+            env.go(g)
+            r = env.result(g)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                for key, _ in sel.select(0.5):
+                    s = key.fileobj
+                    try:
+                        data = s.recv(1 << 20)  # type: ignore[union-attr]
+                    except BlockingIOError:
+                        continue
+                    got[socks.index(s)] += data.count(b"MSG ")  # type: ignore[arg-type]
+                if all(v >= m_count for v in got.values()):
+                    break
+            t_end = time.monotonic()
+            cpu = _cpu(env.nats.proc.pid) - cpu0 if env.nats.proc else 0  # type: ignore[operator]
+        secs = t_end - r["t_first"]
+        delivered = sum(min(v, m_count) for v in got.values())
+        return {"value": round(delivered / secs), "unit": "deliveries/s", "subscribers": subs,
+                "published": m_count, "publish_rate": round(r["rate"]),
+                "nats_cpu_pct": round(100 * cpu / secs, 1), "complete": delivered == subs * m_count,
+                "load": m.stop()}
+    finally:
+        for s in socks:
+            s.close()
+        env.close()
+
+
+def _cpu(pid: int) -> float:
+    from procs import proc_cpu_seconds
+    return proc_cpu_seconds(pid)
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def aggregate(samples: list[dict]) -> dict:
+    vals = [s["value"] for s in samples]
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals),
+            "unit": samples[0]["unit"], "runs": samples}
+
+
+def fmt(v: float, unit: str) -> str:
+    if unit in ("pkt/s", "req/s", "deliveries/s"):
+        return f"{v/1000:.1f}k" if v >= 10000 else f"{v:.0f}"
+    if unit == "ms":
+        return f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+    return f"{v:.1f}"
+
+
+def load_str(load: dict) -> str:
+    return (f"load {load['loadavg_start'][0]:.2f}, other procs "
+            f"{load['other_cpu_pct']:.0f}% cpu")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="short CI run: 1 run, small sizes")
+    ap.add_argument("--runs", type=int, help="runs per figure (default 3, smoke 1)")
+    ap.add_argument("--only", default="", help="comma list: idle,startup,ingest,steady,http,"
+                    "propagation,goodbye,join,dead,fanout")
+    ap.add_argument("--label", default="lobbyd", help="name of the implementation measured")
+    ap.add_argument("--lobbyd-cmd", default=None, help="default: $LOBBYD_CMD or lobbyd.py")
+    ap.add_argument("--binary", default=str(ROOT / "dist" / "lobbyd_linux_x86_64"),
+                    help="static binary for the startup figure (skipped if missing)")
+    ap.add_argument("--hosts", default="", help="override ingest host counts, e.g. 1000,100000")
+    ap.add_argument("--out", default="", help="JSON path (default bench/results/...)")
+    a = ap.parse_args()
+
+    prof = SMOKE if a.smoke else FULL
+    if a.runs:
+        prof.runs = a.runs
+    if a.hosts:
+        prof.ingest_hosts = [int(x) for x in a.hosts.split(",")]
+    only = set(filter(None, a.only.split(",")))
+    cmd = lobbyd_command(a.lobbyd_cmd)
+    nats_server_binary()  # fail early
+    work = Path(tempfile.mkdtemp(prefix="lobbyd-bench-"))
+    results: dict[str, dict] = {}
+    t_start = time.time()
+
+    def want(name: str) -> bool:
+        return not only or name in only
+
+    def measure(key: str, fn: Callable[[], dict], runs: int | None = None) -> None:
+        samples = []
+        for k in range(runs or prof.runs):
+            log(f"{key}: run {k + 1}")
+            try:
+                samples.append(fn())
+            except Exception as exc:  # a failing figure must not hide the others
+                log(f"{key}: run {k + 1} FAILED: {exc!r}")
+                samples.append({"value": float("nan"), "unit": "", "error": repr(exc)})
+        ok = [s for s in samples if s.get("unit")]
+        results[key] = aggregate(ok) if ok else {"error": samples[-1]["error"], "runs": samples}
+        if ok and len(ok) < len(samples):
+            results[key]["errors"] = [s["error"] for s in samples if "error" in s]
+
+    try:
+        if want("idle"):
+            measure("idle_rss", lambda: fig_idle_rss(cmd, work, prof))
+        if want("startup"):
+            measure("startup_source", lambda: fig_startup(cmd, work, prof, prof.startup_trials))
+            if Path(a.binary).exists() and not a.lobbyd_cmd and not os.environ.get("LOBBYD_CMD"):
+                measure("startup_binary",
+                        lambda: fig_startup([a.binary], work, prof, prof.startup_trials))
+        if want("ingest"):
+            for n in prof.ingest_hosts:
+                measure(f"ingest@{n}", lambda n=n: fig_ingest(cmd, work, prof, n))
+        if want("steady"):
+            measure("steady@10000", lambda: fig_steady(cmd, work, prof, 10000,
+                                                       prof.steady_window_s))
+            if prof.steady_big:
+                measure("steady@100000", lambda: fig_steady(cmd, work, prof, 100000, 15),
+                        runs=1)
+        if want("http"):
+            for n in prof.http_hosts:
+                measure(f"http@{n}", lambda n=n: fig_http(cmd, work, prof, n))
+        if want("propagation"):
+            measure("propagation", lambda: fig_propagation(cmd, work, prof))
+        if want("goodbye"):
+            measure("goodbye", lambda: fig_goodbye(cmd, work, prof))
+        if want("join"):
+            measure("join", lambda: fig_join(cmd, work, prof))
+        if want("dead"):
+            for ttl, clean, ka, nv in prof.dead_variants:
+                measure(f"dead@ttl{ttl}_clean{clean}",
+                        lambda t=ttl, c=clean, k=ka, v=nv: fig_dead(cmd, work, prof, t, c, k, v),
+                        runs=1)
+        if want("fanout"):
+            measure("nats_fanout", lambda: fig_fanout(work, prof), runs=1)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    meta = {"label": a.label, "cmd": cmd, "smoke": a.smoke, "runs": prof.runs,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
+            "seconds": round(time.time() - t_start), "python": platform.python_version(),
+            "machine": platform.machine(), "cores": os.cpu_count(),
+            "http_tool": "wrk" if shutil.which("wrk") else "python-fallback"}
+    doc = {"meta": meta, "figures": results}
+    out = Path(a.out) if a.out else BENCH / "results" / (
+        f"{a.label}-{'smoke-' if a.smoke else ''}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(t_start))}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    print(table(doc))
+    print(f"\nwritten: {out}")
+    failed = [k for k, v in results.items() if "error" in v]
+    return 1 if failed else 0
+
+
+def table(doc: dict) -> str:
+    rows = [("figure", "median", "min-max", "detail", "Go reference", "background load")]
+    for key, r in doc["figures"].items():
+        if "error" in r:
+            rows.append((key, "FAILED", "", r["error"][:60], "", ""))
+            continue
+        unit = r["unit"]
+        first = r["runs"][0]
+        detail = ""
+        ref = ""
+        if key.startswith("ingest@"):
+            n = int(key.split("@")[1])
+            ref = REFERENCE["ingest"].get(n, "")
+            detail = (f"burst drain {first['burst']['drain_rate']}/s, "
+                      f"exact={all(s.get('exact') for s in r['runs'])}")
+        elif key == "idle_rss":
+            ref = REFERENCE["idle_rss"]
+        elif key.startswith("startup"):
+            ref = REFERENCE["startup"]
+        elif key.startswith("steady"):
+            ref = f"{REFERENCE['steady_cpu']}, {REFERENCE['steady_rss']}" \
+                if key.endswith("@10000") else ""
+            detail = (f"RSS {statistics.median([s['rss_mb'] for s in r['runs']]):.1f} MB, "
+                      f"peak {max(s['peak_mb'] for s in r['runs']):.1f} MB")
+        elif key.startswith("http@"):
+            ref = REFERENCE["http_10k_c8"] if key == "http@10000" else ""
+            parts = []
+            for case, c in first["cases"].items():
+                parts.append(f"{case}: {c['rps']:.0f}/s p99 {c.get('p99_ms')}ms")
+            detail = "; ".join(parts)
+        elif key == "propagation":
+            ref = REFERENCE["propagation"]
+            detail = f"p99 {max(s['p99_ms'] for s in r['runs'])} ms (worst run)"
+        elif key == "goodbye":
+            ref = REFERENCE["goodbye"]
+            detail = f"p99 {max(s['p99_ms'] for s in r['runs'])} ms (worst run)"
+        elif key == "join":
+            ref = REFERENCE["join"]
+            detail = (f"ready->all lobbyd p50 "
+                      f"{statistics.median(first['ready_to_all_lobbyd_ms']):.0f} ms")
+        elif key.startswith("dead"):
+            ref = REFERENCE["dead"] if "ttl30_clean15" in key else ""
+            detail = f"from last packet {first['from_last_packet_s']} s"
+        elif key == "nats_fanout":
+            detail = f"{first['subscribers']} subscribers, nats cpu {first['nats_cpu_pct']}%"
+        rows.append((key, f"{fmt(r['median'], unit)} {unit}",
+                     f"{fmt(r['min'], unit)}-{fmt(r['max'], unit)}", detail, ref,
+                     load_str(first["load"])))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for j, row in enumerate(rows):
+        lines.append(" | ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+        if j == 0:
+            lines.append("-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

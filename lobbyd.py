@@ -1,0 +1,1817 @@
+#!/usr/bin/env python3
+"""lobbyd: every server knows every other server, and what runs on it.
+
+Every server runs one lobbyd. It publishes a small JSON *discovery packet* (its
+hostname and labels such as ``service:smtp``) every KEEP_ALIVE seconds on a NATS
+subject, listens to everyone else's, forgets a host that goes silent for TTL
+seconds (or at once on its goodbye), and answers a local HTTP API
+(``curl localhost:1313/``). Wire-compatible with Lobby, the Go daemon
+(by-cx/lobby v1.4).
+
+Run ``lobbyd --help`` for the environment variables that configure it. The file
+reads top to bottom in the order data flows: errors, config, labels, wire
+format, registry, queries, NATS driver, HTTP server, API routes, callback
+runner, daemon lifecycle, ``main()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import gzip
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import re
+import resource
+import shlex
+import signal
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import parse_qs, unquote, urlsplit
+
+__version__ = "1.0.0"
+
+log = logging.getLogger("lobbyd")
+
+
+###############################################################################
+# Errors: one base class; ConfigError becomes exit status 78 in main() only.
+###############################################################################
+
+
+class LobbydError(Exception):
+    """Base of every error lobbyd raises on purpose."""
+
+
+class ConfigError(LobbydError):
+    """A bad environment variable: lobbyd refuses to start (EX_CONFIG)."""
+
+
+class LabelError(LobbydError, ValueError):
+    """A label breaks the rules (empty, control characters, too long)."""
+
+
+class PacketError(LobbydError, ValueError):
+    """A NATS message that is not a discovery envelope we accept."""
+
+
+EX_CONFIG = 78
+
+
+###############################################################################
+# Config: the environment variables of SPEC section 2, parsed once, frozen.
+###############################################################################
+
+TRUE_WORDS = {"1", "t", "true", "yes", "y", "on"}
+FALSE_WORDS = {"0", "f", "false", "no", "n", "off"}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+SUBJECT_RE = re.compile(r"[^\s.*>]+(\.[^\s.*>]+)*")
+
+
+def show(value: str, limit: int = 60) -> str:
+    """A value as it may appear in one log line: quoted, escaped, shortened."""
+    text = value if len(value) <= limit else value[:limit] + "..."
+    return repr(text)
+
+
+def parse_bool(name: str, value: str) -> bool:
+    word = value.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ConfigError(f"{name}={show(value)}: expected a boolean (true/false, 1/0, yes/no, on/off)")
+
+
+def parse_int(name: str, value: str, low: int, high: int) -> int:
+    text = value.strip()
+    if not re.fullmatch(r"[+-]?[0-9]{1,12}", text):
+        raise ConfigError(f"{name}={show(value)}: expected a whole number from {low} to {high}")
+    number = int(text)
+    if not low <= number <= high:
+        raise ConfigError(f"{name}={show(value)}: expected a whole number from {low} to {high}")
+    return number
+
+
+def parse_host(name: str, value: str) -> str:
+    host = value.strip().strip("[]")
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    if re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", host):
+        return host
+    raise ConfigError(f"{name}={show(value)}: expected an IP address (e.g. 127.0.0.1, ::) "
+                      "or a host name")
+
+
+def parse_nats_urls(name: str, value: str) -> tuple[str, ...]:
+    urls = []
+    for item in value.split(","):
+        url = item.strip()
+        if not url:
+            continue
+        if "://" not in url:
+            url = "nats://" + url
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigError(f"{name}: bad URL {redact_url(url)!r}: {exc}") from None
+        if parts.scheme not in NATS_SCHEMES or not parts.hostname or \
+                (port is not None and not 0 < port < 65536):
+            raise ConfigError(f"{name}: bad URL {redact_url(url)!r}: expected "
+                              "nats://[user:pass@]host[:port] (or tls://, ws://, wss://)")
+        urls.append(url)
+    if not urls:
+        raise ConfigError(f"{name}={show(value)}: expected one or more comma-separated NATS URLs")
+    return tuple(urls)
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password or token, for logs and error messages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return parts._replace(netloc="***@" + host).geturl()
+
+
+def parse_subject(name: str, value: str) -> str:
+    subject = value.strip()
+    if not SUBJECT_RE.fullmatch(subject) or len(subject) > 255:
+        raise ConfigError(f"{name}={show(value)}: expected a NATS subject such as "
+                          "lobby.discovery (no spaces or wildcards)")
+    return subject
+
+
+def parse_filename(name: str, value: str) -> str:
+    filename = value.strip()
+    if not filename or filename in (".", "..") or "/" in filename or "\0" in filename \
+            or filename.startswith("."):
+        raise ConfigError(f"{name}={show(value)}: expected a plain file name "
+                          "(no '/', not starting with '.')")
+    return filename
+
+
+def parse_hostname(name: str, value: str) -> str:
+    hostname = value.strip()
+    if not valid_hostname(hostname):
+        raise ConfigError(f"{name}={show(value)}: expected a host name of 1 to 253 bytes "
+                          "without spaces or control characters")
+    return hostname
+
+
+def parse_command(name: str, value: str) -> tuple[str, ...]:
+    try:
+        return tuple(shlex.split(value))
+    except ValueError as exc:
+        raise ConfigError(f"{name}={show(value)}: cannot split into words: {exc}") from None
+
+
+def parse_env_labels(name: str, value: str) -> tuple[str, ...]:
+    labels = []
+    for item in value.split(","):
+        if not item.strip():
+            continue
+        try:
+            labels.append(validate_label(item))
+        except LabelError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+    return tuple(labels)
+
+
+def parse_log_level(name: str, value: str) -> str:
+    level = value.strip().upper()
+    if level == "WARN":
+        level = "WARNING"
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"{name}={show(value)}: expected one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
+def parse_driver(name: str, value: str) -> str:
+    if value.strip().upper() != "NATS":
+        raise ConfigError(f"{name}={show(value)}: only NATS is supported")
+    return "NATS"
+
+
+#: name -> (default, parser, help). The one table behind Config and --help.
+ENV_VARS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
+    "TOKEN": ("", lambda n, v: v.strip(), "API token; empty = no authentication"),
+    "HOST": ("127.0.0.1", parse_host, "address the HTTP API listens on (IPv4 or IPv6, e.g. ::)"),
+    "PORT": ("1313", lambda n, v: parse_int(n, v, 1, 65535), "HTTP API port"),
+    "DISABLE_API": ("false", parse_bool, "no HTTP listener at all"),
+    "DRIVER": ("NATS", parse_driver, "discovery transport; only NATS"),
+    "NATS_URL": ("nats://127.0.0.1:4222", parse_nats_urls,
+                 "NATS URL or comma-separated cluster URLs (nats://, tls://, user:pass@)"),
+    "NATS_DISCOVERY_CHANNEL": ("lobby.discovery", parse_subject, "NATS subject"),
+    "LABELS": ("", parse_env_labels, "comma-separated labels of this server"),
+    "LABELS_PATH": ("/etc/lobby/labels", lambda n, v: v.strip(),
+                    "directory of label files, one label per line"),
+    "RUNTIME_LABELS_FILENAME": ("_runtime", parse_filename,
+                                "file in LABELS_PATH holding labels added through the API"),
+    "HOSTNAME": ("", lambda n, v: parse_hostname(n, v) if v.strip() else "",
+                 "overrides the machine's hostname"),
+    "CLEAN_EVERY": ("15", lambda n, v: parse_int(n, v, 1, 86400),
+                    "at most this many seconds between registry clean-ups"),
+    "KEEP_ALIVE": ("5", lambda n, v: parse_int(n, v, 1, 86400),
+                   "seconds between keep-alive packets"),
+    "TTL": ("30", lambda n, v: parse_int(n, v, 1, 864000),
+            "seconds after which a silent host is dead"),
+    "NODE_EXPORTER_PORT": ("9100", lambda n, v: parse_int(n, v, 1, 65535),
+                           "default port of Prometheus targets"),
+    "REGISTER": ("true", parse_bool, "false = client only: listen, never publish"),
+    "CALLBACK": ("", parse_command, "command run (no shell) when the registry changes"),
+    "CALLBACK_COOLDOWN": ("15", lambda n, v: parse_int(n, v, 0, 86400),
+                          "min seconds from the end of one callback run to the next start"),
+    "CALLBACK_FIRST_RUN_DELAY": ("30", lambda n, v: parse_int(n, v, 0, 86400),
+                                 "no callback run before this many seconds after start"),
+    "CALLBACK_TIMEOUT": ("60", lambda n, v: parse_int(n, v, 1, 86400),
+                         "a callback run still going after this many seconds is killed"),
+    "LOG_LEVEL": ("INFO", parse_log_level, "DEBUG, INFO, WARNING or ERROR"),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """lobbyd's whole configuration; build it with Config.from_env()."""
+
+    token: str = ""
+    host: str = "127.0.0.1"
+    port: int = 1313
+    disable_api: bool = False
+    driver: str = "NATS"
+    nats_url: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    nats_discovery_channel: str = "lobby.discovery"
+    labels: tuple[str, ...] = ()
+    labels_path: str = "/etc/lobby/labels"
+    runtime_labels_filename: str = "_runtime"
+    hostname: str = ""
+    clean_every: int = 15
+    keep_alive: int = 5
+    ttl: int = 30
+    node_exporter_port: int = 9100
+    register: bool = True
+    callback: tuple[str, ...] = ()
+    callback_cooldown: int = 15
+    callback_first_run_delay: int = 30
+    callback_timeout: int = 60
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Config:
+        """Parse every variable of ENV_VARS; an empty value means the default."""
+        values = {}
+        for name, (default, parser, _help) in ENV_VARS.items():
+            raw = environ.get(name, "")
+            if _has_surrogates(raw):
+                raise ConfigError(f"{name}={show(raw)}: not valid UTF-8")
+            values[name.lower()] = parser(name, raw if raw.strip() else default)
+        return cls(**values)
+
+    @property
+    def runtime_labels_file(self) -> Path:
+        return Path(self.labels_path) / self.runtime_labels_filename
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def help_text() -> str:
+    lines = [
+        f"lobbyd {__version__}: server discovery over NATS, wire-compatible with Lobby.",
+        "",
+        "usage: lobbyd [--help] [--version]",
+        "",
+        "Configured only by environment variables (an empty value means the default):",
+        "",
+    ]
+    for name, (default, _parser, text) in ENV_VARS.items():
+        shown = default if default else "(empty)"
+        if name == "HOSTNAME":
+            shown = "(the machine's hostname)"
+        lines.append(f"  {name:<26} {text}")
+        lines.append(f"  {'':<26} default: {shown}")
+    lines += [
+        "",
+        "TLS: tls:// URLs verify the server against SSL_CERT_FILE / SSL_CERT_DIR, else",
+        "the system CA bundle. Bad configuration exits with status 78.",
+        "API: curl localhost:1313/   (see the README for every route)",
+    ]
+    return "\n".join(lines)
+
+
+###############################################################################
+# Labels: validation, and the three sources — env, label files, runtime file.
+###############################################################################
+
+MAX_LABEL_BYTES = 1024
+MAX_LABELS = 1000
+MAX_LABEL_FILE_BYTES = 1 << 20
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def validate_label(raw: str) -> str:
+    """The label trimmed of white space, or LabelError saying what is wrong."""
+    label = raw.strip()
+    if not label:
+        raise LabelError("empty label")
+    if CONTROL_RE.search(label):
+        raise LabelError(f"label {show(label)} contains a control character")
+    if len(label) * 4 > MAX_LABEL_BYTES:
+        try:
+            size = len(label.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise LabelError(f"label {show(label)} is not valid UTF-8") from None
+        if size > MAX_LABEL_BYTES:
+            raise LabelError(f"label {show(label)} is {size} bytes, over {MAX_LABEL_BYTES}")
+    elif _has_surrogates(label):
+        raise LabelError(f"label {show(label)} is not valid UTF-8")
+    return label
+
+
+def parse_label_lines(text: str) -> tuple[list[str], list[str]]:
+    """Labels of a label file (blank lines and # comments skipped) and the problems found."""
+    labels, problems = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        try:
+            labels.append(validate_label(stripped))
+        except LabelError as exc:
+            problems.append(f"line {number}: {exc}")
+    return labels, problems
+
+
+def parse_request_labels(body: str) -> list[str]:
+    """Labels of a POST/DELETE body, one per line; LabelError on the first bad one."""
+    labels = []
+    for line in body.split("\n"):
+        if not line.strip():
+            continue
+        labels.append(validate_label(line))
+    return labels
+
+
+def read_label_file(path: Path) -> tuple[list[str], list[str]]:
+    """(labels, problems) of one file; an unreadable file is one problem, never fatal."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_LABEL_FILE_BYTES + 1)
+    except OSError as exc:
+        return [], [f"cannot read: {exc.strerror or exc}"]
+    if len(data) > MAX_LABEL_FILE_BYTES:
+        return [], [f"larger than {MAX_LABEL_FILE_BYTES} bytes, skipped"]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return [], ["not valid UTF-8, skipped"]
+    return parse_label_lines(text)
+
+
+def read_label_dir(directory: Path) -> tuple[set[str], dict[str, list[str]]]:
+    """Labels of every regular, non-hidden file directly in `directory`, and problems by file."""
+    labels: set[str] = set()
+    problems: dict[str, list[str]] = {}
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return labels, problems  # a missing directory means "no file labels"
+    except OSError as exc:
+        return labels, {str(directory): [f"cannot list: {exc.strerror or exc}"]}
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue  # editor swap files, our own temp files
+        try:
+            if not entry.is_file():
+                continue
+        except OSError:
+            continue
+        found, trouble = read_label_file(Path(entry.path))
+        labels.update(found)
+        if trouble:
+            problems[entry.path] = trouble
+    return labels, problems
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace `path` with `text`: temp file in the same directory, fsync, rename, fsync dir.
+
+    A crash at any point leaves either the old or the new file, never a torn one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            data = text.encode("utf-8")
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class RuntimeLabels:
+    """Labels added through the API, kept in LABELS_PATH/RUNTIME_LABELS_FILENAME."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def read(self) -> list[str]:
+        labels, _problems = read_label_file(self.path) if self.path.exists() else ([], [])
+        return labels
+
+    def add(self, labels: Iterable[str]) -> bool:
+        """Add labels; True if the file changed. OSError if it cannot be written."""
+        current = self.read()
+        new = sorted(set(current) | set(labels))
+        return self._save(current, new)
+
+    def remove(self, labels: Iterable[str]) -> bool:
+        """Remove labels (only runtime ones can go); True if the file changed."""
+        current = self.read()
+        gone = set(labels)
+        return self._save(current, [label for label in current if label not in gone])
+
+    def _save(self, current: list[str], new: list[str]) -> bool:
+        if new == current:
+            return False
+        body = "".join(label + "\n" for label in new)
+        write_atomically(self.path, "# labels added through the lobbyd API\n" + body)
+        return True
+
+
+class LocalLabels:
+    """The union of env labels and label files; remembers problems so each is logged once."""
+
+    def __init__(self, env_labels: Sequence[str], directory: Path):
+        self.env_labels = tuple(env_labels)
+        self.directory = directory
+        self._reported: dict[str, list[str]] = {}
+
+    def collect(self) -> tuple[str, ...]:
+        found, problems = read_label_dir(self.directory)
+        for path, trouble in problems.items():
+            if self._reported.get(path) != trouble:
+                for line in trouble:
+                    log.warning("label file %s: %s", path, line)
+        self._reported = problems
+        labels = sorted(found.union(self.env_labels))
+        if len(labels) > MAX_LABELS:
+            log.error("%d labels, over the limit of %d: publishing the first %d",
+                      len(labels), MAX_LABELS, MAX_LABELS)
+            labels = labels[:MAX_LABELS]
+        return tuple(labels)
+
+
+###############################################################################
+# Wire format: the discovery packet and the NATS envelope around it.
+###############################################################################
+
+MAX_HOSTNAME_BYTES = 253
+HOSTNAME_RE = re.compile(r"[^\x00-\x20\x7f]+")
+MESSAGES = ("hi", "goodbye")
+
+
+def valid_hostname(hostname: str) -> bool:
+    if not hostname or len(hostname) > MAX_HOSTNAME_BYTES or not HOSTNAME_RE.fullmatch(hostname):
+        return False
+    if hostname.isascii():
+        return True
+    try:
+        return len(hostname.encode("utf-8")) <= MAX_HOSTNAME_BYTES
+    except UnicodeEncodeError:
+        return False
+
+
+@dataclass(frozen=True)
+class Packet:
+    """What one host says about itself."""
+
+    hostname: str
+    labels: tuple[str, ...] = ()
+    last_check: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"hostname": self.hostname, "labels": list(self.labels),
+                "last_check": self.last_check}
+
+
+def encode_envelope(packet: Packet, message: str = "hi") -> bytes:
+    """The envelope the Go daemon sends: {"discovery": {...}, "message": "hi"}."""
+    return json.dumps({"discovery": packet.to_json(), "message": message},
+                      separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+class LabelCache:
+    """Validated, normalised label lists, stored once: hosts share most labels.
+
+    Keyed by the list as received, so a repeated keep-alive costs one dict
+    lookup instead of a validation; bounded so hostile traffic cannot grow it.
+    """
+
+    def __init__(self, limit: int = 100_000):
+        self.limit = limit
+        self.lists: dict[tuple[str, ...], tuple[str, ...]] = {}
+        self.strings: dict[str, str] = {}
+
+    def normalise(self, raw: tuple[str, ...]) -> tuple[str, ...]:
+        known = self.lists.get(raw)
+        if known is not None:
+            return known
+        if len(raw) > MAX_LABELS:
+            raise PacketError(f"{len(raw)} labels, over {MAX_LABELS}")
+        strings = self.strings
+        out = set()
+        for label in raw:
+            if type(label) is not str:
+                raise PacketError("labels must be strings")
+            known_label = strings.get(label)
+            if known_label is None:
+                try:
+                    known_label = validate_label(label)
+                except LabelError as exc:
+                    raise PacketError(str(exc)) from None
+                if len(strings) >= self.limit:
+                    strings.clear()
+                strings[label] = known_label
+            out.add(known_label)
+        result = tuple(sorted(out))
+        if len(self.lists) >= self.limit:
+            self.lists.clear()
+        self.lists[raw] = result
+        return result
+
+
+def decode_envelope(data: bytes, cache: LabelCache) -> tuple[str, str, tuple[str, ...]]:
+    """(message, hostname, labels) of a NATS payload, or PacketError.
+
+    This runs for every packet of the fleet, so it checks types with `type() is`
+    and leaves label validation to the cache.
+    """
+    try:
+        envelope = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise PacketError(f"not JSON: {str(exc)[:80]}") from None
+    if type(envelope) is not dict:
+        raise PacketError("not a JSON object")
+    message = envelope.get("message")
+    if message != "hi" and message != "goodbye":
+        raise PacketError(f"unknown message {show(str(message), 30)}")
+    discovery = envelope.get("discovery")
+    if type(discovery) is not dict:
+        raise PacketError("no discovery object")
+    hostname = discovery.get("hostname")
+    if type(hostname) is not str or not valid_hostname(hostname):
+        raise PacketError("missing, empty or invalid hostname")
+    labels = discovery.get("labels")
+    if labels is None or message == "goodbye":
+        return message, hostname, ()
+    if type(labels) is not list:
+        raise PacketError("labels is not a list")
+    try:
+        return message, hostname, cache.normalise(tuple(labels))
+    except TypeError:  # unhashable items: lists or objects among the labels
+        raise PacketError("labels must be strings") from None
+
+
+###############################################################################
+# Registry: hostname -> (labels, when we last heard it), with expiry.
+###############################################################################
+
+
+class Registry:
+    """Every live host. `version` changes whenever membership or labels change.
+
+    Times are this daemon's clock when it received the packet: senders' clocks
+    drift, and the sender's last_check is ignored.
+    """
+
+    def __init__(self, ttl: float):
+        self.ttl = ttl
+        self.hosts: dict[str, list[Any]] = {}  # hostname -> [labels, received]
+        self.version = 0
+        self._oldest = float("inf")  # a lower bound of every `received`
+
+    def __len__(self) -> int:
+        return len(self.hosts)
+
+    def apply_hi(self, hostname: str, labels: tuple[str, ...], now: float) -> bool:
+        """Record a keep-alive; True if it changed membership or labels."""
+        entry = self.hosts.get(hostname)
+        if now < self._oldest:
+            self._oldest = now
+        if entry is None:
+            self.hosts[hostname] = [labels, now]
+            self.version += 1
+            return True
+        entry[1] = now
+        if entry[0] != labels:
+            entry[0] = labels
+            self.version += 1
+            return True
+        return False
+
+    def learn(self, hostname: str, labels: tuple[str, ...], received: float) -> bool:
+        """A host heard second-hand (a peer's sync answer): added only if unknown."""
+        if hostname in self.hosts:
+            return False
+        self.hosts[hostname] = [labels, received]
+        self._oldest = min(self._oldest, received)
+        self.version += 1
+        return True
+
+    def apply_goodbye(self, hostname: str) -> bool:
+        if self.hosts.pop(hostname, None) is None:
+            return False
+        self.version += 1
+        return True
+
+    def expire(self, now: float) -> list[str]:
+        """Drop hosts silent for more than TTL; cheap when nothing can have expired."""
+        if now - self._oldest <= self.ttl:
+            return []
+        deadline = now - self.ttl
+        dead = [name for name, entry in self.hosts.items() if entry[1] < deadline]
+        for name in dead:
+            del self.hosts[name]
+        self._oldest = min((entry[1] for entry in self.hosts.values()), default=float("inf"))
+        if dead:
+            self.version += 1
+        return dead
+
+    def next_expiry(self) -> float:
+        """The earliest moment a host can expire (inf when the registry is empty)."""
+        return self._oldest + self.ttl
+
+    def packets(self) -> list[Packet]:
+        """Every host as a packet, sorted by hostname. Call expire() first."""
+        return [Packet(name, entry[0], int(entry[1]))
+                for name, entry in sorted(self.hosts.items())]
+
+
+###############################################################################
+# Queries: pure functions from packets to answers (filters, resolve, Prometheus).
+###############################################################################
+
+PROM_LABEL_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+PORT_RE = re.compile(r"[0-9]{1,5}")
+
+
+def split_list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def filter_by_labels(packets: Iterable[Packet], wanted: Sequence[str]) -> list[Packet]:
+    """Hosts having any of `wanted`; their labels reduced to the matching ones."""
+    wanted_set = set(wanted)
+    out = []
+    for packet in packets:
+        matching = tuple(label for label in packet.labels if label in wanted_set)
+        if matching:
+            out.append(Packet(packet.hostname, matching, packet.last_check))
+    return out
+
+
+def filter_by_prefixes(packets: Iterable[Packet], prefixes: Sequence[str]) -> list[Packet]:
+    """Hosts having a label starting with any of `prefixes`; labels reduced likewise."""
+    starts = tuple(prefixes)
+    out = []
+    for packet in packets:
+        matching = tuple(label for label in packet.labels if label.startswith(starts))
+        if matching:
+            out.append(Packet(packet.hostname, matching, packet.last_check))
+    return out
+
+
+def resolve_label(packets: Iterable[Packet], label: str) -> list[str]:
+    return [packet.hostname for packet in packets if label in packet.labels]
+
+
+def with_port(host: str, port: str | None) -> str:
+    """host:port for a Prometheus target; a host that carries a port is kept as it is."""
+    if host.startswith("["):
+        if "]:" in host or port is None:
+            return host
+        return f"{host}:{port}"
+    if host.count(":") == 1:
+        return host  # already host:port
+    if ":" in host:
+        host = f"[{host}]"  # a bare IPv6 address
+    return host if port is None else f"{host}:{port}"
+
+
+def prometheus_group(name: str, packet: Packet, default_port: int) -> dict[str, Any] | None:
+    """The target group of one host for job NAME, or None if it has no such labels."""
+    base, prefix = f"prometheus:{name}", f"prometheus:{name}:"
+    found = False
+    hosts: list[str] = []
+    port: str | None = str(default_port)
+    labels: dict[str, str] = {}
+    for label in packet.labels:
+        if label == base:
+            found = True
+            continue
+        if not label.startswith(prefix):
+            continue
+        key, sep, value = label[len(prefix):].partition(":")
+        if not sep:
+            continue
+        found = True
+        if key == "host":
+            if value and value not in hosts:
+                hosts.append(value)
+        elif key == "port":
+            if value == "-":
+                port = None
+            elif PORT_RE.fullmatch(value) and 0 < int(value) < 65536:
+                port = value
+        elif PROM_LABEL_RE.fullmatch(key):
+            labels[key] = value
+    if not found:
+        return None
+    targets = [with_port(host, port) for host in (hosts or [packet.hostname])]
+    return {"Targets": targets, "Labels": dict(sorted(labels.items()))}
+
+
+def prometheus_groups(name: str, packets: Iterable[Packet], default_port: int
+                      ) -> list[dict[str, Any]]:
+    """Prometheus HTTP SD target groups for job NAME, one per host that has any."""
+    groups = (prometheus_group(name, packet, default_port) for packet in packets)
+    return [group for group in groups if group is not None]
+
+
+def render_json(value: Any) -> bytes:
+    """Pretty JSON like the Go daemon's (2-space indent, trailing newline)."""
+    return (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def render_packets(packets: Sequence[Packet], label_blocks: dict[tuple[str, ...], str]
+                   ) -> bytes:
+    """render_json([p.to_json() ...]) for many packets, fast.
+
+    json's indenting encoder is pure Python; hosts share label lists, so each
+    list is rendered once (memoised in `label_blocks`) and pasted in.
+    """
+    if not packets:
+        return b"[]\n"
+    dumps = json.dumps
+    parts = []
+    for packet in packets:
+        block = label_blocks.get(packet.labels)
+        if block is None:
+            if packet.labels:
+                items = ",\n".join(f"      {dumps(label, ensure_ascii=False)}"
+                                   for label in packet.labels)
+                block = f"[\n{items}\n    ]"
+            else:
+                block = "[]"
+            if len(label_blocks) > 100_000:
+                label_blocks.clear()
+            label_blocks[packet.labels] = block
+        parts.append(f'  {{\n    "hostname": {dumps(packet.hostname, ensure_ascii=False)},\n'
+                     f'    "labels": {block},\n    "last_check": {packet.last_check}\n  }}')
+    return ("[\n" + ",\n".join(parts) + "\n]\n").encode("utf-8")
+
+
+###############################################################################
+# NATS driver: connect (for ever, with backoff), publish, subscribe, close.
+# The seam where another transport would go.
+###############################################################################
+
+CA_BUNDLES = (
+    "/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu, Alpine, Arch
+    "/etc/pki/tls/certs/ca-bundle.crt",  # RHEL, Fedora, CentOS
+    "/etc/ssl/ca-bundle.pem",  # openSUSE
+    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",  # RHEL 7+
+    "/etc/ssl/cert.pem",  # Alpine, macOS
+)
+
+
+def tls_context(environ: Mapping[str, str]) -> Any:
+    """A verifying TLS context that also works in a static binary built elsewhere.
+
+    A frozen OpenSSL only looks at the build host's CA directory, so when no
+    SSL_CERT_FILE/SSL_CERT_DIR is set and it finds no CA, try the usual bundles.
+    """
+    import ssl
+
+    context = ssl.create_default_context()
+    cafile, capath = environ.get("SSL_CERT_FILE"), environ.get("SSL_CERT_DIR")
+    if cafile or capath:
+        context.load_verify_locations(cafile=cafile or None, capath=capath or None)
+        return context
+    if context.cert_store_stats().get("x509_ca", 0) == 0:
+        for bundle in CA_BUNDLES:
+            if os.path.isfile(bundle):
+                context.load_verify_locations(cafile=bundle)
+                break
+    return context
+
+
+class NatsDriver:
+    """The NATS connection: never blocks start-up, retries for ever, logs state changes once."""
+
+    def __init__(self, urls: Sequence[str], name: str, environ: Mapping[str, str],
+                 on_connect: Callable[[], Awaitable[None]]):
+        self.urls = list(urls)
+        self.name = name
+        self.environ = environ
+        self.on_connect = on_connect
+        self.nc: Any = None
+        self.connected = asyncio.Event()
+        self._closing = False
+
+    @property
+    def is_connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    @property
+    def max_payload(self) -> int:
+        return self.nc.max_payload if self.is_connected else 1 << 20
+
+    async def run(self, subscriptions: Sequence[tuple[str, str, Callable[[Any], Awaitable[None]]]]
+                  ) -> None:
+        """Connect with backoff until it works, then let nats-py reconnect for ever."""
+        import nats  # imported late: the API must answer before this costs anything
+
+        delay, failures = 0.1, 0
+        shown = ", ".join(redact_url(url) for url in self.urls)
+        while not self._closing:
+            try:
+                self.nc = await nats.connect(
+                    servers=self.urls, name=self.name, allow_reconnect=True,
+                    max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=2,
+                    ping_interval=5, max_outstanding_pings=3, tls=tls_context(self.environ),
+                    error_cb=self._on_error, disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected, closed_cb=self._on_closed)
+            except Exception as exc:  # nats-py raises many types here; all mean "try later"
+                failures += 1
+                if failures == 1:
+                    log.warning("NATS unreachable at %s (%s); retrying with backoff, "
+                                "the API keeps serving", shown, describe_error(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            break
+        if self._closing:
+            return
+        log.info("connected to NATS at %s", redact_url(self._current_url()))
+        for subject, queue, callback in subscriptions:
+            await self.nc.subscribe(subject, queue=queue, cb=callback,
+                                    pending_msgs_limit=200_000,
+                                    pending_bytes_limit=256 * 1024 * 1024)
+        self.connected.set()
+        await self.on_connect()
+
+    def _current_url(self) -> str:
+        url = self.nc.connected_url if self.nc else None
+        return url.geturl() if url else "?"
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.debug("NATS: %s", describe_error(exc))
+
+    async def _on_disconnected(self) -> None:
+        if not self._closing:
+            self.connected.clear()
+            log.warning("disconnected from NATS; reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        log.info("reconnected to NATS at %s", redact_url(self._current_url()))
+        self.connected.set()
+        await self.on_connect()
+
+    async def _on_closed(self) -> None:
+        if not self._closing:
+            log.error("NATS connection closed")
+
+    async def publish(self, subject: str, data: bytes, reply: str = "") -> bool:
+        """Publish if connected; while disconnected there is nothing to buffer for."""
+        if not self.is_connected:
+            return False
+        try:
+            await self.nc.publish(subject, data, reply=reply)
+            return True
+        except Exception as exc:  # a connection lost mid-publish: the reconnect will resend
+            log.debug("publish on %s failed: %s", subject, describe_error(exc))
+            return False
+
+    async def subscribe(self, subject: str, callback: Callable[[Any], Awaitable[None]]) -> Any:
+        return await self.nc.subscribe(subject, cb=callback)
+
+    def new_inbox(self) -> str:
+        return self.nc.new_inbox()
+
+    async def close(self, timeout: float = 1.0) -> None:
+        """Flush what was published, then close; bounded so shutdown stays quick."""
+        self._closing = True
+        if self.nc is None or self.nc.is_closed:
+            return
+        try:
+            if self.nc.is_connected:
+                await asyncio.wait_for(self.nc.flush(timeout=1), timeout)
+        except Exception as exc:
+            log.debug("flush at shutdown: %s", describe_error(exc))
+        try:
+            await asyncio.wait_for(self.nc.close(), timeout)
+        except Exception as exc:
+            log.debug("close at shutdown: %s", describe_error(exc))
+
+
+def describe_error(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return re.sub(r"://[^@/\s]*@", "://***@", text)[:300]
+
+
+###############################################################################
+# HTTP server: HTTP/1.1 on asyncio streams, with limits on everything.
+###############################################################################
+
+MAX_HEADER_BYTES = 64 * 1024
+MAX_BODY_BYTES = 1 << 20
+HEADER_TIMEOUT = 10.0
+IDLE_TIMEOUT = 60.0
+WRITE_TIMEOUT = 60.0
+MAX_CONNECTIONS = 1000
+TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+REASONS = {200: "OK", 100: "Continue", 400: "Bad Request", 403: "Forbidden",
+           404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+           411: "Length Required", 413: "Content Too Large", 431:
+           "Request Header Fields Too Large", 500: "Internal Server Error",
+           501: "Not Implemented", 503: "Service Unavailable",
+           505: "HTTP Version Not Supported", 507: "Insufficient Storage"}
+JSON_TYPE = "application/json; charset=UTF-8"
+TEXT_TYPE = "text/plain; charset=UTF-8"
+
+
+class HttpError(LobbydError):
+    """Ends a request with a status and a plain-text message."""
+
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None,
+                 close: bool = False):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = dict(headers or {})
+        self.close = close
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    version: str
+    headers: dict[str, str]
+    body: bytes = b""
+
+    def param(self, name: str) -> str | None:
+        values = self.query.get(name)
+        return values[-1] if values else None
+
+
+@dataclass
+class Response:
+    status: int = 200
+    body: bytes = b""
+    content_type: str = JSON_TYPE
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def text(cls, status: int, message: str, headers: Mapping[str, str] | None = None
+             ) -> Response:
+        return cls(status, (message.rstrip("\n") + "\n").encode("utf-8"), TEXT_TYPE,
+                   dict(headers or {}))
+
+
+def parse_request_head(head: bytes) -> Request:
+    """Request line and headers (without the blank line), or HttpError(400/505)."""
+    try:
+        text = head.decode("latin-1")
+    except UnicodeDecodeError:  # latin-1 decodes anything; kept for clarity
+        raise HttpError(400, "bad request encoding", close=True) from None
+    lines = text.split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not TOKEN_RE.fullmatch(parts[0].encode("latin-1")) or \
+            not parts[1] or CONTROL_RE.search(parts[1]):
+        raise HttpError(400, "malformed request line", close=True)
+    method, target, version = parts
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        if re.fullmatch(r"HTTP/[0-9]\.[0-9]", version):
+            raise HttpError(505, f"unsupported protocol {version}", close=True)
+        raise HttpError(400, "malformed request line", close=True)
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep or not TOKEN_RE.fullmatch(name.encode("latin-1")) or "\n" in value \
+                or "\r" in value:
+            raise HttpError(400, "malformed header line", close=True)
+        key = name.lower()
+        value = value.strip(" \t")
+        if key in headers:
+            if key in ("content-length", "host", "authorization"):
+                if headers[key] != value:
+                    raise HttpError(400, f"conflicting {name} headers", close=True)
+                continue
+            headers[key] += ", " + value
+        else:
+            headers[key] = value
+    if target.startswith("/"):
+        path, _, query = target.partition("?")
+    elif re.match(r"https?://", target):
+        rest = urlsplit(target)
+        path, query = rest.path or "/", rest.query
+    elif target == "*":
+        path, query = "*", ""
+    else:
+        raise HttpError(400, "malformed request target", close=True)
+    return Request(method, unquote(path), parse_qs(query, keep_blank_values=True), version,
+                   headers)
+
+
+def body_length(request: Request) -> int | None:
+    """Content-Length of the body; None for chunked; HttpError for anything else off."""
+    encoding = request.headers.get("transfer-encoding")
+    if encoding is not None:
+        if encoding.strip().lower() != "chunked":
+            raise HttpError(501, f"unsupported Transfer-Encoding {show(encoding)}", close=True)
+        if "content-length" in request.headers:
+            raise HttpError(400, "both Content-Length and Transfer-Encoding", close=True)
+        return None
+    raw = request.headers.get("content-length")
+    if raw is None:
+        return 0
+    if not raw.isdigit() or len(raw) > 18:
+        raise HttpError(400, f"bad Content-Length {show(raw)}", close=True)
+    length = int(raw)
+    if length > MAX_BODY_BYTES:
+        raise HttpError(413, f"body over {MAX_BODY_BYTES} bytes", close=True)
+    return length
+
+
+async def read_chunked(reader: asyncio.StreamReader) -> bytes:
+    body = bytearray()
+    while True:
+        line = await reader.readuntil(b"\r\n")
+        size_text = line.split(b";", 1)[0].strip()
+        if not re.fullmatch(rb"[0-9a-fA-F]{1,8}", size_text):
+            raise HttpError(400, "bad chunk size", close=True)
+        size = int(size_text, 16)
+        if len(body) + size > MAX_BODY_BYTES:
+            raise HttpError(413, f"body over {MAX_BODY_BYTES} bytes", close=True)
+        if size == 0:
+            while (await reader.readuntil(b"\r\n")) != b"\r\n":
+                pass  # trailers: ignored
+            return bytes(body)
+        body += await reader.readexactly(size)
+        if await reader.readexactly(2) != b"\r\n":
+            raise HttpError(400, "bad chunk terminator", close=True)
+
+
+def wants_keep_alive(request: Request) -> bool:
+    connection = request.headers.get("connection", "").lower()
+    if request.version == "HTTP/1.0":
+        return "keep-alive" in connection
+    return "close" not in connection
+
+
+def response_head(status: int, content_type: str, length: int, keep_alive: bool,
+                  headers: Mapping[str, str]) -> bytes:
+    lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}",
+             f"Content-Type: {content_type}", f"Content-Length: {length}",
+             "Connection: keep-alive" if keep_alive else "Connection: close"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def connection_limit() -> int:
+    """MAX_CONNECTIONS, kept well below the file-descriptor limit (raised to the hard one)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > 65536:
+        hard = 65536
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return max(1, min(MAX_CONNECTIONS, soft - 64))
+
+
+class HttpServer:
+    """Accepts connections and hands each parsed Request to `handle`."""
+
+    def __init__(self, handle: Callable[[Request], Response]):
+        self.handle = handle
+        self.limit = connection_limit()
+        self.active = 0
+        self.server: asyncio.AbstractServer | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self, host: str, port: int) -> None:
+        self.server = await asyncio.start_server(self._serve, host, port,
+                                                 limit=MAX_HEADER_BYTES, backlog=512)
+
+    async def close(self) -> None:
+        if self.server:
+            self.server.close()
+        for writer in list(self.writers):
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.active >= self.limit:
+            writer.close()  # over the limit: close at once, costing the others nothing
+            return
+        self.active += 1
+        self.writers.add(writer)
+        try:
+            first = True
+            while await self._serve_one(reader, writer, first):
+                first = False
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError, OSError):
+            pass
+        finally:
+            self.active -= 1
+            self.writers.discard(writer)
+            writer.close()
+
+    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         first: bool) -> bool:
+        """Serve one request; False when the connection should close."""
+        try:
+            request = await self._read_request(reader, writer, first)
+        except HttpError as exc:
+            await self._write(writer, Response.text(exc.status, exc.message, exc.headers),
+                              False, head_only=False)
+            return False
+        response = self.handle(request)
+        keep_alive = wants_keep_alive(request) and response.status < 500
+        await self._write(writer, response, keep_alive, head_only=request.method == "HEAD")
+        return keep_alive
+
+    async def _read_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                            first: bool) -> Request:
+        # A new connection must send its headers within HEADER_TIMEOUT; a kept-alive
+        # one may idle for IDLE_TIMEOUT before the next request starts.
+        started = await asyncio.wait_for(reader.readexactly(1),
+                                         HEADER_TIMEOUT if first else IDLE_TIMEOUT)
+        try:
+            head = started + await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"),
+                                                    HEADER_TIMEOUT)
+        except asyncio.LimitOverrunError:
+            raise HttpError(431, f"request headers over {MAX_HEADER_BYTES} bytes",
+                            close=True) from None
+        request = parse_request_head(head[:-4].lstrip(b"\r\n"))
+        length = body_length(request)
+        if request.headers.get("expect", "").lower() == "100-continue":
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if length is None:
+            request.body = await asyncio.wait_for(read_chunked(reader), IDLE_TIMEOUT)
+        elif length:
+            request.body = await asyncio.wait_for(reader.readexactly(length), IDLE_TIMEOUT)
+        return request
+
+    async def _write(self, writer: asyncio.StreamWriter, response: Response, keep_alive: bool,
+                     head_only: bool) -> None:
+        writer.write(response_head(response.status, response.content_type, len(response.body),
+                                   keep_alive, response.headers))
+        if not head_only and response.body:
+            writer.write(response.body)
+        await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+
+
+###############################################################################
+# API routes: a table of (path -> method -> handler); handlers are short and pure.
+###############################################################################
+
+
+def accepts_gzip(request: Request) -> bool:
+    for item in request.headers.get("accept-encoding", "").split(","):
+        token, _, params = item.strip().partition(";")
+        if token.strip().lower() == "gzip":
+            return params.replace(" ", "").lower() not in ("q=0", "q=0.0", "q=0.00", "q=0.000")
+    return False
+
+
+class Api:
+    """Answers requests from the daemon's state; bodies are cached per registry version."""
+
+    def __init__(self, daemon: Daemon):
+        self.daemon = daemon
+        self.routes: dict[str, dict[str, Callable[[Request], Response]]] = {
+            "/": {"GET": self.discoveries},
+            "/v1/discoveries": {"GET": self.discoveries},
+            "/v1/discovery": {"GET": self.discovery},
+            "/v1/resolve": {"GET": self.resolve},
+            "/v1/labels": {"POST": self.add_labels, "DELETE": self.delete_labels},
+        }
+        self.prefix_routes = {"/v1/prometheus/": {"GET": self.prometheus}}
+        self.token = daemon.config.token.encode("utf-8", "surrogateescape")
+        self._bodies: dict[tuple[Any, ...], bytes] = {}
+        self._gzipped: dict[tuple[Any, ...], bytes] = {}
+        self._label_blocks: dict[tuple[str, ...], str] = {}
+
+    # dispatch ----------------------------------------------------------------
+    def handle(self, request: Request) -> Response:
+        try:
+            self.authorize(request)
+            handler = self.route(request)
+            response = handler(request)
+        except HttpError as exc:
+            return Response.text(exc.status, exc.message, exc.headers)
+        except Exception:  # a bug must cost one request, never the daemon
+            log.exception("error answering %s %s", request.method, request.path)
+            return Response.text(500, "internal error; see the lobbyd log")
+        return response
+
+    def authorize(self, request: Request) -> None:
+        if not self.token:
+            return
+        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+        ok = hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), self.token)
+        if not ok or scheme.lower() not in ("token", "bearer"):
+            raise HttpError(403, "access denied")
+
+    def route(self, request: Request) -> Callable[[Request], Response]:
+        methods = self.routes.get(request.path)
+        if methods is None:
+            for prefix, candidate in self.prefix_routes.items():
+                if request.path.startswith(prefix) and len(request.path) > len(prefix):
+                    methods = candidate
+                    break
+        if methods is None:
+            raise HttpError(404, f"no such path: {show(request.path)}")
+        method = "GET" if request.method == "HEAD" else request.method
+        handler = methods.get(method)
+        if handler is None:
+            allowed = sorted(methods) + (["HEAD"] if "GET" in methods else [])
+            raise HttpError(405, f"method {show(request.method)} not allowed here",
+                            {"Allow": ", ".join(allowed)})
+        return handler
+
+    # caching -----------------------------------------------------------------
+    def cached(self, request: Request, key: tuple[Any, ...], build: Callable[[], bytes]
+               ) -> Response:
+        """A JSON answer built at most once per registry version and second.
+
+        last_check has a resolution of one second, so within one second and one
+        registry version the answer cannot differ: big answers cost a memory copy.
+        """
+        self.daemon.expire()
+        full = (*key, self.daemon.registry.version, int(time.time()))
+        body = self._bodies.get(full)
+        if body is None:
+            if len(self._bodies) > 64:
+                self._bodies.clear()
+                self._gzipped.clear()
+            body = self._bodies[full] = build()
+        if len(body) < 1024 or not accepts_gzip(request):
+            return Response(200, body, JSON_TYPE)
+        compressed = self._gzipped.get(full)
+        if compressed is None:
+            compressed = self._gzipped[full] = gzip.compress(body, 5, mtime=0)
+        return Response(200, compressed, JSON_TYPE,
+                        {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
+
+    # handlers ----------------------------------------------------------------
+    def discoveries(self, request: Request) -> Response:
+        labels = split_list(request.param("labels") or "")
+        prefixes = split_list(request.param("prefixes") or "")
+        packets = self.daemon.registry.packets
+        if labels:
+            return self.cached(request, ("labels", *labels), lambda: render_packets(
+                filter_by_labels(packets(), labels), self._label_blocks))
+        if prefixes:
+            return self.cached(request, ("prefixes", *prefixes), lambda: render_packets(
+                filter_by_prefixes(packets(), prefixes), self._label_blocks))
+        return self.cached(request, ("all",),
+                           lambda: render_packets(packets(), self._label_blocks))
+
+    def discovery(self, request: Request) -> Response:
+        return Response(200, render_json(self.daemon.local_packet().to_json()))
+
+    def resolve(self, request: Request) -> Response:
+        label = request.param("label")
+        if not label:
+            raise HttpError(400, "missing query parameter: label")
+        return self.cached(request, ("resolve", label), lambda: render_json(
+            resolve_label(self.daemon.registry.packets(), label)))
+
+    def prometheus(self, request: Request) -> Response:
+        name = request.path[len("/v1/prometheus/"):]
+        port = self.daemon.config.node_exporter_port
+        return self.cached(request, ("prometheus", name), lambda: render_json(
+            prometheus_groups(name, self.daemon.registry.packets(), port)))
+
+    def add_labels(self, request: Request) -> Response:
+        labels = self.request_labels(request)
+        if len(set(self.daemon.labels).union(labels)) > MAX_LABELS:
+            raise HttpError(400, f"a host may carry at most {MAX_LABELS} labels")
+        return self.change_labels(self.daemon.runtime.add, labels)
+
+    def delete_labels(self, request: Request) -> Response:
+        return self.change_labels(self.daemon.runtime.remove, self.request_labels(request))
+
+    def request_labels(self, request: Request) -> list[str]:
+        try:
+            text = request.body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise HttpError(400, "request body is not valid UTF-8") from None
+        try:
+            labels = parse_request_labels(text)
+        except LabelError as exc:
+            raise HttpError(400, f"invalid label: {exc}; nothing was changed") from None
+        if not labels:
+            raise HttpError(400, "no labels in the request body (one label per line)")
+        return labels
+
+    def change_labels(self, change: Callable[[list[str]], bool], labels: list[str]
+                      ) -> Response:
+        try:
+            changed = change(labels)
+        except OSError as exc:
+            status = 507 if exc.errno in (errno.ENOSPC, errno.EDQUOT) else 500
+            path = self.daemon.runtime.path
+            log.error("cannot save runtime labels to %s: %s", path, exc.strerror or exc)
+            raise HttpError(status, f"cannot save runtime labels to {path}: "
+                            f"{exc.strerror or exc}; nothing was changed") from None
+        if changed:
+            self.daemon.labels_changed()
+        return Response(200, b"OK", TEXT_TYPE)
+
+
+###############################################################################
+# Callback runner: the CALLBACK command, fed the registry, never two at once.
+###############################################################################
+
+CALLBACK_OUTPUT_KEPT = 2048
+
+
+class CallbackRunner:
+    """Runs CALLBACK on registry changes, with first-run delay, cooldown and coalescing."""
+
+    def __init__(self, argv: Sequence[str], cooldown: float, first_run_delay: float,
+                 timeout: float, body: Callable[[], bytes]):
+        self.argv = list(argv)
+        self.cooldown = cooldown
+        self.first_run_delay = first_run_delay
+        self.timeout = timeout
+        self.body = body
+        self.dirty: asyncio.Event | None = None
+        self.runs = 0
+        self._last_failure = ""
+
+    def notify(self) -> None:
+        if self.dirty is not None:
+            self.dirty.set()
+
+    async def run(self) -> None:
+        self.dirty = asyncio.Event()
+        await asyncio.sleep(self.first_run_delay)
+        self.dirty.set()  # the first run gives the script the initial state
+        while True:
+            await self.dirty.wait()
+            self.dirty.clear()
+            await self.run_once()
+            await asyncio.sleep(self.cooldown)
+
+    async def run_once(self) -> None:
+        self.runs += 1
+        name = self.argv[0]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+        except OSError as exc:
+            self.failed(f"callback {show(name)} cannot start: {exc.strerror or exc}")
+            return
+        feeding = asyncio.ensure_future(self._feed(proc, self.body()))
+        reading = asyncio.ensure_future(self._read_output(proc))
+        try:
+            code = await asyncio.wait_for(proc.wait(), self.timeout)
+        except asyncio.TimeoutError:
+            kill_group(proc.pid)
+            await proc.wait()
+            self.failed(f"callback {show(name)} still running after {self.timeout:g}s: killed")
+            return
+        finally:
+            feeding.cancel()
+        output = await reading
+        if code == 0:
+            self._last_failure = ""
+            log.info("callback %s exited 0%s", show(name), output and f"; output: {output}")
+        else:
+            self.failed(f"callback {show(name)} exited {code}" + (output and f"; output: {output}"))
+
+    def failed(self, message: str) -> None:
+        """Log a failure; the same failure again is logged at debug level only."""
+        level = logging.DEBUG if message == self._last_failure else logging.WARNING
+        self._last_failure = message
+        log.log(level, "%s", message)
+
+    @staticmethod
+    async def _feed(proc: asyncio.subprocess.Process, body: bytes) -> None:
+        try:
+            assert proc.stdin is not None
+            proc.stdin.write(body)
+            await proc.stdin.drain()
+            proc.stdin.close()
+        except (ConnectionError, OSError):
+            pass  # the script did not read its stdin: its business
+
+    @staticmethod
+    async def _read_output(proc: asyncio.subprocess.Process) -> str:
+        """The first bytes of the script's output; the rest is read and dropped."""
+        kept = bytearray()
+        assert proc.stdout is not None
+        while True:
+            chunk = await proc.stdout.read(65536)
+            if not chunk:
+                break
+            if len(kept) < CALLBACK_OUTPUT_KEPT:
+                kept += chunk[:CALLBACK_OUTPUT_KEPT - len(kept)]
+        text = kept.decode("utf-8", "replace").strip()
+        return " | ".join(line for line in text.splitlines() if line.strip())
+
+
+def kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+###############################################################################
+# Daemon lifecycle: wires everything, owns the tasks, signals, readiness.
+###############################################################################
+
+SYNC_QUEUE = "lobbyd"
+SYNC_WINDOW = 2.0
+
+
+class RateLimitedLog:
+    """At most `burst` warnings per `interval` seconds; the rest are counted."""
+
+    def __init__(self, burst: int = 5, interval: float = 60.0):
+        self.burst = burst
+        self.interval = interval
+        self.window = -interval
+        self.count = 0
+        self.suppressed = 0
+
+    def warning(self, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self.window >= self.interval:
+            if self.suppressed:
+                log.warning("... and %d more like it in the last %ds", self.suppressed,
+                            self.interval)
+            self.window, self.count, self.suppressed = now, 0, 0
+        if self.count < self.burst:
+            self.count += 1
+            log.warning(message, *args)
+        else:
+            self.suppressed += 1
+
+
+def notify_systemd(state: str) -> None:
+    """sd_notify(3) in a few lines: tell systemd we are READY=1 or STOPPING=1."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError as exc:
+        log.debug("sd_notify %s: %s", state, exc)
+
+
+class Daemon:
+    """One lobbyd: local labels, the registry, NATS, the API, the callback."""
+
+    def __init__(self, config: Config, environ: Mapping[str, str]):
+        self.config = config
+        self.environ = environ
+        self.registry = Registry(config.ttl)
+        self.label_cache = LabelCache()
+        self.local_labels = LocalLabels(config.labels, Path(config.labels_path))
+        self.runtime = RuntimeLabels(config.runtime_labels_file)
+        self.hostname = config.hostname or socket.gethostname()
+        self.labels: tuple[str, ...] = ()
+        self.subject = config.nats_discovery_channel
+        self.sync_subject = config.nats_discovery_channel + ".sync"
+        self.garbage_log = RateLimitedLog()
+        self.api = Api(self)
+        self.http = HttpServer(self.api.handle)
+        self.driver = NatsDriver(config.nats_url, f"lobbyd {self.hostname}", environ,
+                                 self.on_connect)
+        self.callback = (CallbackRunner(config.callback, config.callback_cooldown,
+                                        config.callback_first_run_delay,
+                                        config.callback_timeout, self.registry_json)
+                         if config.callback else None)
+        self.tasks: list[asyncio.Future[Any]] = []
+        self._stopping = False
+        self._sync_serving = False
+
+    # local state ---------------------------------------------------------------
+    def local_packet(self) -> Packet:
+        return Packet(self.hostname, self.labels, int(time.time()))
+
+    def refresh_local(self) -> bool:
+        """Re-read label files and the hostname; True if the packet changed."""
+        labels = self.local_labels.collect()
+        hostname = self.config.hostname or socket.gethostname()
+        if hostname != self.hostname:
+            log.info("hostname changed from %s to %s: saying goodbye for the old name",
+                     self.hostname, hostname)
+            self.schedule(self.publish(Packet(self.hostname), "goodbye"))
+            if self.registry.apply_goodbye(self.hostname):
+                self.registry_changed()
+            self.hostname = hostname
+        elif labels == self.labels:
+            return False
+        if labels != self.labels:
+            log.info("local labels: %s", ", ".join(labels) or "(none)")
+        self.labels = labels
+        return True
+
+    def labels_changed(self) -> None:
+        """Labels were added or removed through the API: publish at once."""
+        self.refresh_local()
+        self.wake.set()
+
+    # registry ------------------------------------------------------------------
+    def registry_changed(self) -> None:
+        if self.callback:
+            self.callback.notify()
+
+    def expire(self) -> None:
+        dead = self.registry.expire(time.time())
+        if dead:
+            log.info("expired (silent for over %ds): %s", self.config.ttl, ", ".join(dead[:20]))
+            self.registry_changed()
+
+    def registry_json(self) -> bytes:
+        self.expire()
+        return render_packets(self.registry.packets(), self.api._label_blocks)
+
+    async def on_packet(self, msg: Any) -> None:
+        """Every discovery packet of the fleet comes through here: keep it lean."""
+        try:
+            message, hostname, labels = decode_envelope(msg.data, self.label_cache)
+        except PacketError as exc:
+            self.garbage_log.warning("dropped a packet on %s: %s", self.subject, exc)
+            return
+        if message == "hi":
+            changed = self.registry.apply_hi(hostname, labels, time.time())
+        else:
+            changed = self.registry.apply_goodbye(hostname)
+            if changed:
+                log.info("goodbye from %s", hostname)
+        if changed:
+            self.registry_changed()
+
+    # publishing ----------------------------------------------------------------
+    async def publish(self, packet: Packet, message: str = "hi") -> bool:
+        return await self.driver.publish(self.subject, encode_envelope(packet, message))
+
+    async def publish_local(self) -> None:
+        if not self.config.register:
+            return
+        packet = self.local_packet()
+        # we list ourselves even while NATS is away; our own packet refreshes it later
+        if self.registry.apply_hi(packet.hostname, packet.labels, time.time()):
+            self.registry_changed()
+        await self.publish(packet)
+
+    async def keep_alive(self) -> None:
+        while True:
+            self.refresh_local()
+            await self.publish_local()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), self.config.keep_alive)
+            self.wake.clear()
+
+    async def clean_up(self) -> None:
+        """Expire hosts when they die, not only every CLEAN_EVERY seconds."""
+        while True:
+            self.expire()
+            pause = min(self.config.clean_every, self.registry.next_expiry() - time.time())
+            await asyncio.sleep(max(0.05, pause + 0.01))
+
+    async def on_connect(self) -> None:
+        """On every (re)connect: say hi at once, then learn the fleet from one peer."""
+        await self.publish_local()
+        self.schedule(self.sync())
+
+    # join: learn every live host from one warm peer instead of waiting a keep-alive
+    async def sync(self) -> None:
+        done = asyncio.Event()
+        now = time.time()
+        learned, answered = 0, False
+
+        async def on_reply(msg: Any) -> None:
+            nonlocal learned, answered
+            if not msg.data:  # "no responders": nobody is warm yet
+                done.set()
+                return
+            try:
+                reply = json.loads(msg.data)
+                for hostname, labels, age in reply["hosts"]:
+                    labels = self.label_cache.normalise(tuple(labels))
+                    if valid_hostname(hostname) and 0 <= float(age) < self.config.ttl and \
+                            self.registry.learn(hostname, labels, now - float(age)):
+                        learned += 1
+                if reply.get("done"):
+                    answered = True
+                    done.set()
+            except (ValueError, TypeError, KeyError, PacketError, RecursionError) as exc:
+                self.garbage_log.warning("dropped a sync reply: %s", describe_error(exc))
+
+        sub = None
+        try:
+            inbox = self.driver.new_inbox()
+            sub = await self.driver.subscribe(inbox, on_reply)
+            await self.driver.publish(self.sync_subject, b"{}", reply=inbox)
+            await asyncio.wait_for(done.wait(), SYNC_WINDOW)
+        except asyncio.TimeoutError:
+            log.debug("sync: no complete answer within %gs (learned %d)", SYNC_WINDOW, learned)
+        except Exception as exc:
+            log.debug("sync failed: %s", describe_error(exc))
+        else:
+            if answered:
+                log.info("learned %d hosts from a peer", learned)
+        finally:
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        if learned:
+            self.registry_changed()
+        if not self._sync_serving:
+            # only a daemon that has heard the fleet answers joins: wait a round if alone
+            if not answered:
+                await asyncio.sleep(self.config.keep_alive * 1.5)
+            await self.serve_sync()
+
+    async def serve_sync(self) -> None:
+        if self._sync_serving or not self.driver.is_connected:
+            return
+        self._sync_serving = True
+        await self.driver.nc.subscribe(self.sync_subject, queue=SYNC_QUEUE,
+                                       cb=self.on_sync_request)
+
+    async def on_sync_request(self, msg: Any) -> None:
+        if not msg.reply:
+            return
+        self.expire()
+        now = time.time()
+        budget = max(4096, self.driver.max_payload // 2)
+        chunk: list[str] = []
+        size = 0
+        for name, (labels, seen) in list(self.registry.hosts.items()):
+            item = json.dumps([name, labels, round(now - seen, 3)], ensure_ascii=False)
+            if size + len(item) > budget and chunk:
+                await self.driver.publish(msg.reply, sync_chunk(chunk, False))
+                chunk, size = [], 0
+            chunk.append(item)
+            size += len(item) + 1
+        await self.driver.publish(msg.reply, sync_chunk(chunk, True))
+
+    # lifecycle -----------------------------------------------------------------
+    def schedule(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.append(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Future[Any]) -> None:
+        if task in self.tasks:
+            self.tasks.remove(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task failed: %s", describe_error(task.exception()),  # type: ignore
+                      exc_info=task.exception())
+
+    def request_stop(self, signame: str) -> None:
+        if self._stopping:
+            log.info("%s again: already stopping", signame)
+            return
+        self._stopping = True
+        log.info("%s: stopping", signame)
+        self.stop.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.wake = asyncio.Event()
+        self.stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop, sig.name)
+        loop.add_signal_handler(signal.SIGHUP, self.wake.set)
+        self.refresh_local()
+        if not self.config.disable_api:
+            await self.http.start(self.config.host, self.config.port)
+            log.info("API listening on %s port %d", self.config.host, self.config.port)
+        notify_systemd("READY=1")
+        log.info("lobbyd %s starting as %s (%s)", __version__, self.hostname,
+                 "publishing" if self.config.register else "client only, not publishing")
+        self.schedule(self.driver.run([(self.subject, "", self.on_packet)]))
+        self.schedule(self.keep_alive())
+        self.schedule(self.clean_up())
+        if self.callback:
+            self.schedule(self.callback.run())
+        await self.stop.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Goodbye, flush, close: well under two seconds."""
+        notify_systemd("STOPPING=1")
+        for task in list(self.tasks):
+            task.cancel()
+        if self.config.register and self.driver.is_connected:
+            await self.publish(Packet(self.hostname), "goodbye")
+            log.info("said goodbye as %s", self.hostname)
+        await self.driver.close(timeout=0.8)
+        await self.http.close()
+
+
+def sync_chunk(items: list[str], done: bool) -> bytes:
+    done_text = "true" if done else "false"
+    return f'{{"hosts":[{",".join(items)}],"done":{done_text}}}'.encode()
+
+
+###############################################################################
+# main(): argv, config, logging, run; errors become exit statuses here only.
+###############################################################################
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
+                                           "%Y-%m-%dT%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    log.setLevel(level)
+    # asyncio reports EMFILE on accept with a traceback; once per pause is plenty
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    logging.getLogger("nats").setLevel(logging.CRITICAL)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args in (["--version"], ["-V"]):
+        print(f"lobbyd {__version__}")
+        return 0
+    if args in (["--help"], ["-h"]):
+        print(help_text())
+        return 0
+    if args:
+        print(f"lobbyd: unexpected arguments {' '.join(args)!r}; see lobbyd --help",
+              file=sys.stderr)
+        return 2
+    try:
+        config = Config.from_env(os.environ)
+    except ConfigError as exc:
+        print(f"lobbyd: configuration error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    setup_logging(config.log_level)
+    try:
+        asyncio.run(Daemon(config, os.environ).run())
+    except OSError as exc:
+        log.error("cannot start: %s", describe_error(exc))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

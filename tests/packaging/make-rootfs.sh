@@ -1,0 +1,29 @@
+#!/bin/bash
+# Debootstraps a minimal Debian bookworm that systemd-nspawn can boot, once per
+# machine: the result is cached in $LOBBYD_ROOTFS_CACHE (default
+# /var/cache/lobbyd-test/bookworm) and reused while its stamp file is there.
+# The boot tests copy it (cp --reflink=auto -a) and never change the cache.
+set -euo pipefail
+CACHE=${LOBBYD_ROOTFS_CACHE:-/var/cache/lobbyd-test/bookworm}
+MIRROR=${LOBBYD_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+STAMP="$CACHE/.lobbyd-rootfs-v1"
+if [ -e "$STAMP" ]; then
+    echo "make-rootfs: reusing $CACHE"
+    exit 0
+fi
+rm -rf "$CACHE.tmp"
+mkdir -p "$(dirname "$CACHE")"
+# systemd-sysv: PID 1; adduser: the .deb's postinst; ca-certificates: its Depends;
+# curl: the README's commands; procps: handy when a boot test fails.
+debootstrap --variant=minbase \
+    --include=systemd,systemd-sysv,dbus,adduser,ca-certificates,curl,procps \
+    bookworm "$CACHE.tmp" "$MIRROR"
+echo lobbytest > "$CACHE.tmp/etc/hostname"
+rm -f "$CACHE.tmp/etc/machine-id"
+: > "$CACHE.tmp/etc/machine-id"
+# Keep the image small and quiet: no apt caches.
+rm -rf "$CACHE.tmp"/var/cache/apt/archives/*.deb "$CACHE.tmp"/var/lib/apt/lists/*
+rm -rf "$CACHE"
+mv "$CACHE.tmp" "$CACHE"
+touch "$STAMP"
+echo "make-rootfs: created $CACHE"

@@ -1,0 +1,58 @@
+"""Registry: hi, goodbye, expiry on the receiver's clock, second-hand learning."""
+
+from __future__ import annotations
+
+from lobbyd import Packet, Registry
+
+
+def test_hi_adds_and_only_label_changes_bump_the_version() -> None:
+    r = Registry(ttl=30)
+    assert r.apply_hi("a", ("x",), 100.0) is True
+    v = r.version
+    assert r.apply_hi("a", ("x",), 101.0) is False and r.version == v
+    assert r.apply_hi("a", ("y",), 102.0) is True and r.version == v + 1
+    assert r.packets() == [Packet("a", ("y",), 102)]
+
+
+def test_goodbye_removes_at_once() -> None:
+    r = Registry(ttl=30)
+    r.apply_hi("a", (), 100.0)
+    assert r.apply_goodbye("a") is True
+    assert r.apply_goodbye("a") is False
+    assert r.packets() == []
+
+
+def test_expire_drops_exactly_the_silent_hosts() -> None:
+    r = Registry(ttl=10)
+    r.apply_hi("old", (), 100.0)
+    r.apply_hi("new", (), 105.0)
+    assert r.expire(110.0) == []  # exactly TTL old is still alive
+    assert r.expire(110.5) == ["old"]
+    assert [p.hostname for p in r.packets()] == ["new"]
+    assert r.next_expiry() == 115.0
+    assert r.expire(115.01) == ["new"]
+    assert len(r) == 0
+
+
+def test_expire_is_cheap_when_nothing_can_have_expired() -> None:
+    r = Registry(ttl=10)
+    for i in range(1000):
+        r.apply_hi(f"h{i}", (), 100.0)
+    v = r.version
+    assert r.expire(109.0) == [] and r.version == v
+
+
+def test_learn_adds_unknown_hosts_only() -> None:
+    r = Registry(ttl=30)
+    r.apply_hi("a", ("fresh",), 100.0)
+    assert r.learn("a", ("stale",), 90.0) is False
+    assert r.learn("b", ("x",), 95.0) is True
+    assert r.packets() == [Packet("a", ("fresh",), 100), Packet("b", ("x",), 95)]
+    assert r.expire(125.5) == ["b"]
+
+
+def test_packets_are_sorted_by_hostname() -> None:
+    r = Registry(ttl=30)
+    for name in ("c", "a", "b"):
+        r.apply_hi(name, (), 1.0)
+    assert [p.hostname for p in r.packets()] == ["a", "b", "c"]

@@ -1,0 +1,126 @@
+"""Wire format: the envelope, decoding, and garbage on the subject."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import wait_for
+
+from lobbyd import LabelCache, Packet, PacketError, decode_envelope, encode_envelope
+
+SUBJECT = "lobby.discovery"
+
+
+def test_encode_is_the_go_envelope() -> None:
+    data = encode_envelope(Packet("a.example.com", ("service:web",), 7))
+    assert json.loads(data) == {"discovery": {"hostname": "a.example.com",
+                                              "labels": ["service:web"], "last_check": 7},
+                                "message": "hi"}
+
+
+def test_decode_normalises_labels_and_shares_them() -> None:
+    cache = LabelCache()
+    msg = {"discovery": {"hostname": "h", "labels": ["b", " a ", "b"], "last_check": 1},
+           "message": "hi"}
+    first = decode_envelope(json.dumps(msg).encode(), cache)
+    second = decode_envelope(json.dumps(msg).encode(), cache)
+    assert first == ("hi", "h", ("a", "b"))
+    assert first[2] is second[2]
+
+
+def test_goodbye_may_carry_only_the_hostname() -> None:
+    cache = LabelCache()
+    for discovery in ({"hostname": "h"}, {"hostname": "h", "labels": None},
+                      {"hostname": "h", "labels": []}):
+        data = json.dumps({"discovery": discovery, "message": "goodbye"}).encode()
+        assert decode_envelope(data, cache) == ("goodbye", "h", ())
+
+
+GARBAGE = [
+    b"", b"not json", b"[]", b"42", b'"hi"', b"{}", b"\x00\x01\x02",
+    b'{"message":"hi"}', b'{"discovery":[],"message":"hi"}',
+    b'{"discovery":{"hostname":"h","labels":[]},"message":"hello"}',
+    b'{"discovery":{"hostname":"h","labels":[]}}',
+    b'{"discovery":{"hostname":"","labels":[]},"message":"hi"}',
+    b'{"discovery":{"hostname":5,"labels":[]},"message":"hi"}',
+    b'{"discovery":{"labels":[]},"message":"hi"}',
+    b'{"discovery":{"hostname":"h","labels":"a,b"},"message":"hi"}',
+    b'{"discovery":{"hostname":"h","labels":[1,2]},"message":"hi"}',
+    b'{"discovery":{"hostname":"h","labels":[["x"]]},"message":"hi"}',
+    b'{"discovery":{"hostname":"h","labels":["a\\nb"]},"message":"hi"}',
+    b'{"discovery":{"hostname":"h","labels":[""]},"message":"hi"}',
+    b'{"discovery":{"hostname":"a b","labels":[]},"message":"hi"}',
+    ('{"discovery":{"hostname":"' + "h" * 254 + '","labels":[]},"message":"hi"}').encode(),
+    json.dumps({"discovery": {"hostname": "h", "labels": [f"l{i}" for i in range(1001)]},
+                "message": "hi"}).encode(),
+    json.dumps({"discovery": {"hostname": "h", "labels": ["x" * 1025]},
+                "message": "hi"}).encode(),
+    b"[" * 100_000 + b"]" * 100_000,
+]
+
+
+@pytest.mark.parametrize("data", GARBAGE, ids=range(len(GARBAGE)))
+def test_garbage_raises_packet_error(data: bytes) -> None:
+    with pytest.raises(PacketError):
+        decode_envelope(data, LabelCache())
+
+
+# ----------------------------------------------------------------- with daemons
+
+
+def test_packets_on_the_wire_have_the_go_shape(lobbyd, nats) -> None:
+    sub = nats.client()
+    sub.subscribe(SUBJECT)
+    lobbyd("a", LABELS="service:web,b:1")
+    subject, payload = sub.next_msg(timeout=5)
+    assert subject == SUBJECT
+    envelope = json.loads(payload)
+    assert set(envelope) == {"discovery", "message"} and envelope["message"] == "hi"
+    assert set(envelope["discovery"]) == {"hostname", "labels", "last_check"}
+    assert envelope["discovery"]["hostname"] == "a"
+    assert envelope["discovery"]["labels"] == ["b:1", "service:web"]
+    assert isinstance(envelope["discovery"]["last_check"], int)
+
+
+def test_a_go_daemons_packet_is_listed_and_its_goodbye_removes_it(lobbyd, nats) -> None:
+    a = lobbyd("a")
+    pub = nats.client()
+    # exactly what the Go daemon sends (its field order, its last_check)
+    pub.publish(SUBJECT, b'{"discovery":{"hostname":"go.example.com","labels":'
+                         b'["service:smtp","public_ip4:1.2.3.4"],"last_check":1630612478},'
+                         b'"message":"hi"}')
+    pub.flush()
+    wait_for(lambda: a.labels_of("go.example.com") == ["public_ip4:1.2.3.4", "service:smtp"],
+             timeout=3, what="Go packet listed")
+    entry = next(d for d in a.get_json("/v1/discoveries") if d["hostname"] == "go.example.com")
+    assert entry["last_check"] > 1630612478  # receiver's clock, not the sender's
+    pub.publish(SUBJECT, b'{"discovery":{"hostname":"go.example.com","labels":null,'
+                         b'"last_check":0},"message":"goodbye"}')
+    pub.flush()
+    wait_for(lambda: "go.example.com" not in a.hostnames(), timeout=1, what="goodbye")
+
+
+def test_garbage_on_the_subject_changes_nothing(lobbyd, nats) -> None:
+    a = lobbyd("a", LABELS="x:1")
+    b = lobbyd("b")
+    wait_for(lambda: a.hostnames() == ["a", "b"], what="a and b")
+    before = a.get_json("/v1/discoveries")
+    pub = nats.client()
+    for _ in range(20):
+        for data in GARBAGE[:-1]:
+            pub.publish(SUBJECT, data)
+    pub.publish(SUBJECT, json.dumps({"discovery": {"hostname": "h", "labels": [
+        f"l{i}" for i in range(10_000)]}, "message": "hi"}))
+    pub.flush()
+    # a marker packet after the garbage proves the garbage was processed first
+    pub.publish_json(SUBJECT, {"discovery": {"hostname": "marker", "labels": []},
+                               "message": "hi"})
+    pub.flush()
+    wait_for(lambda: "marker" in a.hostnames(), what="marker after garbage")
+    after = a.get_json("/v1/discoveries")
+    assert [d["hostname"] for d in after] == ["a", "b", "marker"]
+    assert [d["labels"] for d in after[:2]] == [d["labels"] for d in before]
+    assert a.proc.poll() is None
+    # the log is rate-limited: ~500 bad packets make a handful of lines
+    assert 1 <= a.logs().count("dropped a packet") <= 10
