@@ -854,6 +854,7 @@ class NatsDriver:
         self.nc: Any = None
         self.connected = asyncio.Event()
         self._closing = False
+        self._warned = False  # the current outage has been logged
 
     @property
     def is_connected(self) -> bool:
@@ -868,8 +869,7 @@ class NatsDriver:
         """Connect with backoff until it works, then let nats-py reconnect for ever."""
         import nats  # imported late: the API must answer before this costs anything
 
-        delay, failures = 0.1, 0
-        shown = ", ".join(redact_url(url) for url in self.urls)
+        delay = 0.1
         while not self._closing:
             try:
                 self.nc = await nats.connect(
@@ -879,10 +879,7 @@ class NatsDriver:
                     error_cb=self._on_error, disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected, closed_cb=self._on_closed)
             except Exception as exc:  # nats-py raises many types here; all mean "try later"
-                failures += 1
-                if failures == 1:
-                    log.warning("NATS unreachable at %s (%s); retrying with backoff, "
-                                "the API keeps serving", shown, describe_error(exc))
+                await self._on_error(exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
@@ -890,6 +887,7 @@ class NatsDriver:
         if self._closing:
             return
         log.info("connected to NATS at %s", redact_url(self._current_url()))
+        self._warned = False
         for subject, queue, callback in subscriptions:
             await self.nc.subscribe(subject, queue=queue, cb=callback,
                                     pending_msgs_limit=200_000,
@@ -902,7 +900,14 @@ class NatsDriver:
         return url.geturl() if url else "?"
 
     async def _on_error(self, exc: Exception) -> None:
-        log.debug("NATS: %s", describe_error(exc))
+        # nats-py reports every failed attempt; an operator needs the first one only
+        if not self.connected.is_set() and not self._warned:
+            self._warned = True
+            shown = ", ".join(redact_url(url) for url in self.urls)
+            log.warning("NATS unreachable at %s (%s); retrying, the API keeps serving",
+                        shown, describe_error(exc))
+        else:
+            log.debug("NATS: %s", describe_error(exc))
 
     async def _on_disconnected(self) -> None:
         if not self._closing:
@@ -911,6 +916,7 @@ class NatsDriver:
 
     async def _on_reconnected(self) -> None:
         log.info("reconnected to NATS at %s", redact_url(self._current_url()))
+        self._warned = False
         self.connected.set()
         await self.on_connect()
 
@@ -1398,6 +1404,22 @@ class CallbackRunner:
         if self.dirty is not None:
             self.dirty.set()
 
+    def install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
+        """SIGTERM/SIGINT stop, SIGHUP re-reads labels now.
+
+        Plain signal.signal(), not loop.add_signal_handler(): the loop puts the
+        default (deadly) handler back when it closes, and a second SIGTERM landing
+        then must still be harmless.
+        """
+        def on_signal(signum: int, _frame: Any) -> None:
+            action = self.wake.set if signum == signal.SIGHUP else \
+                (lambda: self.request_stop(signal.Signals(signum).name))
+            with contextlib.suppress(RuntimeError):  # the loop is closed: we are exiting
+                loop.call_soon_threadsafe(action)
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, on_signal)
+
     async def run(self) -> None:
         self.dirty = asyncio.Event()
         await asyncio.sleep(self.first_run_delay)
@@ -1679,11 +1701,9 @@ class Daemon:
                     await sub.unsubscribe()
         if learned:
             self.registry_changed()
-        if not self._sync_serving:
-            # only a daemon that has heard the fleet answers joins: wait a round if alone
-            if not answered:
-                await asyncio.sleep(self.config.keep_alive * 1.5)
-            await self.serve_sync()
+        # Answer later joiners from now on. Without an answer nobody was warm (we
+        # are first, or the whole fleet restarts): a partial answer still beats none.
+        await self.serve_sync()
 
     async def serve_sync(self) -> None:
         if self._sync_serving or not self.driver.is_connected:
@@ -1730,13 +1750,27 @@ class Daemon:
         log.info("%s: stopping", signame)
         self.stop.set()
 
+    def install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
+        """SIGTERM/SIGINT stop, SIGHUP re-reads labels now.
+
+        Plain signal.signal(), not loop.add_signal_handler(): the loop puts the
+        default (deadly) handler back when it closes, and a second SIGTERM landing
+        then must still be harmless.
+        """
+        def on_signal(signum: int, _frame: Any) -> None:
+            action = self.wake.set if signum == signal.SIGHUP else \
+                (lambda: self.request_stop(signal.Signals(signum).name))
+            with contextlib.suppress(RuntimeError):  # the loop is closed: we are exiting
+                loop.call_soon_threadsafe(action)
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, on_signal)
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self.wake = asyncio.Event()
         self.stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop, sig.name)
-        loop.add_signal_handler(signal.SIGHUP, self.wake.set)
+        self.install_signal_handlers(loop)
         self.refresh_local()
         if not self.config.disable_api:
             await self.http.start(self.config.host, self.config.port)

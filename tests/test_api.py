@@ -1,0 +1,217 @@
+"""HTTP API: every route, auth, caching, and malformed requests."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import socket
+import time
+
+import pytest
+from conftest import Lobbyd, wait_for
+
+SUBJECT = "lobby.discovery"
+
+
+def raw_http(port: int, data: bytes, timeout: float = 5.0, half_close: bool = False) -> bytes:
+    """Send raw bytes, return everything the server answers until it closes or goes quiet."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        if half_close:
+            s.shutdown(socket.SHUT_WR)
+        out = b""
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                out += chunk
+        except socket.timeout:
+            pass
+        return out
+
+
+@pytest.fixture
+def pair(lobbyd, nats) -> tuple[Lobbyd, Lobbyd]:
+    a = lobbyd("a.example.com", LABELS="service:web,prometheus:node,prometheus:node:location:prg")
+    b = lobbyd("b.example.com", LABELS="service:smtp,role:mx,prometheus:node:host:2a03::1")
+    wait_for(lambda: a.hostnames() == ["a.example.com", "b.example.com"], what="a sees b")
+    return a, b
+
+
+def test_root_and_discoveries_list_everyone_pretty_printed(pair) -> None:
+    a, _b = pair
+    status, headers, body = a.request("GET", "/")
+    assert status == 200 and headers["content-type"] == "application/json; charset=UTF-8"
+    assert body.startswith(b'[\n  {\n    "hostname": "a.example.com",\n    "labels": [\n')
+    assert body.endswith(b"\n]\n")
+    listed = json.loads(body)
+    assert [d["hostname"] for d in listed] == ["a.example.com", "b.example.com"]
+    assert listed[1]["labels"] == ["prometheus:node:host:2a03::1", "role:mx", "service:smtp"]
+    assert json.loads(a.request("GET", "/v1/discoveries")[2])[0]["hostname"] == "a.example.com"
+
+
+def test_local_discovery(pair) -> None:
+    a, _b = pair
+    local = a.get_json("/v1/discovery")
+    assert local["hostname"] == "a.example.com"
+    assert local["labels"] == ["prometheus:node", "prometheus:node:location:prg", "service:web"]
+    assert abs(local["last_check"] - time.time()) < 5
+
+
+def test_filters_and_resolve(pair) -> None:
+    a, _b = pair
+    by_label = a.get_json("/v1/discoveries?labels=service:smtp,service:web")
+    assert [(d["hostname"], d["labels"]) for d in by_label] == [
+        ("a.example.com", ["service:web"]), ("b.example.com", ["service:smtp"])]
+    only_mx = a.get_json("/v1/discoveries?labels=role:mx")
+    assert [(d["hostname"], d["labels"]) for d in only_mx] == [("b.example.com", ["role:mx"])]
+    by_prefix = a.get_json("/v1/discoveries?prefixes=role:,service:w")
+    assert [(d["hostname"], d["labels"]) for d in by_prefix] == [
+        ("a.example.com", ["service:web"]), ("b.example.com", ["role:mx"])]
+    both = a.get_json("/v1/discoveries?labels=role:mx&prefixes=service:")
+    assert [(d["hostname"], d["labels"]) for d in both] == [("b.example.com", ["role:mx"])]
+    assert a.get_json("/v1/discoveries?labels=nothing") == []
+    assert a.request("GET", "/v1/discoveries?labels=nothing")[2] == b"[]\n"
+    assert a.get_json("/v1/resolve?label=service:smtp") == ["b.example.com"]
+    assert a.get_json("/v1/resolve?label=none") == []
+    assert a.request("GET", "/v1/resolve")[0] == 400
+
+
+def test_prometheus_route(pair) -> None:
+    a, _b = pair
+    status, headers, body = a.request("GET", "/v1/prometheus/node")
+    assert status == 200 and headers["content-type"].startswith("application/json")
+    assert json.loads(body) == [
+        {"Targets": ["a.example.com:9100"], "Labels": {"location": "prg"}},
+        {"Targets": ["[2a03::1]:9100"], "Labels": {}}]
+    assert a.get_json("/v1/prometheus/nothing") == []
+
+
+def test_head_is_answered_for_get_routes(pair) -> None:
+    a, _b = pair
+    status, headers, body = a.request("HEAD", "/v1/discoveries")
+    assert status == 200 and body == b"" and int(headers["content-length"]) > 10
+
+
+def test_unknown_path_and_wrong_method(pair) -> None:
+    a, _b = pair
+    assert a.request("GET", "/v2/nothing")[0] == 404
+    status, headers, body = a.request("PUT", "/v1/labels", body="x")
+    assert status == 405 and headers["allow"] == "DELETE, POST"
+    assert headers["content-type"] == "text/plain; charset=UTF-8"
+    status, headers, _ = a.request("POST", "/v1/discoveries")
+    assert status == 405 and "GET" in headers["allow"] and "HEAD" in headers["allow"]
+
+
+def test_gzip_is_offered_to_clients_that_ask(lobbyd, nats) -> None:
+    a = lobbyd("a", LABELS=",".join(f"label:{i}" for i in range(100)))
+    status, headers, body = a.request("GET", "/v1/discoveries",
+                                      headers={"Accept-Encoding": "gzip"})
+    assert status == 200 and headers.get("content-encoding") == "gzip"
+    assert json.loads(gzip.decompress(body))[0]["hostname"] == "a"
+    _, plain_headers, _ = a.request("GET", "/v1/discoveries")
+    assert "content-encoding" not in plain_headers
+
+
+def test_token_auth(lobbyd) -> None:
+    a = lobbyd("a", start=False, TOKEN="s3cret-token")
+    a.start(wait=False)
+    wait_for(lambda: a.request("GET", "/v1/discovery",
+                               headers={"Authorization": "Token s3cret-token"})[0] == 200,
+             what="API up")
+    assert a.request("GET", "/v1/discoveries")[:3:2] == (403, b"access denied\n")
+    assert a.request("GET", "/", headers={"Authorization": "Token wrong"})[0] == 403
+    assert a.request("GET", "/", headers={"Authorization": "s3cret-token"})[0] == 403
+    assert a.request("GET", "/", headers={"Authorization": "Basic s3cret-token"})[0] == 403
+    assert a.request("GET", "/", headers={"Authorization": "Token s3cret-token"})[0] == 200
+    assert a.request("GET", "/", headers={"Authorization": "Bearer s3cret-token"})[0] == 200
+    assert a.request("POST", "/v1/labels", body="x:1")[0] == 403
+    assert a.request("POST", "/v1/labels", body="x:1",
+                     headers={"Authorization": "Bearer s3cret-token"})[0] == 200
+    assert "s3cret-token" not in a.logs()
+
+
+def test_post_and_delete_runtime_labels(lobbyd) -> None:
+    a = lobbyd("a", LABELS="env:label")
+    status, headers, body = a.request("POST", "/v1/labels", body="run:1\nrun:2\n")
+    assert (status, body) == (200, b"OK")
+    assert a.get_json("/v1/discovery")["labels"] == ["env:label", "run:1", "run:2"]
+    assert a.request("DELETE", "/v1/labels", body="run:1\nenv:label")[0] == 200
+    assert a.get_json("/v1/discovery")["labels"] == ["env:label", "run:2"]
+
+
+def test_bad_labels_are_rejected_and_nothing_applied(lobbyd) -> None:
+    a = lobbyd("a")
+    status, _, body = a.request("POST", "/v1/labels", body="good:1\nbad\x01label\n")
+    assert status == 400 and b"control character" in body
+    status, _, body = a.request("POST", "/v1/labels", body="ok\n" + "x" * 1025)
+    assert status == 400 and b"1025 bytes" in body
+    assert a.request("POST", "/v1/labels", body=b"\xff\xfe")[0] == 400
+    assert a.request("POST", "/v1/labels", body="\n\n")[0] == 400
+    assert a.get_json("/v1/discovery")["labels"] == []
+
+
+def test_malformed_requests_get_their_status_and_others_are_still_served(lobbyd) -> None:
+    a = lobbyd("a")
+    port = a.port
+    assert raw_http(port, b"GARBAGE\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+    assert raw_http(port, b"GET / HTTP/9.9\r\n\r\n").startswith(b"HTTP/1.1 505 ")
+    assert raw_http(port, b"GET / HTTP/1.1\r\nno colon here\r\n\r\n").startswith(
+        b"HTTP/1.1 400 ")
+    assert raw_http(port, b"POST /v1/labels HTTP/1.1\r\nContent-Length: abc\r\n\r\n").startswith(
+        b"HTTP/1.1 400 ")
+    assert raw_http(port, b"POST /v1/labels HTTP/1.1\r\nContent-Length: -5\r\n\r\n").startswith(
+        b"HTTP/1.1 400 ")
+    assert raw_http(port, b"POST /v1/labels HTTP/1.1\r\nContent-Length: 1\r\n"
+                          b"Content-Length: 2\r\n\r\nx").startswith(b"HTTP/1.1 400 ")
+    big = raw_http(port, b"POST /v1/labels HTTP/1.1\r\nContent-Length: 2000000\r\n\r\n")
+    assert big.startswith(b"HTTP/1.1 413 ")
+    huge_headers = b"GET / HTTP/1.1\r\n" + b"X-Pad: " + b"a" * 70_000 + b"\r\n\r\n"
+    assert raw_http(port, huge_headers).startswith(b"HTTP/1.1 431 ")
+    assert raw_http(port, b"POST /v1/labels HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n"
+                    ).startswith(b"HTTP/1.1 501 ")
+    assert a.request("GET", "/v1/discovery")[0] == 200
+    assert a.proc.poll() is None
+
+
+def test_chunked_body_and_expect_continue(lobbyd) -> None:
+    a = lobbyd("a")
+    chunked = (b"POST /v1/labels HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+               b"Connection: close\r\n\r\n6\r\nchunk:\r\n1\r\n1\r\n0\r\n\r\n")
+    assert raw_http(a.port, chunked).startswith(b"HTTP/1.1 200 ")
+    expect = (b"POST /v1/labels HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n"
+              b"Expect: 100-continue\r\nConnection: close\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", a.port), timeout=5) as s:
+        s.sendall(expect)
+        assert s.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        s.sendall(b"cont:1")
+        assert s.recv(1000).startswith(b"HTTP/1.1 200 ")
+    assert a.get_json("/v1/discovery")["labels"] == ["chunk:1", "cont:1"]
+
+
+def test_keep_alive_and_http10(lobbyd) -> None:
+    a = lobbyd("a")
+    request = b"GET /v1/discovery HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", a.port), timeout=5) as s:
+        for _ in range(3):  # three requests on one connection
+            s.sendall(request)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += s.recv(1)
+            assert head.startswith(b"HTTP/1.1 200 ") and b"Connection: keep-alive" in head
+            length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+            body = b""
+            while len(body) < length:
+                body += s.recv(length - len(body))
+            assert json.loads(body)["hostname"] == "a"
+    answer = raw_http(a.port, b"GET /v1/discovery HTTP/1.0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in answer
+
+
+def test_disable_api_means_no_listener(lobbyd, nats) -> None:
+    a = lobbyd("quiet", DISABLE_API="true")
+    watcher = lobbyd("watcher")
+    wait_for(lambda: "quiet" in watcher.hostnames(), what="quiet host still publishes")
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", a.port), timeout=1).close()

@@ -1,0 +1,126 @@
+"""Several real daemons on one real NATS server: what they see of each other."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+from conftest import wait_for
+
+SUBJECT = "lobby.discovery"
+
+
+def test_two_and_three_daemons_list_each_other(lobbyd) -> None:
+    a = lobbyd("a", LABELS="service:web")
+    b = lobbyd("b", LABELS="service:smtp")
+    wait_for(lambda: a.hostnames() == ["a", "b"] == b.hostnames(), what="a and b")
+    c = lobbyd("c")
+    for d in (a, b, c):
+        wait_for(lambda d=d: d.hostnames() == ["a", "b", "c"], what=f"{d.name} sees all")
+    assert c.labels_of("a") == ["service:web"] and a.labels_of("b") == ["service:smtp"]
+
+
+def test_sigterm_says_goodbye_and_exits_quickly(lobbyd, nats) -> None:
+    a = lobbyd("a", TTL="60")
+    b = lobbyd("b", TTL="60")
+    wait_for(lambda: a.hostnames() == ["a", "b"], what="a sees b")
+    sub = nats.client()
+    sub.subscribe(SUBJECT)
+    started = time.monotonic()
+    b.proc.send_signal(signal.SIGTERM)
+    b.proc.send_signal(signal.SIGTERM)  # a second signal during shutdown is harmless
+    code = b.proc.wait(timeout=5)
+    took = time.monotonic() - started
+    assert code == 0 and took < 2.0, (code, took)
+    wait_for(lambda: a.hostnames() == ["a"], timeout=1, what="b gone from a within 1 s")
+    goodbyes = [json.loads(p) for _s, p in sub.messages(0.3)
+                if json.loads(p)["message"] == "goodbye"]
+    assert [g["discovery"]["hostname"] for g in goodbyes] == ["b"]
+    assert "Traceback" not in b.logs()
+
+
+def test_kill_9_expires_after_ttl(lobbyd) -> None:
+    a = lobbyd("a", TTL="3", CLEAN_EVERY="15")
+    b = lobbyd("b", TTL="3")
+    wait_for(lambda: a.hostnames() == ["a", "b"], what="a sees b")
+    killed = time.monotonic()
+    b.kill()
+    wait_for(lambda: a.hostnames() == ["a"], timeout=6, what="b expired")
+    gone_after = time.monotonic() - killed
+    # not before TTL minus the last keep-alive interval, and not long after TTL
+    assert 1.5 < gone_after < 5.0, gone_after
+
+
+def test_runtime_labels_propagate_persist_and_delete(lobbyd) -> None:
+    a = lobbyd("a", LABELS="env:1")
+    b = lobbyd("b", KEEP_ALIVE="30")
+    labels_dir = Path(a.env["LABELS_PATH"])
+    labels_dir.mkdir(exist_ok=True)
+    (labels_dir / "static").write_text("file:1\n")
+    wait_for(lambda: b.labels_of("a") == ["env:1", "file:1"], what="b sees a's file label")
+    posted = time.monotonic()
+    assert a.request("POST", "/v1/labels", body="run:1\nrun:2")[0] == 200
+    wait_for(lambda: b.labels_of("a") == ["env:1", "file:1", "run:1", "run:2"], timeout=1,
+             what="POST visible on b within 1 s")
+    assert time.monotonic() - posted < 1
+    a.restart()
+    assert a.get_json("/v1/discovery")["labels"] == ["env:1", "file:1", "run:1", "run:2"]
+    assert a.request("DELETE", "/v1/labels", body="run:1\nenv:1\nfile:1")[0] == 200
+    wait_for(lambda: b.labels_of("a") == ["env:1", "file:1", "run:2"], timeout=1,
+             what="DELETE visible on b; env and file labels stay")
+    assert (labels_dir / "_runtime").read_text().splitlines()[-1] == "run:2"
+
+
+def test_client_only_daemon_listens_but_never_publishes(lobbyd) -> None:
+    a = lobbyd("a")
+    client = lobbyd("client", REGISTER="false")
+    wait_for(lambda: client.hostnames() == ["a"], what="client sees a")
+    time.sleep(1.5)  # over a keep-alive period: the client must still be absent
+    assert a.hostnames() == ["a"]
+
+
+def test_a_joining_daemon_learns_the_fleet_without_waiting_a_keep_alive(lobbyd) -> None:
+    a = lobbyd("a", KEEP_ALIVE="60", TTL="120")
+    b = lobbyd("b", KEEP_ALIVE="60", TTL="120")
+    wait_for(lambda: a.hostnames() == ["a", "b"] == b.hostnames(), what="a and b")
+    go = lobbyd("go")  # stands for a Go daemon: no sync, learned from its keep-alives
+    wait_for(lambda: "go" in a.hostnames(), what="a hears go")
+    go.kill()
+    # c learns from ONE peer's answer: the next keep-alive is a minute away
+    started = time.monotonic()
+    c = lobbyd("c", KEEP_ALIVE="60", TTL="120")
+    wait_for(lambda: c.hostnames() == ["a", "b", "c", "go"], timeout=2, what="c learns all")
+    assert time.monotonic() - started < 5
+    assert "learned 3 hosts from a peer" in c.logs()
+
+
+def test_nats_restart_the_daemon_keeps_serving_and_comes_back(lobbyd, nats) -> None:
+    a = lobbyd("a", TTL="30")
+    b = lobbyd("b", TTL="30")
+    wait_for(lambda: a.hostnames() == ["a", "b"], what="a sees b")
+    nats.stop()
+    for _ in range(5):
+        assert a.hostnames() == ["a", "b"]  # the last known registry is still served
+        time.sleep(0.1)
+    assert a.request("POST", "/v1/labels", body="during:outage")[0] == 200
+    nats.start()
+    wait_for(lambda: b.labels_of("a") == ["during:outage"], timeout=10,
+             what="b sees a's new label after NATS is back")
+    for d in (a, b):
+        assert "disconnected from NATS" in d.logs() and "reconnected to NATS" in d.logs()
+        assert d.logs().count("disconnected from NATS") == 1
+
+
+def test_start_with_nats_down_serves_the_api_and_connects_later(lobbyd, nats) -> None:
+    nats.stop()
+    a = lobbyd("a", start=False)
+    a.start(wait=False)
+    wait_for(lambda: a.request("GET", "/v1/discovery")[0] == 200, what="API up without NATS")
+    assert a.hostnames() == ["a"]
+    nats.start()
+    b = lobbyd("b")
+    wait_for(lambda: a.hostnames() == ["a", "b"] == b.hostnames(), timeout=10,
+             what="both listed after NATS came up")
+    assert a.logs().count("NATS unreachable") == 1
