@@ -35,7 +35,7 @@ import time
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
 __version__ = "1.0.0"
@@ -517,9 +517,12 @@ def valid_hostname(hostname: str) -> bool:
         return False
 
 
-@dataclass(frozen=True)
-class Packet:
-    """What one host says about itself."""
+class Packet(NamedTuple):
+    """What one host says about itself.
+
+    Immutable like a frozen dataclass, but a NamedTuple: the API builds one per
+    host per answer, and a tuple is several times cheaper to create.
+    """
 
     hostname: str
     labels: tuple[str, ...] = ()
@@ -543,10 +546,23 @@ class LabelCache:
     lookup instead of a validation; bounded so hostile traffic cannot grow it.
     """
 
-    def __init__(self, limit: int = 100_000):
+    def __init__(self, limit: int = 200_000):
         self.limit = limit
         self.lists: dict[tuple[str, ...], tuple[str, ...]] = {}
         self.strings: dict[str, str] = {}
+        self.hostnames: dict[str, str] = {}
+
+    def hostname(self, raw: Any) -> str:
+        """The hostname, validated once and stored once; PacketError if invalid."""
+        known = self.hostnames.get(raw) if type(raw) is str else None
+        if known is not None:
+            return known
+        if type(raw) is not str or not valid_hostname(raw):
+            raise PacketError("missing, empty or invalid hostname")
+        if len(self.hostnames) >= self.limit:
+            self.hostnames.clear()
+        self.hostnames[raw] = raw
+        return raw
 
     def normalise(self, raw: tuple[str, ...]) -> tuple[str, ...]:
         known = self.lists.get(raw)
@@ -594,9 +610,7 @@ def decode_envelope(data: bytes, cache: LabelCache) -> tuple[str, str, tuple[str
     discovery = envelope.get("discovery")
     if type(discovery) is not dict:
         raise PacketError("no discovery object")
-    hostname = discovery.get("hostname")
-    if type(hostname) is not str or not valid_hostname(hostname):
-        raise PacketError("missing, empty or invalid hostname")
+    hostname = cache.hostname(discovery.get("hostname"))
     labels = discovery.get("labels")
     if labels is None or message == "goodbye":
         return message, hostname, ()
@@ -625,6 +639,7 @@ class Registry:
         self.hosts: dict[str, list[Any]] = {}  # hostname -> [labels, received]
         self.version = 0
         self._oldest = float("inf")  # a lower bound of every `received`
+        self._order: list[str] | None = None  # sorted hostnames, until membership changes
 
     def __len__(self) -> int:
         return len(self.hosts)
@@ -637,6 +652,7 @@ class Registry:
         if entry is None:
             self.hosts[hostname] = [labels, now]
             self.version += 1
+            self._order = None
             return True
         entry[1] = now
         if entry[0] != labels:
@@ -652,12 +668,14 @@ class Registry:
         self.hosts[hostname] = [labels, received]
         self._oldest = min(self._oldest, received)
         self.version += 1
+        self._order = None
         return True
 
     def apply_goodbye(self, hostname: str) -> bool:
         if self.hosts.pop(hostname, None) is None:
             return False
         self.version += 1
+        self._order = None
         return True
 
     def expire(self, now: float) -> list[str]:
@@ -671,6 +689,7 @@ class Registry:
         self._oldest = min((entry[1] for entry in self.hosts.values()), default=float("inf"))
         if dead:
             self.version += 1
+            self._order = None
         return dead
 
     def next_expiry(self) -> float:
@@ -679,8 +698,10 @@ class Registry:
 
     def packets(self) -> list[Packet]:
         """Every host as a packet, sorted by hostname. Call expire() first."""
-        return [Packet(name, entry[0], int(entry[1]))
-                for name, entry in sorted(self.hosts.items())]
+        if self._order is None:
+            self._order = sorted(self.hosts)
+        hosts = self.hosts
+        return [Packet(name, hosts[name][0], int(hosts[name][1])) for name in self._order]
 
 
 ###############################################################################
@@ -715,6 +736,16 @@ def filter_by_prefixes(packets: Iterable[Packet], prefixes: Sequence[str]) -> li
         if matching:
             out.append(Packet(packet.hostname, matching, packet.last_check))
     return out
+
+
+def select_packets(packets: list[Packet], labels: Sequence[str], prefixes: Sequence[str]
+                   ) -> list[Packet]:
+    """GET /v1/discoveries: `labels` wins over `prefixes`; neither means everything."""
+    if labels:
+        return filter_by_labels(packets, labels)
+    if prefixes:
+        return filter_by_prefixes(packets, prefixes)
+    return packets
 
 
 def resolve_label(packets: Iterable[Packet], label: str) -> list[str]:
@@ -779,32 +810,47 @@ def render_json(value: Any) -> bytes:
     return (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def render_packets(packets: Sequence[Packet], label_blocks: dict[tuple[str, ...], str]
-                   ) -> bytes:
-    """render_json([p.to_json() ...]) for many packets, fast.
+#: a str as a JSON string, like json.dumps(s, ensure_ascii=False) without its overhead
+json_string: Callable[[str], str] = json.encoder.encode_basestring  # type: ignore[attr-defined]
 
-    json's indenting encoder is pure Python; hosts share label lists, so each
-    list is rendered once (memoised in `label_blocks`) and pasted in.
+
+class PacketRenderer:
+    """render_json([p.to_json() for p in packets]) for one view of the registry, fast.
+
+    json's indenting encoder is pure Python, and a big registry changes little
+    from one second to the next: each host's block is kept until its packet
+    changes, and hosts share label lists, each rendered once.
     """
-    if not packets:
-        return b"[]\n"
-    dumps = json.dumps
-    parts = []
-    for packet in packets:
-        block = label_blocks.get(packet.labels)
-        if block is None:
-            if packet.labels:
-                items = ",\n".join(f"      {dumps(label, ensure_ascii=False)}"
-                                   for label in packet.labels)
-                block = f"[\n{items}\n    ]"
-            else:
-                block = "[]"
-            if len(label_blocks) > 100_000:
-                label_blocks.clear()
-            label_blocks[packet.labels] = block
-        parts.append(f'  {{\n    "hostname": {dumps(packet.hostname, ensure_ascii=False)},\n'
-                     f'    "labels": {block},\n    "last_check": {packet.last_check}\n  }}')
-    return ("[\n" + ",\n".join(parts) + "\n]\n").encode("utf-8")
+
+    def __init__(self) -> None:
+        self.blocks: dict[str, tuple[Packet, bytes]] = {}
+        self.label_blocks: dict[tuple[str, ...], str] = {}
+
+    def render(self, packets: Sequence[Packet]) -> bytes:
+        if not packets:
+            return b"[]\n"
+        old: dict[str, tuple[Packet, bytes]] = self.blocks
+        new: dict[str, tuple[Packet, bytes]] = {}
+        parts = []
+        for packet in packets:
+            cached = old.get(packet.hostname)
+            block = cached[1] if cached is not None and cached[0] == packet else \
+                self.block(packet)
+            new[packet.hostname] = (packet, block)
+            parts.append(block)
+        self.blocks = new
+        if len(self.label_blocks) > 2 * len(new) + 1000:
+            self.label_blocks.clear()
+        return b"[\n" + b",\n".join(parts) + b"\n]\n"
+
+    def block(self, packet: Packet) -> bytes:
+        labels = self.label_blocks.get(packet.labels)
+        if labels is None:
+            items = ",\n".join(f"      {json_string(label)}" for label in packet.labels)
+            labels = self.label_blocks[packet.labels] = f"[\n{items}\n    ]" if items else "[]"
+        return (f'  {{\n    "hostname": {json_string(packet.hostname)},\n'
+                f'    "labels": {labels},\n    "last_check": {packet.last_check}\n  }}'
+                ).encode()
 
 
 ###############################################################################
@@ -875,7 +921,7 @@ class NatsDriver:
                 self.nc = await nats.connect(
                     servers=self.urls, name=self.name, allow_reconnect=True,
                     max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=2,
-                    ping_interval=5, max_outstanding_pings=3, tls=tls_context(self.environ),
+                    ping_interval=5, max_outstanding_pings=3, **self._tls_options(),
                     error_cb=self._on_error, disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected, closed_cb=self._on_closed)
             except Exception as exc:  # nats-py raises many types here; all mean "try later"
@@ -894,6 +940,12 @@ class NatsDriver:
                                     pending_bytes_limit=256 * 1024 * 1024)
         self.connected.set()
         await self.on_connect()
+
+    def _tls_options(self) -> dict[str, Any]:
+        # a CA store costs ~2 MB of memory: load it only for tls:// and wss:// URLs
+        if any(url.startswith(("tls://", "wss://")) for url in self.urls):
+            return {"tls": tls_context(self.environ)}
+        return {}
 
     def _current_url(self) -> str:
         url = self.nc.connected_url if self.nc else None
@@ -1248,7 +1300,7 @@ class Api:
         self.token = daemon.config.token.encode("utf-8", "surrogateescape")
         self._bodies: dict[tuple[Any, ...], bytes] = {}
         self._gzipped: dict[tuple[Any, ...], bytes] = {}
-        self._label_blocks: dict[tuple[str, ...], str] = {}
+        self._renderers: dict[tuple[str, ...], PacketRenderer] = {}
 
     # dispatch ----------------------------------------------------------------
     def handle(self, request: Request) -> Response:
@@ -1316,15 +1368,18 @@ class Api:
     def discoveries(self, request: Request) -> Response:
         labels = split_list(request.param("labels") or "")
         prefixes = split_list(request.param("prefixes") or "")
-        packets = self.daemon.registry.packets
-        if labels:
-            return self.cached(request, ("labels", *labels), lambda: render_packets(
-                filter_by_labels(packets(), labels), self._label_blocks))
-        if prefixes:
-            return self.cached(request, ("prefixes", *prefixes), lambda: render_packets(
-                filter_by_prefixes(packets(), prefixes), self._label_blocks))
-        return self.cached(request, ("all",),
-                           lambda: render_packets(packets(), self._label_blocks))
+        view = ("labels", *labels) if labels else ("prefixes", *prefixes) if prefixes \
+            else ("all",)
+        return self.cached(request, view, lambda: self.renderer(view).render(
+            select_packets(self.daemon.registry.packets(), labels, prefixes)))
+
+    def renderer(self, view: tuple[str, ...]) -> PacketRenderer:
+        found = self._renderers.get(view)
+        if found is None:
+            if len(self._renderers) > 32:
+                self._renderers.clear()
+            found = self._renderers[view] = PacketRenderer()
+        return found
 
     def discovery(self, request: Request) -> Response:
         return Response(200, render_json(self.daemon.local_packet().to_json()))
@@ -1607,7 +1662,7 @@ class Daemon:
 
     def registry_json(self) -> bytes:
         self.expire()
-        return render_packets(self.registry.packets(), self.api._label_blocks)
+        return self.api.renderer(("all",)).render(self.registry.packets())
 
     async def on_packet(self, msg: Any) -> None:
         """Every discovery packet of the fleet comes through here: keep it lean."""

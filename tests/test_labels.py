@@ -9,8 +9,15 @@ from pathlib import Path
 import pytest
 from conftest import wait_for
 
-from lobbyd import (LabelError, LocalLabels, RuntimeLabels, parse_label_lines,
-                    parse_request_labels, read_label_dir, validate_label)
+from lobbyd import (
+    LabelError,
+    LocalLabels,
+    RuntimeLabels,
+    parse_label_lines,
+    parse_request_labels,
+    read_label_dir,
+    validate_label,
+)
 
 
 def test_validate_label_trims_and_accepts_colons() -> None:

@@ -6,8 +6,16 @@ import json
 
 import pytest
 
-from lobbyd import (Packet, filter_by_labels, filter_by_prefixes, prometheus_groups,
-                    render_json, render_packets, resolve_label, with_port)
+from lobbyd import (
+    Packet,
+    PacketRenderer,
+    filter_by_labels,
+    filter_by_prefixes,
+    prometheus_groups,
+    render_json,
+    resolve_label,
+    with_port,
+)
 
 PACKETS = [
     Packet("a", ("role:db", "service:smtp", "service:web"), 1),
@@ -101,11 +109,13 @@ def test_prometheus_one_group_per_host() -> None:
         {"Targets": ["a:9100"], "Labels": {}}, {"Targets": ["c.lan:9100"], "Labels": {}}]
 
 
-def test_render_packets_equals_json_pretty_print() -> None:
+def test_renderer_equals_json_pretty_print_also_from_its_memo() -> None:
     packets = [*PACKETS, Packet("ünï\"code", ('quo"te', "\\back"), 9), Packet("e", (), 0)]
-    cache: dict = {}
+    renderer = PacketRenderer()
     expected = render_json([p.to_json() for p in packets])
-    assert render_packets(packets, cache) == expected
-    assert render_packets(packets, cache) == expected  # from the memo too
-    assert render_packets([], cache) == b"[]\n"
+    assert renderer.render(packets) == expected
+    assert renderer.render(packets) == expected  # from the memo
+    changed = [packets[0]._replace(last_check=99), *packets[1:]]
+    assert renderer.render(changed) == render_json([p.to_json() for p in changed])
+    assert renderer.render([]) == b"[]\n"
     assert json.loads(expected)[0]["labels"] == ["role:db", "service:smtp", "service:web"]

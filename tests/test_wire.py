@@ -103,7 +103,7 @@ def test_a_go_daemons_packet_is_listed_and_its_goodbye_removes_it(lobbyd, nats) 
 
 def test_garbage_on_the_subject_changes_nothing(lobbyd, nats) -> None:
     a = lobbyd("a", LABELS="x:1")
-    b = lobbyd("b")
+    lobbyd("b")
     wait_for(lambda: a.hostnames() == ["a", "b"], what="a and b")
     before = a.get_json("/v1/discoveries")
     pub = nats.client()
