@@ -375,12 +375,9 @@ def parse_request_labels(body: str) -> list[str]:
 
 
 def read_label_file(path: Path) -> tuple[list[str], list[str]]:
-    """(labels, problems) of one file; an unreadable file is one problem, never fatal."""
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_LABEL_FILE_BYTES + 1)
-    except OSError as exc:
-        return [], [f"cannot read: {exc.strerror or exc}"]
+    """(labels, problems) of one file. OSError when it cannot be read right now."""
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_LABEL_FILE_BYTES + 1)
     if len(data) > MAX_LABEL_FILE_BYTES:
         return [], [f"larger than {MAX_LABEL_FILE_BYTES} bytes, skipped"]
     try:
@@ -390,29 +387,42 @@ def read_label_file(path: Path) -> tuple[list[str], list[str]]:
     return parse_label_lines(text)
 
 
-def read_label_dir(directory: Path) -> tuple[set[str], dict[str, list[str]]]:
-    """Labels of every regular, non-hidden file directly in `directory`, and problems by file."""
-    labels: set[str] = set()
-    problems: dict[str, list[str]] = {}
+@dataclass
+class LabelScan:
+    """What one pass over LABELS_PATH found."""
+
+    labels: dict[str, list[str]] = field(default_factory=dict)  # path -> its labels
+    problems: dict[str, list[str]] = field(default_factory=dict)  # path -> what is wrong
+    unreadable: set[str] = field(default_factory=set)  # I/O errors now: keep their old labels
+    complete: bool = True  # False: the directory itself could not be listed
+
+
+def scan_label_dir(directory: Path) -> LabelScan:
+    """Every regular, non-hidden file directly in `directory`; never raises."""
+    scan = LabelScan()
     try:
         entries = list(os.scandir(directory))
     except FileNotFoundError:
-        return labels, problems  # a missing directory means "no file labels"
+        return scan  # a missing directory means "no file labels"
     except OSError as exc:
-        return labels, {str(directory): [f"cannot list: {exc.strerror or exc}"]}
+        scan.problems[str(directory)] = [f"cannot list: {exc.strerror or exc}"]
+        scan.complete = False
+        return scan
     for entry in entries:
         if entry.name.startswith("."):
             continue  # editor swap files, our own temp files
         try:
             if not entry.is_file():
                 continue
-        except OSError:
+            found, trouble = read_label_file(Path(entry.path))
+        except OSError as exc:
+            scan.problems[entry.path] = [f"cannot read: {exc.strerror or exc}"]
+            scan.unreadable.add(entry.path)
             continue
-        found, trouble = read_label_file(Path(entry.path))
-        labels.update(found)
+        scan.labels[entry.path] = found
         if trouble:
-            problems[entry.path] = trouble
-    return labels, problems
+            scan.problems[entry.path] = trouble
+    return scan
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -451,7 +461,12 @@ class RuntimeLabels:
         self.path = path
 
     def read(self) -> list[str]:
-        labels, _problems = read_label_file(self.path) if self.path.exists() else ([], [])
+        """The runtime labels; OSError if the file exists but cannot be read (then
+        nothing may be written either, or the labels it holds would be lost)."""
+        try:
+            labels, _problems = read_label_file(self.path)
+        except FileNotFoundError:
+            return []
         return labels
 
     def add(self, labels: Iterable[str]) -> bool:
@@ -475,26 +490,39 @@ class RuntimeLabels:
 
 
 class LocalLabels:
-    """The union of env labels and label files; remembers problems so each is logged once."""
+    """The union of env labels and label files.
+
+    A file that cannot be read for the moment (EMFILE, EIO) keeps the labels it
+    had, and each problem is logged once, not on every re-read.
+    """
 
     def __init__(self, env_labels: Sequence[str], directory: Path):
         self.env_labels = tuple(env_labels)
         self.directory = directory
+        self._by_file: dict[str, list[str]] = {}
         self._reported: dict[str, list[str]] = {}
 
     def collect(self) -> tuple[str, ...]:
-        found, problems = read_label_dir(self.directory)
-        for path, trouble in problems.items():
-            if self._reported.get(path) != trouble:
-                for line in trouble:
-                    log.warning("label file %s: %s", path, line)
-        self._reported = problems
-        labels = sorted(found.union(self.env_labels))
+        scan = scan_label_dir(self.directory)
+        self.report(scan.problems)
+        if scan.complete:
+            by_file = scan.labels
+            for path in scan.unreadable & self._by_file.keys():
+                by_file[path] = self._by_file[path]
+            self._by_file = by_file
+        labels = sorted(set(self.env_labels).union(*self._by_file.values()))
         if len(labels) > MAX_LABELS:
             log.error("%d labels, over the limit of %d: publishing the first %d",
                       len(labels), MAX_LABELS, MAX_LABELS)
             labels = labels[:MAX_LABELS]
         return tuple(labels)
+
+    def report(self, problems: dict[str, list[str]]) -> None:
+        for path, trouble in problems.items():
+            if self._reported.get(path) != trouble:
+                for line in trouble:
+                    log.warning("label file %s: %s", path, line)
+        self._reported = problems
 
 
 ###############################################################################
@@ -1023,6 +1051,7 @@ MAX_BODY_BYTES = 1 << 20
 HEADER_TIMEOUT = 10.0
 IDLE_TIMEOUT = 60.0
 WRITE_TIMEOUT = 60.0
+WRITE_SLICE = 256 * 1024
 MAX_CONNECTIONS = 1000
 TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 REASONS = {200: "OK", 100: "Continue", 400: "Bad Request", 403: "Forbidden",
@@ -1219,8 +1248,9 @@ class HttpServer:
             first = True
             while await self._serve_one(reader, writer, first):
                 first = False
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError, OSError):
-            pass
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                asyncio.TimeoutError, OSError):
+            pass  # the client went away, stalled, or sent what cannot be answered
         finally:
             self.active -= 1
             self.writers.discard(writer)
@@ -1266,9 +1296,14 @@ class HttpServer:
                      head_only: bool) -> None:
         writer.write(response_head(response.status, response.content_type, len(response.body),
                                    keep_alive, response.headers))
-        if not head_only and response.body:
-            writer.write(response.body)
-        await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+        body = memoryview(b"" if head_only else response.body)
+        # In slices: a slow reader then holds one slice in its buffer, not a copy
+        # of a multi-megabyte answer (a thousand of those would be gigabytes).
+        for start in range(0, len(body), WRITE_SLICE):
+            writer.write(body[start:start + WRITE_SLICE])
+            await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+        if not body:
+            await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
 
 
 ###############################################################################
@@ -1558,7 +1593,7 @@ SYNC_WINDOW = 2.0
 
 
 class RateLimitedLog:
-    """At most `burst` warnings per `interval` seconds; the rest are counted."""
+    """At most `burst` lines per `interval` seconds; the rest are counted, then summed up."""
 
     def __init__(self, burst: int = 5, interval: float = 60.0):
         self.burst = burst
@@ -1567,16 +1602,22 @@ class RateLimitedLog:
         self.count = 0
         self.suppressed = 0
 
+    def info(self, message: str, *args: Any) -> None:
+        self.log(logging.INFO, message, *args)
+
     def warning(self, message: str, *args: Any) -> None:
+        self.log(logging.WARNING, message, *args)
+
+    def log(self, level: int, message: str, *args: Any) -> None:
         now = time.monotonic()
         if now - self.window >= self.interval:
             if self.suppressed:
-                log.warning("... and %d more like it in the last %ds", self.suppressed,
-                            self.interval)
+                log.log(level, "... and %d more like it in the last %ds", self.suppressed,
+                        self.interval)
             self.window, self.count, self.suppressed = now, 0, 0
         if self.count < self.burst:
             self.count += 1
-            log.warning(message, *args)
+            log.log(level, message, *args)
         else:
             self.suppressed += 1
 
@@ -1609,7 +1650,8 @@ class Daemon:
         self.labels: tuple[str, ...] = ()
         self.subject = config.nats_discovery_channel
         self.sync_subject = config.nats_discovery_channel + ".sync"
-        self.garbage_log = RateLimitedLog()
+        self.garbage_log = RateLimitedLog(burst=5)
+        self.membership_log = RateLimitedLog(burst=20)
         self.api = Api(self)
         self.http = HttpServer(self.api.handle)
         self.driver = NatsDriver(config.nats_url, f"lobbyd {self.hostname}", environ,
@@ -1672,12 +1714,13 @@ class Daemon:
             self.garbage_log.warning("dropped a packet on %s: %s", self.subject, exc)
             return
         if message == "hi":
-            changed = self.registry.apply_hi(hostname, labels, time.time())
-        else:
-            changed = self.registry.apply_goodbye(hostname)
-            if changed:
-                log.info("goodbye from %s", hostname)
-        if changed:
+            known = len(self.registry)
+            if self.registry.apply_hi(hostname, labels, time.time()):
+                if len(self.registry) > known:
+                    self.membership_log.info("new host %s", hostname)
+                self.registry_changed()
+        elif self.registry.apply_goodbye(hostname):
+            self.membership_log.info("goodbye from %s", hostname)
             self.registry_changed()
 
     # publishing ----------------------------------------------------------------

@@ -15,7 +15,7 @@ from lobbyd import (
     RuntimeLabels,
     parse_label_lines,
     parse_request_labels,
-    read_label_dir,
+    scan_label_dir,
     validate_label,
 )
 
@@ -55,13 +55,29 @@ def test_label_dir_reads_every_regular_visible_file(tmp_path: Path) -> None:
     (tmp_path / "latin1").write_bytes(b"caf\xe9\n")
     (tmp_path / "subdir").mkdir()
     (tmp_path / "subdir" / "deep").write_text("deep:no\n")
-    labels, problems = read_label_dir(tmp_path)
-    assert labels == {"a:1", "b:2", "c:3"}
-    assert list(problems) == [str(tmp_path / "latin1")]
+    scan = scan_label_dir(tmp_path)
+    assert set().union(*scan.labels.values()) == {"a:1", "b:2", "c:3"}
+    assert list(scan.problems) == [str(tmp_path / "latin1")]
+    assert scan.complete and not scan.unreadable
 
 
 def test_missing_label_dir_means_no_labels(tmp_path: Path) -> None:
-    assert read_label_dir(tmp_path / "nope") == (set(), {})
+    scan = scan_label_dir(tmp_path / "nope")
+    assert scan.labels == {} and scan.problems == {} and scan.complete
+
+
+def test_a_file_unreadable_for_now_keeps_its_labels(tmp_path: Path) -> None:
+    (tmp_path / "a").write_text("a:1\n")
+    (tmp_path / "b").write_text("b:1\n")
+    local = LocalLabels([], tmp_path)
+    assert local.collect() == ("a:1", "b:1")
+    (tmp_path / "a").unlink()
+    (tmp_path / "a").symlink_to(tmp_path / "loop")  # ELOOP on open: an I/O error
+    (tmp_path / "loop").symlink_to(tmp_path / "a")
+    assert local.collect() == ("a:1", "b:1")
+    (tmp_path / "a").unlink()
+    (tmp_path / "loop").unlink()
+    assert local.collect() == ("b:1",)  # a file that is gone takes its labels with it
 
 
 def test_local_labels_union_sorted(tmp_path: Path) -> None:
