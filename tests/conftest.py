@@ -75,10 +75,12 @@ def nats_server_binary() -> str:
 class NatsServer:
     """One nats-server process on loopback; can be stopped and started again on the same port."""
 
-    def __init__(self, workdir: Path, port: int | None = None, extra: list[str] | None = None):
+    def __init__(self, workdir: Path, port: int | None = None, extra: list[str] | None = None,
+                 client_auth: dict[str, str] | None = None):
         self.port = port or free_port()
         self.workdir = workdir
         self.extra = extra or []
+        self.client_auth = client_auth or {}  # what test clients send in CONNECT
         self.proc: subprocess.Popen | None = None
         self.log = workdir / f"nats-{self.port}.log"
 
@@ -110,7 +112,7 @@ class NatsServer:
         self.proc = None
 
     def client(self) -> RawNats:
-        return RawNats("127.0.0.1", self.port)
+        return RawNats("127.0.0.1", self.port, **self.client_auth)
 
 
 @pytest.fixture
@@ -241,7 +243,8 @@ def lobbyd(tmp_path: Path, nats: NatsServer) -> Iterator[Callable[..., Lobbyd]]:
     """
     started: list[Lobbyd] = []
 
-    def make(name: str = "a", start: bool = True, wait: bool = True, **env: str | int) -> Lobbyd:
+    def make(name: str = "a", start: bool = True, wait: bool = True,
+             nats: NatsServer = nats, **env: str | int) -> Lobbyd:
         full = base_env()
         full.update({
             "HOSTNAME": name,

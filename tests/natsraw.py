@@ -13,12 +13,14 @@ import time
 
 
 class RawNats:
-    def __init__(self, host: str, port: int, timeout: float = 5.0):
+    def __init__(self, host: str, port: int, timeout: float = 5.0, **auth: str):
+        """`auth`: user and pass, or auth_token, as nats-server's CONNECT expects them."""
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.buf = b""
         self.info = json.loads(self._line()[5:])
-        self.sock.sendall(b'CONNECT {"verbose":false,"pedantic":false,"headers":true,'
-                          b'"no_responders":true,"protocol":1}\r\n')
+        options = {"verbose": False, "pedantic": False, "headers": True, "no_responders": True,
+                   "protocol": 1, **auth}
+        self.sock.sendall(b"CONNECT " + json.dumps(options).encode() + b"\r\n")
         self.flush()
         self.sid = 0
 

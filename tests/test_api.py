@@ -215,3 +215,15 @@ def test_disable_api_means_no_listener(lobbyd, nats) -> None:
     wait_for(lambda: "quiet" in watcher.hostnames(), what="quiet host still publishes")
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", a.port), timeout=1).close()
+
+
+def test_ipv6_listener(lobbyd) -> None:
+    a = lobbyd("a", start=False, HOST="::1")
+    a.start(wait=False)
+
+    def answers() -> bool:
+        with socket.create_connection(("::1", a.port), timeout=2) as s:
+            s.sendall(b"GET /v1/discovery HTTP/1.0\r\n\r\n")
+            return s.recv(100).startswith(b"HTTP/1.1 200 ")
+
+    wait_for(answers, what="API on [::1]")

@@ -124,3 +124,41 @@ def test_start_with_nats_down_serves_the_api_and_connects_later(lobbyd, nats) ->
     wait_for(lambda: a.hostnames() == ["a", "b"] == b.hostnames(), timeout=10,
              what="both listed after NATS came up")
     assert a.logs().count("NATS unreachable") == 1
+
+
+def test_nats_url_list_user_password_and_token(lobbyd, tmp_path) -> None:
+    from conftest import NatsServer, free_port
+
+    secured = NatsServer(tmp_path, extra=["--user", "lobby", "--pass", "hunter2"],
+                         client_auth={"user": "lobby", "pass": "hunter2"}).start()
+    tokened = NatsServer(tmp_path, extra=["--auth", "t0ken-secret"],
+                         client_auth={"auth_token": "t0ken-secret"}).start()
+    try:
+        dead = f"nats://127.0.0.1:{free_port()}"
+        a = lobbyd("a", nats=secured,
+                   NATS_URL=f"{dead},nats://lobby:hunter2@127.0.0.1:{secured.port}")
+        b = lobbyd("b", nats=secured, NATS_URL=f"nats://lobby:hunter2@127.0.0.1:{secured.port}")
+        wait_for(lambda: a.hostnames() == ["a", "b"], what="a and b via user:pass")
+        c = lobbyd("c", nats=tokened, NATS_URL=f"nats://t0ken-secret@127.0.0.1:{tokened.port}")
+        assert c.hostnames() == ["c"]
+        wrong = lobbyd("wrong", start=False,
+                       NATS_URL=f"nats://lobby:wrong-pass@127.0.0.1:{secured.port}")
+        wrong.start(wait=False)
+        wait_for(lambda: "NATS unreachable" in wrong.logs(), what="auth failure logged")
+        assert wrong.request("GET", "/v1/discovery")[0] == 200
+        for d in (a, b, c, wrong):
+            for secret in ("hunter2", "t0ken-secret", "wrong-pass"):
+                assert secret not in d.logs(), (d.name, secret)
+    finally:
+        secured.stop()
+        tokened.stop()
+
+
+def test_hostname_defaults_to_the_machines(lobbyd) -> None:
+    import socket
+
+    a = lobbyd("ignored", start=False)
+    del a.env["HOSTNAME"]
+    a.start(wait=False)
+    wait_for(lambda: a.get_json("/v1/discovery")["hostname"] == socket.gethostname(),
+             what="machine hostname")
