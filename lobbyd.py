@@ -1776,52 +1776,54 @@ class Daemon:
         await self.publish_local()
         self.schedule(self.sync())
 
-    # join: learn every live host from one warm peer instead of waiting a keep-alive
+    # join: learn every live host from one peer instead of waiting a keep-alive round
     async def sync(self) -> None:
-        done = asyncio.Event()
-        now = time.time()
-        learned, answered = 0, False
+        """Ask one peer (NATS picks it from the queue group) for its registry."""
+        replies: asyncio.Queue[bytes] = asyncio.Queue()
+        learned, complete, sub = 0, False, None
 
         async def on_reply(msg: Any) -> None:
-            nonlocal learned, answered
-            if not msg.data:  # "no responders": nobody is warm yet
-                done.set()
-                return
-            try:
-                reply = json.loads(msg.data)
-                for hostname, labels, age in reply["hosts"]:
-                    labels = self.label_cache.normalise(tuple(labels))
-                    if valid_hostname(hostname) and 0 <= float(age) < self.config.ttl and \
-                            self.registry.learn(hostname, labels, now - float(age)):
-                        learned += 1
-                if reply.get("done"):
-                    answered = True
-                    done.set()
-            except (ValueError, TypeError, KeyError, PacketError, RecursionError) as exc:
-                self.garbage_log.warning("dropped a sync reply: %s", describe_error(exc))
+            replies.put_nowait(msg.data)
 
-        sub = None
         try:
             inbox = self.driver.new_inbox()
             sub = await self.driver.subscribe(inbox, on_reply)
             await self.driver.publish(self.sync_subject, b"{}", reply=inbox)
-            await asyncio.wait_for(done.wait(), SYNC_WINDOW)
+            deadline = time.monotonic() + SYNC_WINDOW
+            while not complete:
+                data = await asyncio.wait_for(replies.get(), deadline - time.monotonic())
+                if not data:  # "no responders": nobody answers joins yet, we are the first
+                    break
+                count, complete = self.learn_from(data, time.time())
+                learned += count
         except asyncio.TimeoutError:
-            log.debug("sync: no complete answer within %gs (learned %d)", SYNC_WINDOW, learned)
-        except Exception as exc:
+            log.debug("sync: no complete answer within %gs", SYNC_WINDOW)
+        except Exception as exc:  # the connection went away: the next connect syncs again
             log.debug("sync failed: %s", describe_error(exc))
-        else:
-            if answered:
-                log.info("learned %d hosts from a peer", learned)
         finally:
             if sub is not None:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
+        if complete:
+            log.info("learned %d hosts from a peer", learned)
         if learned:
             self.registry_changed()
-        # Answer later joiners from now on. Without an answer nobody was warm (we
-        # are first, or the whole fleet restarts): a partial answer still beats none.
         await self.serve_sync()
+
+    def learn_from(self, data: bytes, now: float) -> tuple[int, bool]:
+        """Apply one chunk of a peer's answer: (hosts added, whether it was the last)."""
+        try:
+            reply = parse_json(data)
+            added = 0
+            for hostname, labels, age in reply["hosts"]:
+                labels = self.label_cache.normalise(tuple(labels))
+                if 0 <= float(age) < self.config.ttl and self.registry.learn(
+                        self.label_cache.hostname(hostname), labels, now - float(age)):
+                    added += 1
+            return added, reply.get("done") is True
+        except (ValueError, TypeError, KeyError, AttributeError, PacketError) as exc:
+            self.garbage_log.warning("dropped a sync answer: %s", describe_error(exc))
+            return 0, False
 
     async def serve_sync(self) -> None:
         if self._sync_serving or not self.driver.is_connected:
