@@ -32,7 +32,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -862,43 +862,54 @@ def render_json(value: Any) -> bytes:
 json_string: Callable[[str], str] = json.encoder.encode_basestring  # type: ignore[attr-defined]
 
 
-class PacketRenderer:
-    """render_json([p.to_json() for p in packets]) for one view of the registry, fast.
+def packet_block(packet: Packet, label_blocks: dict[tuple[str, ...], str]) -> bytes:
+    """One packet as it stands in a pretty-printed list; label lists memoised."""
+    labels = label_blocks.get(packet.labels)
+    if labels is None:
+        items = ",\n".join(f"      {json_string(label)}" for label in packet.labels)
+        labels = label_blocks[packet.labels] = f"[\n{items}\n    ]" if items else "[]"
+    return (f'  {{\n    "hostname": {json_string(packet.hostname)},\n'
+            f'    "labels": {labels},\n    "last_check": {packet.last_check}\n  }}').encode()
+
+
+def group_block(group: dict[str, Any] | None) -> bytes | None:
+    """One Prometheus target group as it stands in a pretty-printed list."""
+    if group is None:
+        return None
+    targets = ",\n".join(f"      {json_string(target)}" for target in group["Targets"])
+    labels = ",\n".join(f"      {json_string(key)}: {json_string(value)}"
+                        for key, value in group["Labels"].items())
+    labels_json = f"{{\n{labels}\n    }}" if labels else "{}"
+    return (f'  {{\n    "Targets": [\n{targets}\n    ],\n    "Labels": {labels_json}\n  }}'
+            ).encode()
+
+
+class BlockRenderer:
+    """A pretty-printed JSON list with one block per host, rendered fast.
 
     json's indenting encoder is pure Python, and a big registry changes little
-    from one second to the next: each host's block is kept until its packet
-    changes, and hosts share label lists, each rendered once.
+    from one second to the next: each host's block is kept until `key(packet)`
+    changes. Equal to render_json() of the same list, byte for byte.
     """
 
-    def __init__(self) -> None:
-        self.blocks: dict[str, tuple[Packet, bytes]] = {}
-        self.label_blocks: dict[tuple[str, ...], str] = {}
+    def __init__(self, block: Callable[[Packet], bytes | None],
+                 key: Callable[[Packet], Any] = lambda packet: packet):
+        self.block = block
+        self.key = key
+        self.blocks: dict[str, tuple[Any, bytes | None]] = {}
 
     def render(self, packets: Sequence[Packet]) -> bytes:
-        if not packets:
-            return b"[]\n"
-        old: dict[str, tuple[Packet, bytes]] = self.blocks
-        new: dict[str, tuple[Packet, bytes]] = {}
+        old, new = self.blocks, {}
         parts = []
         for packet in packets:
+            key = self.key(packet)
             cached = old.get(packet.hostname)
-            block = cached[1] if cached is not None and cached[0] == packet else \
-                self.block(packet)
-            new[packet.hostname] = (packet, block)
-            parts.append(block)
+            block = cached[1] if cached is not None and cached[0] == key else self.block(packet)
+            new[packet.hostname] = (key, block)
+            if block is not None:
+                parts.append(block)
         self.blocks = new
-        if len(self.label_blocks) > 2 * len(new) + 1000:
-            self.label_blocks.clear()
-        return b"[\n" + b",\n".join(parts) + b"\n]\n"
-
-    def block(self, packet: Packet) -> bytes:
-        labels = self.label_blocks.get(packet.labels)
-        if labels is None:
-            items = ",\n".join(f"      {json_string(label)}" for label in packet.labels)
-            labels = self.label_blocks[packet.labels] = f"[\n{items}\n    ]" if items else "[]"
-        return (f'  {{\n    "hostname": {json_string(packet.hostname)},\n'
-                f'    "labels": {labels},\n    "last_check": {packet.last_check}\n  }}'
-                ).encode()
+        return b"[\n" + b",\n".join(parts) + b"\n]\n" if parts else b"[]\n"
 
 
 ###############################################################################
@@ -1070,8 +1081,9 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_BODY_BYTES = 1 << 20
 HEADER_TIMEOUT = 10.0
 IDLE_TIMEOUT = 60.0
+BODY_TIMEOUT = 60.0
 WRITE_TIMEOUT = 60.0
-WRITE_SLICE = 256 * 1024
+WRITE_SLICE = 1 << 20
 MAX_CONNECTIONS = 1000
 TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 REASONS = {200: "OK", 100: "Continue", 400: "Bad Request", 403: "Forbidden",
@@ -1293,23 +1305,24 @@ class HttpServer:
     async def _read_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                             first: bool) -> Request:
         # A new connection must send its headers within HEADER_TIMEOUT; a kept-alive
-        # one may idle for IDLE_TIMEOUT before the next request starts.
-        started = await asyncio.wait_for(reader.readexactly(1),
-                                         HEADER_TIMEOUT if first else IDLE_TIMEOUT)
-        try:
-            head = started + await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"),
-                                                    HEADER_TIMEOUT)
-        except asyncio.LimitOverrunError:
-            raise HttpError(431, f"request headers over {MAX_HEADER_BYTES} bytes",
-                            close=True) from None
+        # one may idle for IDLE_TIMEOUT before its next request starts.
+        with deadline(writer, HEADER_TIMEOUT if first else IDLE_TIMEOUT):
+            started = await reader.readexactly(1)
+        with deadline(writer, HEADER_TIMEOUT):
+            try:
+                head = started + await reader.readuntil(b"\r\n\r\n")
+            except asyncio.LimitOverrunError:
+                raise HttpError(431, f"request headers over {MAX_HEADER_BYTES} bytes",
+                                close=True) from None
         request = parse_request_head(head[:-4].lstrip(b"\r\n"))
         length = body_length(request)
         if request.headers.get("expect", "").lower() == "100-continue":
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        if length is None:
-            request.body = await asyncio.wait_for(read_chunked(reader), IDLE_TIMEOUT)
-        elif length:
-            request.body = await asyncio.wait_for(reader.readexactly(length), IDLE_TIMEOUT)
+        with deadline(writer, BODY_TIMEOUT):
+            if length is None:
+                request.body = await read_chunked(reader)
+            elif length:
+                request.body = await reader.readexactly(length)
         return request
 
     async def _write(self, writer: asyncio.StreamWriter, response: Response, keep_alive: bool,
@@ -1317,13 +1330,28 @@ class HttpServer:
         writer.write(response_head(response.status, response.content_type, len(response.body),
                                    keep_alive, response.headers))
         body = memoryview(b"" if head_only else response.body)
-        # In slices: a slow reader then holds one slice in its buffer, not a copy
-        # of a multi-megabyte answer (a thousand of those would be gigabytes).
-        for start in range(0, len(body), WRITE_SLICE):
-            writer.write(body[start:start + WRITE_SLICE])
-            await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
-        if not body:
-            await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+        with deadline(writer, WRITE_TIMEOUT):
+            # In slices: a slow reader then holds one slice in its buffer, not a
+            # copy of a multi-megabyte answer (a thousand of those are gigabytes).
+            for start in range(0, len(body), WRITE_SLICE):
+                writer.write(body[start:start + WRITE_SLICE])
+                await writer.drain()
+            if not body:
+                await writer.drain()
+
+
+@contextlib.contextmanager
+def deadline(writer: asyncio.StreamWriter, seconds: float) -> Iterator[None]:
+    """Abort the connection when the block takes longer than `seconds`.
+
+    One timer instead of asyncio.wait_for(), which costs a task per await: the
+    aborted transport ends the pending read or drain with an error.
+    """
+    timer = asyncio.get_running_loop().call_later(seconds, writer.transport.abort)
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 ###############################################################################
@@ -1355,7 +1383,8 @@ class Api:
         self.token = daemon.config.token.encode("utf-8", "surrogateescape")
         self._bodies: dict[tuple[Any, ...], bytes] = {}
         self._gzipped: dict[tuple[Any, ...], bytes] = {}
-        self._renderers: dict[tuple[str, ...], PacketRenderer] = {}
+        self._renderers: dict[tuple[str, ...], BlockRenderer] = {}
+        self._label_blocks: dict[tuple[str, ...], str] = {}
 
     # dispatch ----------------------------------------------------------------
     def handle(self, request: Request) -> Response:
@@ -1396,15 +1425,16 @@ class Api:
         return handler
 
     # caching -----------------------------------------------------------------
-    def cached(self, request: Request, key: tuple[Any, ...], build: Callable[[], bytes]
-               ) -> Response:
-        """A JSON answer built at most once per registry version and second.
+    def cached(self, request: Request, key: tuple[Any, ...], build: Callable[[], bytes],
+               timed: bool = True) -> Response:
+        """A JSON answer built at most once per registry version (and second, if `timed`).
 
-        last_check has a resolution of one second, so within one second and one
-        registry version the answer cannot differ: big answers cost a memory copy.
+        An answer showing last_check can change only when the registry does or
+        the second ticks over (its resolution); one without it (Prometheus,
+        resolve) only when the registry does. So big answers cost a memory copy.
         """
         self.daemon.expire()
-        full = (*key, self.daemon.registry.version, int(time.time()))
+        full = (*key, self.daemon.registry.version, int(time.time()) if timed else 0)
         body = self._bodies.get(full)
         if body is None:
             if len(self._bodies) > 64:
@@ -1428,12 +1458,21 @@ class Api:
         return self.cached(request, view, lambda: self.renderer(view).render(
             select_packets(self.daemon.registry.packets(), labels, prefixes)))
 
-    def renderer(self, view: tuple[str, ...]) -> PacketRenderer:
+    def renderer(self, view: tuple[str, ...]) -> BlockRenderer:
+        """The block cache of one view: discoveries (all, by labels, by prefixes), a job."""
         found = self._renderers.get(view)
         if found is None:
             if len(self._renderers) > 32:
                 self._renderers.clear()
-            found = self._renderers[view] = PacketRenderer()
+                self._label_blocks.clear()
+            if view[0] == "prometheus":
+                name, port = view[1], self.daemon.config.node_exporter_port
+                found = BlockRenderer(
+                    lambda packet: group_block(prometheus_group(name, packet, port)),
+                    key=lambda packet: packet.labels)
+            else:
+                found = BlockRenderer(lambda packet: packet_block(packet, self._label_blocks))
+            self._renderers[view] = found
         return found
 
     def discovery(self, request: Request) -> Response:
@@ -1444,13 +1483,12 @@ class Api:
         if not label:
             raise HttpError(400, "missing query parameter: label")
         return self.cached(request, ("resolve", label), lambda: render_json(
-            resolve_label(self.daemon.registry.packets(), label)))
+            resolve_label(self.daemon.registry.packets(), label)), timed=False)
 
     def prometheus(self, request: Request) -> Response:
-        name = request.path[len("/v1/prometheus/"):]
-        port = self.daemon.config.node_exporter_port
-        return self.cached(request, ("prometheus", name), lambda: render_json(
-            prometheus_groups(name, self.daemon.registry.packets(), port)))
+        view = ("prometheus", request.path[len("/v1/prometheus/"):])
+        return self.cached(request, view, lambda: self.renderer(view).render(
+            self.daemon.registry.packets()), timed=False)
 
     def add_labels(self, request: Request) -> Response:
         labels = self.request_labels(request)

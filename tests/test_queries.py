@@ -7,10 +7,13 @@ import json
 import pytest
 
 from lobbyd import (
+    BlockRenderer,
     Packet,
-    PacketRenderer,
     filter_by_labels,
     filter_by_prefixes,
+    group_block,
+    packet_block,
+    prometheus_group,
     prometheus_groups,
     render_json,
     resolve_label,
@@ -111,7 +114,7 @@ def test_prometheus_one_group_per_host() -> None:
 
 def test_renderer_equals_json_pretty_print_also_from_its_memo() -> None:
     packets = [*PACKETS, Packet("ünï\"code", ('quo"te', "\\back"), 9), Packet("e", (), 0)]
-    renderer = PacketRenderer()
+    renderer = BlockRenderer(lambda packet: packet_block(packet, {}))
     expected = render_json([p.to_json() for p in packets])
     assert renderer.render(packets) == expected
     assert renderer.render(packets) == expected  # from the memo
@@ -119,3 +122,15 @@ def test_renderer_equals_json_pretty_print_also_from_its_memo() -> None:
     assert renderer.render(changed) == render_json([p.to_json() for p in changed])
     assert renderer.render([]) == b"[]\n"
     assert json.loads(expected)[0]["labels"] == ["role:db", "service:smtp", "service:web"]
+
+
+def test_prometheus_blocks_equal_json_pretty_print() -> None:
+    packets = [Packet("a", ("prometheus:node", "prometheus:node:dc:prg",
+                            'prometheus:node:q:"x"'), 0),
+               Packet("b", ("other",), 0),
+               Packet("c", ("prometheus:node:host:2a03::1", "prometheus:node:host:c.lan"), 0)]
+    renderer = BlockRenderer(lambda p: group_block(prometheus_group("node", p, 9100)),
+                             key=lambda p: p.labels)
+    expected = render_json(prometheus_groups("node", packets, 9100))
+    assert renderer.render(packets) == expected
+    assert renderer.render(packets[1:2]) == b"[]\n"
