@@ -567,18 +567,36 @@ def encode_envelope(packet: Packet, message: str = "hi") -> bytes:
                       separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-class LabelCache:
-    """Validated, normalised label lists, stored once: hosts share most labels.
+class BoundedCache(dict):  # type: ignore[type-arg]
+    """A dict that forgets everything once it holds `entries` items or `cost` units.
 
-    Keyed by the list as received, so a repeated keep-alive costs one dict
-    lookup instead of a validation; bounded so hostile traffic cannot grow it.
+    Forgetting all at once is crude but O(1) per insert, and hostile traffic can
+    never grow it: each cache of LabelCache stays within a few dozen MB.
     """
 
-    def __init__(self, limit: int = 200_000):
-        self.limit = limit
-        self.lists: dict[tuple[str, ...], tuple[str, ...]] = {}
-        self.strings: dict[str, str] = {}
-        self.hostnames: dict[str, str] = {}
+    def __init__(self, entries: int, cost: int):
+        super().__init__()
+        self.max_entries, self.max_cost, self.cost = entries, cost, 0
+
+    def put(self, key: Any, value: Any, cost: int) -> None:
+        if len(self) >= self.max_entries or self.cost + cost > self.max_cost:
+            self.clear()
+            self.cost = 0
+        self[key] = value
+        self.cost += cost
+
+
+class LabelCache:
+    """Validated hostnames, labels and label lists, each stored once.
+
+    Hosts share most labels, and a keep-alive repeats the last one: keyed by
+    what was received, a known packet costs dict lookups instead of checks.
+    """
+
+    def __init__(self, entries: int = 200_000, chars: int = 16_000_000):
+        self.lists = BoundedCache(entries, chars)  # cost: characters (+1 per label)
+        self.strings = BoundedCache(entries, chars)
+        self.hostnames = BoundedCache(entries, chars)
 
     def hostname(self, raw: Any) -> str:
         """The hostname, validated once and stored once; PacketError if invalid."""
@@ -587,9 +605,7 @@ class LabelCache:
             return known
         if type(raw) is not str or not valid_hostname(raw):
             raise PacketError("missing, empty or invalid hostname")
-        if len(self.hostnames) >= self.limit:
-            self.hostnames.clear()
-        self.hostnames[raw] = raw
+        self.hostnames.put(raw, raw, len(raw))
         return raw
 
     def normalise(self, raw: tuple[str, ...]) -> tuple[str, ...]:
@@ -605,9 +621,7 @@ class LabelCache:
             labels = [self.label(label) if known is None else known
                       for known, label in zip(labels, raw)]
         result = tuple(sorted(set(labels)))
-        if len(self.lists) >= self.limit:
-            self.lists.clear()
-        self.lists[raw] = result
+        self.lists.put(raw, result, sum(map(len, raw)) + len(raw))
         return result
 
     def label(self, raw: Any) -> str:
@@ -619,9 +633,7 @@ class LabelCache:
                 known = validate_label(raw)
             except LabelError as exc:
                 raise PacketError(str(exc)) from None
-            if len(self.strings) >= self.limit:
-                self.strings.clear()
-            self.strings[raw] = known
+            self.strings.put(raw, known, len(raw))
         return known
 
 
