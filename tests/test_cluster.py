@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from pathlib import Path
 
+import pytest
 from conftest import wait_for
 
 SUBJECT = "lobby.discovery"
@@ -166,3 +168,31 @@ def test_hostname_defaults_to_the_machines(lobbyd) -> None:
     a.start(wait=False)
     wait_for(lambda: a.get_json("/v1/discovery")["hostname"] == socket.gethostname(),
              what="machine hostname")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a UTS namespace needs root")
+def test_a_hostname_change_says_goodbye_for_the_old_name(lobbyd, nats, monkeypatch) -> None:
+    """lobbyd runs in a UTS namespace of its own, whose hostname the test changes."""
+    import shutil
+    import subprocess
+
+    from conftest import lobbyd_command
+
+    monkeypatch.setenv("LOBBYD_CMD", " ".join(
+        [shutil.which("unshare") or "unshare", "--uts", *lobbyd_command()]))
+    watcher = lobbyd("watcher")
+    a = lobbyd("renamed", start=False)
+    del a.env["HOSTNAME"]  # follow the machine's (the namespace's) hostname
+    a.start(wait=False)
+    subprocess.run(["nsenter", "--uts", "-t", str(a.proc.pid), "hostname", "old-name"],
+                   check=True)
+    wait_for(lambda: "old-name" in watcher.hostnames(), what="old name listed")
+    sub = nats.client()
+    sub.subscribe(SUBJECT)
+    subprocess.run(["nsenter", "--uts", "-t", str(a.proc.pid), "hostname", "new-name"],
+                   check=True)
+    # well within TTL (5 s): only the goodbye can explain the old name's departure
+    wait_for(lambda: "new-name" in watcher.hostnames() and
+             "old-name" not in watcher.hostnames(), timeout=3, what="rename seen")
+    goodbyes = [json.loads(p) for _s, p in sub.messages(0.5) if b'"goodbye"' in p]
+    assert [g["discovery"]["hostname"] for g in goodbyes] == ["old-name"]
