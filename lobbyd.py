@@ -1564,22 +1564,6 @@ class CallbackRunner:
         if self.dirty is not None:
             self.dirty.set()
 
-    def install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
-        """SIGTERM/SIGINT stop, SIGHUP re-reads labels now.
-
-        Plain signal.signal(), not loop.add_signal_handler(): the loop puts the
-        default (deadly) handler back when it closes, and a second SIGTERM landing
-        then must still be harmless.
-        """
-        def on_signal(signum: int, _frame: Any) -> None:
-            action = self.wake.set if signum == signal.SIGHUP else \
-                (lambda: self.request_stop(signal.Signals(signum).name))
-            with contextlib.suppress(RuntimeError):  # the loop is closed: we are exiting
-                loop.call_soon_threadsafe(action)
-
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, on_signal)
-
     async def run(self) -> None:
         self.dirty = asyncio.Event()
         await asyncio.sleep(self.first_run_delay)
