@@ -621,7 +621,9 @@ class LabelCache:
             labels = [self.label(label) if known is None else known
                       for known, label in zip(labels, raw)]
         result = tuple(sorted(set(labels)))
-        self.lists.put(raw, result, sum(map(len, raw)) + len(raw))
+        # A list that arrived normalised (as every lobbyd sends it) is its own key:
+        # the cache then holds no second copy of its strings.
+        self.lists.put(result if raw == result else raw, result, sum(map(len, raw)) + len(raw))
         return result
 
     def label(self, raw: Any) -> str:
