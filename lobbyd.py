@@ -1724,9 +1724,8 @@ class Daemon:
     def local_packet(self) -> Packet:
         return Packet(self.hostname, self.labels, int(time.time()))
 
-    def refresh_local(self) -> bool:
-        """Re-read label files and the hostname; True if the packet changed."""
-        labels = self.local_labels.collect()
+    def refresh_local(self) -> None:
+        """Re-read the label files and the hostname; a new name says goodbye for the old."""
         hostname = self.config.hostname or socket.gethostname()
         if hostname != self.hostname:
             log.info("hostname changed from %s to %s: saying goodbye for the old name",
@@ -1735,12 +1734,10 @@ class Daemon:
             if self.registry.apply_goodbye(self.hostname):
                 self.registry_changed()
             self.hostname = hostname
-        elif labels == self.labels:
-            return False
+        labels = self.local_labels.collect()
         if labels != self.labels:
             log.info("local labels: %s", ", ".join(labels) or "(none)")
-        self.labels = labels
-        return True
+            self.labels = labels
 
     def labels_changed(self) -> None:
         """Labels were added or removed through the API: publish at once."""
