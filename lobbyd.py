@@ -31,6 +31,7 @@ import shlex
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -110,7 +111,9 @@ def parse_host(name: str, value: str) -> str:
         return host
     except ValueError:
         pass
-    if re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", host):
+    # 256.1.1.1 is no IPv4 address, and must not be looked up in DNS as a name either
+    if not re.fullmatch(r"[0-9.]+", host) and \
+            re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", host):
         return host
     raise ConfigError(f"{name}={show(value)}: expected an IP address (e.g. 127.0.0.1, ::) "
                       "or a host name")
@@ -328,7 +331,9 @@ def help_text() -> str:
 MAX_LABEL_BYTES = 1024
 MAX_LABELS = 1000
 MAX_LABEL_FILE_BYTES = 1 << 20
-CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# C0 and C1 controls, and the Unicode line and paragraph separators: anything
+# str.splitlines() would break a line at must never be inside a label.
+CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def validate_label(raw: str) -> str:
@@ -353,7 +358,7 @@ def validate_label(raw: str) -> str:
 def parse_label_lines(text: str) -> tuple[list[str], list[str]]:
     """Labels of a label file (blank lines and # comments skipped) and the problems found."""
     labels, problems = [], []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
@@ -468,6 +473,16 @@ class RuntimeLabels:
         except FileNotFoundError:
             return []
         return labels
+
+    def remove_stale_temp_files(self) -> None:
+        """Temp files of writes that a crash (kill -9, power loss) cut short."""
+        pattern = re.compile(re.escape(f".{self.path.name}.") + r"[0-9]+\.tmp")
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.path.parent):
+                if pattern.fullmatch(entry.name):
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+                        log.info("removed %s, left by an interrupted write", entry.path)
 
     def add(self, labels: Iterable[str]) -> bool:
         """Add labels; True if the file changed. OSError if it cannot be written."""
@@ -1099,6 +1114,7 @@ BODY_TIMEOUT = 60.0
 WRITE_TIMEOUT = 60.0
 WRITE_SLICE = 1 << 20
 MAX_CONNECTIONS = 1000
+LISTEN_BACKLOG = 128
 TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 REASONS = {200: "OK", 100: "Continue", 400: "Bad Request", 403: "Forbidden",
            404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
@@ -1251,7 +1267,11 @@ def response_head(status: int, content_type: str, length: int, keep_alive: bool,
 
 
 def connection_limit() -> int:
-    """MAX_CONNECTIONS, kept well below the file-descriptor limit (raised to the hard one)."""
+    """MAX_CONNECTIONS, kept well below the file-descriptor limit (raised to the hard one).
+
+    asyncio accepts up to LISTEN_BACKLOG sockets in one go before we can close the
+    ones over the limit, and NATS, label files and callbacks need some too.
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard > 65536:
         hard = 65536
@@ -1261,7 +1281,7 @@ def connection_limit() -> int:
             soft = hard
         except (ValueError, OSError):
             pass
-    return max(1, min(MAX_CONNECTIONS, soft - 64))
+    return max(1, min(MAX_CONNECTIONS, soft - LISTEN_BACKLOG - 64))
 
 
 class HttpServer:
@@ -1276,7 +1296,7 @@ class HttpServer:
 
     async def start(self, host: str, port: int) -> None:
         self.server = await asyncio.start_server(self._serve, host, port,
-                                                 limit=MAX_HEADER_BYTES, backlog=512)
+                                                 limit=MAX_HEADER_BYTES, backlog=LISTEN_BACKLOG)
 
     async def close(self) -> None:
         if self.server:
@@ -1318,10 +1338,12 @@ class HttpServer:
 
     async def _read_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                             first: bool) -> Request:
-        # A new connection must send its headers within HEADER_TIMEOUT; a kept-alive
-        # one may idle for IDLE_TIMEOUT before its next request starts.
-        with deadline(writer, HEADER_TIMEOUT if first else IDLE_TIMEOUT):
-            started = await reader.readexactly(1)
+        # A new connection must send all its headers within HEADER_TIMEOUT; a kept-
+        # alive one may idle for IDLE_TIMEOUT, then has HEADER_TIMEOUT for the rest.
+        started = b""
+        if not first:
+            with deadline(writer, IDLE_TIMEOUT):
+                started = await reader.readexactly(1)
         with deadline(writer, HEADER_TIMEOUT):
             try:
                 head = started + await reader.readuntil(b"\r\n\r\n")
@@ -1417,7 +1439,8 @@ class Api:
         if not self.token:
             return
         scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
-        ok = hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), self.token)
+        # headers were decoded as latin-1: encoding back gives the bytes that were sent
+        ok = hmac.compare_digest(given.strip().encode("latin-1"), self.token)
         if not ok or scheme.lower() not in ("token", "bearer"):
             raise HttpError(403, "access denied")
 
@@ -1560,6 +1583,9 @@ class CallbackRunner:
         self.body = body
         self.dirty: asyncio.Event | None = None
         self.runs = 0
+        self.proc: asyncio.subprocess.Process | None = None
+        self.timed_out = False
+        self.stopping = False
         self._last_failure = ""
 
     def notify(self) -> None:
@@ -1570,39 +1596,54 @@ class CallbackRunner:
         self.dirty = asyncio.Event()
         await asyncio.sleep(self.first_run_delay)
         self.dirty.set()  # the first run gives the script the initial state
-        while True:
+        while not self.stopping:
             await self.dirty.wait()
             self.dirty.clear()
-            await self.run_once()
-            await asyncio.sleep(self.cooldown)
+            if not self.stopping:
+                await self.run_once()
+                await asyncio.sleep(self.cooldown)
 
     async def run_once(self) -> None:
         self.runs += 1
-        name = self.argv[0]
+        name = show(self.argv[0])
         try:
             proc = await asyncio.create_subprocess_exec(
                 *self.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT, start_new_session=True)
         except OSError as exc:
-            self.failed(f"callback {show(name)} cannot start: {exc.strerror or exc}")
+            self.failed(f"callback {name} cannot start: {exc.strerror or exc}")
             return
+        self.proc, self.timed_out = proc, False
+        timer = asyncio.get_running_loop().call_later(self.timeout, self._time_out, proc)
         feeding = asyncio.ensure_future(self._feed(proc, self.body()))
         reading = asyncio.ensure_future(self._read_output(proc))
         try:
-            code = await asyncio.wait_for(proc.wait(), self.timeout)
-        except asyncio.TimeoutError:
-            kill_group(proc.pid)
-            await proc.wait()
-            self.failed(f"callback {show(name)} still running after {self.timeout:g}s: killed")
-            return
+            code = await proc.wait()
+            # a grandchild may hold the output pipe open: its output is not waited for
+            await asyncio.wait([reading], timeout=1.0)
         finally:
+            timer.cancel()
             feeding.cancel()
-        output = await reading
-        if code == 0:
+            reading.cancel()
+            self.proc = None
+        output = reading.result() if reading.done() and not reading.cancelled() else ""
+        if self.timed_out:
+            self.failed(f"callback {name} still running after {self.timeout:g}s: killed")
+        elif code == 0:
             self._last_failure = ""
-            log.info("callback %s exited 0%s", show(name), output and f"; output: {output}")
+            log.info("callback %s exited 0%s", name, output and f"; output: {output}")
         else:
-            self.failed(f"callback {show(name)} exited {code}" + (output and f"; output: {output}"))
+            self.failed(f"callback {name} exited {code}" + (output and f"; output: {output}"))
+
+    def _time_out(self, proc: asyncio.subprocess.Process) -> None:
+        self.timed_out = True
+        kill_group(proc.pid)
+
+    def stop(self) -> None:
+        """No more runs; a running script is killed with its process group."""
+        self.stopping = True
+        if self.proc is not None and self.proc.returncode is None:
+            kill_group(self.proc.pid)
 
     def failed(self, message: str) -> None:
         """Log a failure; the same failure again is logged at debug level only."""
@@ -1646,6 +1687,26 @@ def kill_group(pid: int) -> None:
 
 SYNC_QUEUE = "lobbyd"
 SYNC_WINDOW = 2.0
+SHUTDOWN_DEADLINE = 3.0
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> None:
+    """Wait until `event` is set or `timeout` passes.
+
+    Not asyncio.wait_for(): on Python 3.9-3.11 it can swallow a cancellation
+    that lands as the event is set, and shutdown would then wait for ever.
+    """
+    timer = asyncio.get_running_loop().call_later(timeout, event.set)
+    try:
+        await event.wait()
+    finally:
+        timer.cancel()
+
+
+def hard_exit() -> None:
+    log.error("shutdown took over %gs: exiting now", SHUTDOWN_DEADLINE)
+    logging.shutdown()
+    os._exit(0)
 
 
 class RateLimitedLog:
@@ -1736,7 +1797,9 @@ class Daemon:
             self.hostname = hostname
         labels = self.local_labels.collect()
         if labels != self.labels:
-            log.info("local labels: %s", ", ".join(labels) or "(none)")
+            shown = ", ".join(labels[:20]) + (f" (+{len(labels) - 20} more)"
+                                              if len(labels) > 20 else "")
+            log.info("local labels: %s", shown or "(none)")
             self.labels = labels
 
     def labels_changed(self) -> None:
@@ -1790,16 +1853,15 @@ class Daemon:
         await self.publish(packet)
 
     async def keep_alive(self) -> None:
-        while True:
+        while not self._stopping:
             self.refresh_local()
             await self.publish_local()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), self.config.keep_alive)
+            await wait_event(self.wake, self.config.keep_alive)
             self.wake.clear()
 
     async def clean_up(self) -> None:
         """Expire hosts when they die, not only every CLEAN_EVERY seconds."""
-        while True:
+        while not self._stopping:
             self.expire()
             pause = min(self.config.clean_every, self.registry.next_expiry() - time.time())
             await asyncio.sleep(max(0.05, pause + 0.01))
@@ -1812,28 +1874,30 @@ class Daemon:
     # join: learn every live host from one peer instead of waiting a keep-alive round
     async def sync(self) -> None:
         """Ask one peer (NATS picks it from the queue group) for its registry."""
-        replies: asyncio.Queue[bytes] = asyncio.Queue()
+        replies: asyncio.Queue[bytes | None] = asyncio.Queue()
         learned, complete, sub = 0, False, None
 
         async def on_reply(msg: Any) -> None:
             replies.put_nowait(msg.data)
 
+        timer = asyncio.get_running_loop().call_later(SYNC_WINDOW, replies.put_nowait, None)
         try:
             inbox = self.driver.new_inbox()
             sub = await self.driver.subscribe(inbox, on_reply)
             await self.driver.publish(self.sync_subject, b"{}", reply=inbox)
-            deadline = time.monotonic() + SYNC_WINDOW
             while not complete:
-                data = await asyncio.wait_for(replies.get(), deadline - time.monotonic())
+                data = await replies.get()
+                if data is None:
+                    log.debug("sync: no complete answer within %gs", SYNC_WINDOW)
+                    break
                 if not data:  # "no responders": nobody answers joins yet, we are the first
                     break
                 count, complete = self.learn_from(data, time.time())
                 learned += count
-        except asyncio.TimeoutError:
-            log.debug("sync: no complete answer within %gs", SYNC_WINDOW)
         except Exception as exc:  # the connection went away: the next connect syncs again
             log.debug("sync failed: %s", describe_error(exc))
         finally:
+            timer.cancel()
             if sub is not None:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
@@ -1902,6 +1966,10 @@ class Daemon:
         self._stopping = True
         log.info("%s: stopping", signame)
         self.stop.set()
+        # The last resort: whatever hangs, the process is gone within seconds.
+        watchdog = threading.Timer(SHUTDOWN_DEADLINE, hard_exit)
+        watchdog.daemon = True
+        watchdog.start()
 
     def install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
         """SIGTERM/SIGINT stop, SIGHUP re-reads labels now.
@@ -1924,10 +1992,10 @@ class Daemon:
         self.wake = asyncio.Event()
         self.stop = asyncio.Event()
         self.install_signal_handlers(loop)
-        self.refresh_local()
         if not self.config.disable_api:
-            await self.http.start(self.config.host, self.config.port)
-            log.info("API listening on %s port %d", self.config.host, self.config.port)
+            await self.listen()  # first: a HOST we cannot listen on is a config error
+        self.runtime.remove_stale_temp_files()
+        self.refresh_local()  # before any request can be served: no await in between
         notify_systemd("READY=1")
         log.info("lobbyd %s starting as %s (%s)", __version__, self.hostname,
                  "publishing" if self.config.register else "client only, not publishing")
@@ -1939,9 +2007,32 @@ class Daemon:
         await self.stop.wait()
         await self.shutdown()
 
+    async def listen(self) -> None:
+        """Start the API; an address this machine does not have is bad configuration.
+
+        A port in use is not: it may be free on the next try (exit 1, restart).
+        """
+        host, port = self.config.host, self.config.port
+        try:
+            await self.http.start(host, port)
+        except socket.gaierror as exc:
+            raise ConfigError(f"HOST={show(host)}: cannot listen there: {exc.strerror}") from None
+        except OSError as exc:
+            if exc.errno in (errno.EADDRNOTAVAIL, errno.EINVAL, errno.EAFNOSUPPORT):
+                raise ConfigError(f"HOST={show(host)}: cannot listen there: "
+                                  f"{exc.strerror or exc}") from None
+            if exc.errno == errno.EACCES:
+                raise ConfigError(f"PORT={port}: not allowed to listen there: "
+                                  f"{exc.strerror}") from None
+            raise
+        log.info("API listening on %s port %d", host, port)
+
     async def shutdown(self) -> None:
         """Goodbye, flush, close: well under two seconds."""
         notify_systemd("STOPPING=1")
+        self._stopping = True  # every loop checks it: a lost cancellation cannot hang us
+        if self.callback:
+            self.callback.stop()
         for task in list(self.tasks):
             task.cancel()
         if self.config.register and self.driver.is_connected:
@@ -1949,6 +2040,8 @@ class Daemon:
             log.info("said goodbye as %s", self.hostname)
         await self.driver.close(timeout=0.8)
         await self.http.close()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=0.3)
 
 
 def sync_chunk(items: list[str], done: bool) -> bytes:
@@ -1994,9 +2087,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(config.log_level)
     try:
         asyncio.run(Daemon(config, os.environ).run())
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        return EX_CONFIG
     except OSError as exc:
         log.error("cannot start: %s", describe_error(exc))
         return 1
+    finally:
+        # Interpreter shutdown puts the deadly default handlers back: a second
+        # SIGTERM arriving now must stay as harmless as the first.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
     return 0
 
 

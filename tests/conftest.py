@@ -8,6 +8,7 @@ under `env -i`) plus the variables a test sets.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -148,8 +149,11 @@ class Lobbyd:
         if watcher:
             watcher.subscribe(self.env.get("NATS_DISCOVERY_CHANNEL", "lobby.discovery"))
         with open(self.log_path, "ab") as log:
+            # a session of its own: SIGKILL then takes the whole process group, as
+            # systemd does (the static binary is a chain of three processes)
             self.proc = subprocess.Popen(lobbyd_command(), env=self.env, stdout=log,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
         if wait and self.env.get("DISABLE_API", "").lower() not in ("1", "true", "yes", "on"):
             wait_for(self._ready, timeout=15, what=f"{self.name} API on {self.port}")
         if watcher:
@@ -184,6 +188,9 @@ class Lobbyd:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if sig == signal.SIGKILL or self.proc.returncode != 0:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)  # what is left of the group
         code = self.proc.returncode
         self.proc = None
         return code

@@ -227,3 +227,12 @@ def test_ipv6_listener(lobbyd) -> None:
             return s.recv(100).startswith(b"HTTP/1.1 200 ")
 
     wait_for(answers, what="API on [::1]")
+
+
+def test_non_ascii_token(lobbyd) -> None:
+    a = lobbyd("a", start=False, TOKEN="pässwörd")
+    a.start(wait=False)
+    header = "Token pässwörd".encode().decode("latin-1")  # the UTF-8 bytes on the wire
+    wait_for(lambda: a.request("GET", "/", headers={"Authorization": header})[0] == 200,
+             what="UTF-8 token accepted")
+    assert a.request("GET", "/", headers={"Authorization": "Token passwort"})[0] == 403

@@ -80,6 +80,8 @@ def test_redact_url_hides_passwords_and_tokens() -> None:
     ("NATS_DISCOVERY_CHANNEL", "a b", "NATS_DISCOVERY_CHANNEL"),
     ("LABELS", "ok,bad\x01label", "LABELS"),
     ("HOST", "not a host!", "HOST"),
+    ("HOST", "256.1.1.1", "HOST"),
+    ("HOST", "192.0.2.1", "HOST"),  # a documentation address: not on this machine
     ("CALLBACK", "'unbalanced", "CALLBACK"),
     ("LOG_LEVEL", "chatty", "LOG_LEVEL"),
     ("HOSTNAME", "has space", "HOSTNAME"),

@@ -26,7 +26,8 @@ def test_validate_label_trims_and_accepts_colons() -> None:
 
 
 @pytest.mark.parametrize("bad", ["", "   ", "a\nb", "a\rb", "a\0b", "tab\tinside", "x" * 1025,
-                                 "é" * 513])
+                                 "é" * 513, "a\x85b", "a\u2028b", "a\u2029b", "a\x0bb",
+                                 "a\x1eb"])
 def test_validate_label_rejects(bad: str) -> None:
     with pytest.raises(LabelError):
         validate_label(bad)
@@ -34,6 +35,11 @@ def test_validate_label_rejects(bad: str) -> None:
 
 def test_label_of_exactly_1024_bytes_is_fine() -> None:
     assert validate_label("x" * 1024) == "x" * 1024
+
+
+def test_only_newline_ends_a_label_line() -> None:
+    labels, problems = parse_label_lines("inj:a\u2028inj:b\nok:1\r\n")
+    assert labels == ["ok:1"] and "line 1" in problems[0]
 
 
 def test_label_lines_skip_blanks_and_comments_and_report_problems() -> None:

@@ -472,12 +472,26 @@ def raw_exchange(port: int, data: bytes, timeout: float = 5.0, shut_write: bool 
     return out
 
 
-STATUS_RE = re.compile(rb"^HTTP/1\.[01] (\d{3}) ")
-
-
 def statuses(raw: bytes) -> list[int]:
-    """Status codes of the responses found at line starts in raw bytes."""
-    return [int(m.group(1)) for m in re.finditer(rb"(?:^|\r\n)HTTP/1\.[01] (\d{3}) ", raw)]
+    """Status codes of the successive HTTP responses in raw bytes (Content-Length framed;
+    1xx responses included)."""
+    out: list[int] = []
+    rest = raw
+    while rest.startswith(b"HTTP/1."):
+        head, sep, body = rest.partition(b"\r\n\r\n")
+        m = re.match(rb"HTTP/1\.[01] (\d{3})", head)
+        if not m:
+            break
+        code = int(m.group(1))
+        out.append(code)
+        if not sep:
+            break
+        length = 0
+        if code >= 200:
+            cl = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
+            length = int(cl.group(1)) if cl else len(body)
+        rest = body[length:]
+    return out
 
 
 def timed_get(d: Lobbyd, path: str = "/v1/discoveries") -> float:

@@ -1,0 +1,357 @@
+"""Faults 5 and 7 of issue 4: runtime labels survive kill -9 at any moment, a read-only or
+full labels directory, and SIGTERM during a burst of API writes and NATS traffic."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import wait_for
+
+from .conftest import SUBJECT, record, remount, tmpfs
+
+ROUNDS = int(os.environ.get("RESILIENCE_CRASH_ROUNDS", "100"))
+SEED = int(os.environ.get("RESILIENCE_SEED", str(int(time.time()))))
+RUNTIME = "_runtime"
+
+
+def make_label(prefix: str, rnd: int, i: int) -> str:
+    base = f"{prefix}:r{rnd:03d}-{i:04d}"
+    return f"{base}-{hashlib.sha1(base.encode()).hexdigest()[:6]}"
+
+
+LABEL_RE = re.compile(r"^(?P<base>[a-z]+:r\d{3}-\d{4})-(?P<sum>[0-9a-f]{6})$")
+
+
+def intact(label: str) -> bool:
+    m = LABEL_RE.match(label)
+    return bool(m) and hashlib.sha1(m["base"].encode()).hexdigest()[:6] == m["sum"]
+
+
+def runtime_lines(path: Path) -> list[str]:
+    """The runtime file must decode as UTF-8 and every line must be a whole label
+    (# comment lines allowed)."""
+    if not path.exists():
+        return []
+    text = path.read_bytes().decode("utf-8")
+    return [ln for ln in (x.strip() for x in text.split("\n")) if ln and not ln.startswith("#")]
+
+
+def stray_files(labels_dir: Path) -> list[str]:
+    """Files a crash left behind that would be read as label files (not dot-files)."""
+    return sorted(p.name for p in labels_dir.iterdir()
+                  if p.name not in (RUNTIME, "static") and not p.name.startswith("."))
+
+
+def py_spy_dump(pid: int) -> str:
+    """Thread stacks of a hung daemon (diagnostics only; needs py-spy)."""
+    if not shutil.which("py-spy"):
+        return "(py-spy not installed)"
+    res = subprocess.run(["py-spy", "dump", "--pid", str(pid)], capture_output=True,
+                         text=True, timeout=30)
+    return (res.stdout + res.stderr)[-6000:]
+
+
+class Poster(threading.Thread):
+    """POSTs fresh labels one request after the other until the daemon dies (bounded)."""
+
+    def __init__(self, d, prefix: str, rnd: int, max_requests: int = 400,
+                 max_time: float = 8.0):
+        super().__init__(daemon=True)
+        self.d, self.prefix, self.rnd = d, prefix, rnd
+        self.max_requests, self.max_time = max_requests, max_time
+        self.acked: list[str] = []
+        self.unacked: list[str] = []
+        self.interrupted = False
+        self.rejected: list[tuple[int, bytes]] = []
+        self.rng = random.Random(SEED * 1000 + rnd)
+
+    def run(self) -> None:
+        end = time.monotonic() + self.max_time
+        i = 0
+        for _ in range(self.max_requests):
+            if time.monotonic() > end:
+                break
+            batch = [make_label(self.prefix, self.rnd, i + k)
+                     for k in range(self.rng.randint(1, 3))]
+            i += len(batch)
+            try:
+                status, _, body = self.d.request("POST", "/v1/labels", "\n".join(batch) + "\n")
+            except Exception:  # the kill landed while this request was in flight
+                self.interrupted = True
+                self.unacked += batch
+                return
+            if status == 200:
+                self.acked += batch
+            else:
+                self.rejected.append((status, body))
+                self.unacked += batch
+
+
+def test_kill9_during_label_writes_loses_nothing(lobbyd, tmp_path):
+    """Fault 5: 100 rounds of POST /v1/labels + kill -9 at a random moment (often with a
+    request in flight). After each restart the runtime file parses, holds every label whose
+    POST got a 200, and the daemon publishes them."""
+    rng = random.Random(SEED)
+    d = lobbyd("crash.test", start=False, LABELS="env:fixed", LOG_LEVEL="INFO")
+    labels_dir = Path(d.env["LABELS_PATH"])
+    labels_dir.mkdir(parents=True)
+    (labels_dir / "static").write_text("static:one\n")
+    runtime = labels_dir / RUNTIME
+    acked_total = in_flight_kills = rejected = 0
+    restart_times: list[float] = []
+    leftovers_max = 0
+    previous_acked: list[str] = []
+    t_begin = time.monotonic()
+    for rnd in range(ROUNDS):
+        t = time.monotonic()
+        d.start()
+        restart_times.append(time.monotonic() - t)
+        lines = runtime_lines(runtime)
+        torn = [ln for ln in lines if not intact(ln)]
+        assert not torn, f"round {rnd}: torn/foreign lines in the runtime file: {torn[:5]}"
+        lost = sorted(set(previous_acked) - set(lines))
+        assert not lost, f"round {rnd}: acknowledged labels lost from the file: {lost[:5]}"
+        published = set(d.get_json("/v1/discovery")["labels"])
+        assert {"env:fixed", "static:one"} <= published, published
+        lost = sorted(set(previous_acked) - published)
+        assert not lost, f"round {rnd}: acknowledged labels not published: {lost[:5]}"
+        extra = sorted(published - set(lines) - {"env:fixed", "static:one"})
+        assert not extra, f"round {rnd}: published labels from nowhere: {extra[:5]}"
+        strays = stray_files(labels_dir)
+        assert not strays, f"round {rnd}: a crash left files read as label files: {strays}"
+        leftovers_max = max(leftovers_max,
+                            sum(1 for p in labels_dir.iterdir() if p.name.startswith(".")))
+        # keep the file small: drop what earlier rounds wrote (acknowledged or not)
+        if lines:
+            status, _, body = d.request("DELETE", "/v1/labels", "\n".join(lines))
+            assert status == 200, (status, body)
+            assert not set(lines) & set(d.get_json("/v1/discovery")["labels"])
+        poster = Poster(d, "crash", rnd)
+        poster.start()
+        time.sleep(rng.uniform(0.0, 0.25))
+        d.kill()
+        poster.join(timeout=10)
+        previous_acked = poster.acked
+        acked_total += len(poster.acked)
+        in_flight_kills += poster.interrupted
+        rejected += len(poster.rejected)
+        assert not poster.rejected, f"round {rnd}: POST rejected: {poster.rejected[:3]}"
+    d.start()
+    lines = runtime_lines(runtime)
+    assert set(previous_acked) <= set(lines)
+    assert all(intact(ln) for ln in lines)
+    record("5 kill -9 during POST", rounds=ROUNDS, seed=SEED, labels_acked=acked_total,
+           kills_with_request_in_flight=in_flight_kills, labels_lost=0, torn_files=0,
+           restart_to_api_s_median=round(sorted(restart_times)[len(restart_times) // 2], 3),
+           dot_leftovers_max=leftovers_max, duration_s=round(time.monotonic() - t_begin, 1))
+
+
+def _next_packet_labels(sub, hostname: str, timeout: float = 5.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            _, payload = sub.next_msg(max(0.05, deadline - time.monotonic()))
+        except TimeoutError:
+            break
+        env = json.loads(payload)
+        if env["discovery"]["hostname"] == hostname and env["message"] == "hi":
+            return env["discovery"]["labels"]
+    raise AssertionError(f"no packet from {hostname} within {timeout}s")
+
+
+def _assert_clear_error(status: int, headers: dict, body: bytes, what: str) -> None:
+    assert 400 <= status < 600, f"{what}: expected a 4xx/5xx, got {status} {body!r}"
+    assert headers.get("content-type", "").startswith("text/plain"), headers
+    assert len(body.strip()) >= 10, f"{what}: error message not useful: {body!r}"
+
+
+def test_readonly_labels_dir(lobbyd, nats, tmp_path):
+    """Fault 5b: labels directory read-only: POST fails with a clear 4xx/5xx, the daemon
+    keeps running and keeps publishing the labels it had; it recovers when writable."""
+    mnt = tmp_path / "ro-labels"
+    with tmpfs(mnt, "1m"):
+        d = lobbyd("ro.test", LABELS_PATH=str(mnt), LOG_LEVEL="INFO")
+        assert d.request("POST", "/v1/labels", "keep:one\nkeep:two")[0] == 200
+        runtime_before = (mnt / RUNTIME).read_bytes()
+        remount(mnt, "ro")
+        status, headers, body = d.request("POST", "/v1/labels", "fail:ro")
+        _assert_clear_error(status, headers, body, "POST on a read-only directory")
+        status2, headers2, body2 = d.request("DELETE", "/v1/labels", "keep:one")
+        _assert_clear_error(status2, headers2, body2, "DELETE on a read-only directory")
+        assert d.proc.poll() is None
+        published = d.get_json("/v1/discovery")["labels"]
+        assert {"keep:one", "keep:two"} <= set(published) and "fail:ro" not in published
+        sub = nats.client()
+        sub.subscribe(SUBJECT)
+        on_wire = _next_packet_labels(sub, "ro.test")
+        assert {"keep:one", "keep:two"} <= set(on_wire) and "fail:ro" not in on_wire
+        assert (mnt / RUNTIME).read_bytes() == runtime_before
+        remount(mnt, "rw")
+        assert d.request("POST", "/v1/labels", "after:ro")[0] == 200
+        assert {"keep:one", "keep:two", "after:ro"} <= set(d.get_json("/v1/discovery")["labels"])
+        sub.close()
+        d.stop()
+    record("5 read-only labels dir", post_status=status, delete_status=status2,
+           message=body.decode(errors="replace")[:80], labels_lost=0, daemon_crashed=0)
+
+
+def test_full_disk(lobbyd, nats, tmp_path):
+    """Fault 5c: the labels directory on a full (tiny tmpfs) disk: POST fails with a clear
+    4xx/5xx, the runtime file is not truncated, published labels stay; recovery after."""
+    mnt = tmp_path / "full-labels"
+    with tmpfs(mnt, "64k"):
+        d = lobbyd("full.test", LABELS_PATH=str(mnt), LOG_LEVEL="INFO")
+        assert d.request("POST", "/v1/labels", "keep:one\nkeep:two")[0] == 200
+        runtime_before = (mnt / RUNTIME).read_bytes()
+        filler = mnt / ".filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            for _ in range(10_000):  # until ENOSPC
+                os.write(fd, b"# filler\n" * 512)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        failures = []
+        for i in range(5):
+            status, headers, body = d.request("POST", "/v1/labels", f"fail:full{i}\n" + "x" * 900)
+            _assert_clear_error(status, headers, body, "POST on a full disk")
+            failures.append(status)
+        assert d.proc.poll() is None
+        assert (mnt / RUNTIME).read_bytes() == runtime_before, "runtime file changed on ENOSPC"
+        published = set(d.get_json("/v1/discovery")["labels"])
+        assert {"keep:one", "keep:two"} <= published
+        assert not any(lb.startswith("fail:") for lb in published)
+        sub = nats.client()
+        sub.subscribe(SUBJECT)
+        on_wire = set(_next_packet_labels(sub, "full.test"))
+        assert {"keep:one", "keep:two"} <= on_wire
+        sub.close()
+        strays = stray_files(mnt)
+        filler.unlink()
+        assert not strays, f"failed writes left files read as label files: {strays}"
+        assert d.request("POST", "/v1/labels", "after:full")[0] == 200
+        assert {"keep:one", "keep:two", "after:full"} <= set(d.get_json("/v1/discovery")["labels"])
+        d.restart()
+        assert {"keep:one", "keep:two", "after:full"} <= set(d.get_json("/v1/discovery")["labels"])
+        d.stop()
+    record("5 full disk", attempts=len(failures), statuses=sorted(set(failures)),
+           message=body.decode(errors="replace")[:80], labels_lost=0, daemon_crashed=0)
+
+
+class Burst(threading.Thread):
+    """Valid keep-alives from many fake hosts on the subject, as fast as possible (bounded)."""
+
+    def __init__(self, nats, hosts: int = 50, max_msgs: int = 20_000, max_time: float = 5.0):
+        super().__init__(daemon=True)
+        self.client = nats.client()
+        self.hosts, self.max_msgs, self.max_time = hosts, max_msgs, max_time
+        self.sent = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        end = time.monotonic() + self.max_time
+        while self.sent < self.max_msgs and time.monotonic() < end and not self.stop.is_set():
+            batch = b"".join(
+                (lambda p: b"PUB %s %d\r\n%s\r\n" % (SUBJECT.encode(), len(p), p))(json.dumps(
+                    {"discovery": {"hostname": f"burst{(self.sent + k) % self.hosts}.test",
+                                   "labels": ["service:burst"], "last_check": 0},
+                     "message": "hi"}).encode())
+                for k in range(100))
+            self.client.sock.sendall(batch)
+            self.sent += 100
+            time.sleep(0.002)
+        self.client.close()
+
+
+class Collector(threading.Thread):
+    """Every packet from one hostname, with arrival times (bounded)."""
+
+    def __init__(self, nats, hostname: str, max_time: float = 30.0):
+        super().__init__(daemon=True)
+        self.client = nats.client()
+        self.client.subscribe(SUBJECT)
+        self.hostname, self.max_time = hostname, max_time
+        self.packets: list[tuple[float, str]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        end = time.monotonic() + self.max_time
+        while not self.stop.is_set() and time.monotonic() < end:
+            try:
+                _, payload = self.client.next_msg(0.2)
+            except (TimeoutError, OSError):
+                continue
+            if self.hostname.encode() not in payload:
+                continue
+            try:
+                env = json.loads(payload)
+                if env["discovery"]["hostname"] == self.hostname:
+                    self.packets.append((time.monotonic(), env["message"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+        self.client.close()
+
+
+@pytest.mark.parametrize("rounds", [20])
+def test_sigterm_during_burst(lobbyd, nats, rounds):
+    """Fault 7: SIGTERM while API writes and NATS traffic pour in: exit 0 well under 2 s,
+    goodbye on the wire, runtime file whole with every acknowledged label."""
+    rng = random.Random(SEED + 7)
+    d = lobbyd("term.test", start=False, LOG_LEVEL="INFO")
+    labels_dir = Path(d.env["LABELS_PATH"])
+    exit_times, acked_total = [], 0
+    for rnd in range(rounds):
+        collector = Collector(nats, "term.test")
+        collector.start()
+        d.start()
+        burst = Burst(nats)
+        burst.start()
+        poster = Poster(d, "term", rnd)
+        poster.start()
+        time.sleep(rng.uniform(0.2, 0.6))
+        proc = d.proc
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            stacks = py_spy_dump(proc.pid)
+            proc.kill()
+            proc.wait()
+            d.proc = None
+            raise AssertionError(f"round {rnd}: no exit 10 s after SIGTERM; stacks:\n{stacks}"
+                                 ) from None
+        took = time.monotonic() - t0
+        d.proc = None
+        poster.join(timeout=10)
+        burst.stop.set()
+        burst.join(timeout=10)
+        wait_for(lambda c=collector, t=t0: any(m == "goodbye" and at >= t
+                                               for at, m in c.packets),
+                 timeout=3, what=f"round {rnd}: goodbye from term.test after SIGTERM")
+        collector.stop.set()
+        collector.join(timeout=5)
+        exit_times.append(took)
+        assert code == 0, f"round {rnd}: exit status {code} after SIGTERM"
+        assert took < 2.0, f"round {rnd}: took {took:.2f}s to exit after SIGTERM"
+        lines = runtime_lines(labels_dir / RUNTIME)
+        assert all(intact(ln) for ln in lines), f"round {rnd}: torn runtime file"
+        lost = sorted(set(poster.acked) - set(lines))
+        assert not lost, f"round {rnd}: acknowledged labels lost: {lost[:5]}"
+        assert not stray_files(labels_dir), stray_files(labels_dir)
+        acked_total += len(poster.acked)
+    record("7 SIGTERM during burst", rounds=rounds, labels_acked=acked_total, labels_lost=0,
+           goodbyes=rounds, exit_s_max=round(max(exit_times), 3),
+           exit_s_median=round(sorted(exit_times)[len(exit_times) // 2], 3))
