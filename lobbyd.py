@@ -1545,9 +1545,7 @@ class Api:
             labels = parse_request_labels(text)
         except LabelError as exc:
             raise HttpError(400, f"invalid label: {exc}; nothing was changed") from None
-        if not labels:
-            raise HttpError(400, "no labels in the request body (one label per line)")
-        return labels
+        return labels  # none at all is a no-op, as the Go client's AddLabels([]) expects
 
     def change_labels(self, change: Callable[[list[str]], bool], labels: list[str]
                       ) -> Response:
