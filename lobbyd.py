@@ -104,6 +104,11 @@ def parse_int(name: str, value: str, low: int, high: int) -> int:
     return number
 
 
+def int_in(low: int, high: int) -> Callable[[str, str], int]:
+    """A parser of whole numbers from `low` to `high`, for the ENV_VARS table."""
+    return lambda name, value: parse_int(name, value, low, high)
+
+
 def parse_host(name: str, value: str) -> str:
     host = value.strip().strip("[]")
     try:
@@ -217,7 +222,7 @@ def parse_driver(name: str, value: str) -> str:
 ENV_VARS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "TOKEN": ("", lambda n, v: v.strip(), "API token; empty = no authentication"),
     "HOST": ("127.0.0.1", parse_host, "address the HTTP API listens on (IPv4 or IPv6, e.g. ::)"),
-    "PORT": ("1313", lambda n, v: parse_int(n, v, 1, 65535), "HTTP API port"),
+    "PORT": ("1313", int_in(1, 65535), "HTTP API port"),
     "DISABLE_API": ("false", parse_bool, "no HTTP listener at all"),
     "DRIVER": ("NATS", parse_driver, "discovery transport; only NATS"),
     "NATS_URL": ("nats://127.0.0.1:4222", parse_nats_urls,
@@ -230,21 +235,17 @@ ENV_VARS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
                                 "file in LABELS_PATH holding labels added through the API"),
     "HOSTNAME": ("", lambda n, v: parse_hostname(n, v) if v.strip() else "",
                  "overrides the machine's hostname"),
-    "CLEAN_EVERY": ("15", lambda n, v: parse_int(n, v, 1, 86400),
-                    "at most this many seconds between registry clean-ups"),
-    "KEEP_ALIVE": ("5", lambda n, v: parse_int(n, v, 1, 86400),
-                   "seconds between keep-alive packets"),
-    "TTL": ("30", lambda n, v: parse_int(n, v, 1, 864000),
-            "seconds after which a silent host is dead"),
-    "NODE_EXPORTER_PORT": ("9100", lambda n, v: parse_int(n, v, 1, 65535),
-                           "default port of Prometheus targets"),
+    "CLEAN_EVERY": ("15", int_in(1, 86400), "at most this many seconds between clean-ups"),
+    "KEEP_ALIVE": ("5", int_in(1, 86400), "seconds between keep-alive packets"),
+    "TTL": ("30", int_in(1, 864000), "seconds after which a silent host is dead"),
+    "NODE_EXPORTER_PORT": ("9100", int_in(1, 65535), "default port of Prometheus targets"),
     "REGISTER": ("true", parse_bool, "false = client only: listen, never publish"),
     "CALLBACK": ("", parse_command, "command run (no shell) when the registry changes"),
-    "CALLBACK_COOLDOWN": ("15", lambda n, v: parse_int(n, v, 0, 86400),
+    "CALLBACK_COOLDOWN": ("15", int_in(0, 86400),
                           "min seconds from the end of one callback run to the next start"),
-    "CALLBACK_FIRST_RUN_DELAY": ("30", lambda n, v: parse_int(n, v, 0, 86400),
+    "CALLBACK_FIRST_RUN_DELAY": ("30", int_in(0, 86400),
                                  "no callback run before this many seconds after start"),
-    "CALLBACK_TIMEOUT": ("60", lambda n, v: parse_int(n, v, 1, 86400),
+    "CALLBACK_TIMEOUT": ("60", int_in(1, 86400),
                          "a callback run still going after this many seconds is killed"),
     "LOG_LEVEL": ("INFO", parse_log_level, "DEBUG, INFO, WARNING or ERROR"),
 }
