@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from lobbyd import Packet, Registry
+from lobbyd import NEW_HOST, NEW_LABELS, Packet, Registry
 
 
 def test_hi_adds_and_only_label_changes_bump_the_version() -> None:
     r = Registry(ttl=30)
-    assert r.apply_hi("a", ("x",), 100.0) is True
+    assert r.apply_hi("a", ("x",), 100.0) == NEW_HOST
     v = r.version
-    assert r.apply_hi("a", ("x",), 101.0) is False and r.version == v
-    assert r.apply_hi("a", ("y",), 102.0) is True and r.version == v + 1
+    assert not r.apply_hi("a", ("x",), 101.0) and r.version == v
+    assert r.apply_hi("a", ("y",), 102.0) == NEW_LABELS and r.version == v + 1
     assert r.packets() == [Packet("a", ("y",), 102)]
 
 
