@@ -634,8 +634,10 @@ class LabelCache:
         strings = self.strings
         labels = [strings.get(label) for label in raw]  # labels seen before need no checks
         if None in labels:
-            labels = [self.label(label) if known is None else known
-                      for known, label in zip(labels, raw)]
+            # A list with a label never seen is likely seen once (a counter, garbage):
+            # it is cached when it comes again, with every label known by then.
+            return tuple(sorted({self.label(label) if known is None else known
+                                 for known, label in zip(labels, raw)}))
         result = tuple(sorted(set(labels)))
         # A list that arrived normalised (as every lobbyd sends it) is its own key:
         # the cache then holds no second copy of its strings.
