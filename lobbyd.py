@@ -1311,6 +1311,30 @@ def response_head(status: int, content_type: str, length: int, keep_alive: bool,
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
+def listen_problem(host: str, port: int) -> str | None:
+    """Why HOST:PORT can never be listened on, or None if trying again may work.
+
+    asyncio's error does not always carry an errno (3.13 folds them into one
+    message), so a plain socket asks the kernel once more.
+    """
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"HOST={show(host)}: cannot listen there: {exc.strerror}"
+    for family, kind, proto, _name, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EACCES:
+                    return f"PORT={port}: not allowed to listen there: {exc.strerror}"
+                if exc.errno in (errno.EADDRNOTAVAIL, errno.EINVAL, errno.EAFNOSUPPORT):
+                    return f"HOST={show(host)}: cannot listen there: {exc.strerror}"
+    return None  # e.g. the port is in use: it may be free on the next try
+
+
 def connection_limit() -> int:
     """MAX_CONNECTIONS, kept well below the file-descriptor limit (raised to the hard one).
 
@@ -2058,15 +2082,10 @@ class Daemon:
         host, port = self.config.host, self.config.port
         try:
             await self.http.start(host, port)
-        except socket.gaierror as exc:
-            raise ConfigError(f"HOST={show(host)}: cannot listen there: {exc.strerror}") from None
-        except OSError as exc:
-            if exc.errno in (errno.EADDRNOTAVAIL, errno.EINVAL, errno.EAFNOSUPPORT):
-                raise ConfigError(f"HOST={show(host)}: cannot listen there: "
-                                  f"{exc.strerror or exc}") from None
-            if exc.errno == errno.EACCES:
-                raise ConfigError(f"PORT={port}: not allowed to listen there: "
-                                  f"{exc.strerror}") from None
+        except OSError:
+            problem = listen_problem(host, port)
+            if problem:
+                raise ConfigError(problem) from None
             raise
         log.info("API listening on %s port %d", host, port)
 
