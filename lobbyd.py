@@ -487,22 +487,29 @@ class RuntimeLabels:
 
     def add(self, labels: Iterable[str]) -> bool:
         """Add labels; True if the file changed. OSError if it cannot be written."""
-        current = self.read()
-        new = sorted(set(current) | set(labels))
-        return self._save(current, new)
+        return self.change(labels, ())
 
     def remove(self, labels: Iterable[str]) -> bool:
         """Remove labels (only runtime ones can go); True if the file changed."""
-        current = self.read()
-        gone = set(labels)
-        return self._save(current, [label for label in current if label not in gone])
+        return self.change((), labels)
 
-    def _save(self, current: list[str], new: list[str]) -> bool:
+    def change(self, add: Iterable[str], remove: Iterable[str]) -> bool:
+        current = self.read()
+        new = changed_labels(current, add, remove)
         if new == current:
             return False
-        body = "".join(label + "\n" for label in new)
-        write_atomically(self.path, "# labels added through the lobbyd API\n" + body)
+        self.save(new)
         return True
+
+    def save(self, labels: Sequence[str]) -> None:
+        body = "".join(label + "\n" for label in labels)
+        write_atomically(self.path, "# labels added through the lobbyd API\n" + body)
+
+
+def changed_labels(current: Sequence[str], add: Iterable[str], remove: Iterable[str]
+                   ) -> list[str]:
+    """The runtime labels after an API call: sorted, de-duplicated."""
+    return sorted(set(current).union(add).difference(remove))
 
 
 class LocalLabels:
@@ -519,6 +526,7 @@ class LocalLabels:
         self._reported: dict[str, list[str]] = {}
 
     def collect(self) -> tuple[str, ...]:
+        """Re-read every label file."""
         scan = scan_label_dir(self.directory)
         self.report(scan.problems)
         if scan.complete:
@@ -526,6 +534,14 @@ class LocalLabels:
             for path in scan.unreadable & self._by_file.keys():
                 by_file[path] = self._by_file[path]
             self._by_file = by_file
+        return self.union()
+
+    def with_file(self, path: Path, labels: list[str]) -> tuple[str, ...]:
+        """The labels once `path` holds `labels`, without reading anything."""
+        self._by_file[str(path)] = labels
+        return self.union()
+
+    def union(self) -> tuple[str, ...]:
         labels = sorted(set(self.env_labels).union(*self._by_file.values()))
         if len(labels) > MAX_LABELS:
             log.error("%d labels, over the limit of %d: publishing the first %d",
@@ -1356,7 +1372,7 @@ def connection_limit() -> int:
 class HttpServer:
     """Accepts connections and hands each parsed Request to `handle`."""
 
-    def __init__(self, handle: Callable[[Request], Response]):
+    def __init__(self, handle: Callable[[Request], Awaitable[Response]]):
         self.handle = handle
         self.limit = connection_limit()
         self.active = 0
@@ -1400,7 +1416,7 @@ class HttpServer:
             await self._write(writer, Response.text(exc.status, exc.message, exc.headers),
                               False, head_only=False)
             return False
-        response = self.handle(request)
+        response = await self.handle(request)
         keep_alive = wants_keep_alive(request) and response.status < 500
         await self._write(writer, response, keep_alive, head_only=request.method == "HEAD")
         return keep_alive
@@ -1477,7 +1493,7 @@ class Api:
 
     def __init__(self, daemon: Daemon):
         self.daemon = daemon
-        self.routes: dict[str, dict[str, Callable[[Request], Response]]] = {
+        self.routes: dict[str, dict[str, Callable[[Request], Any]]] = {
             "/": {"GET": self.discoveries},
             "/v1/discoveries": {"GET": self.discoveries},
             "/v1/discovery": {"GET": self.discovery},
@@ -1492,11 +1508,13 @@ class Api:
         self._label_blocks: dict[tuple[str, ...], str] = {}
 
     # dispatch ----------------------------------------------------------------
-    def handle(self, request: Request) -> Response:
+    async def handle(self, request: Request) -> Response:
         try:
             self.authorize(request)
             handler = self.route(request)
             response = handler(request)
+            if asyncio.iscoroutine(response):  # the label routes wait for the disk
+                response = await response
         except HttpError as exc:
             return Response.text(exc.status, exc.message, exc.headers)
         except Exception:  # a bug must cost one request, never the daemon
@@ -1513,7 +1531,7 @@ class Api:
         if not ok or scheme.lower() not in ("token", "bearer"):
             raise HttpError(403, "access denied")
 
-    def route(self, request: Request) -> Callable[[Request], Response]:
+    def route(self, request: Request) -> Callable[[Request], Any]:
         methods = self.routes.get(request.path)
         if methods is None:
             for prefix, candidate in self.prefix_routes.items():
@@ -1596,14 +1614,14 @@ class Api:
         return self.cached(request, view, lambda: self.renderer(view).render(
             self.daemon.registry.packets()), timed=False)
 
-    def add_labels(self, request: Request) -> Response:
+    async def add_labels(self, request: Request) -> Response:
         labels = self.request_labels(request)
         if len(set(self.daemon.labels).union(labels)) > MAX_LABELS:
             raise HttpError(400, f"a host may carry at most {MAX_LABELS} labels")
-        return self.change_labels(self.daemon.runtime.add, labels)
+        return await self.change_labels(labels, ())
 
-    def delete_labels(self, request: Request) -> Response:
-        return self.change_labels(self.daemon.runtime.remove, self.request_labels(request))
+    async def delete_labels(self, request: Request) -> Response:
+        return await self.change_labels((), self.request_labels(request))
 
     def request_labels(self, request: Request) -> list[str]:
         try:
@@ -1616,18 +1634,15 @@ class Api:
             raise HttpError(400, f"invalid label: {exc}; nothing was changed") from None
         return labels  # none at all is a no-op, as the Go client's AddLabels([]) expects
 
-    def change_labels(self, change: Callable[[list[str]], bool], labels: list[str]
-                      ) -> Response:
+    async def change_labels(self, add: Sequence[str], remove: Sequence[str]) -> Response:
         try:
-            changed = change(labels)
+            await self.daemon.change_runtime_labels(add, remove)
         except OSError as exc:
             status = 507 if exc.errno in (errno.ENOSPC, errno.EDQUOT) else 500
             path = self.daemon.runtime.path
             log.error("cannot save runtime labels to %s: %s", path, exc.strerror or exc)
             raise HttpError(status, f"cannot save runtime labels to {path}: "
                             f"{exc.strerror or exc}; nothing was changed") from None
-        if changed:
-            self.daemon.labels_changed()
         return Response(200, b"OK", TEXT_TYPE)
 
 
@@ -1862,17 +1877,35 @@ class Daemon:
             if self.registry.apply_goodbye(self.hostname):
                 self.registry_changed()
             self.hostname = hostname
-        labels = self.local_labels.collect()
+        if not self.label_lock.locked():  # mid-save the file is older than our labels
+            self.set_labels(self.local_labels.collect())
+
+    def set_labels(self, labels: tuple[str, ...]) -> None:
         if labels != self.labels:
             shown = ", ".join(labels[:20]) + (f" (+{len(labels) - 20} more)"
                                               if len(labels) > 20 else "")
             log.info("local labels: %s", shown or "(none)")
             self.labels = labels
 
-    def labels_changed(self) -> None:
-        """Labels were added or removed through the API: publish at once."""
-        self.refresh_local()
-        self.wake.set()
+    async def change_runtime_labels(self, add: Sequence[str], remove: Sequence[str]) -> None:
+        """Publish the new labels at once, then save them (two fsyncs) off the event loop.
+
+        OSError if they cannot be saved: then the old labels are published again,
+        so a label is only kept (and the POST answered 200) once it is on disk.
+        """
+        async with self.label_lock:  # one read-modify-write of the file at a time
+            current = self.runtime.read()
+            new = changed_labels(current, add, remove)
+            if new == current:
+                return
+            self.set_labels(self.local_labels.with_file(self.runtime.path, new))
+            await self.publish_local()
+            try:
+                await asyncio.to_thread(self.runtime.save, new)
+            except OSError:
+                self.set_labels(self.local_labels.with_file(self.runtime.path, current))
+                await self.publish_local()
+                raise
 
     # registry ------------------------------------------------------------------
     def registry_changed(self) -> None:
@@ -2058,6 +2091,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self.wake = asyncio.Event()
         self.stop = asyncio.Event()
+        self.label_lock = asyncio.Lock()
         self.install_signal_handlers(loop)
         if not self.config.disable_api:
             await self.listen()  # first: a HOST we cannot listen on is a config error
