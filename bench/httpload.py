@@ -71,12 +71,19 @@ async def _worker(port: int, req: bytes, until: float, lat: list[float], stats: 
             head = await reader.readuntil(b"\r\n\r\n")
             status = int(head[9:12])
             m = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
-            size = int(m.group(1)) if m else 0
-            await reader.readexactly(size)
+            if m:
+                size = int(m.group(1))
+                await reader.readexactly(size)
+            else:  # HTTP/1.0 style: the body ends with the connection
+                size = len(await reader.read())
             lat.append((time.perf_counter() - t0) * 1e3)
             stats["bytes"] += size
             if status != 200:
                 stats["errors"] += 1
+            if not m or re.search(rb"(?i)\r\nconnection:\s*close", head) or \
+                    head.startswith(b"HTTP/1.0"):
+                writer.close()
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
     except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
         stats["errors"] += 1
     finally:

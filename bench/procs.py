@@ -6,6 +6,7 @@ its HTTP API and NATS, so any implementation given as LOBBYD_CMD can be measured
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -103,10 +104,8 @@ def tree_pids(root: int) -> list[int]:
 def tree_cpu_seconds(root: int) -> float:
     total = 0.0
     for pid in tree_pids(root):
-        try:
+        with contextlib.suppress(OSError, ValueError, IndexError):  # exited meanwhile
             total += proc_cpu_seconds(pid)
-        except (OSError, ValueError, IndexError):
-            pass
     return total
 
 
@@ -196,8 +195,8 @@ class NatsServer:
         conf.write_text("max_pending: 268435456\nmax_payload: 1048576\n")
         cmd = [nats_server_binary(), "-c", str(conf), "-a", "127.0.0.1", "-p", str(self.port),
                "-m", str(self.mport)]
-        self.log = open(self.workdir / "nats.log", "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        with open(self.workdir / "nats.log", "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         wait_for(self._accepting, 10, what="nats-server")
         return self
 
