@@ -196,14 +196,8 @@ def goodbyes(sub, hostname: str, seconds: float) -> int:
     return count
 
 
-SECOND_SIGNAL_RACE = pytest.mark.xfail(
-    reason="lobbyd.py: a second signal during interpreter finalization kills it (-15); "
-           "fix: SIG_IGN for SIGTERM/SIGINT once asyncio.run() returns", strict=False)
-
-
 @pytest.mark.parametrize("signals", [
-    [signal.SIGTERM], [signal.SIGINT],
-    pytest.param([signal.SIGTERM, signal.SIGTERM], marks=SECOND_SIGNAL_RACE)],
+    [signal.SIGTERM], [signal.SIGINT], [signal.SIGTERM, signal.SIGTERM]],
     ids=["TERM", "INT", "TERM-TERM"])
 def test_signals_reach_lobbyd_through_the_loader(nats: NatsServer, lobbyd, signals):
     """staticx's loader forwards SIGTERM/SIGINT; a second one must not crash or double-send."""
