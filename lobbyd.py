@@ -485,23 +485,8 @@ class RuntimeLabels:
                         os.unlink(entry.path)
                         log.info("removed %s, left by an interrupted write", entry.path)
 
-    def add(self, labels: Iterable[str]) -> bool:
-        """Add labels; True if the file changed. OSError if it cannot be written."""
-        return self.change(labels, ())
-
-    def remove(self, labels: Iterable[str]) -> bool:
-        """Remove labels (only runtime ones can go); True if the file changed."""
-        return self.change((), labels)
-
-    def change(self, add: Iterable[str], remove: Iterable[str]) -> bool:
-        current = self.read()
-        new = changed_labels(current, add, remove)
-        if new == current:
-            return False
-        self.save(new)
-        return True
-
     def save(self, labels: Sequence[str]) -> None:
+        """Replace the file's labels; OSError (and the old file kept) if it cannot."""
         body = "".join(label + "\n" for label in labels)
         write_atomically(self.path, "# labels added through the lobbyd API\n" + body)
 
@@ -563,7 +548,6 @@ class LocalLabels:
 
 MAX_HOSTNAME_BYTES = 253
 HOSTNAME_RE = re.compile(r"[^\x00-\x20\x7f]+")
-MESSAGES = ("hi", "goodbye")
 
 
 def valid_hostname(hostname: str) -> bool:
@@ -1188,15 +1172,17 @@ TEXT_TYPE = "text/plain; charset=UTF-8"
 
 
 class HttpError(LobbydError):
-    """Ends a request with a status and a plain-text message."""
+    """Ends a request with a status and a plain-text message.
 
-    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None,
-                 close: bool = False):
+    Raised while reading a request, it also ends the connection: what follows
+    in the stream cannot be trusted to start a request.
+    """
+
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.headers = dict(headers or {})
-        self.close = close
 
 
 @dataclass
@@ -1232,29 +1218,29 @@ def parse_request_head(head: bytes) -> Request:
     try:
         text = head.decode("latin-1")
     except UnicodeDecodeError:  # latin-1 decodes anything; kept for clarity
-        raise HttpError(400, "bad request encoding", close=True) from None
+        raise HttpError(400, "bad request encoding") from None
     lines = text.split("\r\n")
     parts = lines[0].split(" ")
     if len(parts) != 3 or not TOKEN_RE.fullmatch(parts[0].encode("latin-1")) or \
             not parts[1] or CONTROL_RE.search(parts[1]):
-        raise HttpError(400, "malformed request line", close=True)
+        raise HttpError(400, "malformed request line")
     method, target, version = parts
     if version not in ("HTTP/1.1", "HTTP/1.0"):
         if re.fullmatch(r"HTTP/[0-9]\.[0-9]", version):
-            raise HttpError(505, f"unsupported protocol {version}", close=True)
-        raise HttpError(400, "malformed request line", close=True)
+            raise HttpError(505, f"unsupported protocol {version}")
+        raise HttpError(400, "malformed request line")
     headers: dict[str, str] = {}
     for line in lines[1:]:
         name, sep, value = line.partition(":")
         if not sep or not TOKEN_RE.fullmatch(name.encode("latin-1")) or "\n" in value \
                 or "\r" in value:
-            raise HttpError(400, "malformed header line", close=True)
+            raise HttpError(400, "malformed header line")
         key = name.lower()
         value = value.strip(" \t")
         if key in headers:
             if key in ("content-length", "host", "authorization"):
                 if headers[key] != value:
-                    raise HttpError(400, f"conflicting {name} headers", close=True)
+                    raise HttpError(400, f"conflicting {name} headers")
                 continue
             headers[key] += ", " + value
         else:
@@ -1267,7 +1253,7 @@ def parse_request_head(head: bytes) -> Request:
     elif target == "*":
         path, query = "*", ""
     else:
-        raise HttpError(400, "malformed request target", close=True)
+        raise HttpError(400, "malformed request target")
     return Request(method, unquote(path), parse_qs(query, keep_blank_values=True), version,
                    headers)
 
@@ -1277,18 +1263,18 @@ def body_length(request: Request) -> int | None:
     encoding = request.headers.get("transfer-encoding")
     if encoding is not None:
         if encoding.strip().lower() != "chunked":
-            raise HttpError(501, f"unsupported Transfer-Encoding {show(encoding)}", close=True)
+            raise HttpError(501, f"unsupported Transfer-Encoding {show(encoding)}")
         if "content-length" in request.headers:
-            raise HttpError(400, "both Content-Length and Transfer-Encoding", close=True)
+            raise HttpError(400, "both Content-Length and Transfer-Encoding")
         return None
     raw = request.headers.get("content-length")
     if raw is None:
         return 0
     if not raw.isdigit() or len(raw) > 18:
-        raise HttpError(400, f"bad Content-Length {show(raw)}", close=True)
+        raise HttpError(400, f"bad Content-Length {show(raw)}")
     length = int(raw)
     if length > MAX_BODY_BYTES:
-        raise HttpError(413, f"body over {MAX_BODY_BYTES} bytes", close=True)
+        raise HttpError(413, f"body over {MAX_BODY_BYTES} bytes")
     return length
 
 
@@ -1298,17 +1284,17 @@ async def read_chunked(reader: asyncio.StreamReader) -> bytes:
         line = await reader.readuntil(b"\r\n")
         size_text = line.split(b";", 1)[0].strip()
         if not re.fullmatch(rb"[0-9a-fA-F]{1,8}", size_text):
-            raise HttpError(400, "bad chunk size", close=True)
+            raise HttpError(400, "bad chunk size")
         size = int(size_text, 16)
         if len(body) + size > MAX_BODY_BYTES:
-            raise HttpError(413, f"body over {MAX_BODY_BYTES} bytes", close=True)
+            raise HttpError(413, f"body over {MAX_BODY_BYTES} bytes")
         if size == 0:
             while (await reader.readuntil(b"\r\n")) != b"\r\n":
                 pass  # trailers: ignored
             return bytes(body)
         body += await reader.readexactly(size)
         if await reader.readexactly(2) != b"\r\n":
-            raise HttpError(400, "bad chunk terminator", close=True)
+            raise HttpError(400, "bad chunk terminator")
 
 
 def wants_keep_alive(request: Request) -> bool:
@@ -1433,8 +1419,7 @@ class HttpServer:
             try:
                 head = started + await reader.readuntil(b"\r\n\r\n")
             except asyncio.LimitOverrunError:
-                raise HttpError(431, f"request headers over {MAX_HEADER_BYTES} bytes",
-                                close=True) from None
+                raise HttpError(431, f"request headers over {MAX_HEADER_BYTES} bytes") from None
         request = parse_request_head(head[:-4].lstrip(b"\r\n"))
         length = body_length(request)
         if request.headers.get("expect", "").lower() == "100-continue":
@@ -1664,7 +1649,6 @@ class CallbackRunner:
         self.timeout = timeout
         self.body = body
         self.dirty: asyncio.Event | None = None
-        self.runs = 0
         self.proc: asyncio.subprocess.Process | None = None
         self.timed_out = False
         self.stopping = False
@@ -1686,7 +1670,6 @@ class CallbackRunner:
                 await asyncio.sleep(self.cooldown)
 
     async def run_once(self) -> None:
-        self.runs += 1
         name = show(self.argv[0])
         try:
             proc = await asyncio.create_subprocess_exec(

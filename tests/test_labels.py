@@ -13,6 +13,7 @@ from lobbyd import (
     LabelError,
     LocalLabels,
     RuntimeLabels,
+    changed_labels,
     parse_label_lines,
     parse_request_labels,
     scan_label_dir,
@@ -95,10 +96,11 @@ def test_local_labels_union_sorted(tmp_path: Path) -> None:
 def test_runtime_labels_add_remove_and_leave_no_temp_files(tmp_path: Path) -> None:
     path = tmp_path / "labels" / "_runtime"
     runtime = RuntimeLabels(path)
-    assert runtime.add(["b", "a"]) is True
-    assert runtime.add(["a"]) is False
+    assert runtime.read() == []
+    runtime.save(changed_labels(runtime.read(), ["b", "a"], ()))
+    assert changed_labels(runtime.read(), ["a"], ()) == ["a", "b"]  # adding again: no change
     assert runtime.read() == ["a", "b"]
-    assert runtime.remove(["a", "not-there"]) is True
+    runtime.save(changed_labels(runtime.read(), (), ["a", "not-there"]))
     assert runtime.read() == ["b"]
     assert sorted(p.name for p in path.parent.iterdir()) == ["_runtime"]
 
@@ -106,11 +108,11 @@ def test_runtime_labels_add_remove_and_leave_no_temp_files(tmp_path: Path) -> No
 def test_runtime_write_failure_keeps_the_old_file(tmp_path: Path) -> None:
     path = tmp_path / "_runtime"
     runtime = RuntimeLabels(path)
-    runtime.add(["keep:me"])
+    runtime.save(["keep:me"])
     # the temp file's path is taken by a directory: the write fails (even for root)
     (tmp_path / f"._runtime.{os.getpid()}.tmp").mkdir()
     with pytest.raises(OSError):
-        runtime.add(["new:label"])
+        runtime.save(["keep:me", "new:label"])
     assert runtime.read() == ["keep:me"]
 
 
