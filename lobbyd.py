@@ -487,8 +487,9 @@ class RuntimeLabels:
 
     def save(self, labels: Sequence[str]) -> None:
         """Replace the file's labels; OSError (and the old file kept) if it cannot."""
-        body = "".join(label + "\n" for label in labels)
-        write_atomically(self.path, "# labels added through the lobbyd API\n" + body)
+        # one label per line and nothing else: a Go lobbyd reading the same
+        # directory would publish a comment line as a label
+        write_atomically(self.path, "".join(label + "\n" for label in labels))
 
 
 def changed_labels(current: Sequence[str], add: Iterable[str], remove: Iterable[str]
@@ -985,20 +986,49 @@ def tls_context(environ: Mapping[str, str]) -> Any:
 class NatsDriver:
     """The NATS connection: never blocks start-up, retries for ever, logs state changes once."""
 
+    kind = "NATS"
+
     def __init__(self, urls: Sequence[str], name: str, environ: Mapping[str, str],
-                 on_connect: Callable[[], Awaitable[None]]):
+                 on_connect: Callable[[], Awaitable[None]],
+                 on_state: Callable[[], None] = lambda: None):
         self.urls = list(urls)
         self.name = name
         self.environ = environ
         self.on_connect = on_connect
+        self.on_state = on_state  # told of every connect, loss and reconnect
         self.nc: Any = None
         self.connected = asyncio.Event()
+        self.since = time.time()  # of the last change between connected and not
+        self.reconnects = 0  # reconnections after the first connection
         self._closing = False
         self._warned = False  # the current outage has been logged
 
     @property
     def is_connected(self) -> bool:
         return self.nc is not None and self.nc.is_connected
+
+    @property
+    def server(self) -> str | None:
+        """nats://host:port of the server in use, never with credentials; None if none."""
+        url = self.nc.connected_url if self.is_connected else None
+        if url is None or not url.hostname:
+            return None
+        host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
+        return f"{url.scheme}://{host}:{url.port or 4222}"
+
+    def state(self) -> dict[str, Any]:
+        """This transport's part of GET /v1/health."""
+        return {"driver": self.kind, "connected": self.is_connected, "server": self.server,
+                "since": int(self.since), "reconnects": self.reconnects}
+
+    def _changed(self, connected: bool) -> None:
+        if connected != self.connected.is_set():
+            self.since = time.time()
+        if connected:
+            self.connected.set()
+        else:
+            self.connected.clear()
+        self.on_state()
 
     @property
     def max_payload(self) -> int:
@@ -1019,7 +1049,7 @@ class NatsDriver:
                 await self.nc.connect(
                     servers=self.urls, name=self.name, allow_reconnect=True,
                     max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=2,
-                    ping_interval=5, max_outstanding_pings=3, **self._tls_options(),
+                    ping_interval=4, max_outstanding_pings=2, **self._tls_options(),
                     error_cb=self._on_error, disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected, closed_cb=self._on_closed)
             except Exception as exc:  # nats-py raises many types here; all mean "try later"
@@ -1040,7 +1070,7 @@ class NatsDriver:
                                       pending_bytes_limit=256 * 1024 * 1024)
         if hasattr(self.nc, "direct") and isinstance(getattr(sub, "_id", None), int):
             self.nc.direct[sub._id] = handle
-        self.connected.set()
+        self._changed(True)
         await self.on_connect()
 
     def _tls_options(self) -> dict[str, Any]:
@@ -1065,13 +1095,14 @@ class NatsDriver:
 
     async def _on_disconnected(self) -> None:
         if not self._closing:
-            self.connected.clear()
+            self._changed(False)
             log.warning("disconnected from NATS; reconnecting")
 
     async def _on_reconnected(self) -> None:
         log.info("reconnected to NATS at %s", redact_url(self._current_url()))
         self._warned = False
-        self.connected.set()
+        self.reconnects += 1
+        self._changed(True)
         await self.on_connect()
 
     async def _on_closed(self) -> None:
@@ -1362,6 +1393,7 @@ class HttpServer:
         self.handle = handle
         self.limit = connection_limit()
         self.active = 0
+        self.codes: dict[int, int] = {}  # status -> responses sent, for /metrics
         self.server: asyncio.AbstractServer | None = None
         self.writers: set[asyncio.StreamWriter] = set()
 
@@ -1403,7 +1435,9 @@ class HttpServer:
                               False, head_only=False)
             return False
         response = await self.handle(request)
-        keep_alive = wants_keep_alive(request) and response.status < 500
+        # after a 500 the connection's state is suspect; a 503 (unhealthy) is an answer
+        keep_alive = wants_keep_alive(request) and (response.status < 500 or
+                                                    response.status == 503)
         await self._write(writer, response, keep_alive, head_only=request.method == "HEAD")
         return keep_alive
 
@@ -1433,6 +1467,7 @@ class HttpServer:
 
     async def _write(self, writer: asyncio.StreamWriter, response: Response, keep_alive: bool,
                      head_only: bool) -> None:
+        self.codes[response.status] = self.codes.get(response.status, 0) + 1
         writer.write(response_head(response.status, response.content_type, len(response.body),
                                    keep_alive, response.headers))
         body = memoryview(b"" if head_only else response.body)
@@ -1461,6 +1496,85 @@ def deadline(writer: asyncio.StreamWriter, seconds: float) -> Iterator[None]:
 
 
 ###############################################################################
+# Health and metrics: counters bumped where things happen, one pure renderer.
+###############################################################################
+
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Counters:
+    """What happened since start; plain attributes, bumped on the paths that exist anyway."""
+
+    __slots__ = ("dropped", "goodbyes", "his", "joined", "left_expired", "left_goodbye",
+                 "published")
+
+    def __init__(self) -> None:
+        self.his = self.goodbyes = self.dropped = self.published = 0
+        self.joined = self.left_goodbye = self.left_expired = 0
+
+
+class Family(NamedTuple):
+    """One metric family of the exposition: name, type, help and its samples."""
+
+    name: str
+    kind: str  # counter or gauge
+    help: str
+    samples: Sequence[tuple[Mapping[str, str], float]]
+
+
+def metric_value(value: float) -> str:
+    if isinstance(value, int) or float(value).is_integer():
+        return str(int(value))
+    return repr(float(value))
+
+
+def label_value(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render_metrics(families: Iterable[Family]) -> bytes:
+    """The Prometheus text exposition format 0.0.4 of `families`."""
+    lines = []
+    for family in families:
+        lines.append(f"# HELP {family.name} {family.help}")
+        lines.append(f"# TYPE {family.name} {family.kind}")
+        for labels, value in family.samples:
+            shown = ",".join(f'{key}="{label_value(text)}"' for key, text in labels.items())
+            lines.append(f"{family.name}{{{shown}}} {metric_value(value)}" if shown
+                         else f"{family.name} {metric_value(value)}")
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def process_families() -> list[Family]:
+    """The standard process_* metrics, read from /proc (Linux only, like lobbyd)."""
+    families = []
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        stat = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        rss = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+        families += [
+            Family("process_cpu_seconds_total", "counter", "User and system CPU time spent.",
+                   [({}, (int(stat[11]) + int(stat[12])) / ticks)]),
+            Family("process_resident_memory_bytes", "gauge", "Resident memory size.",
+                   [({}, rss)]),
+            Family("process_virtual_memory_bytes", "gauge", "Virtual memory size.",
+                   [({}, int(stat[20]))]),
+            Family("process_start_time_seconds", "gauge",
+                   "Start time of the process since the epoch.",
+                   [({}, boot + int(stat[19]) / ticks)]),
+        ]
+    with contextlib.suppress(OSError):
+        families.append(Family("process_open_fds", "gauge", "Open file descriptors.",
+                               [({}, len(os.listdir("/proc/self/fd")))]))
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    families.append(Family("process_max_fds", "gauge", "Limit of open file descriptors.",
+                           [({}, soft)]))
+    return families
+
+
+###############################################################################
 # API routes: a table of (path -> method -> handler); handlers are short and pure.
 ###############################################################################
 
@@ -1484,6 +1598,8 @@ class Api:
             "/v1/discovery": {"GET": self.discovery},
             "/v1/resolve": {"GET": self.resolve},
             "/v1/labels": {"POST": self.add_labels, "DELETE": self.delete_labels},
+            "/v1/health": {"GET": self.health},
+            "/metrics": {"GET": self.metrics},
         }
         self.prefix_routes = {"/v1/prometheus/": {"GET": self.prometheus}}
         self.token = daemon.config.token.encode("utf-8", "surrogateescape")
@@ -1585,7 +1701,15 @@ class Api:
         return found
 
     def discovery(self, request: Request) -> Response:
+        self.daemon.reread_labels()  # never older than the files (SPEC 3)
         return Response(200, render_json(self.daemon.local_packet().to_json()))
+
+    def health(self, request: Request) -> Response:
+        healthy, body = self.daemon.health()
+        return Response(200 if healthy else 503, render_json(body))
+
+    def metrics(self, request: Request) -> Response:
+        return Response(200, render_metrics(self.daemon.metric_families()), METRICS_TYPE)
 
     def resolve(self, request: Request) -> Response:
         label = request.param("label")
@@ -1652,6 +1776,7 @@ class CallbackRunner:
         self.proc: asyncio.subprocess.Process | None = None
         self.timed_out = False
         self.stopping = False
+        self.runs: dict[str, int] = {}  # result (ok, failed, timeout, error) -> runs
         self._last_failure = ""
 
     def notify(self) -> None:
@@ -1676,6 +1801,7 @@ class CallbackRunner:
                 *self.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT, start_new_session=True)
         except OSError as exc:
+            self.count("error")
             self.failed(f"callback {name} cannot start: {exc.strerror or exc}")
             return
         self.proc, self.timed_out = proc, False
@@ -1692,6 +1818,7 @@ class CallbackRunner:
             reading.cancel()
             self.proc = None
         output = reading.result() if reading.done() and not reading.cancelled() else ""
+        self.count("timeout" if self.timed_out else "ok" if code == 0 else "failed")
         if self.timed_out:
             self.failed(f"callback {name} still running after {self.timeout:g}s: killed")
         elif code == 0:
@@ -1699,6 +1826,9 @@ class CallbackRunner:
             log.info("callback %s exited 0%s", name, output and f"; output: {output}")
         else:
             self.failed(f"callback {name} exited {code}" + (output and f"; output: {output}"))
+
+    def count(self, result: str) -> None:
+        self.runs[result] = self.runs.get(result, 0) + 1
 
     def _time_out(self, proc: asyncio.subprocess.Process) -> None:
         self.timed_out = True
@@ -1753,6 +1883,7 @@ def kill_group(pid: int) -> None:
 SYNC_QUEUE = "lobbyd"
 SYNC_WINDOW = 2.0
 SHUTDOWN_DEADLINE = 3.0
+READY_TIMEOUT = 5.0
 
 
 async def wait_event(event: asyncio.Event, timeout: float) -> None:
@@ -1834,10 +1965,12 @@ class Daemon:
         self.sync_subject = config.nats_discovery_channel + ".sync"
         self.garbage_log = RateLimitedLog(burst=5)
         self.membership_log = RateLimitedLog(burst=20)
+        self.counters = Counters()
+        self.started = time.time()
         self.api = Api(self)
         self.http = HttpServer(self.api.handle)
         self.driver = NatsDriver(config.nats_url, f"lobbyd {self.hostname}", environ,
-                                 self.on_connect)
+                                 self.on_connect, self.tell_systemd)
         self.callback = (CallbackRunner(config.callback, config.callback_cooldown,
                                         config.callback_first_run_delay,
                                         config.callback_timeout, self.registry_json)
@@ -1863,6 +1996,15 @@ class Daemon:
         if not self.label_lock.locked():  # mid-save the file is older than our labels
             self.set_labels(self.local_labels.collect())
 
+    def reread_labels(self) -> None:
+        """The label files as they are on disk now (SPEC 3); a change is published at once."""
+        if self.label_lock.locked():  # mid-save the file is older than our labels
+            return
+        before = self.labels
+        self.set_labels(self.local_labels.collect())
+        if self.labels != before:
+            self.wake.set()  # the keep-alive loop publishes it now
+
     def set_labels(self, labels: tuple[str, ...]) -> None:
         if labels != self.labels:
             shown = ", ".join(labels[:20]) + (f" (+{len(labels) - 20} more)"
@@ -1881,6 +2023,7 @@ class Daemon:
             new = changed_labels(current, add, remove)
             if new == current:
                 return
+            self.local_labels.collect()  # a file written just before must be in this packet
             self.set_labels(self.local_labels.with_file(self.runtime.path, new))
             await self.publish_local()
             try:
@@ -1898,6 +2041,7 @@ class Daemon:
     def expire(self) -> None:
         dead = self.registry.expire(time.time())
         if dead:
+            self.counters.left_expired += len(dead)
             log.info("expired (silent for over %ds): %s", self.config.ttl, ", ".join(dead[:20]))
             self.registry_changed()
 
@@ -1910,28 +2054,41 @@ class Daemon:
         try:
             message, hostname, labels = decode_envelope(data, self.label_cache)
         except PacketError as exc:
+            self.counters.dropped += 1
             self.garbage_log.warning("dropped a packet on %s: %s", self.subject, exc)
             return
+        counters = self.counters
         if message == "hi":
+            counters.his += 1
             change = self.registry.apply_hi(hostname, labels, time.time())
             if change:
                 if change == NEW_HOST:
+                    counters.joined += 1
                     self.membership_log.info("new host %s", hostname)
+                else:
+                    self.membership_log.info("new labels of %s", hostname)
                 self.registry_changed()
-        elif self.registry.apply_goodbye(hostname):
-            self.membership_log.info("goodbye from %s", hostname)
-            self.registry_changed()
+        else:
+            counters.goodbyes += 1
+            if self.registry.apply_goodbye(hostname):
+                counters.left_goodbye += 1
+                self.membership_log.info("goodbye from %s", hostname)
+                self.registry_changed()
 
     # publishing ----------------------------------------------------------------
     async def publish(self, packet: Packet, message: str = "hi") -> bool:
-        return await self.driver.publish(self.subject, encode_envelope(packet, message))
+        sent = await self.driver.publish(self.subject, encode_envelope(packet, message))
+        self.counters.published += sent
+        return sent
 
     async def publish_local(self) -> None:
         if not self.config.register:
             return
         packet = self.local_packet()
         # we list ourselves even while NATS is away; our own packet refreshes it later
-        if self.registry.apply_hi(packet.hostname, packet.labels, time.time()):
+        change = self.registry.apply_hi(packet.hostname, packet.labels, time.time())
+        if change:
+            self.counters.joined += change == NEW_HOST
             self.registry_changed()
         await self.publish(packet)
 
@@ -1987,7 +2144,9 @@ class Daemon:
         if complete:
             log.info("learned %d hosts from a peer", learned)
         if learned:
+            self.counters.joined += learned
             self.registry_changed()
+        self.joined.set()
         await self.serve_sync()
 
     def learn_from(self, data: bytes, now: float) -> tuple[int, bool]:
@@ -2028,6 +2187,78 @@ class Daemon:
             chunk.append(item)
             size += len(item) + 1
         await self.driver.publish(msg.reply, sync_chunk(chunk, True))
+
+    # operating it: health, metrics, readiness ----------------------------------
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """(healthy, GET /v1/health): healthy while every transport is connected."""
+        drivers = [self.driver.state()]
+        healthy = all(driver["connected"] for driver in drivers)
+        return healthy, {
+            "status": "ok" if healthy else "disconnected", "hostname": self.hostname,
+            "version": __version__, "uptime_s": int(time.time() - self.started),
+            "hosts": len(self.registry), "drivers": drivers, "checks": self.check_states()}
+
+    def check_states(self) -> dict[str, dict[str, Any]]:
+        """name -> {"up", "since", "output"} of every health check (SPEC 9)."""
+        return {}
+
+    def metric_families(self) -> list[Family]:
+        counters, driver = self.counters, {"driver": self.driver.kind}
+        runs = self.callback.runs if self.callback else {}
+        checks = self.check_states()
+        return [
+            Family("lobbyd_build_info", "gauge", "lobbyd's version.",
+                   [({"version": __version__}, 1)]),
+            Family("lobbyd_hosts", "gauge", "Live hosts in the registry.",
+                   [({}, len(self.registry))]),
+            Family("lobbyd_local_labels", "gauge", "Labels this host publishes.",
+                   [({}, len(self.labels))]),
+            Family("lobbyd_connected", "gauge", "1 while the transport is connected.",
+                   [(driver, int(self.driver.is_connected))]),
+            Family("lobbyd_reconnects_total", "counter", "Reconnections after the first.",
+                   [(driver, self.driver.reconnects)]),
+            Family("lobbyd_packets_received_total", "counter", "Valid discovery packets.",
+                   [({"message": "hi"}, counters.his),
+                    ({"message": "goodbye"}, counters.goodbyes)]),
+            Family("lobbyd_packets_dropped_total", "counter", "Packets off the contract.",
+                   [({}, counters.dropped)]),
+            Family("lobbyd_packets_published_total", "counter", "Packets this host sent.",
+                   [({}, counters.published)]),
+            Family("lobbyd_hosts_joined_total", "counter", "Hosts that appeared.",
+                   [({}, counters.joined)]),
+            Family("lobbyd_hosts_left_total", "counter", "Hosts that left, by reason.",
+                   [({"reason": "goodbye"}, counters.left_goodbye),
+                    ({"reason": "expired"}, counters.left_expired)]),
+            Family("lobbyd_callback_runs_total", "counter", "CALLBACK runs by result.",
+                   [({"result": result}, runs.get(result, 0))
+                    for result in ("ok", "failed", "timeout", "error")]),
+            Family("lobbyd_http_requests_total", "counter", "HTTP responses by status code.",
+                   [({"code": str(code)}, count)
+                    for code, count in sorted(self.http.codes.items())]),
+            Family("lobbyd_check_up", "gauge", "1 while the health check passes.",
+                   [({"check": name}, int(state["up"]))
+                    for name, state in sorted(checks.items())]),
+            *process_families(),
+        ]
+
+    def status_text(self) -> str:
+        """systemd's STATUS= line: what `systemctl status lobbyd` shows."""
+        if self.driver.is_connected:
+            return f"connected to {self.driver.server}; {len(self.registry)} hosts known"
+        urls = ", ".join(redact_url(url) for url in self.driver.urls)
+        if self.driver.reconnects or self.joined.is_set():
+            return f"NATS connection lost; reconnecting to {urls}; the API keeps serving"
+        return f"waiting for NATS at {urls}; the API serves meanwhile"
+
+    def tell_systemd(self) -> None:
+        notify_systemd(f"STATUS={self.status_text()}")
+
+    async def announce_ready(self) -> None:
+        """READY=1 once connected and synced, or after READY_TIMEOUT: never blocks a start."""
+        waiting = asyncio.ensure_future(self.joined.wait())
+        await asyncio.wait([waiting], timeout=READY_TIMEOUT)
+        waiting.cancel()
+        notify_systemd(f"READY=1\nSTATUS={self.status_text()}")
 
     # lifecycle -----------------------------------------------------------------
     def schedule(self, coro: Awaitable[Any]) -> None:
@@ -2074,15 +2305,17 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self.wake = asyncio.Event()
         self.stop = asyncio.Event()
+        self.joined = asyncio.Event()  # first connection and join sync done
         self.label_lock = asyncio.Lock()
         self.install_signal_handlers(loop)
         if not self.config.disable_api:
             await self.listen()  # first: a HOST we cannot listen on is a config error
         self.runtime.remove_stale_temp_files()
         self.refresh_local()  # before any request can be served: no await in between
-        notify_systemd("READY=1")
         log.info("lobbyd %s starting as %s (%s)", __version__, self.hostname,
                  "publishing" if self.config.register else "client only, not publishing")
+        warn_about_timing(self.config)
+        self.schedule(self.announce_ready())
         self.schedule(self.driver.run(self.subject, self.on_packet))
         self.schedule(self.keep_alive())
         self.schedule(self.clean_up())
@@ -2123,6 +2356,14 @@ class Daemon:
             await asyncio.wait(list(self.tasks), timeout=0.3)
 
 
+def warn_about_timing(config: Config) -> None:
+    """Accepted, as the Go daemon does, but said once: such hosts will flap."""
+    if config.ttl < 2 * config.keep_alive:
+        log.warning("TTL=%d is less than twice KEEP_ALIVE=%d: peers will drop this host "
+                    "whenever one keep-alive is late or lost (hosts will flap); "
+                    "use TTL of 3 to 6 times KEEP_ALIVE", config.ttl, config.keep_alive)
+
+
 def sync_chunk(items: list[str], done: bool) -> bytes:
     done_text = "true" if done else "false"
     return f'{{"hosts":[{",".join(items)}],"done":{done_text}}}'.encode()
@@ -2146,8 +2387,18 @@ def setup_logging(level: str) -> None:
     logging.getLogger("nats").setLevel(logging.CRITICAL)
 
 
+def program_name() -> str:
+    """The name lobbyd was called by: `lobbyctl` (a second name of the same program)
+    makes it the client."""
+    return Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "lobbyd"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if argv is None and program_name() == "lobbyctl":
+        return ctl_main(args, os.environ)
+    if args[:1] == ["ctl"]:
+        return ctl_main(args[1:], os.environ)
     if args in (["--version"], ["-V"]):
         print(f"lobbyd {__version__}")
         return 0
@@ -2155,8 +2406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(help_text())
         return 0
     if args:
-        print(f"lobbyd: unexpected arguments {' '.join(args)!r}; see lobbyd --help",
-              file=sys.stderr)
+        print(f"lobbyd: unexpected arguments {' '.join(args)!r}; see lobbyd --help "
+              "(the client is `lobbyd ctl ...` or `lobbyctl ...`)", file=sys.stderr)
         return 2
     try:
         config = Config.from_env(os.environ)
@@ -2178,6 +2429,304 @@ def main(argv: Sequence[str] | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
     return 0
+
+
+###############################################################################
+# lobbyctl: a client of the HTTP API, compatible with the Go daemon's lobbyctl.
+# It shares the data shapes with the daemon, never its state.
+###############################################################################
+
+CTL_USAGE = """\
+usage: lobbyctl [-host HOST] [-port PORT] [-proto http|https] [-token TOKEN] [-json]
+                COMMAND [ARGS...]
+       lobbyd ctl ... (the same)
+
+commands:
+  discovery                       this server's discovery packet
+  discoveries                     every live server and its labels
+  discoveries labels LABEL...     servers having any of these labels
+  discoveries search PREFIX...    servers having a label starting with any of these
+  resolve LABEL                   hostnames of the servers having LABEL
+  labels add [--ttl S] LABEL...   add runtime labels (with --ttl: a lease of S seconds)
+  labels del LABEL...             remove runtime labels
+  health                          the daemon's health; exit status 1 when unhealthy
+  prometheus NAME                 Prometheus target groups of job NAME
+
+Flags take one or two dashes and `-flag value` or `-flag=value`; their defaults
+come from the environment: HOST (127.0.0.1), PORT (1313), PROTOCOL (http), TOKEN.
+-json prints the API's JSON on one line. Colour only on a terminal, never with
+NO_COLOR set. Exit status: 0 success, 1 lobbyd answered an error or cannot be
+reached, 2 bad usage."""
+
+
+class CtlUsageError(LobbydError):
+    """The command line is wrong: usage, exit status 2."""
+
+
+class CtlError(LobbydError):
+    """lobbyd answered an error or cannot be reached: exit status 1."""
+
+
+@dataclass
+class CtlOptions:
+    proto: str = "http"
+    host: str = "127.0.0.1"
+    port: int = 1313
+    token: str = ""
+    json: bool = False
+
+    @property
+    def base(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.proto}://{host}:{self.port}"
+
+
+CTL_VALUE_FLAGS = ("host", "port", "proto", "token")
+
+
+def parse_ctl_args(argv: Sequence[str], environ: Mapping[str, str]
+                   ) -> tuple[CtlOptions, list[str]]:
+    """(options, command words); flags may stand anywhere before `--`."""
+    values = {"proto": environ.get("PROTOCOL") or "http",
+              "host": environ.get("HOST") or "127.0.0.1",
+              "port": environ.get("PORT") or "1313", "token": environ.get("TOKEN", "")}
+    as_json, words = False, []
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--":
+            words += args
+            break
+        name, sep, value = arg.lstrip("-").partition("=")
+        if not arg.startswith("-") or arg == "-" or name == "ttl":
+            words.append(arg)  # --ttl belongs to `labels add`
+        elif name in ("h", "help"):
+            raise CtlUsageError("")
+        elif name == "json":
+            as_json = parse_ctl_bool(value) if sep else True
+        elif name in CTL_VALUE_FLAGS:
+            if not sep:
+                if not args:
+                    raise CtlUsageError(f"flag needs an argument: -{name}")
+                value = args.pop(0)
+            values[name] = value
+        else:
+            raise CtlUsageError(f"flag provided but not defined: {arg}")
+    proto = values["proto"].strip().lower()
+    if proto not in ("http", "https"):
+        raise CtlUsageError(f"-proto {show(values['proto'])}: expected http or https")
+    port = values["port"].strip()
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise CtlUsageError(f"-port {show(values['port'])}: expected a number from 1 to 65535")
+    host = values["host"].strip().strip("[]") or "127.0.0.1"
+    return CtlOptions(proto, host, int(port), values["token"].strip(), as_json), words
+
+
+def parse_ctl_bool(value: str) -> bool:
+    try:
+        return parse_bool("-json", value)
+    except ConfigError as exc:
+        raise CtlUsageError(str(exc)) from None
+
+
+def ctl_request(options: CtlOptions, method: str, path: str, body: bytes = b"",
+                timeout: float = 10.0) -> tuple[int, bytes]:
+    """(status, body) of one request; CtlError when lobbyd cannot be reached."""
+    import http.client
+
+    if options.proto == "https":
+        import ssl
+
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            options.host, options.port, timeout=timeout, context=ssl.create_default_context())
+    else:
+        conn = http.client.HTTPConnection(options.host, options.port, timeout=timeout)
+    headers = {"Authorization": f"Token {options.token}"} if options.token else {}
+    try:
+        conn.request(method, path, body=body or None, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise CtlError(f"cannot reach lobbyd at {options.base}: {reason}") from None
+    finally:
+        conn.close()
+
+
+def ctl_call(options: CtlOptions, method: str, path: str, body: bytes = b"",
+             accept: Sequence[int] = (200,)) -> tuple[int, Any]:
+    """(status, parsed JSON or text) of a request; CtlError for any other status."""
+    status, data = ctl_request(options, method, path, body)
+    text = data.decode("utf-8", "replace")
+    if status not in accept:
+        first = text.strip().splitlines()[0] if text.strip() else "(no message)"
+        raise CtlError(f"lobbyd at {options.base} answered {status}: {first}")
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+class Painter:
+    """ANSI colour on a terminal only, and never with NO_COLOR set (no-color.org)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def paint(self, text: str, code: str) -> str:
+        return f"\033[{code}m{text}\033[0m" if self.enabled else text
+
+    def label(self, label: str) -> str:
+        name, sep, value = label.partition(":")
+        return self.paint(name + sep, "36") + value if sep else label
+
+
+def wants_colour(stream: Any, environ: Mapping[str, str]) -> bool:
+    return bool(getattr(stream, "isatty", lambda: False)()) and not environ.get("NO_COLOR") \
+        and environ.get("TERM") != "dumb"
+
+
+def format_discoveries(packets: Sequence[Mapping[str, Any]], paint: Painter) -> str:
+    """As the Go lobbyctl prints them: hostnames right-aligned, one label per line."""
+    width = max((len(packet["hostname"]) for packet in packets), default=0)
+    out = []
+    for packet in packets:
+        labels = packet.get("labels") or []
+        name = paint.paint(packet["hostname"].rjust(width) if labels else packet["hostname"],
+                           "1")
+        if labels:
+            out.append(f"{name}    {paint.label(labels[0])}")
+            out += [" " * (width + 4) + paint.label(label) for label in labels[1:]]
+        else:
+            out.append(name)
+        out.append("")
+    return "".join(line + "\n" for line in out)
+
+
+def format_discovery(packet: Mapping[str, Any], paint: Painter) -> str:
+    lines = ["Hostname:", "  " + paint.paint(packet["hostname"], "1")]
+    if packet.get("labels"):
+        lines += ["Labels:", *("  " + paint.label(label) for label in packet["labels"])]
+    return "".join(line + "\n" for line in lines)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{days}d"] * bool(days) + [f"{hours}h"] * bool(days or hours) + \
+        [f"{minutes}m"] * bool(days or hours or minutes) + [f"{secs}s"]
+    return " ".join(parts)
+
+
+def format_health(health: Mapping[str, Any], paint: Painter, now: float) -> str:
+    ok = health.get("status") == "ok"
+    lines = [f"status:   {paint.paint(str(health.get('status')), '32' if ok else '31;1')}",
+             f"hostname: {health.get('hostname')}", f"version:  {health.get('version')}",
+             f"uptime:   {format_duration(health.get('uptime_s', 0))}",
+             f"hosts:    {health.get('hosts')}"]
+    for driver in health.get("drivers", []):
+        ago = format_duration(max(0, now - driver.get("since", now)))
+        state = f"connected to {driver.get('server')}" if driver.get("connected") \
+            else paint.paint("disconnected", "31;1")
+        lines.append(f"{driver.get('driver')}:     {state} for {ago}, "
+                     f"{driver.get('reconnects', 0)} reconnects")
+    for name, check in sorted(health.get("checks", {}).items()):
+        state = paint.paint("up", "32") if check.get("up") else paint.paint("down", "31;1")
+        output = f" ({check['output']})" if check.get("output") else ""
+        lines.append(f"check {name}: {state}{output}")
+    return "".join(line + "\n" for line in lines)
+
+
+def format_groups(groups: Sequence[Mapping[str, Any]]) -> str:
+    lines = []
+    for group in groups:
+        labels = " ".join(f"{key}={value}" for key, value in group.get("Labels", {}).items())
+        lines.append(" ".join(group.get("Targets", [])) + (f"    {labels}" if labels else ""))
+    return "".join(line + "\n" for line in lines)
+
+
+def ctl_labels(options: CtlOptions, words: list[str]) -> None:
+    if len(words) < 3 or words[1] not in ("add", "del"):
+        raise CtlUsageError("expected: labels add [--ttl S] LABEL... or labels del LABEL...")
+    action, rest, query = words[1], words[2:], ""
+    if rest[0].lstrip("-").partition("=")[0] == "ttl":
+        if action != "add":
+            raise CtlUsageError("--ttl goes with labels add only")
+        flag = rest.pop(0)
+        ttl = flag.partition("=")[2] if "=" in flag else (rest.pop(0) if rest else "")
+        if not ttl.isdigit():
+            raise CtlUsageError(f"--ttl {show(ttl)}: expected whole seconds")
+        query = f"?ttl={ttl}"
+    if not rest:
+        raise CtlUsageError(f"labels {action}: no labels given")
+    body = "\n".join(rest).encode("utf-8")
+    ctl_call(options, "POST" if action == "add" else "DELETE", "/v1/labels" + query, body)
+
+
+def compact_json(value: Any) -> str:
+    """JSON on one line, as the Go lobbyctl's -json prints it."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def ctl_run(options: CtlOptions, words: list[str], out: Any, paint: Painter) -> int:
+    """Run one command; the exit status."""
+    from urllib.parse import quote
+
+    command, args = words[0], words[1:]
+    if command == "discoveries":
+        path = "/v1/discoveries"
+        if args:
+            if args[0] not in ("labels", "search") or len(args) < 2:
+                raise CtlUsageError("expected: discoveries [labels LABEL... | search PREFIX...]")
+            key = "labels" if args[0] == "labels" else "prefixes"
+            path += f"?{key}=" + quote(",".join(args[1:]), safe=":,")
+        _, packets = ctl_call(options, "GET", path)
+        out.write(compact_json(packets) + "\n" if options.json
+                  else format_discoveries(packets, paint))
+    elif command == "discovery" and not args:
+        _, packet = ctl_call(options, "GET", "/v1/discovery")
+        out.write(compact_json(packet) + "\n" if options.json else format_discovery(packet, paint))
+    elif command == "resolve" and len(args) == 1:
+        _, names = ctl_call(options, "GET", "/v1/resolve?label=" + quote(args[0], safe=":"))
+        out.write(compact_json(names) + "\n" if options.json else "".join(n + "\n" for n in names))
+    elif command == "prometheus" and len(args) == 1:
+        _, groups = ctl_call(options, "GET", "/v1/prometheus/" + quote(args[0], safe=""))
+        out.write(compact_json(groups) + "\n" if options.json else format_groups(groups))
+    elif command == "health" and not args:
+        status, health = ctl_call(options, "GET", "/v1/health", accept=(200, 503))
+        out.write(compact_json(health) + "\n" if options.json
+                  else format_health(health, paint, time.time()))
+        return 0 if status == 200 else 1
+    elif command == "labels":
+        ctl_labels(options, words)
+    else:
+        raise CtlUsageError(f"unknown command or wrong arguments: {' '.join(words)}")
+    return 0
+
+
+def ctl_main(argv: Sequence[str], environ: Mapping[str, str], out: Any = None) -> int:
+    """lobbyctl: parse, call the API, print; errors become exit statuses here only."""
+    out = out or sys.stdout
+    try:
+        options, words = parse_ctl_args(argv, environ)
+        if not words:
+            raise CtlUsageError("no command given")
+        return ctl_run(options, words, out, Painter(wants_colour(out, environ)))
+    except CtlUsageError as exc:
+        if not str(exc):
+            print(CTL_USAGE)
+            return 0
+        print(f"lobbyctl: {exc}\n\n{CTL_USAGE}", file=sys.stderr)
+        return 2
+    except CtlError as exc:
+        print(f"lobbyctl: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `lobbyctl discoveries | head`
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (no flush error at exit)
+        return 0
 
 
 if __name__ == "__main__":
