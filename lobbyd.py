@@ -319,8 +319,24 @@ def help_text() -> str:
     lines += [
         "",
         "TLS: tls:// URLs verify the server against SSL_CERT_FILE / SSL_CERT_DIR, else",
-        "the system CA bundle. Bad configuration exits with status 78.",
-        "API: curl localhost:1313/   (see the README for every route)",
+        "the system CA bundle.",
+        "",
+        "Signals: SIGTERM or SIGINT say goodbye on NATS and exit 0 (a second one is",
+        "harmless); SIGHUP re-reads the label files now.",
+        "Exit status: 0 stopped by a signal, 78 bad configuration (one line on stderr",
+        "names the variable), 2 bad command-line arguments, 1 cannot start (e.g. the",
+        "port is in use).",
+        "",
+        "API (curl localhost:1313/...; the README lists every route):",
+        "  GET /, /v1/discoveries[?labels=a,b|?prefixes=p]   every live server",
+        "  GET /v1/discovery         this server's packet",
+        "  GET /v1/resolve?label=X   hostnames having label X",
+        "  GET /v1/prometheus/NAME   Prometheus HTTP SD target groups of job NAME",
+        "  POST, DELETE /v1/labels   add, remove runtime labels (body: one per line)",
+        "  GET /v1/health            200 while connected, 503 otherwise (JSON)",
+        "  GET /metrics              Prometheus metrics of lobbyd itself",
+        "",
+        "Client: lobbyctl ... or lobbyd ctl ... (lobbyctl --help).",
     ]
     return "\n".join(lines)
 
@@ -1000,6 +1016,7 @@ class NatsDriver:
         self.connected = asyncio.Event()
         self.since = time.time()  # of the last change between connected and not
         self.reconnects = 0  # reconnections after the first connection
+        self.was_connected = False
         self._closing = False
         self._warned = False  # the current outage has been logged
 
@@ -1025,6 +1042,7 @@ class NatsDriver:
         if connected != self.connected.is_set():
             self.since = time.time()
         if connected:
+            self.was_connected = True
             self.connected.set()
         else:
             self.connected.clear()
@@ -2246,7 +2264,7 @@ class Daemon:
         if self.driver.is_connected:
             return f"connected to {self.driver.server}; {len(self.registry)} hosts known"
         urls = ", ".join(redact_url(url) for url in self.driver.urls)
-        if self.driver.reconnects or self.joined.is_set():
+        if self.driver.was_connected:
             return f"NATS connection lost; reconnecting to {urls}; the API keeps serving"
         return f"waiting for NATS at {urls}; the API serves meanwhile"
 
