@@ -116,12 +116,13 @@ def test_flags_env_and_their_precedence(lobbyd) -> None:
     wait_for(lambda: a.request("GET", "/v1/discovery",
                                headers={"Authorization": "Token t0k"})[0] == 200, what="API")
     wrong = str(free_port())
-    assert "Hostname:\n  a\n" == ok("-host", "127.0.0.1", "-port", str(a.port), "-token", "t0k",
-                                    "discovery", port=int(wrong))
-    assert "Hostname:\n  a\n" == ok("--port=" + str(a.port), "--token=t0k", "-proto=http",
-                                    "discovery", port=int(wrong))
-    assert "Hostname:\n  a\n" == ok("discovery", port=a.port,
-                                    env={"TOKEN": "t0k", "HOST": "127.0.0.1", "PROTOCOL": "http"})
+    expected = "Hostname:\n  a\n"
+    assert ok("-host", "127.0.0.1", "-port", str(a.port), "-token", "t0k", "discovery",
+              port=int(wrong)) == expected
+    assert ok("--port=" + str(a.port), "--token=t0k", "-proto=http", "discovery",
+              port=int(wrong)) == expected
+    assert ok("discovery", port=a.port,
+              env={"TOKEN": "t0k", "HOST": "127.0.0.1", "PROTOCOL": "http"}) == expected
     denied = ctl("discovery", port=a.port, env={"TOKEN": "nope"})
     assert denied.returncode == 1 and denied.stdout == ""
     assert denied.stderr == f"lobbyctl: lobbyd at http://127.0.0.1:{a.port} answered 403: " \

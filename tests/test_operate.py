@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
@@ -13,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import Lobbyd, NatsServer, free_port, run_lobbyd, wait_for
+from conftest import Lobbyd, free_port, run_lobbyd, wait_for
 
 import lobbyd as L
 
@@ -122,7 +121,7 @@ def test_metrics_count_what_happens(lobbyd, nats) -> None:
     wait_for(lambda: metrics(a)['lobbyd_callback_runs_total{result="ok"}'] >= 1,
              what="the first callback run")
     before = metrics(a)
-    assert before['lobbyd_build_info{version="%s"}' % L.__version__] == 1
+    assert before[f'lobbyd_build_info{{version="{L.__version__}"}}'] == 1
     assert before['lobbyd_connected{driver="NATS"}'] == 1
     assert before["lobbyd_hosts"] == 1 and before["lobbyd_local_labels"] == 0
 
