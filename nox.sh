@@ -18,13 +18,13 @@ if ! "$venv/bin/python" -m nox --version >/dev/null 2>&1; then
         rm -rf "$venv"
         python3 -m venv --without-pip "$venv"
         "$venv/bin/python" - "$venv" <<'EOF'
-import hashlib, json, subprocess, sys, urllib.request
+import hashlib, json, subprocess, sys, urllib.parse, urllib.request
 venv = sys.argv[1]
 index = "https://pypi.org/pypi/pip/json"
 with urllib.request.urlopen(index, timeout=60) as resp:
     release = json.load(resp)
 wheel = next(f for f in release["urls"] if f["packagetype"] == "bdist_wheel")
-with urllib.request.urlopen(wheel["url"], timeout=120) as resp:
+with urllib.request.urlopen(urllib.parse.urljoin(index, wheel["url"]), timeout=120) as resp:
     data = resp.read()
 if hashlib.sha256(data).hexdigest() != wheel["digests"]["sha256"]:
     sys.exit("nox.sh: the pip wheel from PyPI does not match its sha256")
