@@ -62,7 +62,7 @@ def test_stock_python_cannot_pip_install(debian: Path) -> None:
     done = in_root(debian, "python3 -m pip install nox", user="dev")
     assert done.returncode != 0 and "No module named pip" in done.stderr, done
     done = in_root(debian, "python3 -m venv /tmp/v", user="dev")
-    assert done.returncode != 0 and "ensurepip is not available" in done.stdout, done
+    assert done.returncode != 0 and "ensurepip is not" in done.stdout, done
 
 
 def test_readme_test_command_passes(debian: Path) -> None:
