@@ -1373,14 +1373,19 @@ class RedisDriver(Transport):
     async def run(self, handle: Callable[[bytes], None]) -> None:
         """Connect, subscribe and listen until the connection fails; then again, for ever."""
         import redis.asyncio as aioredis  # only here: a NATS-only lobbyd never imports it
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
         delay = 0.1
         while not self._closing:
             config = self.config
+            # no silent retries inside redis-py: a lost connection must show (health,
+            # logs, a fresh hi and join), and this loop reconnects
             self.client = aioredis.Redis(
                 host=config.redis_host, port=config.redis_port, db=config.redis_db,
                 password=config.redis_password or None, socket_connect_timeout=2,
-                socket_timeout=5, client_name=self.name.replace(" ", "-"))
+                socket_timeout=5, client_name=self.name.replace(" ", "-"),
+                retry=Retry(NoBackoff(), 0))
             self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             try:
                 await self.pubsub.subscribe(self.channel)
