@@ -1336,6 +1336,7 @@ def describe_error(exc: BaseException) -> str:
 REDIS_PING_EVERY = 4.0  # an application-level ping: a stopped server still ACKs TCP
 REDIS_SILENT_AFTER = 12.0
 REDIS_SYNC_CHUNK = 256 * 1024
+REDIS_RETRY_MAX = 1.0
 
 
 class RedisDriver(Transport):
@@ -1398,7 +1399,9 @@ class RedisDriver(Transport):
                 await self._disconnect()
             if not self._closing:
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                # a refused connection costs nothing: try every second, so a returning
+                # Redis lists us again well within KEEP_ALIVE + 1 s
+                delay = min(delay * 2, REDIS_RETRY_MAX)
 
     async def _connected(self) -> None:
         if self.was_connected:
