@@ -1774,6 +1774,88 @@ def hard_exit() -> None:
     os._exit(0)
 
 
+def parent_pid(pid: int) -> int:
+    """The parent of `pid` (0 if it is gone or unreadable)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return 0
+    return int(stat[stat.rindex(b")") + 2:].split()[1])
+
+
+def binary_loader_pid() -> int | None:
+    """The PID the operator started, when that is not this process (else None).
+
+    The static binary is a chain: staticx's loader (the PID a shell, runit or
+    systemd knows) -> PyInstaller's loader -> this Python process. staticx puts
+    the binary's real path in STATICX_PROG_PATH: the ancestor running it is the
+    loader. From source (not frozen) there is none.
+    """
+    if not getattr(sys, "frozen", False):
+        return None
+    prog = os.environ.get("STATICX_PROG_PATH")
+    pid = os.getppid()
+    if not prog:
+        return pid  # a one-file build without staticx: PyInstaller's loader
+    for _ in range(3):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/exe") == prog:
+                return pid
+        pid = parent_pid(pid)
+        if pid <= 1:
+            break
+    return None
+
+
+def watch_binary_loader(loop: asyncio.AbstractEventLoop, stop: Callable[[str], None]) -> None:
+    """Stop (goodbye, exit) as soon as the process the operator started is gone.
+
+    Its loaders forward SIGTERM and SIGINT only: `kill -9` of that PID (or a
+    SIGHUP, which staticx does not catch) would leave this process running as
+    an orphan that keeps publishing and holds the port. The loaders' temporary
+    directories are removed by them once this process exits; staticx's would
+    be left behind by its dead loader, so this process removes it at exit.
+    """
+    pid = binary_loader_pid()
+    if pid is None:
+        return
+    parent = os.getppid()
+
+    def gone() -> bool:  # a reused PID cannot fool it: our ancestry would differ
+        return os.getppid() != parent or (parent != pid and parent_pid(parent) != pid)
+
+    def stop_now() -> None:
+        bundle = os.environ.get("STATICX_BUNDLE_DIR", "")
+        if os.path.basename(bundle).startswith("staticx-"):
+            import atexit
+            import shutil
+            atexit.register(shutil.rmtree, bundle, ignore_errors=True)
+        stop(f"pid {pid} (the static binary's loader) ended")
+
+    try:
+        fd = os.pidfd_open(pid)  # Linux >= 5.3: readable once the process has ended
+    except (AttributeError, OSError):
+        fd = -1
+    if gone():  # checked after pidfd_open: the fd is the loader's, not a reused PID's
+        if fd >= 0:
+            os.close(fd)
+        stop_now()
+    elif fd >= 0:
+        def on_readable() -> None:
+            loop.remove_reader(fd)
+            os.close(fd)
+            stop_now()
+        loop.add_reader(fd, on_readable)
+    else:  # no pidfd (old kernel): look five times a second
+        def poll() -> None:
+            if gone():
+                stop_now()
+            else:
+                loop.call_later(0.2, poll)
+        loop.call_later(0.2, poll)
+
+
 class RateLimitedLog:
     """At most `burst` lines per `interval` seconds; the rest are counted, then summed up."""
 
@@ -2076,6 +2158,7 @@ class Daemon:
         self.stop = asyncio.Event()
         self.label_lock = asyncio.Lock()
         self.install_signal_handlers(loop)
+        watch_binary_loader(loop, self.request_stop)
         if not self.config.disable_api:
             await self.listen()  # first: a HOST we cannot listen on is a config error
         self.runtime.remove_stale_temp_files()
