@@ -1808,6 +1808,23 @@ def binary_loader_pid() -> int | None:
     return None
 
 
+def invoked_name() -> str:
+    """The name the program was called by (`lobbyctl` through a symlink, say).
+
+    In the static binary sys.argv[0] is the path of the unpacked copy whatever
+    the name used (staticx does not pass argv[0] on: JonathonReinhart/staticx#133),
+    and STATICX_PROG_PATH has symlinks resolved: only the loader's own argv[0],
+    in /proc/PID/cmdline, still has it.
+    """
+    argv0 = sys.argv[0]
+    pid = binary_loader_pid()
+    if pid is not None:
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv0 = f.read().split(b"\0", 1)[0].decode()
+    return os.path.basename(argv0)
+
+
 def watch_binary_loader(loop: asyncio.AbstractEventLoop, stop: Callable[[str], None]) -> None:
     """Stop (goodbye, exit) as soon as the process the operator started is gone.
 
