@@ -1819,20 +1819,19 @@ def invoked_name() -> str:
     argv0 = sys.argv[0]
     pid = binary_loader_pid()
     if pid is not None:
-        with contextlib.suppress(OSError, UnicodeDecodeError):
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv0 = f.read().split(b"\0", 1)[0].decode()
+        with contextlib.suppress(OSError, UnicodeDecodeError), \
+                open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv0 = f.read().split(b"\0", 1)[0].decode()
     return os.path.basename(argv0)
 
 
 def watch_binary_loader(loop: asyncio.AbstractEventLoop, stop: Callable[[str], None]) -> None:
     """Stop (goodbye, exit) as soon as the process the operator started is gone.
 
-    Its loaders forward SIGTERM and SIGINT only: `kill -9` of that PID (or a
-    SIGHUP, which staticx does not catch) would leave this process running as
-    an orphan that keeps publishing and holds the port. The loaders' temporary
-    directories are removed by them once this process exits; staticx's would
-    be left behind by its dead loader, so this process removes it at exit.
+    `kill -9` of that PID (or of the loader after it) would leave this process
+    running as an orphan that keeps publishing and holds the port. A loader removes its
+    temporary directory once this process has exited; a dead one cannot, so
+    this process removes those at exit.
     """
     pid = binary_loader_pid()
     if pid is None:
@@ -1843,11 +1842,14 @@ def watch_binary_loader(loop: asyncio.AbstractEventLoop, stop: Callable[[str], N
         return os.getppid() != parent or (parent != pid and parent_pid(parent) != pid)
 
     def stop_now() -> None:
-        bundle = os.environ.get("STATICX_BUNDLE_DIR", "")
-        if os.path.basename(bundle).startswith("staticx-"):
-            import atexit
-            import shutil
-            atexit.register(shutil.rmtree, bundle, ignore_errors=True)
+        import atexit
+        import shutil
+        leftovers = [os.environ.get("STATICX_BUNDLE_DIR", "")]  # staticx's loader is gone
+        if os.getppid() != parent:  # and so is PyInstaller's
+            leftovers.append(getattr(sys, "_MEIPASS", ""))
+        for path in leftovers:
+            if os.path.basename(path).startswith(("staticx-", "_MEI")):
+                atexit.register(shutil.rmtree, path, ignore_errors=True)
         stop(f"pid {pid} (the static binary's loader) ended")
 
     try:
