@@ -1774,6 +1774,10 @@ def hard_exit() -> None:
     os._exit(0)
 
 
+#: lobbyd's exit status when the loader it runs under was killed (128 + SIGKILL)
+EXIT_LOADER_KILLED = 137
+
+
 def parent_pid(pid: int) -> int:
     """The parent of `pid` (0 if it is gone or unreadable)."""
     try:
@@ -1825,13 +1829,14 @@ def invoked_name() -> str:
     return os.path.basename(argv0)
 
 
-def watch_binary_loader(loop: asyncio.AbstractEventLoop, stop: Callable[[str], None]) -> None:
-    """Stop (goodbye, exit) as soon as the process the operator started is gone.
+def watch_binary_loader(loop: asyncio.AbstractEventLoop) -> None:
+    """End this process as soon as the process the operator started is gone.
 
-    `kill -9` of that PID (or of the loader after it) would leave this process
-    running as an orphan that keeps publishing and holds the port. A loader removes its
-    temporary directory once this process has exited; a dead one cannot, so
-    this process removes those at exit.
+    `kill -9` of that PID (or of the loader after it) would otherwise leave this
+    process running as an orphan that keeps publishing and holds the port. It
+    ends the way `kill -9` ends lobbyd run from source: at once, no goodbye
+    (peers expire it after TTL), but the loaders' temporary directories, which
+    a dead loader can no longer remove, are removed first.
     """
     pid = binary_loader_pid()
     if pid is None:
@@ -1842,15 +1847,17 @@ def watch_binary_loader(loop: asyncio.AbstractEventLoop, stop: Callable[[str], N
         return os.getppid() != parent or (parent != pid and parent_pid(parent) != pid)
 
     def stop_now() -> None:
-        import atexit
         import shutil
+        log.warning("pid %d (the static binary's loader) ended: exiting at once, no goodbye",
+                    pid)
         leftovers = [os.environ.get("STATICX_BUNDLE_DIR", "")]  # staticx's loader is gone
         if os.getppid() != parent:  # and so is PyInstaller's
             leftovers.append(getattr(sys, "_MEIPASS", ""))
         for path in leftovers:
             if os.path.basename(path).startswith(("staticx-", "_MEI")):
-                atexit.register(shutil.rmtree, path, ignore_errors=True)
-        stop(f"pid {pid} (the static binary's loader) ended")
+                shutil.rmtree(path, ignore_errors=True)
+        logging.shutdown()
+        os._exit(EXIT_LOADER_KILLED)
 
     try:
         fd = os.pidfd_open(pid)  # Linux >= 5.3: readable once the process has ended
@@ -2177,7 +2184,7 @@ class Daemon:
         self.stop = asyncio.Event()
         self.label_lock = asyncio.Lock()
         self.install_signal_handlers(loop)
-        watch_binary_loader(loop, self.request_stop)
+        watch_binary_loader(loop)
         if not self.config.disable_api:
             await self.listen()  # first: a HOST we cannot listen on is a config error
         self.runtime.remove_stale_temp_files()
