@@ -174,6 +174,10 @@ def check_sighup_rereads_labels(c: pk.Container) -> None:
     c.run("cp /etc/default/lobbyd /root/lobbyd.hup && printf 'KEEP_ALIVE=60\\nTTL=180\\n' "
           ">> /etc/default/lobbyd && systemctl restart lobbyd")
     main_pid = c.run("systemctl show -P MainPID lobbyd").stdout.strip()
+    # READY=1 comes before the first keep-alive has read the files; once connected
+    # (the connection awaits the network) that first read is done
+    pk.wait_for(lambda: "connected to NATS" in journal(c).rsplit("Started", 1)[-1], timeout=15,
+                what="lobbyd to be connected after the restart")
     c.run("echo boot:hup > /etc/lobby/labels/hup && chmod 0644 /etc/lobby/labels/hup")
 
     def labels() -> list[str]:
