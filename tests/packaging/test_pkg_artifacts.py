@@ -61,9 +61,11 @@ def test_tarball_contents():
     with tarfile.open(tarball) as tar:
         names = sorted(tar.getnames())
         assert names == sorted([top] + [f"{top}/{n}" for n in (
-            "lobbyd", "lobbyd.service", "lobbyd.env", "README.md", "LICENSE")])
+            "lobbyd", "lobbyctl", "lobbyd.service", "lobbyd.env", "README.md", "LICENSE")])
         members = {m.name: m for m in tar.getmembers()}
         assert members[f"{top}/lobbyd"].mode == 0o755
+        client = members[f"{top}/lobbyctl"]  # the client: the same binary by another name
+        assert client.issym() and client.linkname == "lobbyd"
         assert all(m.uid == 0 and m.gid == 0 for m in members.values())
 
         def content(name: str) -> bytes:
@@ -100,6 +102,15 @@ def deb_tree(tmp_path_factory) -> Path:
 def test_deb_binary_is_the_tarballs(deb_tree: Path):
     assert (deb_tree / "usr/bin/lobbyd").read_bytes() == pk.BINARY.read_bytes()
     assert stat.S_IMODE((deb_tree / "usr/bin/lobbyd").stat().st_mode) == 0o755
+
+
+def test_deb_has_lobbyctl(deb_tree: Path):
+    """/usr/bin/lobbyctl: the same binary by another name, and its man page."""
+    client = deb_tree / "usr/bin/lobbyctl"
+    assert client.is_symlink() and os.readlink(client) == "lobbyd"
+    page = deb_tree / "usr/share/man/man1/lobbyctl.1.gz"
+    assert page.is_symlink() and os.readlink(page) == "lobbyd.1.gz"
+    assert page.resolve() == (deb_tree / "usr/share/man/man1/lobbyd.1.gz").resolve()
 
 
 def test_deb_metadata(deb_tree: Path):

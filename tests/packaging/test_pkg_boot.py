@@ -167,6 +167,32 @@ def check_bad_config_does_not_loop(c: pk.Container) -> None:
     c.run("cp /root/lobbyd.default /etc/default/lobbyd && systemctl reset-failed lobbyd")
 
 
+def check_sighup_rereads_labels(c: pk.Container) -> None:
+    """`systemctl kill -s HUP lobbyd` (every process of the unit, the loader first)
+    re-reads the label files at once and restarts nothing. KEEP_ALIVE=60 here, so the
+    label cannot come from a keep-alive's re-read."""
+    c.run("cp /etc/default/lobbyd /root/lobbyd.hup && printf 'KEEP_ALIVE=60\\nTTL=180\\n' "
+          ">> /etc/default/lobbyd && systemctl restart lobbyd")
+    main_pid = c.run("systemctl show -P MainPID lobbyd").stdout.strip()
+    # READY=1 comes before the first keep-alive has read the files; once connected
+    # (the connection awaits the network) that first read is done
+    pk.wait_for(lambda: "connected to NATS" in journal(c).rsplit("Started", 1)[-1], timeout=15,
+                what="lobbyd to be connected after the restart")
+    c.run("echo boot:hup > /etc/lobby/labels/hup && chmod 0644 /etc/lobby/labels/hup")
+
+    def labels() -> list[str]:
+        return json.loads(c.run("curl -fsS localhost:1313/v1/discovery").stdout)["labels"]
+
+    assert "boot:hup" not in labels()
+    c.run("systemctl kill -s HUP lobbyd")
+    pk.wait_for(lambda: "boot:hup" in labels(), timeout=3, what="the label after SIGHUP")
+    assert c.run("systemctl show -P MainPID lobbyd").stdout.strip() == main_pid
+    assert c.run("systemctl show -P NRestarts lobbyd").stdout.strip() == "0"
+    assert c.run("systemctl is-active lobbyd", check=False).stdout.strip() == "active"
+    c.run("rm /etc/lobby/labels/hup && cp /root/lobbyd.hup /etc/default/lobbyd "
+          "&& systemctl restart lobbyd")
+
+
 def check_reinstall_keeps_configuration(c: pk.Container) -> None:
     """An upgrade (here: the same .deb again) keeps /etc/default/lobbyd edits and runtime
     labels, and leaves the service running."""
@@ -207,6 +233,9 @@ def test_deb_route(workdir: Path, natsdir: Path):
         out = run_readme(c, "Debian package")
         assert c.run("command -v lobbyd").stdout.strip() == "/usr/bin/lobbyd"
         assert c.run("cmp /usr/bin/lobbyd /mnt/dist/" + pk.BINARY.name, check=False).returncode == 0
+        assert c.run("readlink -f /usr/bin/lobbyctl").stdout.strip() == "/usr/bin/lobbyd"
+        assert c.run("readlink -f /usr/share/man/man1/lobbyctl.1.gz").stdout.strip() == \
+            "/usr/share/man/man1/lobbyd.1.gz"
         hostname = check_running_service(c, out)
         assert c.run("dpkg-query -W -f '${Conffiles}' lobbyd").stdout.split()[0] == \
             "/etc/default/lobbyd"
@@ -214,13 +243,15 @@ def test_deb_route(workdir: Path, natsdir: Path):
         check_noexec_tmp_does_not_matter(c)
         check_labels_survive_restart(c)
         check_reinstall_keeps_configuration(c)
+        check_sighup_rereads_labels(c)
         check_stop_says_goodbye(c, hostname)
         check_bad_config_does_not_loop(c)
 
         c.run("apt-get purge -y -q lobbyd", timeout=120)
         assert c.run("getent passwd lobby", check=False).returncode == 2
         assert c.run("getent group lobby", check=False).returncode == 2
-        for path in ("/usr/bin/lobbyd", "/lib/systemd/system/lobbyd.service", "/etc/default/lobbyd",
+        for path in ("/usr/bin/lobbyd", "/usr/bin/lobbyctl", "/lib/systemd/system/lobbyd.service",
+                     "/etc/default/lobbyd",
                      "/etc/lobby", "/var/cache/lobbyd",
                      "/etc/systemd/system/multi-user.target.wants/lobbyd.service"):
             assert c.run(f"test ! -e {path}", check=False).returncode == 0, f"{path} left"
@@ -236,9 +267,12 @@ def test_tarball_route(workdir: Path, natsdir: Path):
     try:
         out = run_readme(c, "Static binary and systemd unit")
         assert c.run("command -v lobbyd").stdout.strip() == "/usr/local/bin/lobbyd"
+        assert c.run("readlink -f \"$(command -v lobbyctl)\"").stdout.strip() == \
+            "/usr/local/bin/lobbyd"
         hostname = check_running_service(c, out)
         check_unit_inside(c)
         check_labels_survive_restart(c)
+        check_sighup_rereads_labels(c)
         check_stop_says_goodbye(c, hostname)
         check_bad_config_does_not_loop(c)
     finally:
@@ -251,8 +285,11 @@ def test_pip_route(tmp_path: Path):
     venv, link = tmp_path / "venv", tmp_path / "bin" / "lobbyd"
     link.parent.mkdir()
     script = (block.replace("/opt/lobbyd", str(venv)).replace("./lobbyd", str(pk.ROOT))
-              .replace("/usr/local/bin/lobbyd", str(link)))
+              .replace("/usr/local/bin/", f"{link.parent}/"))
     env = {**os.environ, "PATH": f"{link.parent}:{os.environ['PATH']}"}
     env.pop("VIRTUAL_ENV", None)
     proc = pk.sh(["bash", "-euxc", script], env=env, timeout=600, cwd=tmp_path)
     assert proc.stdout.strip().endswith(f"lobbyd {pk.VERSION}"), proc.stdout
+    client = link.parent / "lobbyctl"  # the console script, linked as the README says
+    assert client.is_symlink() and client.resolve() == (venv / "bin" / "lobbyctl").resolve()
+    assert "lobbyd:main" in client.read_text() or "from lobbyd import main" in client.read_text()
