@@ -34,11 +34,13 @@ from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # harness.py
 
 import httpload
+from harness import ROOT, nats_server_binary
 from loadgen import hostname as fake_hostname
 from loadgen import labels as fake_labels
-from procs import ROOT, Daemon, LoadMeter, NatsServer, lobbyd_command, nats_server_binary
+from procs import Daemon, LoadMeter, NatsServer, lobbyd_command
 
 BENCH = Path(__file__).resolve().parent
 SUBJECT = "lobby.discovery"
