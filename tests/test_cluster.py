@@ -8,7 +8,6 @@ import signal
 import time
 from pathlib import Path
 
-import pytest
 from conftest import wait_for
 
 SUBJECT = "lobby.discovery"
@@ -170,13 +169,15 @@ def test_hostname_defaults_to_the_machines(lobbyd) -> None:
              what="machine hostname")
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="a UTS namespace needs root")
 def test_a_hostname_change_says_goodbye_for_the_old_name(lobbyd, nats, monkeypatch) -> None:
     """lobbyd runs in a UTS namespace of its own, whose hostname the test changes."""
     import shutil
     import subprocess
 
-    from conftest import lobbyd_command
+    from conftest import lobbyd_command, skip_unless_required
+
+    if os.geteuid() != 0:
+        skip_unless_required("a UTS namespace needs root")
 
     monkeypatch.setenv("LOBBYD_CMD", " ".join(
         [shutil.which("unshare") or "unshare", "--uts", *lobbyd_command()]))
