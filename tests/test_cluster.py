@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import time
 from pathlib import Path
 
+import pytest
 from conftest import wait_for
 
 SUBJECT = "lobby.discovery"
@@ -43,6 +45,44 @@ def test_sigterm_says_goodbye_and_exits_quickly(lobbyd, nats) -> None:
                 return envelope
 
     assert next_goodbye()["discovery"] == {"hostname": "b", "labels": [], "last_check": 0}
+    assert "Traceback" not in b.logs()
+
+
+@pytest.mark.parametrize("second", ["at once", "after the goodbye"])
+def test_a_second_sigterm_sends_no_second_goodbye(lobbyd, nats, second: str) -> None:
+    """Two SIGTERMs: back to back, or the second once the first goodbye is on the wire
+    (the daemon is then closing its NATS connection). Exactly one goodbye either way,
+    exit status 0."""
+    b = lobbyd("b", TTL="60")
+    sub = nats.client()
+    sub.subscribe(SUBJECT)
+    sub.flush()
+    goodbyes: list[dict] = []
+
+    def collect(timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            envelope = json.loads(sub.next_msg(timeout=timeout)[1])
+            if envelope["message"] == "goodbye" and envelope["discovery"]["hostname"] == "b":
+                goodbyes.append(envelope)
+
+    b.proc.send_signal(signal.SIGTERM)
+    if second == "at once":
+        b.proc.send_signal(signal.SIGTERM)
+    else:
+        wait_for(lambda: collect(0.05) or goodbyes, timeout=5, what="the first goodbye")
+        assert b.proc.poll() is None, "b exited before the second signal could land"
+        b.proc.send_signal(signal.SIGTERM)
+    code = b.proc.wait(timeout=5)
+    # b is gone: whatever it published is at the server; a round trip on our connection
+    # then puts every packet the server routed to us ahead of the PONG
+    sub.flush()
+    drain_until = time.monotonic() + 0.5
+    while time.monotonic() < drain_until:
+        collect(drain_until - time.monotonic())
+    sub.close()
+    assert code == 0, (code, b.logs()[-2000:])
+    assert len(goodbyes) == 1, goodbyes
+    assert goodbyes[0]["discovery"] == {"hostname": "b", "labels": [], "last_check": 0}
     assert "Traceback" not in b.logs()
 
 
