@@ -7,9 +7,9 @@ loopback or unusable values, LABELS_PATH stays inside the test's directory."""
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import random
+import re
 import signal
 import subprocess
 import threading
@@ -121,9 +121,13 @@ def run_case(tmp: Path, i: int, name: str, value: bytes) -> dict:
         proc = subprocess.Popen(lobbyd_command(), env=env, stdout=out, stderr=err,
                                 stdin=subprocess.DEVNULL, cwd=work)
         api = None
-        if name in ("PORT", "HOST", "DISABLE_API"):  # no known API address to probe
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5.0)
+        if name in ("PORT", "HOST", "DISABLE_API"):  # no known API address to probe:
+            # until it exits or logs that it runs (it listens before it says so)
+            deadline = time.monotonic() + 15
+            while proc.poll() is None and time.monotonic() < deadline and not re.search(
+                    rb"starting as|API disabled", log.read_bytes() + (work / "err.log")
+                    .read_bytes()):
+                time.sleep(0.05)
         else:
             api = wait_api(port, proc, timeout=15)
         started = proc.poll() is None
