@@ -127,6 +127,18 @@ class NatsServer:
 # --------------------------------------------------------------------------- lobbyd
 
 
+def sigterm_and_wait(proc: subprocess.Popen, timeout: float = 5) -> tuple[int, bool]:
+    """SIGTERM a running process (if it still runs) and reap it; SIGKILL after `timeout`.
+    Returns (exit status, whether it hung and had to be killed)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=timeout), False
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(), True
+
+
 def spawn(cmd: list[str], env: dict[str, str], log_path: Path, nofile: int | None = None,
           cwd: Path | None = None) -> subprocess.Popen:
     """Start a daemon with its output appended to log_path, in a session of its own:

@@ -18,7 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import base_env, free_port, lobbyd_command, skip_unless_required
+from harness import (
+    base_env,
+    free_port,
+    lobbyd_command,
+    sigterm_and_wait,
+    skip_unless_required,
+)
 
 from .conftest import SECRET_NATS_PASS, SECRET_NATS_TOKEN, SECRET_TOKEN, SECRETS, record
 
@@ -131,14 +137,9 @@ def run_case(tmp: Path, i: int, name: str, value: bytes) -> dict:
         else:
             api = wait_api(port, proc, timeout=15)
         started = proc.poll() is None
-        code = proc.returncode
-        if started:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                code = proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                code = f"hung after SIGTERM ({proc.wait()})"
+        code, hung = sigterm_and_wait(proc)
+        if hung:
+            code = f"hung after SIGTERM ({code})"
     stdout = log.read_bytes()
     stderr = (work / "err.log").read_bytes()
     return {"name": name, "value": value[:80], "started": started, "code": code, "api": api,

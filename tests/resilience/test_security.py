@@ -24,6 +24,7 @@ from conftest import (
     skip_unless_required,
     wait_for,
 )
+from harness import sigterm_and_wait
 
 from .conftest import (
     SECRET_NATS_PASS,
@@ -148,13 +149,7 @@ def _run_scenario(env: dict[str, str], cwd: Path, name: str, expect: Scenario,
                 what=f"scenario {name}: {expect}")
         finally:
             running = proc.poll() is None
-            if running:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                code = proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                code = proc.wait()
+            code, _hung = sigterm_and_wait(proc)
     text = log.read_text(errors="replace")
     if running or not expect.names:
         assert running and code == 0, f"{name}: should run, exited {code}: {text[-500:]}"
