@@ -52,9 +52,11 @@ INGEST_RULE = "2 runs in a row with lag <= max(2 % of the run, 50 ms) and CPU < 
 def detail(key: str, r: dict) -> str:
     runs = r["runs"]
     if key.startswith("ingest@"):
-        targets = [x.get("sustained_target", 0) for x in runs]
-        drains = [x["burst"].get("drain_rate_estimate") or x["burst"].get("drain_rate") or 0
-                  for x in runs]
+        if any("sustained_target" not in x for x in runs):  # a file of the earlier method
+            return ("earlier method: the sender's rate of the best single paced run, 0.5 s "
+                    "lag allowed (flatters; not comparable with daemon-side figures)")
+        targets = [x["sustained_target"] for x in runs]
+        drains = [x["burst"]["drain_rate_estimate"] for x in runs]
         return (f"daemon-side rate, {INGEST_RULE}; sustained target "
                 f"{num(min(targets), 'pkt/s')}-{num(max(targets), 'pkt/s')}/s; burst estimate "
                 f"{num(min(drains), 'pkt/s')}-{num(max(drains), 'pkt/s')}/s; registry exact "
