@@ -314,8 +314,9 @@ class Config:
         values = {}
         for name, (default, parser, _help) in ENV_VARS.items():
             raw = environ.get(name, "")
-            if _has_surrogates(raw):
-                raise ConfigError(f"{name}={show(raw)}: not valid UTF-8")
+            if _has_surrogates(raw):  # TOKEN and NATS_URL may hold secrets: never shown
+                shown = "" if name in ("TOKEN", "NATS_URL") else f"={show(raw)}"
+                raise ConfigError(f"{name}{shown}: not valid UTF-8")
             values[name.lower()] = parser(name, raw if raw.strip() else default)
         return cls(**values)
 

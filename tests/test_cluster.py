@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -45,6 +46,53 @@ def test_sigterm_says_goodbye_and_exits_quickly(lobbyd, nats) -> None:
 
     assert next_goodbye()["discovery"] == {"hostname": "b", "labels": [], "last_check": 0}
     assert "Traceback" not in b.logs()
+
+
+@pytest.mark.parametrize("second", ["at once", "after the goodbye"])
+def test_a_second_sigterm_sends_no_second_goodbye(lobbyd, nats, second: str) -> None:
+    """Two SIGTERMs: back to back, or the second once the first goodbye is on the wire
+    (the daemon is then closing its NATS connection). Exactly one goodbye either way,
+    exit status 0. Should a daemon be gone before the second signal could land, the try
+    does not count and another daemon is tried (3 at most; one must count)."""
+    for attempt in range(3):
+        name = f"b{attempt}"
+        b = lobbyd(name, TTL="60")
+        sub = nats.client()
+        sub.subscribe(SUBJECT)
+        sub.flush()
+        goodbyes: list[dict] = []
+
+        def collect(timeout: float, sub=sub, name=name, goodbyes=goodbyes) -> None:
+            with contextlib.suppress(TimeoutError):
+                envelope = json.loads(sub.next_msg(timeout=timeout)[1])
+                if envelope["message"] == "goodbye" and \
+                        envelope["discovery"]["hostname"] == name:
+                    goodbyes.append(envelope)
+
+        b.proc.send_signal(signal.SIGTERM)
+        landed = True
+        if second == "at once":
+            b.proc.send_signal(signal.SIGTERM)
+        else:
+            wait_for(lambda collect=collect, goodbyes=goodbyes: collect(0.05) or goodbyes,
+                     timeout=5, what="the first goodbye")
+            landed = b.proc.poll() is None
+            b.proc.send_signal(signal.SIGTERM)  # a no-op if it has exited meanwhile
+        code = b.proc.wait(timeout=5)
+        # b is gone: whatever it published is at the server; a round trip on our
+        # connection then puts every packet the server routed to us ahead of the PONG
+        sub.flush()
+        drain_until = time.monotonic() + 0.5
+        while time.monotonic() < drain_until:
+            collect(drain_until - time.monotonic())
+        sub.close()
+        assert code == 0, (code, b.logs()[-2000:])
+        assert len(goodbyes) == 1, goodbyes
+        assert goodbyes[0]["discovery"] == {"hostname": name, "labels": [], "last_check": 0}
+        assert "Traceback" not in b.logs()
+        if landed:
+            return
+    raise AssertionError("3 daemons in a row exited before a second signal could land")
 
 
 def test_kill_9_expires_after_ttl(lobbyd) -> None:
@@ -170,13 +218,15 @@ def test_hostname_defaults_to_the_machines(lobbyd) -> None:
              what="machine hostname")
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="a UTS namespace needs root")
 def test_a_hostname_change_says_goodbye_for_the_old_name(lobbyd, nats, monkeypatch) -> None:
     """lobbyd runs in a UTS namespace of its own, whose hostname the test changes."""
     import shutil
     import subprocess
 
-    from conftest import lobbyd_command
+    from conftest import lobbyd_command, skip_unless_required
+
+    if os.geteuid() != 0:
+        skip_unless_required("a UTS namespace needs root")
 
     monkeypatch.setenv("LOBBYD_CMD", " ".join(
         [shutil.which("unshare") or "unshare", "--uts", *lobbyd_command()]))

@@ -34,12 +34,44 @@ def test_expire_drops_exactly_the_silent_hosts() -> None:
     assert len(r) == 0
 
 
+class WalkCountingDict(dict):  # type: ignore[type-arg]
+    """A real dict that counts the walks over it (iteration, keys, values, items)."""
+
+    walks = 0
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        self.walks += 1
+        return super().__iter__()
+
+    def keys(self):  # type: ignore[no-untyped-def]
+        self.walks += 1
+        return super().keys()
+
+    def values(self):  # type: ignore[no-untyped-def]
+        self.walks += 1
+        return super().values()
+
+    def items(self):  # type: ignore[no-untyped-def]
+        self.walks += 1
+        return super().items()
+
+
 def test_expire_is_cheap_when_nothing_can_have_expired() -> None:
+    """Cheap, checked by structure, not by time: with no host older than TTL, expire()
+    neither walks the hosts nor changes anything; once one can have expired, it does."""
     r = Registry(ttl=10)
     for i in range(1000):
-        r.apply_hi(f"h{i}", (), 100.0)
+        r.apply_hi(f"h{i}", (), 100.0 + i / 1000)
+    before = r.packets()
+    r.hosts = hosts = WalkCountingDict(r.hosts)
     v = r.version
-    assert r.expire(109.0) == [] and r.version == v
+    for now in (100.5, 105.0, 109.0, 110.0):  # exactly TTL old is still alive
+        assert r.expire(now) == []
+    assert hosts.walks == 0, f"expire() walked the registry {hosts.walks} times for nothing"
+    assert r.version == v and r.packets() == before
+    # the control: the first moment one host is over TTL, expire() must look, and drop it
+    assert r.expire(110.0005) == ["h0"]
+    assert hosts.walks >= 1 and r.version == v + 1 and len(r) == 999
 
 
 def test_learn_adds_unknown_hosts_only() -> None:

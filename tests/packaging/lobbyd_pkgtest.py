@@ -13,13 +13,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the one harness
+import harness
+
+ROOT = harness.ROOT
 DIST = ROOT / "dist"
 TESTS = ROOT / "tests"
 ROOTFS_CACHE = Path(os.environ.get("LOBBYD_ROOTFS_CACHE", "/var/cache/lobbyd-test/bookworm"))
@@ -73,18 +75,11 @@ def sh(cmd: list[str] | str, check: bool = True, timeout: float = 120, **kw
 
 def wait_for(predicate: Callable[[], object], timeout: float = 20, interval: float = 0.1,
              what: str = "condition") -> object:
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-        except (OSError, AssertionError, ValueError, subprocess.SubprocessError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+    """The harness's wait_for with the packaging tests' slower defaults; a predicate that
+    asserts (inside a container still booting, say) is tried again."""
+    return harness.wait_for(predicate, timeout, interval, what,
+                            retry_on=(*harness.RETRY_ON, AssertionError,
+                                      subprocess.SubprocessError))
 
 
 def readme_install_blocks() -> dict[str, str]:

@@ -11,7 +11,6 @@ import http.client
 import json
 import os
 import re
-import resource
 import signal
 import socket
 import subprocess
@@ -23,7 +22,14 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from conftest import Lobbyd, NatsServer, base_env, free_port, lobbyd_command, wait_for
+from harness import (
+    Lobbyd,
+    NatsServer,
+    daemon_env,
+    free_port,
+    skip_unless_required,
+    wait_for,
+)
 
 HERE = Path(__file__).resolve().parent
 
@@ -137,24 +143,7 @@ def tcp_connections(pid: int) -> list[tuple[int, int]]:
 
 
 class ResLobbyd(Lobbyd):
-    """A Lobbyd that can run under a lower RLIMIT_NOFILE, with process probes."""
-
-    nofile: int | None = None
-
-    def start(self, wait: bool = True) -> ResLobbyd:
-        nofile = self.nofile
-
-        def limit() -> None:
-            if nofile:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(lobbyd_command(), env=self.env, stdout=log,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         preexec_fn=limit)
-        if wait:
-            wait_for(self._ready, timeout=15, what=f"{self.name} API on {self.port}")
-        return self
+    """A Lobbyd with process probes (`nofile`, the RLIMIT_NOFILE, is Lobbyd's)."""
 
     @property
     def pid(self) -> int:
@@ -191,18 +180,7 @@ def fleet(tmp_path: Path) -> Iterator[Callable[..., ResLobbyd]]:
 
     def make(name: str, nats_url: str, start: bool = True, wait: bool = True,
              nofile: int | None = None, **env: str | int) -> ResLobbyd:
-        full = base_env()
-        full.update({
-            "HOSTNAME": name,
-            "PORT": str(free_port()),
-            "NATS_URL": nats_url,
-            "LABELS_PATH": str(tmp_path / f"labels-{name}"),
-            "KEEP_ALIVE": "1",
-            "TTL": "5",
-            "CLEAN_EVERY": "1",
-            "LOG_LEVEL": "INFO",
-        })
-        full.update({k: str(v) for k, v in env.items()})
+        full = daemon_env(name, nats_url, tmp_path, log_level="INFO", **env)
         d = ResLobbyd(full, tmp_path, name)
         d.nofile = nofile
         started.append(d)
@@ -506,12 +484,13 @@ def timed_get(d: Lobbyd, path: str = "/v1/discoveries") -> float:
 
 @contextlib.contextmanager
 def tmpfs(path: Path, size: str) -> Iterator[Path]:
-    """A tiny tmpfs at path (root and CAP_SYS_ADMIN needed; skips otherwise)."""
+    """A tiny tmpfs at path (root and CAP_SYS_ADMIN needed; skips otherwise, fails under
+    LOBBYD_REQUIRE_ALL=1)."""
     path.mkdir(parents=True, exist_ok=True)
     res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs",
                           str(path)], capture_output=True, text=True)
     if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip()}): needs root")
+        skip_unless_required(f"cannot mount a tmpfs here ({res.stderr.strip()}): needs root")
     try:
         yield path
     finally:

@@ -7,9 +7,9 @@ loopback or unusable values, LABELS_PATH stays inside the test's directory."""
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import random
+import re
 import signal
 import subprocess
 import threading
@@ -18,9 +18,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import base_env, free_port, lobbyd_command
+from harness import (
+    base_env,
+    free_port,
+    lobbyd_command,
+    sigterm_and_wait,
+    skip_unless_required,
+)
 
-from .conftest import SECRETS, record
+from .conftest import SECRET_NATS_PASS, SECRET_NATS_TOKEN, SECRET_TOKEN, SECRETS, record
 
 EX_CONFIG = 78
 NUMERIC = ["CLEAN_EVERY", "KEEP_ALIVE", "TTL", "NODE_EXPORTER_PORT", "CALLBACK_COOLDOWN",
@@ -80,6 +86,30 @@ def cases(tmp: Path) -> list[tuple[str, bytes]]:
     return out
 
 
+def secret_cases() -> list[tuple[str, bytes]]:
+    """Values that carry a secret (TOKEN, NATS password, NATS token), good and broken:
+    the daemon's output (at DEBUG) must never show it, whether it starts or refuses."""
+    token, pw, ntok = (s.encode() for s in (SECRET_TOKEN, SECRET_NATS_PASS, SECRET_NATS_TOKEN))
+    nobody = str(free_port()).encode()
+    return [
+        ("TOKEN", token), ("TOKEN", token + b"\x01"), ("TOKEN", b" " + token + b"\t"),
+        ("TOKEN", token + b"\xff"), ("TOKEN", token * 2000),
+        ("NATS_URL", b"nats://lobby:" + pw + b"@127.0.0.1:" + nobody),
+        ("NATS_URL", b"nats://" + ntok + b"@127.0.0.1:" + nobody),
+        ("NATS_URL", b"nats://lobby:" + pw + b"@127.0.0.1:99999"),
+        ("NATS_URL", b"nats://lobby:" + pw + b"@127.0.0.1:abc"),
+        ("NATS_URL", b"nats://lobby:" + pw + b"@[::1"),
+        ("NATS_URL", b"http://lobby:" + pw + b"@127.0.0.1:1"),
+        ("NATS_URL", b"nats://lobby:" + pw + b"\x01@127.0.0.1:1"),
+        ("NATS_URL", b"nats://lobby:" + pw + b"\xff@127.0.0.1:1"),
+        ("NATS_URL", b"nats://127.0.0.1:1,nats://" + ntok + b"@127.0.0.1:" + nobody),
+    ]
+
+
+def has_secret(value: bytes) -> bool:
+    return any(s.encode() in value for s in SECRETS)
+
+
 def run_case(tmp: Path, i: int, name: str, value: bytes) -> dict:
     work = tmp / f"case{i}"
     work.mkdir()
@@ -90,29 +120,30 @@ def run_case(tmp: Path, i: int, name: str, value: bytes) -> dict:
                 b"NATS_URL": f"nats://127.0.0.1:{free_port()}".encode(),  # nobody there
                 b"LABELS_PATH": str(work / "labels").encode()})
     env[name.encode()] = value
+    if has_secret(value):
+        env[b"LOG_LEVEL"] = b"DEBUG"  # everything the daemon could say about it
     log = work / "out.log"
     with open(log, "wb") as out, open(work / "err.log", "wb") as err:
         proc = subprocess.Popen(lobbyd_command(), env=env, stdout=out, stderr=err,
                                 stdin=subprocess.DEVNULL, cwd=work)
         api = None
-        if name in ("PORT", "HOST", "DISABLE_API"):  # no known API address to probe
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5.0)
+        if name in ("PORT", "HOST", "DISABLE_API"):  # no known API address to probe:
+            # until it exits or logs that it runs (it listens before it says so)
+            deadline = time.monotonic() + 15
+            while proc.poll() is None and time.monotonic() < deadline and not re.search(
+                    rb"starting as|API disabled", log.read_bytes() + (work / "err.log")
+                    .read_bytes()):
+                time.sleep(0.05)
         else:
             api = wait_api(port, proc, timeout=15)
         started = proc.poll() is None
-        code = proc.returncode
-        if started:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                code = proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                code = f"hung after SIGTERM ({proc.wait()})"
+        code, hung = sigterm_and_wait(proc)
+        if hung:
+            code = f"hung after SIGTERM ({code})"
     stdout = log.read_bytes()
     stderr = (work / "err.log").read_bytes()
     return {"name": name, "value": value[:80], "started": started, "code": code, "api": api,
-            "stderr": stderr, "stdout": stdout}
+            "stderr": stderr, "stdout": stdout, "secret": has_secret(value)}
 
 
 def wait_api(port: int, proc: subprocess.Popen, timeout: float) -> bool:
@@ -131,7 +162,7 @@ def wait_api(port: int, proc: subprocess.Popen, timeout: float) -> bool:
 
 
 def test_environment_fuzz(tmp_path):
-    all_cases = cases(tmp_path)
+    all_cases = cases(tmp_path) + secret_cases()
     results: list[dict] = []
     lock = threading.Lock()
     t0 = time.monotonic()
@@ -172,20 +203,28 @@ def test_environment_fuzz(tmp_path):
             if secret in text:
                 problems.append(f"{where}: a secret in the output")
     started = sum(1 for r in results if r["started"])
+    with_secret = [r for r in results if r["secret"]]
     record("10 environment fuzz", cases=len(results), planned=len(all_cases),
            started=started, exit_78=sum(1 for r in results if r["code"] == EX_CONFIG
                                          and not r["started"]),
            tracebacks=sum(1 for p in problems if "traceback" in p), problems=len(problems),
+           secret_cases=len(with_secret),
+           secret_cases_started=sum(1 for r in with_secret if r["started"]),
+           secrets_shown=sum(1 for p in problems if "a secret in the output" in p),
            duration_s=round(time.monotonic() - t0, 1))
     assert len(results) == len(all_cases), "ran out of time before every case ran"
+    # the secret check had something to check: cases that started and cases refused
+    assert with_secret and any(r["started"] for r in with_secret) and \
+        any(not r["started"] for r in with_secret), [(r["name"], r["code"]) for r in with_secret]
     assert not problems, f"{len(problems)} problems:\n" + "\n".join(problems[:15])
 
 
 def isolated(cmd: list[str]) -> list[str]:
     """cmd in a network namespace of its own (only loopback): a name lookup there cannot
-    leave the machine. Skips where namespaces are not allowed."""
+    leave the machine. Skips where namespaces are not allowed (fails under
+    LOBBYD_REQUIRE_ALL=1, as in CI)."""
     if subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode != 0:
-        pytest.skip("unshare -n not permitted here")
+        skip_unless_required("unshare -n not permitted here")
     return ["unshare", "-n", "--", *cmd]
 
 
@@ -223,8 +262,11 @@ def test_minimal_env_starts(tmp_path):
     env["PORT"] = str(free_port())
     proc = subprocess.Popen(lobbyd_command(), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, cwd=tmp_path)
-    time.sleep(2)
-    assert proc.poll() is None
-    proc.send_signal(signal.SIGTERM)
+    try:
+        assert wait_api(int(env["PORT"]), proc, timeout=15), \
+            f"API never answered (exit {proc.poll()})"
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=5)
     assert proc.returncode == 0 and b"Traceback" not in out, out[-500:]
