@@ -1,7 +1,8 @@
 """Fixtures of the core suite: a real nats-server on a free loopback port (`nats`), a
-real redis-server (`redis`), and real lobbyd processes (`lobbyd`). The processes themselves come from tests/harness.py,
-the one harness every suite and the benchmark share; its names are re-exported here
-(`from conftest import Lobbyd, NatsServer, ...`) for the tests that import them so.
+real redis-server (`redis`), and real lobbyd processes (`lobbyd`). The processes
+themselves come from tests/harness.py, the one harness every suite and the benchmark
+share; its names are re-exported here (`from conftest import Lobbyd, NatsServer, ...`)
+for the tests that import them so.
 """
 
 from __future__ import annotations
