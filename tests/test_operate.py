@@ -167,8 +167,8 @@ def test_metrics_pass_promtool_and_a_real_prometheus_scrapes_them(lobbyd, tmp_pa
     open_ = lobbyd("open", LABELS="role:x")
     locked = start_with_token(lobbyd, "locked", "tok-3x")
     body = open_.request("GET", "/metrics")[2]
-    check = subprocess.run([prometheus_tool("promtool"), "check", "metrics"], input=body, capture_output=True,
-                           timeout=30)
+    check = subprocess.run([prometheus_tool("promtool"), "check", "metrics"], input=body,
+                           capture_output=True, timeout=30)
     assert check.returncode == 0 and not check.stdout.strip() and not check.stderr.strip(), \
         (check.stdout, check.stderr)
 
