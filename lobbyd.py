@@ -1418,7 +1418,7 @@ class RedisDriver(Transport):
         if self._closing:
             return
         if self._up:
-            self._up = False
+            self._up, self._warned = False, True  # the retries of this outage: debug only
             self._changed(False)
             log.warning("disconnected from Redis (%s); reconnecting", describe_error(exc))
         elif not self._warned:

@@ -422,9 +422,10 @@ class RespSubscriber:
         self.sock.close()
 
 
-def resp_command(*words: str) -> bytes:
-    parts = [f"*{len(words)}\r\n".encode()]
+def resp_command(*words: str | bytes) -> bytes:
+    """A Redis command as RESP; words are binary-safe (packets need not be text)."""
+    parts = [b"*%d\r\n" % len(words)]
     for word in words:
-        data = word.encode()
+        data = word.encode() if isinstance(word, str) else word
         parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(parts)
