@@ -10,8 +10,9 @@ seconds (or at once on its goodbye), and answers a local HTTP API
 
 Run ``lobbyd --help`` for the environment variables that configure it. The file
 reads top to bottom in the order data flows: errors, config, labels, wire
-format, registry, queries, NATS driver, HTTP server, API routes, callback
-runner, daemon lifecycle, ``main()``.
+format, registry, queries, transports (NATS, Redis), HTTP server, health and
+metrics, API routes, callback runner, daemon lifecycle, ``main()``, and last the
+``lobbyctl`` client (the same program called ``lobbyctl`` or ``lobbyd ctl``).
 """
 
 from __future__ import annotations
