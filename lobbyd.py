@@ -24,12 +24,14 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import resource
 import shlex
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -233,6 +235,8 @@ ENV_VARS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
                     "directory of label files, one label per line"),
     "RUNTIME_LABELS_FILENAME": ("_runtime", parse_filename,
                                 "file in LABELS_PATH holding labels added through the API"),
+    "CHECKS_PATH": ("/etc/lobby/checks", lambda n, v: v.strip(),
+                    "directory of NAME.check files: labels published while a check passes"),
     "HOSTNAME": ("", lambda n, v: parse_hostname(n, v) if v.strip() else "",
                  "overrides the machine's hostname"),
     "CLEAN_EVERY": ("15", int_in(1, 86400), "at most this many seconds between clean-ups"),
@@ -265,6 +269,7 @@ class Config:
     labels: tuple[str, ...] = ()
     labels_path: str = "/etc/lobby/labels"
     runtime_labels_filename: str = "_runtime"
+    checks_path: str = "/etc/lobby/checks"
     hostname: str = ""
     clean_every: int = 15
     keep_alive: int = 5
@@ -509,6 +514,8 @@ class LocalLabels:
         self.directory = directory
         self._by_file: dict[str, list[str]] = {}
         self._reported: dict[str, list[str]] = {}
+        #: labels that come and go without a file: "leases", "check:NAME" -> labels
+        self.extra: dict[str, tuple[str, ...]] = {}
 
     def collect(self) -> tuple[str, ...]:
         """Re-read every label file."""
@@ -527,7 +534,8 @@ class LocalLabels:
         return self.union()
 
     def union(self) -> tuple[str, ...]:
-        labels = sorted(set(self.env_labels).union(*self._by_file.values()))
+        labels = sorted(set(self.env_labels).union(*self._by_file.values(),
+                                                   *self.extra.values()))
         if len(labels) > MAX_LABELS:
             log.error("%d labels, over the limit of %d: publishing the first %d",
                       len(labels), MAX_LABELS, MAX_LABELS)
@@ -540,6 +548,229 @@ class LocalLabels:
                 for line in trouble:
                     log.warning("label file %s: %s", path, line)
         self._reported = problems
+
+    def by_file(self) -> dict[str, list[str]]:
+        """File name -> its labels, as last read."""
+        return {Path(path).name: sorted(set(labels)) for path, labels in self._by_file.items()}
+
+
+MAX_LEASE_TTL = 86400
+TTL_RE = re.compile(r"[0-9]{1,6}")
+
+
+def parse_ttl(value: str) -> int:
+    """The `ttl` of POST /v1/labels?ttl=S: whole seconds from 1 to 86,400, else LabelError."""
+    text = value.strip()
+    if not TTL_RE.fullmatch(text) or not 1 <= int(text) <= MAX_LEASE_TTL:
+        raise LabelError(f"ttl={show(value)}: expected whole seconds from 1 to {MAX_LEASE_TTL}")
+    return int(text)
+
+
+class Leases:
+    """Labels that end `ttl` seconds after the last POST naming them (SPEC 9).
+
+    In memory only: a lease is a promise of a running service, and a restarted
+    lobbyd cannot know that the service still runs.
+    """
+
+    def __init__(self) -> None:
+        self.ends: dict[str, float] = {}  # label -> monotonic time it ends
+
+    def add(self, labels: Iterable[str], ttl: float, now: float) -> bool:
+        """Start or refresh leases; True if a label was not leased before."""
+        new = False
+        for label in labels:
+            new = new or label not in self.ends
+            self.ends[label] = now + ttl
+        return new
+
+    def remove(self, labels: Iterable[str]) -> bool:
+        """End leases now; True if any was leased."""
+        return bool([self.ends.pop(label) for label in labels if label in self.ends])
+
+    def expire(self, now: float) -> list[str]:
+        """End the leases that are due and say which."""
+        due = sorted(label for label, end in self.ends.items() if end <= now)
+        for label in due:
+            del self.ends[label]
+        return due
+
+    def next_end(self) -> float | None:
+        return min(self.ends.values(), default=None)
+
+    def labels(self) -> tuple[str, ...]:
+        return tuple(sorted(self.ends))
+
+    def seconds_left(self, now: float) -> dict[str, int]:
+        # rounded up: "1" until the very end, never a misleading "0"
+        return {label: max(0, math.ceil(end - now)) for label, end in sorted(self.ends.items())}
+
+
+###############################################################################
+# Checks: NAME.check files in CHECKS_PATH, a source of labels that come and go.
+# Parsing and the up/down state are pure; the probes run in the check runner.
+###############################################################################
+
+CHECK_KINDS = ("http", "tcp", "exec")
+CHECK_KEYS = ("labels", *CHECK_KINDS, "interval", "timeout", "rise", "fall")
+CHECK_SUFFIX = ".check"
+MAX_CHECK_FILE_BYTES = 64 * 1024
+CHECK_SECONDS_RE = re.compile(r"[0-9]{1,6}(\.[0-9]{1,3})?")
+
+
+class CheckError(LobbydError, ValueError):
+    """A .check file that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class CheckSpec:
+    """One check as its file describes it. Equal specs: the running check is kept."""
+
+    name: str
+    labels: tuple[str, ...]
+    kind: str  # one of CHECK_KINDS
+    target: str  # the URL, HOST:PORT or command line as written
+    argv: tuple[str, ...] = ()  # exec: the command split like a shell would
+    interval: float = 10.0
+    timeout: float = 2.0
+    rise: int = 2
+    fall: int = 2
+
+
+def check_seconds(key: str, value: str, low: float, high: float) -> float:
+    if not CHECK_SECONDS_RE.fullmatch(value) or not low <= float(value) <= high:
+        raise CheckError(f"key {key}: {show(value)} is not seconds from {low:g} to {high:g}")
+    return float(value)
+
+
+def check_count(key: str, value: str) -> int:
+    if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= 100:
+        raise CheckError(f"key {key}: {show(value)} is not a whole number from 1 to 100")
+    return int(value)
+
+
+def split_host_port(key: str, value: str) -> tuple[str, int]:
+    """HOST:PORT, [IPv6]:PORT; CheckError naming `key` otherwise."""
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not PORT_RE.fullmatch(port) or not 0 < int(port) < 65536:
+        raise CheckError(f"key {key}: {show(value)} is not HOST:PORT")
+    return host, int(port)
+
+
+def check_target(kind: str, value: str) -> tuple[str, ...]:
+    """Validate the probe's target; for exec, the argv."""
+    if kind == "http":
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise CheckError(f"key http: {show(value)} is not an http:// or https:// URL")
+        try:
+            parts.port  # noqa: B018 (raises on a bad port)
+        except ValueError:
+            raise CheckError(f"key http: {show(value)} has a bad port") from None
+        return ()
+    if kind == "tcp":
+        split_host_port("tcp", value)
+        return ()
+    try:
+        argv = tuple(shlex.split(value))
+    except ValueError as exc:
+        raise CheckError(f"key exec: {exc}") from None
+    if not argv:
+        raise CheckError("key exec: empty command")
+    return argv
+
+
+def parse_check(name: str, text: str) -> CheckSpec:
+    """The check in a .check file's text, or CheckError naming the key at fault."""
+    values: dict[str, str] = {}
+    for number, line in enumerate(text.split("\n"), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        key, sep, value = stripped.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep:
+            raise CheckError(f"line {number}: expected KEY=VALUE")
+        if key not in CHECK_KEYS:
+            raise CheckError(f"key {show(key, 30)}: unknown (known: {', '.join(CHECK_KEYS)})")
+        if key in values:
+            raise CheckError(f"key {key}: given twice")
+        values[key] = value
+    if not values.get("labels"):
+        raise CheckError("key labels: missing (labels=a,b is required)")
+    try:
+        labels = tuple(sorted({validate_label(item) for item in split_list(values["labels"])}))
+    except LabelError as exc:
+        raise CheckError(f"key labels: {exc}") from None
+    kinds = [kind for kind in CHECK_KINDS if kind in values]
+    if len(kinds) != 1:
+        raise CheckError("key http/tcp/exec: exactly one of them is needed, "
+                         f"{len(kinds)} given")
+    kind = kinds[0]
+    return CheckSpec(
+        name=name, labels=labels, kind=kind, target=values[kind],
+        argv=check_target(kind, values[kind]),
+        interval=check_seconds("interval", values.get("interval", "10"), 0.1, 86400),
+        timeout=check_seconds("timeout", values.get("timeout", "2"), 0.1, 3600),
+        rise=check_count("rise", values.get("rise", "2")),
+        fall=check_count("fall", values.get("fall", "2")))
+
+
+def scan_check_dir(directory: Path) -> tuple[dict[str, CheckSpec], dict[str, str]]:
+    """(name -> check, file -> what is wrong with it) of every NAME.check; never raises."""
+    checks: dict[str, CheckSpec] = {}
+    problems: dict[str, str] = {}
+    try:
+        entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+    except FileNotFoundError:
+        return checks, problems  # no directory: no checks
+    except OSError as exc:
+        return checks, {str(directory): f"cannot list: {exc.strerror or exc}"}
+    for entry in entries:
+        if entry.name.startswith(".") or not entry.name.endswith(CHECK_SUFFIX):
+            continue
+        name = entry.name[:-len(CHECK_SUFFIX)]
+        try:
+            if not entry.is_file():
+                continue
+            with open(entry.path, "rb") as handle:
+                data = handle.read(MAX_CHECK_FILE_BYTES + 1)
+            if len(data) > MAX_CHECK_FILE_BYTES:
+                raise CheckError(f"larger than {MAX_CHECK_FILE_BYTES} bytes")
+            checks[name] = parse_check(name, data.decode("utf-8"))
+        except OSError as exc:
+            problems[entry.path] = f"cannot read: {exc.strerror or exc}"
+        except UnicodeDecodeError:
+            problems[entry.path] = "not valid UTF-8"
+        except CheckError as exc:
+            problems[entry.path] = str(exc)
+    return checks, problems
+
+
+@dataclass
+class CheckState:
+    """Up or down, moved by `rise` passes or `fall` failures in a row. Starts down:
+    a label is published once its service has shown it is there."""
+
+    rise: int = 2
+    fall: int = 2
+    up: bool = False
+    since: float = field(default_factory=time.time)
+    streak: int = 0  # results in a row that disagree with `up`
+    output: str = ""
+
+    def record(self, passed: bool, output: str, now: float) -> bool:
+        """Count one result; True when it moves the check up or down."""
+        self.output = output
+        if passed == self.up:
+            self.streak = 0
+            return False
+        self.streak += 1
+        if self.streak < (self.rise if passed else self.fall):
+            return False
+        self.up, self.since, self.streak = passed, now, 0
+        return True
 
 
 ###############################################################################
@@ -723,6 +954,9 @@ class Registry:
         self.version = 0
         self._oldest = float("inf")  # a lower bound of every `received`
         self._order: list[str] | None = None  # sorted hostnames, until membership changes
+        #: hostname -> (its labels before the first change not yet taken, or None if it
+        #: was not here; why it left, if it did): what watchers diff (take_changes())
+        self.changes: dict[str, tuple[tuple[str, ...] | None, str]] = {}
 
     def __len__(self) -> int:
         return len(self.hosts)
@@ -736,9 +970,11 @@ class Registry:
             self.hosts[hostname] = [labels, now]
             self.version += 1
             self._order = None
+            self._note(hostname, None)
             return NEW_HOST
         entry[1] = now
         if entry[0] != labels:
+            self._note(hostname, entry[0])
             entry[0] = labels
             self.version += 1
             return NEW_LABELS
@@ -749,14 +985,17 @@ class Registry:
         if hostname in self.hosts:
             return False
         self.hosts[hostname] = [labels, received]
+        self._note(hostname, None)
         self._oldest = min(self._oldest, received)
         self.version += 1
         self._order = None
         return True
 
     def apply_goodbye(self, hostname: str) -> bool:
-        if self.hosts.pop(hostname, None) is None:
+        entry = self.hosts.pop(hostname, None)
+        if entry is None:
             return False
+        self._note(hostname, entry[0], "goodbye")
         self.version += 1
         self._order = None
         return True
@@ -768,12 +1007,22 @@ class Registry:
         deadline = now - self.ttl
         dead = [name for name, entry in self.hosts.items() if entry[1] < deadline]
         for name in dead:
-            del self.hosts[name]
+            self._note(name, self.hosts.pop(name)[0], "expired")
         self._oldest = min((entry[1] for entry in self.hosts.values()), default=float("inf"))
         if dead:
             self.version += 1
             self._order = None
         return dead
+
+    def _note(self, hostname: str, before: tuple[str, ...] | None, left: str = "") -> None:
+        # only the state before the first change counts: A -> B -> A is no change
+        seen = self.changes.get(hostname)
+        self.changes[hostname] = (before if seen is None else seen[0], left)
+
+    def take_changes(self) -> dict[str, tuple[tuple[str, ...] | None, str]]:
+        """The hosts changed since the last call (see `changes`), and start afresh."""
+        changes, self.changes = self.changes, {}
+        return changes
 
     def next_expiry(self) -> float:
         """The earliest moment a host can expire (inf when the registry is empty)."""
@@ -1193,6 +1442,8 @@ class Request:
     version: str
     headers: dict[str, str]
     body: bytes = b""
+    #: the connection's reader: a held request watches it for the client leaving
+    reader: asyncio.StreamReader | None = None
 
     def param(self, name: str) -> str | None:
         values = self.query.get(name)
@@ -1205,6 +1456,8 @@ class Response:
     body: bytes = b""
     content_type: str = JSON_TYPE
     headers: dict[str, str] = field(default_factory=dict)
+    #: a body without end (an event stream): writes its own head, then owns the connection
+    stream: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]] | None = None
 
     @classmethod
     def text(cls, status: int, message: str, headers: Mapping[str, str] | None = None
@@ -1403,6 +1656,9 @@ class HttpServer:
                               False, head_only=False)
             return False
         response = await self.handle(request)
+        if response.stream is not None and request.method != "HEAD":
+            await response.stream(reader, writer)
+            return False
         keep_alive = wants_keep_alive(request) and response.status < 500
         await self._write(writer, response, keep_alive, head_only=request.method == "HEAD")
         return keep_alive
@@ -1421,6 +1677,7 @@ class HttpServer:
             except asyncio.LimitOverrunError:
                 raise HttpError(431, f"request headers over {MAX_HEADER_BYTES} bytes") from None
         request = parse_request_head(head[:-4].lstrip(b"\r\n"))
+        request.reader = reader
         length = body_length(request)
         if request.headers.get("expect", "").lower() == "100-continue":
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -1478,14 +1735,18 @@ class Api:
 
     def __init__(self, daemon: Daemon):
         self.daemon = daemon
+        discoveries = self.watched(self.discoveries, discoveries_view)
         self.routes: dict[str, dict[str, Callable[[Request], Any]]] = {
-            "/": {"GET": self.discoveries},
-            "/v1/discoveries": {"GET": self.discoveries},
-            "/v1/discovery": {"GET": self.discovery},
-            "/v1/resolve": {"GET": self.resolve},
-            "/v1/labels": {"POST": self.add_labels, "DELETE": self.delete_labels},
+            "/": {"GET": discoveries},
+            "/v1/discoveries": {"GET": discoveries},
+            "/v1/discovery": {"GET": self.watched(self.discovery, lambda r: ("discovery",))},
+            "/v1/resolve": {"GET": self.watched(self.resolve, resolve_view)},
+            "/v1/labels": {"GET": self.list_labels, "POST": self.add_labels,
+                           "DELETE": self.delete_labels},
+            "/v1/events": {"GET": self.events},
         }
-        self.prefix_routes = {"/v1/prometheus/": {"GET": self.prometheus}}
+        self.prefix_routes = {"/v1/prometheus/": {
+            "GET": self.watched(self.prometheus, prometheus_view)}}
         self.token = daemon.config.token.encode("utf-8", "surrogateescape")
         self._bodies: dict[tuple[Any, ...], bytes] = {}
         self._gzipped: dict[tuple[Any, ...], bytes] = {}
@@ -1560,10 +1821,9 @@ class Api:
 
     # handlers ----------------------------------------------------------------
     def discoveries(self, request: Request) -> Response:
-        labels = split_list(request.param("labels") or "")
-        prefixes = split_list(request.param("prefixes") or "")
-        view = ("labels", *labels) if labels else ("prefixes", *prefixes) if prefixes \
-            else ("all",)
+        view = discoveries_view(request)
+        labels = list(view[1:]) if view[0] == "labels" else []
+        prefixes = list(view[1:]) if view[0] == "prefixes" else []
         return self.cached(request, view, lambda: self.renderer(view).render(
             select_packets(self.daemon.registry.packets(), labels, prefixes)))
 
@@ -1600,13 +1860,27 @@ class Api:
             self.daemon.registry.packets()), timed=False)
 
     async def add_labels(self, request: Request) -> Response:
+        ttl_param = request.param("ttl")
+        try:
+            ttl = None if ttl_param is None else parse_ttl(ttl_param)
+        except LabelError as exc:
+            raise HttpError(400, f"{exc}; nothing was changed") from None
         labels = self.request_labels(request)
         if len(set(self.daemon.labels).union(labels)) > MAX_LABELS:
             raise HttpError(400, f"a host may carry at most {MAX_LABELS} labels")
+        if ttl is not None:
+            await self.daemon.add_leases(labels, ttl)
+            return Response(200, b"OK", TEXT_TYPE)
         return await self.change_labels(labels, ())
 
     async def delete_labels(self, request: Request) -> Response:
-        return await self.change_labels((), self.request_labels(request))
+        labels = self.request_labels(request)
+        await self.daemon.end_leases(labels)  # a lease and a runtime label: both go
+        return await self.change_labels((), labels)
+
+    def list_labels(self, request: Request) -> Response:
+        """Where every local label comes from (SPEC 9)."""
+        return Response(200, render_json(self.daemon.label_sources()))
 
     def request_labels(self, request: Request) -> list[str]:
         try:
@@ -1629,6 +1903,356 @@ class Api:
             raise HttpError(status, f"cannot save runtime labels to {path}: "
                             f"{exc.strerror or exc}; nothing was changed") from None
         return Response(200, b"OK", TEXT_TYPE)
+
+    # watching (SPEC 8) -------------------------------------------------------
+    def watched(self, handler: Callable[[Request], Response],
+                view_of: Callable[[Request], tuple[str, ...]]) -> Callable[[Request], Any]:
+        """`handler` answering with X-Lobby-Index, held while ?index= is still current."""
+        def answer(request: Request) -> Response | Awaitable[Response]:
+            view = view_of(request)
+            index = parse_index(request.param("index"))
+            wait = parse_wait(request.param("wait"))
+            if index is not None:
+                return self._held(handler, request, view, index, wait)
+            return self.with_index(handler(request), view)  # no coroutine: the hot path
+        return answer
+
+    async def _held(self, handler: Callable[[Request], Response], request: Request,
+                    view: tuple[str, ...], index: int, wait: float) -> Response:
+        self.daemon.expire()
+        await self.daemon.watch.hold(view, index, wait, request.reader)
+        return self.with_index(handler(request), view)
+
+    def with_index(self, response: Response, view: tuple[str, ...]) -> Response:
+        # after the body: the index then describes what the body shows
+        response.headers["X-Lobby-Index"] = str(self.daemon.watch.index(view))
+        return response
+
+    def events(self, request: Request) -> Response:
+        view = discoveries_view(request)
+        watch = self.daemon.watch
+        return Response(200, b"", EVENTS_TYPE,
+                        stream=lambda reader, writer: watch.stream(view, reader, writer))
+
+
+###############################################################################
+# Watchers: per-answer indexes, blocking queries and event streams (SPEC 8).
+# A registry change is diffed host by host against each watched answer, so it
+# wakes exactly the watchers whose answer it touches; keep-alives cost nothing.
+###############################################################################
+
+DEFAULT_WAIT = 300.0
+MAX_WAIT = 600.0
+WAIT_RE = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,6})?)(ms|s|m|h)?")
+WAIT_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+INDEX_RE = re.compile(r"[0-9]{1,19}")
+EVENTS_TYPE = "text/event-stream; charset=UTF-8"
+#: bytes an event stream may have queued for a client that does not read, over
+#: what the kernel holds: past it the client is dropped, never slowing anyone
+STREAM_BUFFER = 256 * 1024
+STREAM_HEARTBEAT = 15.0
+#: answers whose index is tracked while nobody waits on them (most recently asked)
+MAX_IDLE_VIEWS = 256
+HOLD_SWEEP = 2.0
+
+
+def parse_index(value: str | None) -> int | None:
+    """?index=N: a non-negative integer, or None when absent; HttpError 400 otherwise."""
+    if value is None:
+        return None
+    if not INDEX_RE.fullmatch(value.strip()):
+        raise HttpError(400, f"index={show(value)}: expected a non-negative integer")
+    return int(value)
+
+
+def parse_wait(value: str | None) -> float:
+    """?wait=D: 30s, 5m, 1h, 250ms or plain seconds; cut to MAX_WAIT; HttpError 400."""
+    if value is None:
+        return DEFAULT_WAIT
+    match = WAIT_RE.fullmatch(value.strip())
+    if not match:
+        raise HttpError(400, f"wait={show(value)}: expected a duration like 30s, 5m or 90")
+    return min(MAX_WAIT, float(match[1]) * WAIT_UNITS[match[2]])
+
+
+def discoveries_view(request: Request) -> tuple[str, ...]:
+    """The answer /v1/discoveries and /v1/events give: `labels` wins over `prefixes`."""
+    labels = split_list(request.param("labels") or "")
+    if labels:
+        return ("labels", *labels)
+    prefixes = split_list(request.param("prefixes") or "")
+    return ("prefixes", *prefixes) if prefixes else ("all",)
+
+
+def resolve_view(request: Request) -> tuple[str, ...]:
+    label = request.param("label")
+    if not label:
+        raise HttpError(400, "missing query parameter: label")
+    return ("resolve", label)
+
+
+def prometheus_view(request: Request) -> tuple[str, ...]:
+    return ("prometheus", request.path[len("/v1/prometheus/"):])
+
+
+def view_content(view: tuple[str, ...], hostname: str, labels: tuple[str, ...] | None,
+                 port: int) -> Any:
+    """What one host contributes to an answer (None: nothing), last_check left out."""
+    if labels is None:
+        return None
+    kind = view[0]
+    if kind == "all":
+        return labels
+    if kind == "labels":
+        found: Any = tuple(label for label in labels if label in view[1:])
+    elif kind == "prefixes":
+        found = tuple(label for label in labels if label.startswith(view[1:]))
+    elif kind == "resolve":
+        found = view[1] in labels
+    elif kind == "prometheus":
+        found = prometheus_group(view[1], Packet(hostname, labels), port)
+    else:
+        return None
+    return found or None
+
+
+Changes = Mapping[str, tuple[tuple[str, ...] | None, str]]
+
+
+def view_changes(view: tuple[str, ...], changes: Changes, hosts: Mapping[str, list[Any]],
+                 port: int, first_only: bool = False) -> list[tuple[str, str, Any]]:
+    """(event, hostname, detail) for each host whose part of the answer changed.
+
+    event is joined/changed (detail: the host's part) or left (detail: goodbye,
+    expired, or unmatched when the host is still there but no longer matches).
+    """
+    found = []
+    for hostname, (before_labels, left) in changes.items():
+        entry = hosts.get(hostname)
+        before = view_content(view, hostname, before_labels, port)
+        after = view_content(view, hostname, None if entry is None else entry[0], port)
+        if before == after:
+            continue
+        if before is None:
+            found.append(("joined", hostname, after))
+        elif after is None:
+            found.append(("left", hostname, left if entry is None else "unmatched"))
+        else:
+            found.append(("changed", hostname, after))
+        if first_only:
+            break
+    return found
+
+
+def sse_event(event: str, data: str, event_id: int | None = None) -> bytes:
+    """One Server-Sent Event; every line of `data` gets its own data: field."""
+    lines = [] if event_id is None else [f"id: {event_id}"]
+    lines.append(f"event: {event}")
+    lines += [f"data: {line}" for line in data.replace("\r\n", "\n").split("\n")]
+    return ("\n".join(lines) + "\n\n").encode("utf-8")
+
+
+def compact_json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def stream_events(changes: list[tuple[str, str, Any]], hosts: Mapping[str, list[Any]],
+                  index: int) -> bytes:
+    """The SSE text of one batch of changes to a discoveries answer."""
+    out = []
+    for event, hostname, detail in changes:
+        if event == "left":
+            data = {"hostname": hostname, "reason": detail}
+        else:
+            data = Packet(hostname, detail, int(hosts[hostname][1])).to_json()
+        out.append(sse_event(event, compact_json(data), index))
+    return b"".join(out)
+
+
+class View:
+    """One watched answer: its index, the requests held on it, the streams following it."""
+
+    __slots__ = ("index", "key", "streams", "waiters")
+
+    def __init__(self, key: tuple[str, ...], index: int):
+        self.key = key
+        self.index = index
+        self.waiters: dict[asyncio.Future[None], asyncio.StreamReader | None] = {}
+        self.streams: set[asyncio.StreamWriter] = set()
+
+
+class Watchers:
+    """Indexes of answers, and who waits for them to change.
+
+    An answer's index is the value of a counter (starting at the start time in
+    ms, so a restarted daemon never reuses an old index) when its content last
+    changed. Views are created on demand; an idle view forgotten and asked for
+    again gets a fresh index, which costs its client one early answer.
+    """
+
+    def __init__(self, registry: Registry, local: Callable[[], Packet],
+                 expire: Callable[[], None], port: int):
+        self.registry = registry
+        self.local = local
+        self.expire = expire
+        self.port = port
+        self.counter = time.time_ns() // 1_000_000
+        self.views: dict[tuple[str, ...], View] = {}
+        self._local_seen: tuple[str, tuple[str, ...]] | None = None
+        self._scheduled = False
+        self._sweeping = False
+        self.closed = False
+
+    # change detection ------------------------------------------------------
+    def poke(self) -> None:
+        """The registry or the local labels changed: diff at the next loop turn."""
+        if not self._scheduled:
+            self._scheduled = True
+            with contextlib.suppress(RuntimeError):  # no loop (tests): index() flushes
+                asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Apply the changes noted since the last flush to every view."""
+        self._scheduled = False
+        changes = self.registry.take_changes()
+        local = self.local()
+        local_key = (local.hostname, local.labels)
+        local_changed = self._local_seen is not None and local_key != self._local_seen
+        self._local_seen = local_key
+        if not changes and not local_changed:
+            return
+        self.counter += 1
+        hosts = self.registry.hosts
+        for view in list(self.views.values()):
+            if view.key == ("discovery",):
+                touched: list[Any] = [True] if local_changed else []
+            else:
+                touched = view_changes(view.key, changes, hosts, self.port,
+                                       first_only=not view.streams)
+            if not touched:
+                continue
+            view.index = self.counter
+            for waiter in view.waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            view.waiters.clear()
+            if view.streams:
+                self.send(view, stream_events(touched, hosts, view.index))
+
+    def _flush_pending(self) -> None:
+        if self.registry.changes or self._scheduled or self._local_seen != self.local()[:2]:
+            self.flush()
+
+    def view(self, key: tuple[str, ...]) -> View:
+        """The view of an answer, up to date, created if new."""
+        self._flush_pending()
+        found = self.views.pop(key, None)
+        if found is None:
+            found = View(key, self.counter)
+            self._forget_idle()
+        self.views[key] = found  # last: the most recently asked
+        return found
+
+    def index(self, key: tuple[str, ...]) -> int:
+        return self.view(key).index
+
+    def _forget_idle(self) -> None:
+        idle = [key for key, view in self.views.items() if not view.waiters and not view.streams]
+        for key in idle[:max(0, len(idle) - MAX_IDLE_VIEWS + 1)]:
+            del self.views[key]
+
+    # blocking queries -------------------------------------------------------
+    async def hold(self, key: tuple[str, ...], index: int, wait: float,
+                   reader: asyncio.StreamReader | None) -> None:
+        """Return when the answer's index is no longer `index`, after `wait`
+        seconds, when the client leaves, or at shutdown."""
+        view = self.view(key)
+        if view.index != index or self.closed:
+            return
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        view.waiters[waiter] = reader
+        timer = loop.call_later(wait, lambda: waiter.done() or waiter.set_result(None))
+        if not self._sweeping:
+            self._sweeping = True
+            loop.call_later(HOLD_SWEEP, self._sweep)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            view.waiters.pop(waiter, None)
+
+    def _sweep(self) -> None:
+        """Release requests whose client has gone: their connections count."""
+        waiting = False
+        for view in self.views.values():
+            for waiter, reader in list(view.waiters.items()):
+                if reader is not None and reader.at_eof() and not waiter.done():
+                    waiter.set_result(None)
+                waiting = True
+        self._sweeping = waiting and not self.closed
+        if self._sweeping:
+            asyncio.get_running_loop().call_later(HOLD_SWEEP, self._sweep)
+
+    # event streams ------------------------------------------------------------
+    async def stream(self, key: tuple[str, ...], reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        """GET /v1/events: the head, a snapshot, then the changes until the client leaves."""
+        self.expire()
+        view = self.view(key)
+        packets = select_packets(self.registry.packets(),
+                                 list(key[1:]) if key[0] == "labels" else [],
+                                 list(key[1:]) if key[0] == "prefixes" else [])
+        writer.write(("HTTP/1.1 200 OK\r\nContent-Type: " + EVENTS_TYPE + "\r\n"
+                      "Cache-Control: no-cache\r\nConnection: close\r\n"
+                      f"X-Lobby-Index: {view.index}\r\n\r\n").encode("latin-1"))
+        writer.write(sse_event("snapshot", compact_json([p.to_json() for p in packets]),
+                               view.index))
+        if self.closed:
+            return
+        view.streams.add(writer)  # no await since the snapshot: no change is missed
+        loop = asyncio.get_running_loop()
+        heartbeat = loop.call_later(STREAM_HEARTBEAT, self._heartbeat, view, writer)
+        try:
+            with deadline(writer, WRITE_TIMEOUT):
+                await writer.drain()
+            while await reader.read(4096):
+                pass  # the client has nothing to say; EOF or an abort ends the stream
+        finally:
+            view.streams.discard(writer)
+            heartbeat.cancel()
+
+    def _heartbeat(self, view: View, writer: asyncio.StreamWriter) -> None:
+        if writer in view.streams:
+            self.send_to(writer, b": keep-alive\n\n")
+            asyncio.get_running_loop().call_later(STREAM_HEARTBEAT, self._heartbeat, view,
+                                                  writer)
+
+    def send(self, view: View, data: bytes) -> None:
+        for writer in list(view.streams):
+            self.send_to(writer, data)
+
+    @staticmethod
+    def send_to(writer: asyncio.StreamWriter, data: bytes) -> None:
+        """Queue without waiting; a client that lets STREAM_BUFFER pile up is dropped."""
+        transport = writer.transport
+        if transport.is_closing():
+            return
+        if transport.get_write_buffer_size() > STREAM_BUFFER:
+            log.info("event stream: the client reads too slowly, dropped")
+            transport.abort()
+            return
+        transport.write(data)
+
+    def close(self) -> None:
+        """Shutdown: answer every held request and end every stream, now."""
+        self.closed = True
+        for view in self.views.values():
+            for waiter in view.waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            for writer in list(view.streams):
+                writer.transport.abort()
 
 
 ###############################################################################
@@ -1747,6 +2371,119 @@ def kill_group(pid: int) -> None:
 
 
 ###############################################################################
+# Check runner: one task per check, each probe bounded by its timeout.
+###############################################################################
+
+HTTP_CHECK_READ = 4096
+CHECK_OUTPUT_KEPT = 1024
+
+
+async def probe_http(url: str) -> tuple[bool, str]:
+    """GET the URL; 2xx passes. No redirect is followed, at most HTTP_CHECK_READ bytes read."""
+    parts = urlsplit(url)
+    tls = parts.scheme == "https"
+    host = parts.hostname or ""
+    reader, writer = await asyncio.open_connection(
+        host, parts.port or (443 if tls else 80),
+        ssl=ssl.create_default_context() if tls else None)
+    try:
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        netloc = parts.netloc.rpartition("@")[2]
+        writer.write(f"GET {target} HTTP/1.0\r\nHost: {netloc}\r\nUser-Agent: lobbyd/"
+                     f"{__version__}\r\nConnection: close\r\n\r\n".encode())
+        head = b""
+        while b"\n" not in head and len(head) < HTTP_CHECK_READ:
+            chunk = await reader.read(HTTP_CHECK_READ - len(head))
+            if not chunk:
+                break
+            head += chunk
+    finally:
+        writer.close()
+    status = head.split(b"\n", 1)[0].decode("latin-1").strip()
+    match = re.fullmatch(r"HTTP/[0-9.]+ ([0-9]{3})(?: .*)?", status)
+    if not match:
+        return False, f"not an HTTP answer: {show(status)}"
+    return 200 <= int(match[1]) < 300, status
+
+
+async def probe_tcp(target: str) -> tuple[bool, str]:
+    host, port = split_host_port("tcp", target)
+    _reader, writer = await asyncio.open_connection(host, port)
+    writer.close()
+    return True, f"connected to {target}"
+
+
+async def probe_exec(argv: Sequence[str], timeout: float) -> tuple[bool, str]:
+    """Run the command in a process group of its own; exit 0 passes. At the timeout
+    (or if the check is stopped) the whole group is killed."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+    timed_out: list[bool] = []
+
+    def time_out() -> None:
+        timed_out.append(True)
+        kill_group(proc.pid)
+
+    timer = asyncio.get_running_loop().call_later(timeout, time_out)
+    reading = asyncio.ensure_future(CallbackRunner._read_output(proc))
+    try:
+        code = await proc.wait()
+        await asyncio.wait([reading], timeout=0.5)  # a grandchild may keep the pipe
+    finally:
+        timer.cancel()
+        reading.cancel()
+        if proc.returncode is None:
+            kill_group(proc.pid)
+    output = reading.result() if reading.done() and not reading.cancelled() else ""
+    if timed_out:
+        return False, f"still running after {timeout:g}s: killed"
+    return code == 0, f"exit {code}" + (f": {output}" if output else "")
+
+
+async def run_probe(spec: CheckSpec) -> tuple[bool, str]:
+    """(passed, what happened) of one run; never raises but for cancellation."""
+    try:
+        if spec.kind == "exec":
+            passed, output = await probe_exec(spec.argv, spec.timeout)
+        else:
+            probe = probe_http(spec.target) if spec.kind == "http" else probe_tcp(spec.target)
+            passed, output = await asyncio.wait_for(probe, spec.timeout)
+    except asyncio.TimeoutError:
+        passed, output = False, f"no answer within {spec.timeout:g}s"
+    except (OSError, ValueError, CheckError) as exc:
+        passed, output = False, describe_error(exc)
+    return passed, output[:CHECK_OUTPUT_KEPT]
+
+
+class CheckRunner:
+    """Runs one check for ever, one run at a time, and reports when it goes up or down."""
+
+    def __init__(self, spec: CheckSpec, on_change: Callable[[CheckRunner], None]):
+        self.spec = spec
+        self.state = CheckState(spec.rise, spec.fall)
+        self.on_change = on_change
+        self.task: asyncio.Future[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.ensure_future(self.run())
+
+    def stop(self) -> None:
+        """Cancelled mid-run, an exec probe kills its process group on the way out."""
+        if self.task is not None:
+            self.task.cancel()
+
+    async def run(self) -> None:
+        while True:
+            passed, output = await run_probe(self.spec)
+            if self.state.record(passed, output, time.time()):
+                log.info("check %s is %s: %s", self.spec.name,
+                         "up" if self.state.up else "down", output or "-")
+                self.on_change(self)
+            await asyncio.sleep(self.spec.interval)
+
+
+###############################################################################
 # Daemon lifecycle: wires everything, owns the tasks, signals, readiness.
 ###############################################################################
 
@@ -1825,6 +2562,12 @@ class Daemon:
         self.config = config
         self.environ = environ
         self.registry = Registry(config.ttl)
+        self.watch = Watchers(self.registry, self.local_packet, self.expire,
+                              config.node_exporter_port)
+        self.leases = Leases()
+        self.checks: dict[str, CheckRunner] = {}
+        self._checks_reported: dict[str, str] = {}
+        self._lease_timer: asyncio.TimerHandle | None = None
         self.label_cache = LabelCache()
         self.local_labels = LocalLabels(config.labels, Path(config.labels_path))
         self.runtime = RuntimeLabels(config.runtime_labels_file)
@@ -1860,6 +2603,7 @@ class Daemon:
             if self.registry.apply_goodbye(self.hostname):
                 self.registry_changed()
             self.hostname = hostname
+        self.refresh_checks()
         if not self.label_lock.locked():  # mid-save the file is older than our labels
             self.set_labels(self.local_labels.collect())
 
@@ -1869,6 +2613,7 @@ class Daemon:
                                               if len(labels) > 20 else "")
             log.info("local labels: %s", shown or "(none)")
             self.labels = labels
+            self.watch.poke()
 
     async def change_runtime_labels(self, add: Sequence[str], remove: Sequence[str]) -> None:
         """Publish the new labels at once, then save them (two fsyncs) off the event loop.
@@ -1890,8 +2635,82 @@ class Daemon:
                 await self.publish_local()
                 raise
 
+    # leases and checks (SPEC 9) -------------------------------------------------
+    async def add_leases(self, labels: Sequence[str], ttl: int) -> None:
+        """Lease or re-lease labels; published at once when one is new."""
+        if self.leases.add(labels, ttl, time.monotonic()):
+            self.extra_labels_changed("leases", self.leases.labels())
+            await self.publish_local()
+        self._schedule_lease_end()
+
+    async def end_leases(self, labels: Sequence[str]) -> None:
+        if self.leases.remove(labels):
+            self.extra_labels_changed("leases", self.leases.labels())
+            await self.publish_local()
+            self._schedule_lease_end()
+
+    def _schedule_lease_end(self) -> None:
+        if self._lease_timer is not None:
+            self._lease_timer.cancel()
+        end = self.leases.next_end()
+        self._lease_timer = None if end is None else asyncio.get_running_loop().call_later(
+            max(0.0, end - time.monotonic()), self._end_due_leases)
+
+    def _end_due_leases(self) -> None:
+        ended = self.leases.expire(time.monotonic())
+        if ended and not self._stopping:
+            log.info("lease ended: %s", ", ".join(ended[:20]))
+            self.extra_labels_changed("leases", self.leases.labels())
+            self.schedule(self.publish_local())
+        self._schedule_lease_end()
+
+    def extra_labels_changed(self, source: str, labels: tuple[str, ...]) -> None:
+        self.local_labels.extra[source] = labels
+        self.set_labels(self.local_labels.union())
+
+    def refresh_checks(self) -> None:
+        """Re-read CHECKS_PATH: start new checks, stop removed or edited ones."""
+        specs, problems = scan_check_dir(Path(self.config.checks_path))
+        for path, problem in problems.items():
+            if self._checks_reported.get(path) != problem:
+                log.warning("check file %s: %s; skipped", path, problem)
+        self._checks_reported = problems
+        gone = [name for name, runner in self.checks.items() if specs.get(name) != runner.spec]
+        for name in gone:
+            self.checks.pop(name).stop()
+            self.local_labels.extra.pop(f"check:{name}", None)  # refresh_local publishes
+        for name, spec in specs.items():
+            if name not in self.checks and not self._stopping:
+                self.checks[name] = CheckRunner(spec, self.on_check_change)
+                self.checks[name].start()
+
+    def on_check_change(self, runner: CheckRunner) -> None:
+        name = runner.spec.name
+        if self.checks.get(name) is runner and not self._stopping:
+            self.extra_labels_changed(f"check:{name}", runner.spec.labels if runner.state.up
+                                      else ())
+            self.schedule(self.publish_local())
+
+    def check_states(self) -> dict[str, dict[str, Any]]:
+        """name -> {"up", "since" (unix seconds), "output"}: for /v1/health and /metrics."""
+        return {name: {"up": runner.state.up, "since": int(runner.state.since),
+                       "output": runner.state.output}
+                for name, runner in sorted(self.checks.items())}
+
+    def label_sources(self) -> dict[str, Any]:
+        """GET /v1/labels: every local label by where it comes from."""
+        if not self.label_lock.locked():
+            self.set_labels(self.local_labels.collect())
+        files = self.local_labels.by_file()
+        runtime = files.pop(self.runtime.path.name, [])
+        return {"env": sorted(set(self.config.labels)), "files": files, "runtime": runtime,
+                "leases": self.leases.seconds_left(time.monotonic()),
+                "checks": {name: {"labels": list(runner.spec.labels), "up": runner.state.up}
+                           for name, runner in sorted(self.checks.items())}}
+
     # registry ------------------------------------------------------------------
     def registry_changed(self) -> None:
+        self.watch.poke()
         if self.callback:
             self.callback.notify()
 
@@ -2110,6 +2929,11 @@ class Daemon:
         """Goodbye, flush, close: well under two seconds."""
         notify_systemd("STOPPING=1")
         self._stopping = True  # every loop checks it: a lost cancellation cannot hang us
+        self.watch.close()
+        for runner in self.checks.values():
+            runner.stop()
+        if self._lease_timer is not None:
+            self._lease_timer.cancel()
         if self.callback:
             self.callback.stop()
         for task in list(self.tasks):
