@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 import signal
 import socket
 import threading
 import time
 
 import pytest
-from conftest import wait_for
+from conftest import lobbyd_command, wait_for
 from watchclient import SUBJECT, EventReader, envelope, get, hold, index_of, returned
 
 import lobbyd as L
@@ -410,3 +411,31 @@ def test_watchers_index_moves_only_with_content() -> None:
     mine = watch.index(("discovery",))
     local = L.Packet("me", ("a", "b"))
     assert watch.index(("discovery",)) > mine and watch.index(("all",)) == unchanged
+
+
+def test_streams_and_held_requests_count_against_the_connection_limit(lobbyd, monkeypatch):
+    # 260 descriptors: connection_limit() = 260 - backlog 128 - 64 spare = 68
+    monkeypatch.setenv("LOBBYD_CMD", "prlimit --nofile=260:260 " +
+                       " ".join(shlex.quote(arg) for arg in lobbyd_command()))
+    a = lobbyd("a")
+    index = index_of(a.port, "/v1/discoveries")
+    held = []
+    for _ in range(40):
+        s = socket.create_connection(("127.0.0.1", a.port), timeout=5)
+        s.sendall(f"GET /v1/discoveries?index={index} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        held.append(s)
+    streams = [EventReader(a.port) for _ in range(28)]
+    for reader in streams:
+        reader.wait(1)
+    # 68 connections in use: the next one is closed at once, unanswered
+    with socket.create_connection(("127.0.0.1", a.port), timeout=5) as extra:
+        extra.sendall(b"GET /v1/discovery HTTP/1.1\r\nHost: x\r\n\r\n")
+        with contextlib.suppress(ConnectionResetError):  # closed with our request unread
+            assert extra.recv(100) == b""
+    streams[0].close()
+    wait_for(lambda: get(a.port, "/v1/discovery", timeout=2)[0] == 200, timeout=5,
+             what="a slot free again once a stream ends")
+    for s in held:
+        s.close()
+    for reader in streams:
+        reader.close()

@@ -5,6 +5,7 @@ Both run on threads against a real lobbyd; every wait has a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
@@ -115,4 +116,7 @@ class EventReader:
             return list(self.events)
 
     def close(self) -> None:
+        # shutdown first: close() alone leaves the socket open while the thread reads it
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
