@@ -2044,6 +2044,51 @@ def view_changes(view: tuple[str, ...], changes: Changes, hosts: Mapping[str, li
     return found
 
 
+def view_triggers(view: tuple[str, ...]) -> tuple[frozenset[str], tuple[str, ...], bool]:
+    """What can touch an answer: (these labels, labels with these prefixes, any change).
+
+    A host's change touches an answer only through the labels it gained or lost,
+    so the registry's changes are matched to answers by label, not answer by answer.
+    """
+    kind = view[0]
+    if kind == "all":
+        return frozenset(), (), True
+    if kind in ("labels", "resolve"):
+        return frozenset(view[1:]), (), False
+    if kind == "prefixes":
+        return frozenset(), view[1:], False
+    if kind == "prometheus":
+        return frozenset(), (f"prometheus:{view[1]}",), False
+    return frozenset(), (), False  # ("discovery",): the local packet, not the registry
+
+
+def touched_views(changes: Changes, hosts: Mapping[str, list[Any]],
+                  by_label: Mapping[str, set[tuple[str, ...]]],
+                  by_prefix: Mapping[tuple[str, ...], tuple[str, ...]],
+                  everything: Iterable[tuple[str, ...]]
+                  ) -> dict[tuple[str, ...], dict[str, tuple[tuple[str, ...] | None, str]]]:
+    """View -> the changes that may touch it (view_changes() then says exactly)."""
+    found: dict[tuple[str, ...], dict[str, tuple[tuple[str, ...] | None, str]]] = {}
+    for hostname, change in changes.items():
+        before = change[0]
+        entry = hosts.get(hostname)
+        after = None if entry is None else entry[0]
+        if before == after:
+            continue  # changed and changed back
+        diff = set(before or ()).symmetric_difference(after or ())
+        hit = set(everything)
+        for label in diff:
+            views = by_label.get(label)
+            if views:
+                hit.update(views)
+        for view, prefixes in by_prefix.items():
+            if view not in hit and any(label.startswith(prefixes) for label in diff):
+                hit.add(view)
+        for view in hit:
+            found.setdefault(view, {})[hostname] = change
+    return found
+
+
 def sse_event(event: str, data: str, event_id: int | None = None) -> bytes:
     """One Server-Sent Event; every line of `data` gets its own data: field."""
     lines = [] if event_id is None else [f"id: {event_id}"]
@@ -2098,6 +2143,10 @@ class Watchers:
         self.port = port
         self.counter = time.time_ns() // 1_000_000
         self.views: dict[tuple[str, ...], View] = {}
+        self.by_label: dict[str, set[tuple[str, ...]]] = {}
+        self.by_prefix: dict[tuple[str, ...], tuple[str, ...]] = {}
+        self.everything: set[tuple[str, ...]] = set()
+        self._snapshots: dict[tuple[Any, ...], bytes] = {}
         self._local_seen: tuple[str, tuple[str, ...]] | None = None
         self._scheduled = False
         self._sweeping = False
@@ -2121,14 +2170,18 @@ class Watchers:
         self._local_seen = local_key
         if not changes and not local_changed:
             return
+        # every change moves the counter, watched or not: a view created later must
+        # never get an index that an earlier view of other content had
         self.counter += 1
         hosts = self.registry.hosts
-        for view in list(self.views.values()):
-            if view.key == ("discovery",):
-                touched: list[Any] = [True] if local_changed else []
-            else:
-                touched = view_changes(view.key, changes, hosts, self.port,
-                                       first_only=not view.streams)
+        candidates = touched_views(changes, hosts, self.by_label, self.by_prefix,
+                                   self.everything)
+        if local_changed and ("discovery",) in self.views:
+            candidates[("discovery",)] = {}
+        for key, subset in candidates.items():
+            view = self.views[key]
+            touched: list[Any] = [True] if key == ("discovery",) else view_changes(
+                key, subset, hosts, self.port, first_only=not view.streams)
             if not touched:
                 continue
             view.index = self.counter
@@ -2150,6 +2203,13 @@ class Watchers:
         if found is None:
             found = View(key, self.counter)
             self._forget_idle()
+            labels, prefixes, everything = view_triggers(key)
+            for label in labels:
+                self.by_label.setdefault(label, set()).add(key)
+            if prefixes:
+                self.by_prefix[key] = prefixes
+            if everything:
+                self.everything.add(key)
         self.views[key] = found  # last: the most recently asked
         return found
 
@@ -2160,6 +2220,12 @@ class Watchers:
         idle = [key for key, view in self.views.items() if not view.waiters and not view.streams]
         for key in idle[:max(0, len(idle) - MAX_IDLE_VIEWS + 1)]:
             del self.views[key]
+            for label in view_triggers(key)[0]:
+                self.by_label[label].discard(key)
+                if not self.by_label[label]:
+                    del self.by_label[label]
+            self.by_prefix.pop(key, None)
+            self.everything.discard(key)
 
     # blocking queries -------------------------------------------------------
     async def hold(self, key: tuple[str, ...], index: int, wait: float,
@@ -2200,14 +2266,10 @@ class Watchers:
         """GET /v1/events: the head, a snapshot, then the changes until the client leaves."""
         self.expire()
         view = self.view(key)
-        packets = select_packets(self.registry.packets(),
-                                 list(key[1:]) if key[0] == "labels" else [],
-                                 list(key[1:]) if key[0] == "prefixes" else [])
         writer.write(("HTTP/1.1 200 OK\r\nContent-Type: " + EVENTS_TYPE + "\r\n"
                       "Cache-Control: no-cache\r\nConnection: close\r\n"
                       f"X-Lobby-Index: {view.index}\r\n\r\n").encode("latin-1"))
-        writer.write(sse_event("snapshot", compact_json([p.to_json() for p in packets]),
-                               view.index))
+        writer.write(self.snapshot(view))
         if self.closed:
             return
         view.streams.add(writer)  # no await since the snapshot: no change is missed
@@ -2221,6 +2283,21 @@ class Watchers:
         finally:
             view.streams.discard(writer)
             heartbeat.cancel()
+
+    def snapshot(self, view: View) -> bytes:
+        """The first event of a stream; built once per answer and second, like GETs."""
+        cache_key = (view.key, view.index, self.registry.version, int(time.time()))
+        found = self._snapshots.get(cache_key)
+        if found is None:
+            key = view.key
+            packets = select_packets(self.registry.packets(),
+                                     list(key[1:]) if key[0] == "labels" else [],
+                                     list(key[1:]) if key[0] == "prefixes" else [])
+            if len(self._snapshots) > 16:
+                self._snapshots.clear()
+            found = self._snapshots[cache_key] = sse_event(
+                "snapshot", compact_json([p.to_json() for p in packets]), view.index)
+        return found
 
     def _heartbeat(self, view: View, writer: asyncio.StreamWriter) -> None:
         if writer in view.streams:

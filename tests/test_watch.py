@@ -439,3 +439,30 @@ def test_streams_and_held_requests_count_against_the_connection_limit(lobbyd, mo
         s.close()
     for reader in streams:
         reader.close()
+
+
+def test_touched_views_by_changed_labels() -> None:
+    views = [("all",), ("labels", "service:db"), ("resolve", "seq:1"),
+             ("prefixes", "service:"), ("prometheus", "node")]
+    by_label: dict[str, set] = {}
+    by_prefix = {}
+    everything = set()
+    for key in views:
+        labels, prefixes, every = L.view_triggers(key)
+        for label in labels:
+            by_label.setdefault(label, set()).add(key)
+        if prefixes:
+            by_prefix[key] = prefixes
+        if every:
+            everything.add(key)
+    hosts = {"h": [("seq:2", "service:web"), 0.0], "j": [("prometheus:node:port:1",), 0.0],
+             "back": [("x",), 0.0]}
+    changes = {"h": (("seq:1", "service:web"), ""),  # seq changed: only resolve seq:1
+               "j": (None, ""),                      # joined: prometheus node
+               "back": (("x",), ""),                 # changed and changed back: nothing
+               "gone": (("service:db",), "goodbye")}
+    found = L.touched_views(changes, hosts, by_label, by_prefix, everything)
+    assert {key: sorted(subset) for key, subset in found.items()} == {
+        ("all",): ["gone", "h", "j"], ("resolve", "seq:1"): ["h"],
+        ("prometheus", "node"): ["j"], ("labels", "service:db"): ["gone"],
+        ("prefixes", "service:"): ["gone"]}
