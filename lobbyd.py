@@ -2147,7 +2147,7 @@ class Watchers:
         self.by_prefix: dict[tuple[str, ...], tuple[str, ...]] = {}
         self.everything: set[tuple[str, ...]] = set()
         self._snapshots: dict[tuple[Any, ...], bytes] = {}
-        self._local_seen: tuple[str, tuple[str, ...]] | None = None
+        self._local_seen: tuple[Any, ...] | None = None
         self._scheduled = False
         self._sweeping = False
         self.closed = False
@@ -2164,8 +2164,7 @@ class Watchers:
         """Apply the changes noted since the last flush to every view."""
         self._scheduled = False
         changes = self.registry.take_changes()
-        local = self.local()
-        local_key = (local.hostname, local.labels)
+        local_key = self.local()[:2]  # hostname, labels
         local_changed = self._local_seen is not None and local_key != self._local_seen
         self._local_seen = local_key
         if not changes and not local_changed:
@@ -2193,7 +2192,8 @@ class Watchers:
                 self.send(view, stream_events(touched, hosts, view.index))
 
     def _flush_pending(self) -> None:
-        if self.registry.changes or self._scheduled or self._local_seen != self.local()[:2]:
+        # a change of the local labels or hostname pokes too: no need to look at them
+        if self._scheduled or self.registry.changes:
             self.flush()
 
     def view(self, key: tuple[str, ...]) -> View:
@@ -2203,6 +2203,8 @@ class Watchers:
         if found is None:
             found = View(key, self.counter)
             self._forget_idle()
+            if key == ("discovery",) and self._local_seen is None:
+                self._local_seen = self.local()[:2]  # what a later flush compares with
             labels, prefixes, everything = view_triggers(key)
             for label in labels:
                 self.by_label.setdefault(label, set()).add(key)

@@ -672,7 +672,7 @@ WATCH_PLAN = [
     ["held", "/v1/discoveries?prefixes=service:wat", 100, True],
     ["held", "/v1/discoveries?labels=service:untouched", 90, False],
     ["stream", "?labels=service:watched", 90, True],
-    ["stream", "", 10, True],
+    ["stream", "?prefixes=service:wat", 10, True],
 ]
 
 
@@ -695,7 +695,7 @@ def fig_watch(cmd: list[str], work: Path, prof: Profile, n: int = 10000) -> dict
     without and with them connected (the watchers of untouched answers must not wake).
     """
     env = Env(cmd, work)
-    watchers = None
+    watchers: list[subprocess.Popen] = []
     try:
         d = env.daemon("bench-watch", TTL=86400)
         b = env.daemon("bench-watch-peer", TTL=86400)
@@ -705,55 +705,96 @@ def fig_watch(cmd: list[str], work: Path, prof: Profile, n: int = 10000) -> dict
             without = drain_rate(env, d, n, burst, 1, "w0")
             time.sleep(2)
             rss_before = d.mem_kib()["VmRSS"] / 1024
-            watchers = subprocess.Popen(
+            # two client processes: one would queue the answers it reads, and its
+            # queueing would count as the daemon's latency
+            clients = [subprocess.Popen(
                 [sys.executable, str(BENCH / "watchload.py"), "--port", str(d.port),
-                 "--plan", json.dumps(WATCH_PLAN), "--max-seconds", "600"],
+                 "--plan", json.dumps(half), "--max-seconds", "600"],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                for half in split_plan(WATCH_PLAN, 2)]
+            watchers.extend(clients)
 
-            def ask(command: str | None) -> dict:
-                if command:
-                    watchers.stdin.write(command + "\n")  # type: ignore[union-attr]
-                    watchers.stdin.flush()  # type: ignore[union-attr]
-                line = watchers.stdout.readline()  # type: ignore[union-attr]
-                if not line:
-                    raise RuntimeError("watchload ended early")
-                return json.loads(line)
+            def ask(command: str | None) -> list[dict]:
+                for client in clients:
+                    if command:
+                        client.stdin.write(command + "\n")  # type: ignore[union-attr]
+                        client.stdin.flush()  # type: ignore[union-attr]
+                answers = []
+                for client in clients:
+                    line = client.stdout.readline()  # type: ignore[union-attr]
+                    if not line:
+                        raise RuntimeError("watchload ended early")
+                    answers.append(json.loads(line))
+                return answers
 
             ready = ask(None)
-            time.sleep(2)
+            time.sleep(2)  # connected; let the snapshots drain before reading RSS
             rss_with = d.mem_kib()["VmRSS"] / 1024
             latencies: list[float] = []
+            per_change: list[list[float]] = []  # [p50, p99] ms of each change
             missing = 0
             changes = 10 if prof is FULL else 4
             for k in range(changes):
                 ask("arm")
+                time.sleep(1)  # the re-armed requests reach the daemon and are held
                 t0 = time.monotonic()
                 status, _ = b.http.request("POST" if k % 2 == 0 else "DELETE", "/v1/labels",
                                            b"service:watched\nprometheus:watched")
                 assert status == 200, status
-                got = ask("collect")
-                latencies += [(t - t0) * 1000 for t in got["times"]]
-                missing += got["missing"]
+                this = []
+                for got in ask("collect"):
+                    this += [(t - t0) * 1000 for t in got["times"]]
+                    missing += got["missing"]
+                latencies += this
+                per_change.append([round(pctl(this, 50), 1), round(pctl(this, 99), 1)])
             with_them = drain_rate(env, d, n, burst, 1 + burst // n, "w1")
-            after = ask("arm")
+            ask("arm")
             after = ask("collect")
             rss_after = d.mem_kib()["VmRSS"] / 1024
+            for client in clients:
+                client.stdin.write("quit\n")  # type: ignore[union-attr]
+                client.stdin.flush()  # type: ignore[union-attr]
+                client.wait(10)
+            # streams of the whole registry get an event for every change of a burst:
+            # their cost, measured on its own
+            everything = subprocess.Popen(
+                [sys.executable, str(BENCH / "watchload.py"), "--port", str(d.port),
+                 "--plan", json.dumps([["stream", "", 10, True]]), "--max-seconds", "600"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            watchers.append(everything)
+            everything.stdout.readline()  # type: ignore[union-attr]
+            with_all = drain_rate(env, d, n, burst, 1 + 2 * burst // n, "w2")
         log(f"watch n={n}: p99 {pctl(latencies, 99):.1f} ms, RSS +{rss_with - rss_before:.1f}"
             f" MB, drain {without:.0f}/s without vs {with_them:.0f}/s with watchers")
         return {"value": round(pctl(latencies, 99), 1), "unit": "ms",
                 "p50_ms": round(pctl(latencies, 50), 1), "max_ms": round(max(latencies), 1),
                 "answers": len(latencies), "missing": missing, "changes": changes,
-                "watchers": ready, "untouched_woken": after["untouched_woken"],
-                "streams_open_after_burst": after["streams_open"],
+                "per_change_p50_p99_ms": per_change,
+                "watchers": ready,
+                "untouched_woken": sum(a["untouched_woken"] for a in after),
+                "streams_open_after_burst": sum(a["streams_open"] for a in after),
                 "rss_mb_without": round(rss_before, 1), "rss_mb_with": round(rss_with, 1),
                 "rss_mb_after_burst": round(rss_after, 1),
                 "drain_without": round(without), "drain_with": round(with_them),
-                "drain_ratio": round(with_them / without, 3), "load": m.stop()}
+                "drain_ratio": round(with_them / without, 3),
+                "drain_with_10_unfiltered_streams": round(with_all), "load": m.stop()}
     finally:
-        if watchers is not None and watchers.poll() is None:
-            watchers.kill()
-            watchers.wait(5)
+        for client in watchers:
+            if client.poll() is None:
+                client.kill()
+                client.wait(5)
         env.close()
+
+
+def split_plan(plan: list[list], parts: int) -> list[list[list]]:
+    """The watchers of `plan` dealt out to `parts` client processes."""
+    out: list[list[list]] = [[] for _ in range(parts)]
+    for kind, target, count, touched in plan:
+        for k in range(parts):
+            share = count // parts + (1 if k < count % parts else 0)
+            if share:
+                out[k].append([kind, target, share, touched])
+    return out
 
 
 def fig_fanout(work: Path, prof: Profile, subs: int = 8) -> dict:
@@ -1009,8 +1050,9 @@ def table(doc: dict) -> str:
             ref = "target p99 <= 50 ms, RSS <= +20 MB, drain within 10 %"
             detail = (f"p50 {first['p50_ms']} ms, {first['answers']} answers, RSS "
                       f"{first['rss_mb_without']}->{first['rss_mb_with']} MB, drain "
-                      f"{first['drain_without']}->{first['drain_with']}/s, untouched woken "
-                      f"{first['untouched_woken']}")
+                      f"{first['drain_without']}->{first['drain_with']}/s "
+                      f"({first['drain_with_10_unfiltered_streams']}/s with 10 unfiltered "
+                      f"streams), untouched woken {first['untouched_woken']}")
         elif key == "nats_fanout":
             detail = f"{first['subscribers']} subscribers, nats cpu {first['nats_cpu_pct']}%"
         rows.append((key, f"{fmt(r['median'], unit)} {unit}",

@@ -11,8 +11,10 @@ drives it with lines on stdin and reads one JSON line per command on stdout:
                  harness's) of each answer's arrival
     quit
 
-A held request re-arms at once with the index of its answer, as a client loop does.
-Bounded: every wait has a deadline, and --max-seconds ends the process.
+A held request re-arms with the index of its answer at the next `arm`, not at
+once: re-arming a thousand requests while the daemon still writes the answers
+would measure the re-arming too. Bounded: every wait has a deadline, and
+--max-seconds ends the process.
 """
 
 from __future__ import annotations
@@ -36,7 +38,12 @@ class Held:
                                                                  limit=64 << 20)
         _status, headers, _body = await self.request(self.path)
         self.index = int(headers["x-lobby-index"])
-        self.task = asyncio.ensure_future(self.loop())
+        self.task: asyncio.Future[None] | None = None
+        self.arm()
+
+    def arm(self) -> None:
+        if self.task is None or self.task.done():
+            self.task = asyncio.ensure_future(self.wait())
 
     async def request(self, path: str) -> tuple[int, dict[str, str], bytes]:
         self.writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
@@ -49,18 +56,18 @@ class Held:
         body = await self.reader.readexactly(int(headers.get("content-length", "0")))
         return int(lines[0].split()[1]), headers, body
 
-    async def loop(self) -> None:
+    async def wait(self) -> None:
+        """One blocking query; it ends when the answer changed (or after 10 minutes)."""
         sep = "&" if "?" in self.path else "?"
-        while True:
-            _status, headers, _body = await self.request(
-                f"{self.path}{sep}index={self.index}&wait=10m")
-            now = time.monotonic()
-            index = int(headers["x-lobby-index"])
-            if index != self.index:
-                self.woken += 1
-                if self.answered is None:
-                    self.answered = now
-            self.index = index
+        _status, headers, _body = await self.request(
+            f"{self.path}{sep}index={self.index}&wait=10m")
+        now = time.monotonic()
+        index = int(headers["x-lobby-index"])
+        if index != self.index:
+            self.woken += 1
+            if self.answered is None:
+                self.answered = now
+        self.index = index
 
 
 class Stream:
@@ -119,6 +126,8 @@ async def main() -> int:
         if command == "arm":
             for w in [*held, *streams]:
                 w.answered = None
+            for h in held:
+                h.arm()
             print(json.dumps({"armed": True}), flush=True)
         elif command == "collect":
             watchers = [w for w in [*held, *streams] if w.touched]

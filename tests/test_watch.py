@@ -410,6 +410,7 @@ def test_watchers_index_moves_only_with_content() -> None:
     assert watch.index(("all",)) == unchanged
     mine = watch.index(("discovery",))
     local = L.Packet("me", ("a", "b"))
+    watch.poke()  # as Daemon.set_labels() does
     assert watch.index(("discovery",)) > mine and watch.index(("all",)) == unchanged
 
 
