@@ -2123,7 +2123,8 @@ class View:
         self.key = key
         self.index = index
         self.waiters: dict[asyncio.Future[None], asyncio.StreamReader | None] = {}
-        self.streams: set[asyncio.StreamWriter] = set()
+        #: stream -> bytes it may have waiting before it is dropped
+        self.streams: dict[asyncio.StreamWriter, int] = {}
 
 
 class Watchers:
@@ -2271,19 +2272,24 @@ class Watchers:
         writer.write(("HTTP/1.1 200 OK\r\nContent-Type: " + EVENTS_TYPE + "\r\n"
                       "Cache-Control: no-cache\r\nConnection: close\r\n"
                       f"X-Lobby-Index: {view.index}\r\n\r\n").encode("latin-1"))
-        writer.write(self.snapshot(view))
+        snapshot = self.snapshot(view)
+        writer.write(snapshot)
         if self.closed:
             return
-        view.streams.add(writer)  # no await since the snapshot: no change is missed
+        # no await since the snapshot: no change is missed. Until the snapshot is
+        # read, a big one must not count against the client.
+        view.streams[writer] = len(snapshot) + STREAM_BUFFER
         loop = asyncio.get_running_loop()
         heartbeat = loop.call_later(STREAM_HEARTBEAT, self._heartbeat, view, writer)
         try:
             with deadline(writer, WRITE_TIMEOUT):
                 await writer.drain()
+            if writer in view.streams:
+                view.streams[writer] = STREAM_BUFFER
             while await reader.read(4096):
                 pass  # the client has nothing to say; EOF or an abort ends the stream
         finally:
-            view.streams.discard(writer)
+            view.streams.pop(writer, None)
             heartbeat.cancel()
 
     def snapshot(self, view: View) -> bytes:
@@ -2303,21 +2309,21 @@ class Watchers:
 
     def _heartbeat(self, view: View, writer: asyncio.StreamWriter) -> None:
         if writer in view.streams:
-            self.send_to(writer, b": keep-alive\n\n")
+            self.send_to(writer, b": keep-alive\n\n", view.streams[writer])
             asyncio.get_running_loop().call_later(STREAM_HEARTBEAT, self._heartbeat, view,
                                                   writer)
 
     def send(self, view: View, data: bytes) -> None:
-        for writer in list(view.streams):
-            self.send_to(writer, data)
+        for writer, allowance in list(view.streams.items()):
+            self.send_to(writer, data, allowance)
 
     @staticmethod
-    def send_to(writer: asyncio.StreamWriter, data: bytes) -> None:
-        """Queue without waiting; a client that lets STREAM_BUFFER pile up is dropped."""
+    def send_to(writer: asyncio.StreamWriter, data: bytes, allowance: int) -> None:
+        """Queue without waiting; a client that lets `allowance` bytes pile up is dropped."""
         transport = writer.transport
         if transport.is_closing():
             return
-        if transport.get_write_buffer_size() > STREAM_BUFFER:
+        if transport.get_write_buffer_size() > allowance:
             log.info("event stream: the client reads too slowly, dropped")
             transport.abort()
             return
