@@ -2067,25 +2067,35 @@ def touched_views(changes: Changes, hosts: Mapping[str, list[Any]],
                   by_prefix: Mapping[tuple[str, ...], tuple[str, ...]],
                   everything: Iterable[tuple[str, ...]]
                   ) -> dict[tuple[str, ...], dict[str, tuple[tuple[str, ...] | None, str]]]:
-    """View -> the changes that may touch it (view_changes() then says exactly)."""
+    """View -> the changes that may touch it (view_changes() then says exactly).
+
+    Runs for every label change of the fleet: plain loops, no sets but the diff.
+    """
     found: dict[tuple[str, ...], dict[str, tuple[tuple[str, ...] | None, str]]] = {}
+    every = tuple(everything)
+    prefixed = tuple(by_prefix.items())
+    labelled = by_label.get
     for hostname, change in changes.items():
         before = change[0]
         entry = hosts.get(hostname)
         after = None if entry is None else entry[0]
         if before == after:
             continue  # changed and changed back
-        diff = set(before or ()).symmetric_difference(after or ())
-        hit = set(everything)
-        for label in diff:
-            views = by_label.get(label)
-            if views:
-                hit.update(views)
-        for view, prefixes in by_prefix.items():
-            if view not in hit and any(label.startswith(prefixes) for label in diff):
-                hit.add(view)
-        for view in hit:
+        diff: Iterable[str] = (after if before is None else before if after is None
+                               else set(before).symmetric_difference(after))
+        for view in every:
             found.setdefault(view, {})[hostname] = change
+        if by_label:
+            for label in diff:
+                views = labelled(label)
+                if views:
+                    for view in views:
+                        found.setdefault(view, {})[hostname] = change
+        for view, prefixes in prefixed:
+            for label in diff:
+                if label.startswith(prefixes):
+                    found.setdefault(view, {})[hostname] = change
+                    break
     return found
 
 
