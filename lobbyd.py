@@ -214,10 +214,31 @@ def parse_log_level(name: str, value: str) -> str:
     return level
 
 
-def parse_driver(name: str, value: str) -> str:
-    if value.strip().upper() != "NATS":
-        raise ConfigError(f"{name}={show(value)}: only NATS is supported")
-    return "NATS"
+DRIVER_NAMES = {"NATS": "NATS", "REDIS": "Redis"}
+
+
+def parse_driver(name: str, value: str) -> tuple[str, ...]:
+    """NATS, Redis, or both comma-separated (the registry is their union)."""
+    drivers: list[str] = []
+    for item in value.split(","):
+        word = item.strip().upper()
+        if not word:
+            continue
+        if word not in DRIVER_NAMES:
+            raise ConfigError(f"{name}={show(value)}: expected NATS, Redis or NATS,Redis")
+        if DRIVER_NAMES[word] not in drivers:
+            drivers.append(DRIVER_NAMES[word])
+    if not drivers:
+        raise ConfigError(f"{name}={show(value)}: expected NATS, Redis or NATS,Redis")
+    return tuple(drivers)
+
+
+def parse_channel(name: str, value: str) -> str:
+    channel = value.strip()
+    if not channel or len(channel) > 255 or CONTROL_RE.search(channel) or " " in channel:
+        raise ConfigError(f"{name}={show(value)}: expected a Redis channel name such as "
+                          "lobby:discovery (no spaces)")
+    return channel
 
 
 #: name -> (default, parser, help). The one table behind Config and --help.
@@ -226,10 +247,15 @@ ENV_VARS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "HOST": ("127.0.0.1", parse_host, "address the HTTP API listens on (IPv4 or IPv6, e.g. ::)"),
     "PORT": ("1313", int_in(1, 65535), "HTTP API port"),
     "DISABLE_API": ("false", parse_bool, "no HTTP listener at all"),
-    "DRIVER": ("NATS", parse_driver, "discovery transport; only NATS"),
+    "DRIVER": ("NATS", parse_driver, "discovery transport: NATS, Redis, or NATS,Redis"),
     "NATS_URL": ("nats://127.0.0.1:4222", parse_nats_urls,
                  "NATS URL or comma-separated cluster URLs (nats://, tls://, user:pass@)"),
     "NATS_DISCOVERY_CHANNEL": ("lobby.discovery", parse_subject, "NATS subject"),
+    "REDIS_HOST": ("127.0.0.1", parse_host, "Redis server (DRIVER=Redis)"),
+    "REDIS_PORT": ("6379", int_in(1, 65535), "Redis port"),
+    "REDIS_DB": ("0", int_in(0, 65535), "Redis database number"),
+    "REDIS_CHANNEL": ("lobby:discovery", parse_channel, "Redis pub/sub channel"),
+    "REDIS_PASSWORD": ("", lambda n, v: v, "Redis password (never logged)"),
     "LABELS": ("", parse_env_labels, "comma-separated labels of this server"),
     "LABELS_PATH": ("/etc/lobby/labels", lambda n, v: v.strip(),
                     "directory of label files, one label per line"),
@@ -263,9 +289,14 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 1313
     disable_api: bool = False
-    driver: str = "NATS"
+    driver: tuple[str, ...] = ("NATS",)
     nats_url: tuple[str, ...] = ("nats://127.0.0.1:4222",)
     nats_discovery_channel: str = "lobby.discovery"
+    redis_host: str = "127.0.0.1"
+    redis_port: int = 6379
+    redis_db: int = 0
+    redis_channel: str = "lobby:discovery"
+    redis_password: str = field(default="", repr=False)
     labels: tuple[str, ...] = ()
     labels_path: str = "/etc/lobby/labels"
     runtime_labels_filename: str = "_runtime"
@@ -324,8 +355,24 @@ def help_text() -> str:
     lines += [
         "",
         "TLS: tls:// URLs verify the server against SSL_CERT_FILE / SSL_CERT_DIR, else",
-        "the system CA bundle. Bad configuration exits with status 78.",
-        "API: curl localhost:1313/   (see the README for every route)",
+        "the system CA bundle.",
+        "",
+        "Signals: SIGTERM or SIGINT say goodbye on NATS and exit 0 (a second one is",
+        "harmless); SIGHUP re-reads the label files now.",
+        "Exit status: 0 stopped by a signal, 78 bad configuration (one line on stderr",
+        "names the variable), 2 bad command-line arguments, 1 cannot start (e.g. the",
+        "port is in use).",
+        "",
+        "API (curl localhost:1313/...; the README lists every route):",
+        "  GET /, /v1/discoveries[?labels=a,b|?prefixes=p]   every live server",
+        "  GET /v1/discovery         this server's packet",
+        "  GET /v1/resolve?label=X   hostnames having label X",
+        "  GET /v1/prometheus/NAME   Prometheus HTTP SD target groups of job NAME",
+        "  POST, DELETE /v1/labels   add, remove runtime labels (body: one per line)",
+        "  GET /v1/health            200 while connected, 503 otherwise (JSON)",
+        "  GET /metrics              Prometheus metrics of lobbyd itself",
+        "",
+        "Client: lobbyctl ... or lobbyd ctl ... (lobbyctl --help).",
     ]
     return "\n".join(lines)
 
@@ -492,8 +539,9 @@ class RuntimeLabels:
 
     def save(self, labels: Sequence[str]) -> None:
         """Replace the file's labels; OSError (and the old file kept) if it cannot."""
-        body = "".join(label + "\n" for label in labels)
-        write_atomically(self.path, "# labels added through the lobbyd API\n" + body)
+        # one label per line and nothing else: a Go lobbyd reading the same
+        # directory would publish a comment line as a label
+        write_atomically(self.path, "".join(label + "\n" for label in labels))
 
 
 def changed_labels(current: Sequence[str], add: Iterable[str], remove: Iterable[str]
@@ -1197,8 +1245,90 @@ class BlockRenderer:
 
 
 ###############################################################################
-# NATS driver: connect (for ever, with backoff), publish, subscribe, close.
-# The seam where another transport would go.
+# Transports: the seam between the daemon and the fleet. A small base class, one
+# subclass per kind (NATS, Redis), and the DRIVER table that picks them; the daemon
+# holds a list of transports and never asks which kind it holds.
+###############################################################################
+
+
+class Transport:
+    """One way to reach the fleet: connect for ever (with backoff), publish the
+    discovery envelopes, hand every one received to the daemon, answer and ask a
+    join sync where the transport can, close, and a state for /v1/health."""
+
+    kind = ""
+
+    def __init__(self, config: Config, environ: Mapping[str, str], name: str,
+                 on_connect: Callable[[Transport], Awaitable[None]],
+                 on_state: Callable[[], None]):
+        self.config = config
+        self.environ = environ
+        self.name = name
+        self.on_connect = on_connect  # after every (re)connection, once subscribed
+        self.on_state = on_state  # told of every connect, loss and reconnect
+        self.connected = asyncio.Event()
+        self.since = time.time()  # of the last change between connected and not
+        self.reconnects = 0  # reconnections after the first connection
+        self.was_connected = False
+        self._closing = False
+
+    # what every transport provides ------------------------------------------
+    @property
+    def is_connected(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def server(self) -> str | None:
+        """scheme://host:port of the server in use, never with credentials; None if none."""
+        raise NotImplementedError
+
+    def targets(self) -> str:
+        """Where it connects to, for logs and systemd's STATUS (no credentials)."""
+        raise NotImplementedError
+
+    async def run(self, handle: Callable[[bytes], None]) -> None:
+        """Connect for ever; every discovery payload received goes to `handle`."""
+        raise NotImplementedError
+
+    async def publish(self, data: bytes) -> bool:
+        """Publish a discovery envelope if connected; False if it could not be sent."""
+        raise NotImplementedError
+
+    async def close(self, timeout: float = 1.0) -> None:
+        """Flush what was published, then close; bounded so shutdown stays quick."""
+        raise NotImplementedError
+
+    # join sync: a transport that cannot do it learns the fleet from keep-alives
+    async def ask_fleet(self, reply: Callable[[bytes], bool], window: float) -> bool:
+        """Ask one peer for its registry; each answer chunk goes to `reply`, which says
+        whether it was the last. True if a complete answer came within `window`."""
+        return False
+
+    async def serve_fleet(self, answer: Callable[[int], list[bytes]]) -> None:
+        """Answer peers' join requests with `answer(max chunk size)`."""
+
+    async def said_goodbye(self) -> None:
+        """The daemon has published its goodbye: forget what the transport stored."""
+
+    # shared ---------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """This transport's part of GET /v1/health."""
+        return {"driver": self.kind, "connected": self.is_connected, "server": self.server,
+                "since": int(self.since), "reconnects": self.reconnects}
+
+    def _changed(self, connected: bool) -> None:
+        if connected != self.connected.is_set():
+            self.since = time.time()
+        if connected:
+            self.was_connected = True
+            self.connected.set()
+        else:
+            self.connected.clear()
+        self.on_state()
+
+
+###############################################################################
+# The NATS transport: nats-py, reconnecting for ever; join sync by request/reply.
 ###############################################################################
 
 CA_BUNDLES = (
@@ -1231,32 +1361,44 @@ def tls_context(environ: Mapping[str, str]) -> Any:
     return context
 
 
-class NatsDriver:
+class NatsDriver(Transport):
     """The NATS connection: never blocks start-up, retries for ever, logs state changes once."""
 
-    def __init__(self, urls: Sequence[str], name: str, environ: Mapping[str, str],
-                 on_connect: Callable[[], Awaitable[None]]):
-        self.urls = list(urls)
-        self.name = name
-        self.environ = environ
-        self.on_connect = on_connect
+    kind = "NATS"
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.urls = list(self.config.nats_url)
+        self.subject = self.config.nats_discovery_channel
+        self.sync_subject = self.subject + ".sync"
         self.nc: Any = None
-        self.connected = asyncio.Event()
-        self._closing = False
         self._warned = False  # the current outage has been logged
+        self._sync_serving = False
 
     @property
     def is_connected(self) -> bool:
         return self.nc is not None and self.nc.is_connected
 
     @property
+    def server(self) -> str | None:
+        """nats://host:port of the server in use, never with credentials; None if none."""
+        url = self.nc.connected_url if self.is_connected else None
+        if url is None or not url.hostname:
+            return None
+        host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
+        return f"{url.scheme}://{host}:{url.port or 4222}"
+
+    def targets(self) -> str:
+        return ", ".join(redact_url(url) for url in self.urls)
+
+    @property
     def max_payload(self) -> int:
         return self.nc.max_payload if self.is_connected else 1 << 20
 
-    async def run(self, subject: str, handle: Callable[[bytes], None]) -> None:
+    async def run(self, handle: Callable[[bytes], None]) -> None:
         """Connect with backoff until it works, then let nats-py reconnect for ever.
 
-        Every payload on `subject` goes to `handle`, a plain function: it runs in
+        Every payload on the subject goes to `handle`, a plain function: it runs in
         the connection's read loop, as the wire parser meets each message.
         """
         import nats  # imported late: the API must answer before this costs anything
@@ -1268,7 +1410,7 @@ class NatsDriver:
                 await self.nc.connect(
                     servers=self.urls, name=self.name, allow_reconnect=True,
                     max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=2,
-                    ping_interval=5, max_outstanding_pings=3, **self._tls_options(),
+                    ping_interval=4, max_outstanding_pings=2, **self._tls_options(),
                     error_cb=self._on_error, disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected, closed_cb=self._on_closed)
             except Exception as exc:  # nats-py raises many types here; all mean "try later"
@@ -1285,12 +1427,12 @@ class NatsDriver:
         async def slow_path(msg: Any) -> None:  # messages with headers, or old nats-py
             handle(msg.data)
 
-        sub = await self.nc.subscribe(subject, cb=slow_path, pending_msgs_limit=200_000,
+        sub = await self.nc.subscribe(self.subject, cb=slow_path, pending_msgs_limit=200_000,
                                       pending_bytes_limit=256 * 1024 * 1024)
         if hasattr(self.nc, "direct") and isinstance(getattr(sub, "_id", None), int):
             self.nc.direct[sub._id] = handle
-        self.connected.set()
-        await self.on_connect()
+        self._changed(True)
+        await self.on_connect(self)
 
     def _tls_options(self) -> dict[str, Any]:
         # a CA store costs ~2 MB of memory: load it only for tls:// and wss:// URLs
@@ -1306,28 +1448,31 @@ class NatsDriver:
         # nats-py reports every failed attempt; an operator needs the first one only
         if not self.connected.is_set() and not self._warned:
             self._warned = True
-            shown = ", ".join(redact_url(url) for url in self.urls)
             log.warning("NATS unreachable at %s (%s); retrying, the API keeps serving",
-                        shown, describe_error(exc))
+                        self.targets(), describe_error(exc))
         else:
             log.debug("NATS: %s", describe_error(exc))
 
     async def _on_disconnected(self) -> None:
         if not self._closing:
-            self.connected.clear()
+            self._changed(False)
             log.warning("disconnected from NATS; reconnecting")
 
     async def _on_reconnected(self) -> None:
         log.info("reconnected to NATS at %s", redact_url(self._current_url()))
         self._warned = False
-        self.connected.set()
-        await self.on_connect()
+        self.reconnects += 1
+        self._changed(True)
+        await self.on_connect(self)
 
     async def _on_closed(self) -> None:
         if not self._closing:
             log.error("NATS connection closed")
 
-    async def publish(self, subject: str, data: bytes, reply: str = "") -> bool:
+    async def publish(self, data: bytes) -> bool:
+        return await self.publish_to(self.subject, data)
+
+    async def publish_to(self, subject: str, data: bytes, reply: str = "") -> bool:
         """Publish if connected; while disconnected there is nothing to buffer for."""
         if not self.is_connected:
             return False
@@ -1338,14 +1483,50 @@ class NatsDriver:
             log.debug("publish on %s failed: %s", subject, describe_error(exc))
             return False
 
-    async def subscribe(self, subject: str, callback: Callable[[Any], Awaitable[None]]) -> Any:
-        return await self.nc.subscribe(subject, cb=callback)
+    # join: learn every live host from one peer instead of waiting a keep-alive round
+    async def ask_fleet(self, reply: Callable[[bytes], bool], window: float) -> bool:
+        """One request on SUBJECT.sync; NATS hands it to one peer of the queue group."""
+        replies: asyncio.Queue[bytes | None] = asyncio.Queue()
+        complete, sub = False, None
 
-    def new_inbox(self) -> str:
-        return self.nc.new_inbox()
+        async def on_reply(msg: Any) -> None:
+            replies.put_nowait(msg.data)
+
+        timer = asyncio.get_running_loop().call_later(window, replies.put_nowait, None)
+        try:
+            inbox = self.nc.new_inbox()
+            sub = await self.nc.subscribe(inbox, cb=on_reply)
+            await self.publish_to(self.sync_subject, b"{}", reply=inbox)
+            while not complete:
+                data = await replies.get()
+                if data is None:
+                    log.debug("sync: no complete answer within %gs", window)
+                    break
+                if not data:  # "no responders": nobody answers joins yet, we are the first
+                    break
+                complete = reply(data)
+        except Exception as exc:  # the connection went away: the next connect syncs again
+            log.debug("sync failed: %s", describe_error(exc))
+        finally:
+            timer.cancel()
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        return complete
+
+    async def serve_fleet(self, answer: Callable[[int], list[bytes]]) -> None:
+        if self._sync_serving or not self.is_connected:
+            return
+        self._sync_serving = True  # nats-py keeps the subscription across reconnects
+
+        async def on_request(msg: Any) -> None:
+            if msg.reply:
+                for chunk in answer(max(4096, self.max_payload // 2)):
+                    await self.publish_to(msg.reply, chunk)
+
+        await self.nc.subscribe(self.sync_subject, queue=SYNC_QUEUE, cb=on_request)
 
     async def close(self, timeout: float = 1.0) -> None:
-        """Flush what was published, then close; bounded so shutdown stays quick."""
         self._closing = True
         if self.nc is None or self.nc.is_closed:
             return
@@ -1394,6 +1575,212 @@ def direct_client(nats: Any) -> Any:
 def describe_error(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return re.sub(r"://[^@/\s]*@", "://***@", text)[:300]
+
+
+###############################################################################
+# The Redis transport: pub/sub on REDIS_CHANNEL, like the Go daemon's Redis driver.
+# redis-py is imported only when DRIVER names Redis.
+###############################################################################
+
+REDIS_PING_EVERY = 4.0  # an application-level ping: a stopped server still ACKs TCP
+REDIS_SILENT_AFTER = 12.0
+REDIS_SYNC_CHUNK = 256 * 1024
+REDIS_RETRY_MAX = 1.0
+
+
+class RedisDriver(Transport):
+    """Redis pub/sub: one connection listens (and pings), one publishes; both are
+    made again, with backoff, whenever either fails. Join sync is request/reply over
+    pub/sub, answered by the one peer that claims the request first (SET NX)."""
+
+    kind = "Redis"
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        config = self.config
+        self.channel = config.redis_channel.encode()
+        self.sync_channel = self.channel + b".sync"
+        self.client: Any = None
+        self.pubsub: Any = None
+        self._up = False
+        self._warned = False
+        self._answer: Callable[[int], list[bytes]] | None = None
+        self._replies: dict[bytes, asyncio.Queue[bytes | None]] = {}  # reply channel -> queue
+
+    @property
+    def is_connected(self) -> bool:
+        return self._up
+
+    @property
+    def server(self) -> str | None:
+        return self.targets() if self._up else None
+
+    def targets(self) -> str:
+        host = self.config.redis_host
+        host = f"[{host}]" if ":" in host else host
+        return f"redis://{host}:{self.config.redis_port}/{self.config.redis_db}"
+
+    async def run(self, handle: Callable[[bytes], None]) -> None:
+        """Connect, subscribe and listen until the connection fails; then again, for ever."""
+        import redis.asyncio as aioredis  # only here: a NATS-only lobbyd never imports it
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        delay = 0.1
+        while not self._closing:
+            config = self.config
+            # no silent retries inside redis-py: a lost connection must show (health,
+            # logs, a fresh hi and join), and this loop reconnects
+            self.client = aioredis.Redis(
+                host=config.redis_host, port=config.redis_port, db=config.redis_db,
+                password=config.redis_password or None, socket_connect_timeout=2,
+                socket_timeout=5, client_name=self.name.replace(" ", "-"),
+                retry=Retry(NoBackoff(), 0))
+            self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await self.pubsub.subscribe(self.channel)
+                await self._connected()
+                delay = 0.1
+                await self._listen(handle)
+            except Exception as exc:  # redis-py raises many types here; all mean "try later"
+                self._lost(exc)
+            finally:
+                await self._disconnect()
+            if not self._closing:
+                await asyncio.sleep(delay)
+                # a refused connection costs nothing: try every second, so a returning
+                # Redis lists us again well within KEEP_ALIVE + 1 s
+                delay = min(delay * 2, REDIS_RETRY_MAX)
+
+    async def _connected(self) -> None:
+        if self.was_connected:
+            self.reconnects += 1
+            log.info("reconnected to Redis at %s", self.targets())
+        else:
+            log.info("connected to Redis at %s", self.targets())
+        self._up, self._warned = True, False
+        self._changed(True)
+        await self.on_connect(self)
+
+    def _lost(self, exc: Exception) -> None:
+        if self._closing:
+            return
+        if self._up:
+            self._up = False
+            self._changed(False)
+            log.warning("disconnected from Redis (%s); reconnecting", describe_error(exc))
+        elif not self._warned:
+            self._warned = True
+            log.warning("Redis unreachable at %s (%s); retrying, the API keeps serving",
+                        self.targets(), describe_error(exc))
+        else:
+            log.debug("Redis: %s", describe_error(exc))
+
+    async def _listen(self, handle: Callable[[bytes], None]) -> None:
+        """Hand every message to its consumer; ping, and give up on a silent server."""
+        pubsub = self.pubsub
+        last_heard = next_ping = time.monotonic()
+        while not self._closing:
+            message = await pubsub.get_message(timeout=1.0)
+            now = time.monotonic()
+            if message is not None:
+                last_heard = now
+                if message["type"] == "message":
+                    self._dispatch(message["channel"], message["data"], handle)
+            if now >= next_ping:
+                await pubsub.ping()
+                next_ping = now + REDIS_PING_EVERY
+            if now - last_heard > REDIS_SILENT_AFTER:
+                raise ConnectionError(f"no answer for {REDIS_SILENT_AFTER:g}s")
+
+    def _dispatch(self, channel: bytes, data: bytes, handle: Callable[[bytes], None]) -> None:
+        if channel == self.channel:
+            try:
+                handle(data)
+            except Exception as exc:  # never let one packet break the connection
+                log.error("handling a packet failed: %s", describe_error(exc))
+        elif channel == self.sync_channel:
+            self.schedule_answer(data)
+        elif channel in self._replies:
+            self._replies[channel].put_nowait(data)
+
+    async def _disconnect(self) -> None:
+        for closing in (self.pubsub, self.client):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(closing.aclose(), 1.0)
+
+    async def publish(self, data: bytes) -> bool:
+        return await self._publish(self.channel, data)
+
+    async def _publish(self, channel: bytes, data: bytes) -> bool:
+        if not self._up:
+            return False
+        try:
+            await self.client.publish(channel, data)
+            return True
+        except Exception as exc:  # the listener notices the lost connection too
+            log.debug("publish on Redis failed: %s", describe_error(exc))
+            return False
+
+    # join sync -------------------------------------------------------------------
+    async def ask_fleet(self, reply: Callable[[bytes], bool], window: float) -> bool:
+        request_id = os.urandom(8).hex()
+        reply_channel = self.sync_channel + b"." + request_id.encode()
+        replies: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._replies[reply_channel] = replies
+        timer = asyncio.get_running_loop().call_later(window, replies.put_nowait, None)
+        complete = False
+        try:
+            await self.pubsub.subscribe(reply_channel)
+            request = json.dumps({"id": request_id, "reply": reply_channel.decode()})
+            listeners = await self.client.publish(self.sync_channel, request)
+            while listeners and not complete:  # 0: nobody answers joins yet, we are the first
+                data = await replies.get()
+                if data is None:
+                    log.debug("sync over Redis: no complete answer within %gs", window)
+                    break
+                complete = reply(data)
+        except Exception as exc:  # the connection went away: the next connect syncs again
+            log.debug("sync over Redis failed: %s", describe_error(exc))
+        finally:
+            timer.cancel()
+            del self._replies[reply_channel]
+            with contextlib.suppress(Exception):
+                await self.pubsub.unsubscribe(reply_channel)
+        return complete
+
+    async def serve_fleet(self, answer: Callable[[int], list[bytes]]) -> None:
+        self._answer = answer
+        if self._up:
+            await self.pubsub.subscribe(self.sync_channel)
+
+    def schedule_answer(self, request: bytes) -> None:
+        task = asyncio.ensure_future(self._answer_join(request))
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
+
+    async def _answer_join(self, request: bytes) -> None:
+        """Answer a join if this daemon is the first to claim it (like a NATS queue group)."""
+        try:
+            asked = json.loads(request)
+            request_id, reply_channel = str(asked["id"]), str(asked["reply"])
+        except (ValueError, TypeError, KeyError):
+            return
+        if self._answer is None or reply_channel.encode() in self._replies:
+            return  # not serving yet, or our own request
+        claimed = await self.client.set(self.sync_channel + b":" + request_id.encode(), b"1",
+                                        nx=True, ex=60)
+        if claimed:
+            for chunk in self._answer(REDIS_SYNC_CHUNK):
+                await self._publish(reply_channel.encode(), chunk)
+
+    async def close(self, timeout: float = 1.0) -> None:
+        self._closing = True
+        self._up = False
+        await asyncio.wait_for(self._disconnect(), timeout)
+
+
+#: DRIVER names -> transport classes
+TRANSPORTS: dict[str, type[Transport]] = {"NATS": NatsDriver, "Redis": RedisDriver}
 
 
 ###############################################################################
@@ -1615,6 +2002,7 @@ class HttpServer:
         self.handle = handle
         self.limit = connection_limit()
         self.active = 0
+        self.codes: dict[int, int] = {}  # status -> responses sent, for /metrics
         self.server: asyncio.AbstractServer | None = None
         self.writers: set[asyncio.StreamWriter] = set()
 
@@ -1659,7 +2047,9 @@ class HttpServer:
         if response.stream is not None and request.method != "HEAD":
             await response.stream(reader, writer)
             return False
-        keep_alive = wants_keep_alive(request) and response.status < 500
+        # after a 500 the connection's state is suspect; a 503 (unhealthy) is an answer
+        keep_alive = wants_keep_alive(request) and (response.status < 500 or
+                                                    response.status == 503)
         await self._write(writer, response, keep_alive, head_only=request.method == "HEAD")
         return keep_alive
 
@@ -1690,6 +2080,7 @@ class HttpServer:
 
     async def _write(self, writer: asyncio.StreamWriter, response: Response, keep_alive: bool,
                      head_only: bool) -> None:
+        self.codes[response.status] = self.codes.get(response.status, 0) + 1
         writer.write(response_head(response.status, response.content_type, len(response.body),
                                    keep_alive, response.headers))
         body = memoryview(b"" if head_only else response.body)
@@ -1715,6 +2106,85 @@ def deadline(writer: asyncio.StreamWriter, seconds: float) -> Iterator[None]:
         yield
     finally:
         timer.cancel()
+
+
+###############################################################################
+# Health and metrics: counters bumped where things happen, one pure renderer.
+###############################################################################
+
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Counters:
+    """What happened since start; plain attributes, bumped on the paths that exist anyway."""
+
+    __slots__ = ("dropped", "goodbyes", "his", "joined", "left_expired", "left_goodbye",
+                 "published")
+
+    def __init__(self) -> None:
+        self.his = self.goodbyes = self.dropped = self.published = 0
+        self.joined = self.left_goodbye = self.left_expired = 0
+
+
+class Family(NamedTuple):
+    """One metric family of the exposition: name, type, help and its samples."""
+
+    name: str
+    kind: str  # counter or gauge
+    help: str
+    samples: Sequence[tuple[Mapping[str, str], float]]
+
+
+def metric_value(value: float) -> str:
+    if isinstance(value, int) or float(value).is_integer():
+        return str(int(value))
+    return repr(float(value))
+
+
+def label_value(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render_metrics(families: Iterable[Family]) -> bytes:
+    """The Prometheus text exposition format 0.0.4 of `families`."""
+    lines = []
+    for family in families:
+        lines.append(f"# HELP {family.name} {family.help}")
+        lines.append(f"# TYPE {family.name} {family.kind}")
+        for labels, value in family.samples:
+            shown = ",".join(f'{key}="{label_value(text)}"' for key, text in labels.items())
+            lines.append(f"{family.name}{{{shown}}} {metric_value(value)}" if shown
+                         else f"{family.name} {metric_value(value)}")
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def process_families() -> list[Family]:
+    """The standard process_* metrics, read from /proc (Linux only, like lobbyd)."""
+    families = []
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        stat = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        rss = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+        families += [
+            Family("process_cpu_seconds_total", "counter", "User and system CPU time spent.",
+                   [({}, (int(stat[11]) + int(stat[12])) / ticks)]),
+            Family("process_resident_memory_bytes", "gauge", "Resident memory size.",
+                   [({}, rss)]),
+            Family("process_virtual_memory_bytes", "gauge", "Virtual memory size.",
+                   [({}, int(stat[20]))]),
+            Family("process_start_time_seconds", "gauge",
+                   "Start time of the process since the epoch.",
+                   [({}, boot + int(stat[19]) / ticks)]),
+        ]
+    with contextlib.suppress(OSError):
+        families.append(Family("process_open_fds", "gauge", "Open file descriptors.",
+                               [({}, len(os.listdir("/proc/self/fd")))]))
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    families.append(Family("process_max_fds", "gauge", "Limit of open file descriptors.",
+                           [({}, soft)]))
+    return families
 
 
 ###############################################################################
@@ -1744,6 +2214,8 @@ class Api:
             "/v1/labels": {"GET": self.list_labels, "POST": self.add_labels,
                            "DELETE": self.delete_labels},
             "/v1/events": {"GET": self.events},
+            "/v1/health": {"GET": self.health},
+            "/metrics": {"GET": self.metrics},
         }
         self.prefix_routes = {"/v1/prometheus/": {
             "GET": self.watched(self.prometheus, prometheus_view)}}
@@ -1845,7 +2317,15 @@ class Api:
         return found
 
     def discovery(self, request: Request) -> Response:
+        self.daemon.reread_labels()  # never older than the files (SPEC 3)
         return Response(200, render_json(self.daemon.local_packet().to_json()))
+
+    def health(self, request: Request) -> Response:
+        healthy, body = self.daemon.health()
+        return Response(200 if healthy else 503, render_json(body))
+
+    def metrics(self, request: Request) -> Response:
+        return Response(200, render_metrics(self.daemon.metric_families()), METRICS_TYPE)
 
     def resolve(self, request: Request) -> Response:
         label = request.param("label")
@@ -2107,7 +2587,8 @@ def sse_event(event: str, data: str, event_id: int | None = None) -> bytes:
     return ("\n".join(lines) + "\n\n").encode("utf-8")
 
 
-def compact_json(value: Any) -> str:
+def sse_json(value: Any) -> str:
+    """An event's data: JSON on one line."""
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -2120,7 +2601,7 @@ def stream_events(changes: list[tuple[str, str, Any]], hosts: Mapping[str, list[
             data = {"hostname": hostname, "reason": detail}
         else:
             data = Packet(hostname, detail, int(hosts[hostname][1])).to_json()
-        out.append(sse_event(event, compact_json(data), index))
+        out.append(sse_event(event, sse_json(data), index))
     return b"".join(out)
 
 
@@ -2314,7 +2795,7 @@ class Watchers:
             if len(self._snapshots) > 16:
                 self._snapshots.clear()
             found = self._snapshots[cache_key] = sse_event(
-                "snapshot", compact_json([p.to_json() for p in packets]), view.index)
+                "snapshot", sse_json([p.to_json() for p in packets]), view.index)
         return found
 
     def _heartbeat(self, view: View, writer: asyncio.StreamWriter) -> None:
@@ -2371,6 +2852,7 @@ class CallbackRunner:
         self.proc: asyncio.subprocess.Process | None = None
         self.timed_out = False
         self.stopping = False
+        self.runs: dict[str, int] = {}  # result (ok, failed, timeout, error) -> runs
         self._last_failure = ""
 
     def notify(self) -> None:
@@ -2395,6 +2877,7 @@ class CallbackRunner:
                 *self.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT, start_new_session=True)
         except OSError as exc:
+            self.count("error")
             self.failed(f"callback {name} cannot start: {exc.strerror or exc}")
             return
         self.proc, self.timed_out = proc, False
@@ -2411,6 +2894,7 @@ class CallbackRunner:
             reading.cancel()
             self.proc = None
         output = reading.result() if reading.done() and not reading.cancelled() else ""
+        self.count("timeout" if self.timed_out else "ok" if code == 0 else "failed")
         if self.timed_out:
             self.failed(f"callback {name} still running after {self.timeout:g}s: killed")
         elif code == 0:
@@ -2418,6 +2902,9 @@ class CallbackRunner:
             log.info("callback %s exited 0%s", name, output and f"; output: {output}")
         else:
             self.failed(f"callback {name} exited {code}" + (output and f"; output: {output}"))
+
+    def count(self, result: str) -> None:
+        self.runs[result] = self.runs.get(result, 0) + 1
 
     def _time_out(self, proc: asyncio.subprocess.Process) -> None:
         self.timed_out = True
@@ -2585,6 +3072,7 @@ class CheckRunner:
 SYNC_QUEUE = "lobbyd"
 SYNC_WINDOW = 2.0
 SHUTDOWN_DEADLINE = 3.0
+READY_TIMEOUT = 5.0
 
 
 async def wait_event(event: asyncio.Event, timeout: float) -> None:
@@ -2668,21 +3156,22 @@ class Daemon:
         self.runtime = RuntimeLabels(config.runtime_labels_file)
         self.hostname = config.hostname or socket.gethostname()
         self.labels: tuple[str, ...] = ()
-        self.subject = config.nats_discovery_channel
-        self.sync_subject = config.nats_discovery_channel + ".sync"
         self.garbage_log = RateLimitedLog(burst=5)
         self.membership_log = RateLimitedLog(burst=20)
+        self.counters = Counters()
+        self.started = time.time()
         self.api = Api(self)
         self.http = HttpServer(self.api.handle)
-        self.driver = NatsDriver(config.nats_url, f"lobbyd {self.hostname}", environ,
-                                 self.on_connect)
+        self.transports: list[Transport] = [
+            TRANSPORTS[kind](config, environ, f"lobbyd {self.hostname}", self.on_connect,
+                             self.tell_systemd) for kind in config.driver]
         self.callback = (CallbackRunner(config.callback, config.callback_cooldown,
                                         config.callback_first_run_delay,
                                         config.callback_timeout, self.registry_json)
                          if config.callback else None)
         self.tasks: list[asyncio.Future[Any]] = []
         self._stopping = False
-        self._sync_serving = False
+        self._synced: set[Transport] = set()
 
     # local state ---------------------------------------------------------------
     def local_packet(self) -> Packet:
@@ -2701,6 +3190,15 @@ class Daemon:
         self.refresh_checks()
         if not self.label_lock.locked():  # mid-save the file is older than our labels
             self.set_labels(self.local_labels.collect())
+
+    def reread_labels(self) -> None:
+        """The label files as they are on disk now (SPEC 3); a change is published at once."""
+        if self.label_lock.locked():  # mid-save the file is older than our labels
+            return
+        before = self.labels
+        self.set_labels(self.local_labels.collect())
+        if self.labels != before:
+            self.wake.set()  # the keep-alive loop publishes it now
 
     def set_labels(self, labels: tuple[str, ...]) -> None:
         if labels != self.labels:
@@ -2721,6 +3219,7 @@ class Daemon:
             new = changed_labels(current, add, remove)
             if new == current:
                 return
+            self.local_labels.collect()  # a file written just before must be in this packet
             self.set_labels(self.local_labels.with_file(self.runtime.path, new))
             await self.publish_local()
             try:
@@ -2794,8 +3293,7 @@ class Daemon:
 
     def label_sources(self) -> dict[str, Any]:
         """GET /v1/labels: every local label by where it comes from."""
-        if not self.label_lock.locked():
-            self.set_labels(self.local_labels.collect())
+        self.reread_labels()
         files = self.local_labels.by_file()
         runtime = files.pop(self.runtime.path.name, [])
         return {"env": sorted(set(self.config.labels)), "files": files, "runtime": runtime,
@@ -2812,6 +3310,7 @@ class Daemon:
     def expire(self) -> None:
         dead = self.registry.expire(time.time())
         if dead:
+            self.counters.left_expired += len(dead)
             log.info("expired (silent for over %ds): %s", self.config.ttl, ", ".join(dead[:20]))
             self.registry_changed()
 
@@ -2824,28 +3323,45 @@ class Daemon:
         try:
             message, hostname, labels = decode_envelope(data, self.label_cache)
         except PacketError as exc:
-            self.garbage_log.warning("dropped a packet on %s: %s", self.subject, exc)
+            self.counters.dropped += 1
+            self.garbage_log.warning("dropped a packet: %s", exc)
             return
+        counters = self.counters
         if message == "hi":
+            counters.his += 1
             change = self.registry.apply_hi(hostname, labels, time.time())
             if change:
                 if change == NEW_HOST:
+                    counters.joined += 1
                     self.membership_log.info("new host %s", hostname)
+                else:
+                    self.membership_log.info("new labels of %s", hostname)
                 self.registry_changed()
-        elif self.registry.apply_goodbye(hostname):
-            self.membership_log.info("goodbye from %s", hostname)
-            self.registry_changed()
+        else:
+            counters.goodbyes += 1
+            if self.registry.apply_goodbye(hostname):
+                counters.left_goodbye += 1
+                self.membership_log.info("goodbye from %s", hostname)
+                self.registry_changed()
 
     # publishing ----------------------------------------------------------------
     async def publish(self, packet: Packet, message: str = "hi") -> bool:
-        return await self.driver.publish(self.subject, encode_envelope(packet, message))
+        """On every transport; True if at least one took it."""
+        data = encode_envelope(packet, message)
+        sent = 0
+        for transport in self.transports:
+            sent += await transport.publish(data)
+        self.counters.published += sent
+        return sent > 0
 
     async def publish_local(self) -> None:
         if not self.config.register:
             return
         packet = self.local_packet()
         # we list ourselves even while NATS is away; our own packet refreshes it later
-        if self.registry.apply_hi(packet.hostname, packet.labels, time.time()):
+        change = self.registry.apply_hi(packet.hostname, packet.labels, time.time())
+        if change:
+            self.counters.joined += change == NEW_HOST
             self.registry_changed()
         await self.publish(packet)
 
@@ -2863,46 +3379,31 @@ class Daemon:
             pause = min(self.config.clean_every, self.registry.next_expiry() - time.time())
             await asyncio.sleep(max(0.05, pause + 0.01))
 
-    async def on_connect(self) -> None:
+    async def on_connect(self, transport: Transport) -> None:
         """On every (re)connect: say hi at once, then learn the fleet from one peer."""
         await self.publish_local()
-        self.schedule(self.sync())
+        self.schedule(self.sync(transport))
 
-    # join: learn every live host from one peer instead of waiting a keep-alive round
-    async def sync(self) -> None:
-        """Ask one peer (NATS picks it from the queue group) for its registry."""
-        replies: asyncio.Queue[bytes | None] = asyncio.Queue()
-        learned, complete, sub = 0, False, None
+    async def sync(self, transport: Transport) -> None:
+        """Join: learn every live host from one peer instead of waiting a keep-alive
+        round, then answer the joins of others."""
+        learned = 0
 
-        async def on_reply(msg: Any) -> None:
-            replies.put_nowait(msg.data)
+        def reply(data: bytes) -> bool:
+            nonlocal learned
+            count, complete = self.learn_from(data, time.time())
+            learned += count
+            return complete
 
-        timer = asyncio.get_running_loop().call_later(SYNC_WINDOW, replies.put_nowait, None)
-        try:
-            inbox = self.driver.new_inbox()
-            sub = await self.driver.subscribe(inbox, on_reply)
-            await self.driver.publish(self.sync_subject, b"{}", reply=inbox)
-            while not complete:
-                data = await replies.get()
-                if data is None:
-                    log.debug("sync: no complete answer within %gs", SYNC_WINDOW)
-                    break
-                if not data:  # "no responders": nobody answers joins yet, we are the first
-                    break
-                count, complete = self.learn_from(data, time.time())
-                learned += count
-        except Exception as exc:  # the connection went away: the next connect syncs again
-            log.debug("sync failed: %s", describe_error(exc))
-        finally:
-            timer.cancel()
-            if sub is not None:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
-        if complete:
-            log.info("learned %d hosts from a peer", learned)
+        if await transport.ask_fleet(reply, SYNC_WINDOW):
+            log.info("learned %d hosts from a peer over %s", learned, transport.kind)
         if learned:
+            self.counters.joined += learned
             self.registry_changed()
-        await self.serve_sync()
+        self._synced.add(transport)
+        if len(self._synced) == len(self.transports):
+            self.joined.set()
+        await transport.serve_fleet(self.fleet_chunks)
 
     def learn_from(self, data: bytes, now: float) -> tuple[int, bool]:
         """Apply one chunk of a peer's answer: (hosts added, whether it was the last)."""
@@ -2919,29 +3420,94 @@ class Daemon:
             self.garbage_log.warning("dropped a sync answer: %s", describe_error(exc))
             return 0, False
 
-    async def serve_sync(self) -> None:
-        if self._sync_serving or not self.driver.is_connected:
-            return
-        self._sync_serving = True
-        await self.driver.nc.subscribe(self.sync_subject, queue=SYNC_QUEUE,
-                                       cb=self.on_sync_request)
-
-    async def on_sync_request(self, msg: Any) -> None:
-        if not msg.reply:
-            return
+    def fleet_chunks(self, budget: int) -> list[bytes]:
+        """The registry as a join answer: chunks of at most about `budget` bytes."""
         self.expire()
         now = time.time()
-        budget = max(4096, self.driver.max_payload // 2)
-        chunk: list[str] = []
-        size = 0
-        for name, (labels, seen) in list(self.registry.hosts.items()):
+        chunks, chunk, size = [], [], 0
+        for name, (labels, seen) in self.registry.hosts.items():
             item = json.dumps([name, labels, round(now - seen, 3)], ensure_ascii=False)
             if size + len(item) > budget and chunk:
-                await self.driver.publish(msg.reply, sync_chunk(chunk, False))
+                chunks.append(sync_chunk(chunk, False))
                 chunk, size = [], 0
             chunk.append(item)
             size += len(item) + 1
-        await self.driver.publish(msg.reply, sync_chunk(chunk, True))
+        chunks.append(sync_chunk(chunk, True))
+        return chunks
+
+    # operating it: health, metrics, readiness ----------------------------------
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """(healthy, GET /v1/health): healthy while every transport is connected."""
+        drivers = [transport.state() for transport in self.transports]
+        healthy = all(driver["connected"] for driver in drivers)
+        return healthy, {
+            "status": "ok" if healthy else "disconnected", "hostname": self.hostname,
+            "version": __version__, "uptime_s": int(time.time() - self.started),
+            "hosts": len(self.registry), "drivers": drivers, "checks": self.check_states()}
+
+    def metric_families(self) -> list[Family]:
+        counters, transports = self.counters, self.transports
+        runs = self.callback.runs if self.callback else {}
+        checks = self.check_states()
+        return [
+            Family("lobbyd_build_info", "gauge", "lobbyd's version.",
+                   [({"version": __version__}, 1)]),
+            Family("lobbyd_hosts", "gauge", "Live hosts in the registry.",
+                   [({}, len(self.registry))]),
+            Family("lobbyd_local_labels", "gauge", "Labels this host publishes.",
+                   [({}, len(self.labels))]),
+            Family("lobbyd_connected", "gauge", "1 while the transport is connected.",
+                   [({"driver": t.kind}, int(t.is_connected)) for t in transports]),
+            Family("lobbyd_reconnects_total", "counter", "Reconnections after the first.",
+                   [({"driver": t.kind}, t.reconnects) for t in transports]),
+            Family("lobbyd_packets_received_total", "counter", "Valid discovery packets.",
+                   [({"message": "hi"}, counters.his),
+                    ({"message": "goodbye"}, counters.goodbyes)]),
+            Family("lobbyd_packets_dropped_total", "counter", "Packets off the contract.",
+                   [({}, counters.dropped)]),
+            Family("lobbyd_packets_published_total", "counter", "Packets this host sent.",
+                   [({}, counters.published)]),
+            Family("lobbyd_hosts_joined_total", "counter", "Hosts that appeared.",
+                   [({}, counters.joined)]),
+            Family("lobbyd_hosts_left_total", "counter", "Hosts that left, by reason.",
+                   [({"reason": "goodbye"}, counters.left_goodbye),
+                    ({"reason": "expired"}, counters.left_expired)]),
+            Family("lobbyd_callback_runs_total", "counter", "CALLBACK runs by result.",
+                   [({"result": result}, runs.get(result, 0))
+                    for result in ("ok", "failed", "timeout", "error")]),
+            Family("lobbyd_http_requests_total", "counter", "HTTP responses by status code.",
+                   [({"code": str(code)}, count)
+                    for code, count in sorted(self.http.codes.items())]),
+            Family("lobbyd_check_up", "gauge", "1 while the health check passes.",
+                   [({"check": name}, int(state["up"]))
+                    for name, state in sorted(checks.items())]),
+            *process_families(),
+        ]
+
+    def status_text(self) -> str:
+        """systemd's STATUS= line: what `systemctl status lobbyd` shows."""
+        parts = []
+        for transport in self.transports:
+            if transport.is_connected:
+                parts.append(f"connected to {transport.server}")
+            elif transport.was_connected:
+                parts.append(f"{transport.kind} connection lost; "
+                             f"reconnecting to {transport.targets()}")
+            else:
+                parts.append(f"waiting for {transport.kind} at {transport.targets()}")
+        if all(transport.is_connected for transport in self.transports):
+            return "; ".join(parts) + f"; {len(self.registry)} hosts known"
+        return "; ".join(parts) + "; the API keeps serving"
+
+    def tell_systemd(self) -> None:
+        notify_systemd(f"STATUS={self.status_text()}")
+
+    async def announce_ready(self) -> None:
+        """READY=1 once connected and synced, or after READY_TIMEOUT: never blocks a start."""
+        waiting = asyncio.ensure_future(self.joined.wait())
+        await asyncio.wait([waiting], timeout=READY_TIMEOUT)
+        waiting.cancel()
+        notify_systemd(f"READY=1\nSTATUS={self.status_text()}")
 
     # lifecycle -----------------------------------------------------------------
     def schedule(self, coro: Awaitable[Any]) -> None:
@@ -2988,16 +3554,19 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self.wake = asyncio.Event()
         self.stop = asyncio.Event()
+        self.joined = asyncio.Event()  # first connection and join sync done
         self.label_lock = asyncio.Lock()
         self.install_signal_handlers(loop)
         if not self.config.disable_api:
             await self.listen()  # first: a HOST we cannot listen on is a config error
         self.runtime.remove_stale_temp_files()
         self.refresh_local()  # before any request can be served: no await in between
-        notify_systemd("READY=1")
         log.info("lobbyd %s starting as %s (%s)", __version__, self.hostname,
                  "publishing" if self.config.register else "client only, not publishing")
-        self.schedule(self.driver.run(self.subject, self.on_packet))
+        warn_about_timing(self.config)
+        self.schedule(self.announce_ready())
+        for transport in self.transports:
+            self.schedule(transport.run(self.on_packet))
         self.schedule(self.keep_alive())
         self.schedule(self.clean_up())
         if self.callback:
@@ -3033,13 +3602,22 @@ class Daemon:
             self.callback.stop()
         for task in list(self.tasks):
             task.cancel()
-        if self.config.register and self.driver.is_connected:
-            await self.publish(Packet(self.hostname), "goodbye")
+        if self.config.register and await self.publish(Packet(self.hostname), "goodbye"):
             log.info("said goodbye as %s", self.hostname)
-        await self.driver.close(timeout=0.8)
+            for transport in self.transports:
+                await transport.said_goodbye()
+        await asyncio.gather(*(transport.close(timeout=0.8) for transport in self.transports))
         await self.http.close()
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=0.3)
+
+
+def warn_about_timing(config: Config) -> None:
+    """Accepted, as the Go daemon does, but said once: such hosts will flap."""
+    if config.ttl < 2 * config.keep_alive:
+        log.warning("TTL=%d is less than twice KEEP_ALIVE=%d: peers will drop this host "
+                    "whenever one keep-alive is late or lost (hosts will flap); "
+                    "use TTL of 3 to 6 times KEEP_ALIVE", config.ttl, config.keep_alive)
 
 
 def sync_chunk(items: list[str], done: bool) -> bytes:
@@ -3065,8 +3643,27 @@ def setup_logging(level: str) -> None:
     logging.getLogger("nats").setLevel(logging.CRITICAL)
 
 
+def program_name() -> str:
+    """The name lobbyd was called by: `lobbyctl` (a second name of the same program)
+    makes it the client."""
+    return Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "lobbyd"
+
+
+def check_drivers(config: Config) -> None:
+    """A driver whose library is missing is bad configuration, said before anything runs."""
+    import importlib.util
+
+    if "Redis" in config.driver and importlib.util.find_spec("redis") is None:
+        raise ConfigError("DRIVER=Redis needs the Python package redis: "
+                          "pip install 'lobbyd[redis]'")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if argv is None and program_name() == "lobbyctl":
+        return ctl_main(args, os.environ)
+    if args[:1] == ["ctl"]:
+        return ctl_main(args[1:], os.environ)
     if args in (["--version"], ["-V"]):
         print(f"lobbyd {__version__}")
         return 0
@@ -3074,11 +3671,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(help_text())
         return 0
     if args:
-        print(f"lobbyd: unexpected arguments {' '.join(args)!r}; see lobbyd --help",
-              file=sys.stderr)
+        print(f"lobbyd: unexpected arguments {' '.join(args)!r}; see lobbyd --help "
+              "(the client is `lobbyd ctl ...` or `lobbyctl ...`)", file=sys.stderr)
         return 2
     try:
         config = Config.from_env(os.environ)
+        check_drivers(config)
     except ConfigError as exc:
         print(f"lobbyd: configuration error: {exc}", file=sys.stderr)
         return EX_CONFIG
@@ -3097,6 +3695,304 @@ def main(argv: Sequence[str] | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
     return 0
+
+
+###############################################################################
+# lobbyctl: a client of the HTTP API, compatible with the Go daemon's lobbyctl.
+# It shares the data shapes with the daemon, never its state.
+###############################################################################
+
+CTL_USAGE = """\
+usage: lobbyctl [-host HOST] [-port PORT] [-proto http|https] [-token TOKEN] [-json]
+                COMMAND [ARGS...]
+       lobbyd ctl ... (the same)
+
+commands:
+  discovery                       this server's discovery packet
+  discoveries                     every live server and its labels
+  discoveries labels LABEL...     servers having any of these labels
+  discoveries search PREFIX...    servers having a label starting with any of these
+  resolve LABEL                   hostnames of the servers having LABEL
+  labels add [--ttl S] LABEL...   add runtime labels (with --ttl: a lease of S seconds)
+  labels del LABEL...             remove runtime labels
+  health                          the daemon's health; exit status 1 when unhealthy
+  prometheus NAME                 Prometheus target groups of job NAME
+
+Flags take one or two dashes and `-flag value` or `-flag=value`; their defaults
+come from the environment: HOST (127.0.0.1), PORT (1313), PROTOCOL (http), TOKEN.
+-json prints the API's JSON on one line. Colour only on a terminal, never with
+NO_COLOR set. Exit status: 0 success, 1 lobbyd answered an error or cannot be
+reached, 2 bad usage."""
+
+
+class CtlUsageError(LobbydError):
+    """The command line is wrong: usage, exit status 2."""
+
+
+class CtlError(LobbydError):
+    """lobbyd answered an error or cannot be reached: exit status 1."""
+
+
+@dataclass
+class CtlOptions:
+    proto: str = "http"
+    host: str = "127.0.0.1"
+    port: int = 1313
+    token: str = ""
+    json: bool = False
+
+    @property
+    def base(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.proto}://{host}:{self.port}"
+
+
+CTL_VALUE_FLAGS = ("host", "port", "proto", "token")
+
+
+def parse_ctl_args(argv: Sequence[str], environ: Mapping[str, str]
+                   ) -> tuple[CtlOptions, list[str]]:
+    """(options, command words); flags may stand anywhere before `--`."""
+    values = {"proto": environ.get("PROTOCOL") or "http",
+              "host": environ.get("HOST") or "127.0.0.1",
+              "port": environ.get("PORT") or "1313", "token": environ.get("TOKEN", "")}
+    as_json, words = False, []
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--":
+            words += args
+            break
+        name, sep, value = arg.lstrip("-").partition("=")
+        if not arg.startswith("-") or arg == "-" or name == "ttl":
+            words.append(arg)  # --ttl belongs to `labels add`
+        elif name in ("h", "help"):
+            raise CtlUsageError("")
+        elif name == "json":
+            as_json = parse_ctl_bool(value) if sep else True
+        elif name in CTL_VALUE_FLAGS:
+            if not sep:
+                if not args:
+                    raise CtlUsageError(f"flag needs an argument: -{name}")
+                value = args.pop(0)
+            values[name] = value
+        else:
+            raise CtlUsageError(f"flag provided but not defined: {arg}")
+    proto = values["proto"].strip().lower()
+    if proto not in ("http", "https"):
+        raise CtlUsageError(f"-proto {show(values['proto'])}: expected http or https")
+    port = values["port"].strip()
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise CtlUsageError(f"-port {show(values['port'])}: expected a number from 1 to 65535")
+    host = values["host"].strip().strip("[]") or "127.0.0.1"
+    return CtlOptions(proto, host, int(port), values["token"].strip(), as_json), words
+
+
+def parse_ctl_bool(value: str) -> bool:
+    try:
+        return parse_bool("-json", value)
+    except ConfigError as exc:
+        raise CtlUsageError(str(exc)) from None
+
+
+def ctl_request(options: CtlOptions, method: str, path: str, body: bytes = b"",
+                timeout: float = 10.0) -> tuple[int, bytes]:
+    """(status, body) of one request; CtlError when lobbyd cannot be reached."""
+    import http.client
+
+    if options.proto == "https":
+        import ssl
+
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            options.host, options.port, timeout=timeout, context=ssl.create_default_context())
+    else:
+        conn = http.client.HTTPConnection(options.host, options.port, timeout=timeout)
+    headers = {"Authorization": f"Token {options.token}"} if options.token else {}
+    try:
+        conn.request(method, path, body=body or None, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise CtlError(f"cannot reach lobbyd at {options.base}: {reason}") from None
+    finally:
+        conn.close()
+
+
+def ctl_call(options: CtlOptions, method: str, path: str, body: bytes = b"",
+             accept: Sequence[int] = (200,)) -> tuple[int, Any]:
+    """(status, parsed JSON or text) of a request; CtlError for any other status."""
+    status, data = ctl_request(options, method, path, body)
+    text = data.decode("utf-8", "replace")
+    if status not in accept:
+        first = text.strip().splitlines()[0] if text.strip() else "(no message)"
+        raise CtlError(f"lobbyd at {options.base} answered {status}: {first}")
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+class Painter:
+    """ANSI colour on a terminal only, and never with NO_COLOR set (no-color.org)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def paint(self, text: str, code: str) -> str:
+        return f"\033[{code}m{text}\033[0m" if self.enabled else text
+
+    def label(self, label: str) -> str:
+        name, sep, value = label.partition(":")
+        return self.paint(name + sep, "36") + value if sep else label
+
+
+def wants_colour(stream: Any, environ: Mapping[str, str]) -> bool:
+    return bool(getattr(stream, "isatty", lambda: False)()) and not environ.get("NO_COLOR") \
+        and environ.get("TERM") != "dumb"
+
+
+def format_discoveries(packets: Sequence[Mapping[str, Any]], paint: Painter) -> str:
+    """As the Go lobbyctl prints them: hostnames right-aligned, one label per line."""
+    width = max((len(packet["hostname"]) for packet in packets), default=0)
+    out = []
+    for packet in packets:
+        labels = packet.get("labels") or []
+        name = paint.paint(packet["hostname"].rjust(width) if labels else packet["hostname"],
+                           "1")
+        if labels:
+            out.append(f"{name}    {paint.label(labels[0])}")
+            out += [" " * (width + 4) + paint.label(label) for label in labels[1:]]
+        else:
+            out.append(name)
+        out.append("")
+    return "".join(line + "\n" for line in out)
+
+
+def format_discovery(packet: Mapping[str, Any], paint: Painter) -> str:
+    lines = ["Hostname:", "  " + paint.paint(packet["hostname"], "1")]
+    if packet.get("labels"):
+        lines += ["Labels:", *("  " + paint.label(label) for label in packet["labels"])]
+    return "".join(line + "\n" for line in lines)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{days}d"] * bool(days) + [f"{hours}h"] * bool(days or hours) + \
+        [f"{minutes}m"] * bool(days or hours or minutes) + [f"{secs}s"]
+    return " ".join(parts)
+
+
+def format_health(health: Mapping[str, Any], paint: Painter, now: float) -> str:
+    ok = health.get("status") == "ok"
+    lines = [f"status:   {paint.paint(str(health.get('status')), '32' if ok else '31;1')}",
+             f"hostname: {health.get('hostname')}", f"version:  {health.get('version')}",
+             f"uptime:   {format_duration(health.get('uptime_s', 0))}",
+             f"hosts:    {health.get('hosts')}"]
+    for driver in health.get("drivers", []):
+        ago = format_duration(max(0, now - driver.get("since", now)))
+        state = f"connected to {driver.get('server')}" if driver.get("connected") \
+            else paint.paint("disconnected", "31;1")
+        lines.append(f"{driver.get('driver')}:     {state} for {ago}, "
+                     f"{driver.get('reconnects', 0)} reconnects")
+    for name, check in sorted(health.get("checks", {}).items()):
+        state = paint.paint("up", "32") if check.get("up") else paint.paint("down", "31;1")
+        output = f" ({check['output']})" if check.get("output") else ""
+        lines.append(f"check {name}: {state}{output}")
+    return "".join(line + "\n" for line in lines)
+
+
+def format_groups(groups: Sequence[Mapping[str, Any]]) -> str:
+    lines = []
+    for group in groups:
+        labels = " ".join(f"{key}={value}" for key, value in group.get("Labels", {}).items())
+        lines.append(" ".join(group.get("Targets", [])) + (f"    {labels}" if labels else ""))
+    return "".join(line + "\n" for line in lines)
+
+
+def ctl_labels(options: CtlOptions, words: list[str]) -> None:
+    if len(words) < 3 or words[1] not in ("add", "del"):
+        raise CtlUsageError("expected: labels add [--ttl S] LABEL... or labels del LABEL...")
+    action, rest, query = words[1], words[2:], ""
+    if rest[0].lstrip("-").partition("=")[0] == "ttl":
+        if action != "add":
+            raise CtlUsageError("--ttl goes with labels add only")
+        flag = rest.pop(0)
+        ttl = flag.partition("=")[2] if "=" in flag else (rest.pop(0) if rest else "")
+        if not ttl.isdigit():
+            raise CtlUsageError(f"--ttl {show(ttl)}: expected whole seconds")
+        query = f"?ttl={ttl}"
+    if not rest:
+        raise CtlUsageError(f"labels {action}: no labels given")
+    body = "\n".join(rest).encode("utf-8")
+    ctl_call(options, "POST" if action == "add" else "DELETE", "/v1/labels" + query, body)
+
+
+def compact_json(value: Any) -> str:
+    """JSON on one line, as the Go lobbyctl's -json prints it."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def ctl_run(options: CtlOptions, words: list[str], out: Any, paint: Painter) -> int:
+    """Run one command; the exit status."""
+    from urllib.parse import quote
+
+    command, args = words[0], words[1:]
+    if command == "discoveries":
+        path = "/v1/discoveries"
+        if args:
+            if args[0] not in ("labels", "search") or len(args) < 2:
+                raise CtlUsageError("expected: discoveries [labels LABEL... | search PREFIX...]")
+            key = "labels" if args[0] == "labels" else "prefixes"
+            path += f"?{key}=" + quote(",".join(args[1:]), safe=":,")
+        _, packets = ctl_call(options, "GET", path)
+        out.write(compact_json(packets) + "\n" if options.json
+                  else format_discoveries(packets, paint))
+    elif command == "discovery" and not args:
+        _, packet = ctl_call(options, "GET", "/v1/discovery")
+        out.write(compact_json(packet) + "\n" if options.json else format_discovery(packet, paint))
+    elif command == "resolve" and len(args) == 1:
+        _, names = ctl_call(options, "GET", "/v1/resolve?label=" + quote(args[0], safe=":"))
+        out.write(compact_json(names) + "\n" if options.json else "".join(n + "\n" for n in names))
+    elif command == "prometheus" and len(args) == 1:
+        _, groups = ctl_call(options, "GET", "/v1/prometheus/" + quote(args[0], safe=""))
+        out.write(compact_json(groups) + "\n" if options.json else format_groups(groups))
+    elif command == "health" and not args:
+        status, health = ctl_call(options, "GET", "/v1/health", accept=(200, 503))
+        out.write(compact_json(health) + "\n" if options.json
+                  else format_health(health, paint, time.time()))
+        return 0 if status == 200 else 1
+    elif command == "labels":
+        ctl_labels(options, words)
+    else:
+        raise CtlUsageError(f"unknown command or wrong arguments: {' '.join(words)}")
+    return 0
+
+
+def ctl_main(argv: Sequence[str], environ: Mapping[str, str], out: Any = None) -> int:
+    """lobbyctl: parse, call the API, print; errors become exit statuses here only."""
+    out = out or sys.stdout
+    try:
+        options, words = parse_ctl_args(argv, environ)
+        if not words:
+            raise CtlUsageError("no command given")
+        return ctl_run(options, words, out, Painter(wants_colour(out, environ)))
+    except CtlUsageError as exc:
+        if not str(exc):
+            print(CTL_USAGE)
+            return 0
+        print(f"lobbyctl: {exc}\n\n{CTL_USAGE}", file=sys.stderr)
+        return 2
+    except CtlError as exc:
+        print(f"lobbyctl: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `lobbyctl discoveries | head`
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (no flush error at exit)
+        return 0
 
 
 if __name__ == "__main__":

@@ -123,6 +123,128 @@ def nats(tmp_path: Path) -> Iterator[NatsServer]:
     server.stop()
 
 
+# --------------------------------------------------------------------------- Redis
+
+
+class RedisServer:
+    """One redis-server process (Debian's) on loopback, with or without a password."""
+
+    def __init__(self, workdir: Path, port: int | None = None, password: str = ""):
+        self.port = port or free_port()
+        self.workdir = workdir
+        self.password = password
+        self.proc: subprocess.Popen | None = None
+        self.log = workdir / f"redis-{self.port}.log"
+
+    @property
+    def client_env(self) -> dict[str, str]:
+        """What a lobbyd needs besides REDIS_PORT to use this server."""
+        return {"REDIS_PASSWORD": self.password} if self.password else {}
+
+    def start(self) -> RedisServer:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server not found: apt-get install redis-server (.ci/run does)"
+        cmd = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+               "--appendonly", "no", "--dir", str(self.workdir)]
+        if self.password:
+            cmd += ["--requirepass", self.password]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        wait_for(self._accepting, timeout=10, what=f"redis-server on {self.port}")
+        return self
+
+    def _accepting(self) -> bool:
+        if self.proc and self.proc.poll() is not None:
+            raise AssertionError(f"redis-server exited: {self.log.read_text()[-2000:]}")
+        with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def cli(self, *args: str) -> str:
+        auth = ["-a", self.password, "--no-auth-warning"] if self.password else []
+        done = subprocess.run(["redis-cli", "-p", str(self.port), *auth, *args],
+                              capture_output=True, text=True, timeout=10)
+        assert done.returncode == 0, done
+        return done.stdout
+
+    def subscriber(self, channel: str) -> RespSubscriber:
+        return RespSubscriber(self.port, channel, self.password)
+
+
+class RespSubscriber:
+    """A raw RESP connection subscribed to one channel (what a Go daemon would read)."""
+
+    def __init__(self, port: int, channel: str, password: str = ""):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.buf = b""
+        if password:
+            self.sock.sendall(resp_command("AUTH", password))
+            assert self._value() == "OK"
+        self.sock.sendall(resp_command("SUBSCRIBE", channel))
+        assert self._value()[0] == b"subscribe"
+
+    def next_message(self, timeout: float = 5.0) -> bytes:
+        self.sock.settimeout(timeout)
+        while True:
+            value = self._value()
+            if isinstance(value, list) and value[0] == b"message":
+                return value[2]
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("redis closed the connection")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def _value(self) -> object:
+        line = self._line()
+        kind, rest = line[:1], line[1:]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            size = int(rest)
+            while len(self.buf) < size + 2:
+                self.buf += self.sock.recv(65536)
+            data, self.buf = self.buf[:size], self.buf[size + 2:]
+            return data
+        if kind == b"*":
+            return [self._value() for _ in range(int(rest))]
+        raise AssertionError(f"unexpected RESP line {line!r}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def resp_command(*words: str) -> bytes:
+    parts = [f"*{len(words)}\r\n".encode()]
+    for word in words:
+        data = word.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()
+
+
 # --------------------------------------------------------------------------- lobbyd
 
 

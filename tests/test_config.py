@@ -9,10 +9,18 @@ import lobbyd
 from lobbyd import Config, ConfigError, parse_bool, parse_int, redact_url
 
 
+def test_driver_names_one_or_both_transports() -> None:
+    assert Config.from_env({"DRIVER": "redis"}).driver == ("Redis",)
+    assert Config.from_env({"DRIVER": "NATS, Redis"}).driver == ("NATS", "Redis")
+    assert Config.from_env({"DRIVER": "nats,NATS"}).driver == ("NATS",)
+
+
 def test_defaults_match_the_spec() -> None:
     c = Config.from_env({})
     assert (c.host, c.port, c.token, c.disable_api, c.driver) == ("127.0.0.1", 1313, "", False,
-                                                                  "NATS")
+                                                                  ("NATS",))
+    assert (c.redis_host, c.redis_port, c.redis_db, c.redis_channel, c.redis_password) == \
+        ("127.0.0.1", 6379, 0, "lobby:discovery", "")
     assert c.nats_url == ("nats://127.0.0.1:4222",)
     assert c.nats_discovery_channel == "lobby.discovery"
     assert (c.labels_path, c.runtime_labels_filename) == ("/etc/lobby/labels", "_runtime")
@@ -74,7 +82,12 @@ def test_redact_url_hides_passwords_and_tokens() -> None:
     ("REGISTER", "maybe", "REGISTER='maybe'"),
     ("DISABLE_API", "2", "DISABLE_API='2'"),
     ("RUNTIME_LABELS_FILENAME", "../x", "RUNTIME_LABELS_FILENAME='../x'"),
-    ("DRIVER", "redis", "DRIVER='redis'"),
+    ("DRIVER", "kafka", "DRIVER='kafka'"),
+    ("DRIVER", "NATS,zmq", "DRIVER='NATS,zmq'"),
+    ("REDIS_PORT", "0", "REDIS_PORT='0'"),
+    ("REDIS_DB", "-1", "REDIS_DB='-1'"),
+    ("REDIS_CHANNEL", "a b", "REDIS_CHANNEL"),
+    ("REDIS_HOST", "256.1.1.1", "REDIS_HOST"),
     ("NATS_URL", "http://x:1", "NATS_URL"),
     ("NATS_URL", "nats://x:99999", "NATS_URL"),
     ("NATS_DISCOVERY_CHANNEL", "a b", "NATS_DISCOVERY_CHANNEL"),

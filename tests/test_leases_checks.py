@@ -246,6 +246,17 @@ def test_exec_checks_exit_codes_and_a_hanging_one_killed_with_its_group(pair, tm
     got = sources(a)["checks"]
     assert got["fail"]["up"] is False and got["hang"]["up"] is False
     assert not has_label(b, "a", "exec:fail") and not has_label(b, "a", "exec:hang")
+    # the state in /v1/health and /metrics
+    wait_for(lambda: "killed" in a.get_json("/v1/health")["checks"]["hang"]["output"],
+             what="the hang check's output in /v1/health")
+    checks = a.get_json("/v1/health")["checks"]
+    assert checks["ok"]["up"] is True and checks["ok"]["output"] == "exit 0"
+    assert checks["fail"] == {"up": False, "since": checks["fail"]["since"], "output": "exit 1"}
+    assert abs(checks["ok"]["since"] - time.time()) < 60
+    metrics = a.request("GET", "/metrics")[2].decode()
+    assert 'lobbyd_check_up{check="ok"} 1' in metrics
+    assert 'lobbyd_check_up{check="fail"} 0' in metrics
+    assert 'lobbyd_check_up{check="hang"} 0' in metrics
 
 
 def test_a_check_never_runs_twice_at_once(pair, tmp_path) -> None:

@@ -1,0 +1,329 @@
+"""Operating lobbyd (SPEC 7): health, metrics, readiness, and the slips of issue 8."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import Lobbyd, free_port, run_lobbyd, wait_for
+
+import lobbyd as L
+
+SUBJECT = "lobby.discovery"
+
+
+def health(d: Lobbyd, **headers: str) -> tuple[int, dict]:
+    status, _, body = d.request("GET", "/v1/health", headers=headers or None)
+    return status, json.loads(body) if status in (200, 503) else {}
+
+
+def metrics(d: Lobbyd, **headers: str) -> dict[str, float]:
+    """`name{labels}` -> value of every sample /metrics answers."""
+    status, head, body = d.request("GET", "/metrics", headers=headers or None)
+    assert status == 200, (status, body)
+    assert head["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    samples = {}
+    for line in body.decode().splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def promtool() -> str:
+    path = shutil.which("promtool")
+    assert path, "promtool not found: apt-get install prometheus (.ci/run does)"
+    return path
+
+
+# --------------------------------------------------------------------------- health
+
+
+def test_health_through_never_connected_connected_lost_and_back(lobbyd, nats) -> None:
+    nats.stop()
+    a = lobbyd("a", start=False)
+    a.start(wait=False)
+    wait_for(lambda: a.request("GET", "/v1/discovery")[0] == 200, what="API up without NATS")
+    status, body = health(a)  # from the first answer on: NATS has never answered
+    assert status == 503 and body["status"] == "disconnected"
+    assert body["drivers"] == [{"driver": "NATS", "connected": False, "server": None,
+                                "since": body["drivers"][0]["since"], "reconnects": 0}]
+    assert body["hostname"] == "a" and body["version"] == L.__version__
+    assert body["hosts"] == 1 and body["checks"] == {} and body["uptime_s"] >= 0
+
+    nats.start()
+    wait_for(lambda: health(a)[0] == 200, timeout=6, what="200 once NATS answers")
+    status, body = health(a)
+    assert body["status"] == "ok"
+    assert body["drivers"][0]["server"] == f"nats://127.0.0.1:{nats.port}"
+    assert body["drivers"][0]["reconnects"] == 0
+    connected_since = body["drivers"][0]["since"]
+    assert abs(connected_since - time.time()) < 5
+
+    nats.stop(signal.SIGKILL)
+    wait_for(lambda: health(a)[0] == 503, timeout=2, what="503 within 2 s of the kill")
+    assert health(a)[1]["drivers"][0]["connected"] is False
+    nats.start()
+    wait_for(lambda: health(a)[0] == 200, timeout=2, what="200 within 2 s of NATS's return")
+    assert health(a)[1]["drivers"][0]["reconnects"] == 1
+    assert health(a)[1]["drivers"][0]["since"] >= connected_since
+
+
+def start_with_token(lobbyd, name: str, token: str, **env: str) -> Lobbyd:
+    d = lobbyd(name, start=False, TOKEN=token, **env)
+    d.start(wait=False)
+    wait_for(lambda: d.request("GET", "/v1/discovery",
+                               headers={"Authorization": f"Token {token}"})[0] == 200,
+             what=f"{name} API up")
+    return d
+
+
+def test_health_and_metrics_need_the_token(lobbyd) -> None:
+    a = start_with_token(lobbyd, "a", "s3cret")
+    for path in ("/v1/health", "/metrics"):
+        assert a.request("GET", path)[0] == 403
+        assert a.request("GET", path, headers={"Authorization": "Token nope"})[0] == 403
+        assert a.request("GET", path, headers={"Authorization": "Token s3cret"})[0] == 200
+        assert a.request("HEAD", path, headers={"Authorization": "Bearer s3cret"})[0] == 200
+
+
+def test_an_unhealthy_answer_keeps_the_connection(lobbyd, nats) -> None:
+    nats.stop()
+    a = lobbyd("a", start=False)
+    a.start(wait=False)
+    wait_for(lambda: a.request("GET", "/v1/discovery")[0] == 200, what="API up")
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", a.port, timeout=5)
+    try:
+        for _ in range(3):  # the same connection serves all three
+            conn.request("GET", "/v1/health")
+            response = conn.getresponse()
+            assert response.status == 503 and response.getheader("Connection") == "keep-alive"
+            response.read()
+    finally:
+        conn.close()
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_metrics_count_what_happens(lobbyd, nats) -> None:
+    a = lobbyd("a", TTL="3", CALLBACK="true", CALLBACK_FIRST_RUN_DELAY="0",
+               CALLBACK_COOLDOWN="0")
+    wait_for(lambda: metrics(a)['lobbyd_callback_runs_total{result="ok"}'] >= 1,
+             what="the first callback run")
+    before = metrics(a)
+    assert before[f'lobbyd_build_info{{version="{L.__version__}"}}'] == 1
+    assert before['lobbyd_connected{driver="NATS"}'] == 1
+    assert before["lobbyd_hosts"] == 1 and before["lobbyd_local_labels"] == 0
+
+    pub = nats.client()
+    for _ in range(3):
+        pub.publish_json(SUBJECT, {"discovery": {"hostname": "x", "labels": ["k:v"]},
+                                   "message": "hi"})
+    pub.publish_json(SUBJECT, {"discovery": {"hostname": "x"}, "message": "goodbye"})
+    pub.publish_json(SUBJECT, {"discovery": {"hostname": "y", "labels": []}, "message": "hi"})
+    pub.publish(SUBJECT, b"not json")
+    pub.publish_json(SUBJECT, {"discovery": {"hostname": ""}, "message": "hi"})
+    pub.flush()
+    for _ in range(2):
+        assert a.request("GET", "/no/such/path")[0] == 404
+    wait_for(lambda: a.hostnames() == ["a"], timeout=6, what="y expired")
+    wait_for(lambda: metrics(a)['lobbyd_callback_runs_total{result="ok"}']
+             > before['lobbyd_callback_runs_total{result="ok"}'], what="a callback run")
+    after = metrics(a)
+
+    def delta(name: str) -> float:
+        return after[name] - before.get(name, 0)
+
+    assert delta("lobbyd_hosts_joined_total") == 2  # x and y
+    assert delta('lobbyd_hosts_left_total{reason="goodbye"}') == 1
+    assert delta('lobbyd_hosts_left_total{reason="expired"}') == 1
+    assert delta('lobbyd_packets_received_total{message="goodbye"}') == 1
+    assert delta('lobbyd_packets_received_total{message="hi"}') >= 4  # and a's own
+    assert delta("lobbyd_packets_dropped_total") == 2
+    assert delta("lobbyd_packets_published_total") >= 1  # keep-alives every second
+    assert delta('lobbyd_http_requests_total{code="404"}') == 2
+    assert delta('lobbyd_http_requests_total{code="200"}') >= 1
+    assert after['lobbyd_callback_runs_total{result="failed"}'] == 0
+    assert after["lobbyd_hosts"] == 1
+    assert after["process_resident_memory_bytes"] > 5_000_000
+    assert after["process_open_fds"] > 3 and after["process_max_fds"] >= after["process_open_fds"]
+    assert 0 < after["process_cpu_seconds_total"] < 600
+    assert abs(after["process_start_time_seconds"] - time.time()) < 300
+
+
+def test_metrics_pass_promtool_and_a_real_prometheus_scrapes_them(lobbyd, tmp_path) -> None:
+    open_ = lobbyd("open", LABELS="role:x")
+    locked = start_with_token(lobbyd, "locked", "tok-3x")
+    body = open_.request("GET", "/metrics")[2]
+    check = subprocess.run([promtool(), "check", "metrics"], input=body, capture_output=True,
+                           timeout=30)
+    assert check.returncode == 0 and not check.stdout.strip() and not check.stderr.strip(), \
+        (check.stdout, check.stderr)
+
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(f"""
+global: {{scrape_interval: 1s, scrape_timeout: 1s}}
+scrape_configs:
+  - job_name: lobbyd
+    static_configs: [{{targets: ["127.0.0.1:{open_.port}"]}}]
+  - job_name: lobbyd_token
+    authorization: {{type: Token, credentials: tok-3x}}
+    static_configs: [{{targets: ["127.0.0.1:{locked.port}"]}}]
+""")
+    log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115 (open while it runs)
+    prometheus = subprocess.Popen(
+        [shutil.which("prometheus") or "prometheus", f"--config.file={config}",
+         f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def query(expr: str) -> list:
+            url = f"http://127.0.0.1:{port}/api/v1/query?expr=" + urllib.request.quote(expr)
+            with urllib.request.urlopen(url.replace("expr=", "query="), timeout=2) as resp:
+                return json.loads(resp.read())["data"]["result"]
+
+        def scraped() -> list:
+            return [r for r in query("lobbyd_local_labels") if r["value"][1] in ("0", "1")]
+
+        results = wait_for(lambda: len(scraped()) == 2 and scraped(), timeout=30,
+                           interval=0.5, what="Prometheus scraped both daemons")
+        by_job = {r["metric"]["job"]: r["value"][1] for r in results}
+        assert by_job == {"lobbyd": "1", "lobbyd_token": "0"}
+        up = {r["metric"]["job"]: r["value"][1] for r in query("up")}
+        assert up == {"lobbyd": "1", "lobbyd_token": "1"}
+        assert query('lobbyd_hosts{job="lobbyd"}')[0]["value"][1] == "2"
+    finally:
+        prometheus.terminate()
+        prometheus.wait(timeout=10)
+        log.close()
+
+
+def test_render_metrics_escapes_and_types() -> None:
+    text = L.render_metrics([
+        L.Family("x_total", "counter", "Things.", [({"k": 'a"b\\c\nd'}, 3)]),
+        L.Family("y", "gauge", "A gauge.", [({}, 0.5), ({}, 2.0)]),
+        L.Family("z", "gauge", "Empty.", []),
+    ]).decode()
+    assert text == ('# HELP x_total Things.\n# TYPE x_total counter\n'
+                    'x_total{k="a\\"b\\\\c\\nd"} 3\n'
+                    '# HELP y A gauge.\n# TYPE y gauge\ny 0.5\ny 2\n'
+                    '# HELP z Empty.\n# TYPE z gauge\n')
+
+
+# --------------------------------------------------------------------------- readiness
+
+
+class NotifySocket:
+    """The datagram socket systemd gives a Type=notify service, captured by the test."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+
+    def next(self, timeout: float) -> str:
+        self.sock.settimeout(timeout)
+        return self.sock.recv(4096).decode()
+
+    def until(self, word: str, timeout: float) -> tuple[str, float]:
+        """The first message containing `word`, and when it came (monotonic)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            message = self.next(max(0.01, deadline - time.monotonic()))
+            if word in message:
+                return message, time.monotonic()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def notify(tmp_path: Path):
+    sock = NotifySocket(tmp_path / "notify")
+    yield sock
+    sock.close()
+
+
+def test_ready_after_the_join_sync_when_nats_is_up(lobbyd, notify) -> None:
+    lobbyd("a")
+    b = lobbyd("b", start=False, NOTIFY_SOCKET=str(notify.path))
+    started = time.monotonic()
+    b.start(wait=False)
+    message, when = notify.until("READY=1", timeout=10)
+    # connected and synced: a is known from the join sync, not from a keep-alive later
+    assert "STATUS=connected to nats://127.0.0.1:" in message and "2 hosts known" in message
+    assert when - started < L.READY_TIMEOUT, "READY=1 waited for the fallback"
+
+
+def test_ready_after_5_s_when_nats_is_down_and_status_follows_the_connection(
+        lobbyd, nats, notify) -> None:
+    nats.stop()
+    a = lobbyd("a", start=False, NOTIFY_SOCKET=str(notify.path))
+    started = time.monotonic()
+    a.start(wait=False)
+    message, when = notify.until("READY=1", timeout=15)
+    assert "STATUS=waiting for NATS at nats://127.0.0.1:" in message, message
+    assert when - started >= L.READY_TIMEOUT - 0.5, "READY=1 before the 5 s fallback"
+    nats.start()
+    message, _ = notify.until("STATUS=", timeout=15)
+    assert message.startswith("STATUS=connected to nats://127.0.0.1:"), message
+    nats.stop(signal.SIGKILL)
+    message, _ = notify.until("STATUS=", timeout=5)
+    assert message.startswith("STATUS=NATS connection lost"), message
+
+
+# --------------------------------------------------------------------------- slips
+
+
+def test_the_runtime_file_holds_labels_and_nothing_else(lobbyd, tmp_path) -> None:
+    a = lobbyd("a")
+    assert a.request("POST", "/v1/labels", body="b:2\na:1\n")[0] == 200
+    assert (tmp_path / "labels-a" / "_runtime").read_text() == "a:1\nb:2\n"
+    assert a.request("DELETE", "/v1/labels", body="a:1\nb:2")[0] == 200
+    assert (tmp_path / "labels-a" / "_runtime").read_text() == ""
+
+
+def test_a_label_file_written_just_before_a_post_is_in_its_packet(lobbyd, nats, tmp_path
+                                                                    ) -> None:
+    a = lobbyd("a", KEEP_ALIVE="3600", TTL="7200")  # no keep-alive will come to the rescue
+    sub = nats.client()
+    sub.subscribe(SUBJECT)
+    (tmp_path / "labels-a").mkdir(exist_ok=True)
+    (tmp_path / "labels-a" / "web").write_text("service:web\n")
+    assert a.request("POST", "/v1/labels", body="role:x")[0] == 200
+    _subject, payload = sub.next_msg(timeout=5)
+    assert json.loads(payload)["discovery"]["labels"] == ["role:x", "service:web"]
+    (tmp_path / "labels-a" / "db").write_text("service:db\n")
+    assert a.get_json("/v1/discovery")["labels"] == ["role:x", "service:db", "service:web"]
+    _subject, payload = sub.next_msg(timeout=5)  # and the change is published at once
+    assert json.loads(payload)["discovery"]["labels"] == ["role:x", "service:db", "service:web"]
+
+
+def test_ttl_below_twice_keep_alive_is_warned_once_and_accepted(lobbyd) -> None:
+    a = lobbyd("a", KEEP_ALIVE="60", TTL="30")
+    wait_for(lambda: "hosts will flap" in a.logs(), what="the warning")
+    assert a.logs().count("hosts will flap") == 1
+    b = lobbyd("b", KEEP_ALIVE="1", TTL="5")
+    assert a.request("GET", "/v1/health")[0] == 200
+    wait_for(lambda: "starting as b" in b.logs(), what="b started")
+    assert "hosts will flap" not in b.logs()
+
+
+def test_help_names_signals_exit_statuses_and_routes() -> None:
+    out = run_lobbyd({}, args=["--help"]).stdout
+    for word in ("SIGTERM", "SIGHUP", "78", " 2 ", "GET /", "/v1/health", "/metrics",
+                 "lobbyctl"):
+        assert word in out, word
+    bad = run_lobbyd({}, args=["--nope"])
+    assert bad.returncode == 2 and "lobbyd --help" in bad.stderr
+
