@@ -3717,6 +3717,8 @@ commands:
   labels del LABEL...             remove runtime labels
   health                          the daemon's health; exit status 1 when unhealthy
   prometheus NAME                 Prometheus target groups of job NAME
+  watch [labels L...|search P...] the servers (those filters as for discoveries), then
+                                  each change as it happens, until interrupted
 
 Flags take one or two dashes and `-flag value` or `-flag=value`; their defaults
 come from the environment: HOST (127.0.0.1), PORT (1313), PROTOCOL (http), TOKEN.
@@ -3936,6 +3938,80 @@ def compact_json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+def ctl_events(options: CtlOptions, path: str) -> Iterator[tuple[str, Any]]:
+    """(event, data) of GET /v1/events as they come; CtlError if it cannot be had or ends."""
+    import http.client
+
+    if options.proto == "https":
+        import ssl
+
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            options.host, options.port, timeout=45, context=ssl.create_default_context())
+    else:
+        # a comment line comes every 15 s: 45 s of silence is a lost daemon
+        conn = http.client.HTTPConnection(options.host, options.port, timeout=45)
+    headers = {"Authorization": f"Token {options.token}"} if options.token else {}
+    try:
+        conn.request("GET", path, headers=headers)
+        response = conn.getresponse()
+        if response.status != 200:
+            first = (response.read().decode("utf-8", "replace").strip().splitlines() or
+                     ["(no message)"])[0]
+            raise CtlError(f"lobbyd at {options.base} answered {response.status}: {first}")
+        event, data = "message", []
+        while True:
+            line = response.readline()
+            if not line:
+                raise CtlError(f"lobbyd at {options.base} ended the event stream")
+            text = line.decode("utf-8", "replace").rstrip("\r\n")
+            if text.startswith("event: "):
+                event = text[7:]
+            elif text.startswith("data: "):
+                data.append(text[6:])
+            elif not text and data:
+                yield event, json.loads("\n".join(data))
+                event, data = "message", []
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise CtlError(f"event stream from lobbyd at {options.base}: {reason}") from None
+    finally:
+        conn.close()
+
+
+def format_event(event: str, data: Mapping[str, Any], paint: Painter) -> str:
+    """One change as `lobbyctl watch` prints it."""
+    colour = {"joined": "32", "changed": "33", "left": "31"}.get(event, "0")
+    what = paint.paint(f"{event:<7}", colour)
+    if event == "left":
+        return f"{what} {paint.paint(data['hostname'], '1')} ({data.get('reason')})\n"
+    labels = ", ".join(paint.label(label) for label in data.get("labels") or [])
+    return f"{what} {paint.paint(data['hostname'], '1')}    {labels}\n"
+
+
+def ctl_watch(options: CtlOptions, args: list[str], out: Any, paint: Painter) -> int:
+    """lobbyctl watch: the answer, then each change, until interrupted (exit 0)."""
+    from urllib.parse import quote
+
+    path = "/v1/events"
+    if args:
+        if args[0] not in ("labels", "search") or len(args) < 2:
+            raise CtlUsageError("expected: watch [labels LABEL... | search PREFIX...]")
+        key = "labels" if args[0] == "labels" else "prefixes"
+        path += f"?{key}=" + quote(",".join(args[1:]), safe=":,")
+    try:
+        for event, data in ctl_events(options, path):
+            if options.json:
+                out.write(compact_json({"event": event, "data": data}) + "\n")
+            elif event == "snapshot":
+                out.write(format_discoveries(data, paint) or "(no servers)\n")
+            else:
+                out.write(format_event(event, data, paint))
+            out.flush()
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
 def ctl_run(options: CtlOptions, words: list[str], out: Any, paint: Painter) -> int:
     """Run one command; the exit status."""
     from urllib.parse import quote
@@ -3967,6 +4043,8 @@ def ctl_run(options: CtlOptions, words: list[str], out: Any, paint: Painter) -> 
         return 0 if status == 200 else 1
     elif command == "labels":
         ctl_labels(options, words)
+    elif command == "watch":
+        return ctl_watch(options, args, out, paint)
     else:
         raise CtlUsageError(f"unknown command or wrong arguments: {' '.join(words)}")
     return 0

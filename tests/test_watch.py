@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import queue
+import re
 import shlex
 import signal
 import socket
+import subprocess
 import threading
 import time
 
 import pytest
-from conftest import lobbyd_command, wait_for
+from conftest import base_env, lobbyd_command, wait_for
 from watchclient import SUBJECT, EventReader, envelope, get, hold, index_of, returned
 
 import lobbyd as L
@@ -467,3 +470,47 @@ def test_touched_views_by_changed_labels() -> None:
         ("all",): ["gone", "h", "j"], ("resolve", "seq:1"): ["h"],
         ("prometheus", "node"): ["j"], ("labels", "service:db"): ["gone"],
         ("prefixes", "service:"): ["gone"]}
+
+
+def test_lobbyctl_watch_prints_each_change(lobbyd) -> None:
+    a = lobbyd("a", LABELS="role:watcher")
+    env = {**base_env(), "PORT": str(a.port), "NO_COLOR": "1"}
+    lines: queue.Queue[str] = queue.Queue()
+    procs = []
+    for extra in ([], ["-json"]):
+        proc = subprocess.Popen([*lobbyd_command(), "ctl", *extra, "watch", "search",
+                                 "service:"], env=env, stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        threading.Thread(target=lambda p=proc, tag=bool(extra): [
+            lines.put(("json" if tag else "plain", line.rstrip("\n"))) for line in p.stdout],
+            daemon=True).start()
+
+    def expect(kind: str, pattern: str) -> str:
+        deadline = time.monotonic() + 10
+        seen = []
+        while time.monotonic() < deadline:
+            try:
+                got = lines.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            seen.append(got)
+            if got[0] == kind and re.search(pattern, got[1]):
+                return got[1]
+        raise AssertionError(f"no {kind} line matching {pattern!r}: {seen}")
+
+    try:
+        expect("plain", r"^\(no servers\)$")
+        assert json.loads(expect("json", '"snapshot"')) == {"event": "snapshot", "data": []}
+        b = lobbyd("b", LABELS="service:web,role:x")
+        assert re.fullmatch(r"joined +b +service:web", expect("plain", r"^joined"))
+        assert json.loads(expect("json", '"joined"'))["data"]["labels"] == ["service:web"]
+        b.stop()
+        assert re.fullmatch(r"left +b \(goodbye\)", expect("plain", r"^left"))
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=5)
+    assert [proc.returncode for proc in procs] == [0, 0]
+    bad = subprocess.run([*lobbyd_command(), "ctl", "watch", "nonsense"], env=env,
+                         capture_output=True, text=True, timeout=10)
+    assert bad.returncode == 2 and "watch [labels" in bad.stderr
