@@ -2422,8 +2422,9 @@ class Api:
 
 ###############################################################################
 # Watchers: per-answer indexes, blocking queries and event streams (SPEC 8).
-# A registry change is diffed host by host against each watched answer, so it
-# wakes exactly the watchers whose answer it touches; keep-alives cost nothing.
+# The registry notes which hosts changed (a keep-alive is no change); each batch
+# is matched to the watched answers by the labels a host gained or lost, then
+# diffed exactly, so it wakes exactly the watchers whose answer it touches.
 ###############################################################################
 
 DEFAULT_WAIT = 300.0
