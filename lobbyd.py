@@ -383,7 +383,7 @@ def help_text() -> str:
 
 
 ###############################################################################
-# Labels: validation, and the three sources — env, label files, runtime file.
+# Labels: validation, and the sources — env, label files, runtime file, leases.
 ###############################################################################
 
 MAX_LABEL_BYTES = 1024
