@@ -2560,28 +2560,30 @@ def touched_views(changes: Changes, hosts: Mapping[str, list[Any]],
     found: dict[tuple[str, ...], dict[str, tuple[tuple[str, ...] | None, str]]] = {}
     every = tuple(everything)
     prefixed = tuple(by_prefix.items())
-    labelled = by_label.get
+    any_prefix = tuple(prefix for _view, prefixes in prefixed for prefix in prefixes)
+    watched = by_label.keys()
     for hostname, change in changes.items():
         before = change[0]
         entry = hosts.get(hostname)
         after = None if entry is None else entry[0]
         if before == after:
             continue  # changed and changed back
-        diff: Iterable[str] = (after if before is None else before if after is None
-                               else set(before).symmetric_difference(after))
         for view in every:
             found.setdefault(view, {})[hostname] = change
-        if by_label:
-            for label in diff:
-                views = labelled(label)
-                if views:
-                    for view in views:
-                        found.setdefault(view, {})[hostname] = change
-        for view, prefixes in prefixed:
-            for label in diff:
-                if label.startswith(prefixes):
+        if not any_prefix and (before is None or watched.isdisjoint(before)) and \
+                (after is None or watched.isdisjoint(after)):
+            continue  # the common case: no watched label among them (C-speed test)
+        diff: Iterable[str] = (after if before is None else before if after is None
+                               else set(before).symmetric_difference(after))
+        for label in diff:
+            views = by_label.get(label)
+            if views:
+                for view in views:
                     found.setdefault(view, {})[hostname] = change
-                    break
+            if any_prefix and label.startswith(any_prefix):
+                for view, prefixes in prefixed:
+                    if label.startswith(prefixes):
+                        found.setdefault(view, {})[hostname] = change
     return found
 
 
