@@ -485,17 +485,21 @@ def test_lobbyctl_watch_prints_each_change(lobbyd) -> None:
             lines.put(("json" if tag else "plain", line.rstrip("\n"))) for line in p.stdout],
             daemon=True).start()
 
+    seen: list[tuple[str, str]] = []
+    used: set[int] = set()
+
     def expect(kind: str, pattern: str) -> str:
+        """The first line of `kind` not matched before that matches; others wait."""
         deadline = time.monotonic() + 10
-        seen = []
         while time.monotonic() < deadline:
+            for number, (got_kind, line) in enumerate(seen):
+                if number not in used and got_kind == kind and re.search(pattern, line):
+                    used.add(number)
+                    return line
             try:
-                got = lines.get(timeout=0.2)
+                seen.append(lines.get(timeout=0.2))
             except queue.Empty:
                 continue
-            seen.append(got)
-            if got[0] == kind and re.search(pattern, got[1]):
-                return got[1]
         raise AssertionError(f"no {kind} line matching {pattern!r}: {seen}")
 
     try:
