@@ -518,3 +518,18 @@ def test_lobbyctl_watch_prints_each_change(lobbyd) -> None:
     bad = subprocess.run([*lobbyd_command(), "ctl", "watch", "nonsense"], env=env,
                          capture_output=True, text=True, timeout=10)
     assert bad.returncode == 2 and "watch [labels" in bad.stderr
+
+
+def test_token_guards_events_labels_and_blocking_queries(lobbyd) -> None:
+    a = lobbyd("a", start=False, TOKEN="s3cret")
+    a.start(wait=False)
+    auth = {"Authorization": "Token s3cret"}
+    wait_for(lambda: a.request("GET", "/v1/discovery", headers=auth)[0] == 200, what="API up")
+    for path in ("/v1/events", "/v1/labels", "/v1/discoveries?index=1&wait=1s"):
+        assert a.request("GET", path)[0] == 403, path
+    assert a.request("GET", "/v1/labels", headers=auth)[0] == 200
+    status, headers, _body = a.request("GET", "/v1/discoveries?index=0&wait=0", headers=auth)
+    assert status == 200 and int(headers["x-lobby-index"]) > 0
+    status, headers, body = a.request("HEAD", "/v1/events", headers=auth)
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    assert body == b""
