@@ -1081,11 +1081,19 @@ class Registry:
         """The earliest moment a host can expire (inf when the registry is empty)."""
         return self._oldest + self.ttl
 
-    def packets(self) -> list[Packet]:
-        """Every host as a packet, sorted by hostname. Call expire() first."""
+    def packets(self, having: Iterable[str] = ()) -> list[Packet]:
+        """Every host as a packet, sorted by hostname. Call expire() first.
+
+        With `having`, only the hosts carrying any of those labels: a filtered
+        answer then builds no packet for the rest of a big fleet.
+        """
         if self._order is None:
             self._order = sorted(self.hosts)
         hosts = self.hosts
+        wanted = frozenset(having)
+        if wanted:
+            return [Packet(name, entry[0], int(entry[1])) for name in self._order
+                    if not wanted.isdisjoint((entry := hosts[name])[0])]
         return [Packet(name, hosts[name][0], int(hosts[name][1])) for name in self._order]
 
 
@@ -2302,7 +2310,7 @@ class Api:
         labels = list(view[1:]) if view[0] == "labels" else []
         prefixes = list(view[1:]) if view[0] == "prefixes" else []
         return self.cached(request, view, lambda: self.renderer(view).render(
-            select_packets(self.daemon.registry.packets(), labels, prefixes)))
+            select_packets(self.daemon.registry.packets(having=labels), labels, prefixes)))
 
     def renderer(self, view: tuple[str, ...]) -> BlockRenderer:
         """The block cache of one view: discoveries (all, by labels, by prefixes), a job."""
@@ -2337,7 +2345,7 @@ class Api:
         if not label:
             raise HttpError(400, "missing query parameter: label")
         return self.cached(request, ("resolve", label), lambda: render_json(
-            resolve_label(self.daemon.registry.packets(), label)), timed=False)
+            resolve_label(self.daemon.registry.packets(having=(label,)), label)), timed=False)
 
     def prometheus(self, request: Request) -> Response:
         view = ("prometheus", request.path[len("/v1/prometheus/"):])
@@ -2797,8 +2805,8 @@ class Watchers:
         found = self._snapshots.get(cache_key)
         if found is None:
             key = view.key
-            packets = select_packets(self.registry.packets(),
-                                     list(key[1:]) if key[0] == "labels" else [],
+            labels = list(key[1:]) if key[0] == "labels" else []
+            packets = select_packets(self.registry.packets(having=labels), labels,
                                      list(key[1:]) if key[0] == "prefixes" else [])
             if len(self._snapshots) > 16:
                 self._snapshots.clear()

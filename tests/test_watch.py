@@ -533,3 +533,14 @@ def test_token_guards_events_labels_and_blocking_queries(lobbyd) -> None:
     status, headers, body = a.request("HEAD", "/v1/events", headers=auth)
     assert status == 200 and headers["content-type"].startswith("text/event-stream")
     assert body == b""
+
+
+def test_registry_packets_having_some_labels() -> None:
+    registry = L.Registry(ttl=10)
+    registry.apply_hi("b", ("service:db", "x"), 1.0)
+    registry.apply_hi("a", ("service:web",), 2.0)
+    registry.apply_hi("c", ("service:db", "service:web"), 3.0)
+    assert [p.hostname for p in registry.packets()] == ["a", "b", "c"]
+    assert registry.packets(having=["service:db"]) == [
+        L.Packet("b", ("service:db", "x"), 1), L.Packet("c", ("service:db", "service:web"), 3)]
+    assert [p.hostname for p in registry.packets(having=("nothing", "service:web"))] == ["a", "c"]
