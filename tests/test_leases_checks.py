@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -137,6 +136,7 @@ class Service:
     def __init__(self) -> None:
         self.status = 200
         self.hits: list[str] = []
+        self.cut_short = 0  # big answers the client stopped reading
         self.port = free_port()
         self.server: ThreadingHTTPServer | None = None
         self.up()
@@ -156,8 +156,10 @@ class Service:
                 self.send_response(service.status)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                with contextlib.suppress(OSError):  # the check read what it needed
+                try:
                     self.wfile.write(body)
+                except OSError:  # the check read what it needed and went
+                    service.cut_short += 1
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -193,6 +195,8 @@ def test_http_check_labels_follow_the_service_on_a_peer(pair, service) -> None:
     wait_for(lambda: has_label(b, "a", "service:web") and has_label(b, "a", "public_port:443"),
              timeout=5, what="web labels on b")
     assert has_label(b, "a", "service:big")
+    # 10 MB answers: the check reads the status line and a few KB, then hangs up
+    wait_for(lambda: service.cut_short >= 1, what="a big answer cut short by the check")
     got = sources(a)["checks"]
     assert got["web"] == {"labels": ["public_port:443", "service:web"], "up": True}
     assert got["redirected"]["up"] is False  # a redirect is not followed, and not a pass
