@@ -439,6 +439,12 @@ def test_streams_and_held_requests_count_against_the_connection_limit(lobbyd, mo
     streams[0].close()
     wait_for(lambda: get(a.port, "/v1/discovery", timeout=2)[0] == 200, timeout=5,
              what="a slot free again once a stream ends")
+    streams[0] = EventReader(a.port)  # full again
+    streams[0].wait(1)
+    # a client that leaves a held request frees its slot too (the request is let go)
+    held.pop().shutdown(socket.SHUT_RDWR)
+    wait_for(lambda: get(a.port, "/v1/discovery", timeout=2)[0] == 200, timeout=8,
+             what="a slot free again once a held request's client left")
     for s in held:
         s.close()
     for reader in streams:
