@@ -25,12 +25,14 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import resource
 import shlex
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -260,6 +262,8 @@ ENV_VARS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
                     "directory of label files, one label per line"),
     "RUNTIME_LABELS_FILENAME": ("_runtime", parse_filename,
                                 "file in LABELS_PATH holding labels added through the API"),
+    "CHECKS_PATH": ("/etc/lobby/checks", lambda n, v: v.strip(),
+                    "directory of NAME.check files: labels published while a check passes"),
     "HOSTNAME": ("", lambda n, v: parse_hostname(n, v) if v.strip() else "",
                  "overrides the machine's hostname"),
     "CLEAN_EVERY": ("15", int_in(1, 86400), "at most this many seconds between clean-ups"),
@@ -297,6 +301,7 @@ class Config:
     labels: tuple[str, ...] = ()
     labels_path: str = "/etc/lobby/labels"
     runtime_labels_filename: str = "_runtime"
+    checks_path: str = "/etc/lobby/checks"
     hostname: str = ""
     clean_every: int = 15
     keep_alive: int = 5
@@ -355,7 +360,7 @@ def help_text() -> str:
         "the system CA bundle.",
         "",
         "Signals: SIGTERM or SIGINT say goodbye on NATS and exit 0 (a second one is",
-        "harmless); SIGHUP re-reads the label files now.",
+        "harmless); SIGHUP re-reads the label files and check files now.",
         "Exit status: 0 stopped by a signal, 78 bad configuration (one line on stderr",
         "names the variable), 2 bad command-line arguments, 1 cannot start (e.g. the",
         "port is in use).",
@@ -365,7 +370,12 @@ def help_text() -> str:
         "  GET /v1/discovery         this server's packet",
         "  GET /v1/resolve?label=X   hostnames having label X",
         "  GET /v1/prometheus/NAME   Prometheus HTTP SD target groups of job NAME",
+        "    ...&index=N&wait=D      (these four) held until the answer's X-Lobby-Index",
+        "                            is no longer N, or for D (default 5m, at most 10m)",
         "  POST, DELETE /v1/labels   add, remove runtime labels (body: one per line)",
+        "  POST /v1/labels?ttl=S     add leased labels, gone S seconds after the last POST",
+        "  GET /v1/labels            the local labels by source",
+        "  GET /v1/events[?labels=a,b|?prefixes=p]   Server-Sent Events of every change",
         "  GET /v1/health            200 while connected, 503 otherwise (JSON)",
         "  GET /metrics              Prometheus metrics of lobbyd itself",
         "",
@@ -375,7 +385,7 @@ def help_text() -> str:
 
 
 ###############################################################################
-# Labels: validation, and the three sources — env, label files, runtime file.
+# Labels: validation, and the sources — env, label files, runtime file, leases.
 ###############################################################################
 
 MAX_LABEL_BYTES = 1024
@@ -559,6 +569,8 @@ class LocalLabels:
         self.directory = directory
         self._by_file: dict[str, list[str]] = {}
         self._reported: dict[str, list[str]] = {}
+        #: labels that come and go without a file: "leases", "check:NAME" -> labels
+        self.extra: dict[str, tuple[str, ...]] = {}
 
     def collect(self) -> tuple[str, ...]:
         """Re-read every label file."""
@@ -577,7 +589,8 @@ class LocalLabels:
         return self.union()
 
     def union(self) -> tuple[str, ...]:
-        labels = sorted(set(self.env_labels).union(*self._by_file.values()))
+        labels = sorted(set(self.env_labels).union(*self._by_file.values(),
+                                                   *self.extra.values()))
         if len(labels) > MAX_LABELS:
             log.error("%d labels, over the limit of %d: publishing the first %d",
                       len(labels), MAX_LABELS, MAX_LABELS)
@@ -590,6 +603,229 @@ class LocalLabels:
                 for line in trouble:
                     log.warning("label file %s: %s", path, line)
         self._reported = problems
+
+    def by_file(self) -> dict[str, list[str]]:
+        """File name -> its labels, as last read."""
+        return {Path(path).name: sorted(set(labels)) for path, labels in self._by_file.items()}
+
+
+MAX_LEASE_TTL = 86400
+TTL_RE = re.compile(r"[0-9]{1,6}")
+
+
+def parse_ttl(value: str) -> int:
+    """The `ttl` of POST /v1/labels?ttl=S: whole seconds from 1 to 86,400, else LabelError."""
+    text = value.strip()
+    if not TTL_RE.fullmatch(text) or not 1 <= int(text) <= MAX_LEASE_TTL:
+        raise LabelError(f"ttl={show(value)}: expected whole seconds from 1 to {MAX_LEASE_TTL}")
+    return int(text)
+
+
+class Leases:
+    """Labels that end `ttl` seconds after the last POST naming them (SPEC 9).
+
+    In memory only: a lease is a promise of a running service, and a restarted
+    lobbyd cannot know that the service still runs.
+    """
+
+    def __init__(self) -> None:
+        self.ends: dict[str, float] = {}  # label -> monotonic time it ends
+
+    def add(self, labels: Iterable[str], ttl: float, now: float) -> bool:
+        """Start or refresh leases; True if a label was not leased before."""
+        new = False
+        for label in labels:
+            new = new or label not in self.ends
+            self.ends[label] = now + ttl
+        return new
+
+    def remove(self, labels: Iterable[str]) -> bool:
+        """End leases now; True if any was leased."""
+        return bool([self.ends.pop(label) for label in labels if label in self.ends])
+
+    def expire(self, now: float) -> list[str]:
+        """End the leases that are due and say which."""
+        due = sorted(label for label, end in self.ends.items() if end <= now)
+        for label in due:
+            del self.ends[label]
+        return due
+
+    def next_end(self) -> float | None:
+        return min(self.ends.values(), default=None)
+
+    def labels(self) -> tuple[str, ...]:
+        return tuple(sorted(self.ends))
+
+    def seconds_left(self, now: float) -> dict[str, int]:
+        # rounded up: "1" until the very end, never a misleading "0"
+        return {label: max(0, math.ceil(end - now)) for label, end in sorted(self.ends.items())}
+
+
+###############################################################################
+# Checks: NAME.check files in CHECKS_PATH, a source of labels that come and go.
+# Parsing and the up/down state are pure; the probes run in the check runner.
+###############################################################################
+
+CHECK_KINDS = ("http", "tcp", "exec")
+CHECK_KEYS = ("labels", *CHECK_KINDS, "interval", "timeout", "rise", "fall")
+CHECK_SUFFIX = ".check"
+MAX_CHECK_FILE_BYTES = 64 * 1024
+CHECK_SECONDS_RE = re.compile(r"[0-9]{1,6}(\.[0-9]{1,3})?")
+
+
+class CheckError(LobbydError, ValueError):
+    """A .check file that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class CheckSpec:
+    """One check as its file describes it. Equal specs: the running check is kept."""
+
+    name: str
+    labels: tuple[str, ...]
+    kind: str  # one of CHECK_KINDS
+    target: str  # the URL, HOST:PORT or command line as written
+    argv: tuple[str, ...] = ()  # exec: the command split like a shell would
+    interval: float = 10.0
+    timeout: float = 2.0
+    rise: int = 2
+    fall: int = 2
+
+
+def check_seconds(key: str, value: str, low: float, high: float) -> float:
+    if not CHECK_SECONDS_RE.fullmatch(value) or not low <= float(value) <= high:
+        raise CheckError(f"key {key}: {show(value)} is not seconds from {low:g} to {high:g}")
+    return float(value)
+
+
+def check_count(key: str, value: str) -> int:
+    if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= 100:
+        raise CheckError(f"key {key}: {show(value)} is not a whole number from 1 to 100")
+    return int(value)
+
+
+def split_host_port(key: str, value: str) -> tuple[str, int]:
+    """HOST:PORT, [IPv6]:PORT; CheckError naming `key` otherwise."""
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not PORT_RE.fullmatch(port) or not 0 < int(port) < 65536:
+        raise CheckError(f"key {key}: {show(value)} is not HOST:PORT")
+    return host, int(port)
+
+
+def check_target(kind: str, value: str) -> tuple[str, ...]:
+    """Validate the probe's target; for exec, the argv."""
+    if kind == "http":
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise CheckError(f"key http: {show(value)} is not an http:// or https:// URL")
+        try:
+            parts.port  # noqa: B018 (raises on a bad port)
+        except ValueError:
+            raise CheckError(f"key http: {show(value)} has a bad port") from None
+        return ()
+    if kind == "tcp":
+        split_host_port("tcp", value)
+        return ()
+    try:
+        argv = tuple(shlex.split(value))
+    except ValueError as exc:
+        raise CheckError(f"key exec: {exc}") from None
+    if not argv:
+        raise CheckError("key exec: empty command")
+    return argv
+
+
+def parse_check(name: str, text: str) -> CheckSpec:
+    """The check in a .check file's text, or CheckError naming the key at fault."""
+    values: dict[str, str] = {}
+    for number, line in enumerate(text.split("\n"), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        key, sep, value = stripped.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep:
+            raise CheckError(f"line {number}: expected KEY=VALUE")
+        if key not in CHECK_KEYS:
+            raise CheckError(f"key {show(key, 30)}: unknown (known: {', '.join(CHECK_KEYS)})")
+        if key in values:
+            raise CheckError(f"key {key}: given twice")
+        values[key] = value
+    if not values.get("labels"):
+        raise CheckError("key labels: missing (labels=a,b is required)")
+    try:
+        labels = tuple(sorted({validate_label(item) for item in split_list(values["labels"])}))
+    except LabelError as exc:
+        raise CheckError(f"key labels: {exc}") from None
+    kinds = [kind for kind in CHECK_KINDS if kind in values]
+    if len(kinds) != 1:
+        raise CheckError("key http/tcp/exec: exactly one of them is needed, "
+                         f"{len(kinds)} given")
+    kind = kinds[0]
+    return CheckSpec(
+        name=name, labels=labels, kind=kind, target=values[kind],
+        argv=check_target(kind, values[kind]),
+        interval=check_seconds("interval", values.get("interval", "10"), 0.1, 86400),
+        timeout=check_seconds("timeout", values.get("timeout", "2"), 0.1, 3600),
+        rise=check_count("rise", values.get("rise", "2")),
+        fall=check_count("fall", values.get("fall", "2")))
+
+
+def scan_check_dir(directory: Path) -> tuple[dict[str, CheckSpec], dict[str, str]]:
+    """(name -> check, file -> what is wrong with it) of every NAME.check; never raises."""
+    checks: dict[str, CheckSpec] = {}
+    problems: dict[str, str] = {}
+    try:
+        entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+    except FileNotFoundError:
+        return checks, problems  # no directory: no checks
+    except OSError as exc:
+        return checks, {str(directory): f"cannot list: {exc.strerror or exc}"}
+    for entry in entries:
+        if entry.name.startswith(".") or not entry.name.endswith(CHECK_SUFFIX):
+            continue
+        name = entry.name[:-len(CHECK_SUFFIX)]
+        try:
+            if not entry.is_file():
+                continue
+            with open(entry.path, "rb") as handle:
+                data = handle.read(MAX_CHECK_FILE_BYTES + 1)
+            if len(data) > MAX_CHECK_FILE_BYTES:
+                raise CheckError(f"larger than {MAX_CHECK_FILE_BYTES} bytes")
+            checks[name] = parse_check(name, data.decode("utf-8"))
+        except OSError as exc:
+            problems[entry.path] = f"cannot read: {exc.strerror or exc}"
+        except UnicodeDecodeError:
+            problems[entry.path] = "not valid UTF-8"
+        except CheckError as exc:
+            problems[entry.path] = str(exc)
+    return checks, problems
+
+
+@dataclass
+class CheckState:
+    """Up or down, moved by `rise` passes or `fall` failures in a row. Starts down:
+    a label is published once its service has shown it is there."""
+
+    rise: int = 2
+    fall: int = 2
+    up: bool = False
+    since: float = field(default_factory=time.time)
+    streak: int = 0  # results in a row that disagree with `up`
+    output: str = ""
+
+    def record(self, passed: bool, output: str, now: float) -> bool:
+        """Count one result; True when it moves the check up or down."""
+        self.output = output
+        if passed == self.up:
+            self.streak = 0
+            return False
+        self.streak += 1
+        if self.streak < (self.rise if passed else self.fall):
+            return False
+        self.up, self.since, self.streak = passed, now, 0
+        return True
 
 
 ###############################################################################
@@ -773,6 +1009,9 @@ class Registry:
         self.version = 0
         self._oldest = float("inf")  # a lower bound of every `received`
         self._order: list[str] | None = None  # sorted hostnames, until membership changes
+        #: hostname -> (its labels before the first change not yet taken, or None if it
+        #: was not here; why it left, if it did): what watchers diff (take_changes())
+        self.changes: dict[str, tuple[tuple[str, ...] | None, str]] = {}
 
     def __len__(self) -> int:
         return len(self.hosts)
@@ -786,9 +1025,11 @@ class Registry:
             self.hosts[hostname] = [labels, now]
             self.version += 1
             self._order = None
+            self._note(hostname, None)
             return NEW_HOST
         entry[1] = now
         if entry[0] != labels:
+            self._note(hostname, entry[0])
             entry[0] = labels
             self.version += 1
             return NEW_LABELS
@@ -799,14 +1040,17 @@ class Registry:
         if hostname in self.hosts:
             return False
         self.hosts[hostname] = [labels, received]
+        self._note(hostname, None)
         self._oldest = min(self._oldest, received)
         self.version += 1
         self._order = None
         return True
 
     def apply_goodbye(self, hostname: str) -> bool:
-        if self.hosts.pop(hostname, None) is None:
+        entry = self.hosts.pop(hostname, None)
+        if entry is None:
             return False
+        self._note(hostname, entry[0], "goodbye")
         self.version += 1
         self._order = None
         return True
@@ -818,22 +1062,40 @@ class Registry:
         deadline = now - self.ttl
         dead = [name for name, entry in self.hosts.items() if entry[1] < deadline]
         for name in dead:
-            del self.hosts[name]
+            self._note(name, self.hosts.pop(name)[0], "expired")
         self._oldest = min((entry[1] for entry in self.hosts.values()), default=float("inf"))
         if dead:
             self.version += 1
             self._order = None
         return dead
 
+    def _note(self, hostname: str, before: tuple[str, ...] | None, left: str = "") -> None:
+        # only the state before the first change counts: A -> B -> A is no change
+        seen = self.changes.get(hostname)
+        self.changes[hostname] = (before if seen is None else seen[0], left)
+
+    def take_changes(self) -> dict[str, tuple[tuple[str, ...] | None, str]]:
+        """The hosts changed since the last call (see `changes`), and start afresh."""
+        changes, self.changes = self.changes, {}
+        return changes
+
     def next_expiry(self) -> float:
         """The earliest moment a host can expire (inf when the registry is empty)."""
         return self._oldest + self.ttl
 
-    def packets(self) -> list[Packet]:
-        """Every host as a packet, sorted by hostname. Call expire() first."""
+    def packets(self, having: Iterable[str] = ()) -> list[Packet]:
+        """Every host as a packet, sorted by hostname. Call expire() first.
+
+        With `having`, only the hosts carrying any of those labels: a filtered
+        answer then builds no packet for the rest of a big fleet.
+        """
         if self._order is None:
             self._order = sorted(self.hosts)
         hosts = self.hosts
+        wanted = frozenset(having)
+        if wanted:
+            return [Packet(name, entry[0], int(entry[1])) for name in self._order
+                    if not wanted.isdisjoint((entry := hosts[name])[0])]
         return [Packet(name, hosts[name][0], int(hosts[name][1])) for name in self._order]
 
 
@@ -1582,6 +1844,8 @@ class Request:
     version: str
     headers: dict[str, str]
     body: bytes = b""
+    #: the connection's reader: a held request watches it for the client leaving
+    reader: asyncio.StreamReader | None = None
 
     def param(self, name: str) -> str | None:
         values = self.query.get(name)
@@ -1594,6 +1858,8 @@ class Response:
     body: bytes = b""
     content_type: str = JSON_TYPE
     headers: dict[str, str] = field(default_factory=dict)
+    #: a body without end (an event stream): writes its own head, then owns the connection
+    stream: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]] | None = None
 
     @classmethod
     def text(cls, status: int, message: str, headers: Mapping[str, str] | None = None
@@ -1793,6 +2059,9 @@ class HttpServer:
                               False, head_only=False)
             return False
         response = await self.handle(request)
+        if response.stream is not None and request.method != "HEAD":
+            await response.stream(reader, writer)
+            return False
         # after a 500 the connection's state is suspect; a 503 (unhealthy) is an answer
         keep_alive = wants_keep_alive(request) and (response.status < 500 or
                                                     response.status == 503)
@@ -1813,6 +2082,7 @@ class HttpServer:
             except asyncio.LimitOverrunError:
                 raise HttpError(431, f"request headers over {MAX_HEADER_BYTES} bytes") from None
         request = parse_request_head(head[:-4].lstrip(b"\r\n"))
+        request.reader = reader
         length = body_length(request)
         if request.headers.get("expect", "").lower() == "100-continue":
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -1950,16 +2220,20 @@ class Api:
 
     def __init__(self, daemon: Daemon):
         self.daemon = daemon
+        discoveries = self.watched(self.discoveries, discoveries_view)
         self.routes: dict[str, dict[str, Callable[[Request], Any]]] = {
-            "/": {"GET": self.discoveries},
-            "/v1/discoveries": {"GET": self.discoveries},
-            "/v1/discovery": {"GET": self.discovery},
-            "/v1/resolve": {"GET": self.resolve},
-            "/v1/labels": {"POST": self.add_labels, "DELETE": self.delete_labels},
+            "/": {"GET": discoveries},
+            "/v1/discoveries": {"GET": discoveries},
+            "/v1/discovery": {"GET": self.watched(self.discovery, lambda r: ("discovery",))},
+            "/v1/resolve": {"GET": self.watched(self.resolve, resolve_view)},
+            "/v1/labels": {"GET": self.list_labels, "POST": self.add_labels,
+                           "DELETE": self.delete_labels},
+            "/v1/events": {"GET": self.events},
             "/v1/health": {"GET": self.health},
             "/metrics": {"GET": self.metrics},
         }
-        self.prefix_routes = {"/v1/prometheus/": {"GET": self.prometheus}}
+        self.prefix_routes = {"/v1/prometheus/": {
+            "GET": self.watched(self.prometheus, prometheus_view)}}
         self.token = daemon.config.token.encode("utf-8", "surrogateescape")
         self._bodies: dict[tuple[Any, ...], bytes] = {}
         self._gzipped: dict[tuple[Any, ...], bytes] = {}
@@ -2034,12 +2308,11 @@ class Api:
 
     # handlers ----------------------------------------------------------------
     def discoveries(self, request: Request) -> Response:
-        labels = split_list(request.param("labels") or "")
-        prefixes = split_list(request.param("prefixes") or "")
-        view = ("labels", *labels) if labels else ("prefixes", *prefixes) if prefixes \
-            else ("all",)
+        view = discoveries_view(request)
+        labels = list(view[1:]) if view[0] == "labels" else []
+        prefixes = list(view[1:]) if view[0] == "prefixes" else []
         return self.cached(request, view, lambda: self.renderer(view).render(
-            select_packets(self.daemon.registry.packets(), labels, prefixes)))
+            select_packets(self.daemon.registry.packets(having=labels), labels, prefixes)))
 
     def renderer(self, view: tuple[str, ...]) -> BlockRenderer:
         """The block cache of one view: discoveries (all, by labels, by prefixes), a job."""
@@ -2074,7 +2347,7 @@ class Api:
         if not label:
             raise HttpError(400, "missing query parameter: label")
         return self.cached(request, ("resolve", label), lambda: render_json(
-            resolve_label(self.daemon.registry.packets(), label)), timed=False)
+            resolve_label(self.daemon.registry.packets(having=(label,)), label)), timed=False)
 
     def prometheus(self, request: Request) -> Response:
         view = ("prometheus", request.path[len("/v1/prometheus/"):])
@@ -2082,13 +2355,27 @@ class Api:
             self.daemon.registry.packets()), timed=False)
 
     async def add_labels(self, request: Request) -> Response:
+        ttl_param = request.param("ttl")
+        try:
+            ttl = None if ttl_param is None else parse_ttl(ttl_param)
+        except LabelError as exc:
+            raise HttpError(400, f"{exc}; nothing was changed") from None
         labels = self.request_labels(request)
         if len(set(self.daemon.labels).union(labels)) > MAX_LABELS:
             raise HttpError(400, f"a host may carry at most {MAX_LABELS} labels")
+        if ttl is not None:
+            await self.daemon.add_leases(labels, ttl)
+            return Response(200, b"OK", TEXT_TYPE)
         return await self.change_labels(labels, ())
 
     async def delete_labels(self, request: Request) -> Response:
-        return await self.change_labels((), self.request_labels(request))
+        labels = self.request_labels(request)
+        await self.daemon.end_leases(labels)  # a lease and a runtime label: both go
+        return await self.change_labels((), labels)
+
+    def list_labels(self, request: Request) -> Response:
+        """Where every local label comes from (SPEC 9)."""
+        return Response(200, render_json(self.daemon.label_sources()))
 
     def request_labels(self, request: Request) -> list[str]:
         try:
@@ -2111,6 +2398,455 @@ class Api:
             raise HttpError(status, f"cannot save runtime labels to {path}: "
                             f"{exc.strerror or exc}; nothing was changed") from None
         return Response(200, b"OK", TEXT_TYPE)
+
+    # watching (SPEC 8) -------------------------------------------------------
+    def watched(self, handler: Callable[[Request], Response],
+                view_of: Callable[[Request], tuple[str, ...]]) -> Callable[[Request], Any]:
+        """`handler` answering with X-Lobby-Index, held while ?index= is still current."""
+        def answer(request: Request) -> Response | Awaitable[Response]:
+            view = view_of(request)
+            index = parse_index(request.param("index"))
+            wait = parse_wait(request.param("wait"))
+            if index is not None:
+                return self._held(handler, request, view, index, wait)
+            return self.with_index(handler(request), view)  # no coroutine: the hot path
+        return answer
+
+    async def _held(self, handler: Callable[[Request], Response], request: Request,
+                    view: tuple[str, ...], index: int, wait: float) -> Response:
+        self.daemon.expire()
+        await self.daemon.watch.hold(view, index, wait, request.reader)
+        return self.with_index(handler(request), view)
+
+    def with_index(self, response: Response, view: tuple[str, ...]) -> Response:
+        # after the body: the index then describes what the body shows
+        response.headers["X-Lobby-Index"] = str(self.daemon.watch.index(view))
+        return response
+
+    def events(self, request: Request) -> Response:
+        view = discoveries_view(request)
+        watch = self.daemon.watch
+        return Response(200, b"", EVENTS_TYPE,
+                        stream=lambda reader, writer: watch.stream(view, reader, writer))
+
+
+###############################################################################
+# Watchers: per-answer indexes, blocking queries and event streams (SPEC 8).
+# The registry notes which hosts changed (a keep-alive is no change); each batch
+# is matched to the watched answers by the labels a host gained or lost, then
+# diffed exactly, so it wakes exactly the watchers whose answer it touches.
+###############################################################################
+
+DEFAULT_WAIT = 300.0
+MAX_WAIT = 600.0
+WAIT_RE = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,6})?)(ms|s|m|h)?")
+WAIT_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+INDEX_RE = re.compile(r"[0-9]{1,19}")
+EVENTS_TYPE = "text/event-stream; charset=UTF-8"
+#: bytes an event stream may have queued for a client that does not read, over
+#: what the kernel holds: past it the client is dropped, never slowing anyone
+STREAM_BUFFER = 256 * 1024
+STREAM_HEARTBEAT = 15.0
+#: answers whose index is tracked while nobody waits on them (most recently asked)
+MAX_IDLE_VIEWS = 256
+HOLD_SWEEP = 2.0
+
+
+def parse_index(value: str | None) -> int | None:
+    """?index=N: a non-negative integer, or None when absent; HttpError 400 otherwise."""
+    if value is None:
+        return None
+    if not INDEX_RE.fullmatch(value.strip()):
+        raise HttpError(400, f"index={show(value)}: expected a non-negative integer")
+    return int(value)
+
+
+def parse_wait(value: str | None) -> float:
+    """?wait=D: 30s, 5m, 1h, 250ms or plain seconds; cut to MAX_WAIT; HttpError 400."""
+    if value is None:
+        return DEFAULT_WAIT
+    match = WAIT_RE.fullmatch(value.strip())
+    if not match:
+        raise HttpError(400, f"wait={show(value)}: expected a duration like 30s, 5m or 90")
+    return min(MAX_WAIT, float(match[1]) * WAIT_UNITS[match[2]])
+
+
+def discoveries_view(request: Request) -> tuple[str, ...]:
+    """The answer /v1/discoveries and /v1/events give: `labels` wins over `prefixes`."""
+    labels = split_list(request.param("labels") or "")
+    if labels:
+        return ("labels", *labels)
+    prefixes = split_list(request.param("prefixes") or "")
+    return ("prefixes", *prefixes) if prefixes else ("all",)
+
+
+def resolve_view(request: Request) -> tuple[str, ...]:
+    label = request.param("label")
+    if not label:
+        raise HttpError(400, "missing query parameter: label")
+    return ("resolve", label)
+
+
+def prometheus_view(request: Request) -> tuple[str, ...]:
+    return ("prometheus", request.path[len("/v1/prometheus/"):])
+
+
+def view_content(view: tuple[str, ...], hostname: str, labels: tuple[str, ...] | None,
+                 port: int) -> Any:
+    """What one host contributes to an answer (None: nothing), last_check left out."""
+    if labels is None:
+        return None
+    kind = view[0]
+    if kind == "all":
+        return labels
+    if kind == "labels":
+        found: Any = tuple(label for label in labels if label in view[1:])
+    elif kind == "prefixes":
+        found = tuple(label for label in labels if label.startswith(view[1:]))
+    elif kind == "resolve":
+        found = view[1] in labels
+    elif kind == "prometheus":
+        found = prometheus_group(view[1], Packet(hostname, labels), port)
+    else:
+        return None
+    return found or None
+
+
+Changes = Mapping[str, tuple[tuple[str, ...] | None, str]]
+
+
+def view_changes(view: tuple[str, ...], changes: Changes, hosts: Mapping[str, list[Any]],
+                 port: int, first_only: bool = False) -> list[tuple[str, str, Any]]:
+    """(event, hostname, detail) for each host whose part of the answer changed.
+
+    event is joined/changed (detail: the host's part) or left (detail: goodbye,
+    expired, or unmatched when the host is still there but no longer matches).
+    """
+    found = []
+    for hostname, (before_labels, left) in changes.items():
+        entry = hosts.get(hostname)
+        before = view_content(view, hostname, before_labels, port)
+        after = view_content(view, hostname, None if entry is None else entry[0], port)
+        if before == after:
+            continue
+        if before is None:
+            found.append(("joined", hostname, after))
+        elif after is None:
+            found.append(("left", hostname, left if entry is None else "unmatched"))
+        else:
+            found.append(("changed", hostname, after))
+        if first_only:
+            break
+    return found
+
+
+def view_triggers(view: tuple[str, ...]) -> tuple[frozenset[str], tuple[str, ...], bool]:
+    """What can touch an answer: (these labels, labels with these prefixes, any change).
+
+    A host's change touches an answer only through the labels it gained or lost,
+    so the registry's changes are matched to answers by label, not answer by answer.
+    """
+    kind = view[0]
+    if kind == "all":
+        return frozenset(), (), True
+    if kind in ("labels", "resolve"):
+        return frozenset(view[1:]), (), False
+    if kind == "prefixes":
+        return frozenset(), view[1:], False
+    if kind == "prometheus":
+        return frozenset(), (f"prometheus:{view[1]}",), False
+    return frozenset(), (), False  # ("discovery",): the local packet, not the registry
+
+
+def touched_views(changes: Changes, hosts: Mapping[str, list[Any]],
+                  by_label: Mapping[str, set[tuple[str, ...]]],
+                  by_prefix: Mapping[tuple[str, ...], tuple[str, ...]],
+                  everything: Iterable[tuple[str, ...]]
+                  ) -> dict[tuple[str, ...], dict[str, tuple[tuple[str, ...] | None, str]]]:
+    """View -> the changes that may touch it (view_changes() then says exactly).
+
+    Runs for every label change of the fleet: plain loops, no sets but the diff.
+    """
+    found: dict[tuple[str, ...], dict[str, tuple[tuple[str, ...] | None, str]]] = {}
+    every = tuple(everything)
+    prefixed = tuple(by_prefix.items())
+    any_prefix = tuple(prefix for _view, prefixes in prefixed for prefix in prefixes)
+    watched = by_label.keys()
+    for hostname, change in changes.items():
+        before = change[0]
+        entry = hosts.get(hostname)
+        after = None if entry is None else entry[0]
+        if before == after:
+            continue  # changed and changed back
+        for view in every:
+            found.setdefault(view, {})[hostname] = change
+        if not any_prefix and (before is None or watched.isdisjoint(before)) and \
+                (after is None or watched.isdisjoint(after)):
+            continue  # the common case: no watched label among them (C-speed test)
+        diff: Iterable[str] = (after if before is None else before if after is None
+                               else set(before).symmetric_difference(after))
+        for label in diff:
+            views = by_label.get(label)
+            if views:
+                for view in views:
+                    found.setdefault(view, {})[hostname] = change
+            if any_prefix and label.startswith(any_prefix):
+                for view, prefixes in prefixed:
+                    if label.startswith(prefixes):
+                        found.setdefault(view, {})[hostname] = change
+    return found
+
+
+def sse_event(event: str, data: str, event_id: int | None = None) -> bytes:
+    """One Server-Sent Event; every line of `data` gets its own data: field."""
+    lines = [] if event_id is None else [f"id: {event_id}"]
+    lines.append(f"event: {event}")
+    lines += [f"data: {line}" for line in data.replace("\r\n", "\n").split("\n")]
+    return ("\n".join(lines) + "\n\n").encode("utf-8")
+
+
+def sse_json(value: Any) -> str:
+    """An event's data: JSON on one line."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def stream_events(changes: list[tuple[str, str, Any]], hosts: Mapping[str, list[Any]],
+                  index: int) -> bytes:
+    """The SSE text of one batch of changes to a discoveries answer."""
+    out = []
+    for event, hostname, detail in changes:
+        if event == "left":
+            data = {"hostname": hostname, "reason": detail}
+        else:
+            data = Packet(hostname, detail, int(hosts[hostname][1])).to_json()
+        out.append(sse_event(event, sse_json(data), index))
+    return b"".join(out)
+
+
+class View:
+    """One watched answer: its index, the requests held on it, the streams following it."""
+
+    __slots__ = ("index", "key", "streams", "waiters")
+
+    def __init__(self, key: tuple[str, ...], index: int):
+        self.key = key
+        self.index = index
+        self.waiters: dict[asyncio.Future[None], asyncio.StreamReader | None] = {}
+        #: stream -> bytes it may have waiting before it is dropped
+        self.streams: dict[asyncio.StreamWriter, int] = {}
+
+
+class Watchers:
+    """Indexes of answers, and who waits for them to change.
+
+    An answer's index is the value of a counter (starting at the start time in
+    ms, so a restarted daemon never reuses an old index) when its content last
+    changed. Views are created on demand; an idle view forgotten and asked for
+    again gets a fresh index, which costs its client one early answer.
+    """
+
+    def __init__(self, registry: Registry, local: Callable[[], Packet],
+                 expire: Callable[[], None], port: int):
+        self.registry = registry
+        self.local = local
+        self.expire = expire
+        self.port = port
+        self.counter = time.time_ns() // 1_000_000
+        self.views: dict[tuple[str, ...], View] = {}
+        self.by_label: dict[str, set[tuple[str, ...]]] = {}
+        self.by_prefix: dict[tuple[str, ...], tuple[str, ...]] = {}
+        self.everything: set[tuple[str, ...]] = set()
+        self._snapshots: dict[tuple[Any, ...], bytes] = {}
+        self._local_seen: tuple[Any, ...] | None = None
+        self._scheduled = False
+        self._sweeping = False
+        self.closed = False
+
+    # change detection ------------------------------------------------------
+    def poke(self) -> None:
+        """The registry or the local labels changed: diff at the next loop turn."""
+        if not self._scheduled:
+            self._scheduled = True
+            with contextlib.suppress(RuntimeError):  # no loop (tests): index() flushes
+                asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Apply the changes noted since the last flush to every view."""
+        self._scheduled = False
+        changes = self.registry.take_changes()
+        local_key = self.local()[:2]  # hostname, labels
+        local_changed = self._local_seen is not None and local_key != self._local_seen
+        self._local_seen = local_key
+        if not changes and not local_changed:
+            return
+        # every change moves the counter, watched or not: a view created later must
+        # never get an index that an earlier view of other content had
+        self.counter += 1
+        hosts = self.registry.hosts
+        candidates = touched_views(changes, hosts, self.by_label, self.by_prefix,
+                                   self.everything)
+        if local_changed and ("discovery",) in self.views:
+            candidates[("discovery",)] = {}
+        for key, subset in candidates.items():
+            view = self.views[key]
+            touched: list[Any] = [True] if key == ("discovery",) else view_changes(
+                key, subset, hosts, self.port, first_only=not view.streams)
+            if not touched:
+                continue
+            view.index = self.counter
+            for waiter in view.waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            view.waiters.clear()
+            if view.streams:
+                self.send(view, stream_events(touched, hosts, view.index))
+
+    def _flush_pending(self) -> None:
+        # a change of the local labels or hostname pokes too: no need to look at them
+        if self._scheduled or self.registry.changes:
+            self.flush()
+
+    def view(self, key: tuple[str, ...]) -> View:
+        """The view of an answer, up to date, created if new."""
+        self._flush_pending()
+        found = self.views.pop(key, None)
+        if found is None:
+            found = View(key, self.counter)
+            self._forget_idle()
+            if key == ("discovery",) and self._local_seen is None:
+                self._local_seen = self.local()[:2]  # what a later flush compares with
+            labels, prefixes, everything = view_triggers(key)
+            for label in labels:
+                self.by_label.setdefault(label, set()).add(key)
+            if prefixes:
+                self.by_prefix[key] = prefixes
+            if everything:
+                self.everything.add(key)
+        self.views[key] = found  # last: the most recently asked
+        return found
+
+    def index(self, key: tuple[str, ...]) -> int:
+        return self.view(key).index
+
+    def _forget_idle(self) -> None:
+        idle = [key for key, view in self.views.items() if not view.waiters and not view.streams]
+        for key in idle[:max(0, len(idle) - MAX_IDLE_VIEWS + 1)]:
+            del self.views[key]
+            for label in view_triggers(key)[0]:
+                self.by_label[label].discard(key)
+                if not self.by_label[label]:
+                    del self.by_label[label]
+            self.by_prefix.pop(key, None)
+            self.everything.discard(key)
+
+    # blocking queries -------------------------------------------------------
+    async def hold(self, key: tuple[str, ...], index: int, wait: float,
+                   reader: asyncio.StreamReader | None) -> None:
+        """Return when the answer's index is no longer `index`, after `wait`
+        seconds, when the client leaves, or at shutdown."""
+        view = self.view(key)
+        if view.index != index or self.closed:
+            return
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        view.waiters[waiter] = reader
+        timer = loop.call_later(wait, lambda: waiter.done() or waiter.set_result(None))
+        if not self._sweeping:
+            self._sweeping = True
+            loop.call_later(HOLD_SWEEP, self._sweep)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            view.waiters.pop(waiter, None)
+
+    def _sweep(self) -> None:
+        """Release requests whose client has gone: their connections count."""
+        waiting = False
+        for view in self.views.values():
+            for waiter, reader in list(view.waiters.items()):
+                if reader is not None and reader.at_eof() and not waiter.done():
+                    waiter.set_result(None)
+                waiting = True
+        self._sweeping = waiting and not self.closed
+        if self._sweeping:
+            asyncio.get_running_loop().call_later(HOLD_SWEEP, self._sweep)
+
+    # event streams ------------------------------------------------------------
+    async def stream(self, key: tuple[str, ...], reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        """GET /v1/events: the head, a snapshot, then the changes until the client leaves."""
+        self.expire()
+        view = self.view(key)
+        writer.write(("HTTP/1.1 200 OK\r\nContent-Type: " + EVENTS_TYPE + "\r\n"
+                      "Cache-Control: no-cache\r\nConnection: close\r\n"
+                      f"X-Lobby-Index: {view.index}\r\n\r\n").encode("latin-1"))
+        snapshot = self.snapshot(view)
+        writer.write(snapshot)
+        if self.closed:
+            return
+        # no await since the snapshot: no change is missed. Until the snapshot is
+        # read, a big one must not count against the client.
+        view.streams[writer] = len(snapshot) + STREAM_BUFFER
+        loop = asyncio.get_running_loop()
+        heartbeat = loop.call_later(STREAM_HEARTBEAT, self._heartbeat, view, writer)
+        try:
+            with deadline(writer, WRITE_TIMEOUT):
+                await writer.drain()
+            if writer in view.streams:
+                view.streams[writer] = STREAM_BUFFER
+            while await reader.read(4096):
+                pass  # the client has nothing to say; EOF or an abort ends the stream
+        finally:
+            view.streams.pop(writer, None)
+            heartbeat.cancel()
+
+    def snapshot(self, view: View) -> bytes:
+        """The first event of a stream; built once per answer and second, like GETs."""
+        cache_key = (view.key, view.index, self.registry.version, int(time.time()))
+        found = self._snapshots.get(cache_key)
+        if found is None:
+            key = view.key
+            labels = list(key[1:]) if key[0] == "labels" else []
+            packets = select_packets(self.registry.packets(having=labels), labels,
+                                     list(key[1:]) if key[0] == "prefixes" else [])
+            if len(self._snapshots) > 16:
+                self._snapshots.clear()
+            found = self._snapshots[cache_key] = sse_event(
+                "snapshot", sse_json([p.to_json() for p in packets]), view.index)
+        return found
+
+    def _heartbeat(self, view: View, writer: asyncio.StreamWriter) -> None:
+        if writer in view.streams:
+            self.send_to(writer, b": keep-alive\n\n", view.streams[writer])
+            asyncio.get_running_loop().call_later(STREAM_HEARTBEAT, self._heartbeat, view,
+                                                  writer)
+
+    def send(self, view: View, data: bytes) -> None:
+        for writer, allowance in list(view.streams.items()):
+            self.send_to(writer, data, allowance)
+
+    @staticmethod
+    def send_to(writer: asyncio.StreamWriter, data: bytes, allowance: int) -> None:
+        """Queue without waiting; a client that lets `allowance` bytes pile up is dropped."""
+        transport = writer.transport
+        if transport.is_closing():
+            return
+        if transport.get_write_buffer_size() > allowance:
+            log.info("event stream: the client reads too slowly, dropped")
+            transport.abort()
+            return
+        transport.write(data)
+
+    def close(self) -> None:
+        """Shutdown: answer every held request and end every stream, now."""
+        self.closed = True
+        for view in self.views.values():
+            for waiter in view.waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            for writer in list(view.streams):
+                writer.transport.abort()
 
 
 ###############################################################################
@@ -2232,6 +2968,119 @@ class CallbackRunner:
 def kill_group(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
+
+
+###############################################################################
+# Check runner: one task per check, each probe bounded by its timeout.
+###############################################################################
+
+HTTP_CHECK_READ = 4096
+CHECK_OUTPUT_KEPT = 1024
+
+
+async def probe_http(url: str) -> tuple[bool, str]:
+    """GET the URL; 2xx passes. No redirect is followed, at most HTTP_CHECK_READ bytes read."""
+    parts = urlsplit(url)
+    tls = parts.scheme == "https"
+    host = parts.hostname or ""
+    reader, writer = await asyncio.open_connection(
+        host, parts.port or (443 if tls else 80),
+        ssl=ssl.create_default_context() if tls else None)
+    try:
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        netloc = parts.netloc.rpartition("@")[2]
+        writer.write(f"GET {target} HTTP/1.0\r\nHost: {netloc}\r\nUser-Agent: lobbyd/"
+                     f"{__version__}\r\nConnection: close\r\n\r\n".encode())
+        head = b""
+        while b"\n" not in head and len(head) < HTTP_CHECK_READ:
+            chunk = await reader.read(HTTP_CHECK_READ - len(head))
+            if not chunk:
+                break
+            head += chunk
+    finally:
+        writer.close()
+    status = head.split(b"\n", 1)[0].decode("latin-1").strip()
+    match = re.fullmatch(r"HTTP/[0-9.]+ ([0-9]{3})(?: .*)?", status)
+    if not match:
+        return False, f"not an HTTP answer: {show(status)}"
+    return 200 <= int(match[1]) < 300, status
+
+
+async def probe_tcp(target: str) -> tuple[bool, str]:
+    host, port = split_host_port("tcp", target)
+    _reader, writer = await asyncio.open_connection(host, port)
+    writer.close()
+    return True, f"connected to {target}"
+
+
+async def probe_exec(argv: Sequence[str], timeout: float) -> tuple[bool, str]:
+    """Run the command in a process group of its own; exit 0 passes. At the timeout
+    (or if the check is stopped) the whole group is killed."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+    timed_out: list[bool] = []
+
+    def time_out() -> None:
+        timed_out.append(True)
+        kill_group(proc.pid)
+
+    timer = asyncio.get_running_loop().call_later(timeout, time_out)
+    reading = asyncio.ensure_future(CallbackRunner._read_output(proc))
+    try:
+        code = await proc.wait()
+        await asyncio.wait([reading], timeout=0.5)  # a grandchild may keep the pipe
+    finally:
+        timer.cancel()
+        reading.cancel()
+        if proc.returncode is None:
+            kill_group(proc.pid)
+    output = reading.result() if reading.done() and not reading.cancelled() else ""
+    if timed_out:
+        return False, f"still running after {timeout:g}s: killed"
+    return code == 0, f"exit {code}" + (f": {output}" if output else "")
+
+
+async def run_probe(spec: CheckSpec) -> tuple[bool, str]:
+    """(passed, what happened) of one run; never raises but for cancellation."""
+    try:
+        if spec.kind == "exec":
+            passed, output = await probe_exec(spec.argv, spec.timeout)
+        else:
+            probe = probe_http(spec.target) if spec.kind == "http" else probe_tcp(spec.target)
+            passed, output = await asyncio.wait_for(probe, spec.timeout)
+    except asyncio.TimeoutError:
+        passed, output = False, f"no answer within {spec.timeout:g}s"
+    except (OSError, ValueError, CheckError) as exc:
+        passed, output = False, describe_error(exc)
+    return passed, output[:CHECK_OUTPUT_KEPT]
+
+
+class CheckRunner:
+    """Runs one check for ever, one run at a time, and reports when it goes up or down."""
+
+    def __init__(self, spec: CheckSpec, on_change: Callable[[CheckRunner], None]):
+        self.spec = spec
+        self.state = CheckState(spec.rise, spec.fall)
+        self.on_change = on_change
+        self.task: asyncio.Future[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.ensure_future(self.run())
+
+    def stop(self) -> None:
+        """Cancelled mid-run, an exec probe kills its process group on the way out."""
+        if self.task is not None:
+            self.task.cancel()
+
+    async def run(self) -> None:
+        while True:
+            passed, output = await run_probe(self.spec)
+            if self.state.record(passed, output, time.time()):
+                log.info("check %s is %s: %s", self.spec.name,
+                         "up" if self.state.up else "down", output or "-")
+                self.on_change(self)
+            await asyncio.sleep(self.spec.interval)
 
 
 ###############################################################################
@@ -2422,6 +3271,12 @@ class Daemon:
         self.config = config
         self.environ = environ
         self.registry = Registry(config.ttl)
+        self.watch = Watchers(self.registry, self.local_packet, self.expire,
+                              config.node_exporter_port)
+        self.leases = Leases()
+        self.checks: dict[str, CheckRunner] = {}
+        self._checks_reported: dict[str, str] = {}
+        self._lease_timer: asyncio.TimerHandle | None = None
         self.label_cache = LabelCache()
         self.local_labels = LocalLabels(config.labels, Path(config.labels_path))
         self.runtime = RuntimeLabels(config.runtime_labels_file)
@@ -2458,6 +3313,7 @@ class Daemon:
             if self.registry.apply_goodbye(self.hostname):
                 self.registry_changed()
             self.hostname = hostname
+        self.refresh_checks()
         if not self.label_lock.locked():  # mid-save the file is older than our labels
             self.set_labels(self.local_labels.collect())
 
@@ -2476,6 +3332,7 @@ class Daemon:
                                               if len(labels) > 20 else "")
             log.info("local labels: %s", shown or "(none)")
             self.labels = labels
+            self.watch.poke()
 
     async def change_runtime_labels(self, add: Sequence[str], remove: Sequence[str]) -> None:
         """Publish the new labels at once, then save them (two fsyncs) off the event loop.
@@ -2498,8 +3355,81 @@ class Daemon:
                 await self.publish_local()
                 raise
 
+    # leases and checks (SPEC 9) -------------------------------------------------
+    async def add_leases(self, labels: Sequence[str], ttl: int) -> None:
+        """Lease or re-lease labels; published at once when one is new."""
+        if self.leases.add(labels, ttl, time.monotonic()):
+            self.extra_labels_changed("leases", self.leases.labels())
+            await self.publish_local()
+        self._schedule_lease_end()
+
+    async def end_leases(self, labels: Sequence[str]) -> None:
+        if self.leases.remove(labels):
+            self.extra_labels_changed("leases", self.leases.labels())
+            await self.publish_local()
+            self._schedule_lease_end()
+
+    def _schedule_lease_end(self) -> None:
+        if self._lease_timer is not None:
+            self._lease_timer.cancel()
+        end = self.leases.next_end()
+        self._lease_timer = None if end is None else asyncio.get_running_loop().call_later(
+            max(0.0, end - time.monotonic()), self._end_due_leases)
+
+    def _end_due_leases(self) -> None:
+        ended = self.leases.expire(time.monotonic())
+        if ended and not self._stopping:
+            log.info("lease ended: %s", ", ".join(ended[:20]))
+            self.extra_labels_changed("leases", self.leases.labels())
+            self.schedule(self.publish_local())
+        self._schedule_lease_end()
+
+    def extra_labels_changed(self, source: str, labels: tuple[str, ...]) -> None:
+        self.local_labels.extra[source] = labels
+        self.set_labels(self.local_labels.union())
+
+    def refresh_checks(self) -> None:
+        """Re-read CHECKS_PATH: start new checks, stop removed or edited ones."""
+        specs, problems = scan_check_dir(Path(self.config.checks_path))
+        for path, problem in problems.items():
+            if self._checks_reported.get(path) != problem:
+                log.warning("check file %s: %s; skipped", path, problem)
+        self._checks_reported = problems
+        gone = [name for name, runner in self.checks.items() if specs.get(name) != runner.spec]
+        for name in gone:
+            self.checks.pop(name).stop()
+            self.local_labels.extra.pop(f"check:{name}", None)  # refresh_local publishes
+        for name, spec in specs.items():
+            if name not in self.checks and not self._stopping:
+                self.checks[name] = CheckRunner(spec, self.on_check_change)
+                self.checks[name].start()
+
+    def on_check_change(self, runner: CheckRunner) -> None:
+        name = runner.spec.name
+        if self.checks.get(name) is runner and not self._stopping:
+            self.extra_labels_changed(f"check:{name}", runner.spec.labels if runner.state.up
+                                      else ())
+            self.schedule(self.publish_local())
+
+    def check_states(self) -> dict[str, dict[str, Any]]:
+        """name -> {"up", "since" (unix seconds), "output"}: for /v1/health and /metrics."""
+        return {name: {"up": runner.state.up, "since": int(runner.state.since),
+                       "output": runner.state.output}
+                for name, runner in sorted(self.checks.items())}
+
+    def label_sources(self) -> dict[str, Any]:
+        """GET /v1/labels: every local label by where it comes from."""
+        self.reread_labels()
+        files = self.local_labels.by_file()
+        runtime = files.pop(self.runtime.path.name, [])
+        return {"env": sorted(set(self.config.labels)), "files": files, "runtime": runtime,
+                "leases": self.leases.seconds_left(time.monotonic()),
+                "checks": {name: {"labels": list(runner.spec.labels), "up": runner.state.up}
+                           for name, runner in sorted(self.checks.items())}}
+
     # registry ------------------------------------------------------------------
     def registry_changed(self) -> None:
+        self.watch.poke()
         if self.callback:
             self.callback.notify()
 
@@ -2640,10 +3570,6 @@ class Daemon:
             "status": "ok" if healthy else "disconnected", "hostname": self.hostname,
             "version": __version__, "uptime_s": int(time.time() - self.started),
             "hosts": len(self.registry), "drivers": drivers, "checks": self.check_states()}
-
-    def check_states(self) -> dict[str, dict[str, Any]]:
-        """name -> {"up", "since", "output"} of every health check (SPEC 9)."""
-        return {}
 
     def metric_families(self) -> list[Family]:
         counters, transports = self.counters, self.transports
@@ -2794,6 +3720,11 @@ class Daemon:
         """Goodbye, flush, close: well under two seconds."""
         notify_systemd("STOPPING=1")
         self._stopping = True  # every loop checks it: a lost cancellation cannot hang us
+        self.watch.close()
+        for runner in self.checks.values():
+            runner.stop()
+        if self._lease_timer is not None:
+            self._lease_timer.cancel()
         if self.callback:
             self.callback.stop()
         for task in list(self.tasks):
@@ -2907,6 +3838,8 @@ commands:
   labels del LABEL...             remove runtime labels
   health                          the daemon's health; exit status 1 when unhealthy
   prometheus NAME                 Prometheus target groups of job NAME
+  watch [labels L...|search P...] the servers (those filters as for discoveries), then
+                                  each change as it happens, until interrupted
 
 Flags take one or two dashes and `-flag value` or `-flag=value`; their defaults
 come from the environment: HOST (127.0.0.1), PORT (1313), PROTOCOL (http), TOKEN.
@@ -3126,6 +4059,80 @@ def compact_json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+def ctl_events(options: CtlOptions, path: str) -> Iterator[tuple[str, Any]]:
+    """(event, data) of GET /v1/events as they come; CtlError if it cannot be had or ends."""
+    import http.client
+
+    if options.proto == "https":
+        import ssl
+
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            options.host, options.port, timeout=45, context=ssl.create_default_context())
+    else:
+        # a comment line comes every 15 s: 45 s of silence is a lost daemon
+        conn = http.client.HTTPConnection(options.host, options.port, timeout=45)
+    headers = {"Authorization": f"Token {options.token}"} if options.token else {}
+    try:
+        conn.request("GET", path, headers=headers)
+        response = conn.getresponse()
+        if response.status != 200:
+            first = (response.read().decode("utf-8", "replace").strip().splitlines() or
+                     ["(no message)"])[0]
+            raise CtlError(f"lobbyd at {options.base} answered {response.status}: {first}")
+        event, data = "message", []
+        while True:
+            line = response.readline()
+            if not line:
+                raise CtlError(f"lobbyd at {options.base} ended the event stream")
+            text = line.decode("utf-8", "replace").rstrip("\r\n")
+            if text.startswith("event: "):
+                event = text[7:]
+            elif text.startswith("data: "):
+                data.append(text[6:])
+            elif not text and data:
+                yield event, json.loads("\n".join(data))
+                event, data = "message", []
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise CtlError(f"event stream from lobbyd at {options.base}: {reason}") from None
+    finally:
+        conn.close()
+
+
+def format_event(event: str, data: Mapping[str, Any], paint: Painter) -> str:
+    """One change as `lobbyctl watch` prints it."""
+    colour = {"joined": "32", "changed": "33", "left": "31"}.get(event, "0")
+    what = paint.paint(f"{event:<7}", colour)
+    if event == "left":
+        return f"{what} {paint.paint(data['hostname'], '1')} ({data.get('reason')})\n"
+    labels = ", ".join(paint.label(label) for label in data.get("labels") or [])
+    return f"{what} {paint.paint(data['hostname'], '1')}    {labels}\n"
+
+
+def ctl_watch(options: CtlOptions, args: list[str], out: Any, paint: Painter) -> int:
+    """lobbyctl watch: the answer, then each change, until interrupted (exit 0)."""
+    from urllib.parse import quote
+
+    path = "/v1/events"
+    if args:
+        if args[0] not in ("labels", "search") or len(args) < 2:
+            raise CtlUsageError("expected: watch [labels LABEL... | search PREFIX...]")
+        key = "labels" if args[0] == "labels" else "prefixes"
+        path += f"?{key}=" + quote(",".join(args[1:]), safe=":,")
+    try:
+        for event, data in ctl_events(options, path):
+            if options.json:
+                out.write(compact_json({"event": event, "data": data}) + "\n")
+            elif event == "snapshot":
+                out.write(format_discoveries(data, paint) or "(no servers)\n")
+            else:
+                out.write(format_event(event, data, paint))
+            out.flush()
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
 def ctl_run(options: CtlOptions, words: list[str], out: Any, paint: Painter) -> int:
     """Run one command; the exit status."""
     from urllib.parse import quote
@@ -3157,6 +4164,8 @@ def ctl_run(options: CtlOptions, words: list[str], out: Any, paint: Painter) -> 
         return 0 if status == 200 else 1
     elif command == "labels":
         ctl_labels(options, words)
+    elif command == "watch":
+        return ctl_watch(options, args, out, paint)
     else:
         raise CtlUsageError(f"unknown command or wrong arguments: {' '.join(words)}")
     return 0
