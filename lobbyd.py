@@ -39,7 +39,7 @@ import time
 from collections.abc import Awaitable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 from urllib.parse import parse_qs, unquote, urlsplit
 
 __version__ = "1.0.0"
@@ -2512,7 +2512,7 @@ def view_content(view: tuple[str, ...], hostname: str, labels: tuple[str, ...] |
     return found or None
 
 
-Changes = Mapping[str, tuple[tuple[str, ...] | None, str]]
+Changes = Mapping[str, tuple[Optional[tuple[str, ...]], str]]  # evaluated: no `|` on 3.9
 
 
 def view_changes(view: tuple[str, ...], changes: Changes, hosts: Mapping[str, list[Any]],
