@@ -3858,7 +3858,9 @@ main { padding: 10px 16px 48px; }
   let token = sessionStorage.getItem("lobbyd-token") || "";
   let needToken = false, gen = 0, ctl = null, retries = 0, lastByte = 0, live = "connecting";
   let skew = 0, health = null, healthError = "";
-  const stats = {snapshotMs: null, firstRows: null, flushes: [], events: 0, seenPolls: []};
+  let serial = 0;  // every state a host has had gets a new number: what a row shows
+  const stats = {snapshotMs: null, firstRows: null, flushes: [], events: 0, seenPolls: [],
+                 snapshots: 0, recent: []};
   window.lobbyStats = stats;
 
   // filter <-> URL ---------------------------------------------------------------
@@ -4004,6 +4006,8 @@ main { padding: 10px 16px 48px; }
     }
     if (!data.length) return;   // a keep-alive comment
     const value = JSON.parse(data.join("\n"));
+    stats.recent.push([Date.now() % 100000, name, value.hostname || value.length]);
+    if (stats.recent.length > 50) stats.recent.shift();
     if (name === "snapshot") snapshot(value);
     else { pending.push([name, value]); schedule(); }
   }
@@ -4025,11 +4029,11 @@ main { padding: 10px 16px 48px; }
 
   function snapshot(packets) {
     const t0 = performance.now();
-    pending = []; hosts.clear(); order = new Array(packets.length);
+    pending = []; hosts.clear(); order = new Array(packets.length); stats.snapshots++;
     for (let i = 0; i < packets.length; i++) {
       const p = packets[i];
       hosts.set(p.hostname, {h: p.hostname, labels: p.labels, seen: p.last_check, mark: "",
-                             at: 0, v: 0});
+                             at: 0, v: ++serial});
       order[i] = p.hostname;
       noteClock(p.last_check);
     }
@@ -4059,16 +4063,16 @@ main { padding: 10px 16px 48px; }
     for (const [name, d] of batch) {
       const old = hosts.get(d.hostname);
       if (name === "left") {
-        if (old) Object.assign(old, {mark: "left", at: now, reason: d.reason, v: old.v + 1});
+        if (old) Object.assign(old, {mark: "left", at: now, reason: d.reason, v: ++serial});
         continue;
       }
       noteClock(d.last_check);
       if (old) {
         const mark = name === "joined" || old.mark === "left" ? "joined" : "changed";
-        Object.assign(old, {labels: d.labels, seen: d.last_check, mark, at: now, v: old.v + 1});
+        Object.assign(old, {labels: d.labels, seen: d.last_check, mark, at: now, v: ++serial});
       } else {
         hosts.set(d.hostname, {h: d.hostname, labels: d.labels, seen: d.last_check,
-                               mark: "joined", at: now, v: 0});
+                               mark: "joined", at: now, v: ++serial});
         added.push(d.hostname);
       }
     }

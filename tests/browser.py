@@ -30,6 +30,8 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-default-apps", "--mute-audio", "--hide-scrollbars",
                   "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0"]
 
+KEY_CODES = {"Enter": 13, "Escape": 27}
+
 
 def chromium_binary() -> str | None:
     """The chromium executable, or None when it is not installed."""
@@ -186,8 +188,10 @@ class Page:
             params: dict[str, Any] = {"type": kind, "key": key}
             if kind == "keyDown" and text:
                 params["text"] = text
-            if key == "Escape":
-                params["windowsVirtualKeyCode"] = 27
+            if key in KEY_CODES:
+                params["windowsVirtualKeyCode"] = KEY_CODES[key]
+                if key == "Enter" and kind == "keyDown":
+                    params["text"] = "\r"
             self.call("Input.dispatchKeyEvent", **params)
 
     def type(self, text: str) -> None:
