@@ -204,12 +204,30 @@ def open_page(browser, d, path: str = "/") -> object:
     return page
 
 
-def test_page_lists_hosts_labels_and_the_daemons_state(lobbyd, browser, tmp_path) -> None:
-    a = lobbyd("a.example.com", LABELS="service:web,location:prague,public_ip4:192.0.2.1")
+SHOWCASE = {  # simulated hosts around the two real ones: what the README's picture shows
+    "db-1.prague.example.com": ["service:postgres", "location:prague", "role:primary",
+                                "prometheus:node", "public_ip4:192.0.2.21"],
+    "db-2.brno.example.com": ["service:postgres", "location:brno", "role:replica",
+                              "prometheus:node", "public_ip4:192.0.2.22"],
+    "edge-1.example.com": ["service:haproxy", "location:prague", "public_ip6:2001:db8::10",
+                           "prometheus:node:port:9101"],
+    "mail.example.com": ["service:smtp", "location:brno", "public_ip4:192.0.2.25"],
+    "web-1.prague.example.com": ["service:web", "location:prague", "prometheus:node"],
+    "web-2.prague.example.com": ["service:web", "location:prague", "prometheus:node"],
+}
+
+
+def test_page_lists_hosts_labels_and_the_daemons_state(lobbyd, nats, browser, tmp_path) -> None:
+    a = lobbyd("a.example.com", LABELS="service:web,location:prague,public_ip4:192.0.2.1",
+               TTL="120")
     b = lobbyd("b.example.com", LABELS="service:smtp,plain")
-    wait_for(lambda: len(a.hostnames()) == 2, what="a hears b")
-    page = open_page(browser, a)
-    assert page.wait_for(f"JSON.stringify({HOSTS})") == '["a.example.com","b.example.com"]'
+    wait_for(lambda: publish_fleet(nats, SHOWCASE) or len(a.hostnames()) == 2 + len(SHOWCASE),
+             interval=0.2, what="a hears b and the simulated hosts")
+    page = browser.new_page()
+    page.viewport(1200, 660)
+    page.navigate(f"http://127.0.0.1:{a.port}/")
+    expected = sorted(["a.example.com", "b.example.com", *SHOWCASE])
+    assert page.wait_for(f"(h => h.length === {len(expected)} && h)({HOSTS})") == expected
     chips = page.evaluate(row_js("a.example.com", "[...r.querySelectorAll('.chip')].map("
                                  "c => [c.querySelector('.k')?.textContent ?? null, "
                                  "c.querySelector('.v').textContent])"))
@@ -218,16 +236,21 @@ def test_page_lists_hosts_labels_and_the_daemons_state(lobbyd, browser, tmp_path
                                 " + '|' + r.querySelectorAll('.chip .k').length")) == "plain|1"
     assert page.wait_for(row_js("a.example.com", "/^heard \\d+ s ago$/.test("
                                 "r.querySelector('.age').textContent)"))
-    assert page.evaluate("document.getElementById('count').textContent") == "2 hosts"
+    assert page.evaluate("document.getElementById('count').textContent") == \
+        f"{len(expected)} hosts"
     state = page.wait_for("(t => t.includes('NATS connected') && t)("
                           "document.getElementById('state').innerText)")
     assert f"nats://127.0.0.1:{a.nats.port}" in state and "since" in state
     assert "a.example.com" in page.evaluate("document.getElementById('self').textContent")
+    status, _, _ = b.request("POST", "/v1/labels", "role:relay")
+    assert status == 200
+    page.wait_for(row_js("b.example.com", "r.classList.contains('changed') && "
+                         "r.querySelector('.mark').textContent === 'changed'"),
+                  what="b's new label marked")
     page.screenshot(tmp_path / "page.png")
     if os.environ.get("LOBBYD_PAGE_SCREENSHOT"):  # how docs/page.png is made
         shutil.copy(tmp_path / "page.png", os.environ["LOBBYD_PAGE_SCREENSHOT"])
     assert (tmp_path / "page.png").read_bytes().startswith(b"\x89PNG")
-    del b
 
 
 def test_page_follows_joins_changes_and_leaves(lobbyd, browser) -> None:
