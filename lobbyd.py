@@ -378,6 +378,7 @@ def help_text() -> str:
         "  GET /v1/events[?labels=a,b|?prefixes=p]   Server-Sent Events of every change",
         "  GET /v1/health            200 while connected, 503 otherwise (JSON)",
         "  GET /metrics              Prometheus metrics of lobbyd itself",
+        "  GET /ui                   the page for people (a browser at / gets it too)",
         "",
         "Client: lobbyctl ... or lobbyd ctl ... (lobbyctl --help).",
     ]
