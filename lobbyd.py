@@ -3804,7 +3804,7 @@ main { padding: 10px 16px 48px; }
 #why { color: var(--bad) !important; }
 .hidden { display: none !important; }
 @media (max-width: 600px) {
-  header { padding: 8px 10px; } main { padding: 8px 8px 40px; }
+  header { position: static; padding: 8px 10px; } main { padding: 8px 8px 40px; }
   .age { font-size: 12px; } #count { flex-basis: 100%; }
   #list { --row: 82px; }
   .row { padding: 6px 10px; }
@@ -4150,6 +4150,7 @@ main { padding: 10px 16px 48px; }
   function newRow() {
     const row = document.createElement("div");
     row.setAttribute("role", "listitem");
+    row.setAttribute("aria-setsize", order.length);
     row.innerHTML = '<div class="top"><span class="host"></span><span class="mark"></span>' +
       '<span class="age"></span></div><div class="chips"></div>';
     row.parts = {host: row.querySelector(".host"), mark: row.querySelector(".mark"),
@@ -4163,7 +4164,10 @@ main { padding: 10px 16px 48px; }
   function draw() {
     const now = Date.now(), total = order.length;
     const height = total * ROW + "px";
-    if (list.style.height !== height) list.style.height = height;
+    if (list.style.height !== height) {
+      list.style.height = height;
+      for (const row of rows) row.setAttribute("aria-setsize", total);
+    }
     const top = list.getBoundingClientRect().top;
     const first = Math.max(0, Math.floor(-top / ROW) - OVERSCAN);
     const last = Math.min(total, Math.ceil((window.innerHeight - top) / ROW) + OVERSCAN);
@@ -4179,6 +4183,7 @@ main { padding: 10px 16px 48px; }
         row.className = "row" + (index === 0 ? " first" : "") + (mark ? " " + mark : "");
         row.style.transform = "translateY(" + index * ROW + "px)";
         row.dataset.host = e.h;
+        row.setAttribute("aria-posinset", index + 1);
         row.parts.host.textContent = e.h; row.parts.host.title = e.h;
         row.parts.mark.textContent = mark === "left" ? "left · " + (REASONS[e.reason] || "")
           : MARKS[mark] || "";
