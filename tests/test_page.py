@@ -377,3 +377,18 @@ def test_page_on_a_phone_in_dark_mode(lobbyd, browser, tmp_path) -> None:
     background = page.evaluate("getComputedStyle(document.body).backgroundColor")
     assert background == "rgb(14, 17, 22)", background
     page.screenshot(tmp_path / "page-phone-dark.png")
+
+
+def test_page_shows_the_daemon_losing_and_regaining_nats(lobbyd, nats, browser) -> None:
+    a = lobbyd("a.example.com", LABELS="service:web")
+    page = open_page(browser, a)
+    page.wait_for("document.getElementById('state').innerText.includes('NATS connected')")
+    nats.stop()
+    state = page.wait_for("(t => t.includes('NATS not connected') && t)("
+                          "document.getElementById('state').innerText)", timeout=20,
+                          what="the page showing NATS lost")
+    assert "since" in state  # (health names no server while disconnected)
+    assert page.evaluate("document.querySelector('#state .dot.bad') !== null")
+    nats.start()
+    page.wait_for("document.getElementById('state').innerText.includes('NATS connected')",
+                  timeout=30, what="the page showing NATS back")
