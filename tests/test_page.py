@@ -392,3 +392,23 @@ def test_page_shows_the_daemon_losing_and_regaining_nats(lobbyd, nats, browser) 
     nats.start()
     page.wait_for("document.getElementById('state').innerText.includes('NATS connected')",
                   timeout=30, what="the page showing NATS back")
+
+
+def test_only_the_rows_on_screen_exist_and_scrolling_shows_the_rest(lobbyd, nats,
+                                                                    browser) -> None:
+    a = lobbyd("a.example.com", LABELS="service:web", TTL="120")
+    many = {f"h{i:03d}.example.com": [f"rack:r{i % 7}", "service:batch"] for i in range(400)}
+    wait_for(lambda: publish_fleet(nats, many) or len(a.hostnames()) == 401, interval=0.2,
+             what="400 simulated hosts")
+    page = open_page(browser, a)
+    page.wait_for("document.getElementById('count').textContent === '401 hosts'")
+    assert page.evaluate(f"{ROWS}.length") < 60  # of 401
+    page.evaluate("window.scrollTo(0, document.body.scrollHeight) || true")
+    page.wait_for(row_js("h399.example.com", "r.getBoundingClientRect().bottom <= innerHeight"),
+                  what="the last host on screen after scrolling down")
+    assert page.evaluate(f"{ROWS}.length") < 60
+    page.evaluate("document.querySelector('.row[data-host=\"h399.example.com\"] .chip')"
+                  ".click() || true")  # rack:r0: every 7th host
+    page.wait_for("document.getElementById('count').textContent === "
+                  "'58 hosts with labels rack:r0'", what="the chip's filter")
+    assert page.evaluate("scrollY") == 0
