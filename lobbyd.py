@@ -18,9 +18,11 @@ metrics, API routes, callback runner, daemon lifecycle, ``main()``, and last the
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import errno
 import gzip
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -378,6 +380,7 @@ def help_text() -> str:
         "  GET /v1/events[?labels=a,b|?prefixes=p]   Server-Sent Events of every change",
         "  GET /v1/health            200 while connected, 503 otherwise (JSON)",
         "  GET /metrics              Prometheus metrics of lobbyd itself",
+        "  GET /ui                   the page for people (a browser at / gets it too)",
         "",
         "Client: lobbyctl ... or lobbyd ctl ... (lobbyctl --help).",
     ]
@@ -2231,6 +2234,7 @@ class Api:
             "/v1/events": {"GET": self.events},
             "/v1/health": {"GET": self.health},
             "/metrics": {"GET": self.metrics},
+            PAGE_PATH: {"GET": self.page},
         }
         self.prefix_routes = {"/v1/prometheus/": {
             "GET": self.watched(self.prometheus, prometheus_view)}}
@@ -2243,6 +2247,10 @@ class Api:
     # dispatch ----------------------------------------------------------------
     async def handle(self, request: Request) -> Response:
         try:
+            if request.path in ("/", PAGE_PATH) and request.method in ("GET", "HEAD") and (
+                    request.path == PAGE_PATH or
+                    prefers_html(request.headers.get("accept", ""))):
+                return self.page(request)  # holds no data: served without the token
             self.authorize(request)
             handler = self.route(request)
             response = handler(request)
@@ -2330,6 +2338,13 @@ class Api:
                 found = BlockRenderer(lambda packet: packet_block(packet, self._label_blocks))
             self._renderers[view] = found
         return found
+
+    def page(self, request: Request) -> Response:
+        """The page for people (SPEC 12); at / it depends on Accept, and says so."""
+        headers = dict(PAGE_HEADERS)
+        if request.path == "/":
+            headers["Vary"] = "Accept"
+        return Response(200, PAGE_BYTES, HTML_TYPE, headers)
 
     def discovery(self, request: Request) -> Response:
         self.daemon.reread_labels()  # never older than the files (SPEC 3)
@@ -3750,6 +3765,615 @@ def warn_about_timing(config: Config) -> None:
 def sync_chunk(items: list[str], done: bool) -> bytes:
     done_text = "true" if done else "false"
     return f'{{"hosts":[{",".join(items)}],"done":{done_text}}}'.encode()
+
+
+###############################################################################
+# The page (SPEC 12): one self-contained HTML document for people, served as it is.
+# Its script is one more client of the API (/v1/health, /v1/events): no data is in
+# the page, so it may be served without the token; everything it shows needs one.
+###############################################################################
+
+HTML_TYPE = "text/html; charset=UTF-8"
+#: where the page always is, whatever the Accept header says: a link to share
+PAGE_PATH = "/ui"
+
+
+def accept_ranges(accept: str) -> list[tuple[str, float]]:
+    """The media ranges of an Accept header with their q; a bad q counts as 0."""
+    ranges = []
+    for item in accept.split(","):
+        media, *params = item.split(";")
+        media = media.strip().lower()
+        if "/" not in media:
+            continue
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value.strip())
+                except ValueError:
+                    q = 0.0
+                if not 0.0 <= q <= 1.0:  # also NaN
+                    q = 0.0
+        ranges.append((media, q))
+    return ranges
+
+
+def accept_quality(ranges: Sequence[tuple[str, float]], media: str) -> float:
+    """The q an Accept header gives `media`: the most specific matching range decides."""
+    kind = media.split("/")[0] + "/*"
+    best, best_rank = 0.0, 0
+    for candidate, q in ranges:
+        rank = 3 if candidate == media else 2 if candidate == kind else \
+            1 if candidate == "*/*" else 0
+        if rank > best_rank or (rank == best_rank and rank and q > best):
+            best, best_rank = q, rank
+    return best
+
+
+def prefers_html(accept: str) -> bool:
+    """Whether an Accept header ranks text/html strictly above application/json.
+
+    A tie keeps JSON: no header, `*/*`, or both at the same q get what GET / always
+    answered. Browsers send `text/html,...,*/*;q=0.8`; curl `*/*`; scripts, Prometheus
+    and the lobby clients nothing or `application/json`.
+    """
+    if "html" not in accept.lower():  # nearly every client: the short way out
+        return False
+    ranges = accept_ranges(accept)
+    return accept_quality(ranges, "text/html") > accept_quality(ranges, "application/json")
+
+
+def page_headers(html: str) -> dict[str, str]:
+    """No cache keeps an old page; nothing but this page's own script runs in it."""
+    script = html.split("<script>", 1)[1].split("</script>", 1)[0]
+    digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode()
+    return {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY",
+            "Content-Security-Policy": (
+                f"default-src 'none'; script-src 'sha256-{digest}'; "
+                "style-src 'unsafe-inline'; connect-src 'self'; img-src data:; "
+                "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")}
+
+
+# The page: served byte for byte as it is here. Kept as a constant (like bottle's
+# error page) so the module stays one file; the data comes from the API at run time.
+PAGE_HTML = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<title>lobbyd</title>
+<link rel="icon" href="data:,">
+<style>
+:root {
+  --bg: #f5f6f8; --fg: #1b2230; --muted: #5d6878; --card: #fff; --line: #e1e5eb;
+  --chip: #edf0f5; --accent: #2456d6; --ok: #16813d; --bad: #c0262d; --warn: #a85d00;
+  --joined: #e3f6e8; --changed: #fdf3d8; --left: #fbe4e4; --focus: #2456d6;
+}
+@media (prefers-color-scheme: dark) {
+  :root {
+    --bg: #0e1116; --fg: #e4e8ef; --muted: #98a2b3; --card: #161b23; --line: #262e3b;
+    --chip: #222a37; --accent: #7aa7ff; --ok: #4ccf7a; --bad: #ff7a7a; --warn: #f5b544;
+    --joined: #163524; --changed: #3a3016; --left: #3f1d20; --focus: #9dbdff;
+  }
+}
+* { box-sizing: border-box; }
+html, body { margin: 0; background: var(--bg); color: var(--fg); }
+body { font: 15px/1.4 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial,
+       sans-serif; }
+header { position: sticky; top: 0; z-index: 2; background: var(--card);
+         border-bottom: 1px solid var(--line); padding: 10px 16px; }
+.bar, .tools, main { max-width: 1100px; margin: 0 auto; }
+.bar { display: flex; flex-wrap: wrap; gap: 6px 18px; align-items: baseline; }
+h1 { font-size: 18px; margin: 0; font-weight: 650; }
+h1 span { font-weight: 400; color: var(--muted); }
+#state { display: flex; flex-wrap: wrap; gap: 2px 16px; font-size: 13px; color: var(--muted);
+         flex: 1 1 300px; }
+#state b { color: var(--fg); font-weight: 600; }
+.dot { display: inline-block; width: 8px; height: 8px; border-radius: 50%; margin-right: 6px;
+       background: var(--muted); }
+.dot.ok { background: var(--ok); } .dot.bad { background: var(--bad); }
+.dot.warn { background: var(--warn); }
+.tools { display: flex; flex-wrap: wrap; gap: 8px; align-items: center; margin-top: 10px; }
+select, input, button { font: inherit; color: inherit; background: var(--bg);
+                        border: 1px solid var(--line); border-radius: 6px; padding: 6px 10px; }
+button { cursor: pointer; }
+#filter { flex: 1 1 220px; min-width: 0; }
+#count { font-size: 13px; color: var(--muted); white-space: nowrap; }
+:focus-visible { outline: 2px solid var(--focus); outline-offset: 1px; }
+kbd { font: 12px ui-monospace, monospace; border: 1px solid var(--line); border-radius: 4px;
+      padding: 0 4px; }
+#banner { display: none; max-width: 1100px; margin: 10px auto 0; padding: 8px 12px;
+          border-radius: 6px; background: var(--changed); font-size: 14px; }
+#banner.on { display: block; }
+main { padding: 10px 16px 48px; }
+#list { position: relative; --row: 58px; }
+.row { position: absolute; left: 0; right: 0; top: 0; height: var(--row); padding: 7px 12px;
+       background: var(--card); border: 1px solid var(--line); border-top: 0;
+       border-left: 3px solid transparent; overflow: hidden; }
+.row.first { border-top: 1px solid var(--line); }
+.row.joined { background: var(--joined); border-left-color: var(--ok); }
+.row.changed { background: var(--changed); border-left-color: var(--warn); }
+.row.left { background: var(--left); border-left-color: var(--bad); }
+.row.left .host { text-decoration: line-through; }
+.top { display: flex; gap: 12px; align-items: baseline; white-space: nowrap; }
+.host { font-weight: 600; overflow: hidden; text-overflow: ellipsis; flex: 1 1 auto;
+        font-family: ui-monospace, "SF Mono", Menlo, Consolas, monospace; font-size: 14px; }
+.age { color: var(--muted); font-size: 12.5px; flex: none; }
+.mark { font-size: 11px; font-weight: 700; text-transform: uppercase; letter-spacing: .04em; }
+.joined .mark { color: var(--ok); } .changed .mark { color: var(--warn); }
+.left .mark { color: var(--bad); }
+.chips { margin-top: 4px; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+.chip { display: inline-block; margin: 0 5px 0 0; padding: 1px 8px; border-radius: 999px;
+        border: 1px solid var(--line); background: var(--chip); font-size: 12.5px;
+        line-height: 18px; }
+.chip .k { color: var(--muted); }
+.chip .k::after { content: ":"; }
+.chip:hover { border-color: var(--accent); }
+.empty { padding: 28px 12px; text-align: center; color: var(--muted); background: var(--card);
+         border: 1px solid var(--line); }
+#ask { display: none; max-width: 420px; margin: 48px auto; padding: 20px; background: var(--card);
+       border: 1px solid var(--line); border-radius: 8px; }
+#ask.on { display: block; }
+#ask h2 { font-size: 17px; margin: 0 0 6px; }
+#ask p { margin: 0 0 12px; color: var(--muted); font-size: 14px; }
+#ask form { display: flex; gap: 8px; }
+#ask input { flex: 1; min-width: 0; }
+#why { color: var(--bad) !important; }
+.hidden { display: none !important; }
+@media (max-width: 600px) {
+  header { position: static; padding: 8px 10px; } main { padding: 8px 8px 40px; }
+  .age { font-size: 12px; } #count { flex-basis: 100%; }
+  #list { --row: 82px; }
+  .row { padding: 6px 10px; }
+  .chips { white-space: normal; max-height: 46px; line-height: 23px; }
+}
+</style>
+</head>
+<body>
+<header>
+  <div class="bar">
+    <h1>lobbyd <span id="self"></span></h1>
+    <div id="state" role="status" aria-live="polite"><span><span class="dot"></span>
+      connecting…</span></div>
+    <button id="forget" class="hidden" type="button">Forget token</button>
+  </div>
+  <form class="tools" id="tools" role="search">
+    <select id="mode" aria-label="Filter by">
+      <option value="labels">labels</option><option value="prefixes">prefixes</option>
+    </select>
+    <input id="filter" type="search" autocomplete="off" spellcheck="false"
+           placeholder="filter: service:web, location:dc1   (press / )"
+           aria-label="Filter hosts by labels or label prefixes, comma-separated">
+    <span id="count" aria-live="polite"></span>
+  </form>
+  <div id="banner" role="alert"></div>
+</header>
+<section id="ask" aria-labelledby="ask-title">
+  <h2 id="ask-title">This lobbyd needs its API token</h2>
+  <p>It is kept in this tab only (sessionStorage) and sent as an
+     <code>Authorization</code> header.</p>
+  <p id="why"></p>
+  <form id="token-form">
+    <input id="token" type="password" autocomplete="off" aria-label="API token"
+           placeholder="TOKEN">
+    <button type="submit">Show hosts</button>
+  </form>
+</section>
+<main id="main">
+  <div id="list" role="list" aria-label="hosts"></div>
+  <div id="empty" class="empty hidden"></div>
+</main>
+<script>
+"use strict";
+(() => {
+  let ROW = 58;
+  const OVERSCAN = 6, MARK_MS = 3000, SILENT_MS = 40000;
+  const $ = (id) => document.getElementById(id);
+  const list = $("list"), filterBox = $("filter"), modeBox = $("mode");
+  const hosts = new Map();   // hostname -> {h, labels, seen, mark, at, v}
+  let order = [];            // hostnames, sorted like the API sorts them
+  let pending = [], flushing = false, drawing = false;
+  let token = sessionStorage.getItem("lobbyd-token") || "";
+  let needToken = false, gen = 0, ctl = null, retries = 0, lastByte = 0, live = "connecting";
+  let skew = 0, health = null, healthError = "";
+  let serial = 0;  // every state a host has had gets a new number: what a row shows
+  const stats = {snapshotMs: null, firstRows: null, flushes: [], events: 0, seenPolls: [],
+                 snapshots: 0, recent: []};
+  window.lobbyStats = stats;
+
+  // filter <-> URL ---------------------------------------------------------------
+  const params = new URLSearchParams(location.search);
+  let mode = params.get("labels") ? "labels" : params.get("prefixes") ? "prefixes" : "labels";
+  let filterText = params.get(mode) || "";
+  modeBox.value = mode;
+  filterBox.value = filterText;
+  const items = () => filterText.split(",").map((s) => s.trim()).filter(Boolean);
+  function query() {
+    const wanted = items().join(",");
+    if (!wanted) return "";
+    return "?" + mode + "=" + encodeURIComponent(wanted).replace(/%3A/gi, ":")
+      .replace(/%2C/gi, ",").replace(/%2F/gi, "/");
+  }
+  let typing = 0;
+  function setFilter(newMode, text) {
+    mode = newMode; filterText = text; modeBox.value = mode;
+    if (filterBox.value !== text) filterBox.value = text;
+    history.replaceState(null, "", location.pathname + query());
+    window.scrollTo(0, 0);
+    follow();
+  }
+  filterBox.addEventListener("input", () => {
+    clearTimeout(typing);
+    typing = setTimeout(() => setFilter(modeBox.value, filterBox.value), 250);
+  });
+  modeBox.addEventListener("change", () => setFilter(modeBox.value, filterBox.value));
+  $("tools").addEventListener("submit", (e) => {
+    e.preventDefault(); clearTimeout(typing); setFilter(modeBox.value, filterBox.value);
+  });
+  document.addEventListener("keydown", (e) => {
+    const t = e.target;
+    const editing = t instanceof HTMLInputElement || t instanceof HTMLSelectElement;
+    if (e.key === "/" && !editing && !e.ctrlKey && !e.metaKey && !e.altKey) {
+      e.preventDefault(); filterBox.focus(); filterBox.select();
+    } else if (e.key === "Escape" && t === filterBox) {
+      if (filterBox.value) setFilter(mode, ""); else filterBox.blur();
+    }
+  });
+  list.addEventListener("click", (e) => {
+    const chip = e.target.closest(".chip");
+    if (chip) { setFilter("labels", chip.dataset.label); filterBox.focus(); }
+  });
+
+  // talking to lobbyd ---------------------------------------------------------------
+  const auth = () => (token ? {Authorization: "Token " + token} : {});
+  function refused() {
+    needToken = true; gen++;
+    if (ctl) ctl.abort();
+    hosts.clear(); order = []; pending = [];
+    $("why").textContent = token ? "That token was refused." : "";
+    $("ask").classList.add("on"); $("main").classList.add("hidden");
+    $("tools").classList.add("hidden"); banner("");
+    health = null; healthError = "waiting for the token"; showState(); draw();
+    $("token").focus();
+  }
+  $("token-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    token = $("token").value.trim();
+    if (!token) return;
+    sessionStorage.setItem("lobbyd-token", token);
+    $("token").value = "";
+    start();
+  });
+  $("forget").addEventListener("click", () => {
+    sessionStorage.removeItem("lobbyd-token"); token = ""; refused();
+  });
+
+  function start() {
+    needToken = false;
+    $("ask").classList.remove("on"); $("main").classList.remove("hidden");
+    $("tools").classList.remove("hidden"); $("forget").classList.toggle("hidden", !token);
+    pollHealth(); follow();
+  }
+
+  async function pollHealth() {
+    if (needToken) return;
+    try {
+      const r = await fetch("/v1/health", {headers: auth(), cache: "no-store"});
+      if (r.status === 403) { refused(); return; }
+      health = await r.json(); healthError = "";
+    } catch (err) {
+      health = null; healthError = "lobbyd does not answer";
+    }
+    showState();
+  }
+
+  // GET /v1/events through fetch(): EventSource cannot send the Authorization header,
+  // and a token in the URL would end up in logs and in the browser's history.
+  async function follow() {
+    const mine = ++gen;
+    if (ctl) ctl.abort();
+    const me = ctl = new AbortController();
+    if (needToken) return;
+    setLive(live === "live" ? "connecting" : live);
+    let r;
+    try {
+      r = await fetch("/v1/events" + query(), {headers: auth(), cache: "no-store",
+                                               signal: me.signal});
+    } catch (err) { again(mine); return; }
+    if (r.status === 403) { refused(); return; }
+    if (!r.ok || !r.body) {
+      banner(r.status === 400 ? "lobbyd refused this filter: " + (await r.text()) : "");
+      if (r.status !== 400) again(mine);
+      return;
+    }
+    const reader = r.body.getReader(), text = new TextDecoder();
+    let buf = "", from = 0;
+    lastByte = Date.now();
+    try {
+      for (;;) {
+        const {value, done} = await reader.read();
+        if (done || mine !== gen) break;
+        lastByte = Date.now();
+        buf += text.decode(value, {stream: true});
+        let cut;
+        while ((cut = buf.indexOf("\n\n", from)) >= 0) {
+          event(buf.slice(0, cut)); buf = buf.slice(cut + 2); from = 0;
+        }
+        from = Math.max(0, buf.length - 1);
+      }
+    } catch (err) { /* aborted, or lobbyd went away: both end in again() */ }
+    if (mine === gen) again(mine);
+  }
+
+  function again(mine) {
+    if (mine !== gen || needToken) return;
+    setLive("reconnecting");
+    const wait = Math.min(5000, 250 * 2 ** retries++);
+    setTimeout(() => { if (mine === gen) { pollHealth(); follow(); } }, wait);
+  }
+
+  setInterval(() => {  // a stream without even a keep-alive comment for 40 s is dead
+    if (live === "live" && Date.now() - lastByte > SILENT_MS && ctl) ctl.abort();
+  }, 5000);
+
+  function event(block) {
+    let name = "message", data = [];
+    for (const line of block.split("\n")) {
+      if (line.startsWith("event:")) name = line.slice(6).trim();
+      else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+    }
+    if (!data.length) return;   // a keep-alive comment
+    const value = JSON.parse(data.join("\n"));
+    stats.recent.push([Date.now() % 100000, name, value.hostname || value.length]);
+    if (stats.recent.length > 50) stats.recent.shift();
+    if (name === "snapshot") snapshot(value);
+    else { pending.push([name, value]); schedule(); }
+  }
+
+  // state ----------------------------------------------------------------------------
+  const cmp = (a, b) => (a < b ? -1 : a > b ? 1 : 0);
+  function where(name) {
+    let lo = 0, hi = order.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (order[mid] < name) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+  }
+  function noteClock(seen) {
+    const ahead = seen - Date.now() / 1000;  // lobbyd's clock ahead of ours
+    if (ahead > skew) skew = ahead;
+  }
+
+  function snapshot(packets) {
+    const t0 = performance.now();
+    pending = []; hosts.clear(); order = new Array(packets.length); stats.snapshots++;
+    for (let i = 0; i < packets.length; i++) {
+      const p = packets[i];
+      hosts.set(p.hostname, {h: p.hostname, labels: p.labels, seen: p.last_check, mark: "",
+                             at: 0, v: ++serial});
+      order[i] = p.hostname;
+      noteClock(p.last_check);
+    }
+    order.sort(cmp);
+    retries = 0; banner(""); setLive("live");
+    draw();
+    stats.snapshotMs = performance.now() - t0;
+    if (stats.firstRows === null && packets.length) {
+      requestAnimationFrame(() => requestAnimationFrame(() => {
+        stats.firstRows = performance.now();
+      }));
+    }
+  }
+
+  function schedule() {
+    if (flushing) return;
+    flushing = true;
+    requestAnimationFrame(flush);
+    setTimeout(flush, 250);   // a hidden tab gets no animation frames
+  }
+
+  function flush() {
+    if (!flushing) return;
+    flushing = false;
+    const t0 = performance.now(), batch = pending, now = Date.now(), added = [];
+    pending = [];
+    for (const [name, d] of batch) {
+      const old = hosts.get(d.hostname);
+      if (name === "left") {
+        if (old) Object.assign(old, {mark: "left", at: now, reason: d.reason, v: ++serial});
+        continue;
+      }
+      noteClock(d.last_check);
+      if (old) {
+        const mark = name === "joined" || old.mark === "left" ? "joined" : "changed";
+        Object.assign(old, {labels: d.labels, seen: d.last_check, mark, at: now, v: ++serial});
+      } else {
+        hosts.set(d.hostname, {h: d.hostname, labels: d.labels, seen: d.last_check,
+                               mark: "joined", at: now, v: ++serial});
+        added.push(d.hostname);
+      }
+    }
+    if (added.length > 64) order = order.concat(added).sort(cmp);
+    else for (const name of added) order.splice(where(name), 0, name);
+    draw();
+    stats.events += batch.length;
+    if (stats.flushes.length < 100000) stats.flushes.push([batch.length, performance.now() - t0]);
+  }
+
+  setInterval(() => {   // once a second: ages, the end of marks, hosts that left
+    const now = Date.now();
+    let gone = false;
+    for (const name of order) {
+      const e = hosts.get(name);
+      if (e.mark === "left" && now - e.at > MARK_MS) { hosts.delete(name); gone = true; }
+    }
+    if (gone) order = order.filter((name) => hosts.has(name));
+    draw();
+  }, 1000);
+
+  // Keep-alives are no events: "heard N s ago" comes from the registry, every 5 s
+  // (KEEP_ALIVE's default), or every N ms for N hosts: 10 s for 10k, a 40 ms parse.
+  async function refreshAges() {
+    setTimeout(refreshAges, Math.max(5000, hosts.size));
+    if (needToken || live !== "live" || document.hidden) return;
+    const mine = gen;
+    try {
+      const r = await fetch("/v1/discoveries" + query(), {headers: auth(), cache: "no-store"});
+      if (r.status === 403) { refused(); return; }
+      if (!r.ok) return;
+      const t0 = performance.now(), packets = await r.json();
+      if (mine !== gen) return;
+      for (const p of packets) {
+        const e = hosts.get(p.hostname);
+        if (e && p.last_check > e.seen) e.seen = p.last_check;
+        noteClock(p.last_check);
+      }
+      stats.seenPolls.push(performance.now() - t0);
+    } catch (err) { /* the event stream notices and reconnects */ }
+  }
+  setTimeout(refreshAges, 5000);
+
+  // drawing: only the rows on screen exist in the DOM ---------------------------------
+  const rows = [];
+  window.addEventListener("scroll", () => {
+    if (!drawing) { drawing = true; requestAnimationFrame(() => { drawing = false; draw(); }); }
+  }, {passive: true});
+  function rowHeight() {  // CSS decides (taller rows on a phone, where chips wrap)
+    ROW = parseFloat(getComputedStyle(list).getPropertyValue("--row")) || 58;
+  }
+  window.addEventListener("resize", () => { rowHeight(); draw(); });
+  rowHeight();
+
+  function ago(seen) {
+    const s = Math.max(0, Math.round(Date.now() / 1000 + skew - seen));
+    if (s < 90) return "heard " + s + " s ago";
+    if (s < 5400) return "heard " + Math.round(s / 60) + " min ago";
+    return "heard " + Math.round(s / 3600) + " h ago";
+  }
+  function chip(label) {
+    const b = document.createElement("button");
+    b.type = "button"; b.className = "chip"; b.dataset.label = label;
+    b.title = "show the hosts with " + label;
+    const cut = label.indexOf(":");
+    if (cut > 0) {
+      const k = document.createElement("span");
+      k.className = "k"; k.textContent = label.slice(0, cut); b.append(k);
+    }
+    const v = document.createElement("span");
+    v.className = "v"; v.textContent = cut > 0 ? label.slice(cut + 1) : label; b.append(v);
+    return b;
+  }
+  function newRow() {
+    const row = document.createElement("div");
+    row.setAttribute("role", "listitem");
+    row.setAttribute("aria-setsize", order.length);
+    row.innerHTML = '<div class="top"><span class="host"></span><span class="mark"></span>' +
+      '<span class="age"></span></div><div class="chips"></div>';
+    row.parts = {host: row.querySelector(".host"), mark: row.querySelector(".mark"),
+                 age: row.querySelector(".age"), chips: row.querySelector(".chips")};
+    return row;
+  }
+  const MARKS = {joined: "new", changed: "changed", left: "left"};
+  const REASONS = {goodbye: "said goodbye", expired: "went silent",
+                   unmatched: "no longer matches"};
+
+  function draw() {
+    const now = Date.now(), total = order.length;
+    const height = total * ROW + "px";
+    if (list.style.height !== height) {
+      list.style.height = height;
+      for (const row of rows) row.setAttribute("aria-setsize", total);
+    }
+    const top = list.getBoundingClientRect().top;
+    const first = Math.max(0, Math.floor(-top / ROW) - OVERSCAN);
+    const last = Math.min(total, Math.ceil((window.innerHeight - top) / ROW) + OVERSCAN);
+    const count = Math.max(0, last - first);
+    while (rows.length < count) { const r = newRow(); rows.push(r); list.append(r); }
+    while (rows.length > count) rows.pop().remove();
+    for (let i = 0; i < count; i++) {
+      const index = first + i, row = rows[i], e = hosts.get(order[index]);
+      const mark = e.mark && now - e.at <= MARK_MS ? e.mark : "";
+      if (row.host !== e.h || row.v !== e.v || row.mark !== mark || row.index !== index ||
+          row.height !== ROW) {
+        row.host = e.h; row.v = e.v; row.mark = mark; row.index = index; row.height = ROW;
+        row.className = "row" + (index === 0 ? " first" : "") + (mark ? " " + mark : "");
+        row.style.transform = "translateY(" + index * ROW + "px)";
+        row.dataset.host = e.h;
+        row.setAttribute("aria-posinset", index + 1);
+        row.parts.host.textContent = e.h; row.parts.host.title = e.h;
+        row.parts.mark.textContent = mark === "left" ? "left · " + (REASONS[e.reason] || "")
+          : MARKS[mark] || "";
+        row.parts.chips.replaceChildren(...e.labels.map(chip));
+      }
+      const age = ago(e.seen);
+      if (row.parts.age.textContent !== age) row.parts.age.textContent = age;
+    }
+    let shown = 0;
+    for (const e of hosts.values()) if (e.mark !== "left") shown++;
+    const what = items().length ? " with " + mode + " " + items().join(", ") : "";
+    $("count").textContent = live === "live" || total ? shown + (shown === 1 ? " host" : " hosts")
+      + what : "";
+    const empty = $("empty");
+    empty.classList.toggle("hidden", total > 0 || live !== "live");
+    empty.textContent = what ? "No host has " + mode + " " + items().join(", ") + "."
+      : "No hosts yet.";
+  }
+
+  // the daemon's own state --------------------------------------------------------------
+  function when(unix) {
+    const d = new Date(unix * 1000), s = Math.max(0, Math.round(Date.now() / 1000 + skew - unix));
+    const rel = s < 90 ? s + " s" : s < 5400 ? Math.round(s / 60) + " min"
+      : s < 172800 ? Math.round(s / 3600) + " h" : Math.round(s / 86400) + " days";
+    return d.toLocaleTimeString() + " (" + rel + " ago)";
+  }
+  function span(dot, html) {
+    const s = document.createElement("span");
+    const d = document.createElement("span");
+    d.className = "dot " + dot; s.append(d);
+    for (const [text, strong] of html) {
+      const t = document.createElement(strong ? "b" : "span"); t.textContent = text; s.append(t);
+    }
+    return s;
+  }
+  function setLive(state) { live = state; showState(); }
+  function banner(text) {
+    $("banner").textContent = text; $("banner").classList.toggle("on", !!text);
+  }
+  function showState() {
+    const parts = [];
+    if (live === "reconnecting") {
+      parts.push(span("warn", [["reconnecting to lobbyd…", true]]));
+      banner("Lost the connection to lobbyd; reconnecting… (the list shows the last state)");
+    } else if (live === "live") parts.push(span("ok", [["live", false]]));
+    else if (!needToken) parts.push(span("", [["connecting…", false]]));
+    if (health) {
+      $("self").textContent = "on " + health.hostname + " · v" + health.version;
+      document.title = "lobbyd · " + health.hostname;
+      for (const d of health.drivers || []) {
+        parts.push(span(d.connected ? "ok" : "bad", d.connected
+          ? [[d.driver + " connected", true], [" to " + (d.server || "?") +
+             " since " + when(d.since), false]]
+          : [[d.driver + " not connected", true],
+             [(d.server ? " (last: " + d.server + ")" : "") + " since " + when(d.since),
+              false]]));
+      }
+    } else if (healthError) parts.push(span("bad", [[healthError, false]]));
+    $("state").replaceChildren(...parts);
+  }
+  setInterval(pollHealth, 5000);
+  start();
+})();
+</script>
+</body>
+</html>
+"""
+PAGE_BYTES = PAGE_HTML.encode("utf-8")
+PAGE_HEADERS = page_headers(PAGE_HTML)
 
 
 ###############################################################################

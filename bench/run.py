@@ -895,6 +895,88 @@ def _cpu(pid: int) -> float:
     return proc_cpu_seconds(pid)
 
 
+# --------------------------------------------------------------------------- the page
+
+
+#: JavaScript put into the page before the updates: the longest gap between two
+#: animation frames (a frozen tab shows up here) and the long tasks Chromium saw
+FRAME_WATCH = """(() => {
+  window.benchFrames = {max: 0, last: performance.now(), long: []};
+  const tick = (t) => {
+    benchFrames.max = Math.max(benchFrames.max, t - benchFrames.last);
+    benchFrames.last = t; requestAnimationFrame(tick);
+  };
+  requestAnimationFrame(tick);
+  new PerformanceObserver((l) => benchFrames.long.push(...l.getEntries().map((e) => e.duration)))
+    .observe({type: "longtask"});
+  return true;
+})()"""
+
+
+def fig_page(cmd: list[str], work: Path, prof: Profile, n: int, rate: int = 1000,
+             seconds: float = 5) -> dict:
+    """The page (SPEC 12) in a real headless Chromium with N simulated hosts.
+
+    Time to first paint: from navigation start to the second animation frame after
+    the snapshot's rows are drawn (they are on screen then). Per-update cost: while
+    `rate` hosts a second change labels for `seconds`, the JavaScript time of each
+    batch the page applies (parse to draw), and the longest gap between frames.
+    """
+    sys.path.insert(0, str(ROOT / "tests"))
+    from browser import Chromium, chromium_binary
+
+    binary = chromium_binary()
+    if not binary:
+        raise RuntimeError("chromium not found: apt-get install chromium")
+    env = Env(cmd, work)
+    chromium = None
+    try:
+        d = env.daemon("bench-page", TTL=86400)
+        prefill(env, d, n)
+        chromium = Chromium(binary, env.dir)
+        page = chromium.new_page()
+        with LoadMeter() as m:
+            page.navigate(f"http://127.0.0.1:{d.port}/", timeout=60)
+            page.wait_for("lobbyStats.firstRows !== null", timeout=60, what="rows on screen")
+            first = page.evaluate("({rows: lobbyStats.firstRows, snapshot: lobbyStats.snapshotMs,"
+                                  " fcp: performance.getEntriesByName("
+                                  "'first-contentful-paint')[0]?.startTime ?? null,"
+                                  " dom: document.querySelectorAll('.row').length,"
+                                  " count: document.getElementById('count').textContent})")
+            page.evaluate(FRAME_WATCH)
+            count = int(rate * seconds)
+            g = env.loadgen(n, rate=rate, count=count, seq0=1,
+                            max_seconds=seconds * 4 + 30)
+            env.go(g)
+            r = env.result(g)
+            page.wait_for(f"lobbyStats.events >= {count}", timeout=60, what="every change")
+            seen = page.wait_for("lobbyStats.seenPolls.length > 0 && lobbyStats.seenPolls",
+                                 timeout=30, what="a refresh of the ages")
+            after = page.evaluate("({flushes: lobbyStats.flushes, events: lobbyStats.events,"
+                                  " frames: benchFrames})")
+        flushes = after["flushes"]
+        costs = [ms for _, ms in flushes]
+        per_event = sum(costs) / max(1, sum(k for k, _ in flushes)) * 1000
+        log(f"page n={n}: rows on screen {first['rows']:.0f} ms, update p99 "
+            f"{pctl(costs, 99):.2f} ms, longest frame gap {after['frames']['max']:.0f} ms")
+        return {"value": round(first["rows"], 1), "unit": "ms",
+                "fcp_ms": round(first["fcp"], 1) if first["fcp"] else None,
+                "snapshot_js_ms": round(first["snapshot"], 1), "dom_rows": first["dom"],
+                "count_text": first["count"], "changes": count,
+                "change_rate": round(r["rate"]), "batches": len(flushes),
+                "events_per_batch": round(after["events"] / max(1, len(flushes)), 1),
+                "batch_p50_ms": round(pctl(costs, 50), 2),
+                "batch_p99_ms": round(pctl(costs, 99), 2),
+                "batch_max_ms": round(max(costs), 2), "us_per_event": round(per_event, 1),
+                "longest_frame_gap_ms": round(after["frames"]["max"], 1),
+                "long_tasks": len(after["frames"]["long"]),
+                "age_refresh_ms": round(max(seen), 1), "load": m.stop()}
+    finally:
+        if chromium:
+            chromium.close()
+        env.close()
+
+
 # --------------------------------------------------------------------------- driver
 
 
@@ -922,7 +1004,7 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="short CI run: 1 run, small sizes")
     ap.add_argument("--runs", type=int, help="runs per figure (default 3, smoke 1)")
     ap.add_argument("--only", default="", help="comma list: idle,startup,ingest,steady,http,"
-                    "propagation,goodbye,join,dead,fanout,watch")
+                    "propagation,goodbye,join,dead,fanout,watch,page")
     ap.add_argument("--label", default="lobbyd", help="name of the implementation measured")
     ap.add_argument("--lobbyd-cmd", default=None, help="default: $LOBBYD_CMD or lobbyd.py")
     ap.add_argument("--binary", default=str(ROOT / "dist" / "lobbyd_linux_x86_64"),
@@ -995,6 +1077,8 @@ def main() -> int:
                         runs=1)
         if want("watch"):
             measure("watch@10000", lambda: fig_watch(cmd, work, prof))
+        if want("page"):
+            measure("page@10000", lambda: fig_page(cmd, work, prof, 10000))
         if want("fanout"):
             measure("nats_fanout", lambda: fig_fanout(work, prof), runs=1)
     finally:
@@ -1143,6 +1227,13 @@ def table(doc: dict) -> str:
                       f"{first['drain_without_again']}/s "
                       f"({first['drain_with_10_unfiltered_streams']}/s with 10 unfiltered "
                       f"streams), untouched woken {first['untouched_woken']}")
+        elif key.startswith("page@"):
+            ref = "no freeze: batches well under a 16 ms frame"
+            detail = (f"first paint {first['fcp_ms']} ms, update batch p50 "
+                      f"{first['batch_p50_ms']} / p99 {first['batch_p99_ms']} ms "
+                      f"({first['events_per_batch']} changes each, {first['us_per_event']} "
+                      f"us/change), longest frame gap {first['longest_frame_gap_ms']} ms, "
+                      f"age refresh {first['age_refresh_ms']} ms")
         elif key == "nats_fanout":
             detail = f"{first['subscribers']} subscribers, nats cpu {first['nats_cpu_pct']}%"
         rows.append((key, f"{fmt(r['median'], unit)} {unit}",
