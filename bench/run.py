@@ -1144,6 +1144,15 @@ def wrong_results(results: dict[str, dict]) -> list[str]:
             elif key.startswith("dead"):
                 if not all(_ok_number(x) for x in s["from_kill_s"] + s["from_last_packet_s"]):
                     out.append(f"{where}: a dead host never went: {s['from_kill_s']}")
+            elif key.startswith("watch@"):
+                streams = sum(count for kind, _t, count, _x in WATCH_PLAN if kind == "stream")
+                if s.get("missing"):
+                    out.append(f"{where}: {s['missing']} watchers never got their answer")
+                if s.get("untouched_woken"):
+                    out.append(f"{where}: {s['untouched_woken']} untouched watchers woken")
+                if s.get("streams_open_after_burst") != streams:
+                    out.append(f"{where}: {s.get('streams_open_after_burst')} of {streams} "
+                               "streams left after the burst")
             elif key == "nats_fanout" and not s.get("complete"):
                 out.append(f"{where}: not every subscriber got every packet")
     return out

@@ -133,7 +133,7 @@ def check_exec_checks_run_in_the_sandbox(c: pk.Container) -> None:
     assert c.run("stat -c %U:%a /etc/lobby/checks").stdout.strip() == "root:755"
     c.run("printf 'labels=boot:checked\\nexec=/bin/sh -c \"test -r /etc/os-release\"\\n"
           "interval=1\\nrise=1\\n' > /etc/lobby/checks/boot.check")
-    # re-read within KEEP_ALIVE (5 s); no SIGHUP: the static binary's loader dies of it
+    # CHECKS_PATH is re-read every KEEP_ALIVE (5 s), as LABELS_PATH is
     pk.wait_for(lambda: "boot:checked" in json.loads(
         c.run("curl -fsS localhost:1313/v1/discovery").stdout)["labels"], timeout=15,
         what="the exec check's label")
