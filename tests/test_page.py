@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from browser import Chromium, chromium_binary
-from conftest import wait_for
+from conftest import skip_unless_required, wait_for
 from watchclient import SUBJECT, envelope
 
 import lobbyd as L
@@ -180,10 +180,7 @@ def test_token_guards_every_byte_of_data_but_not_the_page(lobbyd, nats) -> None:
 def browser(tmp_path: Path):
     binary = chromium_binary()
     if not binary:
-        message = "chromium not found: apt-get install chromium (.ci/run does)"
-        if os.environ.get("LOBBYD_REQUIRE_ALL") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_unless_required("chromium not found: apt-get install chromium (.ci/run does)")
     chromium = Chromium(binary, tmp_path)
     yield chromium
     chromium.close()
