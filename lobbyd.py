@@ -4403,6 +4403,12 @@ def check_drivers(config: Config) -> None:
                           "pip install 'lobbyd[redis]'")
 
 
+async def run_daemon(config: Config) -> None:
+    # built inside the running loop: on Python 3.9 an asyncio.Event made before it
+    # would create (and leak) a loop of its own
+    await Daemon(config, os.environ).run()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if argv is None and invoked_name() == "lobbyctl":  # a second name of the same program
@@ -4427,7 +4433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_CONFIG
     setup_logging(config.log_level)
     try:
-        asyncio.run(Daemon(config, os.environ).run())
+        asyncio.run(run_daemon(config))
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
         return EX_CONFIG
