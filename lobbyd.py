@@ -1876,6 +1876,7 @@ class NatsKvDriver(NatsDriver):
         self.keys: dict[str, int] = {}  # host key in the hosts bucket -> its revision
         self.put_labels: dict[str, Any] = {}  # host key -> labels we last wrote for it
         self.reapers: dict[int, tuple[str, int]] = {}  # slot -> (holder, revision)
+        self.marks: dict[int, int] = {}  # free slot -> revision of its delete marker
         self.slot: int | None = None  # our reaper slot
         self.slot_refreshed = 0.0
         self.initial = asyncio.Event()  # the watch's initial values are in
@@ -1981,7 +1982,7 @@ class NatsKvDriver(NatsDriver):
             with contextlib.suppress(Exception):
                 await self._watcher.stop()
         stale = dict(self.keys)  # what we knew before: gone if the watch has it no more
-        self.keys, self.reapers = {}, {}
+        self.keys, self.reapers, self.marks = {}, {}, {}
         self.initial.clear()
         self.learned = 0
         self._watcher = await self.data.watch(">")
@@ -2015,6 +2016,7 @@ class NatsKvDriver(NatsDriver):
                 slot = int(key[7:])
                 if deleted:
                     self.reapers.pop(slot, None)
+                    self.marks[slot] = entry.revision
                     if slot == self.slot:
                         self.slot = None
                 else:
@@ -2087,13 +2089,11 @@ class NatsKvDriver(NatsDriver):
         """Hold a reaper slot: its key carries a TTL, refreshed every KEEP_ALIVE; a
         free slot (its holder died, the key expired) is taken by the first to create it."""
         now = time.monotonic()
-        headers = {"Nats-Expected-Last-Subject-Sequence": "0"}
         if self.slot is not None:
             if now - self.slot_refreshed < self.config.keep_alive:
                 return
-            holder, revision = self.reapers.get(self.slot, ("", 0))
-            headers["Nats-Expected-Last-Subject-Sequence"] = str(revision)
             slot = self.slot
+            revisions = [self.reapers.get(slot, ("", 0))[1]]
         else:
             free = [slot for slot in range(KV_REAPERS) if slot not in self.reapers]
             if not free:
@@ -2104,13 +2104,20 @@ class NatsKvDriver(NatsDriver):
             if not free or self.slot is not None:
                 return
             slot = free[0]
-        try:
-            ack = await self.js.publish(f"$KV.{self.data_bucket}.reaper.{slot}",
-                                        self.hostname.encode(), headers=headers,
-                                        msg_ttl=self.config.ttl)
-        except Exception as exc:  # someone else holds it
+            # after the key's expiry its last message is the server's delete marker,
+            # which itself expires later: then the subject is empty (revision 0)
+            revisions = [self.marks[slot], 0] if self.marks.get(slot) else [0]
+        ack = None
+        for revision in revisions:
+            with contextlib.suppress(Exception):  # someone else holds it
+                ack = await self.js.publish(
+                    f"$KV.{self.data_bucket}.reaper.{slot}", self.hostname.encode(),
+                    headers={"Nats-Expected-Last-Subject-Sequence": str(revision)},
+                    msg_ttl=self.config.ttl)
+                break
+        if ack is None:
             if self.slot is not None:
-                log.info("no longer a reaper (slot %d): %s", slot, describe_error(exc))
+                log.info("no longer a reaper (slot %d)", slot)
             self.slot = None
             return
         if self.slot is None:
