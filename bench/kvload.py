@@ -39,7 +39,11 @@ async def main() -> None:
     async def reconnected() -> None:
         lost.set()
 
+    async def quiet(exc: Exception) -> None:  # the restart of nats-server is expected
+        pass
+
     nc = await nats.connect(f"nats://127.0.0.1:{a.port}", max_reconnect_attempts=-1,
+                            error_cb=quiet,
                             reconnect_time_wait=0.2, reconnected_cb=reconnected,
                             pending_size=256 * 1024 * 1024)
     js = nc.jetstream(timeout=2)
