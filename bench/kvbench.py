@@ -52,7 +52,7 @@ def hosts_of(d: Daemon) -> int:
 
 
 def received(d: Daemon) -> float:
-    status, body = d.http.request("GET", "/metrics")
+    _status, body = d.http.request("GET", "/metrics")
     total = 0.0
     for line in body.decode().splitlines():
         if line.startswith("lobbyd_packets_received_total{"):

@@ -61,13 +61,13 @@ async def main() -> None:
                 await asyncio.sleep(0.05)
         raise TimeoutError("no buckets")
 
+    packets = [envelope(host, labels(a.first + i, 0)) for i, host in enumerate(hosts)]
+
     async def write_all() -> None:
-        for i, host in enumerate(hosts):  # liveness first, as lobbyd does
-            await nc.publish(alive + host, b"")
-            if i % 5000 == 4999:
-                await nc.flush()
+        """Every host at once, as after a restart of nats-server: liveness key, packet."""
         for i, host in enumerate(hosts):
-            await nc.publish(data + host, envelope(host, labels(a.first + i, seq[i])))
+            await nc.publish(alive + host, b"")
+            await nc.publish(data + host, packets[i])
             if i % 5000 == 4999:
                 await nc.flush()
         await nc.flush(timeout=30)
@@ -99,7 +99,8 @@ async def main() -> None:
         while changed < elapsed * a.changes:
             i = (changed * 7919) % a.hosts
             seq[i] += 1
-            await nc.publish(data + hosts[i], envelope(hosts[i], labels(a.first + i, seq[i])))
+            packets[i] = envelope(hosts[i], labels(a.first + i, seq[i]))
+            await nc.publish(data + hosts[i], packets[i])
             changed += 1
             sent["data"] += 1
         next_tick += tick
