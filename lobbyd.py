@@ -2086,6 +2086,9 @@ class NatsKvDriver(NatsDriver):
             log.debug("KV write failed: %s", describe_error(exc))
             return False
 
+    async def serve_fleet(self, answer: Callable[[int], list[bytes]]) -> None:
+        """Nothing: broadcast daemons asking SUBJECT.sync must not learn a kv fleet."""
+
     async def ask_fleet(self, reply: Callable[[bytes], bool], window: float) -> bool:
         """Join: the watch's initial values are the fleet; wait for them."""
         with contextlib.suppress(asyncio.TimeoutError):

@@ -15,6 +15,8 @@ import pytest
 from conftest import NatsServer, run_lobbyd, wait_for
 from watchclient import EventReader, hold, index_of, returned
 
+import lobbyd as L
+
 KV = {"DISCOVERY_MODE": "kv", "KEEP_ALIVE": "1", "TTL": "3"}
 
 
@@ -51,6 +53,20 @@ def is_reaper(d) -> bool:
 
 def sees(d, names: list[str]) -> bool:
     return d.hostnames() == names
+
+
+@pytest.mark.parametrize("name", ["web-1.example.com", "a_b", "ünï.example", "a..b", "x.",
+                                  "reaper.0", "h.x", "-", "a*b>c"])
+def test_every_hostname_has_a_key_nats_accepts_and_back(name: str) -> None:
+    key = L.kv_host_key(name)
+    assert re.fullmatch(r"[-_a-zA-Z0-9]+(\.[-_a-zA-Z0-9]+)*", key), key
+    assert key.startswith(("h.", "x.")) and L.kv_key_host(key) == name
+    assert L.kv_key_host("reaper.1") is None
+
+
+def test_bucket_names_come_from_the_subject() -> None:
+    assert L.kv_bucket_base("lobby.discovery") == "lobby_discovery"
+    assert L.kv_bucket_base("prod.eu-1.lobby") == "prod_eu-1_lobby"
 
 
 def test_bad_mode_and_a_driver_other_than_nats_are_config_errors() -> None:
