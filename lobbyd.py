@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import resource
 import shlex
@@ -236,6 +237,16 @@ def parse_driver(name: str, value: str) -> tuple[str, ...]:
     return tuple(drivers)
 
 
+DISCOVERY_MODES = ("broadcast", "kv")
+
+
+def parse_discovery_mode(name: str, value: str) -> str:
+    mode = value.strip().lower()
+    if mode not in DISCOVERY_MODES:
+        raise ConfigError(f"{name}={show(value)}: expected broadcast or kv")
+    return mode
+
+
 def parse_channel(name: str, value: str) -> str:
     channel = value.strip()
     if not channel or len(channel) > 255 or CONTROL_RE.search(channel) or " " in channel:
@@ -254,6 +265,9 @@ ENV_VARS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "NATS_URL": ("nats://127.0.0.1:4222", parse_nats_urls,
                  "NATS URL or comma-separated cluster URLs (nats://, tls://, user:pass@)"),
     "NATS_DISCOVERY_CHANNEL": ("lobby.discovery", parse_subject, "NATS subject"),
+    "DISCOVERY_MODE": ("broadcast", parse_discovery_mode,
+                       "broadcast (every host hears every keep-alive; the Go daemon's way) or "
+                       "kv (JetStream key-value buckets, for large fleets; DRIVER=NATS only)"),
     "REDIS_HOST": ("127.0.0.1", parse_host, "Redis server (DRIVER=Redis)"),
     "REDIS_PORT": ("6379", int_in(1, 65535), "Redis port"),
     "REDIS_DB": ("0", int_in(0, 65535), "Redis database number"),
@@ -295,6 +309,7 @@ class Config:
     driver: tuple[str, ...] = ("NATS",)
     nats_url: tuple[str, ...] = ("nats://127.0.0.1:4222",)
     nats_discovery_channel: str = "lobby.discovery"
+    discovery_mode: str = "broadcast"
     redis_host: str = "127.0.0.1"
     redis_port: int = 6379
     redis_db: int = 0
@@ -326,6 +341,8 @@ class Config:
                 shown = "" if name in ("TOKEN", "NATS_URL") else f"={show(raw)}"
                 raise ConfigError(f"{name}{shown}: not valid UTF-8")
             values[name.lower()] = parser(name, raw if raw.strip() else default)
+        if values["discovery_mode"] == "kv" and values["driver"] != ("NATS",):
+            raise ConfigError("DISCOVERY_MODE=kv works with DRIVER=NATS only")
         return cls(**values)
 
     @property
@@ -1799,6 +1816,380 @@ class RedisDriver(Transport):
 
 #: DRIVER names -> transport classes
 TRANSPORTS: dict[str, type[Transport]] = {"NATS": NatsDriver, "Redis": RedisDriver}
+
+
+###############################################################################
+# The JetStream key-value mode (DISCOVERY_MODE=kv): for fleets past the broadcast's
+# N² deliveries. Two buckets named after NATS_DISCOVERY_CHANNEL: SUBJECT_hosts holds
+# each host's packet, written only when its labels change, and everyone watches it
+# (its contents are the registry; a new lobbyd learns the fleet from the watch's
+# initial values); SUBJECT_alive holds a key per host refreshed every KEEP_ALIVE
+# and dropped by the server TTL seconds after the last refresh (MaxAge), and nobody
+# watches it. A few lobbyds, elected through keys of the hosts bucket that carry a
+# per-message TTL, compare the two every REAP_EVERY seconds and delete the packets
+# of hosts whose liveness key is gone. Go daemons do not speak this mode.
+###############################################################################
+
+KV_REAPERS = 3  # reaper slots: no single lobbyd whose death stops the reaping
+#: seconds between the reapers' scans of the liveness bucket: 1, and up to 2 past
+#: 50,000 hosts (a scan of 100,000 keys costs ~40 ms): a dead host stays <= TTL + 2 s
+REAP_EVERY = (1.0, 2.0, 50_000)
+KV_SAFE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+
+
+def kv_bucket_base(subject: str) -> str:
+    """NATS_DISCOVERY_CHANNEL as a bucket name: lobby.discovery -> lobby_discovery."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", subject)
+
+
+def kv_host_key(hostname: str) -> str:
+    """A hostname as a KV key: h.NAME if NATS allows it, else x.BASE64URL(NAME)."""
+    if KV_SAFE_KEY_RE.fullmatch(hostname):
+        return "h." + hostname
+    return "x." + base64.urlsafe_b64encode(hostname.encode()).decode().rstrip("=")
+
+
+def kv_key_host(key: str) -> str | None:
+    """The hostname of a host key (kv_host_key's inverse); None for other keys."""
+    if key.startswith("h."):
+        return key[2:]
+    if key.startswith("x."):
+        with contextlib.suppress(ValueError):
+            raw = key[2:] + "=" * (-len(key[2:]) % 4)
+            return base64.urlsafe_b64decode(raw).decode()
+    return None
+
+
+class NatsKvDriver(NatsDriver):
+    """NATS with JetStream key-value buckets instead of the broadcast (DISCOVERY_MODE=kv)."""
+
+    kind = "NATS-KV"
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        base = kv_bucket_base(self.subject)
+        self.data_bucket, self.alive_bucket = base + "_hosts", base + "_alive"
+        self.hostname = self.name.removeprefix("lobbyd ")
+        self.js: Any = None
+        self.data: Any = None  # the hosts bucket (KeyValue)
+        self.alive: Any = None  # the liveness bucket
+        self.ready = False  # buckets bound and watched since the last (re)connect
+        self.problem = ""  # why JetStream is not usable, for /v1/health
+        self.keys: dict[str, int] = {}  # host key in the hosts bucket -> its revision
+        self.put_labels: dict[str, Any] = {}  # host key -> labels we last wrote for it
+        self.reapers: dict[int, tuple[str, int]] = {}  # slot -> (holder, revision)
+        self.marks: dict[int, int] = {}  # free slot -> revision of its delete marker
+        self.slot: int | None = None  # our reaper slot
+        self.slot_refreshed = 0.0
+        self.initial = asyncio.Event()  # the watch's initial values are in
+        self.learned = 0
+        self._handle: Callable[[bytes], None] = lambda data: None
+        self._watcher: Any = None  # the subscription of the hosts bucket
+        self._stale: dict[str, int] = {}
+        self._setup_task: asyncio.Future[Any] | None = None
+        self._tasks: list[asyncio.Future[Any]] = []
+
+    @property
+    def is_connected(self) -> bool:
+        return self.ready and super().is_connected
+
+    def state(self) -> dict[str, Any]:
+        state = super().state()
+        state.update(mode="kv", buckets=[self.data_bucket, self.alive_bucket],
+                     reaper=self.slot is not None)
+        if self.problem:
+            state["error"] = self.problem
+        return state
+
+    async def run(self, handle: Callable[[bytes], None]) -> None:
+        """Connect with backoff, then bind the buckets and watch; nats-py reconnects."""
+        import nats
+
+        self._handle = handle
+        delay = 0.1
+        while not self._closing:
+            try:
+                self.nc = nats.NATS()
+                await self.nc.connect(
+                    servers=self.urls, name=self.name, allow_reconnect=True,
+                    max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=2,
+                    ping_interval=4, max_outstanding_pings=2, **self._tls_options(),
+                    error_cb=self._on_error, disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected, closed_cb=self._on_closed)
+            except Exception as exc:  # nats-py raises many types here; all mean "try later"
+                await self._on_error(exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            break
+        if self._closing:
+            return
+        log.info("connected to NATS at %s", redact_url(self._current_url()))
+        self._warned = False
+        self._tasks.append(asyncio.ensure_future(self._reap_for_ever()))
+        self._start_setup()
+
+    async def _on_reconnected(self) -> None:
+        log.info("reconnected to NATS at %s", redact_url(self._current_url()))
+        self._warned = False
+        self.reconnects += 1
+        self._start_setup()  # the server may have restarted with its memory lost
+
+    def _start_setup(self) -> None:
+        self.ready = False
+        if self._setup_task is not None:
+            self._setup_task.cancel()
+        self._setup_task = asyncio.ensure_future(self._set_up())
+
+    async def _set_up(self) -> None:
+        """Bind both buckets (creating them if need be) and watch the hosts bucket;
+        retried every 2 s while JetStream is not there, said once."""
+        while not self._closing:
+            try:
+                await self._bind()
+                break
+            except Exception as exc:  # no JetStream, no permission, a lost connection
+                silent = type(exc).__name__ in ("ServiceUnavailableError", "NoRespondersError")
+                problem = "JetStream unavailable: " + (
+                    "no JetStream on this server" if silent else describe_error(exc))
+                if problem != self.problem:
+                    log.error("%s; DISCOVERY_MODE=kv needs nats-server with JetStream "
+                              "(-js) at %s; retrying every 2s, the API keeps serving",
+                              problem, self.targets())
+                self.problem = problem
+                self._changed(False)
+                await asyncio.sleep(2)
+        if self._closing:
+            return
+        if self.problem:
+            log.info("JetStream available again: buckets %s and %s",
+                     self.data_bucket, self.alive_bucket)
+        self.problem = ""
+        self.put_labels.clear()  # write everything again: the server may have lost it
+        self.slot = None
+        self.ready = True
+        self._changed(True)
+        await self.on_connect(self)
+
+    async def _bind(self) -> None:
+        from nats.js.api import KeyValueConfig, StorageType
+
+        self.js = self.nc.jetstream(timeout=2)
+        self.data = await self._bucket(KeyValueConfig(
+            bucket=self.data_bucket, history=1, storage=StorageType.MEMORY,
+            limit_marker_ttl=max(60, 2 * self.config.ttl)))  # reaper keys expire visibly
+        self.alive = await self._bucket(KeyValueConfig(
+            bucket=self.alive_bucket, history=1, storage=StorageType.MEMORY,
+            ttl=self.config.ttl))
+        if self._watcher is not None:
+            with contextlib.suppress(Exception):
+                await self._watcher.unsubscribe()
+        self._stale = dict(self.keys)  # what we knew: gone if the new watch lacks it
+        self.keys, self.reapers, self.marks = {}, {}, {}
+        self.initial.clear()
+        self.learned = 0
+        await self._watch()
+
+    async def _watch(self) -> None:
+        """An ordered consumer of the hosts bucket's last values, then of every change.
+
+        Not nats-py's KeyValue.watch(): its queue and Entry objects cost a third of
+        a 100,000-host join; the callback applies each message as it comes.
+        """
+        from nats.js.api import DeliverPolicy
+
+        sub = await self.js.subscribe(
+            f"$KV.{self.data_bucket}.>", stream=f"KV_{self.data_bucket}", cb=self._on_msg,
+            ordered_consumer=True, deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            inactive_threshold=300, pending_msgs_limit=1_000_000,
+            pending_bytes_limit=1 << 30)
+        self._watcher = sub
+        if (await sub.consumer_info()).num_pending == 0 and sub.delivered == 0:
+            self._initial_done()  # an empty bucket: nothing will say it
+
+    def _initial_done(self) -> None:
+        if not self.initial.is_set():
+            self.initial.set()
+            if self._stale:
+                self._tasks.append(asyncio.ensure_future(self._forget(self._stale)))
+
+    async def _on_msg(self, msg: Any) -> None:
+        reply = msg.reply.split(".")  # $JS.ACK.[domain.hash.]stream.consumer.n.SEQ.n.ts.PENDING
+        revision, pending = (int(reply[5]), int(reply[8])) if len(reply) == 9 else \
+            (int(reply[7]), int(reply[10]))
+        headers = msg.headers or {}
+        deleted = "KV-Operation" in headers or "Nats-Marker-Reason" in headers
+        self._apply(msg.subject[len(self.data_bucket) + 5:], msg.data, revision, deleted)
+        if pending == 0:
+            self._initial_done()
+
+    async def _bucket(self, config: Any) -> Any:
+        try:
+            return await self.js.create_key_value(config)
+        except Exception as exc:  # it exists with other settings (another TTL): use it
+            log.debug("bucket %s: %s; binding to it as it is", config.bucket,
+                      describe_error(exc))
+            return await self.js.key_value(config.bucket)
+
+    def _apply(self, key: str, value: bytes, revision: int, deleted: bool) -> None:
+        """One change of the hosts bucket: the registry follows it."""
+        if key.startswith("reaper."):
+            with contextlib.suppress(ValueError):
+                slot = int(key[7:])
+                if deleted:
+                    self.reapers.pop(slot, None)
+                    self.marks[slot] = revision
+                    if slot == self.slot:
+                        self.slot = None
+                else:
+                    self.reapers[slot] = (value.decode(errors="replace"), revision)
+            return
+        hostname = kv_key_host(key)
+        if hostname is None:
+            return
+        if not deleted:
+            self.keys[key] = revision
+            if not self.initial.is_set():
+                self.learned += 1
+            self._handle(value)
+        elif self.keys.pop(key, None) is not None or not self.initial.is_set():
+            self.put_labels.pop(key, None)  # ours reaped while we were away: write it again
+            self._handle(encode_envelope(Packet(hostname), "goodbye"))
+
+    async def _forget(self, stale: dict[str, int]) -> None:
+        """After a restart of the server, hosts that do not write their packet again
+        within KEEP_ALIVE (+ a second) are gone."""
+        await asyncio.sleep(self.config.keep_alive + 1)
+        for key in stale:
+            hostname = kv_key_host(key)
+            if key not in self.keys and hostname is not None:
+                self._handle(encode_envelope(Packet(hostname), "goodbye"))
+
+    async def publish(self, data: bytes) -> bool:
+        """A hi refreshes our liveness key, and writes the packet if its labels changed;
+        a goodbye deletes both keys at once."""
+        if not self.is_connected:
+            return False
+        try:
+            envelope = json.loads(data)
+            packet = envelope["discovery"]
+            key = kv_host_key(packet["hostname"])
+            if envelope.get("message") != "hi":
+                await asyncio.gather(self.data.delete(key), self.alive.delete(key))
+                return True
+            await self.alive.put(key, b"")  # first: a packet is never older than its liveness
+            if self.put_labels.get(key) != packet["labels"]:
+                await self.data.put(key, data)
+                self.put_labels[key] = packet["labels"]
+            return True
+        except Exception as exc:  # a lost connection: the reconnect writes everything again
+            log.debug("KV write failed: %s", describe_error(exc))
+            return False
+
+    async def serve_fleet(self, answer: Callable[[int], list[bytes]]) -> None:
+        """Nothing: broadcast daemons asking SUBJECT.sync must not learn a kv fleet."""
+
+    async def ask_fleet(self, reply: Callable[[bytes], bool], window: float) -> bool:
+        """Join: the watch's initial values are the fleet; wait for them."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.initial.wait(), window)
+            log.info("learned %d hosts from the bucket %s", self.learned, self.data_bucket)
+        return False
+
+    # reaping: a few elected lobbyds delete the packets of hosts gone silent ----------
+    async def _reap_for_ever(self) -> None:
+        while not self._closing:
+            low, high, hosts = REAP_EVERY
+            await asyncio.sleep(max(low, min(high, len(self.keys) / hosts)))
+            if not (self.is_connected and self.initial.is_set()):
+                continue
+            try:
+                await self._campaign()
+                if self.slot is not None:
+                    await self._reap()
+            except Exception as exc:  # a lost connection, a timeout: next round
+                log.debug("reaping: %s", describe_error(exc))
+
+    async def _campaign(self) -> None:
+        """Hold a reaper slot: its key carries a TTL, refreshed every KEEP_ALIVE; a
+        free slot (its holder died, the key expired) is taken by the first to create it."""
+        now = time.monotonic()
+        if self.slot is not None:
+            if now - self.slot_refreshed < self.config.keep_alive:
+                return
+            slot = self.slot
+            revisions = [self.reapers.get(slot, ("", 0))[1]]
+        else:
+            free = [slot for slot in range(KV_REAPERS) if slot not in self.reapers]
+            if not free:
+                return
+            # a jitter so that a whole fleet does not race for the one free slot
+            await asyncio.sleep(random.random() * min(2.0, self.config.keep_alive))
+            free = [slot for slot in free if slot not in self.reapers]
+            if not free or self.slot is not None:
+                return
+            slot = free[0]
+            # after the key's expiry its last message is the server's delete marker,
+            # which itself expires later: then the subject is empty (revision 0)
+            revisions = [self.marks[slot], 0] if self.marks.get(slot) else [0]
+        ack = None
+        for revision in revisions:
+            with contextlib.suppress(Exception):  # someone else holds it
+                ack = await self.js.publish(
+                    f"$KV.{self.data_bucket}.reaper.{slot}", self.hostname.encode(),
+                    headers={"Nats-Expected-Last-Subject-Sequence": str(revision)},
+                    msg_ttl=self.config.ttl)
+                break
+        if ack is None:
+            if self.slot is not None:
+                log.info("no longer a reaper (slot %d)", slot)
+            self.slot = None
+            return
+        if self.slot is None:
+            log.info("reaping expired hosts (reaper slot %d of %d)", slot, KV_REAPERS)
+        self.slot, self.slot_refreshed = slot, now
+        self.reapers[slot] = (self.hostname, ack.seq)
+
+    async def _reap(self) -> None:
+        """Delete the packets whose liveness key is gone. The packets first, then the
+        liveness keys: a host writes its liveness key before its packet."""
+        packets = dict(self.keys)
+        alive = await self._alive_keys()
+        dead = [key for key in packets if key not in alive]
+        for key in dead:
+            with contextlib.suppress(Exception):  # another reaper was first
+                await self.data.delete(key, last=packets[key])
+        if dead:
+            log.info("reaped %d hosts silent for over %ds: %s", len(dead), self.config.ttl,
+                     ", ".join(filter(None, map(kv_key_host, dead[:20]))))
+
+    async def _alive_keys(self) -> set[str]:
+        """The keys of the liveness bucket, from the stream's subject list (paged)."""
+        prefix = f"$KV.{self.alive_bucket}."
+        subject = f"$JS.API.STREAM.INFO.KV_{self.alive_bucket}"
+        keys: set[str] = set()
+        offset = 0
+        while True:
+            request = json.dumps({"subjects_filter": prefix + ">", "offset": offset})
+            reply = json.loads((await self.nc.request(subject, request.encode(),
+                                                      timeout=5)).data)
+            if "error" in reply:
+                raise LobbydError(reply["error"].get("description", "stream info failed"))
+            subjects = reply.get("state", {}).get("subjects") or {}
+            keys.update(name[len(prefix):] for name in subjects)
+            offset += len(subjects)
+            if not subjects or offset >= reply.get("total", 0):
+                return keys
+
+    async def close(self, timeout: float = 1.0) -> None:
+        self._closing = True
+        for task in [*self._tasks, self._setup_task]:
+            if task is not None:
+                task.cancel()
+        await super().close(timeout)
+
+
+TRANSPORTS["NATS-KV"] = NatsKvDriver
 
 
 ###############################################################################
@@ -3285,7 +3676,8 @@ class Daemon:
     def __init__(self, config: Config, environ: Mapping[str, str]):
         self.config = config
         self.environ = environ
-        self.registry = Registry(config.ttl)
+        kv = config.discovery_mode == "kv"  # the hosts bucket says who left, not silence
+        self.registry = Registry(math.inf if kv else config.ttl)
         self.watch = Watchers(self.registry, self.local_packet, self.expire,
                               config.node_exporter_port)
         self.leases = Leases()
@@ -3305,7 +3697,8 @@ class Daemon:
         self.http = HttpServer(self.api.handle)
         self.transports: list[Transport] = [
             TRANSPORTS[kind](config, environ, f"lobbyd {self.hostname}", self.on_connect,
-                             self.tell_systemd) for kind in config.driver]
+                             self.tell_systemd)
+            for kind in (("NATS-KV",) if kv else config.driver)]
         self.callback = (CallbackRunner(config.callback, config.callback_cooldown,
                                         config.callback_first_run_delay,
                                         config.callback_timeout, self.registry_json)

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # harness.py
 
 import httpload
+import kvbench
 from harness import ROOT, nats_server_binary
 from loadgen import hostname as fake_hostname
 from loadgen import labels as fake_labels
@@ -1004,7 +1005,8 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="short CI run: 1 run, small sizes")
     ap.add_argument("--runs", type=int, help="runs per figure (default 3, smoke 1)")
     ap.add_argument("--only", default="", help="comma list: idle,startup,ingest,steady,http,"
-                    "propagation,goodbye,join,dead,fanout,watch,page")
+                    "propagation,goodbye,join,dead,fanout,watch,page; kv (DISCOVERY_MODE=kv, "
+                    "issue 13) runs only when named, at --hosts (default 10000,100000)")
     ap.add_argument("--label", default="lobbyd", help="name of the implementation measured")
     ap.add_argument("--lobbyd-cmd", default=None, help="default: $LOBBYD_CMD or lobbyd.py")
     ap.add_argument("--binary", default=str(ROOT / "dist" / "lobbyd_linux_x86_64"),
@@ -1081,6 +1083,9 @@ def main() -> int:
             measure("page@10000", lambda: fig_page(cmd, work, prof, 10000))
         if want("fanout"):
             measure("nats_fanout", lambda: fig_fanout(work, prof), runs=1)
+        if "kv" in only:
+            for n in ([int(x) for x in a.hosts.split(",")] if a.hosts else [10000, 100000]):
+                measure(f"kv@{n}", lambda n=n: kvbench.fig_kv(cmd, work / f"kv{n}", n), runs=1)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -1243,6 +1248,13 @@ def table(doc: dict) -> str:
                       f"({first['events_per_batch']} changes each, {first['us_per_event']} "
                       f"us/change), longest frame gap {first['longest_frame_gap_ms']} ms, "
                       f"age refresh {first['age_refresh_ms']} ms")
+        elif key.startswith("kv@"):
+            detail = (f"broadcast {first['broadcast_packets_per_s']}/s; lobbyd cpu "
+                      f"{first['lobbyd_cpu_pct']}% (reaper {first['reapers']}); nats "
+                      f"{first['nats_in_msgs_per_s']} in/s {first['nats_out_msgs_per_s']} "
+                      f"out/s (broadcast {first['broadcast_deliveries_per_s']}), cpu "
+                      f"{first['nats_cpu_pct']}%; join {first['join_s']} s; killed gone "
+                      f"{first['killed_gone_s']} s; restart whole {first['restart_whole_s']} s")
         elif key == "nats_fanout":
             detail = f"{first['subscribers']} subscribers, nats cpu {first['nats_cpu_pct']}%"
         rows.append((key, f"{fmt(r['median'], unit)} {unit}",
