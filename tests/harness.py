@@ -79,11 +79,54 @@ def nats_server_binary() -> str:
     return path
 
 
+# --------------------------------------------------------------------------- servers
+
+
+class ServerProcess:
+    """A server process on a loopback port: started, probed until it answers, stopped.
+    Subclasses say how to run it (`command`) and how to know it answers (`greets`)."""
+
+    kind = "server"
+    port: int
+    log: Path
+    proc: subprocess.Popen | None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def greets(self, sock: socket.socket) -> bool:
+        raise NotImplementedError
+
+    def start(self):  # -> the server itself (subclasses: NatsServer, RedisServer)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
+        wait_for(self._accepting, timeout=10, what=f"{self.kind} on {self.port}")
+        return self
+
+    def _accepting(self) -> bool:
+        if self.proc and self.proc.poll() is not None:
+            raise AssertionError(f"{self.kind} exited: {self.log.read_text()[-2000:]}")
+        with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+            return self.greets(s)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
 # --------------------------------------------------------------------------- NATS
 
 
-class NatsServer:
+class NatsServer(ServerProcess):
     """One nats-server process on loopback; can be stopped and started again on the same port."""
+
+    kind = "nats-server"
 
     def __init__(self, workdir: Path, port: int | None = None, extra: list[str] | None = None,
                  client_auth: dict[str, str] | None = None, jetstream: bool = False,
@@ -105,28 +148,11 @@ class NatsServer:
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
-    def start(self) -> NatsServer:
-        cmd = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), *self.extra]
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        wait_for(self._accepting, timeout=10, what=f"nats-server on {self.port}")
-        return self
+    def command(self) -> list[str]:
+        return [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), *self.extra]
 
-    def _accepting(self) -> bool:
-        if self.proc and self.proc.poll() is not None:
-            raise AssertionError(f"nats-server exited: {self.log.read_text()[-2000:]}")
-        with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-            return s.recv(4).startswith(b"INFO")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+    def greets(self, sock: socket.socket) -> bool:
+        return sock.recv(4).startswith(b"INFO")
 
     def client(self) -> RawNats:
         return RawNats("127.0.0.1", self.port, **self.client_auth)
@@ -331,8 +357,10 @@ def skip_unless_required(reason: str) -> None:
 # --------------------------------------------------------------------------- Redis
 
 
-class RedisServer:
+class RedisServer(ServerProcess):
     """One redis-server process (Debian's) on loopback, with or without a password."""
+
+    kind = "redis-server"
 
     def __init__(self, workdir: Path, port: int | None = None, password: str = ""):
         self.port = port or free_port()
@@ -346,36 +374,18 @@ class RedisServer:
         """What a lobbyd needs besides REDIS_PORT to use this server."""
         return {"REDIS_PASSWORD": self.password} if self.password else {}
 
-    def start(self) -> RedisServer:
+    def command(self) -> list[str]:
         binary = shutil.which("redis-server")
         if not binary or not shutil.which("redis-cli"):
             skip_unless_required("redis-server or redis-cli not found: "
                                  "apt-get install redis-server")
-        cmd = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+        cmd = [str(binary), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                "--appendonly", "no", "--dir", str(self.workdir)]
-        if self.password:
-            cmd += ["--requirepass", self.password]
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        wait_for(self._accepting, timeout=10, what=f"redis-server on {self.port}")
-        return self
+        return cmd + (["--requirepass", self.password] if self.password else [])
 
-    def _accepting(self) -> bool:
-        if self.proc and self.proc.poll() is not None:
-            raise AssertionError(f"redis-server exited: {self.log.read_text()[-2000:]}")
-        with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+    def greets(self, sock: socket.socket) -> bool:
+        sock.sendall(b"PING\r\n")
+        return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
 
     def cli(self, *args: str) -> str:
         auth = ["-a", self.password, "--no-auth-warning"] if self.password else []

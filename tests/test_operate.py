@@ -81,9 +81,9 @@ def test_health_through_never_connected_connected_lost_and_back(lobbyd, nats) ->
 def start_with_token(lobbyd, name: str, token: str, **env: str) -> Lobbyd:
     d = lobbyd(name, start=False, TOKEN=token, **env)
     d.start(wait=False)
-    wait_for(lambda: d.request("GET", "/v1/discovery",
+    wait_for(lambda: d.request("GET", "/v1/health",
                                headers={"Authorization": f"Token {token}"})[0] == 200,
-             what=f"{name} API up")
+             what=f"{name} API up and connected")
     return d
 
 
