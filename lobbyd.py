@@ -828,10 +828,15 @@ class Registry:
         """The earliest moment a host can expire (inf when the registry is empty)."""
         return self._oldest + self.ttl
 
-    def packets(self) -> list[Packet]:
-        """Every host as a packet, sorted by hostname. Call expire() first."""
+    def order(self) -> list[str]:
+        """Every hostname, sorted (kept until membership changes). Call expire() first."""
         if self._order is None:
             self._order = sorted(self.hosts)
+        return self._order
+
+    def packets(self) -> list[Packet]:
+        """Every host as a packet, sorted by hostname. Call expire() first."""
+        self.order()
         hosts = self.hosts
         return [Packet(name, hosts[name][0], int(hosts[name][1])) for name in self._order]
 
@@ -994,6 +999,39 @@ class BlockRenderer:
                 parts.append(block)
         self.blocks = new
         return b"[\n" + b",\n".join(parts) + b"\n]\n" if parts else b"[]\n"
+
+
+class RegistryRenderer:
+    """The whole registry as GET /v1/discoveries lists it, equal to BlockRenderer's.
+
+    The hot answer (every host, re-rendered each second for last_check): each host's
+    block up to its last_check is kept while its labels stay, so a render is a join.
+    """
+
+    def __init__(self, label_blocks: dict[tuple[str, ...], str]):
+        self.label_blocks = label_blocks
+        self.heads: dict[str, tuple[tuple[str, ...], bytes]] = {}  # host -> (labels, head)
+
+    def render(self, registry: Registry) -> bytes:
+        order, hosts = registry.order(), registry.hosts
+        if not order:
+            return b"[]\n"
+        heads = self.heads
+        if len(heads) > len(order) + len(order) // 2 + 64:
+            heads = self.heads = {}  # forget the hosts that went
+        if len(self.label_blocks) > 2 * len(order) + 1024:
+            self.label_blocks.clear()  # and label lists no host carries any more
+        parts = []
+        for name in order:
+            labels, received = hosts[name]
+            head = heads.get(name)
+            if head is None or head[0] != labels:
+                block = packet_block(Packet(name, labels, 0), self.label_blocks)
+                head = heads[name] = (labels, block[:-len(b"0\n  }")])
+            parts.append(head[1])
+            parts.append(b"%d\n  },\n" % received)
+        parts[-1] = parts[-1][:-2] + b"\n]\n"
+        return b"[\n" + b"".join(parts)
 
 
 ###############################################################################
@@ -1546,6 +1584,7 @@ IDLE_TIMEOUT = 60.0
 BODY_TIMEOUT = 60.0
 WRITE_TIMEOUT = 60.0
 WRITE_SLICE = 1 << 20
+SENDFILE_MIN = 64 * 1024  #: answers this big are sent from a MemoryFile
 MAX_CONNECTIONS = 1000
 LISTEN_BACKLOG = 128
 TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -1556,6 +1595,7 @@ REASONS = {200: "OK", 100: "Continue", 400: "Bad Request", 403: "Forbidden",
            501: "Not Implemented", 503: "Service Unavailable",
            505: "HTTP Version Not Supported", 507: "Insufficient Storage"}
 JSON_TYPE = "application/json; charset=UTF-8"
+GZIP_HEADERS = {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
 TEXT_TYPE = "text/plain; charset=UTF-8"
 
 
@@ -1587,12 +1627,58 @@ class Request:
         return values[-1] if values else None
 
 
+class MemoryFile:
+    """A big cached answer in an anonymous memory file, its keep-alive head in front.
+
+    The kernel then sends it (sendfile) from its own pages to the socket: Python
+    never copies its bytes again, however many clients ask. The file never
+    changes once written, and closes when the last request sending it lets go.
+    """
+
+    __slots__ = ("file", "head", "length")
+
+    def __init__(self, head: bytes, body: bytes):
+        fd = os.memfd_create("lobbyd-answer", os.MFD_CLOEXEC)
+        self.file = open(fd, "rb", buffering=0)  # noqa: SIM115 - lives as long as the answer
+        view = memoryview(head + body)
+        while view:
+            view = view[os.write(fd, view):]
+        self.head = head
+        self.length = len(body)
+
+    def __del__(self) -> None:
+        self.file.close()
+
+
+def memory_file(head: bytes, body: bytes) -> MemoryFile | None:
+    """The answer in a MemoryFile, or None where the system has none (it is then sent
+    from memory, as small answers are)."""
+    if len(body) < SENDFILE_MIN or not hasattr(os, "memfd_create"):
+        return None
+    try:
+        return MemoryFile(head, body)
+    except OSError:
+        return None
+
+
 @dataclass
 class Response:
     status: int = 200
     body: bytes = b""
     content_type: str = JSON_TYPE
     headers: dict[str, str] = field(default_factory=dict)
+    file: MemoryFile | None = None  #: when set, the body is in there (and `body` empty)
+
+    @classmethod
+    def cached(cls, body: bytes, headers: dict[str, str] | None = None) -> Response:
+        """A JSON answer served many times: big ones go into a MemoryFile."""
+        headers = headers or {}
+        file = memory_file(response_head(200, JSON_TYPE, len(body), True, headers), body)
+        return cls(200, b"" if file else body, JSON_TYPE, headers, file)
+
+    @property
+    def length(self) -> int:
+        return self.file.length if self.file else len(self.body)
 
     @classmethod
     def text(cls, status: int, message: str, headers: Mapping[str, str] | None = None
@@ -1825,7 +1911,10 @@ class HttpServer:
     async def _write(self, writer: asyncio.StreamWriter, response: Response, keep_alive: bool,
                      head_only: bool) -> None:
         self.codes[response.status] = self.codes.get(response.status, 0) + 1
-        writer.write(response_head(response.status, response.content_type, len(response.body),
+        if response.file is not None and not head_only:
+            await self._send_file(writer, response, keep_alive)
+            return
+        writer.write(response_head(response.status, response.content_type, response.length,
                                    keep_alive, response.headers))
         body = memoryview(b"" if head_only else response.body)
         with deadline(writer, WRITE_TIMEOUT):
@@ -1836,6 +1925,37 @@ class HttpServer:
                 await writer.drain()
             if not body:
                 await writer.drain()
+
+    async def _send_file(self, writer: asyncio.StreamWriter, response: Response,
+                         keep_alive: bool) -> None:
+        """Head and body in one sendfile from the MemoryFile (its head says keep-alive)."""
+        file = response.file
+        assert file is not None
+        offset, count = 0, len(file.head) + file.length
+        if not keep_alive:
+            writer.write(response_head(response.status, response.content_type, file.length,
+                                       False, response.headers))
+            offset, count = len(file.head), file.length
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        expired = []
+
+        def expire() -> None:  # cancelling (not aborting) lets sendfile unregister its fd
+            expired.append(True)
+            if task is not None:
+                task.cancel()
+        timer = loop.call_later(WRITE_TIMEOUT, expire)
+        try:
+            await loop.sendfile(writer.transport, file.file, offset, count)
+        except asyncio.CancelledError:
+            if not expired:
+                raise
+            if task is not None and hasattr(task, "uncancel"):
+                task.uncancel()
+            writer.transport.abort()
+            raise asyncio.TimeoutError from None
+        finally:
+            timer.cancel()
 
 
 @contextlib.contextmanager
@@ -1944,6 +2064,38 @@ def accepts_gzip(request: Request) -> bool:
     return False
 
 
+#: under churn an answer is served for this many times the time it took to build
+STALE_FACTOR = 3
+
+
+class CachedAnswer:
+    """The latest answer of one view (plain, and gzipped once asked for)."""
+
+    __slots__ = ("_gzipped", "built", "length", "plain", "stamp", "started")
+
+    def __init__(self, stamp: tuple[int, int], body: bytes, started: float):
+        self.stamp = stamp
+        self.plain = Response.cached(body)
+        self.length = len(body)
+        self._gzipped: Response | None = None
+        self.started = started
+        self.built = time.monotonic()
+
+    def reusable(self) -> bool:
+        """Out of date but young: rebuilding now would make building the daemon's main work."""
+        return time.monotonic() - self.built < STALE_FACTOR * (self.built - self.started)
+
+    def gzipped(self) -> Response:
+        if self._gzipped is None:
+            started = time.monotonic()
+            file = self.plain.file
+            body = os.pread(file.file.fileno(), file.length, len(file.head)) if file \
+                else self.plain.body
+            self._gzipped = Response.cached(gzip.compress(body, 5, mtime=0), dict(GZIP_HEADERS))
+            self.started -= time.monotonic() - started  # its cost counts as building
+        return self._gzipped
+
+
 class Api:
     """Answers requests from the daemon's state; bodies are cached per registry version."""
 
@@ -1960,10 +2112,10 @@ class Api:
         }
         self.prefix_routes = {"/v1/prometheus/": {"GET": self.prometheus}}
         self.token = daemon.config.token.encode("utf-8", "surrogateescape")
-        self._bodies: dict[tuple[Any, ...], bytes] = {}
-        self._gzipped: dict[tuple[Any, ...], bytes] = {}
+        self._answers: dict[tuple[Any, ...], CachedAnswer] = {}  # view -> its latest answer
         self._renderers: dict[tuple[str, ...], BlockRenderer] = {}
         self._label_blocks: dict[tuple[str, ...], str] = {}
+        self._all = RegistryRenderer({})
 
     # dispatch ----------------------------------------------------------------
     async def handle(self, request: Request) -> Response:
@@ -2013,23 +2165,23 @@ class Api:
 
         An answer showing last_check can change only when the registry does or
         the second ticks over (its resolution); one without it (Prometheus,
-        resolve) only when the registry does. So big answers cost a memory copy.
+        resolve) only when the registry does. Only the latest answer of each view
+        is kept. Under label churn (a new version between any two requests) an
+        answer is reused for STALE_FACTOR times as long as it took to build, so
+        rebuilding never takes more than a quarter of the daemon's time.
         """
         self.daemon.expire()
-        full = (*key, self.daemon.registry.version, int(time.time()) if timed else 0)
-        body = self._bodies.get(full)
-        if body is None:
-            if len(self._bodies) > 64:
-                self._bodies.clear()
-                self._gzipped.clear()
-            body = self._bodies[full] = build()
-        if len(body) < 1024 or not accepts_gzip(request):
-            return Response(200, body, JSON_TYPE)
-        compressed = self._gzipped.get(full)
-        if compressed is None:
-            compressed = self._gzipped[full] = gzip.compress(body, 5, mtime=0)
-        return Response(200, compressed, JSON_TYPE,
-                        {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
+        stamp = (self.daemon.registry.version, int(time.time()) if timed else 0)
+        answer = self._answers.get(key)
+        if answer is None or (answer.stamp != stamp and not answer.reusable()):
+            if answer is None and len(self._answers) > 64:
+                self._answers.clear()
+            started = time.monotonic()
+            body = build()
+            answer = self._answers[key] = CachedAnswer(stamp, body, started)
+        if answer.length < 1024 or not accepts_gzip(request):
+            return answer.plain
+        return answer.gzipped()
 
     # handlers ----------------------------------------------------------------
     def discoveries(self, request: Request) -> Response:
@@ -2037,6 +2189,8 @@ class Api:
         prefixes = split_list(request.param("prefixes") or "")
         view = ("labels", *labels) if labels else ("prefixes", *prefixes) if prefixes \
             else ("all",)
+        if view == ("all",):
+            return self.cached(request, view, lambda: self._all.render(self.daemon.registry))
         return self.cached(request, view, lambda: self.renderer(view).render(
             select_packets(self.daemon.registry.packets(), labels, prefixes)))
 

@@ -60,6 +60,7 @@ class Profile:
     http_hosts: list[int]
     http_seconds: float
     http_extra: bool
+    http_rounds: int  # turns of lobbyd and of the ceiling server per case
     prop_changes: int
     goodbye_trials: int
     join_trials: int
@@ -72,13 +73,13 @@ class Profile:
 
 FULL = Profile(runs=3, ingest_hosts=[1000, 10000, 100000], ingest_confirm_s=5,
                steady_window_s=30, steady_big=True, http_hosts=[1000, 10000],
-               http_seconds=10, http_extra=True, prop_changes=200, goodbye_trials=30,
+               http_seconds=10, http_extra=True, http_rounds=2, prop_changes=200, goodbye_trials=30,
                join_trials=10, join_peers=5, join_fakes=1000,
                dead_variants=[(30, 15, 5, 3), (5, 60, 1, 3)], startup_trials=20,
                fanout_msgs=300000)
 SMOKE = Profile(runs=1, ingest_hosts=[1000, 10000], ingest_confirm_s=2,
-                steady_window_s=8, steady_big=False, http_hosts=[10000], http_seconds=3,
-                http_extra=False, prop_changes=40, goodbye_trials=5, join_trials=3,
+                steady_window_s=8, steady_big=False, http_hosts=[10000], http_seconds=4,
+                http_extra=False, http_rounds=2, prop_changes=40, goodbye_trials=5, join_trials=3,
                 join_peers=2, join_fakes=200, dead_variants=[(3, 15, 1, 1)],
                 startup_trials=5, fanout_msgs=100000)
 
@@ -416,59 +417,123 @@ def fig_steady(cmd: list[str], work: Path, prof: Profile, n: int, window: float,
         env.close()
 
 
+class Ceiling:
+    """bench/ceiling.py for one case: the same answer bytes, served by a minimal server."""
+
+    def __init__(self, d: Daemon, path: str, headers: dict[str, str] | None):
+        cmd = [sys.executable, str(BENCH / "ceiling.py"), "--from-port", str(d.port),
+               "--path", path, "--max-seconds", "900"]
+        for k, v in (headers or {}).items():
+            cmd += ["--header", f"{k}: {v}"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        if not line:
+            raise RuntimeError("ceiling server failed to start")
+        info = json.loads(line)
+        self.port, self.bytes = info["port"], info["bytes"]
+
+    def cpu_seconds(self) -> float:
+        return _cpu(self.proc.pid)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def ab_load(d: Daemon, path: str, conns: int, headers: dict[str, str] | None,
+            seconds: float, rounds: int) -> dict:
+    """lobbyd and the ceiling server in turns (lobbyd, ceiling, lobbyd, ceiling ...), the
+    same load flowing meanwhile; each side's figures summed over its turns."""
+    ceiling = Ceiling(d, path, headers)
+    sides: dict[str, list[dict]] = {"lobbyd": [], "ceiling": []}
+    try:
+        for _ in range(rounds):
+            for side, port, cpu in (("lobbyd", d.port, d.cpu_seconds),
+                                    ("ceiling", ceiling.port, ceiling.cpu_seconds)):
+                with LoadMeter() as m:
+                    cpu0, t0 = cpu(), time.monotonic()
+                    res = httpload.http_load(port, path, conns, seconds, headers)
+                    res["cpu_s"] = cpu() - cpu0
+                    res["seconds"] = time.monotonic() - t0
+                res.pop("raw", None)
+                res["load"] = m.stop()
+                sides[side].append(res)
+    finally:
+        ceiling.close()
+    out: dict = {}
+    for side, runs in sides.items():
+        reqs = sum(int(r["requests"]) for r in runs)
+        out[side] = {"rps": round(sum(float(r["rps"]) for r in runs) / len(runs), 1),
+                     "requests": reqs, "errors": sum(int(r["errors"]) for r in runs),
+                     "p50_ms": max(r.get("p50_ms", 0) for r in runs),
+                     "p99_ms": max(r.get("p99_ms", 0) for r in runs),
+                     "p99_ms_runs": [r.get("p99_ms") for r in runs],
+                     "rps_runs": [round(float(r["rps"])) for r in runs],
+                     "cpu_pct": round(100 * sum(r["cpu_s"] for r in runs) /
+                                      sum(r["seconds"] for r in runs), 1),
+                     "bytes_per_req": runs[0].get("bytes_per_req"), "tool": runs[0]["tool"]}
+    res = dict(out["lobbyd"])
+    res["ceiling"] = out["ceiling"]
+    res["pct_of_ceiling"] = round(100 * out["lobbyd"]["rps"] / max(1e-9, out["ceiling"]["rps"]),
+                                  1)
+    res["req_per_daemon_cpu_s"] = round(res["requests"] / max(1e-6, sum(
+        r["cpu_s"] for r in sides["lobbyd"])))
+    res["daemon_cpu_pct"] = res.pop("cpu_pct")
+    res["answer_bytes"] = ceiling.bytes
+    res["load"] = sides["lobbyd"][0]["load"]
+    res["loads"] = [r["load"] for r in sides["lobbyd"] + sides["ceiling"]]
+    return res
+
+
 def fig_http(cmd: list[str], work: Path, prof: Profile, n: int) -> dict:
-    """wrk against the API while N hosts keep-alive (N/5 msg/s)."""
+    """wrk against the API while N hosts keep-alive (N/5 msg/s), in turns with the ceiling
+    server (bench/ceiling.py) answering the same bytes: lobbyd as % of the machine's
+    ceiling. Stable labels first, then label churn."""
     env = Env(cmd, work)
     cases = [("/v1/discoveries", 8, None), ("/v1/discoveries", 1, None)]
     if prof.http_extra and n >= 10000:
         cases += [("/v1/discoveries", 8, {"Accept-Encoding": "gzip"}),
                   ("/v1/prometheus/node", 8, None), ("/v1/resolve?label=service:web", 8, None)]
+    rounds, turn = prof.http_rounds, prof.http_seconds / prof.http_rounds
+    per_case = rounds * 2 * (turn + 1.5) + 3
     try:
         d = env.daemon("bench-http", TTL=86400)
         prefill(env, d, n)
         check = check_registry(d, n, [0] * n)
-        total = len(cases) * (prof.http_seconds + 3) + 10
+        total = len(cases) * per_case + 10
         g = env.loadgen(n, mode="keepalive", rate=n / 5, duration=total, max_seconds=total + 30)
         env.go(g)
         out = {}
         for path, conns, headers in cases:
-            with LoadMeter() as m:
-                cpu0 = d.cpu_seconds()
-                t0 = time.monotonic()
-                res = httpload.http_load(d.port, path, conns, prof.http_seconds, headers)
-                cpu = d.cpu_seconds() - cpu0
-                res["daemon_cpu_pct"] = round(100 * cpu / (time.monotonic() - t0), 1)
-                res["req_per_daemon_cpu_s"] = round(res["requests"] / max(cpu, 1e-6))
-            res.pop("raw", None)
-            res["load"] = m.stop()
+            res = ab_load(d, path, conns, headers, turn, rounds)
             key = f"{path}{' gzip' if headers else ''} c{conns}"
             out[key] = res
             log(f"http n={n} {key}: {res['rps']:.0f} req/s p99 {res.get('p99_ms')} ms "
-                f"errors {res['errors']}")
+                f"= {res['pct_of_ceiling']}% of ceiling {res['ceiling']['rps']:.0f} req/s "
+                f"(p99 {res['ceiling']['p99_ms']} ms), errors {res['errors']}")
         g.terminate()
         g.wait(10)
         # Label churn: the same N/5 packets/s, but every packet changes its host's labels
         # (a new seq:K each round), so the registry changes between almost any two
         # requests and the per-second answer cache cannot serve them.
-        churn_s = prof.http_seconds + 3
+        churn_s = per_case + 5
         g = env.loadgen(n, rate=n / 5, count=int(n / 5 * churn_s), seq0=1,
                         max_seconds=churn_s + 30)
         env.go(g)
-        with LoadMeter() as m:
-            cpu0, t0 = d.cpu_seconds(), time.monotonic()
-            res = httpload.http_load(d.port, "/v1/discoveries", 8, prof.http_seconds)
-            cpu = d.cpu_seconds() - cpu0
-            res["daemon_cpu_pct"] = round(100 * cpu / (time.monotonic() - t0), 1)
-            res["label_changes_per_s"] = n / 5
-        res.pop("raw", None)
-        res["load"] = m.stop()
+        res = ab_load(d, "/v1/discoveries", 8, None, turn, rounds)
+        res["label_changes_per_s"] = n / 5
         sent = env.result(g)
         out["/v1/discoveries c8 label-churn"] = res
         log(f"http n={n} label churn: {res['rps']:.0f} req/s p99 {res.get('p99_ms')} ms "
+            f"= {res['pct_of_ceiling']}% of ceiling {res['ceiling']['rps']:.0f} req/s, "
             f"errors {res['errors']} ({sent['sent']} label changes sent)")
         main = out["/v1/discoveries c8"]
         return {"value": main["rps"], "unit": "req/s", "cases": out, "registry": check,
-                "churn_rps": res["rps"], "load": main["load"]}
+                "churn_rps": res["rps"], "pct_of_ceiling": main["pct_of_ceiling"],
+                "churn_pct_of_ceiling": res["pct_of_ceiling"], "load": main["load"]}
     finally:
         env.close()
 
@@ -977,7 +1042,9 @@ def table(doc: dict) -> str:
             ref = REFERENCE["http_10k_c8"] if key == "http@10000" else ""
             parts = []
             for case, c in first["cases"].items():
-                parts.append(f"{case}: {c['rps']:.0f}/s p99 {c.get('p99_ms')}ms")
+                ceil = (f" = {c['pct_of_ceiling']:.0f}% of ceiling {c['ceiling']['rps']:.0f}/s"
+                        if "ceiling" in c else "")
+                parts.append(f"{case}: {c['rps']:.0f}/s p99 {c.get('p99_ms')}ms{ceil}")
             detail = "; ".join(parts)
         elif key == "propagation":
             ref = REFERENCE["propagation"]
