@@ -1348,6 +1348,15 @@ def direct_client(nats: Any) -> Any:
             super().__init__()
             self.direct: dict[int, Callable[[bytes], None]] = {}
 
+        @property  # type: ignore[override]
+        def _transport(self) -> Any:
+            return self.__dict__.get("_batching_transport")
+
+        @_transport.setter
+        def _transport(self, transport: Any) -> None:
+            self.__dict__["_batching_transport"] = \
+                None if transport is None else BatchingReads(transport)
+
         async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
                                headers: bytes) -> None:
             handle = self.direct.get(sid)
@@ -1360,6 +1369,45 @@ def direct_client(nats: Any) -> Any:
                     log.error("handling a packet failed: %s", describe_error(exc))
 
     return DirectClient
+
+
+#: after a read that found little, reading from NATS rests this long (seconds)
+INGEST_BATCH_S = 0.010
+#: a read of less than this many bytes found little: packets are trickling in
+INGEST_SMALL_READ = 4096
+
+
+class BatchingReads:
+    """nats-py's transport, reading a trickle of packets in batches.
+
+    A fleet at steady state sends a packet every few hundred microseconds, and
+    waking up for each one (epoll, recv, a task step, the parser) costs far more
+    than the packet. After a read that found little, reading pauses for
+    INGEST_BATCH_S while the kernel collects what comes; a packet after a
+    silence is read at once, and a busy stream (big reads) is never paused.
+    """
+
+    def __init__(self, inner: Any):
+        self._inner = inner
+        self._small = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def read(self, buffer_size: int) -> bytes:
+        if self._small:
+            writer = getattr(self._inner, "_io_writer", None)
+            transport = getattr(writer, "transport", None)
+            if transport is not None and not transport.is_closing():
+                transport.pause_reading()
+                try:
+                    await asyncio.sleep(INGEST_BATCH_S)
+                finally:
+                    if not transport.is_closing():
+                        transport.resume_reading()
+        data: bytes = await self._inner.read(buffer_size)
+        self._small = len(data) < INGEST_SMALL_READ
+        return data
 
 
 def describe_error(exc: BaseException) -> str:

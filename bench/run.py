@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # harness.py
 
 import httpload
-from harness import ROOT, nats_server_binary
+from harness import ROOT, RedisServer, nats_server_binary
 from loadgen import hostname as fake_hostname
 from loadgen import labels as fake_labels
 from procs import Daemon, LoadMeter, NatsServer, lobbyd_command
@@ -45,6 +45,7 @@ from procs import Daemon, LoadMeter, NatsServer, lobbyd_command
 BENCH = Path(__file__).resolve().parent
 SUBJECT = "lobby.discovery"
 SENTINEL = "zz-sentinel.bench.invalid"
+REDIS_CHANNEL = "lobby:discovery"  # DRIVER=Redis's default
 
 
 # --------------------------------------------------------------------------- profiles
@@ -55,6 +56,7 @@ class Profile:
     runs: int
     ingest_hosts: list[int]
     ingest_confirm_s: float
+    redis_hosts: list[int]  # ingest over Redis (DRIVER=Redis) at these sizes
     steady_window_s: float
     steady_big: bool
     http_hosts: list[int]
@@ -72,12 +74,13 @@ class Profile:
 
 
 FULL = Profile(runs=3, ingest_hosts=[1000, 10000, 100000], ingest_confirm_s=5,
+               redis_hosts=[10000, 100000],
                steady_window_s=30, steady_big=True, http_hosts=[1000, 10000],
                http_seconds=10, http_extra=True, http_rounds=2, prop_changes=200, goodbye_trials=30,
                join_trials=10, join_peers=5, join_fakes=1000,
                dead_variants=[(30, 15, 5, 3), (5, 60, 1, 3)], startup_trials=20,
                fanout_msgs=300000)
-SMOKE = Profile(runs=1, ingest_hosts=[1000, 10000], ingest_confirm_s=2,
+SMOKE = Profile(runs=1, ingest_hosts=[1000, 10000], ingest_confirm_s=2, redis_hosts=[10000],
                 steady_window_s=8, steady_big=False, http_hosts=[10000], http_seconds=4,
                 http_extra=False, http_rounds=2, prop_changes=40, goodbye_trials=5, join_trials=3,
                 join_peers=2, join_fakes=200, dead_variants=[(3, 15, 1, 1)],
@@ -111,26 +114,32 @@ def log(msg: str) -> None:
 class Env:
     """One nats-server plus the daemons of one measurement; torn down by close()."""
 
-    def __init__(self, cmd: list[str], workroot: Path):
+    def __init__(self, cmd: list[str], workroot: Path, redis: bool = False):
         self.cmd = cmd
         self.dir = Path(tempfile.mkdtemp(prefix="run-", dir=workroot))
         self.nats = NatsServer(self.dir).start()
+        #: with `redis`, daemons use DRIVER=Redis and load generators publish there
+        self.redis = RedisServer(self.dir).start() if redis else None
         self.daemons: list[Daemon] = []
         self.gens: list[subprocess.Popen] = []
 
     def daemon(self, name: str, start: bool = True, cmd: list[str] | None = None,
                **env: str | int) -> Daemon:
+        if self.redis:
+            env = {"DRIVER": "Redis", "REDIS_PORT": self.redis.port, **env}
         d = Daemon(cmd or self.cmd, self.nats.url, self.dir, name, SUBJECT, **env)
         self.daemons.append(d)
         return d.start() if start else d
 
     def loadgen(self, hosts: int, *, mode: str = "paced", rate: float = 0, count: int = 0,
                 seq0: int = 0, duration: float = 10, sentinel: str = "",
-                max_seconds: float = 300) -> subprocess.Popen:
-        cmd = [sys.executable, str(BENCH / "loadgen.py"), "--port", str(self.nats.port),
-               "--subject", SUBJECT, "--hosts", str(hosts), "--mode", mode, "--rate", str(rate),
-               "--count", str(count), "--seq0", str(seq0), "--duration", str(duration),
-               "--max-seconds", str(max_seconds), "--wait-go"]
+                max_seconds: float = 300, relabel_every: int = 0) -> subprocess.Popen:
+        where = ["--port", str(self.redis.port), "--subject", REDIS_CHANNEL, "--redis"] \
+            if self.redis else ["--port", str(self.nats.port), "--subject", SUBJECT]
+        cmd = [sys.executable, str(BENCH / "loadgen.py"), *where, "--hosts", str(hosts),
+               "--mode", mode, "--rate", str(rate), "--count", str(count), "--seq0", str(seq0),
+               "--duration", str(duration), "--max-seconds", str(max_seconds), "--wait-go",
+               "--relabel-every", str(relabel_every)]
         if sentinel:
             cmd += ["--sentinel", sentinel]
         p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -168,6 +177,8 @@ class Env:
         for d in self.daemons:
             d.stop(signal.SIGKILL)
         self.nats.stop()
+        if self.redis:
+            self.redis.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -277,7 +288,8 @@ INGEST_RUNS_IN_A_ROW = 2
 
 
 def fig_ingest(cmd: list[str], work: Path, prof: Profile, n: int,
-               on_daemon: Callable[[Daemon, str], None] | None = None) -> dict:
+               on_daemon: Callable[[Daemon, str], None] | None = None,
+               redis: bool = False) -> dict:
     """Sustained `hi` capacity at N hosts, measured on the daemon's side.
 
     1. prefill one round; 2. a burst (as fast as the generator goes) estimates the drain
@@ -290,8 +302,9 @@ def fig_ingest(cmd: list[str], work: Path, prof: Profile, n: int,
     target rate is sustained when INGEST_RUNS_IN_A_ROW runs in a row hold; the figure is
     the lowest daemon-side rate of those runs at the highest sustained target. The ladder
     walks down from 95 % of the burst estimate, then up by x1.15 while it keeps holding.
+    With `redis` the same over redis-server (DRIVER=Redis, PUBLISH pipelined).
     """
-    env = Env(cmd, work)
+    env = Env(cmd, work, redis=redis)
     poll = 0.01 if n <= 10000 else 0.05
     bound = max(INGEST_LAG_FRACTION * prof.ingest_confirm_s, INGEST_LAG_FLOOR_S)
     try:
@@ -387,17 +400,29 @@ def fig_ingest(cmd: list[str], work: Path, prof: Profile, n: int,
         env.close()
 
 
+#: a stable fleet: one host in 1,000 changes its labels per minute
+STABLE_RELABELS_PER_HOST_MIN = 1 / 1000
+
+
 def fig_steady(cmd: list[str], work: Path, prof: Profile, n: int, window: float,
-               keep_alive: int = 5) -> dict:
-    """N hosts at KEEP_ALIVE: the daemon's CPU share and RSS after a warm-up."""
+               keep_alive: int = 5, churn: bool = False) -> dict:
+    """N hosts at KEEP_ALIVE (N/KEEP_ALIVE packets/s): the daemon's CPU share and RSS after
+    a warm-up. Stable: labels change rarely (one host in 1,000 per minute), as in a real
+    fleet; churn: every packet carries a new seq:K label (a worst case)."""
     env = Env(cmd, work)
     try:
         d = env.daemon("bench-steady", TTL=86400)
         prefill(env, d, n)
         rate = n / keep_alive
         warm = 5.0
-        g = env.loadgen(n, mode="keepalive", rate=rate, duration=warm + window + 5,
-                        max_seconds=warm + window + 30)
+        seconds = warm + window + 5
+        if churn:
+            g = env.loadgen(n, rate=rate, count=int(rate * seconds), seq0=1,
+                            max_seconds=seconds + 30)
+        else:
+            per_packet = n * STABLE_RELABELS_PER_HOST_MIN / 60 / rate  # label changes
+            g = env.loadgen(n, mode="keepalive", rate=rate, duration=seconds,
+                            max_seconds=seconds + 30, relabel_every=round(1 / per_packet))
         env.go(g)
         time.sleep(warm)
         with LoadMeter() as m:
@@ -411,6 +436,7 @@ def fig_steady(cmd: list[str], work: Path, prof: Profile, n: int, window: float,
         g.wait(10)
         names = d.get_json("/v1/discoveries")
         return {"value": round(100 * cpu / dt, 1), "unit": "% of a core", "rate": rate,
+                "labels": "churn" if churn else "stable",
                 "rss_mb": round(mem["VmRSS"] / 1024, 1), "peak_mb": round(mem["VmHWM"] / 1024, 1),
                 "hosts_listed": len(names), "load": load}  # type: ignore[arg-type]
     finally:
@@ -845,8 +871,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="short CI run: 1 run, small sizes")
     ap.add_argument("--runs", type=int, help="runs per figure (default 3, smoke 1)")
-    ap.add_argument("--only", default="", help="comma list: idle,startup,ingest,steady,http,"
-                    "propagation,goodbye,join,dead,fanout")
+    ap.add_argument("--only", default="", help="comma list: idle,startup,ingest,ingest_redis,"
+                    "steady,http,propagation,goodbye,join,dead,fanout")
     ap.add_argument("--label", default="lobbyd", help="name of the implementation measured")
     ap.add_argument("--lobbyd-cmd", default=None, help="default: $LOBBYD_CMD or lobbyd.py")
     ap.add_argument("--binary", default=str(ROOT / "dist" / "lobbyd_linux_x86_64"),
@@ -897,10 +923,17 @@ def main() -> int:
         if want("ingest"):
             for n in prof.ingest_hosts:
                 measure(f"ingest@{n}", lambda n=n: fig_ingest(cmd, work, prof, n))
+        if want("ingest_redis"):
+            for n in prof.redis_hosts:
+                measure(f"ingest_redis@{n}",
+                        lambda n=n: fig_ingest(cmd, work, prof, n, redis=True))
         if want("steady"):
             measure("steady@10000", lambda: fig_steady(cmd, work, prof, 10000,
                                                        prof.steady_window_s))
+            measure("churn@10000", lambda: fig_steady(cmd, work, prof, 10000,
+                                                      prof.steady_window_s, churn=True))
             if prof.steady_big:
+                measure("steady@1000", lambda: fig_steady(cmd, work, prof, 1000, 15), runs=1)
                 measure("steady@100000", lambda: fig_steady(cmd, work, prof, 100000, 15),
                         runs=1)
         if want("http"):
@@ -961,7 +994,7 @@ def wrong_results(results: dict[str, dict]) -> list[str]:
             where = f"{key} run {k + 1}"
             if not (_ok_number(s.get("value")) and s["value"] > 0):
                 out.append(f"{where}: value {s.get('value')!r}")
-            if key.startswith("ingest@"):
+            if key.startswith(("ingest@", "ingest_redis@")):
                 if not (s.get("exact") and s["burst"].get("exact")):
                     out.append(f"{where}: registry not exact")
             elif key.startswith("http@"):
@@ -971,7 +1004,7 @@ def wrong_results(results: dict[str, dict]) -> list[str]:
                     if c.get("errors") or not c.get("requests"):
                         out.append(f"{where} {case}: {c.get('requests')} requests, "
                                    f"{c.get('errors')} errors")
-            elif key.startswith("steady@"):
+            elif key.startswith(("steady@", "churn@")):
                 n = int(key.split("@")[1])
                 if s.get("hosts_listed", 0) < n:
                     out.append(f"{where}: {s.get('hosts_listed')} hosts listed, want {n}+")
@@ -1022,9 +1055,9 @@ def table(doc: dict) -> str:
         first = r["runs"][0]
         detail = ""
         ref = ""
-        if key.startswith("ingest@"):
+        if key.startswith(("ingest@", "ingest_redis@")):
             n = int(key.split("@")[1])
-            ref = REFERENCE["ingest"].get(n, "")
+            ref = REFERENCE["ingest"].get(n, "") if key.startswith("ingest@") else ""
             detail = (f"sustained (daemon-side, 2 in a row), target "
                       f"{first['sustained_target']}/s, burst estimate "
                       f"{first['burst']['drain_rate_estimate']}/s, "
@@ -1033,7 +1066,7 @@ def table(doc: dict) -> str:
             ref = REFERENCE["idle_rss"]
         elif key.startswith("startup"):
             ref = REFERENCE["startup"]
-        elif key.startswith("steady"):
+        elif key.startswith(("steady", "churn")):
             ref = f"{REFERENCE['steady_cpu']}, {REFERENCE['steady_rss']}" \
                 if key.endswith("@10000") else ""
             detail = (f"RSS {statistics.median([s['rss_mb'] for s in r['runs']]):.1f} MB, "
