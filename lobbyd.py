@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import gzip
 import hmac
 import ipaddress
@@ -1355,7 +1356,7 @@ def direct_client(nats: Any) -> Any:
         @_transport.setter
         def _transport(self, transport: Any) -> None:
             self.__dict__["_batching_transport"] = \
-                None if transport is None else BatchingReads(transport)
+                None if transport is None else BatchingReads(transport, self)
 
         async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
                                headers: bytes) -> None:
@@ -1384,18 +1385,28 @@ class BatchingReads:
     waking up for each one (epoll, recv, a task step, the parser) costs far more
     than the packet. After a read that found little, reading pauses for
     INGEST_BATCH_S while the kernel collects what comes; a packet after a
-    silence is read at once, and a busy stream (big reads) is never paused.
+    silence is read at once, and a busy stream (big reads) is never paused, nor
+    is a client waiting for a PONG (a flush: connecting, reconnecting).
     """
 
-    def __init__(self, inner: Any):
+    def __init__(self, inner: Any, client: Any):
         self._inner = inner
+        self._client = client
         self._small = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
+    async def connect(self, *args: Any, **kwargs: Any) -> Any:
+        self._small = False  # a new connection's first answers are read at once
+        return await self._inner.connect(*args, **kwargs)
+
+    async def connect_tls(self, *args: Any, **kwargs: Any) -> Any:
+        self._small = False
+        return await self._inner.connect_tls(*args, **kwargs)
+
     async def read(self, buffer_size: int) -> bytes:
-        if self._small:
+        if self._small and not getattr(self._client, "_pongs", None):  # no PONG awaited
             writer = getattr(self._inner, "_io_writer", None)
             transport = getattr(writer, "transport", None)
             if transport is not None and not transport.is_closing():
@@ -2572,6 +2583,13 @@ def watch_binary_loader(loop: asyncio.AbstractEventLoop) -> None:
         loop.call_later(0.2, poll)
 
 
+def release_start_up_memory() -> None:
+    """Once started, objects that live for ever (modules, code, configuration) leave the
+    collector's rounds: each full collection then walks the registry only."""
+    gc.collect()
+    gc.freeze()
+
+
 class RateLimitedLog:
     """At most `burst` lines per `interval` seconds; the rest are counted, then summed up."""
 
@@ -2909,6 +2927,7 @@ class Daemon:
         await asyncio.wait([waiting], timeout=READY_TIMEOUT)
         waiting.cancel()
         notify_systemd(f"READY=1\nSTATUS={self.status_text()}")
+        release_start_up_memory()
 
     # lifecycle -----------------------------------------------------------------
     def schedule(self, coro: Awaitable[Any]) -> None:
