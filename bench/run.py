@@ -602,7 +602,8 @@ def fig_propagation(cmd: list[str], work: Path, prof: Profile) -> dict:
         return {"value": round(pctl(lat, 50), 3), "unit": "ms", "p50_ms": round(pctl(lat, 50), 3),
                 "p99_ms": round(pctl(lat, 99), 3), "max_ms": round(max(lat), 3),
                 "post_p50_ms": round(pctl(post, 50), 3), "post_p99_ms": round(pctl(post, 99), 3),
-                "changes": len(lat), "load": m.stop()}
+                "changes": len(lat), "samples_ms": [round(x, 3) for x in lat],
+                "load": m.stop()}
     finally:
         env.close()
 
@@ -648,7 +649,8 @@ def fig_goodbye(cmd: list[str], work: Path, prof: Profile) -> dict:
         return {"value": round(pctl(lat, 50), 3), "unit": "ms", "p50_ms": round(pctl(lat, 50), 3),
                 "p99_ms": round(pctl(lat, 99), 3), "max_ms": round(max(lat), 3),
                 "exit_p50_ms": round(pctl(exits, 50), 1), "exit_max_ms": round(max(exits), 1),
-                "trials": len(lat), "load": m.stop()}
+                "trials": len(lat), "samples_ms": [round(x, 3) for x in lat],
+                "load": m.stop()}
     finally:
         env.close()
 
@@ -969,6 +971,12 @@ def main() -> int:
     out.write_text(json.dumps(finite(doc), indent=2, default=str) + "\n")
     print(table(doc))
     print(f"\nwritten: {out}")
+    try:  # pictures of the newest run of every label in the same directory
+        import plots
+        for path in plots.draw(plots.newest_per_label(out.parent), out.parent / "plots"):
+            print(f"plot: {path}")
+    except Exception as exc:  # a picture must never fail the figures
+        print(f"plots failed: {exc!r}", file=sys.stderr)
     failed = [k for k, v in results.items() if "error" in v]
     wrong = wrong_results(results)
     for line in wrong:
