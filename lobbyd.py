@@ -769,7 +769,9 @@ class Registry:
 
     def __init__(self, ttl: float):
         self.ttl = ttl
-        self.hosts: dict[str, list[Any]] = {}  # hostname -> [labels, received]
+        # hostname -> (labels, received): tuples of strings and floats, which the
+        # garbage collector stops tracking, so its full rounds skip the registry
+        self.hosts: dict[str, tuple[tuple[str, ...], float]] = {}
         self.version = 0
         self._oldest = float("inf")  # a lower bound of every `received`
         self._order: list[str] | None = None  # sorted hostnames, until membership changes
@@ -783,22 +785,22 @@ class Registry:
         if now < self._oldest:
             self._oldest = now
         if entry is None:
-            self.hosts[hostname] = [labels, now]
+            self.hosts[hostname] = (labels, now)
             self.version += 1
             self._order = None
             return NEW_HOST
-        entry[1] = now
         if entry[0] != labels:
-            entry[0] = labels
+            self.hosts[hostname] = (labels, now)
             self.version += 1
             return NEW_LABELS
+        self.hosts[hostname] = (entry[0], now)
         return 0
 
     def learn(self, hostname: str, labels: tuple[str, ...], received: float) -> bool:
         """A host heard second-hand (a peer's sync answer): added only if unknown."""
         if hostname in self.hosts:
             return False
-        self.hosts[hostname] = [labels, received]
+        self.hosts[hostname] = (labels, received)
         self._oldest = min(self._oldest, received)
         self.version += 1
         self._order = None
@@ -2125,6 +2127,8 @@ def accepts_gzip(request: Request) -> bool:
 
 #: under churn an answer is served for this many times the time it took to build
 STALE_FACTOR = 3
+#: ... and never longer than this (seconds)
+MAX_STALE = 0.05
 
 
 class CachedAnswer:
@@ -2142,7 +2146,8 @@ class CachedAnswer:
 
     def reusable(self) -> bool:
         """Out of date but young: rebuilding now would make building the daemon's main work."""
-        return time.monotonic() - self.built < STALE_FACTOR * (self.built - self.started)
+        age = time.monotonic() - self.built
+        return age < MAX_STALE and age < STALE_FACTOR * (self.built - self.started)
 
     def gzipped(self) -> Response:
         if self._gzipped is None:
@@ -2226,13 +2231,14 @@ class Api:
         the second ticks over (its resolution); one without it (Prometheus,
         resolve) only when the registry does. Only the latest answer of each view
         is kept. Under label churn (a new version between any two requests) an
-        answer is reused for STALE_FACTOR times as long as it took to build, so
-        rebuilding never takes more than a quarter of the daemon's time.
+        answer showing last_check (already up to a second old by design) is
+        reused for STALE_FACTOR times as long as it took to build, at most
+        MAX_STALE: rebuilding then takes at most a quarter of the daemon's time.
         """
         self.daemon.expire()
         stamp = (self.daemon.registry.version, int(time.time()) if timed else 0)
         answer = self._answers.get(key)
-        if answer is None or (answer.stamp != stamp and not answer.reusable()):
+        if answer is None or (answer.stamp != stamp and not (timed and answer.reusable())):
             if answer is None and len(self._answers) > 64:
                 self._answers.clear()
             started = time.monotonic()
@@ -2285,8 +2291,10 @@ class Api:
         label = request.param("label")
         if not label:
             raise HttpError(400, "missing query parameter: label")
+        registry = self.daemon.registry  # resolve_label() without a Packet per host
         return self.cached(request, ("resolve", label), lambda: render_json(
-            resolve_label(self.daemon.registry.packets(), label)), timed=False)
+            [name for name in registry.order() if label in registry.hosts[name][0]]),
+            timed=False)
 
     def prometheus(self, request: Request) -> Response:
         view = ("prometheus", request.path[len("/v1/prometheus/"):])
