@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ticker = None  # matplotlib.ticker, imported by draw()
 SIZES = (1000, 10000, 100000)
 
 
@@ -76,7 +77,8 @@ def plot_scale(plt, docs: list[dict], out: Path) -> Path:
     axes[2].set(title="Resident memory", ylabel="MB")
     for ax in axes:
         ax.set_xscale("log")
-        ax.set_xlabel("hosts in the fleet")
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        ax.set_xlabel("hosts in the fleet (idle: 1)")
         ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
@@ -142,8 +144,11 @@ def plot_latency(plt, docs: list[dict], out: Path) -> Path | None:
             ax.step(samples, ys, where="post", label=f"{doc['meta']['label']} "
                     f"(p50 {samples[len(samples) // 2]:.1f} ms, n={len(samples)})")
             drawn = True
-        ax.set(title=title, xlabel="ms", ylabel="fraction of changes seen")
+        ax.set(title=title, xlabel="ms (log scale)", ylabel="fraction of changes seen")
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     if not drawn:
@@ -158,10 +163,12 @@ def plot_latency(plt, docs: list[dict], out: Path) -> Path | None:
 
 
 def draw(docs: list[dict], out: Path) -> list[Path]:
+    global ticker
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib import ticker
     except ImportError:
         print("plots: matplotlib not installed: no pictures", file=sys.stderr)
         return []
