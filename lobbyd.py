@@ -1705,28 +1705,29 @@ class MemoryFile:
     changes once written, and closes when the last request sending it lets go.
     """
 
-    __slots__ = ("file", "head", "length")
+    __slots__ = ("file", "head", "headers", "length")
 
-    def __init__(self, head: bytes, body: bytes):
+    def __init__(self, head: bytes, body: bytes, headers: Mapping[str, str]):
         fd = os.memfd_create("lobbyd-answer", os.MFD_CLOEXEC)
         self.file = open(fd, "rb", buffering=0)  # noqa: SIM115 - lives as long as the answer
         view = memoryview(head + body)
         while view:
             view = view[os.write(fd, view):]
         self.head = head
+        self.headers = dict(headers)  # the extra headers `head` carries
         self.length = len(body)
 
     def __del__(self) -> None:
         self.file.close()
 
 
-def memory_file(head: bytes, body: bytes) -> MemoryFile | None:
+def memory_file(head: bytes, body: bytes, headers: Mapping[str, str]) -> MemoryFile | None:
     """The answer in a MemoryFile, or None where the system has none (it is then sent
     from memory, as small answers are)."""
     if len(body) < SENDFILE_MIN or not hasattr(os, "memfd_create"):
         return None
     try:
-        return MemoryFile(head, body)
+        return MemoryFile(head, body, headers)
     except OSError:
         return None
 
@@ -1743,8 +1744,14 @@ class Response:
     def cached(cls, body: bytes, headers: dict[str, str] | None = None) -> Response:
         """A JSON answer served many times: big ones go into a MemoryFile."""
         headers = headers or {}
-        file = memory_file(response_head(200, JSON_TYPE, len(body), True, headers), body)
+        file = memory_file(response_head(200, JSON_TYPE, len(body), True, headers), body,
+                           headers)
         return cls(200, b"" if file else body, JSON_TYPE, headers, file)
+
+    def copy(self) -> Response:
+        """This response with headers of its own (a handler may add some)."""
+        return Response(self.status, self.body, self.content_type, dict(self.headers),
+                        self.file)
 
     @property
     def length(self) -> int:
@@ -2015,9 +2022,10 @@ class HttpServer:
         file = response.file
         assert file is not None
         offset, count = 0, len(file.head) + file.length
-        if not keep_alive:
+        if not keep_alive or response.headers != file.headers or response.status != 200 \
+                or response.content_type != JSON_TYPE:  # the file's head does not fit
             writer.write(response_head(response.status, response.content_type, file.length,
-                                       False, response.headers))
+                                       keep_alive, response.headers))
             offset, count = len(file.head), file.length
         transport = writer.transport
         sock = transport.get_extra_info("socket")
@@ -2276,8 +2284,8 @@ class Api:
             body = build()
             answer = self._answers[key] = CachedAnswer(stamp, body, started)
         if answer.length < 1024 or not accepts_gzip(request):
-            return answer.plain
-        return answer.gzipped()
+            return answer.plain.copy()
+        return answer.gzipped().copy()
 
     # handlers ----------------------------------------------------------------
     def discoveries(self, request: Request) -> Response:
