@@ -10,34 +10,40 @@ seconds (or at once on its goodbye), and answers a local HTTP API
 
 Run ``lobbyd --help`` for the environment variables that configure it. The file
 reads top to bottom in the order data flows: errors, config, labels, wire
-format, registry, queries, NATS driver, HTTP server, API routes, callback
-runner, daemon lifecycle, ``main()``.
+format, registry, queries, transports (NATS, Redis), HTTP server, health and
+metrics, API routes, callback runner, daemon lifecycle, ``main()``, and last the
+``lobbyctl`` client (the same program called ``lobbyctl`` or ``lobbyd ctl``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import errno
 import gc
 import gzip
+import hashlib
 import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
+import random
 import re
 import resource
 import shlex
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
 from collections.abc import Awaitable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 from urllib.parse import parse_qs, unquote, urlsplit
 
 __version__ = "1.0.0"
@@ -232,6 +238,16 @@ def parse_driver(name: str, value: str) -> tuple[str, ...]:
     return tuple(drivers)
 
 
+DISCOVERY_MODES = ("broadcast", "kv")
+
+
+def parse_discovery_mode(name: str, value: str) -> str:
+    mode = value.strip().lower()
+    if mode not in DISCOVERY_MODES:
+        raise ConfigError(f"{name}={show(value)}: expected broadcast or kv")
+    return mode
+
+
 def parse_channel(name: str, value: str) -> str:
     channel = value.strip()
     if not channel or len(channel) > 255 or CONTROL_RE.search(channel) or " " in channel:
@@ -250,6 +266,9 @@ ENV_VARS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "NATS_URL": ("nats://127.0.0.1:4222", parse_nats_urls,
                  "NATS URL or comma-separated cluster URLs (nats://, tls://, user:pass@)"),
     "NATS_DISCOVERY_CHANNEL": ("lobby.discovery", parse_subject, "NATS subject"),
+    "DISCOVERY_MODE": ("broadcast", parse_discovery_mode,
+                       "broadcast (every host hears every keep-alive; the Go daemon's way) or "
+                       "kv (JetStream key-value buckets, for large fleets; DRIVER=NATS only)"),
     "REDIS_HOST": ("127.0.0.1", parse_host, "Redis server (DRIVER=Redis)"),
     "REDIS_PORT": ("6379", int_in(1, 65535), "Redis port"),
     "REDIS_DB": ("0", int_in(0, 65535), "Redis database number"),
@@ -260,6 +279,8 @@ ENV_VARS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
                     "directory of label files, one label per line"),
     "RUNTIME_LABELS_FILENAME": ("_runtime", parse_filename,
                                 "file in LABELS_PATH holding labels added through the API"),
+    "CHECKS_PATH": ("/etc/lobby/checks", lambda n, v: v.strip(),
+                    "directory of NAME.check files: labels published while a check passes"),
     "HOSTNAME": ("", lambda n, v: parse_hostname(n, v) if v.strip() else "",
                  "overrides the machine's hostname"),
     "CLEAN_EVERY": ("15", int_in(1, 86400), "at most this many seconds between clean-ups"),
@@ -289,6 +310,7 @@ class Config:
     driver: tuple[str, ...] = ("NATS",)
     nats_url: tuple[str, ...] = ("nats://127.0.0.1:4222",)
     nats_discovery_channel: str = "lobby.discovery"
+    discovery_mode: str = "broadcast"
     redis_host: str = "127.0.0.1"
     redis_port: int = 6379
     redis_db: int = 0
@@ -297,6 +319,7 @@ class Config:
     labels: tuple[str, ...] = ()
     labels_path: str = "/etc/lobby/labels"
     runtime_labels_filename: str = "_runtime"
+    checks_path: str = "/etc/lobby/checks"
     hostname: str = ""
     clean_every: int = 15
     keep_alive: int = 5
@@ -319,6 +342,8 @@ class Config:
                 shown = "" if name in ("TOKEN", "NATS_URL") else f"={show(raw)}"
                 raise ConfigError(f"{name}{shown}: not valid UTF-8")
             values[name.lower()] = parser(name, raw if raw.strip() else default)
+        if values["discovery_mode"] == "kv" and values["driver"] != ("NATS",):
+            raise ConfigError("DISCOVERY_MODE=kv works with DRIVER=NATS only")
         return cls(**values)
 
     @property
@@ -355,7 +380,7 @@ def help_text() -> str:
         "the system CA bundle.",
         "",
         "Signals: SIGTERM or SIGINT say goodbye on NATS and exit 0 (a second one is",
-        "harmless); SIGHUP re-reads the label files now.",
+        "harmless); SIGHUP re-reads the label files and check files now.",
         "Exit status: 0 stopped by a signal, 78 bad configuration (one line on stderr",
         "names the variable), 2 bad command-line arguments, 1 cannot start (e.g. the",
         "port is in use).",
@@ -365,9 +390,15 @@ def help_text() -> str:
         "  GET /v1/discovery         this server's packet",
         "  GET /v1/resolve?label=X   hostnames having label X",
         "  GET /v1/prometheus/NAME   Prometheus HTTP SD target groups of job NAME",
+        "    ...&index=N&wait=D      (these four) held until the answer's X-Lobby-Index",
+        "                            is no longer N, or for D (default 5m, at most 10m)",
         "  POST, DELETE /v1/labels   add, remove runtime labels (body: one per line)",
+        "  POST /v1/labels?ttl=S     add leased labels, gone S seconds after the last POST",
+        "  GET /v1/labels            the local labels by source",
+        "  GET /v1/events[?labels=a,b|?prefixes=p]   Server-Sent Events of every change",
         "  GET /v1/health            200 while connected, 503 otherwise (JSON)",
         "  GET /metrics              Prometheus metrics of lobbyd itself",
+        "  GET /ui                   the page for people (a browser at / gets it too)",
         "",
         "Client: lobbyctl ... or lobbyd ctl ... (lobbyctl --help).",
     ]
@@ -375,7 +406,7 @@ def help_text() -> str:
 
 
 ###############################################################################
-# Labels: validation, and the three sources — env, label files, runtime file.
+# Labels: validation, and the sources — env, label files, runtime file, leases.
 ###############################################################################
 
 MAX_LABEL_BYTES = 1024
@@ -559,6 +590,8 @@ class LocalLabels:
         self.directory = directory
         self._by_file: dict[str, list[str]] = {}
         self._reported: dict[str, list[str]] = {}
+        #: labels that come and go without a file: "leases", "check:NAME" -> labels
+        self.extra: dict[str, tuple[str, ...]] = {}
 
     def collect(self) -> tuple[str, ...]:
         """Re-read every label file."""
@@ -577,7 +610,8 @@ class LocalLabels:
         return self.union()
 
     def union(self) -> tuple[str, ...]:
-        labels = sorted(set(self.env_labels).union(*self._by_file.values()))
+        labels = sorted(set(self.env_labels).union(*self._by_file.values(),
+                                                   *self.extra.values()))
         if len(labels) > MAX_LABELS:
             log.error("%d labels, over the limit of %d: publishing the first %d",
                       len(labels), MAX_LABELS, MAX_LABELS)
@@ -590,6 +624,229 @@ class LocalLabels:
                 for line in trouble:
                     log.warning("label file %s: %s", path, line)
         self._reported = problems
+
+    def by_file(self) -> dict[str, list[str]]:
+        """File name -> its labels, as last read."""
+        return {Path(path).name: sorted(set(labels)) for path, labels in self._by_file.items()}
+
+
+MAX_LEASE_TTL = 86400
+TTL_RE = re.compile(r"[0-9]{1,6}")
+
+
+def parse_ttl(value: str) -> int:
+    """The `ttl` of POST /v1/labels?ttl=S: whole seconds from 1 to 86,400, else LabelError."""
+    text = value.strip()
+    if not TTL_RE.fullmatch(text) or not 1 <= int(text) <= MAX_LEASE_TTL:
+        raise LabelError(f"ttl={show(value)}: expected whole seconds from 1 to {MAX_LEASE_TTL}")
+    return int(text)
+
+
+class Leases:
+    """Labels that end `ttl` seconds after the last POST naming them (SPEC 9).
+
+    In memory only: a lease is a promise of a running service, and a restarted
+    lobbyd cannot know that the service still runs.
+    """
+
+    def __init__(self) -> None:
+        self.ends: dict[str, float] = {}  # label -> monotonic time it ends
+
+    def add(self, labels: Iterable[str], ttl: float, now: float) -> bool:
+        """Start or refresh leases; True if a label was not leased before."""
+        new = False
+        for label in labels:
+            new = new or label not in self.ends
+            self.ends[label] = now + ttl
+        return new
+
+    def remove(self, labels: Iterable[str]) -> bool:
+        """End leases now; True if any was leased."""
+        return bool([self.ends.pop(label) for label in labels if label in self.ends])
+
+    def expire(self, now: float) -> list[str]:
+        """End the leases that are due and say which."""
+        due = sorted(label for label, end in self.ends.items() if end <= now)
+        for label in due:
+            del self.ends[label]
+        return due
+
+    def next_end(self) -> float | None:
+        return min(self.ends.values(), default=None)
+
+    def labels(self) -> tuple[str, ...]:
+        return tuple(sorted(self.ends))
+
+    def seconds_left(self, now: float) -> dict[str, int]:
+        # rounded up: "1" until the very end, never a misleading "0"
+        return {label: max(0, math.ceil(end - now)) for label, end in sorted(self.ends.items())}
+
+
+###############################################################################
+# Checks: NAME.check files in CHECKS_PATH, a source of labels that come and go.
+# Parsing and the up/down state are pure; the probes run in the check runner.
+###############################################################################
+
+CHECK_KINDS = ("http", "tcp", "exec")
+CHECK_KEYS = ("labels", *CHECK_KINDS, "interval", "timeout", "rise", "fall")
+CHECK_SUFFIX = ".check"
+MAX_CHECK_FILE_BYTES = 64 * 1024
+CHECK_SECONDS_RE = re.compile(r"[0-9]{1,6}(\.[0-9]{1,3})?")
+
+
+class CheckError(LobbydError, ValueError):
+    """A .check file that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class CheckSpec:
+    """One check as its file describes it. Equal specs: the running check is kept."""
+
+    name: str
+    labels: tuple[str, ...]
+    kind: str  # one of CHECK_KINDS
+    target: str  # the URL, HOST:PORT or command line as written
+    argv: tuple[str, ...] = ()  # exec: the command split like a shell would
+    interval: float = 10.0
+    timeout: float = 2.0
+    rise: int = 2
+    fall: int = 2
+
+
+def check_seconds(key: str, value: str, low: float, high: float) -> float:
+    if not CHECK_SECONDS_RE.fullmatch(value) or not low <= float(value) <= high:
+        raise CheckError(f"key {key}: {show(value)} is not seconds from {low:g} to {high:g}")
+    return float(value)
+
+
+def check_count(key: str, value: str) -> int:
+    if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= 100:
+        raise CheckError(f"key {key}: {show(value)} is not a whole number from 1 to 100")
+    return int(value)
+
+
+def split_host_port(key: str, value: str) -> tuple[str, int]:
+    """HOST:PORT, [IPv6]:PORT; CheckError naming `key` otherwise."""
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not PORT_RE.fullmatch(port) or not 0 < int(port) < 65536:
+        raise CheckError(f"key {key}: {show(value)} is not HOST:PORT")
+    return host, int(port)
+
+
+def check_target(kind: str, value: str) -> tuple[str, ...]:
+    """Validate the probe's target; for exec, the argv."""
+    if kind == "http":
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise CheckError(f"key http: {show(value)} is not an http:// or https:// URL")
+        try:
+            parts.port  # noqa: B018 (raises on a bad port)
+        except ValueError:
+            raise CheckError(f"key http: {show(value)} has a bad port") from None
+        return ()
+    if kind == "tcp":
+        split_host_port("tcp", value)
+        return ()
+    try:
+        argv = tuple(shlex.split(value))
+    except ValueError as exc:
+        raise CheckError(f"key exec: {exc}") from None
+    if not argv:
+        raise CheckError("key exec: empty command")
+    return argv
+
+
+def parse_check(name: str, text: str) -> CheckSpec:
+    """The check in a .check file's text, or CheckError naming the key at fault."""
+    values: dict[str, str] = {}
+    for number, line in enumerate(text.split("\n"), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        key, sep, value = stripped.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep:
+            raise CheckError(f"line {number}: expected KEY=VALUE")
+        if key not in CHECK_KEYS:
+            raise CheckError(f"key {show(key, 30)}: unknown (known: {', '.join(CHECK_KEYS)})")
+        if key in values:
+            raise CheckError(f"key {key}: given twice")
+        values[key] = value
+    if not values.get("labels"):
+        raise CheckError("key labels: missing (labels=a,b is required)")
+    try:
+        labels = tuple(sorted({validate_label(item) for item in split_list(values["labels"])}))
+    except LabelError as exc:
+        raise CheckError(f"key labels: {exc}") from None
+    kinds = [kind for kind in CHECK_KINDS if kind in values]
+    if len(kinds) != 1:
+        raise CheckError("key http/tcp/exec: exactly one of them is needed, "
+                         f"{len(kinds)} given")
+    kind = kinds[0]
+    return CheckSpec(
+        name=name, labels=labels, kind=kind, target=values[kind],
+        argv=check_target(kind, values[kind]),
+        interval=check_seconds("interval", values.get("interval", "10"), 0.1, 86400),
+        timeout=check_seconds("timeout", values.get("timeout", "2"), 0.1, 3600),
+        rise=check_count("rise", values.get("rise", "2")),
+        fall=check_count("fall", values.get("fall", "2")))
+
+
+def scan_check_dir(directory: Path) -> tuple[dict[str, CheckSpec], dict[str, str]]:
+    """(name -> check, file -> what is wrong with it) of every NAME.check; never raises."""
+    checks: dict[str, CheckSpec] = {}
+    problems: dict[str, str] = {}
+    try:
+        entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+    except FileNotFoundError:
+        return checks, problems  # no directory: no checks
+    except OSError as exc:
+        return checks, {str(directory): f"cannot list: {exc.strerror or exc}"}
+    for entry in entries:
+        if entry.name.startswith(".") or not entry.name.endswith(CHECK_SUFFIX):
+            continue
+        name = entry.name[:-len(CHECK_SUFFIX)]
+        try:
+            if not entry.is_file():
+                continue
+            with open(entry.path, "rb") as handle:
+                data = handle.read(MAX_CHECK_FILE_BYTES + 1)
+            if len(data) > MAX_CHECK_FILE_BYTES:
+                raise CheckError(f"larger than {MAX_CHECK_FILE_BYTES} bytes")
+            checks[name] = parse_check(name, data.decode("utf-8"))
+        except OSError as exc:
+            problems[entry.path] = f"cannot read: {exc.strerror or exc}"
+        except UnicodeDecodeError:
+            problems[entry.path] = "not valid UTF-8"
+        except CheckError as exc:
+            problems[entry.path] = str(exc)
+    return checks, problems
+
+
+@dataclass
+class CheckState:
+    """Up or down, moved by `rise` passes or `fall` failures in a row. Starts down:
+    a label is published once its service has shown it is there."""
+
+    rise: int = 2
+    fall: int = 2
+    up: bool = False
+    since: float = field(default_factory=time.time)
+    streak: int = 0  # results in a row that disagree with `up`
+    output: str = ""
+
+    def record(self, passed: bool, output: str, now: float) -> bool:
+        """Count one result; True when it moves the check up or down."""
+        self.output = output
+        if passed == self.up:
+            self.streak = 0
+            return False
+        self.streak += 1
+        if self.streak < (self.rise if passed else self.fall):
+            return False
+        self.up, self.since, self.streak = passed, now, 0
+        return True
 
 
 ###############################################################################
@@ -775,6 +1032,9 @@ class Registry:
         self.version = 0
         self._oldest = float("inf")  # a lower bound of every `received`
         self._order: list[str] | None = None  # sorted hostnames, until membership changes
+        #: hostname -> (its labels before the first change not yet taken, or None if it
+        #: was not here; why it left, if it did): what watchers diff (take_changes())
+        self.changes: dict[str, tuple[tuple[str, ...] | None, str]] = {}
 
     def __len__(self) -> int:
         return len(self.hosts)
@@ -788,8 +1048,10 @@ class Registry:
             self.hosts[hostname] = (labels, now)
             self.version += 1
             self._order = None
+            self._note(hostname, None)
             return NEW_HOST
         if entry[0] != labels:
+            self._note(hostname, entry[0])
             self.hosts[hostname] = (labels, now)
             self.version += 1
             return NEW_LABELS
@@ -801,14 +1063,17 @@ class Registry:
         if hostname in self.hosts:
             return False
         self.hosts[hostname] = (labels, received)
+        self._note(hostname, None)
         self._oldest = min(self._oldest, received)
         self.version += 1
         self._order = None
         return True
 
     def apply_goodbye(self, hostname: str) -> bool:
-        if self.hosts.pop(hostname, None) is None:
+        entry = self.hosts.pop(hostname, None)
+        if entry is None:
             return False
+        self._note(hostname, entry[0], "goodbye")
         self.version += 1
         self._order = None
         return True
@@ -820,12 +1085,22 @@ class Registry:
         deadline = now - self.ttl
         dead = [name for name, entry in self.hosts.items() if entry[1] < deadline]
         for name in dead:
-            del self.hosts[name]
+            self._note(name, self.hosts.pop(name)[0], "expired")
         self._oldest = min((entry[1] for entry in self.hosts.values()), default=float("inf"))
         if dead:
             self.version += 1
             self._order = None
         return dead
+
+    def _note(self, hostname: str, before: tuple[str, ...] | None, left: str = "") -> None:
+        # only the state before the first change counts: A -> B -> A is no change
+        seen = self.changes.get(hostname)
+        self.changes[hostname] = (before if seen is None else seen[0], left)
+
+    def take_changes(self) -> dict[str, tuple[tuple[str, ...] | None, str]]:
+        """The hosts changed since the last call (see `changes`), and start afresh."""
+        changes, self.changes = self.changes, {}
+        return changes
 
     def next_expiry(self) -> float:
         """The earliest moment a host can expire (inf when the registry is empty)."""
@@ -837,10 +1112,18 @@ class Registry:
             self._order = sorted(self.hosts)
         return self._order
 
-    def packets(self) -> list[Packet]:
-        """Every host as a packet, sorted by hostname. Call expire() first."""
+    def packets(self, having: Iterable[str] = ()) -> list[Packet]:
+        """Every host as a packet, sorted by hostname. Call expire() first.
+
+        With `having`, only the hosts carrying any of those labels: a filtered
+        answer then builds no packet for the rest of a big fleet.
+        """
         self.order()
         hosts = self.hosts
+        wanted = frozenset(having)
+        if wanted:
+            return [Packet(name, entry[0], int(entry[1])) for name in self._order
+                    if not wanted.isdisjoint((entry := hosts[name])[0])]
         return [Packet(name, hosts[name][0], int(hosts[name][1])) for name in self._order]
 
 
@@ -1524,7 +1807,7 @@ class RedisDriver(Transport):
         if self._closing:
             return
         if self._up:
-            self._up = False
+            self._up, self._warned = False, True  # the retries of this outage: debug only
             self._changed(False)
             log.warning("disconnected from Redis (%s); reconnecting", describe_error(exc))
         elif not self._warned:
@@ -1642,6 +1925,380 @@ TRANSPORTS: dict[str, type[Transport]] = {"NATS": NatsDriver, "Redis": RedisDriv
 
 
 ###############################################################################
+# The JetStream key-value mode (DISCOVERY_MODE=kv): for fleets past the broadcast's
+# N² deliveries. Two buckets named after NATS_DISCOVERY_CHANNEL: SUBJECT_hosts holds
+# each host's packet, written only when its labels change, and everyone watches it
+# (its contents are the registry; a new lobbyd learns the fleet from the watch's
+# initial values); SUBJECT_alive holds a key per host refreshed every KEEP_ALIVE
+# and dropped by the server TTL seconds after the last refresh (MaxAge), and nobody
+# watches it. A few lobbyds, elected through keys of the hosts bucket that carry a
+# per-message TTL, compare the two every REAP_EVERY seconds and delete the packets
+# of hosts whose liveness key is gone. Go daemons do not speak this mode.
+###############################################################################
+
+KV_REAPERS = 3  # reaper slots: no single lobbyd whose death stops the reaping
+#: seconds between the reapers' scans of the liveness bucket: 1, and up to 2 past
+#: 50,000 hosts (a scan of 100,000 keys costs ~40 ms): a dead host stays <= TTL + 2 s
+REAP_EVERY = (1.0, 2.0, 50_000)
+KV_SAFE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+
+
+def kv_bucket_base(subject: str) -> str:
+    """NATS_DISCOVERY_CHANNEL as a bucket name: lobby.discovery -> lobby_discovery."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", subject)
+
+
+def kv_host_key(hostname: str) -> str:
+    """A hostname as a KV key: h.NAME if NATS allows it, else x.BASE64URL(NAME)."""
+    if KV_SAFE_KEY_RE.fullmatch(hostname):
+        return "h." + hostname
+    return "x." + base64.urlsafe_b64encode(hostname.encode()).decode().rstrip("=")
+
+
+def kv_key_host(key: str) -> str | None:
+    """The hostname of a host key (kv_host_key's inverse); None for other keys."""
+    if key.startswith("h."):
+        return key[2:]
+    if key.startswith("x."):
+        with contextlib.suppress(ValueError):
+            raw = key[2:] + "=" * (-len(key[2:]) % 4)
+            return base64.urlsafe_b64decode(raw).decode()
+    return None
+
+
+class NatsKvDriver(NatsDriver):
+    """NATS with JetStream key-value buckets instead of the broadcast (DISCOVERY_MODE=kv)."""
+
+    kind = "NATS-KV"
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        base = kv_bucket_base(self.subject)
+        self.data_bucket, self.alive_bucket = base + "_hosts", base + "_alive"
+        self.hostname = self.name.removeprefix("lobbyd ")
+        self.js: Any = None
+        self.data: Any = None  # the hosts bucket (KeyValue)
+        self.alive: Any = None  # the liveness bucket
+        self.ready = False  # buckets bound and watched since the last (re)connect
+        self.problem = ""  # why JetStream is not usable, for /v1/health
+        self.keys: dict[str, int] = {}  # host key in the hosts bucket -> its revision
+        self.put_labels: dict[str, Any] = {}  # host key -> labels we last wrote for it
+        self.reapers: dict[int, tuple[str, int]] = {}  # slot -> (holder, revision)
+        self.marks: dict[int, int] = {}  # free slot -> revision of its delete marker
+        self.slot: int | None = None  # our reaper slot
+        self.slot_refreshed = 0.0
+        self.initial = asyncio.Event()  # the watch's initial values are in
+        self.learned = 0
+        self._handle: Callable[[bytes], None] = lambda data: None
+        self._watcher: Any = None  # the subscription of the hosts bucket
+        self._stale: dict[str, int] = {}
+        self._setup_task: asyncio.Future[Any] | None = None
+        self._tasks: list[asyncio.Future[Any]] = []
+
+    @property
+    def is_connected(self) -> bool:
+        return self.ready and super().is_connected
+
+    def state(self) -> dict[str, Any]:
+        state = super().state()
+        state.update(mode="kv", buckets=[self.data_bucket, self.alive_bucket],
+                     reaper=self.slot is not None)
+        if self.problem:
+            state["error"] = self.problem
+        return state
+
+    async def run(self, handle: Callable[[bytes], None]) -> None:
+        """Connect with backoff, then bind the buckets and watch; nats-py reconnects."""
+        import nats
+
+        self._handle = handle
+        delay = 0.1
+        while not self._closing:
+            try:
+                self.nc = nats.NATS()
+                await self.nc.connect(
+                    servers=self.urls, name=self.name, allow_reconnect=True,
+                    max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=2,
+                    ping_interval=4, max_outstanding_pings=2, **self._tls_options(),
+                    error_cb=self._on_error, disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected, closed_cb=self._on_closed)
+            except Exception as exc:  # nats-py raises many types here; all mean "try later"
+                await self._on_error(exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            break
+        if self._closing:
+            return
+        log.info("connected to NATS at %s", redact_url(self._current_url()))
+        self._warned = False
+        self._tasks.append(asyncio.ensure_future(self._reap_for_ever()))
+        self._start_setup()
+
+    async def _on_reconnected(self) -> None:
+        log.info("reconnected to NATS at %s", redact_url(self._current_url()))
+        self._warned = False
+        self.reconnects += 1
+        self._start_setup()  # the server may have restarted with its memory lost
+
+    def _start_setup(self) -> None:
+        self.ready = False
+        if self._setup_task is not None:
+            self._setup_task.cancel()
+        self._setup_task = asyncio.ensure_future(self._set_up())
+
+    async def _set_up(self) -> None:
+        """Bind both buckets (creating them if need be) and watch the hosts bucket;
+        retried every 2 s while JetStream is not there, said once."""
+        while not self._closing:
+            try:
+                await self._bind()
+                break
+            except Exception as exc:  # no JetStream, no permission, a lost connection
+                silent = type(exc).__name__ in ("ServiceUnavailableError", "NoRespondersError")
+                problem = "JetStream unavailable: " + (
+                    "no JetStream on this server" if silent else describe_error(exc))
+                if problem != self.problem:
+                    log.error("%s; DISCOVERY_MODE=kv needs nats-server with JetStream "
+                              "(-js) at %s; retrying every 2s, the API keeps serving",
+                              problem, self.targets())
+                self.problem = problem
+                self._changed(False)
+                await asyncio.sleep(2)
+        if self._closing:
+            return
+        if self.problem:
+            log.info("JetStream available again: buckets %s and %s",
+                     self.data_bucket, self.alive_bucket)
+        self.problem = ""
+        self.put_labels.clear()  # write everything again: the server may have lost it
+        self.slot = None
+        self.ready = True
+        self._changed(True)
+        await self.on_connect(self)
+
+    async def _bind(self) -> None:
+        from nats.js.api import KeyValueConfig, StorageType
+
+        self.js = self.nc.jetstream(timeout=2)
+        self.data = await self._bucket(KeyValueConfig(
+            bucket=self.data_bucket, history=1, storage=StorageType.MEMORY,
+            limit_marker_ttl=max(60, 2 * self.config.ttl)))  # reaper keys expire visibly
+        self.alive = await self._bucket(KeyValueConfig(
+            bucket=self.alive_bucket, history=1, storage=StorageType.MEMORY,
+            ttl=self.config.ttl))
+        if self._watcher is not None:
+            with contextlib.suppress(Exception):
+                await self._watcher.unsubscribe()
+        self._stale = dict(self.keys)  # what we knew: gone if the new watch lacks it
+        self.keys, self.reapers, self.marks = {}, {}, {}
+        self.initial.clear()
+        self.learned = 0
+        await self._watch()
+
+    async def _watch(self) -> None:
+        """An ordered consumer of the hosts bucket's last values, then of every change.
+
+        Not nats-py's KeyValue.watch(): its queue and Entry objects cost a third of
+        a 100,000-host join; the callback applies each message as it comes.
+        """
+        from nats.js.api import DeliverPolicy
+
+        sub = await self.js.subscribe(
+            f"$KV.{self.data_bucket}.>", stream=f"KV_{self.data_bucket}", cb=self._on_msg,
+            ordered_consumer=True, deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            inactive_threshold=300, pending_msgs_limit=1_000_000,
+            pending_bytes_limit=1 << 30)
+        self._watcher = sub
+        if (await sub.consumer_info()).num_pending == 0 and sub.delivered == 0:
+            self._initial_done()  # an empty bucket: nothing will say it
+
+    def _initial_done(self) -> None:
+        if not self.initial.is_set():
+            self.initial.set()
+            if self._stale:
+                self._tasks.append(asyncio.ensure_future(self._forget(self._stale)))
+
+    async def _on_msg(self, msg: Any) -> None:
+        reply = msg.reply.split(".")  # $JS.ACK.[domain.hash.]stream.consumer.n.SEQ.n.ts.PENDING
+        revision, pending = (int(reply[5]), int(reply[8])) if len(reply) == 9 else \
+            (int(reply[7]), int(reply[10]))
+        headers = msg.headers or {}
+        deleted = "KV-Operation" in headers or "Nats-Marker-Reason" in headers
+        self._apply(msg.subject[len(self.data_bucket) + 5:], msg.data, revision, deleted)
+        if pending == 0:
+            self._initial_done()
+
+    async def _bucket(self, config: Any) -> Any:
+        try:
+            return await self.js.create_key_value(config)
+        except Exception as exc:  # it exists with other settings (another TTL): use it
+            log.debug("bucket %s: %s; binding to it as it is", config.bucket,
+                      describe_error(exc))
+            return await self.js.key_value(config.bucket)
+
+    def _apply(self, key: str, value: bytes, revision: int, deleted: bool) -> None:
+        """One change of the hosts bucket: the registry follows it."""
+        if key.startswith("reaper."):
+            with contextlib.suppress(ValueError):
+                slot = int(key[7:])
+                if deleted:
+                    self.reapers.pop(slot, None)
+                    self.marks[slot] = revision
+                    if slot == self.slot:
+                        self.slot = None
+                else:
+                    self.reapers[slot] = (value.decode(errors="replace"), revision)
+            return
+        hostname = kv_key_host(key)
+        if hostname is None:
+            return
+        if not deleted:
+            self.keys[key] = revision
+            if not self.initial.is_set():
+                self.learned += 1
+            self._handle(value)
+        elif self.keys.pop(key, None) is not None or not self.initial.is_set():
+            self.put_labels.pop(key, None)  # ours reaped while we were away: write it again
+            self._handle(encode_envelope(Packet(hostname), "goodbye"))
+
+    async def _forget(self, stale: dict[str, int]) -> None:
+        """After a restart of the server, hosts that do not write their packet again
+        within KEEP_ALIVE (+ a second) are gone."""
+        await asyncio.sleep(self.config.keep_alive + 1)
+        for key in stale:
+            hostname = kv_key_host(key)
+            if key not in self.keys and hostname is not None:
+                self._handle(encode_envelope(Packet(hostname), "goodbye"))
+
+    async def publish(self, data: bytes) -> bool:
+        """A hi refreshes our liveness key, and writes the packet if its labels changed;
+        a goodbye deletes both keys at once."""
+        if not self.is_connected:
+            return False
+        try:
+            envelope = json.loads(data)
+            packet = envelope["discovery"]
+            key = kv_host_key(packet["hostname"])
+            if envelope.get("message") != "hi":
+                await asyncio.gather(self.data.delete(key), self.alive.delete(key))
+                return True
+            await self.alive.put(key, b"")  # first: a packet is never older than its liveness
+            if self.put_labels.get(key) != packet["labels"]:
+                await self.data.put(key, data)
+                self.put_labels[key] = packet["labels"]
+            return True
+        except Exception as exc:  # a lost connection: the reconnect writes everything again
+            log.debug("KV write failed: %s", describe_error(exc))
+            return False
+
+    async def serve_fleet(self, answer: Callable[[int], list[bytes]]) -> None:
+        """Nothing: broadcast daemons asking SUBJECT.sync must not learn a kv fleet."""
+
+    async def ask_fleet(self, reply: Callable[[bytes], bool], window: float) -> bool:
+        """Join: the watch's initial values are the fleet; wait for them."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.initial.wait(), window)
+            log.info("learned %d hosts from the bucket %s", self.learned, self.data_bucket)
+        return False
+
+    # reaping: a few elected lobbyds delete the packets of hosts gone silent ----------
+    async def _reap_for_ever(self) -> None:
+        while not self._closing:
+            low, high, hosts = REAP_EVERY
+            await asyncio.sleep(max(low, min(high, len(self.keys) / hosts)))
+            if not (self.is_connected and self.initial.is_set()):
+                continue
+            try:
+                await self._campaign()
+                if self.slot is not None:
+                    await self._reap()
+            except Exception as exc:  # a lost connection, a timeout: next round
+                log.debug("reaping: %s", describe_error(exc))
+
+    async def _campaign(self) -> None:
+        """Hold a reaper slot: its key carries a TTL, refreshed every KEEP_ALIVE; a
+        free slot (its holder died, the key expired) is taken by the first to create it."""
+        now = time.monotonic()
+        if self.slot is not None:
+            if now - self.slot_refreshed < self.config.keep_alive:
+                return
+            slot = self.slot
+            revisions = [self.reapers.get(slot, ("", 0))[1]]
+        else:
+            free = [slot for slot in range(KV_REAPERS) if slot not in self.reapers]
+            if not free:
+                return
+            # a jitter so that a whole fleet does not race for the one free slot
+            await asyncio.sleep(random.random() * min(2.0, self.config.keep_alive))
+            free = [slot for slot in free if slot not in self.reapers]
+            if not free or self.slot is not None:
+                return
+            slot = free[0]
+            # after the key's expiry its last message is the server's delete marker,
+            # which itself expires later: then the subject is empty (revision 0)
+            revisions = [self.marks[slot], 0] if self.marks.get(slot) else [0]
+        ack = None
+        for revision in revisions:
+            with contextlib.suppress(Exception):  # someone else holds it
+                ack = await self.js.publish(
+                    f"$KV.{self.data_bucket}.reaper.{slot}", self.hostname.encode(),
+                    headers={"Nats-Expected-Last-Subject-Sequence": str(revision)},
+                    msg_ttl=self.config.ttl)
+                break
+        if ack is None:
+            if self.slot is not None:
+                log.info("no longer a reaper (slot %d)", slot)
+            self.slot = None
+            return
+        if self.slot is None:
+            log.info("reaping expired hosts (reaper slot %d of %d)", slot, KV_REAPERS)
+        self.slot, self.slot_refreshed = slot, now
+        self.reapers[slot] = (self.hostname, ack.seq)
+
+    async def _reap(self) -> None:
+        """Delete the packets whose liveness key is gone. The packets first, then the
+        liveness keys: a host writes its liveness key before its packet."""
+        packets = dict(self.keys)
+        alive = await self._alive_keys()
+        dead = [key for key in packets if key not in alive]
+        for key in dead:
+            with contextlib.suppress(Exception):  # another reaper was first
+                await self.data.delete(key, last=packets[key])
+        if dead:
+            log.info("reaped %d hosts silent for over %ds: %s", len(dead), self.config.ttl,
+                     ", ".join(filter(None, map(kv_key_host, dead[:20]))))
+
+    async def _alive_keys(self) -> set[str]:
+        """The keys of the liveness bucket, from the stream's subject list (paged)."""
+        prefix = f"$KV.{self.alive_bucket}."
+        subject = f"$JS.API.STREAM.INFO.KV_{self.alive_bucket}"
+        keys: set[str] = set()
+        offset = 0
+        while True:
+            request = json.dumps({"subjects_filter": prefix + ">", "offset": offset})
+            reply = json.loads((await self.nc.request(subject, request.encode(),
+                                                      timeout=5)).data)
+            if "error" in reply:
+                raise LobbydError(reply["error"].get("description", "stream info failed"))
+            subjects = reply.get("state", {}).get("subjects") or {}
+            keys.update(name[len(prefix):] for name in subjects)
+            offset += len(subjects)
+            if not subjects or offset >= reply.get("total", 0):
+                return keys
+
+    async def close(self, timeout: float = 1.0) -> None:
+        self._closing = True
+        for task in [*self._tasks, self._setup_task]:
+            if task is not None:
+                task.cancel()
+        await super().close(timeout)
+
+
+TRANSPORTS["NATS-KV"] = NatsKvDriver
+
+
+###############################################################################
 # HTTP server: HTTP/1.1 on asyncio streams, with limits on everything.
 ###############################################################################
 
@@ -1691,6 +2348,8 @@ class Request:
     version: str
     headers: dict[str, str]
     body: bytes = b""
+    #: the connection's reader: a held request watches it for the client leaving
+    reader: asyncio.StreamReader | None = None
 
     def param(self, name: str) -> str | None:
         values = self.query.get(name)
@@ -1739,6 +2398,8 @@ class Response:
     content_type: str = JSON_TYPE
     headers: dict[str, str] = field(default_factory=dict)
     file: MemoryFile | None = None  #: when set, the body is in there (and `body` empty)
+    #: a body without end (an event stream): writes its own head, then owns the connection
+    stream: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]] | None = None
 
     @classmethod
     def cached(cls, body: bytes, headers: dict[str, str] | None = None) -> Response:
@@ -1956,6 +2617,9 @@ class HttpServer:
                               False, head_only=False)
             return False
         response = await self.handle(request)
+        if response.stream is not None and request.method != "HEAD":
+            await response.stream(reader, writer)
+            return False
         # after a 500 the connection's state is suspect; a 503 (unhealthy) is an answer
         keep_alive = wants_keep_alive(request) and (response.status < 500 or
                                                     response.status == 503)
@@ -1988,6 +2652,7 @@ class HttpServer:
             except asyncio.LimitOverrunError:
                 raise HttpError(431, f"request headers over {MAX_HEADER_BYTES} bytes") from None
         request = self._parse(head[:-4].lstrip(b"\r\n"))
+        request.reader = reader
         length = body_length(request)
         if request.headers.get("expect", "").lower() == "100-continue":
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -2164,38 +2829,23 @@ def accepts_gzip(request: Request) -> bool:
     return False
 
 
-#: under churn an answer is served for this many times the time it took to build
-STALE_FACTOR = 3
-#: ... and never longer than this (seconds)
-MAX_STALE = 0.05
-
-
 class CachedAnswer:
     """The latest answer of one view (plain, and gzipped once asked for)."""
 
-    __slots__ = ("_gzipped", "built", "length", "plain", "stamp", "started")
+    __slots__ = ("_gzipped", "length", "plain", "stamp")
 
-    def __init__(self, stamp: tuple[int, int], body: bytes, started: float):
+    def __init__(self, stamp: tuple[int, int], body: bytes):
         self.stamp = stamp
         self.plain = Response.cached(body)
         self.length = len(body)
         self._gzipped: Response | None = None
-        self.started = started
-        self.built = time.monotonic()
-
-    def reusable(self) -> bool:
-        """Out of date but young: rebuilding now would make building the daemon's main work."""
-        age = time.monotonic() - self.built
-        return age < MAX_STALE and age < STALE_FACTOR * (self.built - self.started)
 
     def gzipped(self) -> Response:
         if self._gzipped is None:
-            started = time.monotonic()
             file = self.plain.file
             body = os.pread(file.file.fileno(), file.length, len(file.head)) if file \
                 else self.plain.body
             self._gzipped = Response.cached(gzip.compress(body, 5, mtime=0), dict(GZIP_HEADERS))
-            self.started -= time.monotonic() - started  # its cost counts as building
         return self._gzipped
 
 
@@ -2204,16 +2854,21 @@ class Api:
 
     def __init__(self, daemon: Daemon):
         self.daemon = daemon
+        discoveries = self.watched(self.discoveries, discoveries_view)
         self.routes: dict[str, dict[str, Callable[[Request], Any]]] = {
-            "/": {"GET": self.discoveries},
-            "/v1/discoveries": {"GET": self.discoveries},
-            "/v1/discovery": {"GET": self.discovery},
-            "/v1/resolve": {"GET": self.resolve},
-            "/v1/labels": {"POST": self.add_labels, "DELETE": self.delete_labels},
+            "/": {"GET": discoveries},
+            "/v1/discoveries": {"GET": discoveries},
+            "/v1/discovery": {"GET": self.watched(self.discovery, lambda r: ("discovery",))},
+            "/v1/resolve": {"GET": self.watched(self.resolve, resolve_view)},
+            "/v1/labels": {"GET": self.list_labels, "POST": self.add_labels,
+                           "DELETE": self.delete_labels},
+            "/v1/events": {"GET": self.events},
             "/v1/health": {"GET": self.health},
             "/metrics": {"GET": self.metrics},
+            PAGE_PATH: {"GET": self.page},
         }
-        self.prefix_routes = {"/v1/prometheus/": {"GET": self.prometheus}}
+        self.prefix_routes = {"/v1/prometheus/": {
+            "GET": self.watched(self.prometheus, prometheus_view)}}
         self.token = daemon.config.token.encode("utf-8", "surrogateescape")
         self._answers: dict[tuple[Any, ...], CachedAnswer] = {}  # view -> its latest answer
         self._renderers: dict[tuple[str, ...], BlockRenderer] = {}
@@ -2223,6 +2878,10 @@ class Api:
     # dispatch ----------------------------------------------------------------
     async def handle(self, request: Request) -> Response:
         try:
+            if request.path in ("/", PAGE_PATH) and request.method in ("GET", "HEAD") and (
+                    request.path == PAGE_PATH or
+                    prefers_html(request.headers.get("accept", ""))):
+                return self.page(request)  # holds no data: served without the token
             self.authorize(request)
             handler = self.route(request)
             response = handler(request)
@@ -2269,34 +2928,29 @@ class Api:
         An answer showing last_check can change only when the registry does or
         the second ticks over (its resolution); one without it (Prometheus,
         resolve) only when the registry does. Only the latest answer of each view
-        is kept. Under label churn (a new version between any two requests) an
-        answer showing last_check (already up to a second old by design) is
-        reused for STALE_FACTOR times as long as it took to build, at most
-        MAX_STALE: rebuilding then takes at most a quarter of the daemon's time.
+        is kept, and it is exact for the registry version it is served at: a
+        blocking query woken by a change gets a body that shows it (SPEC 8).
         """
         self.daemon.expire()
         stamp = (self.daemon.registry.version, int(time.time()) if timed else 0)
         answer = self._answers.get(key)
-        if answer is None or (answer.stamp != stamp and not (timed and answer.reusable())):
+        if answer is None or answer.stamp != stamp:
             if answer is None and len(self._answers) > 64:
                 self._answers.clear()
-            started = time.monotonic()
-            body = build()
-            answer = self._answers[key] = CachedAnswer(stamp, body, started)
+            answer = self._answers[key] = CachedAnswer(stamp, build())
         if answer.length < 1024 or not accepts_gzip(request):
             return answer.plain.copy()
         return answer.gzipped().copy()
 
     # handlers ----------------------------------------------------------------
     def discoveries(self, request: Request) -> Response:
-        labels = split_list(request.param("labels") or "")
-        prefixes = split_list(request.param("prefixes") or "")
-        view = ("labels", *labels) if labels else ("prefixes", *prefixes) if prefixes \
-            else ("all",)
-        if view == ("all",):
+        view = discoveries_view(request)
+        if view == ("all",):  # the hot answer: a join of kept per-host blocks
             return self.cached(request, view, lambda: self._all.render(self.daemon.registry))
+        labels = list(view[1:]) if view[0] == "labels" else []
+        prefixes = list(view[1:]) if view[0] == "prefixes" else []
         return self.cached(request, view, lambda: self.renderer(view).render(
-            select_packets(self.daemon.registry.packets(), labels, prefixes)))
+            select_packets(self.daemon.registry.packets(having=labels), labels, prefixes)))
 
     def renderer(self, view: tuple[str, ...]) -> BlockRenderer:
         """The block cache of one view: discoveries (all, by labels, by prefixes), a job."""
@@ -2314,6 +2968,13 @@ class Api:
                 found = BlockRenderer(lambda packet: packet_block(packet, self._label_blocks))
             self._renderers[view] = found
         return found
+
+    def page(self, request: Request) -> Response:
+        """The page for people (SPEC 12); at / it depends on Accept, and says so."""
+        headers = dict(PAGE_HEADERS)
+        if request.path == "/":
+            headers["Vary"] = "Accept"
+        return Response(200, PAGE_BYTES, HTML_TYPE, headers)
 
     def discovery(self, request: Request) -> Response:
         self.daemon.reread_labels()  # never older than the files (SPEC 3)
@@ -2341,13 +3002,27 @@ class Api:
             self.daemon.registry.packets()), timed=False)
 
     async def add_labels(self, request: Request) -> Response:
+        ttl_param = request.param("ttl")
+        try:
+            ttl = None if ttl_param is None else parse_ttl(ttl_param)
+        except LabelError as exc:
+            raise HttpError(400, f"{exc}; nothing was changed") from None
         labels = self.request_labels(request)
         if len(set(self.daemon.labels).union(labels)) > MAX_LABELS:
             raise HttpError(400, f"a host may carry at most {MAX_LABELS} labels")
+        if ttl is not None:
+            await self.daemon.add_leases(labels, ttl)
+            return Response(200, b"OK", TEXT_TYPE)
         return await self.change_labels(labels, ())
 
     async def delete_labels(self, request: Request) -> Response:
-        return await self.change_labels((), self.request_labels(request))
+        labels = self.request_labels(request)
+        await self.daemon.end_leases(labels)  # a lease and a runtime label: both go
+        return await self.change_labels((), labels)
+
+    def list_labels(self, request: Request) -> Response:
+        """Where every local label comes from (SPEC 9)."""
+        return Response(200, render_json(self.daemon.label_sources()))
 
     def request_labels(self, request: Request) -> list[str]:
         try:
@@ -2370,6 +3045,455 @@ class Api:
             raise HttpError(status, f"cannot save runtime labels to {path}: "
                             f"{exc.strerror or exc}; nothing was changed") from None
         return Response(200, b"OK", TEXT_TYPE)
+
+    # watching (SPEC 8) -------------------------------------------------------
+    def watched(self, handler: Callable[[Request], Response],
+                view_of: Callable[[Request], tuple[str, ...]]) -> Callable[[Request], Any]:
+        """`handler` answering with X-Lobby-Index, held while ?index= is still current."""
+        def answer(request: Request) -> Response | Awaitable[Response]:
+            view = view_of(request)
+            index = parse_index(request.param("index"))
+            wait = parse_wait(request.param("wait"))
+            if index is not None:
+                return self._held(handler, request, view, index, wait)
+            return self.with_index(handler(request), view)  # no coroutine: the hot path
+        return answer
+
+    async def _held(self, handler: Callable[[Request], Response], request: Request,
+                    view: tuple[str, ...], index: int, wait: float) -> Response:
+        self.daemon.expire()
+        await self.daemon.watch.hold(view, index, wait, request.reader)
+        return self.with_index(handler(request), view)
+
+    def with_index(self, response: Response, view: tuple[str, ...]) -> Response:
+        # after the body: the index then describes what the body shows
+        response.headers["X-Lobby-Index"] = str(self.daemon.watch.index(view))
+        return response
+
+    def events(self, request: Request) -> Response:
+        view = discoveries_view(request)
+        watch = self.daemon.watch
+        return Response(200, b"", EVENTS_TYPE,
+                        stream=lambda reader, writer: watch.stream(view, reader, writer))
+
+
+###############################################################################
+# Watchers: per-answer indexes, blocking queries and event streams (SPEC 8).
+# The registry notes which hosts changed (a keep-alive is no change); each batch
+# is matched to the watched answers by the labels a host gained or lost, then
+# diffed exactly, so it wakes exactly the watchers whose answer it touches.
+###############################################################################
+
+DEFAULT_WAIT = 300.0
+MAX_WAIT = 600.0
+WAIT_RE = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,6})?)(ms|s|m|h)?")
+WAIT_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+INDEX_RE = re.compile(r"[0-9]{1,19}")
+EVENTS_TYPE = "text/event-stream; charset=UTF-8"
+#: bytes an event stream may have queued for a client that does not read, over
+#: what the kernel holds: past it the client is dropped, never slowing anyone
+STREAM_BUFFER = 256 * 1024
+STREAM_HEARTBEAT = 15.0
+#: answers whose index is tracked while nobody waits on them (most recently asked)
+MAX_IDLE_VIEWS = 256
+HOLD_SWEEP = 2.0
+
+
+def parse_index(value: str | None) -> int | None:
+    """?index=N: a non-negative integer, or None when absent; HttpError 400 otherwise."""
+    if value is None:
+        return None
+    if not INDEX_RE.fullmatch(value.strip()):
+        raise HttpError(400, f"index={show(value)}: expected a non-negative integer")
+    return int(value)
+
+
+def parse_wait(value: str | None) -> float:
+    """?wait=D: 30s, 5m, 1h, 250ms or plain seconds; cut to MAX_WAIT; HttpError 400."""
+    if value is None:
+        return DEFAULT_WAIT
+    match = WAIT_RE.fullmatch(value.strip())
+    if not match:
+        raise HttpError(400, f"wait={show(value)}: expected a duration like 30s, 5m or 90")
+    return min(MAX_WAIT, float(match[1]) * WAIT_UNITS[match[2]])
+
+
+def discoveries_view(request: Request) -> tuple[str, ...]:
+    """The answer /v1/discoveries and /v1/events give: `labels` wins over `prefixes`."""
+    labels = split_list(request.param("labels") or "")
+    if labels:
+        return ("labels", *labels)
+    prefixes = split_list(request.param("prefixes") or "")
+    return ("prefixes", *prefixes) if prefixes else ("all",)
+
+
+def resolve_view(request: Request) -> tuple[str, ...]:
+    label = request.param("label")
+    if not label:
+        raise HttpError(400, "missing query parameter: label")
+    return ("resolve", label)
+
+
+def prometheus_view(request: Request) -> tuple[str, ...]:
+    return ("prometheus", request.path[len("/v1/prometheus/"):])
+
+
+def view_content(view: tuple[str, ...], hostname: str, labels: tuple[str, ...] | None,
+                 port: int) -> Any:
+    """What one host contributes to an answer (None: nothing), last_check left out."""
+    if labels is None:
+        return None
+    kind = view[0]
+    if kind == "all":
+        return labels
+    if kind == "labels":
+        found: Any = tuple(label for label in labels if label in view[1:])
+    elif kind == "prefixes":
+        found = tuple(label for label in labels if label.startswith(view[1:]))
+    elif kind == "resolve":
+        found = view[1] in labels
+    elif kind == "prometheus":
+        found = prometheus_group(view[1], Packet(hostname, labels), port)
+    else:
+        return None
+    return found or None
+
+
+Changes = Mapping[str, tuple[Optional[tuple[str, ...]], str]]  # evaluated: no `|` on 3.9
+
+
+def view_changes(view: tuple[str, ...], changes: Changes, hosts: Mapping[str, list[Any]],
+                 port: int, first_only: bool = False) -> list[tuple[str, str, Any]]:
+    """(event, hostname, detail) for each host whose part of the answer changed.
+
+    event is joined/changed (detail: the host's part) or left (detail: goodbye,
+    expired, or unmatched when the host is still there but no longer matches).
+    """
+    found = []
+    for hostname, (before_labels, left) in changes.items():
+        entry = hosts.get(hostname)
+        before = view_content(view, hostname, before_labels, port)
+        after = view_content(view, hostname, None if entry is None else entry[0], port)
+        if before == after:
+            continue
+        if before is None:
+            found.append(("joined", hostname, after))
+        elif after is None:
+            found.append(("left", hostname, left if entry is None else "unmatched"))
+        else:
+            found.append(("changed", hostname, after))
+        if first_only:
+            break
+    return found
+
+
+def view_triggers(view: tuple[str, ...]) -> tuple[frozenset[str], tuple[str, ...], bool]:
+    """What can touch an answer: (these labels, labels with these prefixes, any change).
+
+    A host's change touches an answer only through the labels it gained or lost,
+    so the registry's changes are matched to answers by label, not answer by answer.
+    """
+    kind = view[0]
+    if kind == "all":
+        return frozenset(), (), True
+    if kind in ("labels", "resolve"):
+        return frozenset(view[1:]), (), False
+    if kind == "prefixes":
+        return frozenset(), view[1:], False
+    if kind == "prometheus":
+        return frozenset(), (f"prometheus:{view[1]}",), False
+    return frozenset(), (), False  # ("discovery",): the local packet, not the registry
+
+
+def touched_views(changes: Changes, hosts: Mapping[str, list[Any]],
+                  by_label: Mapping[str, set[tuple[str, ...]]],
+                  by_prefix: Mapping[tuple[str, ...], tuple[str, ...]],
+                  everything: Iterable[tuple[str, ...]]
+                  ) -> dict[tuple[str, ...], dict[str, tuple[tuple[str, ...] | None, str]]]:
+    """View -> the changes that may touch it (view_changes() then says exactly).
+
+    Runs for every label change of the fleet: plain loops, no sets but the diff.
+    """
+    found: dict[tuple[str, ...], dict[str, tuple[tuple[str, ...] | None, str]]] = {}
+    every = tuple(everything)
+    prefixed = tuple(by_prefix.items())
+    any_prefix = tuple(prefix for _view, prefixes in prefixed for prefix in prefixes)
+    watched = by_label.keys()
+    for hostname, change in changes.items():
+        before = change[0]
+        entry = hosts.get(hostname)
+        after = None if entry is None else entry[0]
+        if before == after:
+            continue  # changed and changed back
+        for view in every:
+            found.setdefault(view, {})[hostname] = change
+        if not any_prefix and (before is None or watched.isdisjoint(before)) and \
+                (after is None or watched.isdisjoint(after)):
+            continue  # the common case: no watched label among them (C-speed test)
+        diff: Iterable[str] = (after if before is None else before if after is None
+                               else set(before).symmetric_difference(after))
+        for label in diff:
+            views = by_label.get(label)
+            if views:
+                for view in views:
+                    found.setdefault(view, {})[hostname] = change
+            if any_prefix and label.startswith(any_prefix):
+                for view, prefixes in prefixed:
+                    if label.startswith(prefixes):
+                        found.setdefault(view, {})[hostname] = change
+    return found
+
+
+def sse_event(event: str, data: str, event_id: int | None = None) -> bytes:
+    """One Server-Sent Event; every line of `data` gets its own data: field."""
+    lines = [] if event_id is None else [f"id: {event_id}"]
+    lines.append(f"event: {event}")
+    lines += [f"data: {line}" for line in data.replace("\r\n", "\n").split("\n")]
+    return ("\n".join(lines) + "\n\n").encode("utf-8")
+
+
+def sse_json(value: Any) -> str:
+    """An event's data: JSON on one line."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def stream_events(changes: list[tuple[str, str, Any]], hosts: Mapping[str, list[Any]],
+                  index: int) -> bytes:
+    """The SSE text of one batch of changes to a discoveries answer."""
+    out = []
+    for event, hostname, detail in changes:
+        if event == "left":
+            data = {"hostname": hostname, "reason": detail}
+        else:
+            data = Packet(hostname, detail, int(hosts[hostname][1])).to_json()
+        out.append(sse_event(event, sse_json(data), index))
+    return b"".join(out)
+
+
+class View:
+    """One watched answer: its index, the requests held on it, the streams following it."""
+
+    __slots__ = ("index", "key", "streams", "waiters")
+
+    def __init__(self, key: tuple[str, ...], index: int):
+        self.key = key
+        self.index = index
+        self.waiters: dict[asyncio.Future[None], asyncio.StreamReader | None] = {}
+        #: stream -> bytes it may have waiting before it is dropped
+        self.streams: dict[asyncio.StreamWriter, int] = {}
+
+
+class Watchers:
+    """Indexes of answers, and who waits for them to change.
+
+    An answer's index is the value of a counter (starting at the start time in
+    ms, so a restarted daemon never reuses an old index) when its content last
+    changed. Views are created on demand; an idle view forgotten and asked for
+    again gets a fresh index, which costs its client one early answer.
+    """
+
+    def __init__(self, registry: Registry, local: Callable[[], Packet],
+                 expire: Callable[[], None], port: int):
+        self.registry = registry
+        self.local = local
+        self.expire = expire
+        self.port = port
+        self.counter = time.time_ns() // 1_000_000
+        self.views: dict[tuple[str, ...], View] = {}
+        self.by_label: dict[str, set[tuple[str, ...]]] = {}
+        self.by_prefix: dict[tuple[str, ...], tuple[str, ...]] = {}
+        self.everything: set[tuple[str, ...]] = set()
+        self._snapshots: dict[tuple[Any, ...], bytes] = {}
+        self._local_seen: tuple[Any, ...] | None = None
+        self._scheduled = False
+        self._sweeping = False
+        self.closed = False
+
+    # change detection ------------------------------------------------------
+    def poke(self) -> None:
+        """The registry or the local labels changed: diff at the next loop turn."""
+        if not self._scheduled:
+            self._scheduled = True
+            with contextlib.suppress(RuntimeError):  # no loop (tests): index() flushes
+                asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Apply the changes noted since the last flush to every view."""
+        self._scheduled = False
+        changes = self.registry.take_changes()
+        local_key = self.local()[:2]  # hostname, labels
+        local_changed = self._local_seen is not None and local_key != self._local_seen
+        self._local_seen = local_key
+        if not changes and not local_changed:
+            return
+        # every change moves the counter, watched or not: a view created later must
+        # never get an index that an earlier view of other content had
+        self.counter += 1
+        hosts = self.registry.hosts
+        candidates = touched_views(changes, hosts, self.by_label, self.by_prefix,
+                                   self.everything)
+        if local_changed and ("discovery",) in self.views:
+            candidates[("discovery",)] = {}
+        for key, subset in candidates.items():
+            view = self.views[key]
+            touched: list[Any] = [True] if key == ("discovery",) else view_changes(
+                key, subset, hosts, self.port, first_only=not view.streams)
+            if not touched:
+                continue
+            view.index = self.counter
+            for waiter in view.waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            view.waiters.clear()
+            if view.streams:
+                self.send(view, stream_events(touched, hosts, view.index))
+
+    def _flush_pending(self) -> None:
+        # a change of the local labels or hostname pokes too: no need to look at them
+        if self._scheduled or self.registry.changes:
+            self.flush()
+
+    def view(self, key: tuple[str, ...]) -> View:
+        """The view of an answer, up to date, created if new."""
+        self._flush_pending()
+        found = self.views.pop(key, None)
+        if found is None:
+            found = View(key, self.counter)
+            self._forget_idle()
+            if key == ("discovery",) and self._local_seen is None:
+                self._local_seen = self.local()[:2]  # what a later flush compares with
+            labels, prefixes, everything = view_triggers(key)
+            for label in labels:
+                self.by_label.setdefault(label, set()).add(key)
+            if prefixes:
+                self.by_prefix[key] = prefixes
+            if everything:
+                self.everything.add(key)
+        self.views[key] = found  # last: the most recently asked
+        return found
+
+    def index(self, key: tuple[str, ...]) -> int:
+        return self.view(key).index
+
+    def _forget_idle(self) -> None:
+        idle = [key for key, view in self.views.items() if not view.waiters and not view.streams]
+        for key in idle[:max(0, len(idle) - MAX_IDLE_VIEWS + 1)]:
+            del self.views[key]
+            for label in view_triggers(key)[0]:
+                self.by_label[label].discard(key)
+                if not self.by_label[label]:
+                    del self.by_label[label]
+            self.by_prefix.pop(key, None)
+            self.everything.discard(key)
+
+    # blocking queries -------------------------------------------------------
+    async def hold(self, key: tuple[str, ...], index: int, wait: float,
+                   reader: asyncio.StreamReader | None) -> None:
+        """Return when the answer's index is no longer `index`, after `wait`
+        seconds, when the client leaves, or at shutdown."""
+        view = self.view(key)
+        if view.index != index or self.closed:
+            return
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        view.waiters[waiter] = reader
+        timer = loop.call_later(wait, lambda: waiter.done() or waiter.set_result(None))
+        if not self._sweeping:
+            self._sweeping = True
+            loop.call_later(HOLD_SWEEP, self._sweep)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            view.waiters.pop(waiter, None)
+
+    def _sweep(self) -> None:
+        """Release requests whose client has gone: their connections count."""
+        waiting = False
+        for view in self.views.values():
+            for waiter, reader in list(view.waiters.items()):
+                if reader is not None and reader.at_eof() and not waiter.done():
+                    waiter.set_result(None)
+                waiting = True
+        self._sweeping = waiting and not self.closed
+        if self._sweeping:
+            asyncio.get_running_loop().call_later(HOLD_SWEEP, self._sweep)
+
+    # event streams ------------------------------------------------------------
+    async def stream(self, key: tuple[str, ...], reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        """GET /v1/events: the head, a snapshot, then the changes until the client leaves."""
+        self.expire()
+        view = self.view(key)
+        writer.write(("HTTP/1.1 200 OK\r\nContent-Type: " + EVENTS_TYPE + "\r\n"
+                      "Cache-Control: no-cache\r\nConnection: close\r\n"
+                      f"X-Lobby-Index: {view.index}\r\n\r\n").encode("latin-1"))
+        snapshot = self.snapshot(view)
+        writer.write(snapshot)
+        if self.closed:
+            return
+        # no await since the snapshot: no change is missed. Until the snapshot is
+        # read, a big one must not count against the client.
+        view.streams[writer] = len(snapshot) + STREAM_BUFFER
+        loop = asyncio.get_running_loop()
+        heartbeat = loop.call_later(STREAM_HEARTBEAT, self._heartbeat, view, writer)
+        try:
+            with deadline(writer, WRITE_TIMEOUT):
+                await writer.drain()
+            if writer in view.streams:
+                view.streams[writer] = STREAM_BUFFER
+            while await reader.read(4096):
+                pass  # the client has nothing to say; EOF or an abort ends the stream
+        finally:
+            view.streams.pop(writer, None)
+            heartbeat.cancel()
+
+    def snapshot(self, view: View) -> bytes:
+        """The first event of a stream; built once per answer and second, like GETs."""
+        cache_key = (view.key, view.index, self.registry.version, int(time.time()))
+        found = self._snapshots.get(cache_key)
+        if found is None:
+            key = view.key
+            labels = list(key[1:]) if key[0] == "labels" else []
+            packets = select_packets(self.registry.packets(having=labels), labels,
+                                     list(key[1:]) if key[0] == "prefixes" else [])
+            if len(self._snapshots) > 16:
+                self._snapshots.clear()
+            found = self._snapshots[cache_key] = sse_event(
+                "snapshot", sse_json([p.to_json() for p in packets]), view.index)
+        return found
+
+    def _heartbeat(self, view: View, writer: asyncio.StreamWriter) -> None:
+        if writer in view.streams:
+            self.send_to(writer, b": keep-alive\n\n", view.streams[writer])
+            asyncio.get_running_loop().call_later(STREAM_HEARTBEAT, self._heartbeat, view,
+                                                  writer)
+
+    def send(self, view: View, data: bytes) -> None:
+        for writer, allowance in list(view.streams.items()):
+            self.send_to(writer, data, allowance)
+
+    @staticmethod
+    def send_to(writer: asyncio.StreamWriter, data: bytes, allowance: int) -> None:
+        """Queue without waiting; a client that lets `allowance` bytes pile up is dropped."""
+        transport = writer.transport
+        if transport.is_closing():
+            return
+        if transport.get_write_buffer_size() > allowance:
+            log.info("event stream: the client reads too slowly, dropped")
+            transport.abort()
+            return
+        transport.write(data)
+
+    def close(self) -> None:
+        """Shutdown: answer every held request and end every stream, now."""
+        self.closed = True
+        for view in self.views.values():
+            for waiter in view.waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            for writer in list(view.streams):
+                writer.transport.abort()
 
 
 ###############################################################################
@@ -2491,6 +3615,119 @@ class CallbackRunner:
 def kill_group(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
+
+
+###############################################################################
+# Check runner: one task per check, each probe bounded by its timeout.
+###############################################################################
+
+HTTP_CHECK_READ = 4096
+CHECK_OUTPUT_KEPT = 1024
+
+
+async def probe_http(url: str) -> tuple[bool, str]:
+    """GET the URL; 2xx passes. No redirect is followed, at most HTTP_CHECK_READ bytes read."""
+    parts = urlsplit(url)
+    tls = parts.scheme == "https"
+    host = parts.hostname or ""
+    reader, writer = await asyncio.open_connection(
+        host, parts.port or (443 if tls else 80),
+        ssl=ssl.create_default_context() if tls else None)
+    try:
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        netloc = parts.netloc.rpartition("@")[2]
+        writer.write(f"GET {target} HTTP/1.0\r\nHost: {netloc}\r\nUser-Agent: lobbyd/"
+                     f"{__version__}\r\nConnection: close\r\n\r\n".encode())
+        head = b""
+        while b"\n" not in head and len(head) < HTTP_CHECK_READ:
+            chunk = await reader.read(HTTP_CHECK_READ - len(head))
+            if not chunk:
+                break
+            head += chunk
+    finally:
+        writer.close()
+    status = head.split(b"\n", 1)[0].decode("latin-1").strip()
+    match = re.fullmatch(r"HTTP/[0-9.]+ ([0-9]{3})(?: .*)?", status)
+    if not match:
+        return False, f"not an HTTP answer: {show(status)}"
+    return 200 <= int(match[1]) < 300, status
+
+
+async def probe_tcp(target: str) -> tuple[bool, str]:
+    host, port = split_host_port("tcp", target)
+    _reader, writer = await asyncio.open_connection(host, port)
+    writer.close()
+    return True, f"connected to {target}"
+
+
+async def probe_exec(argv: Sequence[str], timeout: float) -> tuple[bool, str]:
+    """Run the command in a process group of its own; exit 0 passes. At the timeout
+    (or if the check is stopped) the whole group is killed."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+    timed_out: list[bool] = []
+
+    def time_out() -> None:
+        timed_out.append(True)
+        kill_group(proc.pid)
+
+    timer = asyncio.get_running_loop().call_later(timeout, time_out)
+    reading = asyncio.ensure_future(CallbackRunner._read_output(proc))
+    try:
+        code = await proc.wait()
+        await asyncio.wait([reading], timeout=0.5)  # a grandchild may keep the pipe
+    finally:
+        timer.cancel()
+        reading.cancel()
+        if proc.returncode is None:
+            kill_group(proc.pid)
+    output = reading.result() if reading.done() and not reading.cancelled() else ""
+    if timed_out:
+        return False, f"still running after {timeout:g}s: killed"
+    return code == 0, f"exit {code}" + (f": {output}" if output else "")
+
+
+async def run_probe(spec: CheckSpec) -> tuple[bool, str]:
+    """(passed, what happened) of one run; never raises but for cancellation."""
+    try:
+        if spec.kind == "exec":
+            passed, output = await probe_exec(spec.argv, spec.timeout)
+        else:
+            probe = probe_http(spec.target) if spec.kind == "http" else probe_tcp(spec.target)
+            passed, output = await asyncio.wait_for(probe, spec.timeout)
+    except asyncio.TimeoutError:
+        passed, output = False, f"no answer within {spec.timeout:g}s"
+    except (OSError, ValueError, CheckError) as exc:
+        passed, output = False, describe_error(exc)
+    return passed, output[:CHECK_OUTPUT_KEPT]
+
+
+class CheckRunner:
+    """Runs one check for ever, one run at a time, and reports when it goes up or down."""
+
+    def __init__(self, spec: CheckSpec, on_change: Callable[[CheckRunner], None]):
+        self.spec = spec
+        self.state = CheckState(spec.rise, spec.fall)
+        self.on_change = on_change
+        self.task: asyncio.Future[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.ensure_future(self.run())
+
+    def stop(self) -> None:
+        """Cancelled mid-run, an exec probe kills its process group on the way out."""
+        if self.task is not None:
+            self.task.cancel()
+
+    async def run(self) -> None:
+        while True:
+            passed, output = await run_probe(self.spec)
+            if self.state.record(passed, output, time.time()):
+                log.info("check %s is %s: %s", self.spec.name,
+                         "up" if self.state.up else "down", output or "-")
+                self.on_change(self)
+            await asyncio.sleep(self.spec.interval)
 
 
 ###############################################################################
@@ -2687,7 +3924,14 @@ class Daemon:
     def __init__(self, config: Config, environ: Mapping[str, str]):
         self.config = config
         self.environ = environ
-        self.registry = Registry(config.ttl)
+        kv = config.discovery_mode == "kv"  # the hosts bucket says who left, not silence
+        self.registry = Registry(math.inf if kv else config.ttl)
+        self.watch = Watchers(self.registry, self.local_packet, self.expire,
+                              config.node_exporter_port)
+        self.leases = Leases()
+        self.checks: dict[str, CheckRunner] = {}
+        self._checks_reported: dict[str, str] = {}
+        self._lease_timer: asyncio.TimerHandle | None = None
         self.label_cache = LabelCache()
         self.local_labels = LocalLabels(config.labels, Path(config.labels_path))
         self.runtime = RuntimeLabels(config.runtime_labels_file)
@@ -2701,7 +3945,8 @@ class Daemon:
         self.http = HttpServer(self.api.handle)
         self.transports: list[Transport] = [
             TRANSPORTS[kind](config, environ, f"lobbyd {self.hostname}", self.on_connect,
-                             self.tell_systemd) for kind in config.driver]
+                             self.tell_systemd)
+            for kind in (("NATS-KV",) if kv else config.driver)]
         self.callback = (CallbackRunner(config.callback, config.callback_cooldown,
                                         config.callback_first_run_delay,
                                         config.callback_timeout, self.registry_json)
@@ -2724,6 +3969,7 @@ class Daemon:
             if self.registry.apply_goodbye(self.hostname):
                 self.registry_changed()
             self.hostname = hostname
+        self.refresh_checks()
         if not self.label_lock.locked():  # mid-save the file is older than our labels
             self.set_labels(self.local_labels.collect())
 
@@ -2742,6 +3988,7 @@ class Daemon:
                                               if len(labels) > 20 else "")
             log.info("local labels: %s", shown or "(none)")
             self.labels = labels
+            self.watch.poke()
 
     async def change_runtime_labels(self, add: Sequence[str], remove: Sequence[str]) -> None:
         """Publish the new labels at once, then save them (two fsyncs) off the event loop.
@@ -2764,8 +4011,81 @@ class Daemon:
                 await self.publish_local()
                 raise
 
+    # leases and checks (SPEC 9) -------------------------------------------------
+    async def add_leases(self, labels: Sequence[str], ttl: int) -> None:
+        """Lease or re-lease labels; published at once when one is new."""
+        if self.leases.add(labels, ttl, time.monotonic()):
+            self.extra_labels_changed("leases", self.leases.labels())
+            await self.publish_local()
+        self._schedule_lease_end()
+
+    async def end_leases(self, labels: Sequence[str]) -> None:
+        if self.leases.remove(labels):
+            self.extra_labels_changed("leases", self.leases.labels())
+            await self.publish_local()
+            self._schedule_lease_end()
+
+    def _schedule_lease_end(self) -> None:
+        if self._lease_timer is not None:
+            self._lease_timer.cancel()
+        end = self.leases.next_end()
+        self._lease_timer = None if end is None else asyncio.get_running_loop().call_later(
+            max(0.0, end - time.monotonic()), self._end_due_leases)
+
+    def _end_due_leases(self) -> None:
+        ended = self.leases.expire(time.monotonic())
+        if ended and not self._stopping:
+            log.info("lease ended: %s", ", ".join(ended[:20]))
+            self.extra_labels_changed("leases", self.leases.labels())
+            self.schedule(self.publish_local())
+        self._schedule_lease_end()
+
+    def extra_labels_changed(self, source: str, labels: tuple[str, ...]) -> None:
+        self.local_labels.extra[source] = labels
+        self.set_labels(self.local_labels.union())
+
+    def refresh_checks(self) -> None:
+        """Re-read CHECKS_PATH: start new checks, stop removed or edited ones."""
+        specs, problems = scan_check_dir(Path(self.config.checks_path))
+        for path, problem in problems.items():
+            if self._checks_reported.get(path) != problem:
+                log.warning("check file %s: %s; skipped", path, problem)
+        self._checks_reported = problems
+        gone = [name for name, runner in self.checks.items() if specs.get(name) != runner.spec]
+        for name in gone:
+            self.checks.pop(name).stop()
+            self.local_labels.extra.pop(f"check:{name}", None)  # refresh_local publishes
+        for name, spec in specs.items():
+            if name not in self.checks and not self._stopping:
+                self.checks[name] = CheckRunner(spec, self.on_check_change)
+                self.checks[name].start()
+
+    def on_check_change(self, runner: CheckRunner) -> None:
+        name = runner.spec.name
+        if self.checks.get(name) is runner and not self._stopping:
+            self.extra_labels_changed(f"check:{name}", runner.spec.labels if runner.state.up
+                                      else ())
+            self.schedule(self.publish_local())
+
+    def check_states(self) -> dict[str, dict[str, Any]]:
+        """name -> {"up", "since" (unix seconds), "output"}: for /v1/health and /metrics."""
+        return {name: {"up": runner.state.up, "since": int(runner.state.since),
+                       "output": runner.state.output}
+                for name, runner in sorted(self.checks.items())}
+
+    def label_sources(self) -> dict[str, Any]:
+        """GET /v1/labels: every local label by where it comes from."""
+        self.reread_labels()
+        files = self.local_labels.by_file()
+        runtime = files.pop(self.runtime.path.name, [])
+        return {"env": sorted(set(self.config.labels)), "files": files, "runtime": runtime,
+                "leases": self.leases.seconds_left(time.monotonic()),
+                "checks": {name: {"labels": list(runner.spec.labels), "up": runner.state.up}
+                           for name, runner in sorted(self.checks.items())}}
+
     # registry ------------------------------------------------------------------
     def registry_changed(self) -> None:
+        self.watch.poke()
         if self.callback:
             self.callback.notify()
 
@@ -2906,10 +4226,6 @@ class Daemon:
             "status": "ok" if healthy else "disconnected", "hostname": self.hostname,
             "version": __version__, "uptime_s": int(time.time() - self.started),
             "hosts": len(self.registry), "drivers": drivers, "checks": self.check_states()}
-
-    def check_states(self) -> dict[str, dict[str, Any]]:
-        """name -> {"up", "since", "output"} of every health check (SPEC 9)."""
-        return {}
 
     def metric_families(self) -> list[Family]:
         counters, transports = self.counters, self.transports
@@ -3061,6 +4377,11 @@ class Daemon:
         """Goodbye, flush, close: well under two seconds."""
         notify_systemd("STOPPING=1")
         self._stopping = True  # every loop checks it: a lost cancellation cannot hang us
+        self.watch.close()
+        for runner in self.checks.values():
+            runner.stop()
+        if self._lease_timer is not None:
+            self._lease_timer.cancel()
         if self.callback:
             self.callback.stop()
         for task in list(self.tasks):
@@ -3086,6 +4407,615 @@ def warn_about_timing(config: Config) -> None:
 def sync_chunk(items: list[str], done: bool) -> bytes:
     done_text = "true" if done else "false"
     return f'{{"hosts":[{",".join(items)}],"done":{done_text}}}'.encode()
+
+
+###############################################################################
+# The page (SPEC 12): one self-contained HTML document for people, served as it is.
+# Its script is one more client of the API (/v1/health, /v1/events): no data is in
+# the page, so it may be served without the token; everything it shows needs one.
+###############################################################################
+
+HTML_TYPE = "text/html; charset=UTF-8"
+#: where the page always is, whatever the Accept header says: a link to share
+PAGE_PATH = "/ui"
+
+
+def accept_ranges(accept: str) -> list[tuple[str, float]]:
+    """The media ranges of an Accept header with their q; a bad q counts as 0."""
+    ranges = []
+    for item in accept.split(","):
+        media, *params = item.split(";")
+        media = media.strip().lower()
+        if "/" not in media:
+            continue
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value.strip())
+                except ValueError:
+                    q = 0.0
+                if not 0.0 <= q <= 1.0:  # also NaN
+                    q = 0.0
+        ranges.append((media, q))
+    return ranges
+
+
+def accept_quality(ranges: Sequence[tuple[str, float]], media: str) -> float:
+    """The q an Accept header gives `media`: the most specific matching range decides."""
+    kind = media.split("/")[0] + "/*"
+    best, best_rank = 0.0, 0
+    for candidate, q in ranges:
+        rank = 3 if candidate == media else 2 if candidate == kind else \
+            1 if candidate == "*/*" else 0
+        if rank > best_rank or (rank == best_rank and rank and q > best):
+            best, best_rank = q, rank
+    return best
+
+
+def prefers_html(accept: str) -> bool:
+    """Whether an Accept header ranks text/html strictly above application/json.
+
+    A tie keeps JSON: no header, `*/*`, or both at the same q get what GET / always
+    answered. Browsers send `text/html,...,*/*;q=0.8`; curl `*/*`; scripts, Prometheus
+    and the lobby clients nothing or `application/json`.
+    """
+    if "html" not in accept.lower():  # nearly every client: the short way out
+        return False
+    ranges = accept_ranges(accept)
+    return accept_quality(ranges, "text/html") > accept_quality(ranges, "application/json")
+
+
+def page_headers(html: str) -> dict[str, str]:
+    """No cache keeps an old page; nothing but this page's own script runs in it."""
+    script = html.split("<script>", 1)[1].split("</script>", 1)[0]
+    digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode()
+    return {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY",
+            "Content-Security-Policy": (
+                f"default-src 'none'; script-src 'sha256-{digest}'; "
+                "style-src 'unsafe-inline'; connect-src 'self'; img-src data:; "
+                "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")}
+
+
+# The page: served byte for byte as it is here. Kept as a constant (like bottle's
+# error page) so the module stays one file; the data comes from the API at run time.
+PAGE_HTML = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<title>lobbyd</title>
+<link rel="icon" href="data:,">
+<style>
+:root {
+  --bg: #f5f6f8; --fg: #1b2230; --muted: #5d6878; --card: #fff; --line: #e1e5eb;
+  --chip: #edf0f5; --accent: #2456d6; --ok: #16813d; --bad: #c0262d; --warn: #a85d00;
+  --joined: #e3f6e8; --changed: #fdf3d8; --left: #fbe4e4; --focus: #2456d6;
+}
+@media (prefers-color-scheme: dark) {
+  :root {
+    --bg: #0e1116; --fg: #e4e8ef; --muted: #98a2b3; --card: #161b23; --line: #262e3b;
+    --chip: #222a37; --accent: #7aa7ff; --ok: #4ccf7a; --bad: #ff7a7a; --warn: #f5b544;
+    --joined: #163524; --changed: #3a3016; --left: #3f1d20; --focus: #9dbdff;
+  }
+}
+* { box-sizing: border-box; }
+html, body { margin: 0; background: var(--bg); color: var(--fg); }
+body { font: 15px/1.4 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial,
+       sans-serif; }
+header { position: sticky; top: 0; z-index: 2; background: var(--card);
+         border-bottom: 1px solid var(--line); padding: 10px 16px; }
+.bar, .tools, main { max-width: 1100px; margin: 0 auto; }
+.bar { display: flex; flex-wrap: wrap; gap: 6px 18px; align-items: baseline; }
+h1 { font-size: 18px; margin: 0; font-weight: 650; }
+h1 span { font-weight: 400; color: var(--muted); }
+#state { display: flex; flex-wrap: wrap; gap: 2px 16px; font-size: 13px; color: var(--muted);
+         flex: 1 1 300px; }
+#state b { color: var(--fg); font-weight: 600; }
+.dot { display: inline-block; width: 8px; height: 8px; border-radius: 50%; margin-right: 6px;
+       background: var(--muted); }
+.dot.ok { background: var(--ok); } .dot.bad { background: var(--bad); }
+.dot.warn { background: var(--warn); }
+.tools { display: flex; flex-wrap: wrap; gap: 8px; align-items: center; margin-top: 10px; }
+select, input, button { font: inherit; color: inherit; background: var(--bg);
+                        border: 1px solid var(--line); border-radius: 6px; padding: 6px 10px; }
+button { cursor: pointer; }
+#filter { flex: 1 1 220px; min-width: 0; }
+#count { font-size: 13px; color: var(--muted); white-space: nowrap; }
+:focus-visible { outline: 2px solid var(--focus); outline-offset: 1px; }
+kbd { font: 12px ui-monospace, monospace; border: 1px solid var(--line); border-radius: 4px;
+      padding: 0 4px; }
+#banner { display: none; max-width: 1100px; margin: 10px auto 0; padding: 8px 12px;
+          border-radius: 6px; background: var(--changed); font-size: 14px; }
+#banner.on { display: block; }
+main { padding: 10px 16px 48px; }
+#list { position: relative; --row: 58px; }
+.row { position: absolute; left: 0; right: 0; top: 0; height: var(--row); padding: 7px 12px;
+       background: var(--card); border: 1px solid var(--line); border-top: 0;
+       border-left: 3px solid transparent; overflow: hidden; }
+.row.first { border-top: 1px solid var(--line); }
+.row.joined { background: var(--joined); border-left-color: var(--ok); }
+.row.changed { background: var(--changed); border-left-color: var(--warn); }
+.row.left { background: var(--left); border-left-color: var(--bad); }
+.row.left .host { text-decoration: line-through; }
+.top { display: flex; gap: 12px; align-items: baseline; white-space: nowrap; }
+.host { font-weight: 600; overflow: hidden; text-overflow: ellipsis; flex: 1 1 auto;
+        font-family: ui-monospace, "SF Mono", Menlo, Consolas, monospace; font-size: 14px; }
+.age { color: var(--muted); font-size: 12.5px; flex: none; }
+.mark { font-size: 11px; font-weight: 700; text-transform: uppercase; letter-spacing: .04em; }
+.joined .mark { color: var(--ok); } .changed .mark { color: var(--warn); }
+.left .mark { color: var(--bad); }
+.chips { margin-top: 4px; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+.chip { display: inline-block; margin: 0 5px 0 0; padding: 1px 8px; border-radius: 999px;
+        border: 1px solid var(--line); background: var(--chip); font-size: 12.5px;
+        line-height: 18px; }
+.chip .k { color: var(--muted); }
+.chip .k::after { content: ":"; }
+.chip:hover { border-color: var(--accent); }
+.empty { padding: 28px 12px; text-align: center; color: var(--muted); background: var(--card);
+         border: 1px solid var(--line); }
+#ask { display: none; max-width: 420px; margin: 48px auto; padding: 20px; background: var(--card);
+       border: 1px solid var(--line); border-radius: 8px; }
+#ask.on { display: block; }
+#ask h2 { font-size: 17px; margin: 0 0 6px; }
+#ask p { margin: 0 0 12px; color: var(--muted); font-size: 14px; }
+#ask form { display: flex; gap: 8px; }
+#ask input { flex: 1; min-width: 0; }
+#why { color: var(--bad) !important; }
+.hidden { display: none !important; }
+@media (max-width: 600px) {
+  header { position: static; padding: 8px 10px; } main { padding: 8px 8px 40px; }
+  .age { font-size: 12px; } #count { flex-basis: 100%; }
+  #list { --row: 82px; }
+  .row { padding: 6px 10px; }
+  .chips { white-space: normal; max-height: 46px; line-height: 23px; }
+}
+</style>
+</head>
+<body>
+<header>
+  <div class="bar">
+    <h1>lobbyd <span id="self"></span></h1>
+    <div id="state" role="status" aria-live="polite"><span><span class="dot"></span>
+      connecting…</span></div>
+    <button id="forget" class="hidden" type="button">Forget token</button>
+  </div>
+  <form class="tools" id="tools" role="search">
+    <select id="mode" aria-label="Filter by">
+      <option value="labels">labels</option><option value="prefixes">prefixes</option>
+    </select>
+    <input id="filter" type="search" autocomplete="off" spellcheck="false"
+           placeholder="filter: service:web, location:dc1   (press / )"
+           aria-label="Filter hosts by labels or label prefixes, comma-separated">
+    <span id="count" aria-live="polite"></span>
+  </form>
+  <div id="banner" role="alert"></div>
+</header>
+<section id="ask" aria-labelledby="ask-title">
+  <h2 id="ask-title">This lobbyd needs its API token</h2>
+  <p>It is kept in this tab only (sessionStorage) and sent as an
+     <code>Authorization</code> header.</p>
+  <p id="why"></p>
+  <form id="token-form">
+    <input id="token" type="password" autocomplete="off" aria-label="API token"
+           placeholder="TOKEN">
+    <button type="submit">Show hosts</button>
+  </form>
+</section>
+<main id="main">
+  <div id="list" role="list" aria-label="hosts"></div>
+  <div id="empty" class="empty hidden"></div>
+</main>
+<script>
+"use strict";
+(() => {
+  let ROW = 58;
+  const OVERSCAN = 6, MARK_MS = 3000, SILENT_MS = 40000;
+  const $ = (id) => document.getElementById(id);
+  const list = $("list"), filterBox = $("filter"), modeBox = $("mode");
+  const hosts = new Map();   // hostname -> {h, labels, seen, mark, at, v}
+  let order = [];            // hostnames, sorted like the API sorts them
+  let pending = [], flushing = false, drawing = false;
+  let token = sessionStorage.getItem("lobbyd-token") || "";
+  let needToken = false, gen = 0, ctl = null, retries = 0, lastByte = 0, live = "connecting";
+  let skew = 0, health = null, healthError = "";
+  let serial = 0;  // every state a host has had gets a new number: what a row shows
+  const stats = {snapshotMs: null, firstRows: null, flushes: [], events: 0, seenPolls: [],
+                 snapshots: 0, recent: []};
+  window.lobbyStats = stats;
+
+  // filter <-> URL ---------------------------------------------------------------
+  const params = new URLSearchParams(location.search);
+  let mode = params.get("labels") ? "labels" : params.get("prefixes") ? "prefixes" : "labels";
+  let filterText = params.get(mode) || "";
+  modeBox.value = mode;
+  filterBox.value = filterText;
+  const items = () => filterText.split(",").map((s) => s.trim()).filter(Boolean);
+  function query() {
+    const wanted = items().join(",");
+    if (!wanted) return "";
+    return "?" + mode + "=" + encodeURIComponent(wanted).replace(/%3A/gi, ":")
+      .replace(/%2C/gi, ",").replace(/%2F/gi, "/");
+  }
+  let typing = 0;
+  function setFilter(newMode, text) {
+    mode = newMode; filterText = text; modeBox.value = mode;
+    if (filterBox.value !== text) filterBox.value = text;
+    history.replaceState(null, "", location.pathname + query());
+    window.scrollTo(0, 0);
+    follow();
+  }
+  filterBox.addEventListener("input", () => {
+    clearTimeout(typing);
+    typing = setTimeout(() => setFilter(modeBox.value, filterBox.value), 250);
+  });
+  modeBox.addEventListener("change", () => setFilter(modeBox.value, filterBox.value));
+  $("tools").addEventListener("submit", (e) => {
+    e.preventDefault(); clearTimeout(typing); setFilter(modeBox.value, filterBox.value);
+  });
+  document.addEventListener("keydown", (e) => {
+    const t = e.target;
+    const editing = t instanceof HTMLInputElement || t instanceof HTMLSelectElement;
+    if (e.key === "/" && !editing && !e.ctrlKey && !e.metaKey && !e.altKey) {
+      e.preventDefault(); filterBox.focus(); filterBox.select();
+    } else if (e.key === "Escape" && t === filterBox) {
+      if (filterBox.value) setFilter(mode, ""); else filterBox.blur();
+    }
+  });
+  list.addEventListener("click", (e) => {
+    const chip = e.target.closest(".chip");
+    if (chip) { setFilter("labels", chip.dataset.label); filterBox.focus(); }
+  });
+
+  // talking to lobbyd ---------------------------------------------------------------
+  const auth = () => (token ? {Authorization: "Token " + token} : {});
+  function refused() {
+    needToken = true; gen++;
+    if (ctl) ctl.abort();
+    hosts.clear(); order = []; pending = [];
+    $("why").textContent = token ? "That token was refused." : "";
+    $("ask").classList.add("on"); $("main").classList.add("hidden");
+    $("tools").classList.add("hidden"); banner("");
+    health = null; healthError = "waiting for the token"; showState(); draw();
+    $("token").focus();
+  }
+  $("token-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    token = $("token").value.trim();
+    if (!token) return;
+    sessionStorage.setItem("lobbyd-token", token);
+    $("token").value = "";
+    start();
+  });
+  $("forget").addEventListener("click", () => {
+    sessionStorage.removeItem("lobbyd-token"); token = ""; refused();
+  });
+
+  function start() {
+    needToken = false;
+    $("ask").classList.remove("on"); $("main").classList.remove("hidden");
+    $("tools").classList.remove("hidden"); $("forget").classList.toggle("hidden", !token);
+    pollHealth(); follow();
+  }
+
+  async function pollHealth() {
+    if (needToken) return;
+    try {
+      const r = await fetch("/v1/health", {headers: auth(), cache: "no-store"});
+      if (r.status === 403) { refused(); return; }
+      health = await r.json(); healthError = "";
+    } catch (err) {
+      health = null; healthError = "lobbyd does not answer";
+    }
+    showState();
+  }
+
+  // GET /v1/events through fetch(): EventSource cannot send the Authorization header,
+  // and a token in the URL would end up in logs and in the browser's history.
+  async function follow() {
+    const mine = ++gen;
+    if (ctl) ctl.abort();
+    const me = ctl = new AbortController();
+    if (needToken) return;
+    setLive(live === "live" ? "connecting" : live);
+    let r;
+    try {
+      r = await fetch("/v1/events" + query(), {headers: auth(), cache: "no-store",
+                                               signal: me.signal});
+    } catch (err) { again(mine); return; }
+    if (r.status === 403) { refused(); return; }
+    if (!r.ok || !r.body) {
+      banner(r.status === 400 ? "lobbyd refused this filter: " + (await r.text()) : "");
+      if (r.status !== 400) again(mine);
+      return;
+    }
+    const reader = r.body.getReader(), text = new TextDecoder();
+    let buf = "", from = 0;
+    lastByte = Date.now();
+    try {
+      for (;;) {
+        const {value, done} = await reader.read();
+        if (done || mine !== gen) break;
+        lastByte = Date.now();
+        buf += text.decode(value, {stream: true});
+        let cut;
+        while ((cut = buf.indexOf("\n\n", from)) >= 0) {
+          event(buf.slice(0, cut)); buf = buf.slice(cut + 2); from = 0;
+        }
+        from = Math.max(0, buf.length - 1);
+      }
+    } catch (err) { /* aborted, or lobbyd went away: both end in again() */ }
+    if (mine === gen) again(mine);
+  }
+
+  function again(mine) {
+    if (mine !== gen || needToken) return;
+    setLive("reconnecting");
+    const wait = Math.min(5000, 250 * 2 ** retries++);
+    setTimeout(() => { if (mine === gen) { pollHealth(); follow(); } }, wait);
+  }
+
+  setInterval(() => {  // a stream without even a keep-alive comment for 40 s is dead
+    if (live === "live" && Date.now() - lastByte > SILENT_MS && ctl) ctl.abort();
+  }, 5000);
+
+  function event(block) {
+    let name = "message", data = [];
+    for (const line of block.split("\n")) {
+      if (line.startsWith("event:")) name = line.slice(6).trim();
+      else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+    }
+    if (!data.length) return;   // a keep-alive comment
+    const value = JSON.parse(data.join("\n"));
+    stats.recent.push([Date.now() % 100000, name, value.hostname || value.length]);
+    if (stats.recent.length > 50) stats.recent.shift();
+    if (name === "snapshot") snapshot(value);
+    else { pending.push([name, value]); schedule(); }
+  }
+
+  // state ----------------------------------------------------------------------------
+  const cmp = (a, b) => (a < b ? -1 : a > b ? 1 : 0);
+  function where(name) {
+    let lo = 0, hi = order.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (order[mid] < name) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+  }
+  function noteClock(seen) {
+    const ahead = seen - Date.now() / 1000;  // lobbyd's clock ahead of ours
+    if (ahead > skew) skew = ahead;
+  }
+
+  function snapshot(packets) {
+    const t0 = performance.now();
+    pending = []; hosts.clear(); order = new Array(packets.length); stats.snapshots++;
+    for (let i = 0; i < packets.length; i++) {
+      const p = packets[i];
+      hosts.set(p.hostname, {h: p.hostname, labels: p.labels, seen: p.last_check, mark: "",
+                             at: 0, v: ++serial});
+      order[i] = p.hostname;
+      noteClock(p.last_check);
+    }
+    order.sort(cmp);
+    retries = 0; banner(""); setLive("live");
+    draw();
+    stats.snapshotMs = performance.now() - t0;
+    if (stats.firstRows === null && packets.length) {
+      requestAnimationFrame(() => requestAnimationFrame(() => {
+        stats.firstRows = performance.now();
+      }));
+    }
+  }
+
+  function schedule() {
+    if (flushing) return;
+    flushing = true;
+    requestAnimationFrame(flush);
+    setTimeout(flush, 250);   // a hidden tab gets no animation frames
+  }
+
+  function flush() {
+    if (!flushing) return;
+    flushing = false;
+    const t0 = performance.now(), batch = pending, now = Date.now(), added = [];
+    pending = [];
+    for (const [name, d] of batch) {
+      const old = hosts.get(d.hostname);
+      if (name === "left") {
+        if (old) Object.assign(old, {mark: "left", at: now, reason: d.reason, v: ++serial});
+        continue;
+      }
+      noteClock(d.last_check);
+      if (old) {
+        const mark = name === "joined" || old.mark === "left" ? "joined" : "changed";
+        Object.assign(old, {labels: d.labels, seen: d.last_check, mark, at: now, v: ++serial});
+      } else {
+        hosts.set(d.hostname, {h: d.hostname, labels: d.labels, seen: d.last_check,
+                               mark: "joined", at: now, v: ++serial});
+        added.push(d.hostname);
+      }
+    }
+    if (added.length > 64) order = order.concat(added).sort(cmp);
+    else for (const name of added) order.splice(where(name), 0, name);
+    draw();
+    stats.events += batch.length;
+    if (stats.flushes.length < 100000) stats.flushes.push([batch.length, performance.now() - t0]);
+  }
+
+  setInterval(() => {   // once a second: ages, the end of marks, hosts that left
+    const now = Date.now();
+    let gone = false;
+    for (const name of order) {
+      const e = hosts.get(name);
+      if (e.mark === "left" && now - e.at > MARK_MS) { hosts.delete(name); gone = true; }
+    }
+    if (gone) order = order.filter((name) => hosts.has(name));
+    draw();
+  }, 1000);
+
+  // Keep-alives are no events: "heard N s ago" comes from the registry, every 5 s
+  // (KEEP_ALIVE's default), or every N ms for N hosts: 10 s for 10k, a 40 ms parse.
+  async function refreshAges() {
+    setTimeout(refreshAges, Math.max(5000, hosts.size));
+    if (needToken || live !== "live" || document.hidden) return;
+    const mine = gen;
+    try {
+      const r = await fetch("/v1/discoveries" + query(), {headers: auth(), cache: "no-store"});
+      if (r.status === 403) { refused(); return; }
+      if (!r.ok) return;
+      const t0 = performance.now(), packets = await r.json();
+      if (mine !== gen) return;
+      for (const p of packets) {
+        const e = hosts.get(p.hostname);
+        if (e && p.last_check > e.seen) e.seen = p.last_check;
+        noteClock(p.last_check);
+      }
+      stats.seenPolls.push(performance.now() - t0);
+    } catch (err) { /* the event stream notices and reconnects */ }
+  }
+  setTimeout(refreshAges, 5000);
+
+  // drawing: only the rows on screen exist in the DOM ---------------------------------
+  const rows = [];
+  window.addEventListener("scroll", () => {
+    if (!drawing) { drawing = true; requestAnimationFrame(() => { drawing = false; draw(); }); }
+  }, {passive: true});
+  function rowHeight() {  // CSS decides (taller rows on a phone, where chips wrap)
+    ROW = parseFloat(getComputedStyle(list).getPropertyValue("--row")) || 58;
+  }
+  window.addEventListener("resize", () => { rowHeight(); draw(); });
+  rowHeight();
+
+  function ago(seen) {
+    const s = Math.max(0, Math.round(Date.now() / 1000 + skew - seen));
+    if (s < 90) return "heard " + s + " s ago";
+    if (s < 5400) return "heard " + Math.round(s / 60) + " min ago";
+    return "heard " + Math.round(s / 3600) + " h ago";
+  }
+  function chip(label) {
+    const b = document.createElement("button");
+    b.type = "button"; b.className = "chip"; b.dataset.label = label;
+    b.title = "show the hosts with " + label;
+    const cut = label.indexOf(":");
+    if (cut > 0) {
+      const k = document.createElement("span");
+      k.className = "k"; k.textContent = label.slice(0, cut); b.append(k);
+    }
+    const v = document.createElement("span");
+    v.className = "v"; v.textContent = cut > 0 ? label.slice(cut + 1) : label; b.append(v);
+    return b;
+  }
+  function newRow() {
+    const row = document.createElement("div");
+    row.setAttribute("role", "listitem");
+    row.setAttribute("aria-setsize", order.length);
+    row.innerHTML = '<div class="top"><span class="host"></span><span class="mark"></span>' +
+      '<span class="age"></span></div><div class="chips"></div>';
+    row.parts = {host: row.querySelector(".host"), mark: row.querySelector(".mark"),
+                 age: row.querySelector(".age"), chips: row.querySelector(".chips")};
+    return row;
+  }
+  const MARKS = {joined: "new", changed: "changed", left: "left"};
+  const REASONS = {goodbye: "said goodbye", expired: "went silent",
+                   unmatched: "no longer matches"};
+
+  function draw() {
+    const now = Date.now(), total = order.length;
+    const height = total * ROW + "px";
+    if (list.style.height !== height) {
+      list.style.height = height;
+      for (const row of rows) row.setAttribute("aria-setsize", total);
+    }
+    const top = list.getBoundingClientRect().top;
+    const first = Math.max(0, Math.floor(-top / ROW) - OVERSCAN);
+    const last = Math.min(total, Math.ceil((window.innerHeight - top) / ROW) + OVERSCAN);
+    const count = Math.max(0, last - first);
+    while (rows.length < count) { const r = newRow(); rows.push(r); list.append(r); }
+    while (rows.length > count) rows.pop().remove();
+    for (let i = 0; i < count; i++) {
+      const index = first + i, row = rows[i], e = hosts.get(order[index]);
+      const mark = e.mark && now - e.at <= MARK_MS ? e.mark : "";
+      if (row.host !== e.h || row.v !== e.v || row.mark !== mark || row.index !== index ||
+          row.height !== ROW) {
+        row.host = e.h; row.v = e.v; row.mark = mark; row.index = index; row.height = ROW;
+        row.className = "row" + (index === 0 ? " first" : "") + (mark ? " " + mark : "");
+        row.style.transform = "translateY(" + index * ROW + "px)";
+        row.dataset.host = e.h;
+        row.setAttribute("aria-posinset", index + 1);
+        row.parts.host.textContent = e.h; row.parts.host.title = e.h;
+        row.parts.mark.textContent = mark === "left" ? "left · " + (REASONS[e.reason] || "")
+          : MARKS[mark] || "";
+        row.parts.chips.replaceChildren(...e.labels.map(chip));
+      }
+      const age = ago(e.seen);
+      if (row.parts.age.textContent !== age) row.parts.age.textContent = age;
+    }
+    let shown = 0;
+    for (const e of hosts.values()) if (e.mark !== "left") shown++;
+    const what = items().length ? " with " + mode + " " + items().join(", ") : "";
+    $("count").textContent = live === "live" || total ? shown + (shown === 1 ? " host" : " hosts")
+      + what : "";
+    const empty = $("empty");
+    empty.classList.toggle("hidden", total > 0 || live !== "live");
+    empty.textContent = what ? "No host has " + mode + " " + items().join(", ") + "."
+      : "No hosts yet.";
+  }
+
+  // the daemon's own state --------------------------------------------------------------
+  function when(unix) {
+    const d = new Date(unix * 1000), s = Math.max(0, Math.round(Date.now() / 1000 + skew - unix));
+    const rel = s < 90 ? s + " s" : s < 5400 ? Math.round(s / 60) + " min"
+      : s < 172800 ? Math.round(s / 3600) + " h" : Math.round(s / 86400) + " days";
+    return d.toLocaleTimeString() + " (" + rel + " ago)";
+  }
+  function span(dot, html) {
+    const s = document.createElement("span");
+    const d = document.createElement("span");
+    d.className = "dot " + dot; s.append(d);
+    for (const [text, strong] of html) {
+      const t = document.createElement(strong ? "b" : "span"); t.textContent = text; s.append(t);
+    }
+    return s;
+  }
+  function setLive(state) { live = state; showState(); }
+  function banner(text) {
+    $("banner").textContent = text; $("banner").classList.toggle("on", !!text);
+  }
+  function showState() {
+    const parts = [];
+    if (live === "reconnecting") {
+      parts.push(span("warn", [["reconnecting to lobbyd…", true]]));
+      banner("Lost the connection to lobbyd; reconnecting… (the list shows the last state)");
+    } else if (live === "live") parts.push(span("ok", [["live", false]]));
+    else if (!needToken) parts.push(span("", [["connecting…", false]]));
+    if (health) {
+      $("self").textContent = "on " + health.hostname + " · v" + health.version;
+      document.title = "lobbyd · " + health.hostname;
+      for (const d of health.drivers || []) {
+        parts.push(span(d.connected ? "ok" : "bad", d.connected
+          ? [[d.driver + " connected", true], [" to " + (d.server || "?") +
+             " since " + when(d.since), false]]
+          : [[d.driver + " not connected", true],
+             [(d.server ? " (last: " + d.server + ")" : "") + " since " + when(d.since),
+              false]]));
+      }
+    } else if (healthError) parts.push(span("bad", [[healthError, false]]));
+    $("state").replaceChildren(...parts);
+  }
+  setInterval(pollHealth, 5000);
+  start();
+})();
+</script>
+</body>
+</html>
+"""
+PAGE_BYTES = PAGE_HTML.encode("utf-8")
+PAGE_HEADERS = page_headers(PAGE_HTML)
 
 
 ###############################################################################
@@ -3115,6 +5045,12 @@ def check_drivers(config: Config) -> None:
                           "pip install 'lobbyd[redis]'")
 
 
+async def run_daemon(config: Config) -> None:
+    # built inside the running loop: on Python 3.9 an asyncio.Event made before it
+    # would create (and leak) a loop of its own
+    await Daemon(config, os.environ).run()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if argv is None and invoked_name() == "lobbyctl":  # a second name of the same program
@@ -3139,7 +5075,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_CONFIG
     setup_logging(config.log_level)
     try:
-        asyncio.run(Daemon(config, os.environ).run())
+        asyncio.run(run_daemon(config))
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
         return EX_CONFIG
@@ -3174,6 +5110,8 @@ commands:
   labels del LABEL...             remove runtime labels
   health                          the daemon's health; exit status 1 when unhealthy
   prometheus NAME                 Prometheus target groups of job NAME
+  watch [labels L...|search P...] the servers (those filters as for discoveries), then
+                                  each change as it happens, until interrupted
 
 Flags take one or two dashes and `-flag value` or `-flag=value`; their defaults
 come from the environment: HOST (127.0.0.1), PORT (1313), PROTOCOL (http), TOKEN.
@@ -3393,6 +5331,80 @@ def compact_json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+def ctl_events(options: CtlOptions, path: str) -> Iterator[tuple[str, Any]]:
+    """(event, data) of GET /v1/events as they come; CtlError if it cannot be had or ends."""
+    import http.client
+
+    if options.proto == "https":
+        import ssl
+
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            options.host, options.port, timeout=45, context=ssl.create_default_context())
+    else:
+        # a comment line comes every 15 s: 45 s of silence is a lost daemon
+        conn = http.client.HTTPConnection(options.host, options.port, timeout=45)
+    headers = {"Authorization": f"Token {options.token}"} if options.token else {}
+    try:
+        conn.request("GET", path, headers=headers)
+        response = conn.getresponse()
+        if response.status != 200:
+            first = (response.read().decode("utf-8", "replace").strip().splitlines() or
+                     ["(no message)"])[0]
+            raise CtlError(f"lobbyd at {options.base} answered {response.status}: {first}")
+        event, data = "message", []
+        while True:
+            line = response.readline()
+            if not line:
+                raise CtlError(f"lobbyd at {options.base} ended the event stream")
+            text = line.decode("utf-8", "replace").rstrip("\r\n")
+            if text.startswith("event: "):
+                event = text[7:]
+            elif text.startswith("data: "):
+                data.append(text[6:])
+            elif not text and data:
+                yield event, json.loads("\n".join(data))
+                event, data = "message", []
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise CtlError(f"event stream from lobbyd at {options.base}: {reason}") from None
+    finally:
+        conn.close()
+
+
+def format_event(event: str, data: Mapping[str, Any], paint: Painter) -> str:
+    """One change as `lobbyctl watch` prints it."""
+    colour = {"joined": "32", "changed": "33", "left": "31"}.get(event, "0")
+    what = paint.paint(f"{event:<7}", colour)
+    if event == "left":
+        return f"{what} {paint.paint(data['hostname'], '1')} ({data.get('reason')})\n"
+    labels = ", ".join(paint.label(label) for label in data.get("labels") or [])
+    return f"{what} {paint.paint(data['hostname'], '1')}    {labels}\n"
+
+
+def ctl_watch(options: CtlOptions, args: list[str], out: Any, paint: Painter) -> int:
+    """lobbyctl watch: the answer, then each change, until interrupted (exit 0)."""
+    from urllib.parse import quote
+
+    path = "/v1/events"
+    if args:
+        if args[0] not in ("labels", "search") or len(args) < 2:
+            raise CtlUsageError("expected: watch [labels LABEL... | search PREFIX...]")
+        key = "labels" if args[0] == "labels" else "prefixes"
+        path += f"?{key}=" + quote(",".join(args[1:]), safe=":,")
+    try:
+        for event, data in ctl_events(options, path):
+            if options.json:
+                out.write(compact_json({"event": event, "data": data}) + "\n")
+            elif event == "snapshot":
+                out.write(format_discoveries(data, paint) or "(no servers)\n")
+            else:
+                out.write(format_event(event, data, paint))
+            out.flush()
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
 def ctl_run(options: CtlOptions, words: list[str], out: Any, paint: Painter) -> int:
     """Run one command; the exit status."""
     from urllib.parse import quote
@@ -3424,6 +5436,8 @@ def ctl_run(options: CtlOptions, words: list[str], out: Any, paint: Painter) -> 
         return 0 if status == 200 else 1
     elif command == "labels":
         ctl_labels(options, words)
+    elif command == "watch":
+        return ctl_watch(options, args, out, paint)
     else:
         raise CtlUsageError(f"unknown command or wrong arguments: {' '.join(words)}")
     return 0

@@ -14,6 +14,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import resource
 import shlex
 import shutil
@@ -85,10 +86,17 @@ class NatsServer:
     """One nats-server process on loopback; can be stopped and started again on the same port."""
 
     def __init__(self, workdir: Path, port: int | None = None, extra: list[str] | None = None,
-                 client_auth: dict[str, str] | None = None):
+                 client_auth: dict[str, str] | None = None, jetstream: bool = False,
+                 monitor: bool = False):
         self.port = port or free_port()
         self.workdir = workdir
         self.extra = extra or []
+        if jetstream:  # DISCOVERY_MODE=kv; its buckets are in memory, the store dir is ours
+            self.extra += ["-js", "-sd", str(workdir / f"jetstream-{self.port}")]
+        #: the HTTP monitoring port (/varz, /jsz), or None
+        self.monitor_port = free_port() if monitor else None
+        if self.monitor_port:
+            self.extra += ["-m", str(self.monitor_port)]
         self.client_auth = client_auth or {}  # what test clients send in CONNECT
         self.proc: subprocess.Popen | None = None
         self.log = workdir / f"nats-{self.port}.log"
@@ -180,7 +188,7 @@ class Lobbyd:
                                                                      "off")
         watcher = self.nats.client() if (wait and publishes and self.nats) else None
         if watcher:
-            watcher.subscribe(self.env.get("NATS_DISCOVERY_CHANNEL", "lobby.discovery"))
+            watcher.subscribe(self.discovery_subject())
         self.proc = spawn(lobbyd_command(), self.env, self.log_path, nofile=self.nofile)
         if wait and self.env.get("DISABLE_API", "").lower() not in ("1", "true", "yes", "on"):
             wait_for(self._ready, timeout=15, what=f"{self.name} API on {self.port}")
@@ -191,6 +199,13 @@ class Lobbyd:
             finally:
                 watcher.close()
         return self
+
+    def discovery_subject(self) -> str:
+        """Where its packets go: the subject, or in DISCOVERY_MODE=kv the hosts bucket."""
+        subject = self.env.get("NATS_DISCOVERY_CHANNEL", "lobby.discovery")
+        if self.env.get("DISCOVERY_MODE", "").lower() == "kv":
+            return "$KV." + re.sub(r"[^A-Za-z0-9_-]", "_", subject) + "_hosts.>"
+        return subject
 
     def _said_hi(self, watcher: RawNats) -> bool:
         _subject, payload = watcher.next_msg(timeout=1)
@@ -422,9 +437,10 @@ class RespSubscriber:
         self.sock.close()
 
 
-def resp_command(*words: str) -> bytes:
-    parts = [f"*{len(words)}\r\n".encode()]
+def resp_command(*words: str | bytes) -> bytes:
+    """A Redis command as RESP; words are binary-safe (packets need not be text)."""
+    parts = [b"*%d\r\n" % len(words)]
     for word in words:
-        data = word.encode()
+        data = word.encode() if isinstance(word, str) else word
         parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(parts)

@@ -98,7 +98,7 @@ def test_unknown_path_and_wrong_method(pair) -> None:
     a, _b = pair
     assert a.request("GET", "/v2/nothing")[0] == 404
     status, headers, _body = a.request("PUT", "/v1/labels", body="x")
-    assert status == 405 and headers["allow"] == "DELETE, POST"
+    assert status == 405 and headers["allow"] == "DELETE, GET, POST, HEAD"  # GET: SPEC 9
     assert headers["content-type"] == "text/plain; charset=UTF-8"
     status, headers, _ = a.request("POST", "/v1/discoveries")
     assert status == 405 and "GET" in headers["allow"] and "HEAD" in headers["allow"]

@@ -128,6 +128,18 @@ def check_labels_survive_restart(c: pk.Container) -> None:
     assert owner == "lobby"
 
 
+def check_exec_checks_run_in_the_sandbox(c: pk.Container) -> None:
+    """The .deb creates /etc/lobby/checks, and an exec check works under the hardened unit."""
+    assert c.run("stat -c %U:%a /etc/lobby/checks").stdout.strip() == "root:755"
+    c.run("printf 'labels=boot:checked\\nexec=/bin/sh -c \"test -r /etc/os-release\"\\n"
+          "interval=1\\nrise=1\\n' > /etc/lobby/checks/boot.check")
+    # CHECKS_PATH is re-read every KEEP_ALIVE (5 s), as LABELS_PATH is
+    pk.wait_for(lambda: "boot:checked" in json.loads(
+        c.run("curl -fsS localhost:1313/v1/discovery").stdout)["labels"], timeout=15,
+        what="the exec check's label")
+    c.run("rm /etc/lobby/checks/boot.check")
+
+
 def check_stop_says_goodbye(c: pk.Container, hostname: str) -> None:
     pk.wait_for(lambda: "connected to NATS" in journal(c).rsplit("Started", 1)[-1], timeout=15,
                 what="lobbyd to be connected after the restart")
@@ -242,6 +254,7 @@ def test_deb_route(workdir: Path, natsdir: Path):
         check_unit_inside(c)
         check_noexec_tmp_does_not_matter(c)
         check_labels_survive_restart(c)
+        check_exec_checks_run_in_the_sandbox(c)
         check_reinstall_keeps_configuration(c)
         check_sighup_rereads_labels(c)
         check_stop_says_goodbye(c, hostname)

@@ -1,0 +1,113 @@
+"""Simulated hosts of DISCOVERY_MODE=kv: what N lobbyds would write into the buckets.
+
+Each host writes its packet once into SUBJECT_hosts, then refreshes its liveness key
+in SUBJECT_alive every KEEP_ALIVE seconds (paced evenly), and a few hosts a second
+change a label (their packet is written again). After a reconnect (nats-server
+restarted, its memory lost) it waits for the buckets to exist again and writes every
+liveness key and packet at once, as every lobbyd does.
+
+Protocol with the harness: one JSON line `{"ready": ...}` on stdout once every packet
+is written, one JSON line at the end with what it sent. Bounded in time (--duration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+
+import nats
+from loadgen import envelope, hostname, labels
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--hosts", type=int, required=True)
+    ap.add_argument("--first", type=int, default=0, help="number of the first host")
+    ap.add_argument("--keep-alive", type=float, default=5)
+    ap.add_argument("--changes", type=float, default=1, help="label changes a second")
+    ap.add_argument("--base", default="lobby_discovery", help="bucket name prefix")
+    ap.add_argument("--duration", type=float, required=True)
+    a = ap.parse_args()
+
+    hosts = [hostname(i) for i in range(a.first, a.first + a.hosts)]
+    seq = [0] * a.hosts
+    lost = asyncio.Event()
+
+    async def reconnected() -> None:
+        lost.set()
+
+    async def quiet(exc: Exception) -> None:  # the restart of nats-server is expected
+        pass
+
+    nc = await nats.connect(f"nats://127.0.0.1:{a.port}", max_reconnect_attempts=-1,
+                            error_cb=quiet,
+                            reconnect_time_wait=0.2, reconnected_cb=reconnected,
+                            pending_size=256 * 1024 * 1024)
+    js = nc.jetstream(timeout=2)
+    data, alive = f"$KV.{a.base}_hosts.h.", f"$KV.{a.base}_alive.h."
+    sent = {"alive": 0, "data": 0, "refills": 0}
+
+    async def buckets() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                await js.stream_info(f"KV_{a.base}_hosts")
+                await js.stream_info(f"KV_{a.base}_alive")
+                return
+            except Exception:
+                await asyncio.sleep(0.05)
+        raise TimeoutError("no buckets")
+
+    packets = [envelope(host, labels(a.first + i, 0)) for i, host in enumerate(hosts)]
+
+    async def write_all() -> None:
+        """Every host at once, as after a restart of nats-server: liveness key, packet."""
+        for i, host in enumerate(hosts):
+            await nc.publish(alive + host, b"")
+            await nc.publish(data + host, packets[i])
+            if i % 5000 == 4999:
+                await nc.flush()
+        await nc.flush(timeout=30)
+        sent["alive"] += len(hosts)
+        sent["data"] += len(hosts)
+
+    await buckets()
+    await write_all()
+    print(json.dumps({"ready": len(hosts)}), flush=True)
+
+    started = time.monotonic()
+    tick, k, changed = 0.05, 0, 0
+    per_tick = a.hosts * tick / a.keep_alive
+    due, next_tick = 0.0, started
+    while time.monotonic() - started < a.duration:
+        if lost.is_set():
+            lost.clear()
+            await buckets()
+            await write_all()
+            sent["refills"] += 1
+        due += per_tick
+        while due >= 1:
+            host = hosts[k % a.hosts]
+            await nc.publish(alive + host, b"")
+            k += 1
+            due -= 1
+            sent["alive"] += 1
+        elapsed = time.monotonic() - started
+        while changed < elapsed * a.changes:
+            i = (changed * 7919) % a.hosts
+            seq[i] += 1
+            packets[i] = envelope(hosts[i], labels(a.first + i, seq[i]))
+            await nc.publish(data + hosts[i], packets[i])
+            changed += 1
+            sent["data"] += 1
+        next_tick += tick
+        await asyncio.sleep(max(0.0, next_tick - time.monotonic()))
+    await nc.drain()
+    print(json.dumps(sent), flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,203 @@
+"""DISCOVERY_MODE=kv: JetStream key-value buckets instead of the broadcast.
+
+Real nats-server with JetStream (memory storage, a store dir under tmp_path), real
+lobbyd processes. KEEP_ALIVE=1 and TTL=3 keep every wait short.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+from conftest import NatsServer, run_lobbyd, wait_for
+from watchclient import EventReader, hold, index_of, returned
+
+import lobbyd as L
+
+KV = {"DISCOVERY_MODE": "kv", "KEEP_ALIVE": "1", "TTL": "3"}
+
+
+@pytest.fixture
+def js(tmp_path: Path):
+    server = NatsServer(tmp_path, jetstream=True).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def kv(lobbyd, js):
+    """Factory: a lobbyd in kv mode on the JetStream server."""
+    def make(name: str, **env: str | int):
+        return lobbyd(name, nats=js, **{**KV, **env})
+    return make
+
+
+def metric(d, name: str) -> float:
+    status, _, body = d.request("GET", "/metrics")
+    assert status == 200
+    match = re.search(rf"^{re.escape(name)} (\S+)$", body.decode(), re.M)
+    assert match, name
+    return float(match.group(1))
+
+
+def health(d) -> dict:
+    return json.loads(d.request("GET", "/v1/health")[2])
+
+
+def is_reaper(d) -> bool:
+    return health(d)["drivers"][0].get("reaper") is True
+
+
+def sees(d, names: list[str]) -> bool:
+    return d.hostnames() == names
+
+
+@pytest.mark.parametrize("name", ["web-1.example.com", "a_b", "ünï.example", "a..b", "x.",
+                                  "reaper.0", "h.x", "-", "a*b>c"])
+def test_every_hostname_has_a_key_nats_accepts_and_back(name: str) -> None:
+    key = L.kv_host_key(name)
+    assert re.fullmatch(r"[-_a-zA-Z0-9]+(\.[-_a-zA-Z0-9]+)*", key), key
+    assert key.startswith(("h.", "x.")) and L.kv_key_host(key) == name
+    assert L.kv_key_host("reaper.1") is None
+
+
+def test_bucket_names_come_from_the_subject() -> None:
+    assert L.kv_bucket_base("lobby.discovery") == "lobby_discovery"
+    assert L.kv_bucket_base("prod.eu-1.lobby") == "prod_eu-1_lobby"
+
+
+def test_bad_mode_and_a_driver_other_than_nats_are_config_errors() -> None:
+    result = run_lobbyd({"DISCOVERY_MODE": "gossip"})
+    assert result.returncode == 78 and "DISCOVERY_MODE" in result.stderr
+    result = run_lobbyd({"DISCOVERY_MODE": "kv", "DRIVER": "Redis"})
+    assert result.returncode == 78 and "DRIVER=NATS only" in result.stderr
+
+
+def test_join_labels_and_goodbye(kv) -> None:
+    a = kv("a", LABELS="service:web")
+    b = kv("b", LABELS="service:smtp")
+    wait_for(lambda: sees(a, ["a", "b"]) and sees(b, ["a", "b"]), what="a and b")
+    c = kv("c")  # learns the fleet from the bucket's contents, nobody's keep-alive
+    wait_for(lambda: sees(c, ["a", "b", "c"]), timeout=2, what="c lists the fleet")
+    assert c.labels_of("a") == ["service:web"] and c.labels_of("b") == ["service:smtp"]
+    assert health(c)["drivers"][0]["driver"] == "NATS-KV"
+
+    a.request("POST", "/v1/labels", body="role:x")
+    wait_for(lambda: b.labels_of("a") == ["role:x", "service:web"], what="label added")
+    a.request("DELETE", "/v1/labels", body="role:x")
+    wait_for(lambda: c.labels_of("a") == ["service:web"], what="label removed")
+
+    assert b.stop() == 0
+    wait_for(lambda: sees(a, ["a", "c"]) and sees(c, ["a", "c"]), timeout=2,
+             what="b's goodbye heard")
+    d = kv("d")  # both of b's keys are gone: a newcomer does not list it either
+    wait_for(lambda: sees(d, ["a", "c", "d"]), timeout=2, what="d lists the fleet")
+    time.sleep(1.5)  # past d's first watch values: b must not come back
+    assert sees(d, ["a", "c", "d"])
+
+
+def test_keep_alives_are_not_delivered_to_peers(kv) -> None:
+    a = kv("a")
+    b = kv("b")
+    wait_for(lambda: sees(a, ["a", "b"]), what="a sees b")
+    wait_for(lambda: metric(b, "lobbyd_packets_published_total") >= 3, what="b's keep-alives")
+    heard = metric(a, 'lobbyd_packets_received_total{message="hi"}')
+    published = metric(b, "lobbyd_packets_published_total")
+    wait_for(lambda: metric(b, "lobbyd_packets_published_total") >= published + 4,
+             timeout=10, what="four more keep-alives of b")
+    assert metric(a, 'lobbyd_packets_received_total{message="hi"}') == heard
+    assert sees(a, ["a", "b"])  # and b has not expired from a's registry either
+
+
+def test_a_killed_host_is_reaped_by_an_elected_reaper(kv) -> None:
+    a, b, c = kv("a"), kv("b"), kv("c")
+    for d in (a, b, c):
+        wait_for(lambda d=d: sees(d, ["a", "b", "c"]), what=f"{d.name} sees all")
+    wait_for(lambda: sum(map(is_reaper, (a, b, c))) == 3, timeout=10,
+             what="three reaper slots held")
+    c.kill()  # gone within TTL + a scan (1 s) + slack for a busy machine
+    wait_for(lambda: sees(a, ["a", "b"]) and sees(b, ["a", "b"]), timeout=3 + 1 + 4,
+             what="c reaped")
+    assert "reaped 1 hosts silent for over 3s: c" in a.logs() + b.logs()
+    assert 'lobbyd_hosts_left_total{reason="goodbye"} 1' in a.request("GET", "/metrics")[2].decode()
+
+
+def test_a_killed_reaper_is_replaced_within_ttl(kv) -> None:
+    daemons = [kv(name) for name in ("a", "b", "c", "d")]
+    names = ["a", "b", "c", "d"]
+    for d in daemons:
+        wait_for(lambda d=d: sees(d, names), what=f"{d.name} sees all")
+    wait_for(lambda: sum(map(is_reaper, daemons)) == 3, timeout=10, what="three reapers")
+    spare = next(d for d in daemons if not is_reaper(d))
+    victim = next(d for d in daemons if is_reaper(d))
+    victim.kill()  # its slot key expires within TTL; the jitter (<= 1 s) and a tick
+    wait_for(lambda: is_reaper(spare), timeout=3 + 2 + 4, what=f"{spare.name} takes the slot")
+    rest = [d for d in daemons if d is not victim]
+    left = [n for n in names if n != victim.name]
+    for d in rest:
+        wait_for(lambda d=d: sees(d, left), timeout=5, what=f"{victim.name} gone from {d.name}")
+    assert sum(map(is_reaper, rest)) == 3
+
+
+def test_nats_server_restarted_with_its_memory_lost(kv, js) -> None:
+    a, b, c = kv("a", LABELS="x:1"), kv("b"), kv("c")
+    for d in (a, b, c):
+        wait_for(lambda d=d: sees(d, ["a", "b", "c"]), what=f"{d.name} sees all")
+    js.stop()
+    c.kill()  # dies while the server is away: nobody will hear of it from the bucket
+    js.start()  # same port, JetStream's memory storage empty
+    wait_for(lambda: health(a)["status"] == "ok" and health(b)["status"] == "ok",
+             timeout=5, what="reconnected")
+    newcomer = kv("n")  # it sees only what was written again into the new bucket
+    # a and b wrote their packets again at once on reconnecting (the bench times it)
+    wait_for(lambda: sees(newcomer, ["a", "b", "n"]), timeout=5, what="bucket refilled")
+    assert newcomer.labels_of("a") == ["x:1"]
+    for d in (a, b):  # c never wrote again: forgotten KEEP_ALIVE + 1 s after the watch
+        wait_for(lambda d=d: sees(d, ["a", "b", "n"]), timeout=5, what=f"{d.name} whole")
+
+
+def test_jetstream_unavailable_is_one_clear_error_and_no_crash(lobbyd, nats) -> None:
+    a = lobbyd("a", wait=False, **KV)  # `nats` runs without -js
+    wait_for(lambda: a.request("GET", "/v1/discovery")[0] == 200, what="API up")
+    wait_for(lambda: "JetStream unavailable" in a.logs(), what="the error")
+    time.sleep(4.5)  # two more retries of the bucket set-up, silently
+    assert a.proc.poll() is None
+    lines = [line for line in a.logs().splitlines() if "JetStream unavailable" in line]
+    assert len(lines) == 1 and "ERROR" in lines[0] and "-js" in lines[0], lines
+    status, _, body = a.request("GET", "/v1/health")
+    driver = json.loads(body)["drivers"][0]
+    assert status == 503 and driver["connected"] is False and "JetStream" in driver["error"]
+    assert a.hostnames() == ["a"]  # the API keeps serving
+    assert "Traceback" not in a.logs()
+
+
+def test_the_api_is_unchanged_in_kv_mode(kv) -> None:
+    a = kv("a", LABELS="service:web,role:lb")
+    b = kv("b", LABELS="service:db,prometheus:node")
+    wait_for(lambda: sees(a, ["a", "b"]), what="a sees b")
+    status, _, body = a.request("GET", "/")
+    assert status == 200 and [p["hostname"] for p in json.loads(body)] == ["a", "b"]
+    assert a.get_json("/v1/discovery")["labels"] == ["role:lb", "service:web"]
+    assert a.get_json("/v1/resolve?label=service:db") == ["b"]
+    assert [(p["hostname"], p["labels"]) for p in a.get_json("/v1/discoveries?prefixes=service:")
+            ] == [("a", ["service:web"]), ("b", ["service:db"])]
+    assert a.get_json("/v1/prometheus/node") == [{"Targets": ["b:9100"], "Labels": {}}]
+
+    index = index_of(a.port, "/v1/discoveries")
+    held = hold(a.port, "/v1/discoveries", index)
+    events = EventReader(a.port)
+    events.wait(1)
+    time.sleep(2.5)  # keep-alives of both go on: they must wake nothing
+    assert not held.done() and len(events.events) == 1
+    b.request("POST", "/v1/labels", body="role:new")
+    status, headers, body, _seconds = returned(held)
+    assert status == 200 and int(headers["x-lobby-index"]) > index
+    assert next(p["labels"] for p in json.loads(body) if p["hostname"] == "b") == [
+        "prometheus:node", "role:new", "service:db"]
+    events.wait(2)
+    assert events.events[1][0] == "changed" and events.events[1][2]["hostname"] == "b"
+    b.request("DELETE", "/v1/labels", body="role:new")
+    wait_for(lambda: a.labels_of("b") == ["prometheus:node", "service:db"], what="removed")
