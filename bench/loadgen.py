@@ -77,7 +77,55 @@ class Conn:
                 raise ConnectionError(line.decode())
 
 
-def build_paced(subject: bytes, hosts: int, seq0: int, count: int, offset: int) -> list[bytes]:
+class RedisConn:
+    """The same interface over Redis: PUBLISH commands (RESP, pipelined) on a raw socket.
+
+    Redis answers every PUBLISH with an integer; a thread reads those answers away
+    so the server never stalls on a full socket, and flush() is a PING whose PONG
+    comes after every earlier answer.
+    """
+
+    def __init__(self, port: int):
+        import threading
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.pongs = threading.Semaphore(0)
+        self.errors: list[bytes] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        self.flush()
+
+    def _read(self) -> None:
+        buf = b""
+        while True:
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except OSError:
+                return
+            if not chunk:
+                return
+            buf += chunk
+            *lines, buf = buf.split(b"\r\n")
+            for line in lines:
+                if line == b"+PONG":
+                    self.pongs.release()
+                elif line.startswith(b"-"):
+                    self.errors.append(line)
+
+    def flush(self) -> None:
+        self.sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+        if not self.pongs.acquire(timeout=120):
+            raise ConnectionError("Redis did not answer PING")
+        if self.errors:
+            raise ConnectionError(self.errors[0].decode())
+
+
+def redis_frame(channel: bytes, payload: bytes) -> bytes:
+    return (b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n" % (len(channel), channel, len(payload))
+            + payload + b"\r\n")
+
+
+def build_paced(subject: bytes, hosts: int, seq0: int, count: int, offset: int,
+                redis: bool = False) -> list[bytes]:
     """Frames for packets k = 0..count-1: host (offset + k) % hosts, seq seq0 + k // hosts."""
     # The envelope of host i is prefix_i + str(seq) + suffix_i: build the halves once.
     halves = []
@@ -91,7 +139,10 @@ def build_paced(subject: bytes, hosts: int, seq0: int, count: int, offset: int) 
         i = (offset + k) % hosts
         a, b = halves[i]
         payload = a + str(seq0 + k // hosts).encode() + b
-        out.append(head + str(len(payload)).encode() + b"\r\n" + payload + b"\r\n")
+        if redis:
+            out.append(redis_frame(subject, payload))
+        else:
+            out.append(head + str(len(payload)).encode() + b"\r\n" + payload + b"\r\n")
     return out
 
 
@@ -106,6 +157,10 @@ def main() -> int:
     p.add_argument("--seq0", type=int, default=0)
     p.add_argument("--duration", type=float, default=10, help="keepalive: seconds")
     p.add_argument("--sentinel", default="", help="after the bulk, a hi with label sentinel:X")
+    p.add_argument("--relabel-every", type=int, default=0,
+                   help="keepalive: every K-th packet gives its host a new seq label")
+    p.add_argument("--redis", action="store_true", help="publish on Redis (--subject is the "
+                   "channel, --port Redis's)")
     p.add_argument("--max-seconds", type=float, default=300)
     p.add_argument("--wait-go", action="store_true", help="wait for a line on stdin to start")
     a = p.parse_args()
@@ -114,12 +169,21 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     subject = a.subject.encode()
     if a.mode == "paced":
-        frames = build_paced(subject, a.hosts, a.seq0, a.count, 0)
+        frames = build_paced(subject, a.hosts, a.seq0, a.count, 0, a.redis)
         total = len(frames)
     else:
-        frames = build_paced(subject, a.hosts, a.seq0, a.hosts, 0)
+        frames = build_paced(subject, a.hosts, a.seq0, a.hosts, 0, a.redis)
         total = int(a.rate * a.duration) if a.rate else a.hosts
-    conn = Conn(a.port)
+    relabels = 0
+
+    def packet(k: int) -> bytes:
+        nonlocal relabels
+        i = k % nframes
+        if a.relabel_every and k % a.relabel_every == a.relabel_every - 1:
+            relabels += 1  # the host keeps its new label from now on
+            frames[i] = build_paced(subject, a.hosts, a.seq0 + relabels, 1, i, a.redis)[0]
+        return frames[i]
+    conn = RedisConn(a.port) if a.redis else Conn(a.port)
     print(json.dumps({"ready": True, "frames": len(frames)}), flush=True)
     if a.wait_go:
         sys.stdin.readline()
@@ -145,7 +209,7 @@ def main() -> int:
         if a.mode == "paced":
             chunk = b"".join(frames[sent:target])
         else:
-            chunk = b"".join(frames[k % nframes] for k in range(sent, target))
+            chunk = b"".join(packet(k) for k in range(sent, target))
         conn.sock.sendall(chunk)
         sent = target
     t_last = time.monotonic()
@@ -153,14 +217,15 @@ def main() -> int:
     t_flushed = time.monotonic()
     t_sentinel = None
     if a.sentinel:
-        conn.sock.sendall(frame(subject, envelope("zz-sentinel.bench.invalid",
-                                                  [f"sentinel:{a.sentinel}"])))
+        body = envelope("zz-sentinel.bench.invalid", [f"sentinel:{a.sentinel}"])
+        conn.sock.sendall(redis_frame(subject, body) if a.redis else frame(subject, body))
         conn.flush()
         t_sentinel = time.monotonic()
     elapsed = max(1e-9, t_last - t0)
     print(json.dumps({"sent": sent, "t_first": t0, "t_last": t_last, "t_flushed": t_flushed,
                       "t_sentinel": t_sentinel, "rate": sent / elapsed,
-                      "behind_max_s": round(behind_max, 4), "stopped": stop["now"]}),
+                      "behind_max_s": round(behind_max, 4), "stopped": stop["now"],
+                      "relabels": relabels}),
           flush=True)
     conn.sock.close()
     return 0

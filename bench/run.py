@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # har
 
 import httpload
 import kvbench
-from harness import ROOT, nats_server_binary
+from harness import ROOT, RedisServer, nats_server_binary
 from loadgen import hostname as fake_hostname
 from loadgen import labels as fake_labels
 from procs import Daemon, LoadMeter, NatsServer, lobbyd_command
@@ -46,6 +46,7 @@ from procs import Daemon, LoadMeter, NatsServer, lobbyd_command
 BENCH = Path(__file__).resolve().parent
 SUBJECT = "lobby.discovery"
 SENTINEL = "zz-sentinel.bench.invalid"
+REDIS_CHANNEL = "lobby:discovery"  # DRIVER=Redis's default
 
 
 # --------------------------------------------------------------------------- profiles
@@ -56,11 +57,13 @@ class Profile:
     runs: int
     ingest_hosts: list[int]
     ingest_confirm_s: float
+    redis_hosts: list[int]  # ingest over Redis (DRIVER=Redis) at these sizes
     steady_window_s: float
     steady_big: bool
     http_hosts: list[int]
     http_seconds: float
     http_extra: bool
+    http_rounds: int  # turns of lobbyd and of the ceiling server per case
     prop_changes: int
     goodbye_trials: int
     join_trials: int
@@ -72,14 +75,15 @@ class Profile:
 
 
 FULL = Profile(runs=3, ingest_hosts=[1000, 10000, 100000], ingest_confirm_s=5,
+               redis_hosts=[1000, 10000],  # 100k: a burst overflows Redis's pub/sub buffer
                steady_window_s=30, steady_big=True, http_hosts=[1000, 10000],
-               http_seconds=10, http_extra=True, prop_changes=200, goodbye_trials=30,
+               http_seconds=10, http_extra=True, http_rounds=2, prop_changes=200, goodbye_trials=30,
                join_trials=10, join_peers=5, join_fakes=1000,
                dead_variants=[(30, 15, 5, 3), (5, 60, 1, 3)], startup_trials=20,
                fanout_msgs=300000)
-SMOKE = Profile(runs=1, ingest_hosts=[1000, 10000], ingest_confirm_s=2,
-                steady_window_s=8, steady_big=False, http_hosts=[10000], http_seconds=3,
-                http_extra=False, prop_changes=40, goodbye_trials=5, join_trials=3,
+SMOKE = Profile(runs=1, ingest_hosts=[1000, 10000], ingest_confirm_s=2, redis_hosts=[10000],
+                steady_window_s=8, steady_big=False, http_hosts=[10000], http_seconds=4,
+                http_extra=False, http_rounds=2, prop_changes=40, goodbye_trials=5, join_trials=3,
                 join_peers=2, join_fakes=200, dead_variants=[(3, 15, 1, 1)],
                 startup_trials=5, fanout_msgs=100000)
 
@@ -111,26 +115,32 @@ def log(msg: str) -> None:
 class Env:
     """One nats-server plus the daemons of one measurement; torn down by close()."""
 
-    def __init__(self, cmd: list[str], workroot: Path):
+    def __init__(self, cmd: list[str], workroot: Path, redis: bool = False):
         self.cmd = cmd
         self.dir = Path(tempfile.mkdtemp(prefix="run-", dir=workroot))
         self.nats = NatsServer(self.dir).start()
+        #: with `redis`, daemons use DRIVER=Redis and load generators publish there
+        self.redis = RedisServer(self.dir).start() if redis else None
         self.daemons: list[Daemon] = []
         self.gens: list[subprocess.Popen] = []
 
     def daemon(self, name: str, start: bool = True, cmd: list[str] | None = None,
                **env: str | int) -> Daemon:
+        if self.redis:
+            env = {"DRIVER": "Redis", "REDIS_PORT": self.redis.port, **env}
         d = Daemon(cmd or self.cmd, self.nats.url, self.dir, name, SUBJECT, **env)
         self.daemons.append(d)
         return d.start() if start else d
 
     def loadgen(self, hosts: int, *, mode: str = "paced", rate: float = 0, count: int = 0,
                 seq0: int = 0, duration: float = 10, sentinel: str = "",
-                max_seconds: float = 300) -> subprocess.Popen:
-        cmd = [sys.executable, str(BENCH / "loadgen.py"), "--port", str(self.nats.port),
-               "--subject", SUBJECT, "--hosts", str(hosts), "--mode", mode, "--rate", str(rate),
-               "--count", str(count), "--seq0", str(seq0), "--duration", str(duration),
-               "--max-seconds", str(max_seconds), "--wait-go"]
+                max_seconds: float = 300, relabel_every: int = 0) -> subprocess.Popen:
+        where = ["--port", str(self.redis.port), "--subject", REDIS_CHANNEL, "--redis"] \
+            if self.redis else ["--port", str(self.nats.port), "--subject", SUBJECT]
+        cmd = [sys.executable, str(BENCH / "loadgen.py"), *where, "--hosts", str(hosts),
+               "--mode", mode, "--rate", str(rate), "--count", str(count), "--seq0", str(seq0),
+               "--duration", str(duration), "--max-seconds", str(max_seconds), "--wait-go",
+               "--relabel-every", str(relabel_every)]
         if sentinel:
             cmd += ["--sentinel", sentinel]
         p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -168,6 +178,8 @@ class Env:
         for d in self.daemons:
             d.stop(signal.SIGKILL)
         self.nats.stop()
+        if self.redis:
+            self.redis.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -277,7 +289,8 @@ INGEST_RUNS_IN_A_ROW = 2
 
 
 def fig_ingest(cmd: list[str], work: Path, prof: Profile, n: int,
-               on_daemon: Callable[[Daemon, str], None] | None = None) -> dict:
+               on_daemon: Callable[[Daemon, str], None] | None = None,
+               redis: bool = False) -> dict:
     """Sustained `hi` capacity at N hosts, measured on the daemon's side.
 
     1. prefill one round; 2. a burst (as fast as the generator goes) estimates the drain
@@ -290,8 +303,9 @@ def fig_ingest(cmd: list[str], work: Path, prof: Profile, n: int,
     target rate is sustained when INGEST_RUNS_IN_A_ROW runs in a row hold; the figure is
     the lowest daemon-side rate of those runs at the highest sustained target. The ladder
     walks down from 95 % of the burst estimate, then up by x1.15 while it keeps holding.
+    With `redis` the same over redis-server (DRIVER=Redis, PUBLISH pipelined).
     """
-    env = Env(cmd, work)
+    env = Env(cmd, work, redis=redis)
     poll = 0.01 if n <= 10000 else 0.05
     bound = max(INGEST_LAG_FRACTION * prof.ingest_confirm_s, INGEST_LAG_FLOOR_S)
     try:
@@ -387,17 +401,29 @@ def fig_ingest(cmd: list[str], work: Path, prof: Profile, n: int,
         env.close()
 
 
+#: a stable fleet: one host in 1,000 changes its labels per minute
+STABLE_RELABELS_PER_HOST_MIN = 1 / 1000
+
+
 def fig_steady(cmd: list[str], work: Path, prof: Profile, n: int, window: float,
-               keep_alive: int = 5) -> dict:
-    """N hosts at KEEP_ALIVE: the daemon's CPU share and RSS after a warm-up."""
+               keep_alive: int = 5, churn: bool = False) -> dict:
+    """N hosts at KEEP_ALIVE (N/KEEP_ALIVE packets/s): the daemon's CPU share and RSS after
+    a warm-up. Stable: labels change rarely (one host in 1,000 per minute), as in a real
+    fleet; churn: every packet carries a new seq:K label (a worst case)."""
     env = Env(cmd, work)
     try:
         d = env.daemon("bench-steady", TTL=86400)
         prefill(env, d, n)
         rate = n / keep_alive
         warm = 5.0
-        g = env.loadgen(n, mode="keepalive", rate=rate, duration=warm + window + 5,
-                        max_seconds=warm + window + 30)
+        seconds = warm + window + 5
+        if churn:
+            g = env.loadgen(n, rate=rate, count=int(rate * seconds), seq0=1,
+                            max_seconds=seconds + 30)
+        else:
+            per_packet = n * STABLE_RELABELS_PER_HOST_MIN / 60 / rate  # label changes
+            g = env.loadgen(n, mode="keepalive", rate=rate, duration=seconds,
+                            max_seconds=seconds + 30, relabel_every=round(1 / per_packet))
         env.go(g)
         time.sleep(warm)
         with LoadMeter() as m:
@@ -411,65 +437,130 @@ def fig_steady(cmd: list[str], work: Path, prof: Profile, n: int, window: float,
         g.wait(10)
         names = d.get_json("/v1/discoveries")
         return {"value": round(100 * cpu / dt, 1), "unit": "% of a core", "rate": rate,
+                "labels": "churn" if churn else "stable",
                 "rss_mb": round(mem["VmRSS"] / 1024, 1), "peak_mb": round(mem["VmHWM"] / 1024, 1),
                 "hosts_listed": len(names), "load": load}  # type: ignore[arg-type]
     finally:
         env.close()
 
 
+class Ceiling:
+    """bench/ceiling.py for one case: the same answer bytes, served by a minimal server."""
+
+    def __init__(self, d: Daemon, path: str, headers: dict[str, str] | None):
+        cmd = [sys.executable, str(BENCH / "ceiling.py"), "--from-port", str(d.port),
+               "--path", path, "--max-seconds", "900"]
+        for k, v in (headers or {}).items():
+            cmd += ["--header", f"{k}: {v}"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        if not line:
+            raise RuntimeError("ceiling server failed to start")
+        info = json.loads(line)
+        self.port, self.bytes = info["port"], info["bytes"]
+
+    def cpu_seconds(self) -> float:
+        return _cpu(self.proc.pid)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def ab_load(d: Daemon, path: str, conns: int, headers: dict[str, str] | None,
+            seconds: float, rounds: int) -> dict:
+    """lobbyd and the ceiling server in turns (lobbyd, ceiling, lobbyd, ceiling ...), the
+    same load flowing meanwhile; each side's figures summed over its turns."""
+    ceiling = Ceiling(d, path, headers)
+    sides: dict[str, list[dict]] = {"lobbyd": [], "ceiling": []}
+    try:
+        for _ in range(rounds):
+            for side, port, cpu in (("lobbyd", d.port, d.cpu_seconds),
+                                    ("ceiling", ceiling.port, ceiling.cpu_seconds)):
+                with LoadMeter() as m:
+                    cpu0, t0 = cpu(), time.monotonic()
+                    res = httpload.http_load(port, path, conns, seconds, headers)
+                    res["cpu_s"] = cpu() - cpu0
+                    res["seconds"] = time.monotonic() - t0
+                res.pop("raw", None)
+                res["load"] = m.stop()
+                sides[side].append(res)
+    finally:
+        ceiling.close()
+    out: dict = {}
+    for side, runs in sides.items():
+        reqs = sum(int(r["requests"]) for r in runs)
+        out[side] = {"rps": round(sum(float(r["rps"]) for r in runs) / len(runs), 1),
+                     "requests": reqs, "errors": sum(int(r["errors"]) for r in runs),
+                     "p50_ms": max(r.get("p50_ms", 0) for r in runs),
+                     "p99_ms": max(r.get("p99_ms", 0) for r in runs),
+                     "p99_ms_runs": [r.get("p99_ms") for r in runs],
+                     "rps_runs": [round(float(r["rps"])) for r in runs],
+                     "cpu_pct": round(100 * sum(r["cpu_s"] for r in runs) /
+                                      sum(r["seconds"] for r in runs), 1),
+                     "bytes_per_req": runs[0].get("bytes_per_req"), "tool": runs[0]["tool"]}
+    res = dict(out["lobbyd"])
+    res["ceiling"] = out["ceiling"]
+    res["pct_of_ceiling"] = round(100 * out["lobbyd"]["rps"] / max(1e-9, out["ceiling"]["rps"]),
+                                  1)
+    res["req_per_daemon_cpu_s"] = round(res["requests"] / max(1e-6, sum(
+        r["cpu_s"] for r in sides["lobbyd"])))
+    res["daemon_cpu_pct"] = res.pop("cpu_pct")
+    res["answer_bytes"] = ceiling.bytes
+    res["load"] = sides["lobbyd"][0]["load"]
+    res["loads"] = [r["load"] for r in sides["lobbyd"] + sides["ceiling"]]
+    return res
+
+
 def fig_http(cmd: list[str], work: Path, prof: Profile, n: int) -> dict:
-    """wrk against the API while N hosts keep-alive (N/5 msg/s)."""
+    """wrk against the API while N hosts keep-alive (N/5 msg/s), in turns with the ceiling
+    server (bench/ceiling.py) answering the same bytes: lobbyd as % of the machine's
+    ceiling. Stable labels first, then label churn."""
     env = Env(cmd, work)
     cases = [("/v1/discoveries", 8, None), ("/v1/discoveries", 1, None)]
     if prof.http_extra and n >= 10000:
         cases += [("/v1/discoveries", 8, {"Accept-Encoding": "gzip"}),
                   ("/v1/prometheus/node", 8, None), ("/v1/resolve?label=service:web", 8, None)]
+    rounds, turn = prof.http_rounds, prof.http_seconds / prof.http_rounds
+    per_case = rounds * 2 * (turn + 1.5) + 3
     try:
         d = env.daemon("bench-http", TTL=86400)
         prefill(env, d, n)
         check = check_registry(d, n, [0] * n)
-        total = len(cases) * (prof.http_seconds + 3) + 10
+        total = len(cases) * per_case + 10
         g = env.loadgen(n, mode="keepalive", rate=n / 5, duration=total, max_seconds=total + 30)
         env.go(g)
         out = {}
         for path, conns, headers in cases:
-            with LoadMeter() as m:
-                cpu0 = d.cpu_seconds()
-                t0 = time.monotonic()
-                res = httpload.http_load(d.port, path, conns, prof.http_seconds, headers)
-                cpu = d.cpu_seconds() - cpu0
-                res["daemon_cpu_pct"] = round(100 * cpu / (time.monotonic() - t0), 1)
-                res["req_per_daemon_cpu_s"] = round(res["requests"] / max(cpu, 1e-6))
-            res.pop("raw", None)
-            res["load"] = m.stop()
+            res = ab_load(d, path, conns, headers, turn, rounds)
             key = f"{path}{' gzip' if headers else ''} c{conns}"
             out[key] = res
             log(f"http n={n} {key}: {res['rps']:.0f} req/s p99 {res.get('p99_ms')} ms "
-                f"errors {res['errors']}")
+                f"= {res['pct_of_ceiling']}% of ceiling {res['ceiling']['rps']:.0f} req/s "
+                f"(p99 {res['ceiling']['p99_ms']} ms), errors {res['errors']}")
         g.terminate()
         g.wait(10)
         # Label churn: the same N/5 packets/s, but every packet changes its host's labels
         # (a new seq:K each round), so the registry changes between almost any two
         # requests and the per-second answer cache cannot serve them.
-        churn_s = prof.http_seconds + 3
+        churn_s = per_case + 5
         g = env.loadgen(n, rate=n / 5, count=int(n / 5 * churn_s), seq0=1,
                         max_seconds=churn_s + 30)
         env.go(g)
-        with LoadMeter() as m:
-            cpu0, t0 = d.cpu_seconds(), time.monotonic()
-            res = httpload.http_load(d.port, "/v1/discoveries", 8, prof.http_seconds)
-            cpu = d.cpu_seconds() - cpu0
-            res["daemon_cpu_pct"] = round(100 * cpu / (time.monotonic() - t0), 1)
-            res["label_changes_per_s"] = n / 5
-        res.pop("raw", None)
-        res["load"] = m.stop()
+        res = ab_load(d, "/v1/discoveries", 8, None, turn, rounds)
+        res["label_changes_per_s"] = n / 5
         sent = env.result(g)
         out["/v1/discoveries c8 label-churn"] = res
         log(f"http n={n} label churn: {res['rps']:.0f} req/s p99 {res.get('p99_ms')} ms "
+            f"= {res['pct_of_ceiling']}% of ceiling {res['ceiling']['rps']:.0f} req/s, "
             f"errors {res['errors']} ({sent['sent']} label changes sent)")
         main = out["/v1/discoveries c8"]
         return {"value": main["rps"], "unit": "req/s", "cases": out, "registry": check,
-                "churn_rps": res["rps"], "load": main["load"]}
+                "churn_rps": res["rps"], "pct_of_ceiling": main["pct_of_ceiling"],
+                "churn_pct_of_ceiling": res["pct_of_ceiling"], "load": main["load"]}
     finally:
         env.close()
 
@@ -512,7 +603,8 @@ def fig_propagation(cmd: list[str], work: Path, prof: Profile) -> dict:
         return {"value": round(pctl(lat, 50), 3), "unit": "ms", "p50_ms": round(pctl(lat, 50), 3),
                 "p99_ms": round(pctl(lat, 99), 3), "max_ms": round(max(lat), 3),
                 "post_p50_ms": round(pctl(post, 50), 3), "post_p99_ms": round(pctl(post, 99), 3),
-                "changes": len(lat), "load": m.stop()}
+                "changes": len(lat), "samples_ms": [round(x, 3) for x in lat],
+                "load": m.stop()}
     finally:
         env.close()
 
@@ -558,7 +650,8 @@ def fig_goodbye(cmd: list[str], work: Path, prof: Profile) -> dict:
         return {"value": round(pctl(lat, 50), 3), "unit": "ms", "p50_ms": round(pctl(lat, 50), 3),
                 "p99_ms": round(pctl(lat, 99), 3), "max_ms": round(max(lat), 3),
                 "exit_p50_ms": round(pctl(exits, 50), 1), "exit_max_ms": round(max(exits), 1),
-                "trials": len(lat), "load": m.stop()}
+                "trials": len(lat), "samples_ms": [round(x, 3) for x in lat],
+                "load": m.stop()}
     finally:
         env.close()
 
@@ -1004,9 +1097,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="short CI run: 1 run, small sizes")
     ap.add_argument("--runs", type=int, help="runs per figure (default 3, smoke 1)")
-    ap.add_argument("--only", default="", help="comma list: idle,startup,ingest,steady,http,"
-                    "propagation,goodbye,join,dead,fanout,watch,page; kv (DISCOVERY_MODE=kv, "
-                    "issue 13) runs only when named, at --hosts (default 10000,100000)")
+    ap.add_argument("--only", default="", help="comma list: idle,startup,ingest,ingest_redis,"
+                    "steady,http,propagation,goodbye,join,dead,fanout,watch,page; kv "
+                    "(DISCOVERY_MODE=kv, issue 13) runs only when named, at --hosts "
+                    "(default 10000,100000)")
     ap.add_argument("--label", default="lobbyd", help="name of the implementation measured")
     ap.add_argument("--lobbyd-cmd", default=None, help="default: $LOBBYD_CMD or lobbyd.py")
     ap.add_argument("--binary", default=str(ROOT / "dist" / "lobbyd_linux_x86_64"),
@@ -1057,10 +1151,17 @@ def main() -> int:
         if want("ingest"):
             for n in prof.ingest_hosts:
                 measure(f"ingest@{n}", lambda n=n: fig_ingest(cmd, work, prof, n))
+        if want("ingest_redis"):
+            for n in prof.redis_hosts:
+                measure(f"ingest_redis@{n}",
+                        lambda n=n: fig_ingest(cmd, work, prof, n, redis=True))
         if want("steady"):
             measure("steady@10000", lambda: fig_steady(cmd, work, prof, 10000,
                                                        prof.steady_window_s))
+            measure("churn@10000", lambda: fig_steady(cmd, work, prof, 10000,
+                                                      prof.steady_window_s, churn=True))
             if prof.steady_big:
+                measure("steady@1000", lambda: fig_steady(cmd, work, prof, 1000, 15), runs=1)
                 measure("steady@100000", lambda: fig_steady(cmd, work, prof, 100000, 15),
                         runs=1)
         if want("http"):
@@ -1103,6 +1204,12 @@ def main() -> int:
     out.write_text(json.dumps(finite(doc), indent=2, default=str) + "\n")
     print(table(doc))
     print(f"\nwritten: {out}")
+    try:  # pictures of the newest run of every label in the same directory
+        import plots
+        for path in plots.draw(plots.newest_per_label(out.parent), out.parent / "plots"):
+            print(f"plot: {path}")
+    except Exception as exc:  # a picture must never fail the figures
+        print(f"plots failed: {exc!r}", file=sys.stderr)
     failed = [k for k, v in results.items() if "error" in v]
     wrong = wrong_results(results)
     for line in wrong:
@@ -1128,7 +1235,7 @@ def wrong_results(results: dict[str, dict]) -> list[str]:
             where = f"{key} run {k + 1}"
             if not (_ok_number(s.get("value")) and s["value"] > 0):
                 out.append(f"{where}: value {s.get('value')!r}")
-            if key.startswith("ingest@"):
+            if key.startswith(("ingest@", "ingest_redis@")):
                 if not (s.get("exact") and s["burst"].get("exact")):
                     out.append(f"{where}: registry not exact")
             elif key.startswith("http@"):
@@ -1138,7 +1245,7 @@ def wrong_results(results: dict[str, dict]) -> list[str]:
                     if c.get("errors") or not c.get("requests"):
                         out.append(f"{where} {case}: {c.get('requests')} requests, "
                                    f"{c.get('errors')} errors")
-            elif key.startswith("steady@"):
+            elif key.startswith(("steady@", "churn@")):
                 n = int(key.split("@")[1])
                 if s.get("hosts_listed", 0) < n:
                     out.append(f"{where}: {s.get('hosts_listed')} hosts listed, want {n}+")
@@ -1198,9 +1305,9 @@ def table(doc: dict) -> str:
         first = r["runs"][0]
         detail = ""
         ref = ""
-        if key.startswith("ingest@"):
+        if key.startswith(("ingest@", "ingest_redis@")):
             n = int(key.split("@")[1])
-            ref = REFERENCE["ingest"].get(n, "")
+            ref = REFERENCE["ingest"].get(n, "") if key.startswith("ingest@") else ""
             detail = (f"sustained (daemon-side, 2 in a row), target "
                       f"{first['sustained_target']}/s, burst estimate "
                       f"{first['burst']['drain_rate_estimate']}/s, "
@@ -1209,7 +1316,7 @@ def table(doc: dict) -> str:
             ref = REFERENCE["idle_rss"]
         elif key.startswith("startup"):
             ref = REFERENCE["startup"]
-        elif key.startswith("steady"):
+        elif key.startswith(("steady", "churn")):
             ref = f"{REFERENCE['steady_cpu']}, {REFERENCE['steady_rss']}" \
                 if key.endswith("@10000") else ""
             detail = (f"RSS {statistics.median([s['rss_mb'] for s in r['runs']]):.1f} MB, "
@@ -1218,7 +1325,9 @@ def table(doc: dict) -> str:
             ref = REFERENCE["http_10k_c8"] if key == "http@10000" else ""
             parts = []
             for case, c in first["cases"].items():
-                parts.append(f"{case}: {c['rps']:.0f}/s p99 {c.get('p99_ms')}ms")
+                ceil = (f" = {c['pct_of_ceiling']:.0f}% of ceiling {c['ceiling']['rps']:.0f}/s"
+                        if "ceiling" in c else "")
+                parts.append(f"{case}: {c['rps']:.0f}/s p99 {c.get('p99_ms')}ms{ceil}")
             detail = "; ".join(parts)
         elif key == "propagation":
             ref = REFERENCE["propagation"]

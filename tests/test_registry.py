@@ -88,3 +88,20 @@ def test_packets_are_sorted_by_hostname() -> None:
     for name in ("c", "a", "b"):
         r.apply_hi(name, (), 1.0)
     assert [p.hostname for p in r.packets()] == ["a", "b", "c"]
+
+
+def test_entries_stay_tuples_and_every_change_is_noted() -> None:
+    """Entries are tuples (untracked by the GC); the watchers' change record still
+    sees new hosts, label changes, second-hand hosts and leavers (SPEC 8)."""
+    r = Registry(ttl=30)
+    r.apply_hi("a", ("x",), 100.0)
+    r.take_changes()
+    assert not r.apply_hi("a", ("x",), 101.0) and r.take_changes() == {}
+    r.apply_hi("a", ("y",), 102.0)
+    r.apply_hi("a", ("z",), 103.0)  # only the state before the first change counts
+    r.learn("b", ("w",), 103.0)
+    assert r.take_changes() == {"a": (("x",), ""), "b": (None, "")}
+    assert all(type(entry) is tuple for entry in r.hosts.values())
+    assert r.hosts["a"] == (("z",), 103.0)
+    r.apply_goodbye("b")
+    assert r.take_changes() == {"b": (("w",), "goodbye")}
