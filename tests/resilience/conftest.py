@@ -205,13 +205,13 @@ class Node(NatsServer):
                  monitor_port: int, routes: list[int], extra: list[str] | None = None):
         self.name = name
         self.cluster_port = cluster_port
-        self.monitor_port = monitor_port
         self.routes = routes
         args = ["--server_name", name, "-m", str(monitor_port),
                 "--cluster_name", "lobby", "--cluster", f"nats://127.0.0.1:{cluster_port}"]
         if routes:
             args += ["--routes", ",".join(f"nats://127.0.0.1:{p}" for p in routes)]
         super().__init__(workdir, port=port, extra=args + (extra or []))
+        self.monitor_port = monitor_port  # after the base, which sets its own (None)
 
     def monitor(self, endpoint: str) -> dict:
         return http_json(f"http://127.0.0.1:{self.monitor_port}/{endpoint}")
