@@ -1479,10 +1479,26 @@ class NatsDriver(Transport):
         """
         import nats  # imported late: the API must answer before this costs anything
 
+        if not await self.connect(direct_client(nats)):
+            return
+
+        async def slow_path(msg: Any) -> None:  # messages with headers, or old nats-py
+            handle(msg.data)
+
+        sub = await self.nc.subscribe(self.subject, cb=slow_path, pending_msgs_limit=200_000,
+                                      pending_bytes_limit=256 * 1024 * 1024)
+        if hasattr(self.nc, "direct") and isinstance(getattr(sub, "_id", None), int):
+            self.nc.direct[sub._id] = handle
+        self._changed(True)
+        await self.on_connect(self)
+
+    async def connect(self, client: Callable[[], Any]) -> bool:
+        """Connect with backoff until it works (then nats-py reconnects for ever);
+        False if lobbyd is stopping first."""
         delay = 0.1
         while not self._closing:
             try:
-                self.nc = direct_client(nats)()
+                self.nc = client()
                 await self.nc.connect(
                     servers=self.urls, name=self.name, allow_reconnect=True,
                     max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=2,
@@ -1494,21 +1510,12 @@ class NatsDriver(Transport):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
-            break
-        if self._closing:
-            return
-        log.info("connected to NATS at %s", redact_url(self._current_url()))
-        self._warned = False
-
-        async def slow_path(msg: Any) -> None:  # messages with headers, or old nats-py
-            handle(msg.data)
-
-        sub = await self.nc.subscribe(self.subject, cb=slow_path, pending_msgs_limit=200_000,
-                                      pending_bytes_limit=256 * 1024 * 1024)
-        if hasattr(self.nc, "direct") and isinstance(getattr(sub, "_id", None), int):
-            self.nc.direct[sub._id] = handle
-        self._changed(True)
-        await self.on_connect(self)
+            if self._closing:
+                break
+            log.info("connected to NATS at %s", redact_url(self._current_url()))
+            self._warned = False
+            return True
+        return False
 
     def _tls_options(self) -> dict[str, Any]:
         # a CA store costs ~2 MB of memory: load it only for tls:// and wss:// URLs
@@ -2012,26 +2019,8 @@ class NatsKvDriver(NatsDriver):
         import nats
 
         self._handle = handle
-        delay = 0.1
-        while not self._closing:
-            try:
-                self.nc = nats.NATS()
-                await self.nc.connect(
-                    servers=self.urls, name=self.name, allow_reconnect=True,
-                    max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=2,
-                    ping_interval=4, max_outstanding_pings=2, **self._tls_options(),
-                    error_cb=self._on_error, disconnected_cb=self._on_disconnected,
-                    reconnected_cb=self._on_reconnected, closed_cb=self._on_closed)
-            except Exception as exc:  # nats-py raises many types here; all mean "try later"
-                await self._on_error(exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            break
-        if self._closing:
+        if not await self.connect(nats.NATS):
             return
-        log.info("connected to NATS at %s", redact_url(self._current_url()))
-        self._warned = False
         self._tasks.append(asyncio.ensure_future(self._reap_for_ever()))
         self._start_setup()
 
