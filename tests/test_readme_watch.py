@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port, wait_for
+from conftest import ROOT, free_port, skip_unless_required, wait_for
 
 import lobbyd as L
 
@@ -136,9 +136,9 @@ def instances(port: int) -> set[str]:
     return {t["labels"]["instance"] for t in prometheus_targets(port)}
 
 
-@pytest.mark.skipif(not shutil.which("prometheus"), reason="needs Prometheus (apt install "
-                    "prometheus; CI installs it)")
 def test_file_sd_sync_with_a_real_prometheus(lobbyd, scripts, tmp_path) -> None:
+    if not shutil.which("prometheus"):
+        skip_unless_required("needs Prometheus: apt-get install prometheus (CI installs it)")
     a = lobbyd("a", LABELS="prometheus:node,prometheus:node:location:prg")
     targets = tmp_path / "targets"
     targets.mkdir()
