@@ -1327,6 +1327,21 @@ class RegistryRenderer:
 ###############################################################################
 
 
+async def answered(replies: asyncio.Queue[bytes | None], reply: Callable[[bytes], bool],
+                   window: float) -> bool:
+    """Feed a peer's join answer, chunk by chunk, to `reply` (which says whether a chunk
+    was the last); False if the window closed first (a None) or nobody answers (b"")."""
+    while True:
+        data = await replies.get()
+        if data is None:
+            log.debug("sync: no complete answer within %gs", window)
+            return False
+        if not data:  # NATS's "no responders": nobody answers joins yet, we are the first
+            return False
+        if reply(data):
+            return True
+
+
 class Transport:
     """One way to reach the fleet: connect for ever (with backoff), publish the
     discovery envelopes, hand every one received to the daemon, answer and ask a
@@ -1580,14 +1595,7 @@ class NatsDriver(Transport):
             inbox = self.nc.new_inbox()
             sub = await self.nc.subscribe(inbox, cb=on_reply)
             await self.publish_to(self.sync_subject, b"{}", reply=inbox)
-            while not complete:
-                data = await replies.get()
-                if data is None:
-                    log.debug("sync: no complete answer within %gs", window)
-                    break
-                if not data:  # "no responders": nobody answers joins yet, we are the first
-                    break
-                complete = reply(data)
+            complete = await answered(replies, reply, window)
         except Exception as exc:  # the connection went away: the next connect syncs again
             log.debug("sync failed: %s", describe_error(exc))
         finally:
@@ -1882,12 +1890,8 @@ class RedisDriver(Transport):
             await self.pubsub.subscribe(reply_channel)
             request = json.dumps({"id": request_id, "reply": reply_channel.decode()})
             listeners = await self.client.publish(self.sync_channel, request)
-            while listeners and not complete:  # 0: nobody answers joins yet, we are the first
-                data = await replies.get()
-                if data is None:
-                    log.debug("sync over Redis: no complete answer within %gs", window)
-                    break
-                complete = reply(data)
+            # 0 listeners: nobody answers joins yet, we are the first
+            complete = bool(listeners) and await answered(replies, reply, window)
         except Exception as exc:  # the connection went away: the next connect syncs again
             log.debug("sync over Redis failed: %s", describe_error(exc))
         finally:

@@ -50,6 +50,15 @@ def subtitle(docs: list[dict]) -> str:
     return "; ".join(parts)
 
 
+def save(plt, fig, docs: list[dict], path: Path) -> Path:
+    """The figure, captioned with where its figures come from, as a PNG at `path`."""
+    fig.suptitle(subtitle(docs), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_scale(plt, docs: list[dict], out: Path) -> Path:
     """Ingest capacity, CPU and RSS against fleet size."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
@@ -82,12 +91,7 @@ def plot_scale(plt, docs: list[dict], out: Path) -> Path:
         ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(subtitle(docs), fontsize=8)
-    fig.tight_layout()
-    path = out / "scale.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(plt, fig, docs, out / "scale.png")
 
 
 def plot_http(plt, docs: list[dict], out: Path) -> Path | None:
@@ -119,12 +123,7 @@ def plot_http(plt, docs: list[dict], out: Path) -> Path | None:
     ax.set_xlim(0, 1.45 * max(max(r[2], r[3] or 0) for r in rows))
     ax.legend(fontsize=8, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2)
     ax.grid(True, axis="x", alpha=0.3)
-    fig.suptitle(subtitle(docs), fontsize=8)
-    fig.tight_layout()
-    path = out / "http.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(plt, fig, docs, out / "http.png")
 
 
 def plot_latency(plt, docs: list[dict], out: Path) -> Path | None:
@@ -154,12 +153,7 @@ def plot_latency(plt, docs: list[dict], out: Path) -> Path | None:
     if not drawn:
         plt.close(fig)
         return None
-    fig.suptitle(subtitle(docs), fontsize=8)
-    fig.tight_layout()
-    path = out / "latency.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(plt, fig, docs, out / "latency.png")
 
 
 def draw(docs: list[dict], out: Path) -> list[Path]:
