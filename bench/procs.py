@@ -294,3 +294,11 @@ class Daemon:
             if m.get("VmRSS", 0) > best["VmRSS"]:
                 best = m
         return best
+
+    def tree_rss_kib(self) -> int:
+        """RSS of every process in the daemon's tree, wrappers included."""
+        total = 0
+        for pid in tree_pids(self.pid):
+            with contextlib.suppress(OSError):
+                total += proc_mem_kib(pid).get("VmRSS", 0)
+        return total

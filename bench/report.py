@@ -1,6 +1,7 @@
 """Markdown table of a bench result file, for the README.
 
     python bench/report.py bench/results/lobbyd-20261124T001640Z.json
+    python bench/report.py --targets FILE     # issue 12's targets, met or not
 """
 
 from __future__ import annotations
@@ -97,6 +98,92 @@ def detail(key: str, r: dict) -> str:
     return ""
 
 
+def background(run: dict) -> str:
+    x = run.get("load")
+    if not x:
+        return ""
+    return f"load {x['loadavg_start'][0]:.1f}, others {x['other_cpu_pct']:.0f} %"
+
+
+def http_case(doc: dict, case: str) -> tuple[dict, dict] | None:
+    """The median run's case of http@10000 (by lobbyd's share of the ceiling)."""
+    fig = doc["figures"].get("http@10000")
+    if not fig or "runs" not in fig:
+        return None
+    runs = sorted((r for r in fig["runs"] if case in r.get("cases", {})),
+                  key=lambda r: r["cases"][case]["pct_of_ceiling"])
+    if not runs:
+        return None
+    run = runs[len(runs) // 2]
+    return run["cases"][case], run
+
+
+def median_run(doc: dict, key: str) -> dict | None:
+    fig = doc["figures"].get(key)
+    if not fig or "runs" not in fig or fig.get("median") is None:
+        return None
+    runs = sorted((r for r in fig["runs"] if r.get("unit")), key=lambda r: r["value"])
+    return runs[len(runs) // 2] if runs else None
+
+
+def target_rows(doc: dict) -> list[tuple[str, str, str, str]]:
+    """Issue 12's targets: (target, figure, met, background), from the median run."""
+    rows = []
+    for case, name, floor in (
+            ("/v1/discoveries c8", "GET /v1/discoveries, 10k hosts, 8 conns, stable", 100),
+            ("/v1/discoveries c8 label-churn", "same under label churn (2,000/s)", 80),
+            ("/v1/discoveries gzip c8", "same, gzip", 100),
+            ("/v1/prometheus/node c8", "GET /v1/prometheus/node, 10k hosts", 100)):
+        got = http_case(doc, case)
+        if got is None:
+            continue
+        c, run = got
+        pct, p99 = c["pct_of_ceiling"], c["p99_ms"]
+        rows.append((f"1. {name}: >= {floor} % of the same-run ceiling, p99 < 15 ms",
+                     f"{c['rps']:,.0f} req/s = {pct:.0f} % of {c['ceiling']['rps']:,.0f}; "
+                     f"p99 {p99:.1f} ms (ceiling {c['ceiling']['p99_ms']:.1f})",
+                     "yes" if pct >= floor and p99 < 15 else "no", background(c)))
+    checks = [
+        ("steady@10000", "2. stable fleet, 10k hosts, 2,000 pkt/s: <= 5 % of a core",
+         lambda r: (f"{r['value']:.1f} %", r["value"] <= 5)),
+        ("churn@10000", "2. label churn, same: <= 13 %",
+         lambda r: (f"{r['value']:.1f} %", r["value"] <= 13)),
+        ("ingest@100000", "3. ingest capacity, 100k hosts: >= 80k pkt/s, registry exact",
+         lambda r: (f"{r['value'] / 1000:.1f}k pkt/s, exact {r['exact']}",
+                    r["value"] >= 80000 and r["exact"])),
+        ("idle_rss_binary", "4. idle RSS, static binary: <= 25 MB",
+         lambda r: (f"{r['value']:.1f} MB (with its loaders {r.get('tree_mb', 0):.1f})",
+                    r["value"] <= 25)),
+        ("idle_rss", "4. idle RSS from source: <= 28 MB",
+         lambda r: (f"{r['value']:.1f} MB", r["value"] <= 28)),
+        ("steady@10000", "4. RSS at 10k hosts: <= 40 MB",
+         lambda r: (f"{r['rss_mb']:.1f} MB (peak {r['peak_mb']:.1f})", r["rss_mb"] <= 40)),
+        ("steady@100000", "4. RSS at 100k hosts: <= 100 MB",
+         lambda r: (f"{r['rss_mb']:.1f} MB (peak {r['peak_mb']:.1f})", r["rss_mb"] <= 100)),
+        ("startup_binary", "6. start-up of the static binary, exec -> first 200: < 300 ms",
+         lambda r: (f"{r['value']:.0f} ms", r["value"] < 300)),
+    ]
+    for key, name, judge in checks:
+        run = median_run(doc, key)
+        if run is None:
+            rows.append((name, "not measured", "-", ""))
+            continue
+        figure, met = judge(run)
+        rows.append((name, figure, "yes" if met else "no", background(run)))
+    return rows
+
+
+def targets(path: str) -> None:
+    doc = json.loads(Path(path).read_text())
+    meta = doc["meta"]
+    print(f"`{Path(path).name}`: {meta['runs']} runs per figure (median run shown), "
+          f"commit `{meta.get('code', {}).get('git_head', '?')}`, {meta['started']}\n")
+    print("| target (issue 12) | figure | met | background |")
+    print("|---|---|---|---|")
+    for row in target_rows(doc):
+        print("| " + " | ".join(row) + " |")
+
+
 def main(path: str) -> None:
     doc = json.loads(Path(path).read_text())
     print(f"`{doc['meta']['label']}`, {doc['meta']['started']}, {doc['meta']['runs']} runs "
@@ -115,4 +202,7 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1] == "--targets":
+        targets(sys.argv[2])
+    else:
+        main(sys.argv[1])
