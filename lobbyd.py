@@ -1362,6 +1362,9 @@ class Transport:
         self.reconnects = 0  # reconnections after the first connection
         self.was_connected = False
         self._closing = False
+        #: where a transport reads the whole fleet at once (kv's initial values), each
+        #: packet of it goes here instead of to run()'s `handle`: no log line per host
+        self.learn: Callable[[bytes], None] | None = None
 
     # what every transport provides ------------------------------------------
     @property
@@ -1661,13 +1664,42 @@ def direct_client(nats: Any) -> Any:
         async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
                                headers: bytes) -> None:
             handle = self.direct.get(sid)
-            if handle is None or headers or reply:
-                await super()._process_msg(sid, subject, reply, data, headers)
-            else:
+            if handle is not None and not headers and not reply:
                 try:
                     handle(data)
                 except Exception as exc:  # never let one packet break the connection
                     log.error("handling a packet failed: %s", describe_error(exc))
+            elif not (reply.startswith(b"$JS.ACK.") and self._stream_msg(
+                    sid, subject, reply, data, headers)):
+                await super()._process_msg(sid, subject, reply, data, headers)
+
+        def _stream_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
+                        headers: bytes) -> bool:
+            """A message of an ordered JetStream consumer with a `direct_stream`
+            function: handled here, keeping nats-py's ordering state as it would.
+            False for nats-py to handle it (another subscription; a gap, which
+            makes nats-py recreate the consumer)."""
+            sub = self._subs.get(sid)
+            handle = getattr(sub, "direct_stream", None)
+            jsi = getattr(sub, "_jsi", None)
+            if handle is None or jsi is None or sub._pending_queue.qsize():
+                return False  # (what nats-py queued before the hook was set goes first)
+            # $JS.ACK.[domain.hash.]stream.consumer.delivered.sseq.dseq.ts.pending[.token]
+            tokens = reply.split(b".")
+            at = 5 if len(tokens) == 9 else 7
+            sseq, dseq, pending = int(tokens[at]), int(tokens[at + 1]), int(tokens[at + 3])
+            if dseq != jsi._dseq:
+                return False
+            jsi._dseq, jsi._sseq, jsi._active = dseq + 1, sseq, True
+            jsi._fciseq += 1
+            jsi._cmeta = reply.decode()  # for nats-py's heartbeat check
+            sub._received += 1
+            self.stats["in_msgs"] += 1
+            try:
+                handle(subject, data, headers, sseq, pending)
+            except Exception as exc:  # never let one change break the connection
+                log.error("handling a change failed: %s", describe_error(exc))
+            return True
 
     return DirectClient
 
@@ -2023,7 +2055,7 @@ class NatsKvDriver(NatsDriver):
         import nats
 
         self._handle = handle
-        if not await self.connect(nats.NATS):
+        if not await self.connect(direct_client(nats)):
             return
         self._tasks.append(asyncio.ensure_future(self._reap_for_ever()))
         self._start_setup()
@@ -2092,8 +2124,10 @@ class NatsKvDriver(NatsDriver):
     async def _watch(self) -> None:
         """An ordered consumer of the hosts bucket's last values, then of every change.
 
-        Not nats-py's KeyValue.watch(): its queue and Entry objects cost a third of
-        a 100,000-host join; the callback applies each message as it comes.
+        Not nats-py's KeyValue.watch(), nor its per-message path: a Msg, a header
+        dict, a queue and a task step for every message were over half of a
+        100,000-host join. The connection's parser hands each message straight to
+        _change (see direct_client); nats-py still recreates the consumer on a gap.
         """
         from nats.js.api import DeliverPolicy
 
@@ -2102,8 +2136,9 @@ class NatsKvDriver(NatsDriver):
             ordered_consumer=True, deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
             inactive_threshold=300, pending_msgs_limit=1_000_000,
             pending_bytes_limit=1 << 30)
+        sub._sub.direct_stream = self._change
         self._watcher = sub
-        if (await sub.consumer_info()).num_pending == 0 and sub.delivered == 0:
+        if (await sub.consumer_info()).num_pending == 0 and sub._sub.delivered == 0:
             self._initial_done()  # an empty bucket: nothing will say it
 
     def _initial_done(self) -> None:
@@ -2112,7 +2147,18 @@ class NatsKvDriver(NatsDriver):
             if self._stale:
                 self._tasks.append(asyncio.ensure_future(self._forget(self._stale)))
 
+    def _change(self, subject: bytes, data: bytes, headers: bytes, revision: int,
+                pending: int) -> None:
+        """One message of the watch, straight from the connection's parser."""
+        deleted = b"KV-Operation" in headers or b"Nats-Marker-Reason" in headers \
+            if headers else False
+        self._apply(subject[len(self.data_bucket) + 5:].decode(errors="replace"), data,
+                    revision, deleted)
+        if pending == 0:
+            self._initial_done()
+
     async def _on_msg(self, msg: Any) -> None:
+        """The same, for what nats-py delivers itself (old nats-py without the hook)."""
         reply = msg.reply.split(".")  # $JS.ACK.[domain.hash.]stream.consumer.n.SEQ.n.ts.PENDING
         revision, pending = (int(reply[5]), int(reply[8])) if len(reply) == 9 else \
             (int(reply[7]), int(reply[10]))
@@ -2148,9 +2194,11 @@ class NatsKvDriver(NatsDriver):
             return
         if not deleted:
             self.keys[key] = revision
-            if not self.initial.is_set():
+            if self.initial.is_set() or self.learn is None:
+                self._handle(value)
+            else:
                 self.learned += 1
-            self._handle(value)
+                self.learn(value)
         elif self.keys.pop(key, None) is not None or not self.initial.is_set():
             self.put_labels.pop(key, None)  # ours reaped while we were away: write it again
             self._handle(encode_envelope(Packet(hostname), "goodbye"))
@@ -3940,6 +3988,8 @@ class Daemon:
             TRANSPORTS[kind](config, environ, f"lobbyd {self.hostname}", self.on_connect,
                              self.tell_systemd)
             for kind in (("NATS-KV",) if kv else config.driver)]
+        for transport in self.transports:
+            transport.learn = self.learn_packet
         self.callback = (CallbackRunner(config.callback, config.callback_cooldown,
                                         config.callback_first_run_delay,
                                         config.callback_timeout, self.registry_json)
@@ -4118,6 +4168,24 @@ class Daemon:
                 counters.left_goodbye += 1
                 self.membership_log.info("goodbye from %s", hostname)
                 self.registry_changed()
+
+    def learn_packet(self, data: bytes) -> None:
+        """A packet of the fleet read at join (kv's initial values): on_packet without
+        a log line per host, the join's one line counts them."""
+        try:
+            message, hostname, labels = decode_envelope(data, self.label_cache)
+        except PacketError as exc:
+            self.counters.dropped += 1
+            self.garbage_log.warning("dropped a packet: %s", exc)
+            return
+        if message != "hi":
+            self.on_packet(data)
+            return
+        self.counters.his += 1
+        change = self.registry.apply_hi(hostname, labels, time.time())
+        if change:
+            self.counters.joined += change == NEW_HOST
+            self.registry_changed()
 
     # publishing ----------------------------------------------------------------
     async def publish(self, packet: Packet, message: str = "hi") -> bool:
