@@ -2026,6 +2026,9 @@ class NatsKvDriver(NatsDriver):
         self.problem = ""  # why JetStream is not usable, for /v1/health
         self.keys: dict[str, int] = {}  # host key in the hosts bucket -> its revision
         self.put_labels: dict[str, Any] = {}  # host key -> labels we last wrote for it
+        #: host key -> hash of the packet applied for it: a packet written again as it
+        #: was (every host's after a restart of the server) is not decoded again
+        self.digests: dict[str, int] = {}
         self.reapers: dict[int, tuple[str, int]] = {}  # slot -> (holder, revision)
         self.marks: dict[int, int] = {}  # free slot -> revision of its delete marker
         self.slot: int | None = None  # our reaper slot
@@ -2194,14 +2197,21 @@ class NatsKvDriver(NatsDriver):
             return
         if not deleted:
             self.keys[key] = revision
+            digest = hash(value)
+            if self.digests.get(key) == digest:
+                return  # written again as it was: every host does so after a server restart
+            self.digests[key] = digest
             if self.initial.is_set() or self.learn is None:
                 self._handle(value)
             else:
                 self.learned += 1
                 self.learn(value)
         elif self.keys.pop(key, None) is not None or not self.initial.is_set():
+            self.digests.pop(key, None)
             self.put_labels.pop(key, None)  # ours reaped while we were away: write it again
             self._handle(encode_envelope(Packet(hostname), "goodbye"))
+        else:
+            self.digests.pop(key, None)
 
     async def _forget(self, stale: dict[str, int]) -> None:
         """After a restart of the server, hosts that do not write their packet again
@@ -2210,6 +2220,7 @@ class NatsKvDriver(NatsDriver):
         for key in stale:
             hostname = kv_key_host(key)
             if key not in self.keys and hostname is not None:
+                self.digests.pop(key, None)
                 self._handle(encode_envelope(Packet(hostname), "goodbye"))
 
     async def publish(self, data: bytes) -> bool:

@@ -75,6 +75,9 @@ async def main() -> None:
         raise TimeoutError("no buckets")
 
     packets = [envelope(host, labels(a.first + i, 0)) for i, host in enumerate(hosts)]
+    # what a bulk write sends for each host, kept up to date with its label changes
+    bulk = [frame(f"{alive}{host}".encode(), b"") + frame(f"{data}{host}".encode(), packets[i])
+            for i, host in enumerate(hosts)]
 
     async def write_all() -> None:
         """Every host at once, as after a restart of nats-server: liveness key, packet.
@@ -88,10 +91,7 @@ async def main() -> None:
             await reader.readline()  # INFO
             writer.write(b'CONNECT {"verbose":false,"pedantic":false,"name":"kvload"}\r\n')
             for start in range(0, len(hosts), BULK_CHUNK):
-                writer.write(b"".join(
-                    frame(f"{alive}{host}".encode(), b"")
-                    + frame(f"{data}{host}".encode(), packets[start + k])
-                    for k, host in enumerate(hosts[start:start + BULK_CHUNK])))
+                writer.write(b"".join(bulk[start:start + BULK_CHUNK]))
                 writer.write(b"PING\r\n")
                 await writer.drain()
                 await pong(reader)
@@ -126,6 +126,8 @@ async def main() -> None:
             i = (changed * 7919) % a.hosts
             seq[i] += 1
             packets[i] = envelope(hosts[i], labels(a.first + i, seq[i]))
+            bulk[i] = frame(f"{alive}{hosts[i]}".encode(), b"") + \
+                frame(f"{data}{hosts[i]}".encode(), packets[i])
             await nc.publish(data + hosts[i], packets[i])
             changed += 1
             sent["data"] += 1
