@@ -2026,6 +2026,7 @@ class NatsKvDriver(NatsDriver):
         self.problem = ""  # why JetStream is not usable, for /v1/health
         self.keys: dict[str, int] = {}  # host key in the hosts bucket -> its revision
         self.put_labels: dict[str, Any] = {}  # host key -> labels we last wrote for it
+        self.written: dict[str, tuple[Any, bytes]] = {}  # host key -> (labels, packet) kept
         #: host key -> hash of the packet applied for it: a packet written again as it
         #: was (every host's after a restart of the server) is not decoded again
         self.digests: dict[str, int] = {}
@@ -2233,12 +2234,18 @@ class NatsKvDriver(NatsDriver):
             packet = envelope["discovery"]
             key = kv_host_key(packet["hostname"])
             if envelope.get("message") != "hi":
+                self.written.pop(key, None)
                 await asyncio.gather(self.data.delete(key), self.alive.delete(key))
                 return True
             await self.alive.put(key, b"")  # first: a packet is never older than its liveness
-            if self.put_labels.get(key) != packet["labels"]:
-                await self.data.put(key, data)
-                self.put_labels[key] = packet["labels"]
+            labels = packet["labels"]
+            if self.put_labels.get(key) != labels:
+                # the same labels are the same bytes (last_check: their last change), so
+                # that peers skip a packet written again after a restart of the server
+                if self.written.get(key, (None,))[0] != labels:
+                    self.written[key] = (labels, data)
+                await self.data.put(key, self.written[key][1])
+                self.put_labels[key] = labels
             return True
         except Exception as exc:  # a lost connection: the reconnect writes everything again
             log.debug("KV write failed: %s", describe_error(exc))
