@@ -2140,7 +2140,10 @@ class NatsKvDriver(NatsDriver):
             ordered_consumer=True, deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
             inactive_threshold=300, pending_msgs_limit=1_000_000,
             pending_bytes_limit=1 << 30)
-        sub._sub.direct_stream = self._change
+        jsi = getattr(sub._sub, "_jsi", None)  # nats-py's ordered-consumer state
+        if hasattr(self.nc, "direct") and all(hasattr(jsi, name) for name in (
+                "_dseq", "_sseq", "_fciseq", "_cmeta", "_active")):
+            sub._sub.direct_stream = self._change
         self._watcher = sub
         if (await sub.consumer_info()).num_pending == 0 and sub._sub.delivered == 0:
             self._initial_done()  # an empty bucket: nothing will say it
