@@ -1635,13 +1635,15 @@ class NatsDriver(Transport):
             log.debug("close at shutdown: %s", describe_error(exc))
 
 
-def direct_client(nats: Any) -> Any:
+def direct_client(nats: Any, batch_reads: bool = True) -> Any:
     """nats-py's Client, handing the messages of chosen subscriptions to a function.
 
     nats-py builds a Msg, parses headers and goes through a queue and a task for
     every message; at fleet scale that is most of the cost of a packet. For a
     subscription in `direct`, a plain message skips all of it. If this nats-py
     has no such hook, the subscription's callback does the same job, slower.
+    `batch_reads`: read a trickle of packets in batches (BatchingReads), for the
+    broadcast; the kv mode has no trickle, and its join must not wait on a pause.
     """
     base = nats.aio.client.Client
     if not hasattr(base, "_process_msg"):
@@ -1658,8 +1660,8 @@ def direct_client(nats: Any) -> Any:
 
         @_transport.setter
         def _transport(self, transport: Any) -> None:
-            self.__dict__["_batching_transport"] = \
-                None if transport is None else BatchingReads(transport, self)
+            self.__dict__["_batching_transport"] = transport if transport is None or \
+                not batch_reads else BatchingReads(transport, self)
 
         async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
                                headers: bytes) -> None:
@@ -2059,7 +2061,7 @@ class NatsKvDriver(NatsDriver):
         import nats
 
         self._handle = handle
-        if not await self.connect(direct_client(nats)):
+        if not await self.connect(direct_client(nats, batch_reads=False)):
             return
         self._tasks.append(asyncio.ensure_future(self._reap_for_ever()))
         self._start_setup()
