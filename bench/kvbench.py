@@ -104,6 +104,7 @@ def fig_kv(cmd: list[str], work: Path, n: int, keep_alive: int = 5, ttl: int = 1
             t_exec = time.monotonic()
             until(lambda: hosts_of(newcomer) == n, 60, "the newcomer lists the fleet", 0.01)
             join_s = time.monotonic() - t_exec
+        join_cpu_s = newcomer.cpu_seconds()  # from exec: what the join costs, whatever the load
         daemons.append(newcomer)
         until(lambda: all(hosts_of(d) == n for d in daemons), 30, "everyone sees the newcomer")
         time.sleep(2 * keep_alive)  # the newcomer's start and the first reaper scans are over
@@ -149,7 +150,8 @@ def fig_kv(cmd: list[str], work: Path, n: int, keep_alive: int = 5, ttl: int = 1
             "packets_per_s": packets, "lobbyd_cpu_pct": cpu, "reapers": reapers,
             "lobbyd_rss_mb": rss, "nats_cpu_pct": nats_cpu,
             "nats_in_msgs_per_s": in_msgs, "nats_out_msgs_per_s": out_msgs,
-            "join_s": round(join_s, 2), "killed_gone_s": round(killed_gone_s, 2),
+            "join_s": round(join_s, 2), "join_cpu_s": round(join_cpu_s, 2),
+            "killed_gone_s": round(killed_gone_s, 2),
             "restart_whole_s": round(restart_s, 2),
             "broadcast_packets_per_s": round(n / keep_alive),
             "broadcast_deliveries_per_s": round(n * n / keep_alive),
