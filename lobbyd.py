@@ -1688,6 +1688,8 @@ def direct_client(nats: Any, batch_reads: bool = True) -> Any:
                 return False  # (what nats-py queued before the hook was set goes first)
             # $JS.ACK.[domain.hash.]stream.consumer.delivered.sseq.dseq.ts.pending[.token]
             tokens = reply.split(b".")
+            if len(tokens) < 9:
+                return False
             at = 5 if len(tokens) == 9 else 7
             sseq, dseq, pending = int(tokens[at]), int(tokens[at + 1]), int(tokens[at + 3])
             if dseq != jsi._dseq:
