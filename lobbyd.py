@@ -1362,6 +1362,9 @@ class Transport:
         self.reconnects = 0  # reconnections after the first connection
         self.was_connected = False
         self._closing = False
+        #: where a transport reads the whole fleet at once (kv's initial values), each
+        #: packet of it goes here instead of to run()'s `handle`: no log line per host
+        self.learn: Callable[[bytes], None] | None = None
 
     # what every transport provides ------------------------------------------
     @property
@@ -1632,13 +1635,15 @@ class NatsDriver(Transport):
             log.debug("close at shutdown: %s", describe_error(exc))
 
 
-def direct_client(nats: Any) -> Any:
+def direct_client(nats: Any, batch_reads: bool = True) -> Any:
     """nats-py's Client, handing the messages of chosen subscriptions to a function.
 
     nats-py builds a Msg, parses headers and goes through a queue and a task for
     every message; at fleet scale that is most of the cost of a packet. For a
     subscription in `direct`, a plain message skips all of it. If this nats-py
     has no such hook, the subscription's callback does the same job, slower.
+    `batch_reads`: read a trickle of packets in batches (BatchingReads), for the
+    broadcast; the kv mode has no trickle, and its join must not wait on a pause.
     """
     base = nats.aio.client.Client
     if not hasattr(base, "_process_msg"):
@@ -1655,19 +1660,50 @@ def direct_client(nats: Any) -> Any:
 
         @_transport.setter
         def _transport(self, transport: Any) -> None:
-            self.__dict__["_batching_transport"] = \
-                None if transport is None else BatchingReads(transport, self)
+            self.__dict__["_batching_transport"] = transport if transport is None or \
+                not batch_reads else BatchingReads(transport, self)
 
         async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
                                headers: bytes) -> None:
             handle = self.direct.get(sid)
-            if handle is None or headers or reply:
-                await super()._process_msg(sid, subject, reply, data, headers)
-            else:
+            if handle is not None and not headers and not reply:
                 try:
                     handle(data)
                 except Exception as exc:  # never let one packet break the connection
                     log.error("handling a packet failed: %s", describe_error(exc))
+            elif not (reply.startswith(b"$JS.ACK.") and self._stream_msg(
+                    sid, subject, reply, data, headers)):
+                await super()._process_msg(sid, subject, reply, data, headers)
+
+        def _stream_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
+                        headers: bytes) -> bool:
+            """A message of an ordered JetStream consumer with a `direct_stream`
+            function: handled here, keeping nats-py's ordering state as it would.
+            False for nats-py to handle it (another subscription; a gap, which
+            makes nats-py recreate the consumer)."""
+            sub = self._subs.get(sid)
+            handle = getattr(sub, "direct_stream", None)
+            jsi = getattr(sub, "_jsi", None)
+            if handle is None or jsi is None or sub._pending_queue.qsize():
+                return False  # (what nats-py queued before the hook was set goes first)
+            # $JS.ACK.[domain.hash.]stream.consumer.delivered.sseq.dseq.ts.pending[.token]
+            tokens = reply.split(b".")
+            if len(tokens) < 9:
+                return False
+            at = 5 if len(tokens) == 9 else 7
+            sseq, dseq, pending = int(tokens[at]), int(tokens[at + 1]), int(tokens[at + 3])
+            if dseq != jsi._dseq:
+                return False
+            jsi._dseq, jsi._sseq, jsi._active = dseq + 1, sseq, True
+            jsi._fciseq += 1
+            jsi._cmeta = reply.decode()  # for nats-py's heartbeat check
+            sub._received += 1
+            self.stats["in_msgs"] += 1
+            try:
+                handle(subject, data, headers, sseq, pending)
+            except Exception as exc:  # never let one change break the connection
+                log.error("handling a change failed: %s", describe_error(exc))
+            return True
 
     return DirectClient
 
@@ -1994,6 +2030,10 @@ class NatsKvDriver(NatsDriver):
         self.problem = ""  # why JetStream is not usable, for /v1/health
         self.keys: dict[str, int] = {}  # host key in the hosts bucket -> its revision
         self.put_labels: dict[str, Any] = {}  # host key -> labels we last wrote for it
+        self.written: dict[str, tuple[Any, bytes]] = {}  # host key -> (labels, packet) kept
+        #: host key -> hash of the packet applied for it: a packet written again as it
+        #: was (every host's after a restart of the server) is not decoded again
+        self.digests: dict[str, int] = {}
         self.reapers: dict[int, tuple[str, int]] = {}  # slot -> (holder, revision)
         self.marks: dict[int, int] = {}  # free slot -> revision of its delete marker
         self.slot: int | None = None  # our reaper slot
@@ -2023,7 +2063,7 @@ class NatsKvDriver(NatsDriver):
         import nats
 
         self._handle = handle
-        if not await self.connect(nats.NATS):
+        if not await self.connect(direct_client(nats, batch_reads=False)):
             return
         self._tasks.append(asyncio.ensure_future(self._reap_for_ever()))
         self._start_setup()
@@ -2092,8 +2132,10 @@ class NatsKvDriver(NatsDriver):
     async def _watch(self) -> None:
         """An ordered consumer of the hosts bucket's last values, then of every change.
 
-        Not nats-py's KeyValue.watch(): its queue and Entry objects cost a third of
-        a 100,000-host join; the callback applies each message as it comes.
+        Not nats-py's KeyValue.watch(), nor its per-message path: a Msg, a header
+        dict, a queue and a task step for every message were over half of a
+        100,000-host join. The connection's parser hands each message straight to
+        _change (see direct_client); nats-py still recreates the consumer on a gap.
         """
         from nats.js.api import DeliverPolicy
 
@@ -2102,8 +2144,12 @@ class NatsKvDriver(NatsDriver):
             ordered_consumer=True, deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
             inactive_threshold=300, pending_msgs_limit=1_000_000,
             pending_bytes_limit=1 << 30)
+        jsi = getattr(sub._sub, "_jsi", None)  # nats-py's ordered-consumer state
+        if hasattr(self.nc, "direct") and all(hasattr(jsi, name) for name in (
+                "_dseq", "_sseq", "_fciseq", "_cmeta", "_active")):
+            sub._sub.direct_stream = self._change
         self._watcher = sub
-        if (await sub.consumer_info()).num_pending == 0 and sub.delivered == 0:
+        if (await sub.consumer_info()).num_pending == 0 and sub._sub.delivered == 0:
             self._initial_done()  # an empty bucket: nothing will say it
 
     def _initial_done(self) -> None:
@@ -2112,7 +2158,18 @@ class NatsKvDriver(NatsDriver):
             if self._stale:
                 self._tasks.append(asyncio.ensure_future(self._forget(self._stale)))
 
+    def _change(self, subject: bytes, data: bytes, headers: bytes, revision: int,
+                pending: int) -> None:
+        """One message of the watch, straight from the connection's parser."""
+        deleted = b"KV-Operation" in headers or b"Nats-Marker-Reason" in headers \
+            if headers else False
+        self._apply(subject[len(self.data_bucket) + 5:].decode(errors="replace"), data,
+                    revision, deleted)
+        if pending == 0:
+            self._initial_done()
+
     async def _on_msg(self, msg: Any) -> None:
+        """The same, for what nats-py delivers itself (old nats-py without the hook)."""
         reply = msg.reply.split(".")  # $JS.ACK.[domain.hash.]stream.consumer.n.SEQ.n.ts.PENDING
         revision, pending = (int(reply[5]), int(reply[8])) if len(reply) == 9 else \
             (int(reply[7]), int(reply[10]))
@@ -2148,12 +2205,21 @@ class NatsKvDriver(NatsDriver):
             return
         if not deleted:
             self.keys[key] = revision
-            if not self.initial.is_set():
+            digest = hash(value)
+            if self.digests.get(key) == digest:
+                return  # written again as it was: every host does so after a server restart
+            self.digests[key] = digest
+            if self.initial.is_set() or self.learn is None:
+                self._handle(value)
+            else:
                 self.learned += 1
-            self._handle(value)
+                self.learn(value)
         elif self.keys.pop(key, None) is not None or not self.initial.is_set():
+            self.digests.pop(key, None)
             self.put_labels.pop(key, None)  # ours reaped while we were away: write it again
             self._handle(encode_envelope(Packet(hostname), "goodbye"))
+        else:
+            self.digests.pop(key, None)
 
     async def _forget(self, stale: dict[str, int]) -> None:
         """After a restart of the server, hosts that do not write their packet again
@@ -2162,6 +2228,7 @@ class NatsKvDriver(NatsDriver):
         for key in stale:
             hostname = kv_key_host(key)
             if key not in self.keys and hostname is not None:
+                self.digests.pop(key, None)
                 self._handle(encode_envelope(Packet(hostname), "goodbye"))
 
     async def publish(self, data: bytes) -> bool:
@@ -2174,12 +2241,18 @@ class NatsKvDriver(NatsDriver):
             packet = envelope["discovery"]
             key = kv_host_key(packet["hostname"])
             if envelope.get("message") != "hi":
+                self.written.pop(key, None)
                 await asyncio.gather(self.data.delete(key), self.alive.delete(key))
                 return True
             await self.alive.put(key, b"")  # first: a packet is never older than its liveness
-            if self.put_labels.get(key) != packet["labels"]:
-                await self.data.put(key, data)
-                self.put_labels[key] = packet["labels"]
+            labels = packet["labels"]
+            if self.put_labels.get(key) != labels:
+                # the same labels are the same bytes (last_check: their last change), so
+                # that peers skip a packet written again after a restart of the server
+                if self.written.get(key, (None,))[0] != labels:
+                    self.written[key] = (labels, data)
+                await self.data.put(key, self.written[key][1])
+                self.put_labels[key] = labels
             return True
         except Exception as exc:  # a lost connection: the reconnect writes everything again
             log.debug("KV write failed: %s", describe_error(exc))
@@ -3940,6 +4013,8 @@ class Daemon:
             TRANSPORTS[kind](config, environ, f"lobbyd {self.hostname}", self.on_connect,
                              self.tell_systemd)
             for kind in (("NATS-KV",) if kv else config.driver)]
+        for transport in self.transports:
+            transport.learn = self.learn_packet
         self.callback = (CallbackRunner(config.callback, config.callback_cooldown,
                                         config.callback_first_run_delay,
                                         config.callback_timeout, self.registry_json)
@@ -4118,6 +4193,24 @@ class Daemon:
                 counters.left_goodbye += 1
                 self.membership_log.info("goodbye from %s", hostname)
                 self.registry_changed()
+
+    def learn_packet(self, data: bytes) -> None:
+        """A packet of the fleet read at join (kv's initial values): on_packet without
+        a log line per host, the join's one line counts them."""
+        try:
+            message, hostname, labels = decode_envelope(data, self.label_cache)
+        except PacketError as exc:
+            self.counters.dropped += 1
+            self.garbage_log.warning("dropped a packet: %s", exc)
+            return
+        if message != "hi":
+            self.on_packet(data)
+            return
+        self.counters.his += 1
+        change = self.registry.apply_hi(hostname, labels, time.time())
+        if change:
+            self.counters.joined += change == NEW_HOST
+            self.registry_changed()
 
     # publishing ----------------------------------------------------------------
     async def publish(self, packet: Packet, message: str = "hi") -> bool:

@@ -6,6 +6,9 @@
 
 bench/run.py calls it after a full run. Each --label in the results directory (lobbyd,
 go, ...) is one series: its newest full run (a smoke run when there is no full one).
+A run of `--only kv` (DISCOVERY_MODE=kv, issue 13) counts apart: kv.png draws the
+newest of those against the broadcast (its steady CPU from the newest run having it),
+and the other pictures keep their own newest runs.
 matplotlib is needed (the bench session installs it); without it nothing is drawn.
 """
 
@@ -21,9 +24,16 @@ ticker = None  # matplotlib.ticker, imported by draw()
 SIZES = (1000, 10000, 100000)
 
 
+def kinds(doc: dict) -> set[str]:
+    """"kv" if the result has figures of DISCOVERY_MODE=kv, "broadcast" if it has others."""
+    keys = doc.get("figures") or {}
+    return {"kv" if key.startswith("kv@") else "broadcast" for key in keys}
+
+
 def newest_per_label(directory: Path) -> list[dict]:
-    """The newest result of every label (full runs before smoke runs)."""
-    best: dict[str, tuple[tuple[bool, str], dict]] = {}
+    """The newest result of every label (full runs before smoke runs), and apart from
+    it the newest kv result of every label: a kv-only run hides no other figures."""
+    best: dict[tuple[str, str], tuple[tuple[bool, str], dict]] = {}
     for path in sorted(directory.glob("*.json")):
         try:
             doc = json.loads(path.read_text())
@@ -32,9 +42,14 @@ def newest_per_label(directory: Path) -> list[dict]:
             continue  # not a bench result (a profile, a stray file)
         rank = (not meta.get("smoke", False), meta.get("started", ""))
         label = meta.get("label", path.stem)
-        if label not in best or rank > best[label][0]:
-            best[label] = (rank, doc)
-    return [doc for _, doc in sorted(best.values(), key=lambda item: item[1]["meta"]["label"])]
+        for kind in kinds(doc):
+            if (label, kind) not in best or rank > best[label, kind][0]:
+                best[label, kind] = (rank, doc)
+    docs: list[dict] = []
+    for _, doc in sorted(best.values(), key=lambda item: item[1]["meta"]["label"]):
+        if not any(doc is seen for seen in docs):
+            docs.append(doc)
+    return docs
 
 
 def median(fig: dict | None) -> float | None:
@@ -156,6 +171,88 @@ def plot_latency(plt, docs: list[dict], out: Path) -> Path | None:
     return save(plt, fig, docs, out / "latency.png")
 
 
+def kv_run(doc: dict, n: int) -> dict | None:
+    fig = doc["figures"].get(f"kv@{n}")
+    return fig["runs"][0] if fig and fig.get("runs") and "error" not in fig["runs"][0] else None
+
+
+def plot_kv(plt, docs: list[dict], out: Path) -> Path | None:
+    """DISCOVERY_MODE=kv against the broadcast at 10k and 100k hosts, log scale:
+    what reaches each lobbyd, what it costs it, what NATS delivers."""
+    kv_docs = [doc for doc in docs if "kv" in kinds(doc)]
+    if not kv_docs:
+        return None
+    doc = max(kv_docs, key=lambda d: d["meta"].get("started", ""))
+    sizes = [n for n in (10000, 100000) if kv_run(doc, n)]
+    if not sizes:
+        return None
+    runs = {n: kv_run(doc, n) for n in sizes}
+    steady = {}  # broadcast lobbyd CPU, measured by `--only steady` (newest run having it)
+    for other in sorted(docs, key=lambda d: d["meta"].get("started", "")):
+        for n in sizes:
+            if median(other["figures"].get(f"steady@{n}")) is not None:
+                steady[n] = (median(other["figures"][f"steady@{n}"]), other)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
+    xs = list(range(len(sizes)))
+    names = [f"{n:,} hosts" for n in sizes]
+    computed = dict(color="white", edgecolor="tab:red", hatch="//")
+
+    def bars(ax, series: list[tuple[str, list[float | None], dict]]) -> None:
+        width = 0.8 / len(series)
+        for k, (label, values, style) in enumerate(series):
+            at = [x - 0.4 + width * (k + 0.5) for x in xs]
+            shown = [(x, v) for x, v in zip(at, values) if v is not None]
+            if not shown:
+                continue
+            ax.bar([x for x, _ in shown], [max(v, 1e-3) for _, v in shown], width=width,
+                   label=label, **style)
+            for x, v in shown:
+                ax.text(x, max(v, 1e-3) * 1.15, f"{v:,.3g}" if v < 1000 else f"{v:,.0f}",
+                        ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(xs)
+        ax.set_xticklabels(names)
+        ax.set_yscale("log")
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+        low, high = ax.get_ylim()
+        ax.set_ylim(low, high * 30)  # room for the labels and the legend
+
+    bars(axes[0], [
+        ("broadcast: N/KEEP_ALIVE (computed)",
+         [runs[n]["broadcast_packets_per_s"] for n in sizes], computed),
+        ("kv, measured (label changes only)", [max(runs[n]["packets_per_s"]) for n in sizes],
+         dict(color="tab:blue"))])
+    axes[0].set(title="Packets into each lobbyd", ylabel="packets/s (log scale)")
+
+    def cpu(n: int, reaper: bool) -> float | None:
+        values = [c for c, r in zip(runs[n]["lobbyd_cpu_pct"], runs[n]["reapers"]) if r == reaper]
+        return max(values) if values else None
+
+    bars(axes[1], [
+        ("broadcast, measured (--only steady)",
+         [steady[n][0] if n in steady else None for n in sizes], dict(color="tab:red")),
+        ("kv, not a reaper", [cpu(n, False) for n in sizes], dict(color="tab:blue")),
+        ("kv, a reaper (3 per fleet)", [cpu(n, True) for n in sizes],
+         dict(color="tab:cyan"))])
+    axes[1].set(title="lobbyd CPU at steady state", ylabel="% of one core (log scale)")
+
+    bars(axes[2], [
+        ("broadcast: N²/KEEP_ALIVE (computed)",
+         [runs[n]["broadcast_deliveries_per_s"] for n in sizes], computed),
+        ("kv: messages into NATS, measured", [runs[n]["nats_in_msgs_per_s"] for n in sizes],
+         dict(color="tab:gray")),
+        ("kv: deliveries out of NATS, measured",
+         [runs[n]["nats_out_msgs_per_s"] for n in sizes], dict(color="tab:blue"))])
+    axes[2].set(title="NATS, whole fleet", ylabel="messages/s (log scale)")
+    loads = ", ".join(f"{n:,}: other processes {runs[n]['load']['other_cpu_pct']:.0f}% CPU"
+                      for n in sizes)
+    fig.text(0.5, 0.005, f"KEEP_ALIVE {runs[sizes[0]]['keep_alive']} s; machine load during "
+             f"the kv windows ({loads})", ha="center", fontsize=7)
+    sources = [doc] + [d for d in {id(d): d for _, d in steady.values()}.values()
+                       if d is not doc]
+    return save(plt, fig, sources, out / "kv.png")
+
+
 def draw(docs: list[dict], out: Path) -> list[Path]:
     global ticker
     try:
@@ -167,7 +264,11 @@ def draw(docs: list[dict], out: Path) -> list[Path]:
         print("plots: matplotlib not installed: no pictures", file=sys.stderr)
         return []
     out.mkdir(parents=True, exist_ok=True)
-    made = [plot_scale(plt, docs, out), plot_http(plt, docs, out), plot_latency(plt, docs, out)]
+    broadcast = [doc for doc in docs if "broadcast" in kinds(doc)]
+    made = [plot_kv(plt, docs, out)]
+    if broadcast:
+        made += [plot_scale(plt, broadcast, out), plot_http(plt, broadcast, out),
+                 plot_latency(plt, broadcast, out)]
     return [path for path in made if path is not None]
 
 

@@ -1091,6 +1091,12 @@ def fmt(v: float, unit: str) -> str:
     return f"{v:.1f}"
 
 
+def other(run: dict, moment: str) -> str:
+    """" (other procs N% cpu)" for a kv moment measured with a load meter of its own."""
+    load = run.get(f"{moment}_load")
+    return f" (other procs {load['other_cpu_pct']:.0f}% cpu)" if load else ""
+
+
 def load_str(load: dict) -> str:
     return (f"load {load['loadavg_start'][0]:.2f}, other procs "
             f"{load['other_cpu_pct']:.0f}% cpu")
@@ -1368,8 +1374,9 @@ def table(doc: dict) -> str:
                       f"{first['lobbyd_cpu_pct']}% (reaper {first['reapers']}); nats "
                       f"{first['nats_in_msgs_per_s']} in/s {first['nats_out_msgs_per_s']} "
                       f"out/s (broadcast {first['broadcast_deliveries_per_s']}), cpu "
-                      f"{first['nats_cpu_pct']}%; join {first['join_s']} s; killed gone "
-                      f"{first['killed_gone_s']} s; restart whole {first['restart_whole_s']} s")
+                      f"{first['nats_cpu_pct']}%; join {first['join_s']} s{other(first, 'join')}; "
+                      f"killed gone {first['killed_gone_s']} s; restart whole "
+                      f"{first['restart_whole_s']} s{other(first, 'restart')}")
         elif key == "nats_fanout":
             detail = f"{first['subscribers']} subscribers, nats cpu {first['nats_cpu_pct']}%"
         rows.append((key, f"{fmt(r['median'], unit)} {unit}",

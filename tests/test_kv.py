@@ -6,6 +6,7 @@ lobbyd processes. KEEP_ALIVE=1 and TTL=3 keep every wait short.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import time
@@ -53,6 +54,32 @@ def is_reaper(d) -> bool:
 
 def sees(d, names: list[str]) -> bool:
     return d.hostnames() == names
+
+
+def write_hosts(js, packets: dict[str, bytes]) -> None:
+    """Write hosts into the buckets as their lobbyds would: liveness key, then packet."""
+    raw = js.client()
+    for key, packet in packets.items():
+        raw.publish(f"$KV.lobby_discovery_alive.{key}", b"")
+        raw.publish(f"$KV.lobby_discovery_hosts.{key}", packet)
+    raw.flush()
+    raw.close()
+
+
+def stored(js, key: str) -> bytes | None:
+    """The value of a key of the hosts bucket, as the server holds it."""
+    raw = js.client()
+    raw.subscribe("_INBOX.stored")
+    raw.publish("$JS.API.STREAM.MSG.GET.KV_lobby_discovery_hosts",
+                json.dumps({"last_by_subj": f"$KV.lobby_discovery_hosts.{key}"}),
+                reply="_INBOX.stored")
+    message = json.loads(raw.next_msg()[1]).get("message")
+    raw.close()
+    return base64.b64decode(message["data"]) if message else None
+
+
+def packet(name: str, *labels: str) -> bytes:
+    return L.encode_envelope(L.Packet(name, labels))
 
 
 @pytest.mark.parametrize("name", ["web-1.example.com", "a_b", "ünï.example", "a..b", "x.",
@@ -157,6 +184,55 @@ def test_nats_server_restarted_with_its_memory_lost(kv, js) -> None:
     assert newcomer.labels_of("a") == ["x:1"]
     for d in (a, b):  # c never wrote again: forgotten KEEP_ALIVE + 1 s after the watch
         wait_for(lambda d=d: sees(d, ["a", "b", "n"]), timeout=5, what=f"{d.name} whole")
+
+
+def test_a_newcomer_reads_a_big_fleet_at_once_without_a_line_per_host(kv, js) -> None:
+    a = kv("a", TTL="60")  # the liveness bucket's MaxAge: the written hosts stay alive
+    wait_for(lambda: health(a)["status"] == "ok", what="buckets")
+    names = [f"f{i:04d}" for i in range(3000)]
+    fleet = {L.kv_host_key(name): packet(name, "service:web", f"n:{i}")
+             for i, name in enumerate(names)}
+    fleet[L.kv_host_key("bad")] = b"not JSON"  # dropped, counted, the rest goes on
+    fleet[L.kv_host_key("ünï")] = packet("ünï", "x:1")  # an x. key
+    write_hosts(js, fleet)
+    everyone = sorted(["a", "ünï", *names])
+    wait_for(lambda: sees(a, everyone), what="a lists the written fleet")
+    n = kv("n", TTL="60")
+    wait_for(lambda: sees(n, sorted([*everyone, "n"])), what="n lists the fleet")
+    assert n.labels_of("f0042") == ["n:42", "service:web"] and n.labels_of("ünï") == ["x:1"]
+    logs = n.logs()
+    assert re.search(r"learned \d+ hosts from the bucket lobby_discovery_hosts", logs), logs
+    assert "new host f" not in logs  # no line per host of the join
+    assert metric(n, "lobbyd_packets_dropped_total") == 1
+    write_hosts(js, {L.kv_host_key("f0001"): packet("f0001", "service:db")})
+    wait_for(lambda: n.labels_of("f0001") == ["service:db"], what="a change after the join")
+    write_hosts(js, {L.kv_host_key("late"): packet("late")})
+    wait_for(lambda: "late" in n.hostnames(), what="a host after the join")
+    assert "new host late" in n.logs()
+
+
+def test_after_a_restart_a_packet_written_again_as_it_was_changes_nothing(kv, js) -> None:
+    a = kv("a", TTL="60", LABELS="x:1")
+    b = kv("b", TTL="60")
+    wait_for(lambda: sees(b, ["a", "b"]), what="b sees a")
+    write_hosts(js, {"h.same": packet("same", "k:1"), "h.changed": packet("changed", "k:1"),
+                     "h.gone": packet("gone", "k:1")})
+    wait_for(lambda: sees(b, ["a", "b", "changed", "gone", "same"]), what="b sees all")
+    before = stored(js, "h.a")
+    heard = metric(b, 'lobbyd_packets_received_total{message="hi"}')
+    js.stop()
+    js.start()  # its memory lost
+    wait_for(lambda: health(a)["status"] == "ok" and health(b)["status"] == "ok",
+             timeout=5, what="reconnected")
+    wait_for(lambda: stored(js, "h.a") is not None, what="a wrote its packet again")
+    assert stored(js, "h.a") == before  # byte for byte: its labels did not change
+    write_hosts(js, {"h.same": packet("same", "k:1"), "h.changed": packet("changed", "k:2")})
+    wait_for(lambda: b.labels_of("changed") == ["k:2"], what="the changed packet")
+    # "gone" was not written again: forgotten KEEP_ALIVE + 1 s after the new watch
+    wait_for(lambda: sees(b, ["a", "b", "changed", "same"]), timeout=5, what="gone forgotten")
+    assert b.labels_of("same") == ["k:1"] and b.labels_of("a") == ["x:1"]
+    # only the changed packet was decoded again (a's, b's and same's were as they were)
+    assert metric(b, 'lobbyd_packets_received_total{message="hi"}') == heard + 1
 
 
 def test_jetstream_unavailable_is_one_clear_error_and_no_crash(lobbyd, nats) -> None:
