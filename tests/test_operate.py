@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -371,3 +372,18 @@ def test_a_nats_only_lobbyd_never_imports_importlib_metadata(lobbyd) -> None:
     a = verbose_daemon(lobbyd, "a")
     assert "import 'nats'" in a.logs()  # the verbose log does list imports
     assert "import 'importlib.metadata'" not in a.logs()
+
+
+def test_an_idle_nats_only_lobbyd_loads_no_compression_libraries(lobbyd) -> None:
+    """zipfile (and with it shutil, lzma, bz2) stays out: importlib.metadata, which nats-py
+    would import, and in the binary PyInstaller's hook for inspect, which reads its zip."""
+    a = lobbyd("a")
+    wait_for(lambda: health(a)[0] == 200, what="a connected")
+    assert a.proc is not None
+    maps = ""
+    for entry in Path("/proc").iterdir():  # the whole session: the binary is three processes
+        with contextlib.suppress(OSError, ValueError):
+            if os.getsid(int(entry.name)) == a.proc.pid:
+                maps += (entry / "maps").read_text()
+    assert "lobbyd" in maps or "python" in maps  # the daemon's own maps were read
+    assert "lzma" not in maps and "bz2" not in maps
