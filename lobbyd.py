@@ -1519,7 +1519,8 @@ class NatsDriver(Transport):
                 any(url.startswith(("ws://", "wss://")) for url in self.urls):
             import nats
             return nats
-        sys.modules["importlib.metadata"] = None  # type: ignore[assignment]  # ImportError
+        # None in sys.modules: `from importlib.metadata import version` raises ImportError
+        sys.modules["importlib.metadata"] = None  # type: ignore[assignment]
         try:
             import nats
         finally:
