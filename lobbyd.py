@@ -1495,8 +1495,7 @@ class NatsDriver(Transport):
         Every payload on the subject goes to `handle`, a plain function: it runs in
         the connection's read loop, as the wire parser meets each message.
         """
-        import nats  # imported late: the API must answer before this costs anything
-
+        nats = self.import_nats()  # late: the API must answer before this costs anything
         if not await self.connect(direct_client(nats)):
             return
 
@@ -1509,6 +1508,27 @@ class NatsDriver(Transport):
             self.nc.direct[sub._id] = handle
         self._changed(True)
         await self.on_connect(self)
+
+    def import_nats(self) -> Any:
+        """nats-py, imported without importlib.metadata where that changes nothing.
+
+        nats-py imports importlib.metadata only to read its own version (the
+        "version" of its CONNECT), and with it zipfile, email, csv, lzma, bz2 and
+        tempfile: 1.6 MB of an idle lobbyd. Without it nats-py says 0.0.0, as the
+        static binary (no package metadata in it) always did. Not for ws:// URLs:
+        their aiohttp, which nats-py imports if it can, may need importlib.metadata.
+        """
+        if "importlib.metadata" in sys.modules or \
+                any(url.startswith(("ws://", "wss://")) for url in self.urls):
+            import nats
+            return nats
+        # None in sys.modules: `from importlib.metadata import version` raises ImportError
+        sys.modules["importlib.metadata"] = None  # type: ignore[assignment]
+        try:
+            import nats
+        finally:
+            del sys.modules["importlib.metadata"]
+        return nats
 
     async def connect(self, client: Callable[[], Any]) -> bool:
         """Connect with backoff until it works (then nats-py reconnects for ever);
@@ -2060,8 +2080,7 @@ class NatsKvDriver(NatsDriver):
 
     async def run(self, handle: Callable[[bytes], None]) -> None:
         """Connect with backoff, then bind the buckets and watch; nats-py reconnects."""
-        import nats
-
+        nats = self.import_nats()
         self._handle = handle
         if not await self.connect(direct_client(nats, batch_reads=False)):
             return
@@ -5176,6 +5195,75 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+#: What run_script() has a fresh interpreter run (`python -c`); its arguments are
+#: this file's path, then the script's own sys.argv.
+SCRIPT_BOOT = """\
+import importlib.util, os, sys
+path = sys.argv.pop(1)
+del sys.argv[0]  # "-c": sys.argv is the script's own again
+if sys.path[:1] == [""]:  # as for a script: its directory first, not the working one
+    sys.path[0] = os.path.dirname(os.path.realpath(path))
+spec = importlib.util.spec_from_file_location("lobbyd", path)
+module = importlib.util.module_from_spec(spec)
+sys.modules["lobbyd"] = module
+spec.loader.exec_module(module)
+sys.exit(module.main())
+"""
+
+
+def script_reexec_argv(script: str) -> list[str] | None:
+    """The command line that goes on with the daemon of `python [options] lobbyd.py`
+    with this file imported as a module: same interpreter, options and arguments.
+    None when this is no such run (the binary, `-m`, a stdin script, Python 3.9) or no
+    daemon (a command: short-lived, not worth a second start)."""
+    if __spec__ is not None or getattr(sys, "frozen", False) or not script.endswith(".py"):
+        return None
+    orig_argv: list[str] = getattr(sys, "orig_argv", [])  # Python 3.10+
+    argv = sys.argv
+    options = orig_argv[1:len(orig_argv) - len(argv)]
+    if orig_argv[len(options) + 1:] != argv or not sys.executable or \
+            not os.path.isfile(script):
+        return None
+    if argv[1:] or invoked_name() == "lobbyctl":
+        return None
+    return [sys.executable, *options, "-c", SCRIPT_BOOT, os.path.abspath(script), *argv]
+
+
+def run_script() -> int:
+    """`python lobbyd.py`: the daemon runs on in a fresh interpreter that imports this file.
+
+    CPython keeps the syntax tree of the script it started with until the script
+    returns, which a daemon's never does: ~11 MB for this file, a third of an idle
+    lobbyd. An imported module keeps only its code, from __pycache__ when it can.
+    exec keeps the PID, environment and open descriptors; where it cannot be done
+    the daemon runs here.
+    """
+    script = globals().get("__file__") or ""  # none when read from stdin
+    argv = script_reexec_argv(script)
+    if argv is not None:
+        refresh_bytecode(script)
+        with contextlib.suppress(OSError):
+            os.execv(argv[0], argv)
+    return main()
+
+
+def refresh_bytecode(script: str) -> None:
+    """Compile `script` into __pycache__ when it is newer than its bytecode there: the
+    fresh interpreter then loads code, for compiling leaves its heap ~6 MB bigger for
+    good. Where nothing may be written there, it compiles the file itself."""
+    import importlib.util
+    import py_compile
+
+    cached = importlib.util.cache_from_source(script)
+    try:
+        fresh = os.stat(cached).st_mtime_ns >= os.stat(script).st_mtime_ns
+    except OSError:
+        fresh = False
+    if not fresh and not sys.dont_write_bytecode:
+        with contextlib.suppress(OSError, py_compile.PyCompileError):
+            py_compile.compile(script, cfile=cached, doraise=True)
+
+
 ###############################################################################
 # lobbyctl: a client of the HTTP API, compatible with the Go daemon's lobbyctl.
 # It shares the data shapes with the daemon, never its state.
@@ -5553,4 +5641,4 @@ def ctl_main(argv: Sequence[str], environ: Mapping[str, str], out: Any = None) -
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script())

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import Lobbyd, free_port, run_lobbyd, skip_unless_required, wait_for
+from conftest import (
+    Lobbyd,
+    free_port,
+    lobbyd_command,
+    run_lobbyd,
+    skip_unless_required,
+    wait_for,
+)
 
 import lobbyd as L
 
@@ -329,3 +339,51 @@ def test_help_names_signals_exit_statuses_and_routes() -> None:
     bad = run_lobbyd({}, args=["--nope"])
     assert bad.returncode == 2 and "lobbyd --help" in bad.stderr
 
+
+
+# --------------------------------------------------------------------------- idle memory
+
+
+def verbose_daemon(lobbyd, name: str) -> Lobbyd:
+    """A connected lobbyd run from source whose log lists every import (PYTHONVERBOSE)."""
+    if os.environ.get("LOBBYD_CMD"):
+        pytest.skip("how the source runs and what it imports: not the binary's business")
+    d = lobbyd(name, PYTHONVERBOSE="1")
+    wait_for(lambda: health(d)[0] == 200, what=f"{name} connected")
+    return d
+
+
+def test_python_lobbyd_py_runs_the_daemon_from_its_bytecode(lobbyd) -> None:
+    """CPython keeps a script's syntax tree (~11 MB here) while it runs: `python lobbyd.py`
+    goes on in the same process, with this file imported from __pycache__."""
+    if sys.version_info < (3, 10):
+        pytest.skip("no sys.orig_argv: Python 3.9 runs the daemon in the script")
+    a = verbose_daemon(lobbyd, "a")
+    script = lobbyd_command()[1]
+    assert a.proc is not None and a.proc.poll() is None  # the PID it was started as
+    cmdline = Path(f"/proc/{a.proc.pid}/cmdline").read_text().split("\0")[:-1]
+    assert cmdline[0] == sys.executable and "-c" in cmdline, cmdline
+    assert cmdline[-2:] == [os.path.abspath(script), script], cmdline
+    assert "code object from '" + str(Path(script).parent / "__pycache__") in a.logs()
+
+
+def test_a_nats_only_lobbyd_never_imports_importlib_metadata(lobbyd) -> None:
+    """nats-py would import it (with zipfile, email, lzma ...) only to read its version."""
+    a = verbose_daemon(lobbyd, "a")
+    assert "import 'nats'" in a.logs()  # the verbose log does list imports
+    assert "import 'importlib.metadata'" not in a.logs()
+
+
+def test_an_idle_nats_only_lobbyd_loads_no_compression_libraries(lobbyd) -> None:
+    """zipfile (and with it shutil, lzma, bz2) stays out: importlib.metadata, which nats-py
+    would import, and in the binary PyInstaller's hook for inspect, which reads its zip."""
+    a = lobbyd("a")
+    wait_for(lambda: health(a)[0] == 200, what="a connected")
+    assert a.proc is not None
+    maps = ""
+    for entry in Path("/proc").iterdir():  # the whole session: the binary is three processes
+        with contextlib.suppress(OSError, ValueError):
+            if os.getsid(int(entry.name)) == a.proc.pid:
+                maps += (entry / "maps").read_text()
+    assert "lobbyd" in maps or "python" in maps  # the daemon's own maps were read
+    assert "lzma" not in maps and "bz2" not in maps
