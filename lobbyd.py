@@ -982,12 +982,34 @@ def parse_json(data: bytes) -> Any:
         raise PacketError(f"not JSON: {str(exc)[:80]}") from None
 
 
+#: a JSON string's content with no escape and no control character: the text is the value
+_PLAIN = r'[^"\\\x00-\x1f]*'
+#: the envelope exactly as lobbyd and the Go daemon write it: compact, keys in this order,
+#: no escapes, an integer last_check (at most 18 digits: json.loads refuses huge ones)
+ENVELOPE_RE = re.compile(
+    r'\{"discovery":\{"hostname":"(' + _PLAIN + r')","labels":\[((?:"' + _PLAIN
+    + r'"(?:,"' + _PLAIN + r'")*)?)\],"last_check":-?(?:0|[1-9][0-9]{0,17})\},'
+    r'"message":"(hi|goodbye)"\}')
+
+
 def decode_envelope(data: bytes, cache: LabelCache) -> tuple[str, str, tuple[str, ...]]:
     """(message, hostname, labels) of a NATS payload, or PacketError.
 
-    This runs for every packet of the fleet, so it checks types with `type() is`
-    and leaves label validation to the cache.
+    This runs for every packet of the fleet. An envelope of the usual shape is
+    one regex match (its strings are their own values); anything else, valid
+    or not, goes through the JSON parser, which alone describes errors. Types
+    are checked with `type() is`; label validation is the cache's.
     """
+    try:
+        match = ENVELOPE_RE.fullmatch(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        match = None
+    if match is not None:
+        raw_hostname, raw_labels, message = match.groups()
+        hostname = cache.hostname(raw_hostname)
+        if not raw_labels or message == "goodbye":
+            return message, hostname, ()
+        return message, hostname, cache.normalise(tuple(raw_labels[1:-1].split('","')))
     envelope = parse_json(data)
     if type(envelope) is not dict:
         raise PacketError("not a JSON object")
@@ -1015,6 +1037,10 @@ def decode_envelope(data: bytes, cache: LabelCache) -> tuple[str, str, tuple[str
 
 
 NEW_HOST, NEW_LABELS = 2, 1
+#: labels /v1/resolve asked about whose carriers the registry keeps (see `carrying()`) ...
+MAX_INDEXED_LABELS = 16
+#: ... until nobody asked for this many seconds: each costs every change of labels a test
+INDEXED_LABEL_IDLE_S = 10.0
 
 
 class Registry:
@@ -1035,6 +1061,11 @@ class Registry:
         #: hostname -> (its labels before the first change not yet taken, or None if it
         #: was not here; why it left, if it did): what watchers diff (take_changes())
         self.changes: dict[str, tuple[tuple[str, ...] | None, str]] = {}
+        #: label -> the hostnames carrying it, for labels resolve asked about lately: a
+        #: poll at fleet scale (100k hosts, every change a new version) then sorts its
+        #: answer instead of scanning every host
+        self._carriers: dict[str, set[str]] = {}
+        self._asked: dict[str, float] = {}  # label -> when carrying() last asked for it
 
     def __len__(self) -> int:
         return len(self.hosts)
@@ -1049,11 +1080,15 @@ class Registry:
             self.version += 1
             self._order = None
             self._note(hostname, None)
+            if self._carriers:
+                self._index(hostname, labels)
             return NEW_HOST
         if entry[0] != labels:
             self._note(hostname, entry[0])
             self.hosts[hostname] = (labels, now)
             self.version += 1
+            if self._carriers:
+                self._index(hostname, labels)
             return NEW_LABELS
         self.hosts[hostname] = (entry[0], now)
         return 0
@@ -1064,6 +1099,8 @@ class Registry:
             return False
         self.hosts[hostname] = (labels, received)
         self._note(hostname, None)
+        if self._carriers:
+            self._index(hostname, labels)
         self._oldest = min(self._oldest, received)
         self.version += 1
         self._order = None
@@ -1074,18 +1111,24 @@ class Registry:
         if entry is None:
             return False
         self._note(hostname, entry[0], "goodbye")
+        if self._carriers:
+            self._index(hostname, ())
         self.version += 1
         self._order = None
         return True
 
     def expire(self, now: float) -> list[str]:
         """Drop hosts silent for more than TTL; cheap when nothing can have expired."""
+        if self._asked:
+            self._forget_unasked(now)
         if now - self._oldest <= self.ttl:
             return []
         deadline = now - self.ttl
         dead = [name for name, entry in self.hosts.items() if entry[1] < deadline]
         for name in dead:
             self._note(name, self.hosts.pop(name)[0], "expired")
+            if self._carriers:
+                self._index(name, ())
         self._oldest = min((entry[1] for entry in self.hosts.values()), default=float("inf"))
         if dead:
             self.version += 1
@@ -1096,6 +1139,34 @@ class Registry:
         # only the state before the first change counts: A -> B -> A is no change
         seen = self.changes.get(hostname)
         self.changes[hostname] = (before if seen is None else seen[0], left)
+
+    def carrying(self, label: str, now: float) -> list[str]:
+        """The hostnames carrying `label`, sorted (/v1/resolve). Call expire() first.
+
+        The first ask scans every host; the answer is then kept up to date by every
+        change until nobody asked for INDEXED_LABEL_IDLE_S seconds.
+        """
+        names = self._carriers.get(label)
+        if names is None:
+            if len(self._carriers) >= MAX_INDEXED_LABELS:
+                self._carriers.clear()
+                self._asked.clear()
+            names = self._carriers[label] = {
+                name for name, entry in self.hosts.items() if label in entry[0]}
+        self._asked[label] = now
+        return sorted(names)
+
+    def _index(self, hostname: str, labels: tuple[str, ...]) -> None:
+        for label, names in self._carriers.items():
+            if label in labels:
+                names.add(hostname)
+            else:
+                names.discard(hostname)
+
+    def _forget_unasked(self, now: float) -> None:
+        for label, asked in list(self._asked.items()):
+            if not 0 <= now - asked <= INDEXED_LABEL_IDLE_S:  # also a clock set back
+                del self._asked[label], self._carriers[label]
 
     def take_changes(self) -> dict[str, tuple[tuple[str, ...] | None, str]]:
         """The hosts changed since the last call (see `changes`), and start afresh."""
@@ -2986,8 +3057,7 @@ class Api:
             raise HttpError(400, "missing query parameter: label")
         registry = self.daemon.registry  # resolve_label() without a Packet per host
         return self.cached(request, ("resolve", label), lambda: render_json(
-            [name for name in registry.order() if label in registry.hosts[name][0]]),
-            timed=False)
+            registry.carrying(label, time.time())), timed=False)
 
     def prometheus(self, request: Request) -> Response:
         view = ("prometheus", request.path[len("/v1/prometheus/"):])
