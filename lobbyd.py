@@ -1714,11 +1714,14 @@ def direct_client(nats: Any) -> Any:
     base = nats.aio.client.Client
     if not hasattr(base, "_process_msg"):
         return base
+    parser = direct_parser(nats)
 
     class DirectClient(base):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
             super().__init__()
             self.direct: dict[int, Callable[[bytes], None]] = {}
+            if parser is not None and hasattr(self, "_ps"):
+                self._ps = parser(self)
 
         @property  # type: ignore[override]
         def _transport(self) -> Any:
@@ -1743,6 +1746,88 @@ def direct_client(nats: Any) -> Any:
     return DirectClient
 
 
+def direct_parser(nats: Any) -> Any:
+    """nats-py's protocol parser, handing the plain MSGs of `direct` subscriptions
+    straight to their functions; None if this nats-py's parser is not the one known.
+
+    nats-py matches a regex, fills a dict, copies the payload twice and awaits a
+    coroutine per message: more than lobbyd then spends on the packet. Any other
+    frame (another command, a reply subject, headers, another subscription) goes
+    to nats-py's own parser whole, once complete; a frame cut by the read waits
+    for the next read. Lines it cannot measure go to nats-py with all that follows.
+    """
+    import importlib
+
+    try:
+        module = importlib.import_module("nats.protocol.parser")
+        base, waiting = module.Parser, module.AWAITING_CONTROL_LINE
+        if not isinstance(base().buf, bytearray):
+            return None
+    except (ImportError, AttributeError, TypeError):
+        return None
+
+    class DirectParser(base):  # type: ignore[misc, valid-type]
+        async def parse(self, data: bytes = b"") -> None:
+            buf = self.buf
+            buf.extend(data)
+            while buf and self.state == waiting:
+                taken, other = direct_frames(bytes(buf), self.nc.direct)
+                del buf[:taken]
+                if other == 0:
+                    return  # all taken, or a frame cut by the read
+                if other < 0:
+                    break
+                frame = self.buf = bytearray(buf[:other])  # exactly one frame for nats-py
+                del buf[:other]
+                try:
+                    await super().parse()
+                finally:
+                    if self.buf is frame:  # else a reconnect reset the parser meanwhile
+                        buf[:0], self.buf = frame, buf
+                if self.buf is not buf:
+                    return
+            await super().parse()
+
+    return DirectParser
+
+
+def direct_frames(buf: bytes, direct: Mapping[int, Callable[[bytes], None]]
+                  ) -> tuple[int, int]:
+    """Hand the leading plain `MSG <subject> <sid> <size>` frames of `direct` sids in
+    `buf` to their functions: (bytes taken, length of the complete frame that comes
+    next, for nats-py: 0 if none or cut, -1 if its control line is a mystery)."""
+    pos, size = 0, len(buf)
+    while pos < size:
+        end = buf.find(b"\r\n", pos, pos + MAX_CONTROL_LINE)
+        if end < 0:
+            return pos, 0 if size - pos < MAX_CONTROL_LINE else -1
+        fields = buf[pos:end].split(b" ")
+        if fields[0] == b"MSG" and len(fields) == 4 and fields[1] \
+                and fields[2].isdigit() and fields[3].isdigit():
+            stop = end + 2 + int(fields[3])
+            if stop + 2 > size:
+                return pos, 0
+            handle = direct.get(int(fields[2]))
+            if handle is not None:
+                try:
+                    handle(buf[end + 2:stop])
+                except Exception as exc:  # never let one packet break the connection
+                    log.error("handling a packet failed: %s", describe_error(exc))
+                pos = stop + 2
+                continue
+            return pos, stop + 2 - pos
+        if fields[0] in (b"MSG", b"HMSG"):  # a reply subject, headers: measured again
+            fields = buf[pos:end].split()
+            if not fields[-1].isdigit():
+                return pos, -1
+            stop = end + 2 + int(fields[-1]) + 2
+            return pos, (stop - pos if stop <= size else 0)
+        return pos, end + 2 - pos
+    return pos, 0
+
+
+#: a NATS control line (MSG ...) is at most this long (the server's default limit)
+MAX_CONTROL_LINE = 4096
 #: after a read that found little, reading from NATS rests this long (seconds)
 INGEST_BATCH_S = 0.010
 #: a read of less than this many bytes found little ...
