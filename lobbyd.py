@@ -933,13 +933,13 @@ class LabelCache:
 
     def normalise(self, raw: tuple[str, ...]) -> tuple[str, ...]:
         """The label list validated, trimmed, sorted, de-duplicated; PacketError if bad."""
-        known = self.lists.get(raw)
+        lists = self.lists
+        known = lists.get(raw)
         if known is not None:
             return known
         if len(raw) > MAX_LABELS:
             raise PacketError(f"{len(raw)} labels, over {MAX_LABELS}")
-        strings = self.strings
-        labels = [strings.get(label) for label in raw]  # labels seen before need no checks
+        labels = list(map(self.strings.get, raw))  # labels seen before need no checks
         if None in labels:
             # A list with a label never seen is likely seen once (a counter, garbage):
             # it is cached when it comes again, with every label known by then.
@@ -947,8 +947,14 @@ class LabelCache:
                                  for known, label in zip(labels, raw)}))
         result = tuple(sorted(set(labels)))
         # A list that arrived normalised (as every lobbyd sends it) is its own key:
-        # the cache then holds no second copy of its strings.
-        self.lists.put(result if raw == result else raw, result, sum(map(len, raw)) + len(raw))
+        # the cache then holds no second copy of its strings. BoundedCache.put() inline:
+        # at fleet scale every label change of every host comes through here.
+        cost = sum(map(len, raw)) + len(raw)
+        if len(lists) >= lists.max_entries or lists.cost + cost > lists.max_cost:
+            lists.clear()
+            lists.cost = 0
+        lists[result if raw == result else raw] = result
+        lists.cost += cost
         return result
 
     def label(self, raw: Any) -> str:
