@@ -933,13 +933,13 @@ class LabelCache:
 
     def normalise(self, raw: tuple[str, ...]) -> tuple[str, ...]:
         """The label list validated, trimmed, sorted, de-duplicated; PacketError if bad."""
-        known = self.lists.get(raw)
+        lists = self.lists
+        known = lists.get(raw)
         if known is not None:
             return known
         if len(raw) > MAX_LABELS:
             raise PacketError(f"{len(raw)} labels, over {MAX_LABELS}")
-        strings = self.strings
-        labels = [strings.get(label) for label in raw]  # labels seen before need no checks
+        labels = list(map(self.strings.get, raw))  # labels seen before need no checks
         if None in labels:
             # A list with a label never seen is likely seen once (a counter, garbage):
             # it is cached when it comes again, with every label known by then.
@@ -947,8 +947,14 @@ class LabelCache:
                                  for known, label in zip(labels, raw)}))
         result = tuple(sorted(set(labels)))
         # A list that arrived normalised (as every lobbyd sends it) is its own key:
-        # the cache then holds no second copy of its strings.
-        self.lists.put(result if raw == result else raw, result, sum(map(len, raw)) + len(raw))
+        # the cache then holds no second copy of its strings. BoundedCache.put() inline:
+        # at fleet scale every label change of every host comes through here.
+        cost = sum(map(len, raw)) + len(raw)
+        if len(lists) >= lists.max_entries or lists.cost + cost > lists.max_cost:
+            lists.clear()
+            lists.cost = 0
+        lists[result if raw == result else raw] = result
+        lists.cost += cost
         return result
 
     def label(self, raw: Any) -> str:
@@ -982,12 +988,34 @@ def parse_json(data: bytes) -> Any:
         raise PacketError(f"not JSON: {str(exc)[:80]}") from None
 
 
+#: a JSON string's content with no escape and no control character: the text is the value
+_PLAIN = r'[^"\\\x00-\x1f]*'
+#: the envelope exactly as lobbyd and the Go daemon write it: compact, keys in this order,
+#: no escapes, an integer last_check (at most 18 digits: json.loads refuses huge ones)
+ENVELOPE_RE = re.compile(
+    r'\{"discovery":\{"hostname":"(' + _PLAIN + r')","labels":\[((?:"' + _PLAIN
+    + r'"(?:,"' + _PLAIN + r'")*)?)\],"last_check":-?(?:0|[1-9][0-9]{0,17})\},'
+    r'"message":"(hi|goodbye)"\}')
+
+
 def decode_envelope(data: bytes, cache: LabelCache) -> tuple[str, str, tuple[str, ...]]:
     """(message, hostname, labels) of a NATS payload, or PacketError.
 
-    This runs for every packet of the fleet, so it checks types with `type() is`
-    and leaves label validation to the cache.
+    This runs for every packet of the fleet. An envelope of the usual shape is
+    one regex match (its strings are their own values); anything else, valid
+    or not, goes through the JSON parser, which alone describes errors. Types
+    are checked with `type() is`; label validation is the cache's.
     """
+    try:
+        match = ENVELOPE_RE.fullmatch(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        match = None
+    if match is not None:
+        raw_hostname, raw_labels, message = match.groups()
+        hostname = cache.hostname(raw_hostname)
+        if not raw_labels or message == "goodbye":
+            return message, hostname, ()
+        return message, hostname, cache.normalise(tuple(raw_labels[1:-1].split('","')))
     envelope = parse_json(data)
     if type(envelope) is not dict:
         raise PacketError("not a JSON object")
@@ -1015,6 +1043,10 @@ def decode_envelope(data: bytes, cache: LabelCache) -> tuple[str, str, tuple[str
 
 
 NEW_HOST, NEW_LABELS = 2, 1
+#: labels /v1/resolve asked about whose carriers the registry keeps (see `carrying()`) ...
+MAX_INDEXED_LABELS = 16
+#: ... until nobody asked for this many seconds: each costs every change of labels a test
+INDEXED_LABEL_IDLE_S = 10.0
 
 
 class Registry:
@@ -1035,6 +1067,11 @@ class Registry:
         #: hostname -> (its labels before the first change not yet taken, or None if it
         #: was not here; why it left, if it did): what watchers diff (take_changes())
         self.changes: dict[str, tuple[tuple[str, ...] | None, str]] = {}
+        #: label -> the hostnames carrying it, for labels resolve asked about lately: a
+        #: poll at fleet scale (100k hosts, every change a new version) then sorts its
+        #: answer instead of scanning every host
+        self._carriers: dict[str, set[str]] = {}
+        self._asked: dict[str, float] = {}  # label -> when carrying() last asked for it
 
     def __len__(self) -> int:
         return len(self.hosts)
@@ -1049,11 +1086,15 @@ class Registry:
             self.version += 1
             self._order = None
             self._note(hostname, None)
+            if self._carriers:
+                self._index(hostname, labels)
             return NEW_HOST
         if entry[0] != labels:
             self._note(hostname, entry[0])
             self.hosts[hostname] = (labels, now)
             self.version += 1
+            if self._carriers:
+                self._index(hostname, labels)
             return NEW_LABELS
         self.hosts[hostname] = (entry[0], now)
         return 0
@@ -1064,6 +1105,8 @@ class Registry:
             return False
         self.hosts[hostname] = (labels, received)
         self._note(hostname, None)
+        if self._carriers:
+            self._index(hostname, labels)
         self._oldest = min(self._oldest, received)
         self.version += 1
         self._order = None
@@ -1074,18 +1117,24 @@ class Registry:
         if entry is None:
             return False
         self._note(hostname, entry[0], "goodbye")
+        if self._carriers:
+            self._index(hostname, ())
         self.version += 1
         self._order = None
         return True
 
     def expire(self, now: float) -> list[str]:
         """Drop hosts silent for more than TTL; cheap when nothing can have expired."""
+        if self._asked:
+            self._forget_unasked(now)
         if now - self._oldest <= self.ttl:
             return []
         deadline = now - self.ttl
         dead = [name for name, entry in self.hosts.items() if entry[1] < deadline]
         for name in dead:
             self._note(name, self.hosts.pop(name)[0], "expired")
+            if self._carriers:
+                self._index(name, ())
         self._oldest = min((entry[1] for entry in self.hosts.values()), default=float("inf"))
         if dead:
             self.version += 1
@@ -1096,6 +1145,34 @@ class Registry:
         # only the state before the first change counts: A -> B -> A is no change
         seen = self.changes.get(hostname)
         self.changes[hostname] = (before if seen is None else seen[0], left)
+
+    def carrying(self, label: str, now: float) -> list[str]:
+        """The hostnames carrying `label`, sorted (/v1/resolve). Call expire() first.
+
+        The first ask scans every host; the answer is then kept up to date by every
+        change until nobody asked for INDEXED_LABEL_IDLE_S seconds.
+        """
+        names = self._carriers.get(label)
+        if names is None:
+            if len(self._carriers) >= MAX_INDEXED_LABELS:
+                self._carriers.clear()
+                self._asked.clear()
+            names = self._carriers[label] = {
+                name for name, entry in self.hosts.items() if label in entry[0]}
+        self._asked[label] = now
+        return sorted(names)
+
+    def _index(self, hostname: str, labels: tuple[str, ...]) -> None:
+        for label, names in self._carriers.items():
+            if label in labels:
+                names.add(hostname)
+            else:
+                names.discard(hostname)
+
+    def _forget_unasked(self, now: float) -> None:
+        for label, asked in list(self._asked.items()):
+            if not 0 <= now - asked <= INDEXED_LABEL_IDLE_S:  # also a clock set back
+                del self._asked[label], self._carriers[label]
 
     def take_changes(self) -> dict[str, tuple[tuple[str, ...] | None, str]]:
         """The hosts changed since the last call (see `changes`), and start afresh."""
@@ -1668,11 +1745,14 @@ def direct_client(nats: Any, batch_reads: bool = True) -> Any:
     base = nats.aio.client.Client
     if not hasattr(base, "_process_msg"):
         return base
+    parser = direct_parser(nats)
 
     class DirectClient(base):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
             super().__init__()
             self.direct: dict[int, Callable[[bytes], None]] = {}
+            if parser is not None and hasattr(self, "_ps"):
+                self._ps = parser(self)
 
         @property  # type: ignore[override]
         def _transport(self) -> Any:
@@ -1728,6 +1808,88 @@ def direct_client(nats: Any, batch_reads: bool = True) -> Any:
     return DirectClient
 
 
+def direct_parser(nats: Any) -> Any:
+    """nats-py's protocol parser, handing the plain MSGs of `direct` subscriptions
+    straight to their functions; None if this nats-py's parser is not the one known.
+
+    nats-py matches a regex, fills a dict, copies the payload twice and awaits a
+    coroutine per message: more than lobbyd then spends on the packet. Any other
+    frame (another command, a reply subject, headers, another subscription) goes
+    to nats-py's own parser whole, once complete; a frame cut by the read waits
+    for the next read. Lines it cannot measure go to nats-py with all that follows.
+    """
+    import importlib
+
+    try:
+        module = importlib.import_module("nats.protocol.parser")
+        base, waiting = module.Parser, module.AWAITING_CONTROL_LINE
+        if not isinstance(base().buf, bytearray):
+            return None
+    except (ImportError, AttributeError, TypeError):
+        return None
+
+    class DirectParser(base):  # type: ignore[misc, valid-type]
+        async def parse(self, data: bytes = b"") -> None:
+            buf = self.buf
+            buf.extend(data)
+            while buf and self.state == waiting:
+                taken, other = direct_frames(bytes(buf), self.nc.direct)
+                del buf[:taken]
+                if other == 0:
+                    return  # all taken, or a frame cut by the read
+                if other < 0:
+                    break
+                frame = self.buf = bytearray(buf[:other])  # exactly one frame for nats-py
+                del buf[:other]
+                try:
+                    await super().parse()
+                finally:
+                    if self.buf is frame:  # else a reconnect reset the parser meanwhile
+                        buf[:0], self.buf = frame, buf
+                if self.buf is not buf:
+                    return
+            await super().parse()
+
+    return DirectParser
+
+
+def direct_frames(buf: bytes, direct: Mapping[int, Callable[[bytes], None]]
+                  ) -> tuple[int, int]:
+    """Hand the leading plain `MSG <subject> <sid> <size>` frames of `direct` sids in
+    `buf` to their functions: (bytes taken, length of the complete frame that comes
+    next, for nats-py: 0 if none or cut, -1 if its control line is a mystery)."""
+    pos, size = 0, len(buf)
+    while pos < size:
+        end = buf.find(b"\r\n", pos, pos + MAX_CONTROL_LINE)
+        if end < 0:
+            return pos, 0 if size - pos < MAX_CONTROL_LINE else -1
+        fields = buf[pos:end].split(b" ")
+        if fields[0] == b"MSG" and len(fields) == 4 and fields[1] \
+                and fields[2].isdigit() and fields[3].isdigit():
+            stop = end + 2 + int(fields[3])
+            if stop + 2 > size:
+                return pos, 0
+            handle = direct.get(int(fields[2]))
+            if handle is not None:
+                try:
+                    handle(buf[end + 2:stop])
+                except Exception as exc:  # never let one packet break the connection
+                    log.error("handling a packet failed: %s", describe_error(exc))
+                pos = stop + 2
+                continue
+            return pos, stop + 2 - pos
+        if fields[0] in (b"MSG", b"HMSG"):  # a reply subject, headers: measured again
+            fields = buf[pos:end].split()
+            if not fields[-1].isdigit():
+                return pos, -1
+            stop = end + 2 + int(fields[-1]) + 2
+            return pos, (stop - pos if stop <= size else 0)
+        return pos, end + 2 - pos
+    return pos, 0
+
+
+#: a NATS control line (MSG ...) is at most this long (the server's default limit)
+MAX_CONTROL_LINE = 4096
 #: after a read that found little, reading from NATS rests this long (seconds)
 INGEST_BATCH_S = 0.010
 #: a read of less than this many bytes found little ...
@@ -3078,8 +3240,7 @@ class Api:
             raise HttpError(400, "missing query parameter: label")
         registry = self.daemon.registry  # resolve_label() without a Packet per host
         return self.cached(request, ("resolve", label), lambda: render_json(
-            [name for name in registry.order() if label in registry.hosts[name][0]]),
-            timed=False)
+            registry.carrying(label, time.time())), timed=False)
 
     def prometheus(self, request: Request) -> Response:
         view = ("prometheus", request.path[len("/v1/prometheus/"):])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from lobbyd import NEW_HOST, NEW_LABELS, Packet, Registry
+import random
+
+from lobbyd import INDEXED_LABEL_IDLE_S, NEW_HOST, NEW_LABELS, Packet, Registry, resolve_label
 
 
 def test_hi_adds_and_only_label_changes_bump_the_version() -> None:
@@ -105,3 +107,41 @@ def test_entries_stay_tuples_and_every_change_is_noted() -> None:
     assert r.hosts["a"] == (("z",), 103.0)
     r.apply_goodbye("b")
     assert r.take_changes() == {"b": (("w",), "goodbye")}
+
+
+def test_carrying_stays_equal_to_a_scan_through_every_kind_of_change() -> None:
+    """/v1/resolve's kept carriers of a label follow new hosts, label changes, goodbyes,
+    expiry and second-hand hosts exactly as a scan of the registry would see them."""
+    rnd = random.Random(7)
+    r = Registry(ttl=30)
+    asked = ("x", "y", "z")
+    now = 1000.0
+    for step in range(3000):
+        now += 0.01
+        name = f"h{rnd.randrange(60)}"
+        labels = tuple(sorted(rnd.sample(("w", "x", "y", "z"), rnd.randint(0, 3))))
+        kind = rnd.random()
+        if kind < 0.7:
+            r.apply_hi(name, labels, now - rnd.choice((0, 0, 25)))
+        elif kind < 0.8:
+            r.learn(name, labels, now - 5)
+        elif kind < 0.9:
+            r.apply_goodbye(name)
+        else:
+            r.expire(now)
+        if step % 7 == 0:
+            r.expire(now)
+            label = rnd.choice(asked)
+            assert r.carrying(label, now) == resolve_label(r.packets(), label)
+
+
+def test_carrying_forgets_labels_nobody_asks_about() -> None:
+    r = Registry(ttl=30)
+    r.apply_hi("a", ("x",), 100.0)
+    assert r.carrying("x", 100.0) == ["a"]
+    r.expire(100.0 + INDEXED_LABEL_IDLE_S)
+    assert r._carriers  # asked lately: kept
+    r.expire(101.0 + INDEXED_LABEL_IDLE_S)
+    assert not r._carriers and not r._asked  # changes of labels no longer pay for it
+    r.apply_hi("b", ("x",), 111.0)
+    assert r.carrying("x", 111.0) == ["a", "b"]

@@ -123,3 +123,76 @@ def test_garbage_on_the_subject_changes_nothing(lobbyd, nats) -> None:
     assert a.proc.poll() is None
     # the log is rate-limited: ~500 bad packets make a handful of lines
     assert 1 <= a.logs().count("dropped a packet") <= 10
+
+
+class Recorder:
+    """What nats-py's parser hands a client, with lobbyd's direct hook for sid 1."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[object, ...]] = []
+        self.direct = {1: lambda data: self.seen.append(("direct", data))}
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
+                           headers: bytes | None) -> None:
+        if sid in self.direct and not reply and not headers:
+            self.direct[sid](data)
+        else:
+            self.seen.append(("msg", sid, subject, reply, data, headers))
+
+    async def _process_ping(self) -> None:
+        self.seen.append(("ping",))
+
+    async def _process_pong(self) -> None:
+        self.seen.append(("pong",))
+
+    async def _process_info(self, info: object) -> None:
+        self.seen.append(("info", info))
+
+    async def _process_err(self, err: str) -> None:
+        self.seen.append(("err", err))
+
+
+FRAMES = [
+    b"MSG lobby.discovery 1 5\r\nhello\r\n", b"MSG lobby.discovery 1 0\r\n\r\n",
+    b"MSG lobby.discovery 1 7\r\nwith\r\nx\r\n", b"MSG lobby.discovery 2 3\r\nabc\r\n",
+    b"MSG lobby.discovery 1 _INBOX.x 3\r\nabc\r\n", b"MSG _INBOX.a.b 3 2\r\n{}\r\n",
+    b"HMSG lobby.discovery 1 12 14\r\nNATS/1.0\r\n\r\nhi\r\n", b"PING\r\n", b"PONG\r\n",
+    b"+OK\r\n", b'INFO {"server_id":"x","max_payload":1048576}\r\n',
+    b"-ERR 'Slow Consumer'\r\n", b"MSG lobby.discovery 1 " + b"9" * 3 + b"\r\n" + b"x" * 999
+    + b"\r\n",
+]
+
+
+def test_the_direct_parser_hands_on_what_nats_py_would() -> None:
+    """Random mixes of frames, cut at random places: lobbyd's parser and nats-py's own
+    deliver the same messages and commands in the same order."""
+    import asyncio
+    import random
+
+    import nats
+    from nats.protocol.parser import Parser
+
+    from lobbyd import direct_parser
+
+    parser = direct_parser(nats)
+    assert parser is not None
+    rnd = random.Random(5)
+
+    async def feed(p: Parser, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            await p.parse(chunk)
+
+    for _ in range(400):
+        stream = b"".join(rnd.choices(FRAMES, weights=[20] + [1] * (len(FRAMES) - 1),
+                                      k=rnd.randint(1, 60)))
+        cuts = sorted(rnd.sample(range(1, len(stream)), min(len(stream) - 1,
+                                                              rnd.randint(0, 8))))
+        chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+        ours, theirs = Recorder(), Recorder()
+        asyncio.run(feed(parser(ours), chunks))
+        asyncio.run(feed(Parser(theirs), chunks))
+        assert ours.seen == theirs.seen
+    for junk in (b"FOO\r\n", b"MSG lobby.discovery 1 x\r\nabc\r\n"):
+        for p in (parser(Recorder()), Parser(Recorder())):
+            with pytest.raises(nats.errors.ProtocolError):
+                asyncio.run(feed(p, [FRAMES[0], junk, FRAMES[0]]))
