@@ -1830,6 +1830,9 @@ def direct_parser(nats: Any) -> Any:
 
     class DirectParser(base):  # type: ignore[misc, valid-type]
         async def parse(self, data: bytes = b"") -> None:
+            if not self.nc.direct:  # (the kv connection) nothing to take here
+                await super().parse(data)
+                return
             buf = self.buf
             buf.extend(data)
             while buf and self.state == waiting:
