@@ -2823,13 +2823,18 @@ def accepts_gzip(request: Request) -> bool:
 
 
 class CachedAnswer:
-    """The latest answer of one view (plain, and gzipped once asked for)."""
+    """The latest answer of one view (plain, and gzipped once asked for).
 
-    __slots__ = ("_gzipped", "length", "plain", "stamp")
+    `headers` (the X-Lobby-Index the body was built at) are in the memory file's
+    head too, so a big answer goes out in one sendfile with no per-request head.
+    """
 
-    def __init__(self, stamp: tuple[int, int], body: bytes):
+    __slots__ = ("_gzipped", "headers", "length", "plain", "stamp")
+
+    def __init__(self, stamp: tuple[int, ...], body: bytes, headers: Mapping[str, str]):
         self.stamp = stamp
-        self.plain = Response.cached(body)
+        self.headers = dict(headers)
+        self.plain = Response.cached(body, dict(headers))
         self.length = len(body)
         self._gzipped: Response | None = None
 
@@ -2838,7 +2843,8 @@ class CachedAnswer:
             file = self.plain.file
             body = os.pread(file.file.fileno(), file.length, len(file.head)) if file \
                 else self.plain.body
-            self._gzipped = Response.cached(gzip.compress(body, 5, mtime=0), dict(GZIP_HEADERS))
+            self._gzipped = Response.cached(gzip.compress(body, 5, mtime=0),
+                                            {**GZIP_HEADERS, **self.headers})
         return self._gzipped
 
 
@@ -2916,7 +2922,8 @@ class Api:
     # caching -----------------------------------------------------------------
     def cached(self, request: Request, key: tuple[Any, ...], build: Callable[[], bytes],
                timed: bool = True) -> Response:
-        """A JSON answer built at most once per registry version (and second, if `timed`).
+        """A JSON answer built at most once per registry version (and second, if `timed`),
+        carrying the X-Lobby-Index of `key` (the answer's view, SPEC 8).
 
         An answer showing last_check can change only when the registry does or
         the second ticks over (its resolution); one without it (Prometheus,
@@ -2925,12 +2932,16 @@ class Api:
         blocking query woken by a change gets a body that shows it (SPEC 8).
         """
         self.daemon.expire()
-        stamp = (self.daemon.registry.version, int(time.time()) if timed else 0)
+        # the index before the body, with no await between: it describes that body.
+        # It is in the stamp, for a view forgotten and made again gets a new index.
+        index = self.daemon.watch.index(key)
+        stamp = (self.daemon.registry.version, int(time.time()) if timed else 0, index)
         answer = self._answers.get(key)
         if answer is None or answer.stamp != stamp:
             if answer is None and len(self._answers) > 64:
                 self._answers.clear()
-            answer = self._answers[key] = CachedAnswer(stamp, build())
+            answer = self._answers[key] = CachedAnswer(stamp, build(),
+                                                       {"X-Lobby-Index": str(index)})
         if answer.length < 1024 or not accepts_gzip(request):
             return answer.plain.copy()
         return answer.gzipped().copy()
@@ -3059,8 +3070,10 @@ class Api:
         return self.with_index(handler(request), view)
 
     def with_index(self, response: Response, view: tuple[str, ...]) -> Response:
-        # after the body: the index then describes what the body shows
-        response.headers["X-Lobby-Index"] = str(self.daemon.watch.index(view))
+        # after the body: the index then describes what the body shows. A cached
+        # answer carries it already (set with no await between, see cached()).
+        if "X-Lobby-Index" not in response.headers:
+            response.headers["X-Lobby-Index"] = str(self.daemon.watch.index(view))
         return response
 
     def events(self, request: Request) -> Response:
