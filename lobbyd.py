@@ -1287,37 +1287,72 @@ class BlockRenderer:
         return b"[\n" + b",\n".join(parts) + b"\n]\n" if parts else b"[]\n"
 
 
+#: hosts per kept chunk of the whole-registry answer: small enough that a few label
+#: changes re-render little, big enough that finding them costs little
+RENDER_CHUNK = 32
+
+
 class RegistryRenderer:
     """The whole registry as GET /v1/discoveries lists it, equal to BlockRenderer's.
 
-    The hot answer (every host, re-rendered each second for last_check): each host's
-    block up to its last_check is kept while its labels stay, so a render is a join.
+    The hot answer: rebuilt every second (last_check) and, under label churn, for
+    nearly every request. It is kept in chunks of RENDER_CHUNK hosts; a render finds
+    the chunks whose hosts changed by comparing lists of the registry's entries (a
+    changed host has a new (labels, received) tuple; the comparison runs at C speed
+    and stops at identical objects) and renders only those, from each host's block
+    up to its last_check, kept while its labels stay.
     """
 
     def __init__(self, label_blocks: dict[tuple[str, ...], str]):
         self.label_blocks = label_blocks
         self.heads: dict[str, tuple[tuple[str, ...], bytes]] = {}  # host -> (labels, head)
+        #: what the chunks show: hostnames, and each host's (labels, received)
+        self._names: list[str] = []
+        self._entries: list[tuple[tuple[str, ...], float]] = []
+        self._chunks: list[bytes] = []  # each ends in ",\n"
 
     def render(self, registry: Registry) -> bytes:
+        return b"".join(self.render_parts(registry))
+
+    def render_parts(self, registry: Registry) -> list[bytes]:
+        """The answer in pieces (for a vectored write): their join is render()'s."""
         order, hosts = registry.order(), registry.hosts
         if not order:
-            return b"[]\n"
-        heads = self.heads
-        if len(heads) > len(order) + len(order) // 2 + 64:
-            heads = self.heads = {}  # forget the hosts that went
+            return [b"[]\n"]
+        if len(self.heads) > len(order) + len(order) // 2 + 64:
+            self.heads = {}  # forget the hosts that went
         if len(self.label_blocks) > 2 * len(order) + 1024:
             self.label_blocks.clear()  # and label lists no host carries any more
+        entries = list(map(hosts.__getitem__, order))
+        names, old = self._names, self._entries
+        same_names = order is names or order == names
+        chunks = self._chunks
+        del chunks[math.ceil(len(order) / RENDER_CHUNK):]  # a shrunk registry: fewer chunks
+        for number, start in enumerate(range(0, len(order), RENDER_CHUNK)):
+            end = start + RENDER_CHUNK
+            if number < len(chunks) and entries[start:end] == old[start:end] and \
+                    (same_names or order[start:end] == names[start:end]):
+                continue
+            chunk = self._chunk(order[start:end], entries[start:end])
+            if number < len(chunks):
+                chunks[number] = chunk
+            else:
+                chunks.append(chunk)
+        self._names, self._entries = order, entries
+        return [b"[\n", *chunks[:-1], chunks[-1][:-2] + b"\n]\n"]
+
+    def _chunk(self, names: list[str], entries: list[tuple[tuple[str, ...], float]]
+               ) -> bytes:
+        heads = self.heads
         parts = []
-        for name in order:
-            labels, received = hosts[name]
+        for name, (labels, received) in zip(names, entries):
             head = heads.get(name)
             if head is None or head[0] != labels:
                 block = packet_block(Packet(name, labels, 0), self.label_blocks)
                 head = heads[name] = (labels, block[:-len(b"0\n  }")])
             parts.append(head[1])
             parts.append(b"%d\n  },\n" % received)
-        parts[-1] = parts[-1][:-2] + b"\n]\n"
-        return b"[\n" + b"".join(parts)
+        return b"".join(parts)
 
 
 ###############################################################################
@@ -2303,6 +2338,7 @@ BODY_TIMEOUT = 60.0
 WRITE_TIMEOUT = 60.0
 WRITE_SLICE = 1 << 20
 SENDFILE_MIN = 64 * 1024  #: answers this big are sent from a MemoryFile
+IOV_MAX = 1024  #: pieces per writev() (Linux's UIO_MAXIOV)
 KNOWN_HEADS = 256  #: request heads whose parse is remembered ...
 KNOWN_HEAD_BYTES = 2048  #: ... when they are no longer than this
 MAX_CONNECTIONS = 1000
@@ -2359,24 +2395,34 @@ class MemoryFile:
 
     __slots__ = ("file", "head", "headers", "length")
 
-    def __init__(self, head: bytes, body: bytes, headers: Mapping[str, str]):
+    def __init__(self, head: bytes, body: Sequence[bytes], headers: Mapping[str, str]):
         fd = os.memfd_create("lobbyd-answer", os.MFD_CLOEXEC)
         self.file = open(fd, "rb", buffering=0)  # noqa: SIM115 - lives as long as the answer
-        view = memoryview(head + body)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, [head, *body])
         self.head = head
         self.headers = dict(headers)  # the extra headers `head` carries
-        self.length = len(body)
+        self.length = sum(map(len, body))
 
     def __del__(self) -> None:
         self.file.close()
 
 
-def memory_file(head: bytes, body: bytes, headers: Mapping[str, str]) -> MemoryFile | None:
-    """The answer in a MemoryFile, or None where the system has none (it is then sent
-    from memory, as small answers are)."""
-    if len(body) < SENDFILE_MIN or not hasattr(os, "memfd_create"):
+def write_all(fd: int, parts: Sequence[bytes]) -> None:
+    """Every part, in order: a vectored write per IOV_MAX parts, never a joined copy."""
+    for start in range(0, len(parts), IOV_MAX):
+        batch = parts[start:start + IOV_MAX]
+        written = os.writev(fd, batch)
+        if written < sum(map(len, batch)):  # a short write (rare): the rest, plainly
+            view = memoryview(b"".join(batch))[written:]
+            while view:
+                view = view[os.write(fd, view):]
+
+
+def memory_file(head: bytes, body: Sequence[bytes], headers: Mapping[str, str]
+                ) -> MemoryFile | None:
+    """The answer (in pieces) in a MemoryFile, or None where the system has none (it is
+    then sent from memory, as small answers are)."""
+    if sum(map(len, body)) < SENDFILE_MIN or not hasattr(os, "memfd_create"):
         return None
     try:
         return MemoryFile(head, body, headers)
@@ -2395,12 +2441,16 @@ class Response:
     stream: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]] | None = None
 
     @classmethod
-    def cached(cls, body: bytes, headers: dict[str, str] | None = None) -> Response:
-        """A JSON answer served many times: big ones go into a MemoryFile."""
+    def cached(cls, body: bytes | Sequence[bytes], headers: dict[str, str] | None = None
+               ) -> Response:
+        """A JSON answer served many times (given whole or in pieces): big ones go into
+        a MemoryFile."""
         headers = headers or {}
-        file = memory_file(response_head(200, JSON_TYPE, len(body), True, headers), body,
+        parts = [body] if isinstance(body, bytes) else body
+        length = sum(map(len, parts))
+        file = memory_file(response_head(200, JSON_TYPE, length, True, headers), parts,
                            headers)
-        return cls(200, b"" if file else body, JSON_TYPE, headers, file)
+        return cls(200, b"" if file else b"".join(parts), JSON_TYPE, headers, file)
 
     def copy(self) -> Response:
         """This response with headers of its own (a handler may add some)."""
@@ -2831,11 +2881,12 @@ class CachedAnswer:
 
     __slots__ = ("_gzipped", "headers", "length", "plain", "stamp")
 
-    def __init__(self, stamp: tuple[int, ...], body: bytes, headers: Mapping[str, str]):
+    def __init__(self, stamp: tuple[int, ...], body: bytes | Sequence[bytes],
+                 headers: Mapping[str, str]):
         self.stamp = stamp
         self.headers = dict(headers)
         self.plain = Response.cached(body, dict(headers))
-        self.length = len(body)
+        self.length = self.plain.length
         self._gzipped: Response | None = None
 
     def gzipped(self) -> Response:
@@ -2920,8 +2971,8 @@ class Api:
         return handler
 
     # caching -----------------------------------------------------------------
-    def cached(self, request: Request, key: tuple[Any, ...], build: Callable[[], bytes],
-               timed: bool = True) -> Response:
+    def cached(self, request: Request, key: tuple[Any, ...],
+               build: Callable[[], bytes | Sequence[bytes]], timed: bool = True) -> Response:
         """A JSON answer built at most once per registry version (and second, if `timed`),
         carrying the X-Lobby-Index of `key` (the answer's view, SPEC 8).
 
@@ -2950,7 +3001,8 @@ class Api:
     def discoveries(self, request: Request) -> Response:
         view = discoveries_view(request)
         if view == ("all",):  # the hot answer: a join of kept per-host blocks
-            return self.cached(request, view, lambda: self._all.render(self.daemon.registry))
+            return self.cached(request, view,
+                               lambda: self._all.render_parts(self.daemon.registry))
         labels = list(view[1:]) if view[0] == "labels" else []
         prefixes = list(view[1:]) if view[0] == "prefixes" else []
         return self.cached(request, view, lambda: self.renderer(view).render(
