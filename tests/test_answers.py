@@ -87,6 +87,9 @@ def test_a_big_answer_carries_its_index_in_the_memory_file() -> None:
     index = str(api.daemon.watch.index(("all",)))
     assert response.headers == file.headers == {"X-Lobby-Index": index}
     assert file.head == response_head(200, JSON_TYPE, file.length, True, response.headers)
+    # what a request writes from memory and what sendfile sends from the file agree
+    assert os.pread(file.file.fileno(), len(file.data) + 1, 0) == file.data
+    assert file.data == file.head + body(response)
     gzipped = api.with_index(api.discoveries(Request(
         "GET", "/v1/discoveries", {}, "HTTP/1.1", {"accept-encoding": "gzip"})), ("all",))
     assert list(gzipped.headers.items()) == [("Content-Encoding", "gzip"),
