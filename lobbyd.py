@@ -2385,31 +2385,42 @@ class Request:
 
 
 class MemoryFile:
-    """A big cached answer, its keep-alive head in front: in memory, and in an
-    anonymous memory file.
+    """A big cached answer, its keep-alive head in front: in memory and, once it is
+    asked for again, in an anonymous memory file too.
 
     A request writes what the socket takes at once from memory (on Linux a write
-    costs about half what a sendfile() from the file does: 2.5 MB over loopback),
-    then the kernel sends the rest (sendfile) from the file's pages: a slow client
-    never holds a copy of a multi-megabyte answer, however many ask. Neither
+    costs about half what a sendfile() from the file does: 2.5 MB over loopback).
+    The rest of the first answers goes from memory in WRITE_SLICE slices; from the
+    second on, the kernel sends it (sendfile) from the file's pages, so a slow
+    client never holds a copy of an answer served many times. Under label churn an
+    answer is often served once: it then never costs the copy into a file. Neither
     changes once written; they go when the last request sending them lets go.
     """
 
-    __slots__ = ("data", "file", "head", "headers", "length")
+    __slots__ = ("_file", "data", "head", "headers", "length", "rests")
 
     def __init__(self, head: bytes, body: Sequence[bytes], headers: Mapping[str, str]):
-        fd = os.memfd_create("lobbyd-answer", os.MFD_CLOEXEC)
-        self.file = open(fd, "rb", buffering=0)  # noqa: SIM115 - lives as long as the answer
         self.data = b"".join([head, *body])
-        view = memoryview(self.data)
-        while view:
-            view = view[os.write(fd, view):]
         self.head = head
         self.headers = dict(headers)  # the extra headers `head` carries
         self.length = len(self.data) - len(head)
+        self.rests = 0  #: requests that had more to send than the socket took at once
+        self._file: Any = None
+
+    @property
+    def file(self) -> Any:
+        """The memory file (made on first use), opened unbuffered for reading."""
+        if self._file is None:
+            fd = os.memfd_create("lobbyd-answer", os.MFD_CLOEXEC)
+            self._file = open(fd, "rb", buffering=0)  # noqa: SIM115 - lives as long as this
+            view = memoryview(self.data)
+            while view:
+                view = view[os.write(fd, view):]
+        return self._file
 
     def __del__(self) -> None:
-        self.file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def memory_file(head: bytes, body: Sequence[bytes], headers: Mapping[str, str]
@@ -2727,8 +2738,8 @@ class HttpServer:
 
     async def _send_file(self, writer: asyncio.StreamWriter, response: Response,
                          keep_alive: bool) -> None:
-        """Head and body from the MemoryFile: one write, the rest by sendfile (its head
-        says keep-alive)."""
+        """Head and body of a MemoryFile (its head says keep-alive): what the socket
+        takes at once, then the rest from memory the first time, by sendfile after."""
         file = response.file
         assert file is not None
         offset, count = 0, len(file.head) + file.length
@@ -2747,6 +2758,18 @@ class HttpServer:
                 offset, count = offset + sent, count - sent
             if not count:
                 return
+        file.rests += 1
+        source = None
+        if file.rests > 1:  # the first time from memory (see MemoryFile), then the file
+            with contextlib.suppress(OSError):  # no file (out of descriptors): memory
+                source = file.file
+        if source is None:
+            view = memoryview(file.data)[offset:offset + count]
+            with deadline(writer, WRITE_TIMEOUT):
+                for start in range(0, len(view), WRITE_SLICE):
+                    writer.write(view[start:start + WRITE_SLICE])
+                    await writer.drain()
+            return
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         expired = []
@@ -2757,7 +2780,7 @@ class HttpServer:
                 task.cancel()
         timer = loop.call_later(WRITE_TIMEOUT, expire)
         try:
-            await loop.sendfile(writer.transport, file.file, offset, count)
+            await loop.sendfile(writer.transport, source, offset, count)
         except asyncio.CancelledError:
             if not expired:
                 raise
@@ -2901,8 +2924,7 @@ class CachedAnswer:
     def gzipped(self) -> Response:
         if self._gzipped is None:
             file = self.plain.file
-            body = os.pread(file.file.fileno(), file.length, len(file.head)) if file \
-                else self.plain.body
+            body = file.data[len(file.head):] if file else self.plain.body
             self._gzipped = Response.cached(gzip.compress(body, 5, mtime=0),
                                             {**GZIP_HEADERS, **self.headers})
         return self._gzipped
