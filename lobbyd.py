@@ -2337,7 +2337,9 @@ IDLE_TIMEOUT = 60.0
 BODY_TIMEOUT = 60.0
 WRITE_TIMEOUT = 60.0
 WRITE_SLICE = 1 << 20
-SENDFILE_MIN = 64 * 1024  #: answers this big are sent from a MemoryFile
+SENDFILE_MIN = 64 * 1024  #: answers this big, not cached, go out in slices
+#: cached answers this big are kept with their head (a MemoryFile): one write each
+MEMORY_FILE_MIN = 4096
 KNOWN_HEADS = 256  #: request heads whose parse is remembered ...
 KNOWN_HEAD_BYTES = 2048  #: ... when they are no longer than this
 MAX_CONNECTIONS = 1000
@@ -2427,7 +2429,7 @@ def memory_file(head: bytes, body: Sequence[bytes], headers: Mapping[str, str]
                 ) -> MemoryFile | None:
     """The answer (in pieces) in a MemoryFile, or None where the system has none (it is
     then sent from memory, as small answers are)."""
-    if sum(map(len, body)) < SENDFILE_MIN or not hasattr(os, "memfd_create"):
+    if sum(map(len, body)) < MEMORY_FILE_MIN or not hasattr(os, "memfd_create"):
         return None
     try:
         return MemoryFile(head, body, headers)

@@ -1,5 +1,6 @@
-"""Big answers (over SENDFILE_MIN: kept in a memory file, sent by sendfile) with the
-watchers' X-Lobby-Index, blocking queries, HEAD, gzip and the page's negotiation."""
+"""Big answers (cached ones over MEMORY_FILE_MIN: kept with their head, in memory and a
+memory file, sent by write and sendfile) with the watchers' X-Lobby-Index, blocking
+queries, HEAD, gzip and the page's negotiation."""
 
 from __future__ import annotations
 
