@@ -1364,37 +1364,72 @@ class BlockRenderer:
         return b"[\n" + b",\n".join(parts) + b"\n]\n" if parts else b"[]\n"
 
 
+#: hosts per kept chunk of the whole-registry answer: small enough that a few label
+#: changes re-render little, big enough that finding them costs little
+RENDER_CHUNK = 32
+
+
 class RegistryRenderer:
     """The whole registry as GET /v1/discoveries lists it, equal to BlockRenderer's.
 
-    The hot answer (every host, re-rendered each second for last_check): each host's
-    block up to its last_check is kept while its labels stay, so a render is a join.
+    The hot answer: rebuilt every second (last_check) and, under label churn, for
+    nearly every request. It is kept in chunks of RENDER_CHUNK hosts; a render finds
+    the chunks whose hosts changed by comparing lists of the registry's entries (a
+    changed host has a new (labels, received) tuple; the comparison runs at C speed
+    and stops at identical objects) and renders only those, from each host's block
+    up to its last_check, kept while its labels stay.
     """
 
     def __init__(self, label_blocks: dict[tuple[str, ...], str]):
         self.label_blocks = label_blocks
         self.heads: dict[str, tuple[tuple[str, ...], bytes]] = {}  # host -> (labels, head)
+        #: what the chunks show: hostnames, and each host's (labels, received)
+        self._names: list[str] = []
+        self._entries: list[tuple[tuple[str, ...], float]] = []
+        self._chunks: list[bytes] = []  # each ends in ",\n"
 
     def render(self, registry: Registry) -> bytes:
+        return b"".join(self.render_parts(registry))
+
+    def render_parts(self, registry: Registry) -> list[bytes]:
+        """The answer in pieces (for a vectored write): their join is render()'s."""
         order, hosts = registry.order(), registry.hosts
         if not order:
-            return b"[]\n"
-        heads = self.heads
-        if len(heads) > len(order) + len(order) // 2 + 64:
-            heads = self.heads = {}  # forget the hosts that went
+            return [b"[]\n"]
+        if len(self.heads) > len(order) + len(order) // 2 + 64:
+            self.heads = {}  # forget the hosts that went
         if len(self.label_blocks) > 2 * len(order) + 1024:
             self.label_blocks.clear()  # and label lists no host carries any more
+        entries = list(map(hosts.__getitem__, order))
+        names, old = self._names, self._entries
+        same_names = order is names or order == names
+        chunks = self._chunks
+        del chunks[math.ceil(len(order) / RENDER_CHUNK):]  # a shrunk registry: fewer chunks
+        for number, start in enumerate(range(0, len(order), RENDER_CHUNK)):
+            end = start + RENDER_CHUNK
+            if number < len(chunks) and entries[start:end] == old[start:end] and \
+                    (same_names or order[start:end] == names[start:end]):
+                continue
+            chunk = self._chunk(order[start:end], entries[start:end])
+            if number < len(chunks):
+                chunks[number] = chunk
+            else:
+                chunks.append(chunk)
+        self._names, self._entries = order, entries
+        return [b"[\n", *chunks[:-1], chunks[-1][:-2] + b"\n]\n"]
+
+    def _chunk(self, names: list[str], entries: list[tuple[tuple[str, ...], float]]
+               ) -> bytes:
+        heads = self.heads
         parts = []
-        for name in order:
-            labels, received = hosts[name]
+        for name, (labels, received) in zip(names, entries):
             head = heads.get(name)
             if head is None or head[0] != labels:
                 block = packet_block(Packet(name, labels, 0), self.label_blocks)
                 head = heads[name] = (labels, block[:-len(b"0\n  }")])
             parts.append(head[1])
             parts.append(b"%d\n  },\n" % received)
-        parts[-1] = parts[-1][:-2] + b"\n]\n"
-        return b"[\n" + b"".join(parts)
+        return b"".join(parts)
 
 
 ###############################################################################
@@ -2559,7 +2594,9 @@ IDLE_TIMEOUT = 60.0
 BODY_TIMEOUT = 60.0
 WRITE_TIMEOUT = 60.0
 WRITE_SLICE = 1 << 20
-SENDFILE_MIN = 64 * 1024  #: answers this big are sent from a MemoryFile
+SENDFILE_MIN = 64 * 1024  #: answers this big, not cached, go out in slices
+#: cached answers this big are kept with their head (a MemoryFile): one write each
+MEMORY_FILE_MIN = 4096
 KNOWN_HEADS = 256  #: request heads whose parse is remembered ...
 KNOWN_HEAD_BYTES = 2048  #: ... when they are no longer than this
 MAX_CONNECTIONS = 1000
@@ -2607,33 +2644,49 @@ class Request:
 
 
 class MemoryFile:
-    """A big cached answer in an anonymous memory file, its keep-alive head in front.
+    """A big cached answer, its keep-alive head in front: in memory and, once it is
+    asked for again, in an anonymous memory file too.
 
-    The kernel then sends it (sendfile) from its own pages to the socket: Python
-    never copies its bytes again, however many clients ask. The file never
-    changes once written, and closes when the last request sending it lets go.
+    A request writes what the socket takes at once from memory (on Linux a write
+    costs about half what a sendfile() from the file does: 2.5 MB over loopback).
+    The rest of the first answers goes from memory in WRITE_SLICE slices; from the
+    second on, the kernel sends it (sendfile) from the file's pages, so a slow
+    client never holds a copy of an answer served many times. Under label churn an
+    answer is often served once: it then never costs the copy into a file. Neither
+    changes once written; they go when the last request sending them lets go.
     """
 
-    __slots__ = ("file", "head", "headers", "length")
+    __slots__ = ("_file", "data", "head", "headers", "length", "rests")
 
-    def __init__(self, head: bytes, body: bytes, headers: Mapping[str, str]):
-        fd = os.memfd_create("lobbyd-answer", os.MFD_CLOEXEC)
-        self.file = open(fd, "rb", buffering=0)  # noqa: SIM115 - lives as long as the answer
-        view = memoryview(head + body)
-        while view:
-            view = view[os.write(fd, view):]
+    def __init__(self, head: bytes, body: Sequence[bytes], headers: Mapping[str, str]):
+        self.data = b"".join([head, *body])
         self.head = head
         self.headers = dict(headers)  # the extra headers `head` carries
-        self.length = len(body)
+        self.length = len(self.data) - len(head)
+        self.rests = 0  #: requests that had more to send than the socket took at once
+        self._file: Any = None
+
+    @property
+    def file(self) -> Any:
+        """The memory file (made on first use), opened unbuffered for reading."""
+        if self._file is None:
+            fd = os.memfd_create("lobbyd-answer", os.MFD_CLOEXEC)
+            self._file = open(fd, "rb", buffering=0)  # noqa: SIM115 - lives as long as this
+            view = memoryview(self.data)
+            while view:
+                view = view[os.write(fd, view):]
+        return self._file
 
     def __del__(self) -> None:
-        self.file.close()
+        if self._file is not None:
+            self._file.close()
 
 
-def memory_file(head: bytes, body: bytes, headers: Mapping[str, str]) -> MemoryFile | None:
-    """The answer in a MemoryFile, or None where the system has none (it is then sent
-    from memory, as small answers are)."""
-    if len(body) < SENDFILE_MIN or not hasattr(os, "memfd_create"):
+def memory_file(head: bytes, body: Sequence[bytes], headers: Mapping[str, str]
+                ) -> MemoryFile | None:
+    """The answer (in pieces) in a MemoryFile, or None where the system has none (it is
+    then sent from memory, as small answers are)."""
+    if sum(map(len, body)) < MEMORY_FILE_MIN or not hasattr(os, "memfd_create"):
         return None
     try:
         return MemoryFile(head, body, headers)
@@ -2652,12 +2705,16 @@ class Response:
     stream: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]] | None = None
 
     @classmethod
-    def cached(cls, body: bytes, headers: dict[str, str] | None = None) -> Response:
-        """A JSON answer served many times: big ones go into a MemoryFile."""
+    def cached(cls, body: bytes | Sequence[bytes], headers: dict[str, str] | None = None
+               ) -> Response:
+        """A JSON answer served many times (given whole or in pieces): big ones go into
+        a MemoryFile."""
         headers = headers or {}
-        file = memory_file(response_head(200, JSON_TYPE, len(body), True, headers), body,
+        parts = [body] if isinstance(body, bytes) else body
+        length = sum(map(len, parts))
+        file = memory_file(response_head(200, JSON_TYPE, length, True, headers), parts,
                            headers)
-        return cls(200, b"" if file else body, JSON_TYPE, headers, file)
+        return cls(200, b"" if file else b"".join(parts), JSON_TYPE, headers, file)
 
     def copy(self) -> Response:
         """This response with headers of its own (a handler may add some)."""
@@ -2906,11 +2963,12 @@ class HttpServer:
         length = body_length(request)
         if request.headers.get("expect", "").lower() == "100-continue":
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        with deadline(writer, BODY_TIMEOUT):
-            if length is None:
-                request.body = await read_chunked(reader)
-            elif length:
-                request.body = await reader.readexactly(length)
+        if length != 0:  # most requests have no body: no timer for it
+            with deadline(writer, BODY_TIMEOUT):
+                if length is None:
+                    request.body = await read_chunked(reader)
+                else:
+                    request.body = await reader.readexactly(length)
         return request
 
     async def _write(self, writer: asyncio.StreamWriter, response: Response, keep_alive: bool,
@@ -2919,21 +2977,28 @@ class HttpServer:
         if response.file is not None and not head_only:
             await self._send_file(writer, response, keep_alive)
             return
-        writer.write(response_head(response.status, response.content_type, response.length,
-                                   keep_alive, response.headers))
-        body = memoryview(b"" if head_only else response.body)
+        head = response_head(response.status, response.content_type, response.length,
+                             keep_alive, response.headers)
+        if head_only or len(response.body) < SENDFILE_MIN:
+            # one write, one segment: a head sent alone wakes the client twice
+            writer.write(head if head_only else head + response.body)
+            if writer.transport.get_write_buffer_size():
+                with deadline(writer, WRITE_TIMEOUT):
+                    await writer.drain()
+            return
+        writer.write(head)
+        body = memoryview(response.body)
         with deadline(writer, WRITE_TIMEOUT):
             # In slices: a slow reader then holds one slice in its buffer, not a
             # copy of a multi-megabyte answer (a thousand of those are gigabytes).
             for start in range(0, len(body), WRITE_SLICE):
                 writer.write(body[start:start + WRITE_SLICE])
                 await writer.drain()
-            if not body:
-                await writer.drain()
 
     async def _send_file(self, writer: asyncio.StreamWriter, response: Response,
                          keep_alive: bool) -> None:
-        """Head and body in one sendfile from the MemoryFile (its head says keep-alive)."""
+        """Head and body of a MemoryFile (its head says keep-alive): what the socket
+        takes at once, then the rest from memory the first time, by sendfile after."""
         file = response.file
         assert file is not None
         offset, count = 0, len(file.head) + file.length
@@ -2945,12 +3010,25 @@ class HttpServer:
         transport = writer.transport
         sock = transport.get_extra_info("socket")
         if sock is not None and not transport.get_write_buffer_size():
-            # Most answers fit the socket's buffer: one system call, no future.
+            # What the socket takes now, from memory (cheaper than sendfile, see
+            # MemoryFile): often all of it, in one system call with no future.
             with contextlib.suppress(BlockingIOError, InterruptedError):
-                sent = os.sendfile(sock.fileno(), file.file.fileno(), offset, count)
+                sent = os.write(sock.fileno(), memoryview(file.data)[offset:offset + count])
                 offset, count = offset + sent, count - sent
             if not count:
                 return
+        file.rests += 1
+        source = None
+        if file.rests > 1:  # the first time from memory (see MemoryFile), then the file
+            with contextlib.suppress(OSError):  # no file (out of descriptors): memory
+                source = file.file
+        if source is None:
+            view = memoryview(file.data)[offset:offset + count]
+            with deadline(writer, WRITE_TIMEOUT):
+                for start in range(0, len(view), WRITE_SLICE):
+                    writer.write(view[start:start + WRITE_SLICE])
+                    await writer.drain()
+            return
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         expired = []
@@ -2961,7 +3039,7 @@ class HttpServer:
                 task.cancel()
         timer = loop.call_later(WRITE_TIMEOUT, expire)
         try:
-            await loop.sendfile(writer.transport, file.file, offset, count)
+            await loop.sendfile(writer.transport, source, offset, count)
         except asyncio.CancelledError:
             if not expired:
                 raise
@@ -2973,18 +3051,24 @@ class HttpServer:
             timer.cancel()
 
 
-@contextlib.contextmanager
-def deadline(writer: asyncio.StreamWriter, seconds: float) -> Iterator[None]:
+class deadline:  # lower case: used like a function, `with deadline(writer, 10):`
     """Abort the connection when the block takes longer than `seconds`.
 
     One timer instead of asyncio.wait_for(), which costs a task per await: the
-    aborted transport ends the pending read or drain with an error.
+    aborted transport ends the pending read or drain with an error. A class, not
+    a generator: it runs a few times per request.
     """
-    timer = asyncio.get_running_loop().call_later(seconds, writer.transport.abort)
-    try:
-        yield
-    finally:
-        timer.cancel()
+
+    __slots__ = ("timer",)
+
+    def __init__(self, writer: asyncio.StreamWriter, seconds: float):
+        self.timer = asyncio.get_running_loop().call_later(seconds, writer.transport.abort)
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.timer.cancel()
 
 
 ###############################################################################
@@ -3080,22 +3164,28 @@ def accepts_gzip(request: Request) -> bool:
 
 
 class CachedAnswer:
-    """The latest answer of one view (plain, and gzipped once asked for)."""
+    """The latest answer of one view (plain, and gzipped once asked for).
 
-    __slots__ = ("_gzipped", "length", "plain", "stamp")
+    `headers` (the X-Lobby-Index the body was built at) are in the memory file's
+    head too, so a big answer goes out in one sendfile with no per-request head.
+    """
 
-    def __init__(self, stamp: tuple[int, int], body: bytes):
+    __slots__ = ("_gzipped", "headers", "length", "plain", "stamp")
+
+    def __init__(self, stamp: tuple[int, ...], body: bytes | Sequence[bytes],
+                 headers: Mapping[str, str]):
         self.stamp = stamp
-        self.plain = Response.cached(body)
-        self.length = len(body)
+        self.headers = dict(headers)
+        self.plain = Response.cached(body, dict(headers))
+        self.length = self.plain.length
         self._gzipped: Response | None = None
 
     def gzipped(self) -> Response:
         if self._gzipped is None:
             file = self.plain.file
-            body = os.pread(file.file.fileno(), file.length, len(file.head)) if file \
-                else self.plain.body
-            self._gzipped = Response.cached(gzip.compress(body, 5, mtime=0), dict(GZIP_HEADERS))
+            body = file.data[len(file.head):] if file else self.plain.body
+            self._gzipped = Response.cached(gzip.compress(body, 5, mtime=0),
+                                            {**GZIP_HEADERS, **self.headers})
         return self._gzipped
 
 
@@ -3171,9 +3261,10 @@ class Api:
         return handler
 
     # caching -----------------------------------------------------------------
-    def cached(self, request: Request, key: tuple[Any, ...], build: Callable[[], bytes],
-               timed: bool = True) -> Response:
-        """A JSON answer built at most once per registry version (and second, if `timed`).
+    def cached(self, request: Request, key: tuple[Any, ...],
+               build: Callable[[], bytes | Sequence[bytes]], timed: bool = True) -> Response:
+        """A JSON answer built at most once per registry version (and second, if `timed`),
+        carrying the X-Lobby-Index of `key` (the answer's view, SPEC 8).
 
         An answer showing last_check can change only when the registry does or
         the second ticks over (its resolution); one without it (Prometheus,
@@ -3182,12 +3273,16 @@ class Api:
         blocking query woken by a change gets a body that shows it (SPEC 8).
         """
         self.daemon.expire()
-        stamp = (self.daemon.registry.version, int(time.time()) if timed else 0)
+        # the index before the body, with no await between: it describes that body.
+        # It is in the stamp, for a view forgotten and made again gets a new index.
+        index = self.daemon.watch.index(key)
+        stamp = (self.daemon.registry.version, int(time.time()) if timed else 0, index)
         answer = self._answers.get(key)
         if answer is None or answer.stamp != stamp:
             if answer is None and len(self._answers) > 64:
                 self._answers.clear()
-            answer = self._answers[key] = CachedAnswer(stamp, build())
+            answer = self._answers[key] = CachedAnswer(stamp, build(),
+                                                       {"X-Lobby-Index": str(index)})
         if answer.length < 1024 or not accepts_gzip(request):
             return answer.plain.copy()
         return answer.gzipped().copy()
@@ -3196,7 +3291,8 @@ class Api:
     def discoveries(self, request: Request) -> Response:
         view = discoveries_view(request)
         if view == ("all",):  # the hot answer: a join of kept per-host blocks
-            return self.cached(request, view, lambda: self._all.render(self.daemon.registry))
+            return self.cached(request, view,
+                               lambda: self._all.render_parts(self.daemon.registry))
         labels = list(view[1:]) if view[0] == "labels" else []
         prefixes = list(view[1:]) if view[0] == "prefixes" else []
         return self.cached(request, view, lambda: self.renderer(view).render(
@@ -3315,8 +3411,10 @@ class Api:
         return self.with_index(handler(request), view)
 
     def with_index(self, response: Response, view: tuple[str, ...]) -> Response:
-        # after the body: the index then describes what the body shows
-        response.headers["X-Lobby-Index"] = str(self.daemon.watch.index(view))
+        # after the body: the index then describes what the body shows. A cached
+        # answer carries it already (set with no await between, see cached()).
+        if "X-Lobby-Index" not in response.headers:
+            response.headers["X-Lobby-Index"] = str(self.daemon.watch.index(view))
         return response
 
     def events(self, request: Request) -> Response:

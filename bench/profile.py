@@ -124,13 +124,20 @@ def scenario_ingest(cmd: list[str], work: Path, n: int, seconds: float) -> Path:
 
 
 def scenario_http(cmd: list[str], work: Path, n: int, seconds: float, path: str,
-                  name: str, headers: dict[str, str] | None = None) -> Path:
+                  name: str, headers: dict[str, str] | None = None, churn: bool = False
+                  ) -> Path:
+    """GETs on 8 connections while the N hosts send N/5 packets/s: keep-alives, or with
+    `churn` label changes (a new seq:K in every packet, as the bench's churn case)."""
     env = run.Env(cmd, work)
     try:
         d = env.daemon("bench-prof-http", TTL=86400)
         run.prefill(env, d, n)
-        g = env.loadgen(n, mode="keepalive", rate=n / 5, duration=seconds + 20,
-                        max_seconds=seconds + 60)
+        if churn:
+            g = env.loadgen(n, rate=n / 5, count=int(n / 5 * (seconds + 20)), seq0=1,
+                            max_seconds=seconds + 60)
+        else:
+            g = env.loadgen(n, mode="keepalive", rate=n / 5, duration=seconds + 20,
+                            max_seconds=seconds + 60)
         env.go(g)
         raw = RESULTS / f"profile-{name}.raw.txt"
         p = record(d.pid, seconds, raw, "raw")
@@ -146,7 +153,7 @@ def scenario_http(cmd: list[str], work: Path, n: int, seconds: float, path: str,
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", default="", help="ingest,http,http-gzip,prometheus")
+    ap.add_argument("--only", default="", help="ingest,http,http-churn,http-gzip,prometheus")
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--ingest-hosts", type=int, default=100000)
     ap.add_argument("--http-hosts", type=int, default=10000)
@@ -162,6 +169,9 @@ def main() -> int:
         if not only or "http" in only:
             raws["http"] = scenario_http(cmd, work, a.http_hosts, a.seconds, "/v1/discoveries",
                                          "http")
+        if "http-churn" in only:
+            raws["http-churn"] = scenario_http(cmd, work, a.http_hosts, a.seconds,
+                                               "/v1/discoveries", "http-churn", churn=True)
         if "http-gzip" in only:
             raws["http-gzip"] = scenario_http(cmd, work, a.http_hosts, a.seconds,
                                               "/v1/discoveries", "http-gzip",

@@ -6,13 +6,14 @@ import os
 import time
 from types import SimpleNamespace
 
-from lobbyd import Api, Registry, Request, Response
+from lobbyd import JSON_TYPE, Api, Packet, Registry, Request, Response, Watchers, response_head
 
 
 def make_api() -> tuple[Api, Registry]:
     registry = Registry(ttl=3600)
+    watch = Watchers(registry, lambda: Packet("me", ()), lambda: None, 9100)
     daemon = SimpleNamespace(config=SimpleNamespace(token="", node_exporter_port=None),
-                             registry=registry, expire=lambda: None)
+                             registry=registry, expire=lambda: None, watch=watch)
     return Api(daemon), registry  # type: ignore[arg-type]
 
 
@@ -50,8 +51,9 @@ def test_an_answer_is_reused_within_the_same_version() -> None:
     first = api.cached(get(), ("test",), build, timed=False)
     second = api.cached(get(), ("test",), build, timed=False)
     assert builds == [1] and first.body == second.body
+    index = first.headers["X-Lobby-Index"]
     second.headers["X-Lobby-Index"] = "7"  # each request has headers of its own
-    assert "X-Lobby-Index" not in api.cached(get(), ("test",), build, timed=False).headers
+    assert api.cached(get(), ("test",), build, timed=False).headers["X-Lobby-Index"] == index
 
 
 def test_discoveries_show_a_label_change_at_once() -> None:
@@ -70,3 +72,31 @@ def body(response: Response) -> bytes:
     if file is None:
         return response.body
     return os.pread(file.file.fileno(), file.length, len(file.head))
+
+
+def test_a_big_answer_carries_its_index_in_the_memory_file() -> None:
+    """The memory file's head is what the server would write for the response itself
+    (X-Lobby-Index included), so one sendfile sends it: the same bytes as without."""
+    api, registry = make_api()
+    now = time.time()
+    for i in range(2000):
+        registry.apply_hi(f"host{i:05}", ("some-label",), now)
+    response = api.with_index(api.discoveries(get()), ("all",))
+    file = response.file
+    assert file is not None, "a big answer is kept in a memory file"
+    index = str(api.daemon.watch.index(("all",)))
+    assert response.headers == file.headers == {"X-Lobby-Index": index}
+    assert file.head == response_head(200, JSON_TYPE, file.length, True, response.headers)
+    # what a request writes from memory and what sendfile sends from the file agree
+    assert os.pread(file.file.fileno(), len(file.data) + 1, 0) == file.data
+    assert file.data == file.head + body(response)
+    gzipped = api.with_index(api.discoveries(Request(
+        "GET", "/v1/discoveries", {}, "HTTP/1.1", {"accept-encoding": "gzip"})), ("all",))
+    assert list(gzipped.headers.items()) == [("Content-Encoding", "gzip"),
+                                             ("Vary", "Accept-Encoding"), ("X-Lobby-Index", index)]
+    registry.apply_hi("host00000", ("other-label",), now)  # a change: a new index and body
+    response = api.with_index(api.discoveries(get()), ("all",))
+    assert int(response.headers["X-Lobby-Index"]) > int(index)
+    assert response.file is not None and b"other-label" in body(response)
+    assert response.file.head == response_head(200, JSON_TYPE, response.file.length, True,
+                                               response.headers)

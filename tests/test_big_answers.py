@@ -1,5 +1,6 @@
-"""Big answers (over SENDFILE_MIN: kept in a memory file, sent by sendfile) with the
-watchers' X-Lobby-Index, blocking queries, HEAD, gzip and the page's negotiation."""
+"""Big answers (cached ones over MEMORY_FILE_MIN: kept with their head, in memory and a
+memory file, sent by write and sendfile) with the watchers' X-Lobby-Index, blocking
+queries, HEAD, gzip and the page's negotiation."""
 
 from __future__ import annotations
 
@@ -92,3 +93,29 @@ def test_big_answers_keep_alive_head_and_index(lobbyd, nats) -> None:
     assert status == 200 and int(headers["x-lobby-index"]) > index
     hosts = {p["hostname"]: p["labels"] for p in json.loads(body)}
     assert hosts["host0000.example.org"] == ["brand:new"] and len(hosts) == HOSTS + 1
+
+
+def test_a_big_answer_the_socket_cannot_take_at_once_arrives_whole(lobbyd, nats) -> None:
+    """An answer bigger than the socket takes at once: the server's first write sends
+    part of it, the rest goes from memory (the first request of that answer) or by
+    sendfile from its memory file (the next ones): whole either way, and the
+    connection is still good for the next request."""
+    d = lobbyd("a", TTL=120)
+    client = nats.client()
+    for i in range(HOSTS):  # about 6 MB: more than a loopback socket takes at once
+        labels = [f"label-{k:02}-{i:04}-" + "x" * 230 for k in range(40)]
+        client.publish_json(SUBJECT, envelope(f"host{i:04}.example.org", labels))
+    client.flush()
+    for _ in range(200):
+        _status, _headers, body = get(d.port, "/v1/discoveries")
+        if len(json.loads(body)) == HOSTS + 1:
+            break
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
+        answers = []
+        for _ in range(3):
+            sock.sendall(ask("GET", "/v1/discoveries"))
+            first = sock.recv(1)  # the server is writing; what it cannot, it sends later
+            status, _headers, answer, rest = read_response(sock, first)
+            assert status == 200 and rest == b"" and len(answer) > L.SENDFILE_MIN
+            answers.append({p["hostname"]: p["labels"] for p in json.loads(answer)})
+    assert len(answers[0]) == HOSTS + 1 and answers[1] == answers[0] and answers[2] == answers[0]

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
 from lobbyd import (
+    RENDER_CHUNK,
     BlockRenderer,
     Packet,
+    Registry,
+    RegistryRenderer,
     filter_by_labels,
     filter_by_prefixes,
     group_block,
@@ -122,6 +126,27 @@ def test_renderer_equals_json_pretty_print_also_from_its_memo() -> None:
     assert renderer.render(changed) == render_json([p.to_json() for p in changed])
     assert renderer.render([]) == b"[]\n"
     assert json.loads(expected)[0]["labels"] == ["role:db", "service:smtp", "service:web"]
+
+
+def test_registry_renderer_equals_json_pretty_print_through_changes() -> None:
+    """Chunks are kept while their hosts stay: after joins, leaves (a chunk fewer or
+    more), label changes and new last_checks the answer is still the whole one."""
+    registry = Registry(ttl=3600)
+    renderer = RegistryRenderer({})
+    rng = random.Random(12)
+    assert renderer.render(registry) == b"[]\n"
+    now = 1_700_000_000.0
+    for step in range(300):
+        now += rng.random() / 3
+        for _ in range(rng.choice((1, 1, 5, 3 * RENDER_CHUNK))):
+            name = f"h{rng.randrange(4 * RENDER_CHUNK):04}"
+            if rng.random() < 0.2:
+                registry.apply_goodbye(name)
+            else:
+                registry.apply_hi(name, (f"seq:{rng.randrange(3)}", 'q"uote'), now)
+        expected = render_json([p.to_json() for p in registry.packets()])
+        assert renderer.render(registry) == expected, f"step {step}"
+        assert b"".join(renderer.render_parts(registry)) == expected
 
 
 def test_prometheus_blocks_equal_json_pretty_print() -> None:
