@@ -2703,6 +2703,9 @@ class Response:
     file: MemoryFile | None = None  #: when set, the body is in there (and `body` empty)
     #: a body without end (an event stream): writes its own head, then owns the connection
     stream: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]] | None = None
+    #: when set, the very same request head may be answered with what this returns, the
+    #: handler skipped; None from it: no longer (see HttpServer._ready)
+    again: Callable[[], Response | None] | None = None
 
     @classmethod
     def cached(cls, body: bytes | Sequence[bytes], headers: dict[str, str] | None = None
@@ -2874,6 +2877,20 @@ def connection_limit() -> int:
     return max(1, min(MAX_CONNECTIONS, soft - LISTEN_BACKLOG - 64))
 
 
+class Ready:
+    """A request head seen before, and how to answer it again without the handler."""
+
+    __slots__ = ("again", "data", "head_only", "keep_alive", "response")
+
+    def __init__(self, again: Callable[[], Response | None], keep_alive: bool, head_only: bool):
+        self.again = again  #: the answer while it still is the answer, else None
+        self.keep_alive = keep_alive
+        self.head_only = head_only
+        #: the last small answer sent and its bytes (head and body): made once per answer
+        self.response: Response | None = None
+        self.data = b""
+
+
 class HttpServer:
     """Accepts connections and hands each parsed Request to `handle`."""
 
@@ -2885,6 +2902,9 @@ class HttpServer:
         self.server: asyncio.AbstractServer | None = None
         self.writers: set[asyncio.StreamWriter] = set()
         self._heads: dict[bytes, Request] = {}  # request head -> its parse
+        #: request head (as read) -> its answer while current: pollers repeat their head
+        #: byte for byte, and then skip the parse, the routing and the handler
+        self._ready: dict[bytes, Ready] = {}
 
     async def start(self, host: str, port: int) -> None:
         self.server = await asyncio.start_server(self._serve, host, port,
@@ -2902,26 +2922,36 @@ class HttpServer:
             return
         self.active += 1
         self.writers.add(writer)
+        timer = ConnectionTimer(writer.transport)
         try:
             first = True
-            while await self._serve_one(reader, writer, first):
+            while await self._serve_one(reader, writer, timer, first):
                 first = False
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                 asyncio.TimeoutError, OSError):
             pass  # the client went away, stalled, or sent what cannot be answered
         finally:
+            timer.close()
             self.active -= 1
             self.writers.discard(writer)
             writer.close()
 
     async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                         first: bool) -> bool:
+                         timer: ConnectionTimer, first: bool) -> bool:
         """Serve one request; False when the connection should close."""
         try:
-            request = await self._read_request(reader, writer, first)
+            head = await self._read_head(reader, timer, first)
+            ready = self._ready.get(head)
+            if ready is not None:
+                response = ready.again()
+                if response is not None:  # the answer it got last time still is the answer
+                    await self._write(writer, response, ready.keep_alive, ready.head_only,
+                                      timer, ready)
+                    return ready.keep_alive
+            request = await self._read_request(head, reader, writer)
         except HttpError as exc:
             await self._write(writer, Response.text(exc.status, exc.message, exc.headers),
-                              False, head_only=False)
+                              False, False, timer)
             return False
         response = await self.handle(request)
         if response.stream is not None and request.method != "HEAD":
@@ -2930,8 +2960,20 @@ class HttpServer:
         # after a 500 the connection's state is suspect; a 503 (unhealthy) is an answer
         keep_alive = wants_keep_alive(request) and (response.status < 500 or
                                                     response.status == 503)
-        await self._write(writer, response, keep_alive, head_only=request.method == "HEAD")
+        if response.again is not None and response.status == 200:
+            self._remember(head, request, response.again, keep_alive)
+        await self._write(writer, response, keep_alive, request.method == "HEAD", timer)
         return keep_alive
+
+    def _remember(self, head: bytes, request: Request,
+                  again: Callable[[], Response | None], keep_alive: bool) -> None:
+        """Answer `head` with `again()` from now on, if nothing but the head made the answer."""
+        if request.body or len(head) > KNOWN_HEAD_BYTES or "expect" in request.headers or \
+                "transfer-encoding" in request.headers:
+            return  # the answer would skip a 100 Continue, or a body would be left unread
+        if len(self._ready) >= KNOWN_HEADS:
+            self._ready.clear()
+        self._ready[head] = Ready(again, keep_alive, request.method == "HEAD")
 
     def _parse(self, head: bytes) -> Request:
         """parse_request_head(), remembered: a poller (Prometheus, a load balancer, wrk)
@@ -2945,19 +2987,24 @@ class HttpServer:
                 self._heads[head] = known
         return Request(known.method, known.path, known.query, known.version, known.headers)
 
-    async def _read_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                            first: bool) -> Request:
+    @staticmethod
+    async def _read_head(reader: asyncio.StreamReader, timer: ConnectionTimer,
+                         first: bool) -> bytes:
+        """The request head as sent, its blank line included."""
         # A new connection must send all its headers within HEADER_TIMEOUT; a kept-
         # alive one may idle for IDLE_TIMEOUT, then has HEADER_TIMEOUT for the rest.
         started = b""
         if not first:
-            with deadline(writer, IDLE_TIMEOUT):
+            with timer(IDLE_TIMEOUT):
                 started = await reader.readexactly(1)
-        with deadline(writer, HEADER_TIMEOUT):
+        with timer(HEADER_TIMEOUT):
             try:
-                head = started + await reader.readuntil(b"\r\n\r\n")
+                return started + await reader.readuntil(b"\r\n\r\n")
             except asyncio.LimitOverrunError:
                 raise HttpError(431, f"request headers over {MAX_HEADER_BYTES} bytes") from None
+
+    async def _read_request(self, head: bytes, reader: asyncio.StreamReader,
+                            writer: asyncio.StreamWriter) -> Request:
         request = self._parse(head[:-4].lstrip(b"\r\n"))
         request.reader = reader
         length = body_length(request)
@@ -2972,23 +3019,33 @@ class HttpServer:
         return request
 
     async def _write(self, writer: asyncio.StreamWriter, response: Response, keep_alive: bool,
-                     head_only: bool) -> None:
+                     head_only: bool, timer: ConnectionTimer, ready: Ready | None = None
+                     ) -> None:
+        """Send `response`; `ready` keeps the bytes of a small one for the next time."""
         self.codes[response.status] = self.codes.get(response.status, 0) + 1
         if response.file is not None and not head_only:
             await self._send_file(writer, response, keep_alive)
             return
-        head = response_head(response.status, response.content_type, response.length,
-                             keep_alive, response.headers)
         if head_only or len(response.body) < SENDFILE_MIN:
+            if ready is not None and ready.response is response:
+                data = ready.data
+            else:
+                data = response_head(response.status, response.content_type, response.length,
+                                     keep_alive, response.headers)
+                if not head_only:
+                    data += response.body
+                if ready is not None:
+                    ready.response, ready.data = response, data
             # one write, one segment: a head sent alone wakes the client twice
-            writer.write(head if head_only else head + response.body)
-            if writer.transport.get_write_buffer_size():
-                with deadline(writer, WRITE_TIMEOUT):
+            writer.write(data)
+            if writer.transport.get_write_buffer_size():  # else drain() has nothing to do
+                with timer(WRITE_TIMEOUT):
                     await writer.drain()
             return
-        writer.write(head)
+        writer.write(response_head(response.status, response.content_type, response.length,
+                                   keep_alive, response.headers))
         body = memoryview(response.body)
-        with deadline(writer, WRITE_TIMEOUT):
+        with timer(WRITE_TIMEOUT):
             # In slices: a slow reader then holds one slice in its buffer, not a
             # copy of a multi-megabyte answer (a thousand of those are gigabytes).
             for start in range(0, len(body), WRITE_SLICE):
@@ -3049,6 +3106,55 @@ class HttpServer:
             raise asyncio.TimeoutError from None
         finally:
             timer.cancel()
+
+
+class ConnectionTimer:
+    """The deadline of a connection's current step (idle, head, write): `with timer(10):`
+    aborts the connection if the block takes longer than 10 seconds.
+
+    A request moves the deadline three times; a timer of its own each time would cost
+    a heap push and a cancelled handle for asyncio to sweep. This one timer fires no
+    later than the deadline set, and then re-arms itself for the deadline set since:
+    moving the deadline later costs one float, and the timer fires about once per
+    HEADER_TIMEOUT on a busy connection.
+    """
+
+    __slots__ = ("at", "handle", "loop", "transport")
+
+    def __init__(self, transport: asyncio.WriteTransport):
+        self.loop = asyncio.get_running_loop()
+        self.transport = transport
+        self.at = math.inf  #: loop time of the current deadline (inf: none)
+        self.handle: asyncio.TimerHandle | None = None
+
+    def __call__(self, seconds: float) -> ConnectionTimer:
+        self.at = at = self.loop.time() + seconds
+        handle = self.handle
+        if handle is None or handle.when() > at:  # it would fire too late
+            if handle is not None:
+                handle.cancel()
+            self.handle = self.loop.call_at(at, self._fire)
+        return self
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.at = math.inf
+
+    def _fire(self) -> None:
+        handle, self.handle = self.handle, None
+        if self.at == math.inf:
+            return  # no step under way: armed again by the next one
+        if handle is not None and self.at <= handle.when():
+            self.transport.abort()  # the deadline this timer was set for has passed
+        else:
+            self.handle = self.loop.call_at(self.at, self._fire)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
 
 
 class deadline:  # lower case: used like a function, `with deadline(writer, 10):`
@@ -3235,13 +3341,17 @@ class Api:
         return response
 
     def authorize(self, request: Request) -> None:
+        if not self.allowed(request.headers):
+            raise HttpError(403, "access denied")
+
+    def allowed(self, headers: Mapping[str, str]) -> bool:
+        """The request carries TOKEN (if one is set), compared in constant time."""
         if not self.token:
-            return
-        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+            return True
+        scheme, _, given = headers.get("authorization", "").strip().partition(" ")
         # headers were decoded as latin-1: encoding back gives the bytes that were sent
         ok = hmac.compare_digest(given.strip().encode("latin-1"), self.token)
-        if not ok or scheme.lower() not in ("token", "bearer"):
-            raise HttpError(403, "access denied")
+        return ok and scheme.lower() in ("token", "bearer")
 
     def route(self, request: Request) -> Callable[[Request], Any]:
         methods = self.routes.get(request.path)
@@ -3272,20 +3382,40 @@ class Api:
         is kept, and it is exact for the registry version it is served at: a
         blocking query woken by a change gets a body that shows it (SPEC 8).
         """
-        self.daemon.expire()
-        # the index before the body, with no await between: it describes that body.
-        # It is in the stamp, for a view forgotten and made again gets a new index.
-        index = self.daemon.watch.index(key)
-        stamp = (self.daemon.registry.version, int(time.time()) if timed else 0, index)
+        stamp = self.stamp(key, timed)
         answer = self._answers.get(key)
         if answer is None or answer.stamp != stamp:
             if answer is None and len(self._answers) > 64:
                 self._answers.clear()
             answer = self._answers[key] = CachedAnswer(stamp, build(),
-                                                       {"X-Lobby-Index": str(index)})
-        if answer.length < 1024 or not accepts_gzip(request):
-            return answer.plain.copy()
-        return answer.gzipped().copy()
+                                                       {"X-Lobby-Index": str(stamp[2])})
+        gzipped = answer.length >= 1024 and accepts_gzip(request)
+        response = (answer.gzipped() if gzipped else answer.plain).copy()
+        headers = request.headers  # not the request: it holds its connection's reader
+        response.again = lambda: self.again(headers, key, timed, stamp, gzipped)
+        return response
+
+    def stamp(self, key: tuple[Any, ...], timed: bool) -> tuple[int, int, int]:
+        """What the answer of `key` is made from: (registry version, second, its index)."""
+        self.daemon.expire()
+        # the index before the body, with no await between: it describes that body.
+        # It is in the stamp, for a view forgotten and made again gets a new index.
+        index = self.daemon.watch.index(key)
+        return (self.daemon.registry.version, int(time.time()) if timed else 0, index)
+
+    def again(self, headers: Mapping[str, str], key: tuple[Any, ...], timed: bool,
+              stamp: tuple[int, int, int], gzipped: bool) -> Response | None:
+        """What cached() would answer the request with `headers` now, if that is still
+        the answer it gave at `stamp` (else None: the request goes the whole way). The
+        token is checked after the stamp: once per request, this one included."""
+        answer = self._answers.get(key)
+        try:
+            if answer is None or self.stamp(key, timed) != stamp or answer.stamp != stamp \
+                    or not self.allowed(headers):
+                return None
+        except Exception:  # a bug: the whole way answers it (a 500, logged)
+            return None
+        return answer.gzipped() if gzipped else answer.plain
 
     # handlers ----------------------------------------------------------------
     def discoveries(self, request: Request) -> Response:
@@ -3408,7 +3538,9 @@ class Api:
                     view: tuple[str, ...], index: int, wait: float) -> Response:
         self.daemon.expire()
         await self.daemon.watch.hold(view, index, wait, request.reader)
-        return self.with_index(handler(request), view)
+        response = self.with_index(handler(request), view)
+        response.again = None  # the same ?index= again must be held, not answered at once
+        return response
 
     def with_index(self, response: Response, view: tuple[str, ...]) -> Response:
         # after the body: the index then describes what the body shows. A cached

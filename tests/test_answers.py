@@ -100,3 +100,21 @@ def test_a_big_answer_carries_its_index_in_the_memory_file() -> None:
     assert response.file is not None and b"other-label" in body(response)
     assert response.file.head == response_head(200, JSON_TYPE, response.file.length, True,
                                                response.headers)
+
+
+def test_an_answer_is_given_again_only_while_it_is_the_answer() -> None:
+    """Response.again: what a repeated request head gets without the handler (the
+    HttpServer's shortcut) is the same answer, and nothing once the registry changed."""
+    api, registry = make_api()
+    registry.apply_hi("a", ("x",), time.time())
+    resolve = Request("GET", "/v1/resolve", {"label": ["x"]}, "HTTP/1.1", {})
+    first = api.with_index(api.resolve(resolve), ("resolve", "x"))
+    assert first.again is not None
+    again = first.again()
+    assert again is not None and (again.body, again.headers) == (first.body, first.headers)
+    registry.apply_hi("b", ("x",), time.time())
+    assert first.again() is None, "a new registry version: the request goes the whole way"
+    second = api.with_index(api.resolve(resolve), ("resolve", "x"))
+    assert second.body == b'[\n  "a",\n  "b"\n]\n'
+    assert int(second.headers["X-Lobby-Index"]) > int(first.headers["X-Lobby-Index"])
+    assert second.again is not None and second.again() is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import socket
 import time
 
@@ -236,3 +237,108 @@ def test_non_ascii_token(lobbyd) -> None:
     wait_for(lambda: a.request("GET", "/", headers={"Authorization": header})[0] == 200,
              what="UTF-8 token accepted")
     assert a.request("GET", "/", headers={"Authorization": "Token passwort"})[0] == 403
+
+
+# --------------------------------------------------------------------------- repeated heads
+# A poller sends the very same request head every time; lobbyd answers a head it has seen
+# from what it answered last, while that still is the answer (HttpServer._ready). These
+# pin that the shortcut changes nothing a client can see.
+
+
+def exchange(s: socket.socket, request: bytes, head_only: bool = False
+             ) -> tuple[int, dict[str, str], bytes]:
+    """One request on a kept-alive connection: status, headers (lower-case names), body."""
+    s.sendall(request)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        assert chunk, f"closed after {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    length = 0 if head_only else int(headers["content-length"])
+    while len(body) < length:
+        chunk = s.recv(65536)
+        assert chunk, "closed mid-body"
+        body += chunk
+    assert len(body) == length, f"{len(body) - length} bytes more than the answer"
+    return int(lines[0].split(" ")[1]), headers, body
+
+
+def test_a_repeated_head_gets_every_change_and_its_new_index(lobbyd) -> None:
+    a = lobbyd("a", LABELS="service:web")
+    request = b"GET /v1/resolve?label=role:new HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", a.port), timeout=5) as s:
+        status, first, body = exchange(s, request)
+        assert (status, body) == (200, b"[]\n")
+        for _ in range(3):
+            assert exchange(s, request) == (200, first, body)
+        assert a.request("POST", "/v1/labels", body="role:new")[0] == 200
+        wait_for(lambda: exchange(s, request)[2] != b"[]\n", what="the new label resolved")
+        status, headers, body = exchange(s, request)
+        assert (status, json.loads(body)) == (200, ["a"])
+        assert int(headers["x-lobby-index"]) > int(first["x-lobby-index"])
+        # the very bytes a head never seen before gets, the whole way through
+        other = b"GET /v1/resolve?label=role:new HTTP/1.1\r\nHost: y\r\n\r\n"
+        assert exchange(s, other) == (200, headers, body)
+        assert exchange(s, request) == (200, headers, body)
+
+
+def test_a_repeated_head_request_gets_no_body(lobbyd) -> None:
+    a = lobbyd("a", LABELS=",".join(f"label:{i}" for i in range(300)))  # a memory-file answer
+    head = b"HEAD /v1/discoveries HTTP/1.1\r\nHost: x\r\n\r\n"
+    get = b"GET /v1/discoveries HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", a.port), timeout=5) as s:
+        answers = [exchange(s, head, head_only=True) for _ in range(3)]
+        status, headers, body = exchange(s, get)  # misread if a HEAD had sent a body
+        assert status == 200 and json.loads(body)[0]["hostname"] == "a"
+        for head_status, head_headers, head_body in answers:
+            assert (head_status, head_body) == (200, b"")
+            assert head_headers["content-length"] == str(len(body)) == headers["content-length"]
+
+
+def test_a_repeated_head_with_a_wrong_token_stays_denied(lobbyd) -> None:
+    a = lobbyd("a", start=False, TOKEN="s3cret-token")
+    a.start(wait=False)
+    wait_for(lambda: a.request("GET", "/v1/discovery",
+                               headers={"Authorization": "Token s3cret-token"})[0] == 200,
+             what="API up")
+    good = b"GET /v1/discoveries HTTP/1.1\r\nAuthorization: Token s3cret-token\r\n\r\n"
+    wrong = b"GET /v1/discoveries HTTP/1.1\r\nAuthorization: Token s3cret-tokem\r\n\r\n"
+    none = b"GET /v1/discoveries HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", a.port), timeout=5) as s:
+        for request, status in [(wrong, 403), (wrong, 403), (good, 200), (good, 200),
+                                (good, 200), (wrong, 403), (none, 403), (none, 403)]:
+            got, _headers, body = exchange(s, request)
+            assert got == status, (request, got, body)
+            if status == 403:
+                assert body == b"access denied\n"
+
+
+def test_repeated_heads_are_counted_in_the_metrics(lobbyd) -> None:
+    a = lobbyd("a")
+
+    def served() -> int:
+        metrics = a.request("GET", "/metrics")[2].decode()
+        return int(re.search(r'^lobbyd_http_requests_total\{code="200"\} (\d+)$', metrics,
+                             re.M)[1])
+
+    before = served()
+    request = b"GET /v1/prometheus/node HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", a.port), timeout=5) as s:
+        for _ in range(5):
+            assert exchange(s, request)[0] == 200
+    assert served() == before + 1 + 5  # the first /metrics, then the five
+
+
+def test_a_repeated_blocking_query_is_held_every_time(lobbyd) -> None:
+    a = lobbyd("a")
+    index = a.request("GET", "/v1/discoveries")[1]["x-lobby-index"]
+    request = f"GET /v1/discoveries?index={index}&wait=1s HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", a.port), timeout=5) as s:
+        for _ in range(3):
+            started = time.monotonic()
+            status, headers, _body = exchange(s, request)
+            assert status == 200 and headers["x-lobby-index"] == index
+            assert time.monotonic() - started >= 0.9, "answered without waiting"
