@@ -116,7 +116,11 @@ def plot_http(plt, docs: list[dict], out: Path) -> Path | None:
         http = doc["figures"].get("http@10000")
         if not http or "runs" not in http:
             continue
-        for case, c in http["runs"][0]["cases"].items():
+        for case in http["runs"][0]["cases"]:
+            # each case from the run with its median share of the ceiling (as report.py)
+            runs = sorted((r["cases"][case] for r in http["runs"] if case in r["cases"]),
+                          key=lambda c: c.get("pct_of_ceiling", c["rps"]))
+            c = runs[len(runs) // 2]
             rows.append((doc["meta"]["label"], case, c["rps"], c.get("ceiling", {}).get("rps"),
                          c.get("p99_ms")))
     if not rows:
