@@ -4293,6 +4293,29 @@ def invoked_name() -> str:
     return os.path.basename(argv0)
 
 
+def remove_tree(path: str) -> None:
+    """`rm -rf path`, ignoring errors, with `os` alone.
+
+    shutil.rmtree would do, but the binary imports its modules from the executable
+    staticx unpacked: once staticx's loader has been killed and has removed that
+    copy, a first `import shutil` ends the process with PyInstaller's "appears to
+    have been moved or deleted" instead of lobbyd's own last line.
+    """
+    for top, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(top, name))
+        for name in dirs:
+            target = os.path.join(top, name)
+            with contextlib.suppress(OSError):
+                if os.path.islink(target):  # os.walk does not follow it: neither do we
+                    os.unlink(target)
+                else:
+                    os.rmdir(target)
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+
+
 def watch_binary_loader(loop: asyncio.AbstractEventLoop) -> None:
     """End this process as soon as the process the operator started is gone.
 
@@ -4310,8 +4333,7 @@ def watch_binary_loader(loop: asyncio.AbstractEventLoop) -> None:
     def gone() -> bool:  # a reused PID cannot fool it: our ancestry would differ
         return os.getppid() != parent or (parent != pid and parent_pid(parent) != pid)
 
-    def stop_now() -> None:
-        import shutil
+    def stop_now() -> None:  # imports nothing: the archive it would import from may be gone
         log.warning("pid %d (the static binary's loader) ended: exiting at once, no goodbye",
                     pid)
         leftovers = [os.environ.get("STATICX_BUNDLE_DIR", "")]  # staticx's loader is gone
@@ -4319,7 +4341,7 @@ def watch_binary_loader(loop: asyncio.AbstractEventLoop) -> None:
             leftovers.append(getattr(sys, "_MEIPASS", ""))
         for path in leftovers:
             if os.path.basename(path).startswith(("staticx-", "_MEI")):
-                shutil.rmtree(path, ignore_errors=True)
+                remove_tree(path)
         logging.shutdown()
         os._exit(EXIT_LOADER_KILLED)
 

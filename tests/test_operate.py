@@ -387,3 +387,21 @@ def test_an_idle_nats_only_lobbyd_loads_no_compression_libraries(lobbyd) -> None
                 maps += (entry / "maps").read_text()
     assert "lobbyd" in maps or "python" in maps  # the daemon's own maps were read
     assert "lzma" not in maps and "bz2" not in maps
+
+
+def test_remove_tree_removes_what_is_inside_and_follows_no_symlink(tmp_path) -> None:
+    """What a killed loader leaves (its unpacked files, nested) goes; what a link in it
+    points at outside stays."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("x")
+    tree = tmp_path / "staticx-abc"
+    (tree / "lib" / "deep").mkdir(parents=True)
+    (tree / "lobbyd").write_bytes(b"\0" * 10)
+    (tree / "lib" / "deep" / "libc.so").write_bytes(b"\0")
+    (tree / "lib" / "to-outside").symlink_to(outside)
+    (tree / "dangling").symlink_to(tmp_path / "nowhere")
+    L.remove_tree(str(tree))
+    assert not tree.exists() and not tree.is_symlink()
+    assert (outside / "keep").read_text() == "x"
+    L.remove_tree(str(tree))  # gone already: nothing to do, no error
