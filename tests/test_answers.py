@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import gzip
 import os
+import socket
 import time
 from types import SimpleNamespace
 
-from lobbyd import JSON_TYPE, Api, Packet, Registry, Request, Response, Watchers, response_head
+from lobbyd import (
+    JSON_TYPE,
+    Api,
+    MemoryFile,
+    Packet,
+    Registry,
+    Request,
+    Response,
+    Watchers,
+    gzip_pieces,
+    response_head,
+)
 
 
 def make_api() -> tuple[Api, Registry]:
@@ -118,3 +131,34 @@ def test_an_answer_is_given_again_only_while_it_is_the_answer() -> None:
     assert second.body == b'[\n  "a",\n  "b"\n]\n'
     assert int(second.headers["X-Lobby-Index"]) > int(first.headers["X-Lobby-Index"])
     assert second.again is not None and second.again() is not None
+
+
+def test_a_memory_file_writes_its_pieces_gathered_then_its_join() -> None:
+    """The first write gathers the pieces as rendered (no join: an answer under label
+    churn is sent once); later ones, and the head-less form, send the same bytes."""
+    pieces = [b"[\n", b"a" * 5000, b"b" * 7000, b"\n]\n"]
+    head = response_head(200, JSON_TYPE, sum(map(len, pieces)), True, {})
+    file = MemoryFile(head, pieces, {})
+    assert file.length == sum(map(len, pieces))
+    whole = head + b"".join(pieces)
+    for offset in (0, 0, len(head)):  # gathered, joined, joined without its head
+        left, right = socket.socketpair()
+        with left, right:
+            sent = file.write_now(left.fileno(), offset)
+            assert sent == len(whole) - offset
+            got = b""
+            while len(got) < sent:
+                got += right.recv(1 << 16)
+            assert got == whole[offset:]
+        if offset == 0 and file.writes == 1:
+            assert len(file.parts) == 1 + len(pieces), "joined before it had to be"
+    assert file.data == whole and file.parts == (whole,)
+    assert b"".join(map(bytes, file.body())) == b"".join(pieces)
+
+
+def test_gzip_of_pieces_is_the_gzip_of_their_join() -> None:
+    pieces = [b"[\n", b'{"hostname": "a"},\n' * 300, memoryview(b"x" * 70000)[5:], b"]\n"]
+    packed = gzip_pieces(pieces)
+    assert packed[:2] == b"\x1f\x8b" and packed[4:8] == b"\0\0\0\0"  # gzip, mtime 0
+    assert gzip.decompress(packed) == b"".join(map(bytes, pieces))
+    assert len(packed) < 2000

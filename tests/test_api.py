@@ -332,6 +332,66 @@ def test_repeated_heads_are_counted_in_the_metrics(lobbyd) -> None:
     assert served() == before + 1 + 5  # the first /metrics, then the five
 
 
+def read_answers(s: socket.socket, count: int) -> list[bytes]:
+    """`count` whole answers (head and body) read off a kept-alive connection, in order."""
+    data, answers = b"", []
+    while len(answers) < count:
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(1 << 20)
+            assert chunk, f"closed after {len(answers)} answers"
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)[1])
+        while len(rest) < length:
+            chunk = s.recv(1 << 20)
+            assert chunk, "closed mid-body"
+            rest += chunk
+        answers.append(head + b"\r\n\r\n" + rest[:length])
+        data = rest[length:]
+    return answers
+
+
+def test_repeated_heads_pipelined_or_split_are_answered_in_order(lobbyd) -> None:
+    """A head the server answers at once (HttpProtocol) only when it arrives alone and
+    whole while nothing waits: pipelined with others, or cut in two, it goes the whole
+    way, and every answer comes in the order asked."""
+    a = lobbyd("a", LABELS="service:web")
+    web = b"GET /v1/resolve?label=service:web HTTP/1.1\r\nHost: x\r\n\r\n"
+    other = b"GET /v1/resolve?label=service:none HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", a.port), timeout=5) as s:
+        s.sendall(web)
+        first = read_answers(s, 1)[0]
+        assert first.endswith(b'[\n  "a"\n]\n')
+        s.sendall(web)  # alone and whole: answered at once
+        assert read_answers(s, 1) == [first]
+        s.sendall(web + other + web + web)
+        got = read_answers(s, 4)
+        assert [answer.endswith(b"[]\n") for answer in got] == [False, True, False, False]
+        assert got[0] == got[2] == got[3] == first
+        s.sendall(web[:20])
+        time.sleep(0.05)  # the rest in a segment of its own
+        s.sendall(web[20:] + web)
+        assert read_answers(s, 2) == [first, first]
+
+
+def test_a_poller_that_does_not_read_holds_one_answer_and_gets_them_all(lobbyd) -> None:
+    """A client that sends its head over and over without reading: the answers pile up
+    no further than its socket and one answer in lobbyd, others are served meanwhile,
+    and once it reads, it gets every answer whole and in order."""
+    a = lobbyd("a", LABELS=",".join(f"prometheus:node:k{i:04d}:{'x' * 80}"
+                                    for i in range(1000)))
+    request = b"GET /v1/prometheus/node HTTP/1.1\r\nHost: x\r\n\r\n"  # a kept answer
+    with socket.create_connection(("127.0.0.1", a.port), timeout=10) as s:
+        s.sendall(request)
+        first = read_answers(s, 1)[0]
+        assert len(first) > 65536  # kept with its head (MemoryFile)
+        for _ in range(40):
+            s.sendall(request)
+        assert a.request("GET", "/v1/health")[0] == 200, "others are served meanwhile"
+        answers = read_answers(s, 40)
+        assert answers == [first] * 40
+
+
 def test_a_repeated_blocking_query_is_held_every_time(lobbyd) -> None:
     a = lobbyd("a")
     index = a.request("GET", "/v1/discoveries")[1]["x-lobby-index"]
