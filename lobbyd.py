@@ -1048,6 +1048,8 @@ NEW_HOST, NEW_LABELS = 2, 1
 MAX_INDEXED_LABELS = 16
 #: ... until nobody asked for this many seconds: each costs every change of labels a test
 INDEXED_LABEL_IDLE_S = 10.0
+#: label changes the registry notes for the renderer before it cuts them (see `noted`)
+MAX_NOTED = 16384
 
 
 class Registry:
@@ -1073,6 +1075,11 @@ class Registry:
         #: answer instead of scanning every host
         self._carriers: dict[str, set[str]] = {}
         self._asked: dict[str, float] = {}  # label -> when carrying() last asked for it
+        #: the hostnames whose labels or presence changed, in order, a host once per
+        #: change (keep-alives are not noted): RegistryRenderer re-renders their chunks
+        #: alone between two full looks. Cut when long; `noted_cut` counts what was cut.
+        self.noted: list[str] = []
+        self.noted_cut = 0
 
     def __len__(self) -> int:
         return len(self.hosts)
@@ -1146,6 +1153,11 @@ class Registry:
         # only the state before the first change counts: A -> B -> A is no change
         seen = self.changes.get(hostname)
         self.changes[hostname] = (before if seen is None else seen[0], left)
+        noted = self.noted
+        noted.append(hostname)
+        if len(noted) > MAX_NOTED:  # nobody renders (or not for long): a full look then
+            self.noted_cut += len(noted)
+            noted.clear()
 
     def carrying(self, label: str, now: float) -> list[str]:
         """The hostnames carrying `label`, sorted (/v1/resolve). Call expire() first.
@@ -1374,11 +1386,15 @@ class RegistryRenderer:
     """The whole registry as GET /v1/discoveries lists it, equal to BlockRenderer's.
 
     The hot answer: rebuilt every second (last_check) and, under label churn, for
-    nearly every request. It is kept in chunks of RENDER_CHUNK hosts; a render finds
-    the chunks whose hosts changed by comparing lists of the registry's entries (a
-    changed host has a new (labels, received) tuple; the comparison runs at C speed
-    and stops at identical objects) and renders only those, from each host's block
-    up to its last_check, kept while its labels stay.
+    nearly every request. It is kept in chunks of RENDER_CHUNK hosts, each host's
+    block up to its last_check kept while its labels stay.
+
+    Once per second (and whenever hosts came or went) a full look finds the chunks
+    whose hosts changed by comparing lists of the registry's entries (a changed host
+    has a new (labels, received) tuple; the comparison runs at C speed and stops at
+    identical objects). Within the second, only the chunks of hosts the registry
+    noted (labels changed) are rendered again: keep-alives change last_check alone,
+    which an answer shows as of its second, as the answer cache does anyway.
     """
 
     def __init__(self, label_blocks: dict[tuple[str, ...], str]):
@@ -1389,15 +1405,44 @@ class RegistryRenderer:
         self._entries: tuple[tuple[tuple[str, ...], float], ...] = ()
         self._chunks: list[bytes] = []  # each ends in ",\n"
         self._getter: tuple[list[str] | None, Callable[[Any], Any]] = (None, tuple)
+        self._second = -1  #: of the last full look
+        self._noted = 0  #: registry.noted up to here is in the chunks (counting the cut)
+        self._positions: tuple[list[str] | None, dict[str, int]] = (None, {})
 
-    def render(self, registry: Registry) -> bytes:
-        return b"".join(self.render_parts(registry))
+    def render(self, registry: Registry, second: int = -1) -> bytes:
+        return b"".join(self.render_parts(registry, second))
 
-    def render_parts(self, registry: Registry) -> list[bytes]:
-        """The answer in pieces (for a vectored write): their join is render()'s."""
-        order, hosts = registry.order(), registry.hosts
+    def render_parts(self, registry: Registry, second: int = -1) -> list[bytes]:
+        """The answer in pieces (for a vectored write): their join is render()'s.
+        `second`: now's; -1 for a full look every time."""
+        order = registry.order()
         if not order:
             return [b"[]\n"]
+        noted_to = registry.noted_cut + len(registry.noted)
+        if second != self._second or second < 0 or order is not self._names or \
+                self._noted < registry.noted_cut:
+            self._look(registry, order)
+            self._second = second
+        else:
+            self._render_noted(registry, registry.noted[self._noted - registry.noted_cut:])
+        self._noted = noted_to
+        chunks = self._chunks
+        return [b"[\n", *chunks[:-1], chunks[-1][:-2] + b"\n]\n"]
+
+    def _render_noted(self, registry: Registry, names: list[str]) -> None:
+        """Render again the chunks of `names` (hosts that are all still there)."""
+        order, hosts = self._names, registry.hosts
+        if self._positions[0] is not order:
+            self._positions = (order, {name: i for i, name in enumerate(order)})
+        positions = self._positions[1]
+        for number in {positions[name] // RENDER_CHUNK for name in names}:
+            start = number * RENDER_CHUNK
+            part = order[start:start + RENDER_CHUNK]
+            self._chunks[number] = self._chunk(part, [hosts[name] for name in part])
+
+    def _look(self, registry: Registry, order: list[str]) -> None:
+        """Render again every chunk whose hosts or their entries changed."""
+        hosts = registry.hosts
         if len(self.heads) > len(order) + len(order) // 2 + 64:
             self.heads = {}  # forget the hosts that went
         if len(self.label_blocks) > 2 * len(order) + 1024:
@@ -1418,7 +1463,6 @@ class RegistryRenderer:
             else:
                 chunks.append(chunk)
         self._names, self._entries = order, entries
-        return [b"[\n", *chunks[:-1], chunks[-1][:-2] + b"\n]\n"]
 
     def _entries_of(self, order: list[str], hosts: Mapping[str, tuple[tuple[str, ...], float]]
                     ) -> tuple[tuple[tuple[str, ...], float], ...]:
@@ -2672,12 +2716,13 @@ class MemoryFile:
 
     __slots__ = ("_data", "_file", "head", "headers", "length", "parts", "rests", "writes")
 
-    def __init__(self, head: bytes, body: Sequence[bytes], headers: Mapping[str, str]):
+    def __init__(self, head: bytes, body: Sequence[bytes], headers: Mapping[str, str],
+                 length: int):
         self.parts = (head, *body)  #: head and body as rendered, until joined
         self._data: bytes | None = None
         self.head = head
         self.headers = dict(headers)  # the extra headers `head` carries
-        self.length = sum(map(len, body))
+        self.length = length  #: of the body
         self.rests = 0  #: requests that had more to send than the socket took at once
         self.writes = 0  #: requests that wrote from memory
         self._file: Any = None
@@ -2730,14 +2775,14 @@ class MemoryFile:
             self._file.close()
 
 
-def memory_file(head: bytes, body: Sequence[bytes], headers: Mapping[str, str]
+def memory_file(head: bytes, body: Sequence[bytes], headers: Mapping[str, str], length: int
                 ) -> MemoryFile | None:
-    """The answer (in pieces) in a MemoryFile, or None where the system has none (it is
-    then sent from memory, as small answers are)."""
-    if sum(map(len, body)) < MEMORY_FILE_MIN or not hasattr(os, "memfd_create"):
+    """The answer (in pieces, `length` bytes) in a MemoryFile, or None where the system
+    has none (it is then sent from memory, as small answers are)."""
+    if length < MEMORY_FILE_MIN or not hasattr(os, "memfd_create"):
         return None
     try:
-        return MemoryFile(head, body, headers)
+        return MemoryFile(head, body, headers, length)
     except OSError:
         return None
 
@@ -2764,7 +2809,7 @@ class Response:
         parts = [body] if isinstance(body, bytes) else body
         length = sum(map(len, parts))
         file = memory_file(response_head(200, JSON_TYPE, length, True, headers), parts,
-                           headers)
+                           headers, length)
         return cls(200, b"" if file else b"".join(parts), JSON_TYPE, headers, file)
 
     def copy(self) -> Response:
@@ -3558,7 +3603,8 @@ class Api:
         view = discoveries_view(request)
         if view == ("all",):  # the hot answer: a join of kept per-host blocks
             return self.cached(request, view,
-                               lambda: self._all.render_parts(self.daemon.registry))
+                               lambda: self._all.render_parts(self.daemon.registry,
+                                                              int(time.time())))
         labels = list(view[1:]) if view[0] == "labels" else []
         prefixes = list(view[1:]) if view[0] == "prefixes" else []
         return self.cached(request, view, lambda: self.renderer(view).render(

@@ -138,7 +138,7 @@ def test_a_memory_file_writes_its_pieces_gathered_then_its_join() -> None:
     churn is sent once); later ones, and the head-less form, send the same bytes."""
     pieces = [b"[\n", b"a" * 5000, b"b" * 7000, b"\n]\n"]
     head = response_head(200, JSON_TYPE, sum(map(len, pieces)), True, {})
-    file = MemoryFile(head, pieces, {})
+    file = MemoryFile(head, pieces, {}, sum(map(len, pieces)))
     assert file.length == sum(map(len, pieces))
     whole = head + b"".join(pieces)
     for offset in (0, 0, len(head)):  # gathered, joined, joined without its head

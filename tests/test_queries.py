@@ -8,6 +8,7 @@ import random
 import pytest
 
 from lobbyd import (
+    MAX_NOTED,
     RENDER_CHUNK,
     BlockRenderer,
     Packet,
@@ -147,6 +148,52 @@ def test_registry_renderer_equals_json_pretty_print_through_changes() -> None:
         expected = render_json([p.to_json() for p in registry.packets()])
         assert renderer.render(registry) == expected, f"step {step}"
         assert b"".join(renderer.render_parts(registry)) == expected
+
+
+def test_registry_renderer_within_a_second_shows_every_label_change() -> None:
+    """Between two full looks (one a second) only the chunks of hosts whose labels
+    changed are rendered again: hostnames and labels are exact at every render, and
+    each last_check is the current one or the one of the second's first render."""
+    registry = Registry(ttl=3600)
+    renderer = RegistryRenderer({})
+    rng = random.Random(13)
+    now = 1_700_000_000.0
+    for i in range(10 * RENDER_CHUNK):
+        registry.apply_hi(f"h{i:04}", ("seq:0",), now)
+    at_look: dict[str, int] = {}
+    second = -1
+    for step in range(400):
+        now += rng.random() / 20
+        for _ in range(rng.choice((0, 1, 1, 2, 7))):
+            name = f"h{rng.randrange(10 * RENDER_CHUNK):04}"
+            kept = registry.hosts.get(name, ((),))[0]
+            labels = (f"seq:{rng.randrange(4)}",) if rng.random() < 0.5 else \
+                kept  # half of them keep-alives: last_check alone
+            registry.apply_hi(name, labels, now)
+        if rng.random() < 0.02:  # now and then a host goes: a full look, in any second
+            registry.apply_goodbye(f"h{rng.randrange(10 * RENDER_CHUNK):04}")
+        exact = [p.to_json() for p in registry.packets()]
+        got = json.loads(renderer.render(registry, int(now)))
+        assert [(h["hostname"], h["labels"]) for h in got] == \
+            [(h["hostname"], h["labels"]) for h in exact], f"step {step}"
+        if int(now) != second:  # the second's first render: a full look
+            assert got == exact, f"step {step}"
+            second, at_look = int(now), {h["hostname"]: h["last_check"] for h in exact}
+        for shown, current in zip(got, exact):
+            assert shown["last_check"] in (current["last_check"],
+                                           at_look.get(shown["hostname"])), f"step {step}"
+    assert b"".join(renderer.render_parts(registry)) == render_json(exact)  # -1: full look
+
+
+def test_the_registry_cuts_its_notes_and_the_renderer_then_looks_in_full() -> None:
+    registry = Registry(ttl=3600)
+    renderer = RegistryRenderer({})
+    registry.apply_hi("a", ("x:0",), 1000.0)
+    renderer.render(registry, 1000)
+    for i in range(1, MAX_NOTED + 2):
+        registry.apply_hi("a", (f"x:{i}",), 1000.0)
+    assert len(registry.noted) < MAX_NOTED and registry.noted_cut > 0
+    assert json.loads(renderer.render(registry, 1000))[0]["labels"] == [f"x:{MAX_NOTED + 1}"]
 
 
 def test_prometheus_blocks_equal_json_pretty_print() -> None:
