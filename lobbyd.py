@@ -21,7 +21,6 @@ import asyncio
 import base64
 import contextlib
 import errno
-import gc
 import hashlib
 import hmac
 import ipaddress
@@ -44,7 +43,7 @@ import zlib
 from collections.abc import Awaitable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 __version__ = "1.0.0"
@@ -3429,6 +3428,85 @@ def process_families() -> list[Family]:
     return families
 
 
+class Health:
+    """GET /v1/health, GET /metrics and systemd's STATUS line, read off the parts that
+    own the state: it keeps nothing but the start time."""
+
+    def __init__(self, registry: Registry, local: LocalHost, transports: Sequence[Transport],
+                 counters: Counters, http_codes: Mapping[int, int],
+                 callback_runs: Mapping[str, int]):
+        self.registry = registry
+        self.local = local
+        self.transports = transports
+        self.counters = counters
+        self.http_codes = http_codes  #: status -> responses sent (the HTTP server's)
+        self.callback_runs = callback_runs  #: result -> CALLBACK runs (the runner's)
+        self.started = time.time()
+
+    def report(self) -> tuple[bool, dict[str, Any]]:
+        """(healthy, GET /v1/health): healthy while every transport is connected."""
+        drivers = [transport.state() for transport in self.transports]
+        healthy = all(driver["connected"] for driver in drivers)
+        return healthy, {
+            "status": "ok" if healthy else "disconnected", "hostname": self.local.hostname,
+            "version": __version__, "uptime_s": int(time.time() - self.started),
+            "hosts": len(self.registry), "drivers": drivers,
+            "checks": self.local.check_states()}
+
+    def families(self) -> list[Family]:
+        """Every metric family of GET /metrics."""
+        counters, transports, runs = self.counters, self.transports, self.callback_runs
+        return [
+            Family("lobbyd_build_info", "gauge", "lobbyd's version.",
+                   [({"version": __version__}, 1)]),
+            Family("lobbyd_hosts", "gauge", "Live hosts in the registry.",
+                   [({}, len(self.registry))]),
+            Family("lobbyd_local_labels", "gauge", "Labels this host publishes.",
+                   [({}, len(self.local.labels))]),
+            Family("lobbyd_connected", "gauge", "1 while the transport is connected.",
+                   [({"driver": t.kind}, int(t.is_connected)) for t in transports]),
+            Family("lobbyd_reconnects_total", "counter", "Reconnections after the first.",
+                   [({"driver": t.kind}, t.reconnects) for t in transports]),
+            Family("lobbyd_packets_received_total", "counter", "Valid discovery packets.",
+                   [({"message": "hi"}, counters.his),
+                    ({"message": "goodbye"}, counters.goodbyes)]),
+            Family("lobbyd_packets_dropped_total", "counter", "Packets off the contract.",
+                   [({}, counters.dropped)]),
+            Family("lobbyd_packets_published_total", "counter", "Packets this host sent.",
+                   [({}, counters.published)]),
+            Family("lobbyd_hosts_joined_total", "counter", "Hosts that appeared.",
+                   [({}, counters.joined)]),
+            Family("lobbyd_hosts_left_total", "counter", "Hosts that left, by reason.",
+                   [({"reason": "goodbye"}, counters.left_goodbye),
+                    ({"reason": "expired"}, counters.left_expired)]),
+            Family("lobbyd_callback_runs_total", "counter", "CALLBACK runs by result.",
+                   [({"result": result}, runs.get(result, 0))
+                    for result in ("ok", "failed", "timeout", "error")]),
+            Family("lobbyd_http_requests_total", "counter", "HTTP responses by status code.",
+                   [({"code": str(code)}, count)
+                    for code, count in sorted(self.http_codes.items())]),
+            Family("lobbyd_check_up", "gauge", "1 while the health check passes.",
+                   [({"check": name}, int(state["up"]))
+                    for name, state in self.local.check_states().items()]),
+            *process_families(),
+        ]
+
+    def status_text(self) -> str:
+        """systemd's STATUS= line: what `systemctl status lobbyd` shows."""
+        parts = []
+        for transport in self.transports:
+            if transport.is_connected:
+                parts.append(f"connected to {transport.server}")
+            elif transport.was_connected:
+                parts.append(f"{transport.kind} connection lost; "
+                             f"reconnecting to {transport.targets()}")
+            else:
+                parts.append(f"waiting for {transport.kind} at {transport.targets()}")
+        if all(transport.is_connected for transport in self.transports):
+            return "; ".join(parts) + f"; {len(self.registry)} hosts known"
+        return "; ".join(parts) + "; the API keeps serving"
+
+
 ###############################################################################
 # API routes: a table of (path -> method -> handler); handlers are short and pure.
 ###############################################################################
@@ -3639,7 +3717,7 @@ class Api:
         return Response(200, render_json(self.daemon.local_packet().to_json()))
 
     def health(self, request: Request) -> Response:
-        healthy, body = self.daemon.health()
+        healthy, body = self.daemon.health.report()
         return Response(200 if healthy else 503, render_json(body))
 
     def metrics(self, request: Request) -> Response:
@@ -4158,8 +4236,121 @@ class Watchers:
 
 
 ###############################################################################
-# Callback runner: the CALLBACK command, fed the registry, never two at once.
+# Commands: CALLBACK and exec checks run through one `run_command()`: a process
+# group of its own, bounded by a timeout, its output kept short.
 ###############################################################################
+
+T = TypeVar("T")
+
+
+class c_deadline:  # TEMP until the merge: A's `deadline`
+    """`with c_deadline(seconds, action):` calls `action()` if the block outlasts `seconds`."""
+
+    __slots__ = ("timer",)
+
+    def __init__(self, seconds: float, action: Callable[[], object]):
+        self.timer = asyncio.get_running_loop().call_later(seconds, action)
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.timer.cancel()
+
+
+async def within(seconds: float, awaitable: Awaitable[T]) -> T:
+    """`await awaitable`, cancelled and asyncio.TimeoutError after `seconds`.
+
+    Not asyncio.wait_for(): on Python 3.9-3.11 it can swallow a cancellation that
+    lands as the awaitable finishes, and a shutdown would then wait for ever.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    expired: list[bool] = []
+
+    def expire() -> None:
+        expired.append(True)
+        task.cancel()
+
+    try:
+        with c_deadline(seconds, expire):
+            return await awaitable
+    except asyncio.CancelledError:
+        # ours alone becomes a timeout; a cancellation from outside stays one
+        if not expired or (hasattr(task, "uncancel") and task.uncancel() > 0):
+            raise
+        raise asyncio.TimeoutError from None
+
+#: after a command exits, how long its output may still come (a grandchild may hold
+#: the pipe open: its output is not waited for)
+OUTPUT_GRACE = 0.5
+
+
+class CommandResult(NamedTuple):
+    code: int | None  #: exit status (negative: killed by that signal)
+    output: str  #: the first bytes of stdout and stderr, its lines joined by " | "
+    timed_out: bool  #: killed with its process group at the timeout
+
+
+async def run_command(argv: Sequence[str], stdin: bytes | None, timeout: float,
+                      output_kept: int) -> CommandResult:
+    """Run `argv` without a shell in a process group of its own, `stdin` fed to it (None:
+    /dev/null). At the timeout, or when the caller is cancelled, the whole group is
+    killed. OSError if it cannot start."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True)
+    timed_out: list[bool] = []
+
+    def time_out() -> None:
+        timed_out.append(True)
+        kill_group(proc.pid)
+
+    feeding = None if stdin is None else asyncio.ensure_future(feed_stdin(proc, stdin))
+    reading = asyncio.ensure_future(read_output(proc, output_kept))
+    try:
+        with c_deadline(timeout, time_out):
+            code = await proc.wait()
+        await asyncio.wait([reading], timeout=OUTPUT_GRACE)
+    finally:
+        if feeding is not None:
+            feeding.cancel()
+        reading.cancel()
+        if proc.returncode is None:
+            kill_group(proc.pid)
+    output = reading.result() if reading.done() and not reading.cancelled() else ""
+    return CommandResult(code, output, bool(timed_out))
+
+
+async def feed_stdin(proc: asyncio.subprocess.Process, body: bytes) -> None:
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(body)
+        await proc.stdin.drain()
+        proc.stdin.close()
+    except (ConnectionError, OSError):
+        pass  # the command did not read its stdin: its business
+
+
+async def read_output(proc: asyncio.subprocess.Process, kept_bytes: int) -> str:
+    """The first `kept_bytes` of the output on one line; the rest is read and dropped."""
+    kept = bytearray()
+    assert proc.stdout is not None
+    while True:
+        chunk = await proc.stdout.read(65536)
+        if not chunk:
+            break
+        if len(kept) < kept_bytes:
+            kept += chunk[:kept_bytes - len(kept)]
+    text = kept.decode("utf-8", "replace").strip()
+    return " | ".join(line for line in text.splitlines() if line.strip())
+
+
+def kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
 
 CALLBACK_OUTPUT_KEPT = 2048
 
@@ -4173,109 +4364,52 @@ class CallbackRunner:
         self.cooldown = cooldown
         self.first_run_delay = first_run_delay
         self.timeout = timeout
-        self.body = body
-        self.dirty: asyncio.Event | None = None
-        self.proc: asyncio.subprocess.Process | None = None
-        self.timed_out = False
-        self.stopping = False
+        self.body = body  #: what the command reads on stdin: the registry as JSON
+        self.dirty = asyncio.Event()
         self.runs: dict[str, int] = {}  # result (ok, failed, timeout, error) -> runs
         self._last_failure = ""
 
     def notify(self) -> None:
-        if self.dirty is not None:
-            self.dirty.set()
+        self.dirty.set()
 
     async def run(self) -> None:
-        self.dirty = asyncio.Event()
+        """For ever; cancelled, a running command is killed with its process group."""
         await asyncio.sleep(self.first_run_delay)
         self.dirty.set()  # the first run gives the script the initial state
-        while not self.stopping:
+        while True:
             await self.dirty.wait()
             self.dirty.clear()
-            if not self.stopping:
-                await self.run_once()
-                await asyncio.sleep(self.cooldown)
+            await self.run_once()
+            await asyncio.sleep(self.cooldown)
 
     async def run_once(self) -> None:
         name = show(self.argv[0])
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *self.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+            result = await run_command(self.argv, self.body(), self.timeout,
+                                       CALLBACK_OUTPUT_KEPT)
         except OSError as exc:
             self.count("error")
             self.failed(f"callback {name} cannot start: {exc.strerror or exc}")
             return
-        self.proc, self.timed_out = proc, False
-        timer = asyncio.get_running_loop().call_later(self.timeout, self._time_out, proc)
-        feeding = asyncio.ensure_future(self._feed(proc, self.body()))
-        reading = asyncio.ensure_future(self._read_output(proc))
-        try:
-            code = await proc.wait()
-            # a grandchild may hold the output pipe open: its output is not waited for
-            await asyncio.wait([reading], timeout=1.0)
-        finally:
-            timer.cancel()
-            feeding.cancel()
-            reading.cancel()
-            self.proc = None
-        output = reading.result() if reading.done() and not reading.cancelled() else ""
-        self.count("timeout" if self.timed_out else "ok" if code == 0 else "failed")
-        if self.timed_out:
+        output = result.output
+        self.count("timeout" if result.timed_out else "ok" if result.code == 0 else "failed")
+        if result.timed_out:
             self.failed(f"callback {name} still running after {self.timeout:g}s: killed")
-        elif code == 0:
+        elif result.code == 0:
             self._last_failure = ""
             log.info("callback %s exited 0%s", name, output and f"; output: {output}")
         else:
-            self.failed(f"callback {name} exited {code}" + (output and f"; output: {output}"))
+            self.failed(f"callback {name} exited {result.code}" +
+                        (output and f"; output: {output}"))
 
     def count(self, result: str) -> None:
         self.runs[result] = self.runs.get(result, 0) + 1
-
-    def _time_out(self, proc: asyncio.subprocess.Process) -> None:
-        self.timed_out = True
-        kill_group(proc.pid)
-
-    def stop(self) -> None:
-        """No more runs; a running script is killed with its process group."""
-        self.stopping = True
-        if self.proc is not None and self.proc.returncode is None:
-            kill_group(self.proc.pid)
 
     def failed(self, message: str) -> None:
         """Log a failure; the same failure again is logged at debug level only."""
         level = logging.DEBUG if message == self._last_failure else logging.WARNING
         self._last_failure = message
         log.log(level, "%s", message)
-
-    @staticmethod
-    async def _feed(proc: asyncio.subprocess.Process, body: bytes) -> None:
-        try:
-            assert proc.stdin is not None
-            proc.stdin.write(body)
-            await proc.stdin.drain()
-            proc.stdin.close()
-        except (ConnectionError, OSError):
-            pass  # the script did not read its stdin: its business
-
-    @staticmethod
-    async def _read_output(proc: asyncio.subprocess.Process) -> str:
-        """The first bytes of the script's output; the rest is read and dropped."""
-        kept = bytearray()
-        assert proc.stdout is not None
-        while True:
-            chunk = await proc.stdout.read(65536)
-            if not chunk:
-                break
-            if len(kept) < CALLBACK_OUTPUT_KEPT:
-                kept += chunk[:CALLBACK_OUTPUT_KEPT - len(kept)]
-        text = kept.decode("utf-8", "replace").strip()
-        return " | ".join(line for line in text.splitlines() if line.strip())
-
-
-def kill_group(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
 
 
 ###############################################################################
@@ -4322,31 +4456,12 @@ async def probe_tcp(target: str) -> tuple[bool, str]:
 
 
 async def probe_exec(argv: Sequence[str], timeout: float) -> tuple[bool, str]:
-    """Run the command in a process group of its own; exit 0 passes. At the timeout
-    (or if the check is stopped) the whole group is killed."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT, start_new_session=True)
-    timed_out: list[bool] = []
-
-    def time_out() -> None:
-        timed_out.append(True)
-        kill_group(proc.pid)
-
-    timer = asyncio.get_running_loop().call_later(timeout, time_out)
-    reading = asyncio.ensure_future(CallbackRunner._read_output(proc))
-    try:
-        code = await proc.wait()
-        await asyncio.wait([reading], timeout=0.5)  # a grandchild may keep the pipe
-    finally:
-        timer.cancel()
-        reading.cancel()
-        if proc.returncode is None:
-            kill_group(proc.pid)
-    output = reading.result() if reading.done() and not reading.cancelled() else ""
-    if timed_out:
+    """Exit 0 passes; at the timeout (or if the check is stopped) its group is killed."""
+    result = await run_command(argv, None, timeout, CHECK_OUTPUT_KEPT)
+    if result.timed_out:
         return False, f"still running after {timeout:g}s: killed"
-    return code == 0, f"exit {code}" + (f": {output}" if output else "")
+    return result.code == 0, f"exit {result.code}" + (f": {result.output}"
+                                                       if result.output else "")
 
 
 async def run_probe(spec: CheckSpec) -> tuple[bool, str]:
@@ -4356,7 +4471,7 @@ async def run_probe(spec: CheckSpec) -> tuple[bool, str]:
             passed, output = await probe_exec(spec.argv, spec.timeout)
         else:
             probe = probe_http(spec.target) if spec.kind == "http" else probe_tcp(spec.target)
-            passed, output = await asyncio.wait_for(probe, spec.timeout)
+            passed, output = await within(spec.timeout, probe)
     except asyncio.TimeoutError:
         passed, output = False, f"no answer within {spec.timeout:g}s"
     except (OSError, ValueError, CheckError) as exc:
@@ -4392,7 +4507,175 @@ class CheckRunner:
 
 
 ###############################################################################
-# Daemon lifecycle: wires everything, owns the tasks, signals, readiness.
+# Local host: this server's hostname and its labels by source (LABELS, label
+# files, the runtime file, leases, checks): the packet it publishes.
+###############################################################################
+
+
+class LocalHost:
+    """This server as the fleet sees it. It owns the hostname, the labels of every
+    source and the checks' runners; the daemon publishes what it says.
+
+    `changed()` is told of every change of the labels (watchers look), `publish()`
+    publishes our packet at once, `renamed(old)` says goodbye for an old hostname.
+    """
+
+    def __init__(self, config: Config, changed: Callable[[], None],
+                 publish: Callable[[], Awaitable[None]], renamed: Callable[[str], None]):
+        self.config = config
+        self.changed = changed
+        self.publish = publish
+        self.renamed = renamed
+        self.hostname = config.hostname or socket.gethostname()
+        self.labels: tuple[str, ...] = ()
+        self.files = LocalLabels(config.labels, Path(config.labels_path))
+        self.runtime = RuntimeLabels(config.runtime_labels_file)
+        self.leases = Leases()
+        self.checks: dict[str, CheckRunner] = {}
+        self._checks_reported: dict[str, str] = {}
+        self._lease_timer: asyncio.TimerHandle | None = None
+        self.label_lock = asyncio.Lock()  #: one read-modify-write of the runtime file
+        self.wake = asyncio.Event()  #: set: the keep-alive loop publishes now
+        self.stopped = False
+
+    def packet(self) -> Packet:
+        return Packet(self.hostname, self.labels, int(time.time()))
+
+    def refresh(self) -> None:
+        """Re-read the label files, the checks and the hostname (every keep-alive)."""
+        hostname = self.config.hostname or socket.gethostname()
+        if hostname != self.hostname:
+            old, self.hostname = self.hostname, hostname
+            log.info("hostname changed from %s to %s: saying goodbye for the old name",
+                     old, hostname)
+            self.renamed(old)
+        self.refresh_checks()
+        if not self.label_lock.locked():  # mid-save the file is older than our labels
+            self.set_labels(self.files.collect())
+
+    def reread_labels(self) -> None:
+        """The label files as they are on disk now; a change is published at once."""
+        if self.label_lock.locked():  # mid-save the file is older than our labels
+            return
+        before = self.labels
+        self.set_labels(self.files.collect())
+        if self.labels != before:
+            self.wake.set()
+
+    def set_labels(self, labels: tuple[str, ...]) -> None:
+        if labels != self.labels:
+            shown = ", ".join(labels[:20]) + (f" (+{len(labels) - 20} more)"
+                                              if len(labels) > 20 else "")
+            log.info("local labels: %s", shown or "(none)")
+            self.labels = labels
+            self.changed()
+
+    async def change_runtime_labels(self, add: Sequence[str], remove: Sequence[str]) -> None:
+        """Publish the new labels at once, then save them (two fsyncs) off the event loop.
+
+        OSError if they cannot be saved: then the old labels are published again,
+        so a label is only kept (and the POST answered 200) once it is on disk.
+        """
+        async with self.label_lock:
+            current = self.runtime.read()
+            new = changed_labels(current, add, remove)
+            if new == current:
+                return
+            self.files.collect()  # a file written just before must be in this packet
+            self.set_labels(self.files.with_file(self.runtime.path, new))
+            await self.publish()
+            try:
+                await asyncio.to_thread(self.runtime.save, new)
+            except OSError:
+                self.set_labels(self.files.with_file(self.runtime.path, current))
+                await self.publish()
+                raise
+
+    # leases -----------------------------------------------------------------------
+    async def add_leases(self, labels: Sequence[str], ttl: int) -> None:
+        """Lease or re-lease labels; published at once when one is new."""
+        if self.leases.add(labels, ttl, time.monotonic()):
+            self._source_changed("leases", self.leases.labels())
+            await self.publish()
+        self._schedule_lease_end()
+
+    async def end_leases(self, labels: Sequence[str]) -> None:
+        if self.leases.remove(labels):
+            self._source_changed("leases", self.leases.labels())
+            await self.publish()
+            self._schedule_lease_end()
+
+    def _schedule_lease_end(self) -> None:
+        if self._lease_timer is not None:
+            self._lease_timer.cancel()
+        end = self.leases.next_end()
+        self._lease_timer = None if end is None else asyncio.get_running_loop().call_later(
+            max(0.0, end - time.monotonic()), self._end_due_leases)
+
+    def _end_due_leases(self) -> None:
+        ended = self.leases.expire(time.monotonic())
+        if ended and not self.stopped:
+            log.info("lease ended: %s", ", ".join(ended[:20]))
+            self._source_changed("leases", self.leases.labels())
+            self.wake.set()
+        self._schedule_lease_end()
+
+    def _source_changed(self, source: str, labels: tuple[str, ...]) -> None:
+        self.files.extra[source] = labels
+        self.set_labels(self.files.union())
+
+    # checks -----------------------------------------------------------------------
+    def refresh_checks(self) -> None:
+        """Re-read CHECKS_PATH: start new checks, stop removed or edited ones."""
+        specs, problems = scan_check_dir(Path(self.config.checks_path))
+        for path, problem in problems.items():
+            if self._checks_reported.get(path) != problem:
+                log.warning("check file %s: %s; skipped", path, problem)
+        self._checks_reported = problems
+        gone = [name for name, runner in self.checks.items() if specs.get(name) != runner.spec]
+        for name in gone:
+            self.checks.pop(name).stop()
+            self.files.extra.pop(f"check:{name}", None)  # refresh() publishes it
+        for name, spec in specs.items():
+            if name not in self.checks and not self.stopped:
+                self.checks[name] = CheckRunner(spec, self._check_changed)
+                self.checks[name].start()
+
+    def _check_changed(self, runner: CheckRunner) -> None:
+        name = runner.spec.name
+        if self.checks.get(name) is runner and not self.stopped:
+            self._source_changed(f"check:{name}", runner.spec.labels if runner.state.up
+                                 else ())
+            self.wake.set()
+
+    def check_states(self) -> dict[str, dict[str, Any]]:
+        """name -> {"up", "since" (unix seconds), "output"}: for /v1/health and /metrics."""
+        return {name: {"up": runner.state.up, "since": int(runner.state.since),
+                       "output": runner.state.output}
+                for name, runner in sorted(self.checks.items())}
+
+    def label_sources(self) -> dict[str, Any]:
+        """GET /v1/labels: every local label by where it comes from."""
+        self.reread_labels()
+        files = self.files.by_file()
+        runtime = files.pop(self.runtime.path.name, [])
+        return {"env": sorted(set(self.config.labels)), "files": files, "runtime": runtime,
+                "leases": self.leases.seconds_left(time.monotonic()),
+                "checks": {name: {"labels": list(runner.spec.labels), "up": runner.state.up}
+                           for name, runner in sorted(self.checks.items())}}
+
+    def stop(self) -> None:
+        """Shutdown: no check runs any more, no lease ends."""
+        self.stopped = True
+        for runner in self.checks.values():
+            runner.stop()
+        if self._lease_timer is not None:
+            self._lease_timer.cancel()
+
+
+###############################################################################
+# Daemon: builds the parts, wires them together and owns their tasks (keep-alive,
+# clean-up, transports, callback), signals, readiness and shutdown. Nothing else.
 ###############################################################################
 
 SYNC_QUEUE = "lobbyd"
@@ -4401,24 +4684,394 @@ SHUTDOWN_DEADLINE = 3.0
 READY_TIMEOUT = 5.0
 
 
-async def wait_event(event: asyncio.Event, timeout: float) -> None:
-    """Wait until `event` is set or `timeout` passes.
-
-    Not asyncio.wait_for(): on Python 3.9-3.11 it can swallow a cancellation
-    that lands as the event is set, and shutdown would then wait for ever.
-    """
-    timer = asyncio.get_running_loop().call_later(timeout, event.set)
-    try:
-        await event.wait()
-    finally:
-        timer.cancel()
-
-
 def hard_exit() -> None:
     log.error("shutdown took over %gs: exiting now", SHUTDOWN_DEADLINE)
     logging.shutdown()
     os._exit(0)
 
+
+class RateLimitedLog:
+    """At most `burst` lines per `interval` seconds; the rest are counted, then summed up."""
+
+    def __init__(self, burst: int = 5, interval: float = 60.0):
+        self.burst = burst
+        self.interval = interval
+        self.window = -interval
+        self.count = 0
+        self.suppressed = 0
+
+    def info(self, message: str, *args: Any) -> None:
+        self.log(logging.INFO, message, *args)
+
+    def warning(self, message: str, *args: Any) -> None:
+        self.log(logging.WARNING, message, *args)
+
+    def log(self, level: int, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self.window >= self.interval:
+            if self.suppressed:
+                log.log(level, "... and %d more like it in the last %ds", self.suppressed,
+                        self.interval)
+            self.window, self.count, self.suppressed = now, 0, 0
+        if self.count < self.burst:
+            self.count += 1
+            log.log(level, message, *args)
+        else:
+            self.suppressed += 1
+
+
+class Daemon:
+    """One lobbyd: the registry, the local host, the transports, the API, the callback."""
+
+    def __init__(self, config: Config, environ: Mapping[str, str]):
+        self.config = config
+        kv = config.discovery_mode == "kv"  # the hosts bucket says who left, not silence
+        self.registry = Registry(math.inf if kv else config.ttl)
+        self.local = LocalHost(config, self.local_changed, self.publish_local, self.renamed)
+        self.watch = Watchers(self.registry, self.local.packet, self.expire,
+                              config.node_exporter_port)
+        self.label_cache = LabelCache()
+        self.garbage_log = RateLimitedLog(burst=5)
+        self.membership_log = RateLimitedLog(burst=20)
+        self.counters = Counters()
+        self.api = Api(self)
+        self.http = HttpServer(self.api.handle)
+        self.transports: list[Transport] = [
+            TRANSPORTS[kind](config, environ, f"lobbyd {self.local.hostname}", self.on_connect,
+                             self.tell_systemd)
+            for kind in (("NATS-KV",) if kv else config.driver)]
+        for transport in self.transports:
+            transport.learn = self.learn_packet
+        self.callback = (CallbackRunner(config.callback, config.callback_cooldown,
+                                        config.callback_first_run_delay,
+                                        config.callback_timeout, self.registry_json)
+                         if config.callback else None)
+        self.health = Health(self.registry, self.local, self.transports, self.counters,
+                             self.http.codes, self.callback.runs if self.callback else {})
+        self.tasks: list[asyncio.Future[Any]] = []
+        self.stop = asyncio.Event()  #: set by a signal: shut down
+        self.joined = asyncio.Event()  #: first connection and join sync done
+        self._stopping = False
+        self._synced: set[Transport] = set()
+
+    # TEMP until the merge: the names the API used before it took the local host
+    def local_packet(self) -> Packet:
+        return self.local.packet()
+
+    def reread_labels(self) -> None:
+        self.local.reread_labels()
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.local.labels
+
+    @property
+    def runtime(self) -> RuntimeLabels:
+        return self.local.runtime
+
+    def label_sources(self) -> dict[str, Any]:
+        return self.local.label_sources()
+
+    async def add_leases(self, labels: Sequence[str], ttl: int) -> None:
+        await self.local.add_leases(labels, ttl)
+
+    async def end_leases(self, labels: Sequence[str]) -> None:
+        await self.local.end_leases(labels)
+
+    async def change_runtime_labels(self, add: Sequence[str], remove: Sequence[str]) -> None:
+        await self.local.change_runtime_labels(add, remove)
+
+    def metric_families(self) -> list[Family]:
+        return self.health.families()
+
+    # the registry -----------------------------------------------------------------
+    def local_changed(self) -> None:
+        self.watch.poke()
+
+    def registry_changed(self) -> None:
+        self.watch.poke()
+        if self.callback:
+            self.callback.notify()
+
+    def expire(self) -> None:
+        dead = self.registry.expire(time.time())
+        if dead:
+            self.counters.left_expired += len(dead)
+            log.info("expired (silent for over %ds): %s", self.config.ttl, ", ".join(dead[:20]))
+            self.registry_changed()
+
+    def registry_json(self) -> bytes:
+        self.expire()
+        return self.api.renderer(("all",)).render(self.registry.packets())
+
+    def on_packet(self, data: bytes) -> None:
+        """Every discovery packet of the fleet comes through here: keep it lean."""
+        try:
+            message, hostname, labels = decode_envelope(data, self.label_cache)
+        except PacketError as exc:
+            self.counters.dropped += 1
+            self.garbage_log.warning("dropped a packet: %s", exc)
+            return
+        counters = self.counters
+        if message == "hi":
+            counters.his += 1
+            change = self.registry.apply_hi(hostname, labels, time.time())
+            if change:
+                if change == NEW_HOST:
+                    counters.joined += 1
+                    self.membership_log.info("new host %s", hostname)
+                else:
+                    self.membership_log.info("new labels of %s", hostname)
+                self.registry_changed()
+        else:
+            counters.goodbyes += 1
+            if self.registry.apply_goodbye(hostname):
+                counters.left_goodbye += 1
+                self.membership_log.info("goodbye from %s", hostname)
+                self.registry_changed()
+
+    def learn_packet(self, data: bytes) -> None:
+        """A packet of the fleet read at join (kv's initial values): on_packet without
+        a log line per host, the join's one line counts them."""
+        try:
+            message, hostname, labels = decode_envelope(data, self.label_cache)
+        except PacketError as exc:
+            self.counters.dropped += 1
+            self.garbage_log.warning("dropped a packet: %s", exc)
+            return
+        if message != "hi":
+            self.on_packet(data)
+            return
+        self.counters.his += 1
+        change = self.registry.apply_hi(hostname, labels, time.time())
+        if change:
+            self.counters.joined += change == NEW_HOST
+            self.registry_changed()
+
+    # publishing -------------------------------------------------------------------
+    async def publish(self, packet: Packet, message: str = "hi") -> bool:
+        """On every transport; True if at least one took it."""
+        data = encode_envelope(packet, message)
+        sent = 0
+        for transport in self.transports:
+            sent += await transport.publish(data)
+        self.counters.published += sent
+        return sent > 0
+
+    async def publish_local(self) -> None:
+        if not self.config.register:
+            return
+        packet = self.local.packet()
+        # we list ourselves even while NATS is away; our own packet refreshes it later
+        change = self.registry.apply_hi(packet.hostname, packet.labels, time.time())
+        if change:
+            self.counters.joined += change == NEW_HOST
+            self.registry_changed()
+        await self.publish(packet)
+
+    def renamed(self, old: str) -> None:
+        """The hostname changed: the fleet forgets the old name at once."""
+        self.schedule(self.publish(Packet(old), "goodbye"))
+        if self.registry.apply_goodbye(old):
+            self.registry_changed()
+
+    async def keep_alive(self) -> None:
+        """Every KEEP_ALIVE, and at once when the local host's wake is set (a label
+        changed, SIGHUP): re-read the local sources, publish."""
+        wake = self.local.wake
+        while not self._stopping:
+            self.local.refresh()
+            await self.publish_local()
+            with c_deadline(self.config.keep_alive, wake.set):
+                await wake.wait()
+            wake.clear()
+
+    async def clean_up(self) -> None:
+        """Expire hosts when they die, not only every CLEAN_EVERY seconds."""
+        while not self._stopping:
+            self.expire()
+            pause = min(self.config.clean_every, self.registry.next_expiry() - time.time())
+            await asyncio.sleep(max(0.05, pause + 0.01))
+
+    async def on_connect(self, transport: Transport) -> None:
+        """On every (re)connect: say hi at once, then learn the fleet from one peer."""
+        await self.publish_local()
+        self.schedule(self.sync(transport))
+
+    async def sync(self, transport: Transport) -> None:
+        """Join: learn every live host from one peer instead of waiting a keep-alive
+        round, then answer the joins of others."""
+        learned = 0
+
+        def reply(data: bytes) -> bool:
+            nonlocal learned
+            count, complete = self.learn_from(data, time.time())
+            learned += count
+            return complete
+
+        if await transport.ask_fleet(reply, SYNC_WINDOW):
+            log.info("learned %d hosts from a peer over %s", learned, transport.kind)
+        if learned:
+            self.counters.joined += learned
+            self.registry_changed()
+        self._synced.add(transport)
+        if len(self._synced) == len(self.transports):
+            self.joined.set()
+        await transport.serve_fleet(self.fleet_chunks)
+
+    def learn_from(self, data: bytes, now: float) -> tuple[int, bool]:
+        """Apply one chunk of a peer's answer: (hosts added, whether it was the last)."""
+        try:
+            reply = parse_json(data)
+            added = 0
+            for hostname, labels, age in reply["hosts"]:
+                labels = self.label_cache.normalise(tuple(labels))
+                if 0 <= float(age) < self.config.ttl and self.registry.learn(
+                        self.label_cache.hostname(hostname), labels, now - float(age)):
+                    added += 1
+            return added, reply.get("done") is True
+        except (ValueError, TypeError, KeyError, AttributeError, PacketError) as exc:
+            self.garbage_log.warning("dropped a sync answer: %s", describe_error(exc))
+            return 0, False
+
+    def fleet_chunks(self, budget: int) -> list[bytes]:
+        """The registry as a join answer: chunks of at most about `budget` bytes."""
+        self.expire()
+        now = time.time()
+        chunks, chunk, size = [], [], 0
+        for name, (labels, seen) in self.registry.hosts.items():
+            item = json.dumps([name, labels, round(now - seen, 3)], ensure_ascii=False)
+            if size + len(item) > budget and chunk:
+                chunks.append(sync_chunk(chunk, False))
+                chunk, size = [], 0
+            chunk.append(item)
+            size += len(item) + 1
+        chunks.append(sync_chunk(chunk, True))
+        return chunks
+
+    # readiness and lifecycle ------------------------------------------------------
+    def tell_systemd(self) -> None:
+        notify_systemd(f"STATUS={self.health.status_text()}")
+
+    async def announce_ready(self) -> None:
+        """READY=1 once connected and synced, or after READY_TIMEOUT: never blocks a start."""
+        waiting = asyncio.ensure_future(self.joined.wait())
+        await asyncio.wait([waiting], timeout=READY_TIMEOUT)
+        waiting.cancel()
+        notify_systemd(f"READY=1\nSTATUS={self.health.status_text()}")
+
+    def schedule(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.append(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Future[Any]) -> None:
+        if task in self.tasks:
+            self.tasks.remove(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task failed: %s", describe_error(task.exception()),  # type: ignore
+                      exc_info=task.exception())
+
+    def request_stop(self, signame: str) -> None:
+        if self._stopping:
+            log.info("%s again: already stopping", signame)
+            return
+        self._stopping = True
+        log.info("%s: stopping", signame)
+        self.stop.set()
+        # The last resort: whatever hangs, the process is gone within seconds.
+        watchdog = threading.Timer(SHUTDOWN_DEADLINE, hard_exit)
+        watchdog.daemon = True
+        watchdog.start()
+
+    def install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
+        """SIGTERM/SIGINT stop, SIGHUP re-reads labels now.
+
+        Plain signal.signal(), not loop.add_signal_handler(): the loop puts the
+        default (deadly) handler back when it closes, and a second SIGTERM landing
+        then must still be harmless.
+        """
+        def on_signal(signum: int, _frame: Any) -> None:
+            action = self.local.wake.set if signum == signal.SIGHUP else \
+                (lambda: self.request_stop(signal.Signals(signum).name))
+            with contextlib.suppress(RuntimeError):  # the loop is closed: we are exiting
+                loop.call_soon_threadsafe(action)
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, on_signal)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.install_signal_handlers(loop)
+        watch_binary_loader(loop)
+        if not self.config.disable_api:
+            await self.listen()  # first: a HOST we cannot listen on is a config error
+        self.local.runtime.remove_stale_temp_files()
+        self.local.refresh()  # before any request can be served: no await in between
+        log.info("lobbyd %s starting as %s (%s)", __version__, self.local.hostname,
+                 "publishing" if self.config.register else "client only, not publishing")
+        warn_about_timing(self.config)
+        self.schedule(self.announce_ready())
+        for transport in self.transports:
+            self.schedule(transport.run(self.on_packet))
+        self.schedule(self.keep_alive())
+        self.schedule(self.clean_up())
+        if self.callback:
+            self.schedule(self.callback.run())
+        await self.stop.wait()
+        await self.shutdown()
+
+    async def listen(self) -> None:
+        """Start the API; an address this machine does not have is bad configuration.
+
+        A port in use is not: it may be free on the next try (exit 1, restart).
+        """
+        host, port = self.config.host, self.config.port
+        try:
+            await self.http.start(host, port)
+        except OSError:
+            problem = listen_problem(host, port)
+            if problem:
+                raise ConfigError(problem) from None
+            raise
+        log.info("API listening on %s port %d", host, port)
+
+    async def shutdown(self) -> None:
+        """Goodbye, flush, close: well under two seconds."""
+        notify_systemd("STOPPING=1")
+        self._stopping = True  # every loop checks it: a lost cancellation cannot hang us
+        self.watch.close()
+        self.local.stop()
+        for task in list(self.tasks):  # a running CALLBACK is killed with its group
+            task.cancel()
+        if self.config.register and await self.publish(Packet(self.local.hostname),
+                                                       "goodbye"):
+            log.info("said goodbye as %s", self.local.hostname)
+            for transport in self.transports:
+                await transport.said_goodbye()
+        await asyncio.gather(*(transport.close(timeout=0.8) for transport in self.transports))
+        await self.http.close()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=0.3)
+
+
+def warn_about_timing(config: Config) -> None:
+    """Accepted, as the Go daemon does, but said once: such hosts will flap."""
+    if config.ttl < 2 * config.keep_alive:
+        log.warning("TTL=%d is less than twice KEEP_ALIVE=%d: peers will drop this host "
+                    "whenever one keep-alive is late or lost (hosts will flap); "
+                    "use TTL of 3 to 6 times KEEP_ALIVE", config.ttl, config.keep_alive)
+
+
+def sync_chunk(items: list[str], done: bool) -> bytes:
+    done_text = "true" if done else "false"
+    return f'{{"hosts":[{",".join(items)}],"done":{done_text}}}'.encode()
+
+
+###############################################################################
+# Static binary and systemd: the loader chain of the static binary (staticx, then
+# PyInstaller) and sd_notify. From source none of the loader part applies.
+###############################################################################
 
 #: lobbyd's exit status when the loader it runs under was killed (128 + SIGKILL)
 EXIT_LOADER_KILLED = 137
@@ -4550,43 +5203,6 @@ def watch_binary_loader(loop: asyncio.AbstractEventLoop) -> None:
         loop.call_later(0.2, poll)
 
 
-def release_start_up_memory() -> None:
-    """Once started, objects that live for ever (modules, code, configuration) leave the
-    collector's rounds: each full collection then walks the registry only."""
-    gc.collect()
-    gc.freeze()
-
-
-class RateLimitedLog:
-    """At most `burst` lines per `interval` seconds; the rest are counted, then summed up."""
-
-    def __init__(self, burst: int = 5, interval: float = 60.0):
-        self.burst = burst
-        self.interval = interval
-        self.window = -interval
-        self.count = 0
-        self.suppressed = 0
-
-    def info(self, message: str, *args: Any) -> None:
-        self.log(logging.INFO, message, *args)
-
-    def warning(self, message: str, *args: Any) -> None:
-        self.log(logging.WARNING, message, *args)
-
-    def log(self, level: int, message: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self.window >= self.interval:
-            if self.suppressed:
-                log.log(level, "... and %d more like it in the last %ds", self.suppressed,
-                        self.interval)
-            self.window, self.count, self.suppressed = now, 0, 0
-        if self.count < self.burst:
-            self.count += 1
-            log.log(level, message, *args)
-        else:
-            self.suppressed += 1
-
-
 def notify_systemd(state: str) -> None:
     """sd_notify(3) in a few lines: tell systemd we are READY=1 or STOPPING=1."""
     address = os.environ.get("NOTIFY_SOCKET")
@@ -4599,517 +5215,6 @@ def notify_systemd(state: str) -> None:
             sock.sendto(state.encode(), address)
     except OSError as exc:
         log.debug("sd_notify %s: %s", state, exc)
-
-
-class Daemon:
-    """One lobbyd: local labels, the registry, NATS, the API, the callback."""
-
-    def __init__(self, config: Config, environ: Mapping[str, str]):
-        self.config = config
-        self.environ = environ
-        kv = config.discovery_mode == "kv"  # the hosts bucket says who left, not silence
-        self.registry = Registry(math.inf if kv else config.ttl)
-        self.watch = Watchers(self.registry, self.local_packet, self.expire,
-                              config.node_exporter_port)
-        self.leases = Leases()
-        self.checks: dict[str, CheckRunner] = {}
-        self._checks_reported: dict[str, str] = {}
-        self._lease_timer: asyncio.TimerHandle | None = None
-        self.label_cache = LabelCache()
-        self.local_labels = LocalLabels(config.labels, Path(config.labels_path))
-        self.runtime = RuntimeLabels(config.runtime_labels_file)
-        self.hostname = config.hostname or socket.gethostname()
-        self.labels: tuple[str, ...] = ()
-        self.garbage_log = RateLimitedLog(burst=5)
-        self.membership_log = RateLimitedLog(burst=20)
-        self.counters = Counters()
-        self.started = time.time()
-        self.api = Api(self)
-        self.http = HttpServer(self.api.handle)
-        self.transports: list[Transport] = [
-            TRANSPORTS[kind](config, environ, f"lobbyd {self.hostname}", self.on_connect,
-                             self.tell_systemd)
-            for kind in (("NATS-KV",) if kv else config.driver)]
-        for transport in self.transports:
-            transport.learn = self.learn_packet
-        self.callback = (CallbackRunner(config.callback, config.callback_cooldown,
-                                        config.callback_first_run_delay,
-                                        config.callback_timeout, self.registry_json)
-                         if config.callback else None)
-        self.tasks: list[asyncio.Future[Any]] = []
-        self._stopping = False
-        self._synced: set[Transport] = set()
-
-    # local state ---------------------------------------------------------------
-    def local_packet(self) -> Packet:
-        return Packet(self.hostname, self.labels, int(time.time()))
-
-    def refresh_local(self) -> None:
-        """Re-read the label files and the hostname; a new name says goodbye for the old."""
-        hostname = self.config.hostname or socket.gethostname()
-        if hostname != self.hostname:
-            log.info("hostname changed from %s to %s: saying goodbye for the old name",
-                     self.hostname, hostname)
-            self.schedule(self.publish(Packet(self.hostname), "goodbye"))
-            if self.registry.apply_goodbye(self.hostname):
-                self.registry_changed()
-            self.hostname = hostname
-        self.refresh_checks()
-        if not self.label_lock.locked():  # mid-save the file is older than our labels
-            self.set_labels(self.local_labels.collect())
-
-    def reread_labels(self) -> None:
-        """The label files as they are on disk now (SPEC 3); a change is published at once."""
-        if self.label_lock.locked():  # mid-save the file is older than our labels
-            return
-        before = self.labels
-        self.set_labels(self.local_labels.collect())
-        if self.labels != before:
-            self.wake.set()  # the keep-alive loop publishes it now
-
-    def set_labels(self, labels: tuple[str, ...]) -> None:
-        if labels != self.labels:
-            shown = ", ".join(labels[:20]) + (f" (+{len(labels) - 20} more)"
-                                              if len(labels) > 20 else "")
-            log.info("local labels: %s", shown or "(none)")
-            self.labels = labels
-            self.watch.poke()
-
-    async def change_runtime_labels(self, add: Sequence[str], remove: Sequence[str]) -> None:
-        """Publish the new labels at once, then save them (two fsyncs) off the event loop.
-
-        OSError if they cannot be saved: then the old labels are published again,
-        so a label is only kept (and the POST answered 200) once it is on disk.
-        """
-        async with self.label_lock:  # one read-modify-write of the file at a time
-            current = self.runtime.read()
-            new = changed_labels(current, add, remove)
-            if new == current:
-                return
-            self.local_labels.collect()  # a file written just before must be in this packet
-            self.set_labels(self.local_labels.with_file(self.runtime.path, new))
-            await self.publish_local()
-            try:
-                await asyncio.to_thread(self.runtime.save, new)
-            except OSError:
-                self.set_labels(self.local_labels.with_file(self.runtime.path, current))
-                await self.publish_local()
-                raise
-
-    # leases and checks (SPEC 9) -------------------------------------------------
-    async def add_leases(self, labels: Sequence[str], ttl: int) -> None:
-        """Lease or re-lease labels; published at once when one is new."""
-        if self.leases.add(labels, ttl, time.monotonic()):
-            self.extra_labels_changed("leases", self.leases.labels())
-            await self.publish_local()
-        self._schedule_lease_end()
-
-    async def end_leases(self, labels: Sequence[str]) -> None:
-        if self.leases.remove(labels):
-            self.extra_labels_changed("leases", self.leases.labels())
-            await self.publish_local()
-            self._schedule_lease_end()
-
-    def _schedule_lease_end(self) -> None:
-        if self._lease_timer is not None:
-            self._lease_timer.cancel()
-        end = self.leases.next_end()
-        self._lease_timer = None if end is None else asyncio.get_running_loop().call_later(
-            max(0.0, end - time.monotonic()), self._end_due_leases)
-
-    def _end_due_leases(self) -> None:
-        ended = self.leases.expire(time.monotonic())
-        if ended and not self._stopping:
-            log.info("lease ended: %s", ", ".join(ended[:20]))
-            self.extra_labels_changed("leases", self.leases.labels())
-            self.schedule(self.publish_local())
-        self._schedule_lease_end()
-
-    def extra_labels_changed(self, source: str, labels: tuple[str, ...]) -> None:
-        self.local_labels.extra[source] = labels
-        self.set_labels(self.local_labels.union())
-
-    def refresh_checks(self) -> None:
-        """Re-read CHECKS_PATH: start new checks, stop removed or edited ones."""
-        specs, problems = scan_check_dir(Path(self.config.checks_path))
-        for path, problem in problems.items():
-            if self._checks_reported.get(path) != problem:
-                log.warning("check file %s: %s; skipped", path, problem)
-        self._checks_reported = problems
-        gone = [name for name, runner in self.checks.items() if specs.get(name) != runner.spec]
-        for name in gone:
-            self.checks.pop(name).stop()
-            self.local_labels.extra.pop(f"check:{name}", None)  # refresh_local publishes
-        for name, spec in specs.items():
-            if name not in self.checks and not self._stopping:
-                self.checks[name] = CheckRunner(spec, self.on_check_change)
-                self.checks[name].start()
-
-    def on_check_change(self, runner: CheckRunner) -> None:
-        name = runner.spec.name
-        if self.checks.get(name) is runner and not self._stopping:
-            self.extra_labels_changed(f"check:{name}", runner.spec.labels if runner.state.up
-                                      else ())
-            self.schedule(self.publish_local())
-
-    def check_states(self) -> dict[str, dict[str, Any]]:
-        """name -> {"up", "since" (unix seconds), "output"}: for /v1/health and /metrics."""
-        return {name: {"up": runner.state.up, "since": int(runner.state.since),
-                       "output": runner.state.output}
-                for name, runner in sorted(self.checks.items())}
-
-    def label_sources(self) -> dict[str, Any]:
-        """GET /v1/labels: every local label by where it comes from."""
-        self.reread_labels()
-        files = self.local_labels.by_file()
-        runtime = files.pop(self.runtime.path.name, [])
-        return {"env": sorted(set(self.config.labels)), "files": files, "runtime": runtime,
-                "leases": self.leases.seconds_left(time.monotonic()),
-                "checks": {name: {"labels": list(runner.spec.labels), "up": runner.state.up}
-                           for name, runner in sorted(self.checks.items())}}
-
-    # registry ------------------------------------------------------------------
-    def registry_changed(self) -> None:
-        self.watch.poke()
-        if self.callback:
-            self.callback.notify()
-
-    def expire(self) -> None:
-        dead = self.registry.expire(time.time())
-        if dead:
-            self.counters.left_expired += len(dead)
-            log.info("expired (silent for over %ds): %s", self.config.ttl, ", ".join(dead[:20]))
-            self.registry_changed()
-
-    def registry_json(self) -> bytes:
-        self.expire()
-        return self.api.renderer(("all",)).render(self.registry.packets())
-
-    def on_packet(self, data: bytes) -> None:
-        """Every discovery packet of the fleet comes through here: keep it lean."""
-        try:
-            message, hostname, labels = decode_envelope(data, self.label_cache)
-        except PacketError as exc:
-            self.counters.dropped += 1
-            self.garbage_log.warning("dropped a packet: %s", exc)
-            return
-        counters = self.counters
-        if message == "hi":
-            counters.his += 1
-            change = self.registry.apply_hi(hostname, labels, time.time())
-            if change:
-                if change == NEW_HOST:
-                    counters.joined += 1
-                    self.membership_log.info("new host %s", hostname)
-                else:
-                    self.membership_log.info("new labels of %s", hostname)
-                self.registry_changed()
-        else:
-            counters.goodbyes += 1
-            if self.registry.apply_goodbye(hostname):
-                counters.left_goodbye += 1
-                self.membership_log.info("goodbye from %s", hostname)
-                self.registry_changed()
-
-    def learn_packet(self, data: bytes) -> None:
-        """A packet of the fleet read at join (kv's initial values): on_packet without
-        a log line per host, the join's one line counts them."""
-        try:
-            message, hostname, labels = decode_envelope(data, self.label_cache)
-        except PacketError as exc:
-            self.counters.dropped += 1
-            self.garbage_log.warning("dropped a packet: %s", exc)
-            return
-        if message != "hi":
-            self.on_packet(data)
-            return
-        self.counters.his += 1
-        change = self.registry.apply_hi(hostname, labels, time.time())
-        if change:
-            self.counters.joined += change == NEW_HOST
-            self.registry_changed()
-
-    # publishing ----------------------------------------------------------------
-    async def publish(self, packet: Packet, message: str = "hi") -> bool:
-        """On every transport; True if at least one took it."""
-        data = encode_envelope(packet, message)
-        sent = 0
-        for transport in self.transports:
-            sent += await transport.publish(data)
-        self.counters.published += sent
-        return sent > 0
-
-    async def publish_local(self) -> None:
-        if not self.config.register:
-            return
-        packet = self.local_packet()
-        # we list ourselves even while NATS is away; our own packet refreshes it later
-        change = self.registry.apply_hi(packet.hostname, packet.labels, time.time())
-        if change:
-            self.counters.joined += change == NEW_HOST
-            self.registry_changed()
-        await self.publish(packet)
-
-    async def keep_alive(self) -> None:
-        while not self._stopping:
-            self.refresh_local()
-            await self.publish_local()
-            await wait_event(self.wake, self.config.keep_alive)
-            self.wake.clear()
-
-    async def clean_up(self) -> None:
-        """Expire hosts when they die, not only every CLEAN_EVERY seconds."""
-        while not self._stopping:
-            self.expire()
-            pause = min(self.config.clean_every, self.registry.next_expiry() - time.time())
-            await asyncio.sleep(max(0.05, pause + 0.01))
-
-    async def on_connect(self, transport: Transport) -> None:
-        """On every (re)connect: say hi at once, then learn the fleet from one peer."""
-        await self.publish_local()
-        self.schedule(self.sync(transport))
-
-    async def sync(self, transport: Transport) -> None:
-        """Join: learn every live host from one peer instead of waiting a keep-alive
-        round, then answer the joins of others."""
-        learned = 0
-
-        def reply(data: bytes) -> bool:
-            nonlocal learned
-            count, complete = self.learn_from(data, time.time())
-            learned += count
-            return complete
-
-        if await transport.ask_fleet(reply, SYNC_WINDOW):
-            log.info("learned %d hosts from a peer over %s", learned, transport.kind)
-        if learned:
-            self.counters.joined += learned
-            self.registry_changed()
-        self._synced.add(transport)
-        if len(self._synced) == len(self.transports):
-            self.joined.set()
-        await transport.serve_fleet(self.fleet_chunks)
-
-    def learn_from(self, data: bytes, now: float) -> tuple[int, bool]:
-        """Apply one chunk of a peer's answer: (hosts added, whether it was the last)."""
-        try:
-            reply = parse_json(data)
-            added = 0
-            for hostname, labels, age in reply["hosts"]:
-                labels = self.label_cache.normalise(tuple(labels))
-                if 0 <= float(age) < self.config.ttl and self.registry.learn(
-                        self.label_cache.hostname(hostname), labels, now - float(age)):
-                    added += 1
-            return added, reply.get("done") is True
-        except (ValueError, TypeError, KeyError, AttributeError, PacketError) as exc:
-            self.garbage_log.warning("dropped a sync answer: %s", describe_error(exc))
-            return 0, False
-
-    def fleet_chunks(self, budget: int) -> list[bytes]:
-        """The registry as a join answer: chunks of at most about `budget` bytes."""
-        self.expire()
-        now = time.time()
-        chunks, chunk, size = [], [], 0
-        for name, (labels, seen) in self.registry.hosts.items():
-            item = json.dumps([name, labels, round(now - seen, 3)], ensure_ascii=False)
-            if size + len(item) > budget and chunk:
-                chunks.append(sync_chunk(chunk, False))
-                chunk, size = [], 0
-            chunk.append(item)
-            size += len(item) + 1
-        chunks.append(sync_chunk(chunk, True))
-        return chunks
-
-    # operating it: health, metrics, readiness ----------------------------------
-    def health(self) -> tuple[bool, dict[str, Any]]:
-        """(healthy, GET /v1/health): healthy while every transport is connected."""
-        drivers = [transport.state() for transport in self.transports]
-        healthy = all(driver["connected"] for driver in drivers)
-        return healthy, {
-            "status": "ok" if healthy else "disconnected", "hostname": self.hostname,
-            "version": __version__, "uptime_s": int(time.time() - self.started),
-            "hosts": len(self.registry), "drivers": drivers, "checks": self.check_states()}
-
-    def metric_families(self) -> list[Family]:
-        counters, transports = self.counters, self.transports
-        runs = self.callback.runs if self.callback else {}
-        checks = self.check_states()
-        return [
-            Family("lobbyd_build_info", "gauge", "lobbyd's version.",
-                   [({"version": __version__}, 1)]),
-            Family("lobbyd_hosts", "gauge", "Live hosts in the registry.",
-                   [({}, len(self.registry))]),
-            Family("lobbyd_local_labels", "gauge", "Labels this host publishes.",
-                   [({}, len(self.labels))]),
-            Family("lobbyd_connected", "gauge", "1 while the transport is connected.",
-                   [({"driver": t.kind}, int(t.is_connected)) for t in transports]),
-            Family("lobbyd_reconnects_total", "counter", "Reconnections after the first.",
-                   [({"driver": t.kind}, t.reconnects) for t in transports]),
-            Family("lobbyd_packets_received_total", "counter", "Valid discovery packets.",
-                   [({"message": "hi"}, counters.his),
-                    ({"message": "goodbye"}, counters.goodbyes)]),
-            Family("lobbyd_packets_dropped_total", "counter", "Packets off the contract.",
-                   [({}, counters.dropped)]),
-            Family("lobbyd_packets_published_total", "counter", "Packets this host sent.",
-                   [({}, counters.published)]),
-            Family("lobbyd_hosts_joined_total", "counter", "Hosts that appeared.",
-                   [({}, counters.joined)]),
-            Family("lobbyd_hosts_left_total", "counter", "Hosts that left, by reason.",
-                   [({"reason": "goodbye"}, counters.left_goodbye),
-                    ({"reason": "expired"}, counters.left_expired)]),
-            Family("lobbyd_callback_runs_total", "counter", "CALLBACK runs by result.",
-                   [({"result": result}, runs.get(result, 0))
-                    for result in ("ok", "failed", "timeout", "error")]),
-            Family("lobbyd_http_requests_total", "counter", "HTTP responses by status code.",
-                   [({"code": str(code)}, count)
-                    for code, count in sorted(self.http.codes.items())]),
-            Family("lobbyd_check_up", "gauge", "1 while the health check passes.",
-                   [({"check": name}, int(state["up"]))
-                    for name, state in sorted(checks.items())]),
-            *process_families(),
-        ]
-
-    def status_text(self) -> str:
-        """systemd's STATUS= line: what `systemctl status lobbyd` shows."""
-        parts = []
-        for transport in self.transports:
-            if transport.is_connected:
-                parts.append(f"connected to {transport.server}")
-            elif transport.was_connected:
-                parts.append(f"{transport.kind} connection lost; "
-                             f"reconnecting to {transport.targets()}")
-            else:
-                parts.append(f"waiting for {transport.kind} at {transport.targets()}")
-        if all(transport.is_connected for transport in self.transports):
-            return "; ".join(parts) + f"; {len(self.registry)} hosts known"
-        return "; ".join(parts) + "; the API keeps serving"
-
-    def tell_systemd(self) -> None:
-        notify_systemd(f"STATUS={self.status_text()}")
-
-    async def announce_ready(self) -> None:
-        """READY=1 once connected and synced, or after READY_TIMEOUT: never blocks a start."""
-        waiting = asyncio.ensure_future(self.joined.wait())
-        await asyncio.wait([waiting], timeout=READY_TIMEOUT)
-        waiting.cancel()
-        notify_systemd(f"READY=1\nSTATUS={self.status_text()}")
-        release_start_up_memory()
-
-    # lifecycle -----------------------------------------------------------------
-    def schedule(self, coro: Awaitable[Any]) -> None:
-        task = asyncio.ensure_future(coro)
-        self.tasks.append(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Future[Any]) -> None:
-        if task in self.tasks:
-            self.tasks.remove(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("task failed: %s", describe_error(task.exception()),  # type: ignore
-                      exc_info=task.exception())
-
-    def request_stop(self, signame: str) -> None:
-        if self._stopping:
-            log.info("%s again: already stopping", signame)
-            return
-        self._stopping = True
-        log.info("%s: stopping", signame)
-        self.stop.set()
-        # The last resort: whatever hangs, the process is gone within seconds.
-        watchdog = threading.Timer(SHUTDOWN_DEADLINE, hard_exit)
-        watchdog.daemon = True
-        watchdog.start()
-
-    def install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
-        """SIGTERM/SIGINT stop, SIGHUP re-reads labels now.
-
-        Plain signal.signal(), not loop.add_signal_handler(): the loop puts the
-        default (deadly) handler back when it closes, and a second SIGTERM landing
-        then must still be harmless.
-        """
-        def on_signal(signum: int, _frame: Any) -> None:
-            action = self.wake.set if signum == signal.SIGHUP else \
-                (lambda: self.request_stop(signal.Signals(signum).name))
-            with contextlib.suppress(RuntimeError):  # the loop is closed: we are exiting
-                loop.call_soon_threadsafe(action)
-
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, on_signal)
-
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.wake = asyncio.Event()
-        self.stop = asyncio.Event()
-        self.joined = asyncio.Event()  # first connection and join sync done
-        self.label_lock = asyncio.Lock()
-        self.install_signal_handlers(loop)
-        watch_binary_loader(loop)
-        if not self.config.disable_api:
-            await self.listen()  # first: a HOST we cannot listen on is a config error
-        self.runtime.remove_stale_temp_files()
-        self.refresh_local()  # before any request can be served: no await in between
-        log.info("lobbyd %s starting as %s (%s)", __version__, self.hostname,
-                 "publishing" if self.config.register else "client only, not publishing")
-        warn_about_timing(self.config)
-        self.schedule(self.announce_ready())
-        for transport in self.transports:
-            self.schedule(transport.run(self.on_packet))
-        self.schedule(self.keep_alive())
-        self.schedule(self.clean_up())
-        if self.callback:
-            self.schedule(self.callback.run())
-        await self.stop.wait()
-        await self.shutdown()
-
-    async def listen(self) -> None:
-        """Start the API; an address this machine does not have is bad configuration.
-
-        A port in use is not: it may be free on the next try (exit 1, restart).
-        """
-        host, port = self.config.host, self.config.port
-        try:
-            await self.http.start(host, port)
-        except OSError:
-            problem = listen_problem(host, port)
-            if problem:
-                raise ConfigError(problem) from None
-            raise
-        log.info("API listening on %s port %d", host, port)
-
-    async def shutdown(self) -> None:
-        """Goodbye, flush, close: well under two seconds."""
-        notify_systemd("STOPPING=1")
-        self._stopping = True  # every loop checks it: a lost cancellation cannot hang us
-        self.watch.close()
-        for runner in self.checks.values():
-            runner.stop()
-        if self._lease_timer is not None:
-            self._lease_timer.cancel()
-        if self.callback:
-            self.callback.stop()
-        for task in list(self.tasks):
-            task.cancel()
-        if self.config.register and await self.publish(Packet(self.hostname), "goodbye"):
-            log.info("said goodbye as %s", self.hostname)
-            for transport in self.transports:
-                await transport.said_goodbye()
-        await asyncio.gather(*(transport.close(timeout=0.8) for transport in self.transports))
-        await self.http.close()
-        if self.tasks:
-            await asyncio.wait(list(self.tasks), timeout=0.3)
-
-
-def warn_about_timing(config: Config) -> None:
-    """Accepted, as the Go daemon does, but said once: such hosts will flap."""
-    if config.ttl < 2 * config.keep_alive:
-        log.warning("TTL=%d is less than twice KEEP_ALIVE=%d: peers will drop this host "
-                    "whenever one keep-alive is late or lost (hosts will flap); "
-                    "use TTL of 3 to 6 times KEEP_ALIVE", config.ttl, config.keep_alive)
-
-
-def sync_chunk(items: list[str], done: bool) -> bytes:
-    done_text = "true" if done else "false"
-    return f'{{"hosts":[{",".join(items)}],"done":{done_text}}}'.encode()
 
 
 ###############################################################################
@@ -5793,75 +5898,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-#: What run_script() has a fresh interpreter run (`python -c`); its arguments are
-#: this file's path, then the script's own sys.argv.
-SCRIPT_BOOT = """\
-import importlib.util, os, sys
-path = sys.argv.pop(1)
-del sys.argv[0]  # "-c": sys.argv is the script's own again
-if sys.path[:1] == [""]:  # as for a script: its directory first, not the working one
-    sys.path[0] = os.path.dirname(os.path.realpath(path))
-spec = importlib.util.spec_from_file_location("lobbyd", path)
-module = importlib.util.module_from_spec(spec)
-sys.modules["lobbyd"] = module
-spec.loader.exec_module(module)
-sys.exit(module.main())
-"""
-
-
-def script_reexec_argv(script: str) -> list[str] | None:
-    """The command line that goes on with the daemon of `python [options] lobbyd.py`
-    with this file imported as a module: same interpreter, options and arguments.
-    None when this is no such run (the binary, `-m`, a stdin script, Python 3.9) or no
-    daemon (a command: short-lived, not worth a second start)."""
-    if __spec__ is not None or getattr(sys, "frozen", False) or not script.endswith(".py"):
-        return None
-    orig_argv: list[str] = getattr(sys, "orig_argv", [])  # Python 3.10+
-    argv = sys.argv
-    options = orig_argv[1:len(orig_argv) - len(argv)]
-    if orig_argv[len(options) + 1:] != argv or not sys.executable or \
-            not os.path.isfile(script):
-        return None
-    if argv[1:] or invoked_name() == "lobbyctl":
-        return None
-    return [sys.executable, *options, "-c", SCRIPT_BOOT, os.path.abspath(script), *argv]
-
-
-def run_script() -> int:
-    """`python lobbyd.py`: the daemon runs on in a fresh interpreter that imports this file.
-
-    CPython keeps the syntax tree of the script it started with until the script
-    returns, which a daemon's never does: ~11 MB for this file, a third of an idle
-    lobbyd. An imported module keeps only its code, from __pycache__ when it can.
-    exec keeps the PID, environment and open descriptors; where it cannot be done
-    the daemon runs here.
-    """
-    script = globals().get("__file__") or ""  # none when read from stdin
-    argv = script_reexec_argv(script)
-    if argv is not None:
-        refresh_bytecode(script)
-        with contextlib.suppress(OSError):
-            os.execv(argv[0], argv)
-    return main()
-
-
-def refresh_bytecode(script: str) -> None:
-    """Compile `script` into __pycache__ when it is newer than its bytecode there: the
-    fresh interpreter then loads code, for compiling leaves its heap ~6 MB bigger for
-    good. Where nothing may be written there, it compiles the file itself."""
-    import importlib.util
-    import py_compile
-
-    cached = importlib.util.cache_from_source(script)
-    try:
-        fresh = os.stat(cached).st_mtime_ns >= os.stat(script).st_mtime_ns
-    except OSError:
-        fresh = False
-    if not fresh and not sys.dont_write_bytecode:
-        with contextlib.suppress(OSError, py_compile.PyCompileError):
-            py_compile.compile(script, cfile=cached, doraise=True)
-
-
 ###############################################################################
 # lobbyctl: a client of the HTTP API, compatible with the Go daemon's lobbyctl.
 # It shares the data shapes with the daemon, never its state.
@@ -6239,4 +6275,4 @@ def ctl_main(argv: Sequence[str], environ: Mapping[str, str], out: Any = None) -
 
 
 if __name__ == "__main__":
-    sys.exit(run_script())
+    sys.exit(main())

@@ -1,9 +1,10 @@
 """The one test harness: how every suite (core, resilience, packaging) and the benchmark
 find free ports, wait for things, and start real nats-server and lobbyd processes.
 
-The command line of a lobbyd comes from LOBBYD_CMD (default: this interpreter running
-lobbyd.py), so the very same suites run against the frozen binary. Daemons get a minimal
-environment (as under `env -i`) plus the variables a test sets. Loopback only.
+The command line of a lobbyd comes from LOBBYD_CMD (default: this interpreter importing
+lobbyd.py, as an installed lobbyd runs), so the very same suites run against the frozen
+binary. Daemons get a minimal environment (as under `env -i`) plus the variables a test
+sets. Loopback only.
 
 No pytest at import time: bench/ uses this module too, and the bench session has no pytest.
 """
@@ -61,11 +62,17 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: f
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
+#: lobbyd from source as its console script runs it (`from lobbyd import main`): imported,
+#: so from its bytecode, as an installed lobbyd runs; its arguments follow ROOT
+SOURCE_BOOT = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import lobbyd; "
+               "sys.exit(lobbyd.main())")
+
+
 def lobbyd_command() -> list[str]:
     cmd = os.environ.get("LOBBYD_CMD")
     if cmd:
         return shlex.split(cmd)
-    return [sys.executable, str(ROOT / "lobbyd.py")]
+    return [sys.executable, "-c", SOURCE_BOOT, str(ROOT)]
 
 
 def nats_server_binary() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -228,7 +229,7 @@ def test_a_hostname_change_says_goodbye_for_the_old_name(lobbyd, nats, monkeypat
     if os.geteuid() != 0:
         skip_unless_required("a UTS namespace needs root")
 
-    monkeypatch.setenv("LOBBYD_CMD", " ".join(
+    monkeypatch.setenv("LOBBYD_CMD", shlex.join(
         [shutil.which("unshare") or "unshare", "--uts", *lobbyd_command()]))
     watcher = lobbyd("watcher")
     a = lobbyd("renamed", start=False)

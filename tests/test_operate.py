@@ -9,7 +9,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -18,7 +17,6 @@ import pytest
 from conftest import (
     Lobbyd,
     free_port,
-    lobbyd_command,
     run_lobbyd,
     skip_unless_required,
     wait_for,
@@ -351,20 +349,6 @@ def verbose_daemon(lobbyd, name: str) -> Lobbyd:
     d = lobbyd(name, PYTHONVERBOSE="1")
     wait_for(lambda: health(d)[0] == 200, what=f"{name} connected")
     return d
-
-
-def test_python_lobbyd_py_runs_the_daemon_from_its_bytecode(lobbyd) -> None:
-    """CPython keeps a script's syntax tree (~11 MB here) while it runs: `python lobbyd.py`
-    goes on in the same process, with this file imported from __pycache__."""
-    if sys.version_info < (3, 10):
-        pytest.skip("no sys.orig_argv: Python 3.9 runs the daemon in the script")
-    a = verbose_daemon(lobbyd, "a")
-    script = lobbyd_command()[1]
-    assert a.proc is not None and a.proc.poll() is None  # the PID it was started as
-    cmdline = Path(f"/proc/{a.proc.pid}/cmdline").read_text().split("\0")[:-1]
-    assert cmdline[0] == sys.executable and "-c" in cmdline, cmdline
-    assert cmdline[-2:] == [os.path.abspath(script), script], cmdline
-    assert "code object from '" + str(Path(script).parent / "__pycache__") in a.logs()
 
 
 def test_a_nats_only_lobbyd_never_imports_importlib_metadata(lobbyd) -> None:

@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import Lobbyd, RedisServer, lobbyd_command, wait_for
+from conftest import ROOT, Lobbyd, RedisServer, lobbyd_command, wait_for
 
 CHANNEL = "lobby:discovery"
 
@@ -182,7 +182,7 @@ def test_redis_without_the_library_is_a_config_error(tmp_path) -> None:
     done = subprocess.run([sys.executable, "-S", "-c",
                            "import sys; sys.path.insert(0, sys.argv[1]);"
                            "import lobbyd; sys.exit(lobbyd.main([]))",
-                           str(lobbyd_command()[1].rsplit("/", 1)[0])],
+                           str(ROOT)],
                           env={"PATH": os.environ["PATH"], "DRIVER": "Redis"},
                           capture_output=True, text=True, timeout=20)
     assert done.returncode == 78 and "pip install 'lobbyd[redis]'" in done.stderr, done
