@@ -1603,13 +1603,9 @@ class Fleet:
             self.counters.dropped += 1
             self.garbage_log.warning("dropped a packet: %s", exc)
             return
-        if message == "hi":
-            self.hi(hostname, labels, quiet)
-        else:
+        if message != "hi":
             self.goodbye(hostname)
-
-    def hi(self, hostname: str, labels: tuple[str, ...], quiet: bool = False) -> None:
-        """A host says it is alive, with these (validated, normalised) labels."""
+            return
         counters = self.counters
         counters.his += 1
         change = self.registry.apply_hi(hostname, labels, time.time())
@@ -1837,6 +1833,17 @@ def nats_py_version(nats: Any) -> tuple[int, ...] | None:
     return (int(numbers[1]), int(numbers[2])) if numbers else None
 
 
+def untested_nats_py(nats: Any) -> str:
+    """Why the tricks below must not be used with this nats-py; "" if they may."""
+    version, (low, high) = nats_py_version(nats), NATS_PY_TESTED
+    if version is not None and not low <= version <= high:
+        shown = [".".join(map(str, numbers)) for numbers in (version, low, high)]
+        return f"nats-py {shown[0]} is not one tested ({shown[1]} to {shown[2]})"
+    if direct_parser(nats) is None or not hasattr(nats.aio.client.Client, "_process_msg"):
+        return "this nats-py lacks the private names of lobbyd's fast path"
+    return ""
+
+
 class NatsPy:
     """nats-py as lobbyd uses it: the module, a client class, and the hooks that hand
     messages straight to lobbyd; all of them plain nats-py when `plain`."""
@@ -1844,15 +1851,8 @@ class NatsPy:
     def __init__(self, environ: Mapping[str, str], urls: Sequence[str]):
         forced = environ.get("LOBBYD_PLAIN_NATS", "").lower() in ("1", "true", "yes", "on")
         self.nats = import_nats(urls, trick=not forced)
-        version = nats_py_version(self.nats)
-        low, high = NATS_PY_TESTED
-        #: why the plain nats-py is used; "" when the tricks are
-        self.plain = "LOBBYD_PLAIN_NATS is set" if forced else \
-            f"nats-py {'.'.join(map(str, version))} is not one tested (2.15-2.16)" \
-            if version is not None and not low <= version <= high else \
-            "this nats-py lacks the private names lobbyd's fast path uses" \
-            if direct_parser(self.nats) is None or \
-            not hasattr(self.nats.aio.client.Client, "_process_msg") else ""
+        #: why plain nats-py is used; "" when the tricks are
+        self.plain = "LOBBYD_PLAIN_NATS is set" if forced else untested_nats_py(self.nats)
         if self.plain:
             log.info("NATS: %s: using plain nats-py (slower at fleet scale)", self.plain)
 
