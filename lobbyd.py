@@ -871,7 +871,7 @@ class CheckState:
 
 
 ###############################################################################
-# Wire format: the discovery packet and the NATS envelope around it.
+# Wire format: the discovery packet, the envelope around it, the join sync's answer.
 ###############################################################################
 
 MAX_HOSTNAME_BYTES = 253
@@ -2294,16 +2294,15 @@ class NatsDriver(Transport):
         async def on_reply(msg: Any) -> None:
             replies.put_nowait(msg.data)
 
-        timer = asyncio.get_running_loop().call_later(window, replies.put_nowait, None)
         try:
-            inbox = self.nc.new_inbox()
-            sub = await self.nc.subscribe(inbox, cb=on_reply)
-            await self.publish_to(self.sync_subject, b"{}", reply=inbox)
-            complete = await answered(replies, reply, window)
+            with deadline(window, lambda: replies.put_nowait(None)):
+                inbox = self.nc.new_inbox()
+                sub = await self.nc.subscribe(inbox, cb=on_reply)
+                await self.publish_to(self.sync_subject, b"{}", reply=inbox)
+                complete = await answered(replies, reply, window)
         except Exception as exc:  # the connection went away: the next connect syncs again
             log.debug("sync failed: %s", describe_error(exc))
         finally:
-            timer.cancel()
             if sub is not None:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
@@ -2486,18 +2485,17 @@ class RedisDriver(Transport):
         reply_channel = self.sync_channel + b"." + request_id.encode()
         replies: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._replies[reply_channel] = replies
-        timer = asyncio.get_running_loop().call_later(window, replies.put_nowait, None)
         complete = False
         try:
-            await self.pubsub.subscribe(reply_channel)
-            request = json.dumps({"id": request_id, "reply": reply_channel.decode()})
-            listeners = await self.client.publish(self.sync_channel, request)
-            # 0 listeners: nobody answers joins yet, we are the first
-            complete = bool(listeners) and await answered(replies, reply, window)
+            with deadline(window, lambda: replies.put_nowait(None)):
+                await self.pubsub.subscribe(reply_channel)
+                request = json.dumps({"id": request_id, "reply": reply_channel.decode()})
+                listeners = await self.client.publish(self.sync_channel, request)
+                # 0 listeners: nobody answers joins yet, we are the first
+                complete = bool(listeners) and await answered(replies, reply, window)
         except Exception as exc:  # the connection went away: the next connect syncs again
             log.debug("sync over Redis failed: %s", describe_error(exc))
         finally:
-            timer.cancel()
             del self._replies[reply_channel]
             with contextlib.suppress(Exception):
                 await self.pubsub.unsubscribe(reply_channel)
