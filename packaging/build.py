@@ -139,7 +139,26 @@ def run_staticx(prog: Path, out: Path, loader: Path) -> None:
     staticx.api.generate(str(prog), str(out), compress=False)
 
 
+def check_nats_py() -> None:
+    """Freeze only a nats-py of pyproject.toml's pin (the releases lobbyd's fast path was
+    tested on): the binary carries no package metadata, so lobbyd cannot check it there."""
+    from importlib.metadata import version as installed
+
+    pin = re.search(r'"nats-py>=([0-9.]+),<([0-9.]+)"', (ROOT / "pyproject.toml").read_text())
+    if pin is None:
+        sys.exit("build.py: no nats-py>=X,<Y pin in pyproject.toml")
+    release = installed("nats-py")
+
+    def numbers(text: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in re.findall(r"[0-9]+", text)[:3])
+
+    if not numbers(pin[1]) <= numbers(release) < numbers(pin[2]):
+        sys.exit(f"build.py: nats-py {release} is installed; pyproject.toml pins "
+                 f"nats-py>={pin[1]},<{pin[2]} (pip install '.[redis]')")
+
+
 def build_binary() -> Path:
+    check_nats_py()
     for tool in ("patchelf", "staticx", "pyinstaller", "objcopy", "strip", "file", "musl-gcc",
                  "patch"):
         if not shutil.which(tool):

@@ -314,6 +314,8 @@ def base_env() -> dict[str, str]:
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
     if os.environ.get("LOBBYD_TMPDIR"):
         env["TMPDIR"] = os.environ["LOBBYD_TMPDIR"]
+    if os.environ.get("LOBBYD_PLAIN_NATS"):  # the suite on plain nats-py (nox -s plain_nats)
+        env["LOBBYD_PLAIN_NATS"] = os.environ["LOBBYD_PLAIN_NATS"]
     return env
 
 

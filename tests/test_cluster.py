@@ -247,3 +247,22 @@ def test_a_hostname_change_says_goodbye_for_the_old_name(lobbyd, nats, monkeypat
              "old-name" not in watcher.hostnames(), timeout=3, what="rename seen")
     goodbyes = [json.loads(p) for _s, p in sub.messages(0.5) if b'"goodbye"' in p]
     assert [g["discovery"]["hostname"] for g in goodbyes] == ["old-name"]
+
+
+def test_plain_nats_py_lists_joins_and_says_goodbye_with_the_fast_path(lobbyd) -> None:
+    """LOBBYD_PLAIN_NATS=1: lobbyd on public nats-py only (the fallback when nats-py is
+    not a tested version) lists, syncs and says goodbye alongside the fast path."""
+    plain = {"LOBBYD_PLAIN_NATS": "1", "KEEP_ALIVE": "60", "TTL": "120"}
+    a = lobbyd("a", LABELS="service:web", **plain)
+    b = lobbyd("b", KEEP_ALIVE="60", TTL="120")  # nats-py's internals
+    wait_for(lambda: a.hostnames() == ["a", "b"] == b.hostnames(), what="a and b")
+    b.kill()  # c learns b from a plain peer's answer, a keep-alive is a minute away
+    c = lobbyd("c", **plain)
+    wait_for(lambda: c.hostnames() == ["a", "b", "c"], timeout=2, what="c learns all")
+    assert c.labels_of("a") == ["service:web"] and "learned 2 hosts from a peer" in c.logs()
+    assert c.stop() == 0
+    wait_for(lambda: a.hostnames() == ["a", "b"], timeout=1, what="c's goodbye heard")
+    assert "using plain nats-py" in a.logs()
+    if not os.environ.get("LOBBYD_PLAIN_NATS"):  # (nox -s plain_nats: everyone is plain)
+        assert "plain nats-py" not in b.logs()
+    assert "Traceback" not in a.logs() + c.logs()

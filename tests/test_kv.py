@@ -277,3 +277,19 @@ def test_the_api_is_unchanged_in_kv_mode(kv) -> None:
     assert events.events[1][0] == "changed" and events.events[1][2]["hostname"] == "b"
     b.request("DELETE", "/v1/labels", body="role:new")
     wait_for(lambda: a.labels_of("b") == ["prometheus:node", "service:db"], what="removed")
+
+
+def test_plain_nats_py_joins_labels_and_goodbye(kv) -> None:
+    """The kv mode on public nats-py only (LOBBYD_PLAIN_NATS=1), beside the fast path."""
+    a = kv("a", LABELS="service:web", LOBBYD_PLAIN_NATS="1")
+    b = kv("b", LABELS="service:smtp")
+    wait_for(lambda: sees(a, ["a", "b"]) and sees(b, ["a", "b"]), what="a and b")
+    c = kv("c", LOBBYD_PLAIN_NATS="1")  # the bucket's contents, from nats-py's callbacks
+    wait_for(lambda: sees(c, ["a", "b", "c"]), timeout=2, what="c lists the fleet")
+    assert c.labels_of("b") == ["service:smtp"] and "learned 2 hosts from the bucket" in c.logs()
+    b.request("POST", "/v1/labels", body="role:x")
+    wait_for(lambda: a.labels_of("b") == ["role:x", "service:smtp"], what="label added")
+    assert b.stop() == 0
+    wait_for(lambda: sees(a, ["a", "c"]) and sees(c, ["a", "c"]), timeout=2,
+             what="b's goodbye heard")
+    assert "using plain nats-py" in c.logs() and "Traceback" not in a.logs() + c.logs()

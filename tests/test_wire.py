@@ -196,3 +196,84 @@ def test_the_direct_parser_hands_on_what_nats_py_would() -> None:
         for p in (parser(Recorder()), Parser(Recorder())):
             with pytest.raises(nats.errors.ProtocolError):
                 asyncio.run(feed(p, [FRAMES[0], junk, FRAMES[0]]))
+
+
+# --------------------------------------------------------------------------- join sync
+
+
+def test_join_answer_chunks_round_trip_within_the_budget() -> None:
+    from lobbyd import decode_sync_chunk, sync_chunks
+
+    hosts = [(f"host{i}.example.com", (f"role:{i % 3}", "service:web"), i / 7)
+             for i in range(200)]
+    chunks = sync_chunks(hosts, budget=1024)
+    assert len(chunks) > 5 and all(len(chunk) <= 1024 + 100 for chunk in chunks)
+    cache, seen = LabelCache(), []
+    for n, chunk in enumerate(chunks):
+        decoded, done = decode_sync_chunk(chunk, cache)
+        assert done is (n == len(chunks) - 1)
+        seen += decoded
+    assert seen == [(name, labels, round(age, 3)) for name, labels, age in hosts]
+
+
+def test_join_answer_of_an_empty_registry_and_of_a_huge_host() -> None:
+    from lobbyd import decode_sync_chunk, sync_chunks
+
+    assert sync_chunks([], 100) == [b'{"hosts":[],"done":true}']
+    big = [("a", tuple(f"label:{i}" for i in range(50)), 1.0), ("b", (), 2.0)]
+    chunks = sync_chunks(big, budget=10)  # each host alone in a chunk, never dropped
+    assert [decode_sync_chunk(chunk, LabelCache())[0][0][0] for chunk in chunks] == ["a", "b"]
+
+
+@pytest.mark.parametrize("data", [
+    b"not json", b"[]", b"{}", b'{"hosts":1}', b'{"hosts":[["a"]]}',
+    b'{"hosts":[["a",[],"old"]]}', b'{"hosts":[["",[],1]]}', b'{"hosts":[["a",[1],1]]}',
+    b'{"hosts":[["a",[[]],1]]}', b'{"hosts":[["a",["x\\u0000"],1]]}',
+])
+def test_a_join_answer_off_the_contract_is_refused_whole(data: bytes) -> None:
+    from lobbyd import decode_sync_chunk
+
+    with pytest.raises(PacketError):
+        decode_sync_chunk(data, LabelCache())
+
+
+def test_js_ack_reads_both_forms_of_the_reply_subject() -> None:
+    from lobbyd import js_ack
+
+    assert js_ack(b"$JS.ACK.KV_x.c1.1.42.7.1700000000.3") == (42, 7, 3)
+    assert js_ack(b"$JS.ACK.dom.hash.KV_x.c1.1.42.7.1700000000.0.token") == (42, 7, 0)
+    for other in (b"", b"_INBOX.x", b"$JS.ACK.a.b", b"$JS.ACK.KV.c.1.x.7.1.3",
+                  b"$JS.NAK.KV_x.c1.1.42.7.1700000000.3"):
+        assert js_ack(other) is None
+
+
+# --------------------------------------------------------------------------- nats-py
+
+
+def test_nats_py_tricks_switch_to_plain_nats_py(monkeypatch) -> None:
+    """One switch: LOBBYD_PLAIN_NATS, or an untested nats-py, gives plain nats-py."""
+    import nats
+
+    import lobbyd
+
+    urls = ["nats://127.0.0.1:4222"]
+    tricks = lobbyd.NatsPy({}, urls)
+    assert tricks.plain == ""  # the venv's nats-py is one tested
+    assert tricks.client(batch_reads=True) is not nats.aio.client.Client
+    plain = lobbyd.NatsPy({"LOBBYD_PLAIN_NATS": "1"}, urls)
+    assert plain.plain and plain.client(batch_reads=True) is nats.aio.client.Client
+
+    class Sub:
+        _id = 1
+
+    class Conn:
+        direct: dict = {}
+
+    assert plain.direct(Conn(), Sub(), print) is False and not Conn.direct
+    assert plain.direct_stream(Conn(), Sub(), print) is False
+    assert tricks.direct(Conn(), Sub(), print) is True and Conn.direct == {1: print}
+    monkeypatch.setattr(lobbyd, "NATS_PY_TESTED", ((2, 0), (2, 1)))
+    assert "is not one tested (2.0 to 2.1)" in lobbyd.NatsPy({}, urls).plain
+    from importlib.metadata import version
+
+    assert lobbyd.nats_py_version(nats) == tuple(map(int, version("nats-py").split(".")[:2]))
