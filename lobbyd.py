@@ -1789,7 +1789,7 @@ class Transport:
 
 ###############################################################################
 # nats-py internals: everything here leans on nats-py's private names; tested on
-# nats-py 2.15-2.16 (NATS_PY_TESTED). Fenced: nothing outside this section touches
+# nats-py 2.15.0-2.16.0 (NATS_PY_TESTED). Fenced: nothing outside this section touches
 # a private name of nats-py. NatsPy is the one switch: with LOBBYD_PLAIN_NATS=1, or
 # by itself when the installed nats-py is outside the tested versions or lacks a
 # name used here, lobbyd runs on plain public nats-py: slower, the same behaviour.
