@@ -1105,7 +1105,9 @@ def decode_envelope(data: bytes, cache: LabelCache) -> tuple[str, str, tuple[str
 
 
 ###############################################################################
-# Registry: hostname -> (labels, when we last heard it), with expiry.
+# Registry: hostname -> (labels, when we last heard it), with expiry. Also what the
+# answers read off it: the changes not yet taken (watchers), the hosts noted as
+# changed (the whole-registry renderer) and the kept carriers of resolve views.
 ###############################################################################
 
 
@@ -3026,9 +3028,8 @@ class Answers:
 
 
 ###############################################################################
-# HTTP server: HTTP/1.1 on asyncio streams, with limits on everything. Generic: it
-# parses a request, calls one handler (and, for a head seen before, one optional
-# `at_once` callable), and writes the answer; it knows no route, type or registry.
+# HTTP messages: requests parsed with limits on everything, responses and their
+# heads, and the Accept header's negotiation. Pure: no socket, no state.
 ###############################################################################
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -3249,6 +3250,14 @@ def prefers_html(accept: str) -> bool:
         return False
     ranges = accept_ranges(accept)
     return accept_quality(ranges, "text/html") > accept_quality(ranges, "application/json")
+
+
+###############################################################################
+# HTTP server: HTTP/1.1 on asyncio streams. Generic: it parses a request, calls one
+# handler (and, for a head seen before, one optional `at_once` callable), and writes
+# the answer; it knows no route, type or registry. Owns its connections and the
+# count of answers by status (for /metrics).
+###############################################################################
 
 
 def listen_problem(host: str, port: int) -> str | None:
