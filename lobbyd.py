@@ -87,7 +87,7 @@ class BoundedCache(dict):  # type: ignore[type-arg]
 
     Forgetting all at once is crude but O(1) per insert, and hostile traffic can
     never grow it: each cache of LabelCache stays within a few dozen MB. Without a
-    `cost`, only the entries count.
+    `cost`, only the entries count; a key put again replaces its value in place.
     """
 
     def __init__(self, entries: int, cost: float = math.inf):
@@ -95,7 +95,8 @@ class BoundedCache(dict):  # type: ignore[type-arg]
         self.max_entries, self.max_cost, self.cost = entries, cost, 0
 
     def put(self, key: Any, value: Any, cost: int = 1) -> None:
-        if len(self) >= self.max_entries or self.cost + cost > self.max_cost:
+        if key not in self and (len(self) >= self.max_entries or
+                                self.cost + cost > self.max_cost):
             self.clear()
             self.cost = 0
         self[key] = value
