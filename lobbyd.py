@@ -49,6 +49,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 __version__ = "1.0.0"
 
 log = logging.getLogger("lobbyd")
+T = TypeVar("T")
 
 
 ###############################################################################
@@ -75,24 +76,106 @@ class PacketError(LobbydError, ValueError):
 EX_CONFIG = 78
 
 
-# TEMP: A's deadline. A private copy of the answer path's timer (REDESIGN.md), with its
-# name and signature, so that the transports can be written against it; deleted at the
-# merge. Until then it also takes the HTTP section's old form, deadline(writer, seconds).
-class deadline:  # lower case: used like a function, `with deadline(seconds, action):`
-    """Run `action()` if the block outlasts `seconds`: one timer, no task."""
+###############################################################################
+# Small helpers: a cache that bounds itself, and the one timer mechanism (deadline).
+# Used by every section; they own no state of their own.
+###############################################################################
 
-    __slots__ = ("timer",)
 
-    def __init__(self, seconds: float, action: Callable[[], Any]):
-        if not callable(action):  # TEMP: the old form, deadline(writer, seconds)
-            seconds, action = action, seconds.transport.abort  # type: ignore[attr-defined]
-        self.timer = asyncio.get_running_loop().call_later(seconds, action)
+class BoundedCache(dict):  # type: ignore[type-arg]
+    """A dict that forgets everything once it holds `entries` items or `cost` units.
 
-    def __enter__(self) -> None:
-        return None
+    Forgetting all at once is crude but O(1) per insert, and hostile traffic can
+    never grow it: each cache of LabelCache stays within a few dozen MB. Without a
+    `cost`, only the entries count; a key put again replaces its value in place.
+    """
+
+    def __init__(self, entries: int, cost: float = math.inf):
+        super().__init__()
+        self.max_entries, self.max_cost, self.cost = entries, cost, 0
+
+    def put(self, key: Any, value: Any, cost: int = 1) -> None:
+        if key not in self and (len(self) >= self.max_entries or
+                                self.cost + cost > self.max_cost):
+            self.clear()
+            self.cost = 0
+        self[key] = value
+        self.cost += cost
+
+
+class deadline:  # lower case: used like a function, `with deadline(10, task.cancel):`
+    """Calls `action()` if the `with` block outlasts `seconds` (math.inf: no deadline).
+
+    One loop timer and no task: not asyncio.wait_for(), which costs a task per
+    await and, on Python 3.9-3.11, can swallow a cancellation that lands as the
+    awaited thing finishes. `action` ends the wait: `transport.abort` (the pending
+    read or drain then fails), `event.set`, `task.cancel`.
+
+    A deadline can also be moved, as a connection does for each of its steps (idle,
+    head, body, write): moving it later costs one float, for the timer fires no later
+    than the deadline set and then re-arms itself for the deadline set since; a busy
+    connection's timer so fires about once per step length, not once per request.
+    """
+
+    __slots__ = ("action", "at", "handle", "loop")
+
+    def __init__(self, seconds: float, action: Callable[[], object]):
+        self.loop = asyncio.get_running_loop()
+        self.action = action
+        self.at = math.inf  #: loop time of the deadline (inf: none)
+        self.handle: asyncio.TimerHandle | None = None
+        self.move(seconds)
+
+    def move(self, seconds: float) -> deadline:
+        """The deadline is now `seconds` from now (math.inf: none for now)."""
+        if seconds == math.inf:
+            self.at = math.inf  # the timer stays armed: a later move() may need it
+            return self
+        self.at = at = self.loop.time() + seconds
+        handle = self.handle
+        if handle is None or handle.when() > at:  # it would fire too late
+            if handle is not None:
+                handle.cancel()
+            self.handle = self.loop.call_at(at, self._fire)
+        return self
+
+    def __enter__(self) -> deadline:
+        return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.timer.cancel()
+        self.cancel()
+
+    def cancel(self) -> None:
+        """No deadline any more, and no timer."""
+        self.at = math.inf
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+    def _fire(self) -> None:
+        handle, self.handle = self.handle, None
+        if self.at == math.inf:
+            return  # no deadline now: armed again by the next move()
+        if handle is not None and self.at <= handle.when():
+            self.action()  # the deadline this timer was set for has passed
+        else:
+            self.handle = self.loop.call_at(self.at, self._fire)
+
+
+async def within(seconds: float, awaitable: Awaitable[T]) -> T:
+    """The result of `awaitable`, or asyncio.TimeoutError after `seconds` (it is then
+    cancelled). Run as a task of its own: a cancellation that comes from inside it (as
+    nats-py cancels its own futures when its connection ends) stays inside; one of the
+    caller still reaches the caller."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        with deadline(seconds, task.cancel):
+            await asyncio.wait([task])
+    finally:
+        task.cancel()  # the caller was cancelled: so is what it waited for
+    if task.cancelled():
+        raise asyncio.TimeoutError
+    return task.result()
 
 
 ###############################################################################
@@ -910,25 +993,6 @@ def encode_envelope(packet: Packet, message: str = "hi") -> bytes:
                       separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-class BoundedCache(dict):  # type: ignore[type-arg]
-    """A dict that forgets everything once it holds `entries` items or `cost` units.
-
-    Forgetting all at once is crude but O(1) per insert, and hostile traffic can
-    never grow it: each cache of LabelCache stays within a few dozen MB.
-    """
-
-    def __init__(self, entries: int, cost: int):
-        super().__init__()
-        self.max_entries, self.max_cost, self.cost = entries, cost, 0
-
-    def put(self, key: Any, value: Any, cost: int) -> None:
-        if len(self) >= self.max_entries or self.cost + cost > self.max_cost:
-            self.clear()
-            self.cost = 0
-        self[key] = value
-        self.cost += cost
-
-
 class LabelCache:
     """Validated hostnames, labels and label lists, each stored once.
 
@@ -1095,17 +1159,43 @@ def decode_sync_chunk(data: bytes, cache: LabelCache
 
 
 ###############################################################################
-# Registry: hostname -> (labels, when we last heard it), with expiry.
+# Registry: hostname -> (labels, when we last heard it), with expiry. Also what the
+# answers read off it: the changes not yet taken (watchers), the hosts noted as
+# changed (the whole-registry renderer) and the kept carriers of resolve views.
 ###############################################################################
 
 
 NEW_HOST, NEW_LABELS = 2, 1
-#: labels /v1/resolve asked about whose carriers the registry keeps (see `carrying()`) ...
+#: resolve views whose carriers the registry keeps (see `carrying()`) ...
 MAX_INDEXED_LABELS = 16
 #: ... until nobody asked for this many seconds: each costs every change of labels a test
 INDEXED_LABEL_IDLE_S = 10.0
-#: label changes the registry notes for the renderer before it cuts them (see `noted`)
+#: label changes the registry notes for the renderer before it cuts them (see `Noted`)
 MAX_NOTED = 16384
+
+
+class Noted:
+    """The hostnames whose labels or presence changed, in order, a host once per change
+    (keep-alives are not noted): a reader that keeps its place (the whole-registry
+    renderer) renders again only their part of an answer. Cut when long: a reader
+    whose place was cut looks at everything."""
+
+    __slots__ = ("cut", "names")
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.cut = 0  #: names dropped so far: a place is `cut + len(names)` at most
+
+    @property
+    def end(self) -> int:
+        """The place after the last name noted."""
+        return self.cut + len(self.names)
+
+    def since(self, place: int) -> list[str] | None:
+        """The names noted from `place` on; None if some were cut since."""
+        if place < self.cut:
+            return None
+        return self.names[place - self.cut:]
 
 
 class Registry:
@@ -1126,16 +1216,11 @@ class Registry:
         #: hostname -> (its labels before the first change not yet taken, or None if it
         #: was not here; why it left, if it did): what watchers diff (take_changes())
         self.changes: dict[str, tuple[tuple[str, ...] | None, str]] = {}
-        #: label -> the hostnames carrying it, for labels resolve asked about lately: a
-        #: poll at fleet scale (100k hosts, every change a new version) then sorts its
-        #: answer instead of scanning every host
-        self._carriers: dict[str, set[str]] = {}
-        self._asked: dict[str, float] = {}  # label -> when carrying() last asked for it
-        #: the hostnames whose labels or presence changed, in order, a host once per
-        #: change (keep-alives are not noted): RegistryRenderer re-renders their chunks
-        #: alone between two full looks. Cut when long; `noted_cut` counts what was cut.
-        self.noted: list[str] = []
-        self.noted_cut = 0
+        #: resolve view -> [the hostnames it shows, when carrying() last asked], for the
+        #: views asked about lately: a poll at fleet scale (100k hosts, every change a
+        #: new version) then sorts its answer instead of scanning every host
+        self._carriers = BoundedCache(MAX_INDEXED_LABELS)
+        self.noted = Noted()  #: for the renderer (see Noted)
 
     def __len__(self) -> int:
         return len(self.hosts)
@@ -1189,7 +1274,7 @@ class Registry:
 
     def expire(self, now: float) -> list[str]:
         """Drop hosts silent for more than TTL; cheap when nothing can have expired."""
-        if self._asked:
+        if self._carriers:
             self._forget_unasked(now)
         if now - self._oldest <= self.ttl:
             return []
@@ -1210,38 +1295,35 @@ class Registry:
         seen = self.changes.get(hostname)
         self.changes[hostname] = (before if seen is None else seen[0], left)
         noted = self.noted
-        noted.append(hostname)
-        if len(noted) > MAX_NOTED:  # nobody renders (or not for long): a full look then
-            self.noted_cut += len(noted)
-            noted.clear()
+        noted.names.append(hostname)
+        if len(noted.names) > MAX_NOTED:  # nobody renders (or not for long): a full look then
+            noted.cut += len(noted.names)
+            noted.names.clear()
 
-    def carrying(self, label: str, now: float) -> list[str]:
-        """The hostnames carrying `label`, sorted (/v1/resolve). Call expire() first.
+    def carrying(self, view: View, now: float) -> list[str]:
+        """The hostnames a resolve `view` shows, sorted (/v1/resolve). Call expire() first.
 
         The first ask scans every host; the answer is then kept up to date by every
         change until nobody asked for INDEXED_LABEL_IDLE_S seconds.
         """
-        names = self._carriers.get(label)
-        if names is None:
-            if len(self._carriers) >= MAX_INDEXED_LABELS:
-                self._carriers.clear()
-                self._asked.clear()
-            names = self._carriers[label] = {
-                name for name, entry in self.hosts.items() if label in entry[0]}
-        self._asked[label] = now
-        return sorted(names)
+        kept = self._carriers.get(view)
+        if kept is None:
+            kept = [{name for name, entry in self.hosts.items() if view.matching(entry[0])}, now]
+            self._carriers.put(view, kept)
+        kept[1] = now
+        return sorted(kept[0])
 
     def _index(self, hostname: str, labels: tuple[str, ...]) -> None:
-        for label, names in self._carriers.items():
-            if label in labels:
+        for view, (names, _asked) in self._carriers.items():
+            if view.matching(labels):
                 names.add(hostname)
             else:
                 names.discard(hostname)
 
     def _forget_unasked(self, now: float) -> None:
-        for label, asked in list(self._asked.items()):
+        for view, (_names, asked) in list(self._carriers.items()):
             if not 0 <= now - asked <= INDEXED_LABEL_IDLE_S:  # also a clock set back
-                del self._asked[label], self._carriers[label]
+                del self._carriers[view]
 
     def take_changes(self) -> dict[str, tuple[tuple[str, ...] | None, str]]:
         """The hosts changed since the last call (see `changes`), and start afresh."""
@@ -1274,51 +1356,93 @@ class Registry:
 
 
 ###############################################################################
-# Queries: pure functions from packets to answers (filters, resolve, Prometheus).
+# Queries: what an answer shows. A View (kind, labels, prefixes, name) is parsed once
+# from a request; View.matching() is the one rule of which labels of a host a view
+# looks at, used to select hosts, to diff them for watchers, to find the views a
+# change can touch, and by the registry's kept carriers. Prometheus target groups.
 ###############################################################################
 
 PROM_LABEL_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 PORT_RE = re.compile(r"[0-9]{1,5}")
 
 
+class View(NamedTuple):
+    """One answer a request asks for: the route, the renderer, the watchers and the
+    registry's carriers all key on it.
+
+    kind: all, labels (hosts with any of `labels`), prefixes (hosts with a label
+    starting with any of `prefixes`), resolve (the hosts carrying `labels[0]`),
+    prometheus (job `name`; `prefixes` holds its labels' prefix), or discovery (the
+    local packet: nothing of the registry).
+    """
+
+    kind: str
+    labels: tuple[str, ...] = ()
+    prefixes: tuple[str, ...] = ()
+    name: str = ""
+
+    @classmethod
+    def resolve(cls, label: str) -> View:
+        return cls("resolve", (label,))
+
+    @classmethod
+    def job(cls, name: str) -> View:
+        """A Prometheus job's target groups: the host's prometheus:NAME... labels."""
+        return cls("prometheus", prefixes=(f"prometheus:{name}",), name=name)
+
+    def matching(self, labels: tuple[str, ...]) -> tuple[str, ...]:
+        """The labels of a host that this view looks at (empty: the host is not in its
+        answer, except for `all`, which shows every host). A host's change touches the
+        answer only through them: see triggers()."""
+        if self.kind == "all":
+            return labels
+        wanted = self.labels
+        if wanted:
+            if len(wanted) == 1:  # resolve, and most label filters: no generator
+                return wanted if wanted[0] in labels else ()
+            return tuple(label for label in labels if label in wanted)
+        prefixes = self.prefixes
+        return tuple(label for label in labels if label.startswith(prefixes)) if prefixes \
+            else ()
+
+    def shows(self, hostname: str, labels: tuple[str, ...] | None, port: int) -> Any:
+        """What the answer shows of a host carrying `labels` (None: a host not there),
+        last_check left out: None for nothing. `port`: NODE_EXPORTER_PORT."""
+        if labels is None or self.kind == "discovery":
+            return None
+        found = self.matching(labels)
+        if self.kind == "all":
+            return found
+        if not found:
+            return None
+        if self.kind == "resolve":
+            return True
+        if self.kind == "prometheus":
+            return prometheus_group(self.name, Packet(hostname, found), port)
+        return found
+
+    def triggers(self) -> tuple[frozenset[str], tuple[str, ...], bool]:
+        """What can touch the answer: (these labels, labels with these prefixes, any
+        change), as matching() reads them. The registry's changes are matched to
+        answers by label, not answer by answer."""
+        return frozenset(self.labels), self.prefixes, self.kind == "all"
+
+
+ALL = View("all")
+LOCAL = View("discovery")
+
+
+def select_packets(view: View, packets: Iterable[Packet]) -> list[Packet]:
+    """The hosts `view` lists, each with the labels it shows (GET /v1/discoveries)."""
+    if view.kind == "all":
+        return list(packets)
+    matching = view.matching
+    return [Packet(packet.hostname, shown, packet.last_check) for packet in packets
+            if (shown := matching(packet.labels))]
+
+
 def split_list(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
-
-
-def filter_by_labels(packets: Iterable[Packet], wanted: Sequence[str]) -> list[Packet]:
-    """Hosts having any of `wanted`; their labels reduced to the matching ones."""
-    wanted_set = set(wanted)
-    out = []
-    for packet in packets:
-        matching = tuple(label for label in packet.labels if label in wanted_set)
-        if matching:
-            out.append(Packet(packet.hostname, matching, packet.last_check))
-    return out
-
-
-def filter_by_prefixes(packets: Iterable[Packet], prefixes: Sequence[str]) -> list[Packet]:
-    """Hosts having a label starting with any of `prefixes`; labels reduced likewise."""
-    starts = tuple(prefixes)
-    out = []
-    for packet in packets:
-        matching = tuple(label for label in packet.labels if label.startswith(starts))
-        if matching:
-            out.append(Packet(packet.hostname, matching, packet.last_check))
-    return out
-
-
-def select_packets(packets: list[Packet], labels: Sequence[str], prefixes: Sequence[str]
-                   ) -> list[Packet]:
-    """GET /v1/discoveries: `labels` wins over `prefixes`; neither means everything."""
-    if labels:
-        return filter_by_labels(packets, labels)
-    if prefixes:
-        return filter_by_prefixes(packets, prefixes)
-    return packets
-
-
-def resolve_label(packets: Iterable[Packet], label: str) -> list[str]:
-    return [packet.hostname for packet in packets if label in packet.labels]
 
 
 def with_port(host: str, port: str | None) -> str:
@@ -1367,11 +1491,10 @@ def prometheus_group(name: str, packet: Packet, default_port: int) -> dict[str, 
     return {"Targets": targets, "Labels": dict(sorted(labels.items()))}
 
 
-def prometheus_groups(name: str, packets: Iterable[Packet], default_port: int
-                      ) -> list[dict[str, Any]]:
-    """Prometheus HTTP SD target groups for job NAME, one per host that has any."""
-    groups = (prometheus_group(name, packet, default_port) for packet in packets)
-    return [group for group in groups if group is not None]
+###############################################################################
+# Renderers: the JSON text of answers, each host's block kept while it stays.
+# Byte for byte what json.dumps(indent=2) gives; no state but their own blocks.
+###############################################################################
 
 
 def render_json(value: Any) -> bytes:
@@ -1382,13 +1505,17 @@ def render_json(value: Any) -> bytes:
 #: a str as a JSON string, like json.dumps(s, ensure_ascii=False) without its overhead
 json_string: Callable[[str], str] = json.encoder.encode_basestring  # type: ignore[attr-defined]
 
+#: label lists whose JSON text is kept (at least: RegistryRenderer raises it with the fleet)
+LABEL_BLOCKS = 4096
 
-def packet_block(packet: Packet, label_blocks: dict[tuple[str, ...], str]) -> bytes:
-    """One packet as it stands in a pretty-printed list; label lists memoised."""
+
+def packet_block(packet: Packet, label_blocks: BoundedCache) -> bytes:
+    """One packet as it stands in a pretty-printed list; label lists kept."""
     labels = label_blocks.get(packet.labels)
     if labels is None:
         items = ",\n".join(f"      {json_string(label)}" for label in packet.labels)
-        labels = label_blocks[packet.labels] = f"[\n{items}\n    ]" if items else "[]"
+        labels = f"[\n{items}\n    ]" if items else "[]"
+        label_blocks.put(packet.labels, labels)
     return (f'  {{\n    "hostname": {json_string(packet.hostname)},\n'
             f'    "labels": {labels},\n    "last_check": {packet.last_check}\n  }}').encode()
 
@@ -1453,16 +1580,18 @@ class RegistryRenderer:
     which an answer shows as of its second, as the answer cache does anyway.
     """
 
-    def __init__(self, label_blocks: dict[tuple[str, ...], str]):
-        self.label_blocks = label_blocks
-        self.heads: dict[str, tuple[tuple[str, ...], bytes]] = {}  # host -> (labels, head)
+    def __init__(self, label_blocks: BoundedCache | None = None):
+        self.label_blocks = BoundedCache(LABEL_BLOCKS) if label_blocks is None \
+            else label_blocks
+        #: host -> (labels, its block up to last_check): bounded by the fleet's size
+        self.heads = BoundedCache(64)
         #: what the chunks show: hostnames, and each host's (labels, received)
         self._names: list[str] = []
         self._entries: tuple[tuple[tuple[str, ...], float], ...] = ()
         self._chunks: list[bytes] = []  # each ends in ",\n"
         self._getter: tuple[list[str] | None, Callable[[Any], Any]] = (None, tuple)
         self._second = -1  #: of the last full look
-        self._noted = 0  #: registry.noted up to here is in the chunks (counting the cut)
+        self._noted = 0  #: the place in registry.noted up to which the chunks show it
         self._positions: tuple[list[str] | None, dict[str, int]] = (None, {})
 
     def render(self, registry: Registry, second: int = -1) -> bytes:
@@ -1474,14 +1603,13 @@ class RegistryRenderer:
         order = registry.order()
         if not order:
             return [b"[]\n"]
-        noted_to = registry.noted_cut + len(registry.noted)
-        if second != self._second or second < 0 or order is not self._names or \
-                self._noted < registry.noted_cut:
+        noted = registry.noted.since(self._noted)
+        if second != self._second or second < 0 or order is not self._names or noted is None:
             self._look(registry, order)
             self._second = second
         else:
-            self._render_noted(registry, registry.noted[self._noted - registry.noted_cut:])
-        self._noted = noted_to
+            self._render_noted(registry, noted)
+        self._noted = registry.noted.end
         chunks = self._chunks
         return [b"[\n", *chunks[:-1], chunks[-1][:-2] + b"\n]\n"]
 
@@ -1499,10 +1627,10 @@ class RegistryRenderer:
     def _look(self, registry: Registry, order: list[str]) -> None:
         """Render again every chunk whose hosts or their entries changed."""
         hosts = registry.hosts
-        if len(self.heads) > len(order) + len(order) // 2 + 64:
-            self.heads = {}  # forget the hosts that went
-        if len(self.label_blocks) > 2 * len(order) + 1024:
-            self.label_blocks.clear()  # and label lists no host carries any more
+        # the kept blocks follow the fleet's size: when full, they are forgotten at
+        # once (the hosts that went with them), and made again as hosts are rendered
+        self.heads.max_entries = len(order) + len(order) // 2 + 64
+        self.label_blocks.max_entries = max(LABEL_BLOCKS, 2 * len(order) + 1024)
         entries = self._entries_of(order, hosts)
         names, old = self._names, self._entries
         same_names = order is names or order == names
@@ -1538,7 +1666,8 @@ class RegistryRenderer:
             head = heads.get(name)
             if head is None or head[0] != labels:
                 block = packet_block(Packet(name, labels, 0), self.label_blocks)
-                head = heads[name] = (labels, block[:-len(b"0\n  }")])
+                head = (labels, block[:-len(b"0\n  }")])
+                heads.put(name, head)
             parts.append(head[1])
             parts.append(b"%d\n  },\n" % received)
         return b"".join(parts)
@@ -1698,18 +1827,14 @@ async def answered(replies: asyncio.Queue[bytes | None], reply: Callable[[bytes]
 
 async def close_within(seconds: float, closing: Awaitable[Any], what: str) -> None:
     """Await `closing` (a flush, a close) for at most `seconds`, then go on: a close that
-    fails, hangs or is cancelled from inside (nats-py cancels its own futures as its
-    connection ends) is logged, never raised. A cancellation of the caller still is."""
-    task = asyncio.ensure_future(closing)
+    fails, hangs or is cancelled from inside is logged, never raised. A cancellation of
+    the caller still is."""
     try:
-        with deadline(seconds, task.cancel):
-            await asyncio.wait([task])
-    finally:
-        task.cancel()  # (the caller was cancelled: so is what it waited for)
-    if task.cancelled():
+        await within(seconds, closing)
+    except asyncio.TimeoutError:
         log.debug("%s: not done within %gs", what, seconds)
-    elif task.exception() is not None:
-        log.debug("%s: %s", what, describe_error(task.exception()))  # type: ignore[arg-type]
+    except Exception as exc:
+        log.debug("%s: %s", what, describe_error(exc))
 
 
 class Transport:
@@ -2925,7 +3050,265 @@ TRANSPORTS["NATS-KV"] = NatsKvDriver
 
 
 ###############################################################################
-# HTTP server: HTTP/1.1 on asyncio streams, with limits on everything.
+# Answers: which bytes a request for a View gets, and how they are sent. Owns the
+# latest answer of each view (plain, and gzipped once asked for), the renderers and
+# their one label-block cache, and the table of repeated request heads (answered
+# without parse or handler while their answer is current).
+###############################################################################
+
+JSON_TYPE = "application/json; charset=UTF-8"
+GZIP_HEADERS = {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
+GZIP_MIN = 1024  #: answers shorter than this go plain, whatever the client accepts
+CACHED_VIEWS = 64  #: views whose latest answer is kept
+RENDERERS = 32  #: views whose per-host blocks are kept
+KNOWN_HEADS = 256  #: repeated request heads answered from their last answer ...
+KNOWN_HEAD_BYTES = 2048  #: ... when they are no longer than this
+IOV_MAX = 1024  #: pieces one writev() takes on Linux (sysconf SC_IOV_MAX)
+#: views whose answers show no last_check: they change only with the registry
+UNTIMED = ("resolve", "prometheus")
+
+
+def accepts_gzip(request: Request) -> bool:
+    for item in request.headers.get("accept-encoding", "").split(","):
+        token, _, params = item.strip().partition(";")
+        if token.strip().lower() == "gzip":
+            return params.replace(" ", "").lower() not in ("q=0", "q=0.0", "q=0.00", "q=0.000")
+    return False
+
+
+def gzip_pieces(pieces: Iterable[bytes | memoryview]) -> bytes:
+    """gzip of the pieces' join (level 5, no name, mtime 0), without joining them."""
+    deflate = zlib.compressobj(5, zlib.DEFLATED, 31)  # 31: with a gzip header and trailer
+    out = [deflate.compress(piece) for piece in pieces]
+    out.append(deflate.flush())
+    return b"".join(out)
+
+
+class Prepared:
+    """An answer ready to send as it is: its keep-alive head, then its body.
+
+    The first request writes the pieces as rendered, gathered in one vectored write
+    (an answer sent once, as under label churn, is never joined: 873 -> 63 us per
+    answer at 10k hosts); from the second on, one joined buffer (a buffer costs the
+    kernel a little less than three hundred). What the socket does not take at once
+    goes in WRITE_SLICE slices, so a slow client never holds a multi-MB copy.
+    Nothing changes once made; it goes when the last request sending it lets go.
+    """
+
+    __slots__ = ("_alone", "_data", "content_type", "head", "headers", "length", "parts",
+                 "size", "status", "writes")
+
+    def __init__(self, status: int, content_type: str, body: Sequence[bytes],
+                 headers: Mapping[str, str], head_only: bool = False):
+        self.status = status
+        self.content_type = content_type
+        self.headers = dict(headers)  #: the extra headers `head` carries
+        self.length = sum(map(len, body))  #: of the body
+        self.head = response_head(status, content_type, self.length, True, self.headers)
+        self.parts = (self.head,) if head_only else (self.head, *body)  #: until joined
+        self.size = len(self.head) if head_only else len(self.head) + self.length
+        self._data: bytes | None = None
+        self._alone: Prepared | None = None
+        self.writes = 0  #: requests that wrote it
+
+    @property
+    def data(self) -> bytes:
+        """Head and body in one piece, joined on first use."""
+        if self._data is None:
+            self._data = b"".join(self.parts)
+            self.parts = (self._data,)
+        return self._data
+
+    def body(self) -> Sequence[bytes | memoryview]:
+        """The body in pieces, without joining them."""
+        if self._data is not None:
+            return (memoryview(self._data)[len(self.head):],)
+        return self.parts[1:]
+
+    def head_alone(self) -> Prepared:
+        """The same answer to a HEAD request: the head alone (made once)."""
+        if self._alone is None:
+            self._alone = Prepared(self.status, self.content_type, self.body(), self.headers,
+                                   head_only=True)
+        return self._alone
+
+    def write_now(self, fd: int, offset: int = 0) -> int:
+        """Write from `offset` what non-blocking `fd` takes at once (BlockingIOError if
+        nothing): gathered the first time, from the joined copy after."""
+        self.writes += 1
+        if self.writes > 1 or self._data is not None or len(self.parts) > IOV_MAX:
+            return os.write(fd, memoryview(self.data)[offset:])
+        return os.writev(fd, self.parts[1:] if offset else self.parts)
+
+    def rest(self, offset: int) -> memoryview:
+        """What is left to send after `offset` bytes."""
+        return memoryview(self.data)[offset:]
+
+
+class CachedAnswer:
+    """The latest answer of one view (plain, and gzipped once asked for), made at
+    `stamp`; `headers` (the X-Lobby-Index the body was built at) are in its head."""
+
+    __slots__ = ("_gzipped", "headers", "plain", "stamp")
+
+    def __init__(self, stamp: tuple[int, int, int], body: bytes | Sequence[bytes],
+                 headers: Mapping[str, str]):
+        self.stamp = stamp
+        self.headers = dict(headers)
+        self.plain = Prepared(200, JSON_TYPE, [body] if isinstance(body, bytes) else body,
+                              headers)
+        self._gzipped: Prepared | None = None
+
+    def kept(self, gzipped: bool) -> Prepared | None:
+        """The plain or the gzipped answer, if made already."""
+        return self._gzipped if gzipped else self.plain
+
+    def gzipped(self) -> Prepared:
+        if self._gzipped is None:
+            self._gzipped = Prepared(200, JSON_TYPE, [gzip_pieces(self.plain.body())],
+                                     {**GZIP_HEADERS, **self.headers})
+        return self._gzipped
+
+
+class Repeat(NamedTuple):
+    """A request head seen before: what it asked for, and what it got at `stamp`."""
+
+    view: View
+    stamp: tuple[int, int, int]
+    gzipped: bool
+    head_only: bool
+    headers: Mapping[str, str]  #: the request's (for the token, compared every time)
+
+
+class Answers:
+    """The answer of each View, built at most once per registry version (and second,
+    for answers that show last_check), and the bytes it goes out as.
+
+    An answer is exact for the registry version it is served at: a blocking query
+    woken by a change gets a body that shows it (SPEC 8).
+    """
+
+    def __init__(self, registry: Registry, watchers: Watchers, expire: Callable[[], None],
+                 port: int):
+        self.registry = registry
+        self.watchers = watchers
+        self.expire = expire  #: drop the hosts gone silent (the daemon's: it logs them)
+        self.port = port  #: NODE_EXPORTER_PORT, for Prometheus targets
+        self._answers = BoundedCache(CACHED_VIEWS)  # view -> CachedAnswer
+        self._renderers = BoundedCache(RENDERERS)  # view -> BlockRenderer
+        self.label_blocks = BoundedCache(LABEL_BLOCKS)  # label list -> its JSON text
+        self._all = RegistryRenderer(self.label_blocks)
+        #: request head (as read) -> Repeat: pollers repeat their head byte for byte
+        self._repeats = BoundedCache(KNOWN_HEADS)
+
+    def answer(self, request: Request, view: View, repeat: bool = True) -> Response:
+        """The answer of `view` for `request` (gzipped if it asks); `repeat`: its head
+        may be answered again without the handler while the answer is current."""
+        return self.cached(request, view, lambda: self.render(view),
+                           view.kind not in UNTIMED, repeat)
+
+    def cached(self, request: Request, view: View, build: Callable[[], bytes | Sequence[bytes]],
+               timed: bool = True, repeat: bool = True) -> Response:
+        """The answer of `view` made by `build()` at most once per registry version (and
+        second, if `timed`), carrying the view's X-Lobby-Index (SPEC 8)."""
+        stamp = self.stamp(view, timed)
+        answer = self._answers.get(view)
+        if answer is None or answer.stamp != stamp:
+            answer = CachedAnswer(stamp, build(), {"X-Lobby-Index": str(stamp[2])})
+            self._answers.put(view, answer)
+        gzipped = answer.plain.length >= GZIP_MIN and accepts_gzip(request)
+        prepared = answer.gzipped() if gzipped else answer.plain
+        if repeat:
+            self._remember(request, view, stamp, gzipped)
+        return Response(200, b"", JSON_TYPE, dict(prepared.headers), prepared=prepared)
+
+    def stamp(self, view: View, timed: bool) -> tuple[int, int, int]:
+        """What the answer of `view` is made from: (registry version, second, its index)."""
+        self.expire()
+        # the index before the body, with no await between: it describes that body.
+        # It is in the stamp, for a view forgotten and made again gets a new index.
+        index = self.watchers.index(view)
+        return (self.registry.version, int(time.time()) if timed else 0, index)
+
+    def render(self, view: View) -> bytes | list[bytes]:
+        """The body of `view`'s answer, now. Call expire() first."""
+        registry = self.registry
+        if view.kind == "all":  # the hot answer: a join of kept per-host blocks
+            return self._all.render_parts(registry, int(time.time()))
+        if view.kind == "resolve":
+            return render_json(registry.carrying(view, time.time()))
+        if view.kind == "prometheus":
+            return self.renderer(view).render(registry.packets())
+        return self.renderer(view).render(
+            select_packets(view, registry.packets(having=view.labels)))
+
+    def renderer(self, view: View) -> BlockRenderer:
+        """The block cache of one view: discoveries by labels or prefixes, a job."""
+        found = self._renderers.get(view)
+        if found is None:
+            if view.kind == "prometheus":
+                port = self.port
+                found = BlockRenderer(
+                    lambda packet: group_block(view.shows(packet.hostname, packet.labels, port)),
+                    key=lambda packet: packet.labels)
+            else:
+                found = BlockRenderer(lambda packet: packet_block(packet, self.label_blocks))
+            self._renderers.put(view, found)
+        return found
+
+    def registry_json(self) -> bytes:
+        """The whole registry as GET /v1/discoveries lists it (CALLBACK's input)."""
+        self.expire()
+        return self._all.render(self.registry)
+
+    # repeated heads ------------------------------------------------------------
+    def _remember(self, request: Request, view: View, stamp: tuple[int, int, int],
+                  gzipped: bool) -> None:
+        """Answer the request's head again from this answer while it is current, if
+        nothing but the head made the answer and the connection stays open."""
+        head = request.head
+        if not head or request.body or len(head) > KNOWN_HEAD_BYTES or \
+                "expect" in request.headers or "transfer-encoding" in request.headers or \
+                not wants_keep_alive(request):
+            return  # the answer would skip a 100 Continue, or a body would be left unread
+        self._repeats.put(head, Repeat(view, stamp, gzipped, request.method == "HEAD",
+                                       request.headers))
+
+    def repeated(self, head: bytes, most: float = math.inf
+                 ) -> tuple[Prepared, Mapping[str, str]] | None:
+        """What the request `head` got last time, with its headers, if that still is
+        the answer and is no more than `most` bytes; else None (it goes the whole way).
+
+        Runs from a connection's data_received: it looks, and changes nothing (no
+        expiry, no watcher flush, no render): anything due sends the request the
+        whole way, which does it.
+        """
+        repeat = self._repeats.get(head)
+        if repeat is None:
+            return None
+        answer = self._answers.get(repeat.view)
+        if answer is None or answer.stamp != repeat.stamp or \
+                not self.current(repeat.view, repeat.stamp):
+            return None
+        prepared = answer.kept(repeat.gzipped)
+        if prepared is None:
+            return None
+        if repeat.head_only:
+            prepared = prepared.head_alone()
+        return (prepared, repeat.headers) if prepared.size <= most else None
+
+    def current(self, view: View, stamp: tuple[int, int, int]) -> bool:
+        """Whether an answer made at `stamp` is still the answer, without changing a
+        thing: same registry version and second, no host due to expire, same index."""
+        now = time.time()
+        registry = self.registry
+        return registry.version == stamp[0] and stamp[1] in (0, int(now)) and \
+            now <= registry.next_expiry() and self.watchers.current(view) == stamp[2]
+
+
+###############################################################################
+# HTTP messages: requests parsed with limits on everything, responses and their
+# heads, and the Accept header's negotiation. Pure: no socket, no state.
 ###############################################################################
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -2935,12 +3318,7 @@ IDLE_TIMEOUT = 60.0
 BODY_TIMEOUT = 60.0
 WRITE_TIMEOUT = 60.0
 WRITE_SLICE = 1 << 20
-SENDFILE_MIN = 64 * 1024  #: answers this big, not cached, go out in slices
-#: cached answers this big are kept with their head (a MemoryFile): one write each
-MEMORY_FILE_MIN = 4096
-IOV_MAX = 1024  #: pieces one writev() takes on Linux (sysconf SC_IOV_MAX)
-KNOWN_HEADS = 256  #: request heads whose parse is remembered ...
-KNOWN_HEAD_BYTES = 2048  #: ... when they are no longer than this
+SLICE_MIN = 64 * 1024  #: bodies this big (not prepared) go out in WRITE_SLICE slices
 MAX_CONNECTIONS = 1000
 LISTEN_BACKLOG = 128
 TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -2950,8 +3328,6 @@ REASONS = {200: "OK", 100: "Continue", 400: "Bad Request", 403: "Forbidden",
            "Request Header Fields Too Large", 500: "Internal Server Error",
            501: "Not Implemented", 503: "Service Unavailable",
            505: "HTTP Version Not Supported", 507: "Insufficient Storage"}
-JSON_TYPE = "application/json; charset=UTF-8"
-GZIP_HEADERS = {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
 TEXT_TYPE = "text/plain; charset=UTF-8"
 
 
@@ -2979,132 +3355,27 @@ class Request:
     body: bytes = b""
     #: the connection's reader: a held request watches it for the client leaving
     reader: asyncio.StreamReader | None = None
+    head: bytes = b""  #: the request head as read, its blank line included
 
     def param(self, name: str) -> str | None:
         values = self.query.get(name)
         return values[-1] if values else None
 
 
-class MemoryFile:
-    """A big cached answer, its keep-alive head in front: in memory and, once it is
-    asked for again, in an anonymous memory file too.
-
-    A request writes what the socket takes at once from memory (on Linux a write
-    costs about half what a sendfile() from the file does: 2.5 MB over loopback).
-    The rest of the first answers goes from memory in WRITE_SLICE slices; from the
-    second on, the kernel sends it (sendfile) from the file's pages, so a slow
-    client never holds a copy of an answer served many times. Under label churn an
-    answer is often served once: it then never costs the copy into a file, nor the
-    join of its pieces (the first write gathers them). Nothing changes once
-    written; it all goes when the last request sending it lets go.
-    """
-
-    __slots__ = ("_data", "_file", "head", "headers", "length", "parts", "rests", "writes")
-
-    def __init__(self, head: bytes, body: Sequence[bytes], headers: Mapping[str, str],
-                 length: int):
-        self.parts = (head, *body)  #: head and body as rendered, until joined
-        self._data: bytes | None = None
-        self.head = head
-        self.headers = dict(headers)  # the extra headers `head` carries
-        self.length = length  #: of the body
-        self.rests = 0  #: requests that had more to send than the socket took at once
-        self.writes = 0  #: requests that wrote from memory
-        self._file: Any = None
-
-    @property
-    def data(self) -> bytes:
-        """Head and body in one piece, joined on first use."""
-        if self._data is None:
-            self._data = b"".join(self.parts)
-            self.parts = (self._data,)
-        return self._data
-
-    def body(self) -> Sequence[bytes | memoryview]:
-        """The body in pieces, without joining them."""
-        if self._data is not None:
-            return (memoryview(self._data)[len(self.head):],)
-        return self.parts[1:]
-
-    def fits(self, response: Response, keep_alive: bool) -> bool:
-        """Whether the head in front is the one `response` would be sent with."""
-        return keep_alive and response.status == 200 and response.headers == self.headers \
-            and response.content_type == JSON_TYPE
-
-    def write_now(self, fd: int, offset: int) -> int:
-        """Write from `offset` (0, or len(head): the body alone) what non-blocking `fd`
-        takes at once; BlockingIOError if nothing.
-
-        The first time by one vectored write of the pieces (an answer sent once is
-        never joined), then from the joined copy: one buffer costs the kernel a little
-        less than three hundred.
-        """
-        self.writes += 1
-        if self.writes > 1 or self._data is not None or len(self.parts) > IOV_MAX:
-            return os.write(fd, memoryview(self.data)[offset:])
-        return os.writev(fd, self.parts[1:] if offset else self.parts)
-
-    @property
-    def file(self) -> Any:
-        """The memory file (made on first use), opened unbuffered for reading."""
-        if self._file is None:
-            fd = os.memfd_create("lobbyd-answer", os.MFD_CLOEXEC)
-            self._file = open(fd, "rb", buffering=0)  # noqa: SIM115 - lives as long as this
-            view = memoryview(self.data)
-            while view:
-                view = view[os.write(fd, view):]
-        return self._file
-
-    def __del__(self) -> None:
-        if self._file is not None:
-            self._file.close()
-
-
-def memory_file(head: bytes, body: Sequence[bytes], headers: Mapping[str, str], length: int
-                ) -> MemoryFile | None:
-    """The answer (in pieces, `length` bytes) in a MemoryFile, or None where the system
-    has none (it is then sent from memory, as small answers are)."""
-    if length < MEMORY_FILE_MIN or not hasattr(os, "memfd_create"):
-        return None
-    try:
-        return MemoryFile(head, body, headers, length)
-    except OSError:
-        return None
-
-
 @dataclass
 class Response:
-    status: int = 200
-    body: bytes = b""
-    content_type: str = JSON_TYPE
+    status: int
+    body: bytes
+    content_type: str
     headers: dict[str, str] = field(default_factory=dict)
-    file: MemoryFile | None = None  #: when set, the body is in there (and `body` empty)
+    #: when set, the whole answer (keep-alive head and body) ready to send: `body` empty
+    prepared: Prepared | None = None
     #: a body without end (an event stream): writes its own head, then owns the connection
     stream: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]] | None = None
-    #: when set, the very same request head may be answered with what this returns, the
-    #: handler skipped; None from it: no longer (see HttpServer._ready)
-    again: Callable[[], Response | None] | None = None
-
-    @classmethod
-    def cached(cls, body: bytes | Sequence[bytes], headers: dict[str, str] | None = None
-               ) -> Response:
-        """A JSON answer served many times (given whole or in pieces): big ones go into
-        a MemoryFile."""
-        headers = headers or {}
-        parts = [body] if isinstance(body, bytes) else body
-        length = sum(map(len, parts))
-        file = memory_file(response_head(200, JSON_TYPE, length, True, headers), parts,
-                           headers, length)
-        return cls(200, b"" if file else b"".join(parts), JSON_TYPE, headers, file)
-
-    def copy(self) -> Response:
-        """This response with headers of its own (a handler may add some)."""
-        return Response(self.status, self.body, self.content_type, dict(self.headers),
-                        self.file)
 
     @property
     def length(self) -> int:
-        return self.file.length if self.file else len(self.body)
+        return self.prepared.length if self.prepared else len(self.body)
 
     @classmethod
     def text(cls, status: int, message: str, headers: Mapping[str, str] | None = None
@@ -3213,6 +3484,61 @@ def response_head(status: int, content_type: str, length: int, keep_alive: bool,
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
+def accept_ranges(accept: str) -> list[tuple[str, float]]:
+    """The media ranges of an Accept header with their q; a bad q counts as 0."""
+    ranges = []
+    for item in accept.split(","):
+        media, *params = item.split(";")
+        media = media.strip().lower()
+        if "/" not in media:
+            continue
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value.strip())
+                except ValueError:
+                    q = 0.0
+                if not 0.0 <= q <= 1.0:  # also NaN
+                    q = 0.0
+        ranges.append((media, q))
+    return ranges
+
+
+def accept_quality(ranges: Sequence[tuple[str, float]], media: str) -> float:
+    """The q an Accept header gives `media`: the most specific matching range decides."""
+    kind = media.split("/")[0] + "/*"
+    best, best_rank = 0.0, 0
+    for candidate, q in ranges:
+        rank = 3 if candidate == media else 2 if candidate == kind else \
+            1 if candidate == "*/*" else 0
+        if rank > best_rank or (rank == best_rank and rank and q > best):
+            best, best_rank = q, rank
+    return best
+
+
+def prefers_html(accept: str) -> bool:
+    """Whether an Accept header ranks text/html strictly above application/json.
+
+    A tie keeps JSON: no header, `*/*`, or both at the same q get what GET / always
+    answered. Browsers send `text/html,...,*/*;q=0.8`; curl `*/*`; scripts, Prometheus
+    and the lobby clients nothing or `application/json`.
+    """
+    if "html" not in accept.lower():  # nearly every client: the short way out
+        return False
+    ranges = accept_ranges(accept)
+    return accept_quality(ranges, "text/html") > accept_quality(ranges, "application/json")
+
+
+###############################################################################
+# HTTP server: HTTP/1.1 on asyncio streams. Generic: it parses a request, calls one
+# handler (and, for a head seen before, one optional `at_once` callable), and writes
+# the answer; it knows no route, type or registry. Owns its connections and the
+# count of answers by status (for /metrics).
+###############################################################################
+
+
 def listen_problem(host: str, port: int) -> str | None:
     """Why HOST:PORT can never be listened on, or None if trying again may work.
 
@@ -3255,34 +3581,26 @@ def connection_limit() -> int:
     return max(1, min(MAX_CONNECTIONS, soft - LISTEN_BACKLOG - 64))
 
 
-class Ready:
-    """A request head seen before, and how to answer it again without the handler."""
-
-    __slots__ = ("again", "data", "head_only", "keep_alive", "response")
-
-    def __init__(self, again: Callable[[], Response | None], keep_alive: bool, head_only: bool):
-        self.again = again  #: the answer while it still is the answer, else None
-        self.keep_alive = keep_alive
-        self.head_only = head_only
-        #: the last small answer sent and its bytes (head and body): made once per answer
-        self.response: Response | None = None
-        self.data = b""
-
-
 class HttpServer:
-    """Accepts connections and hands each parsed Request to `handle`."""
+    """Accepts connections, hands each parsed Request to `handle`, writes its Response.
 
-    def __init__(self, handle: Callable[[Request], Awaitable[Response]]):
+    `at_once(head, most)`, if given, answers a request head seen before without the
+    parse and the handler: it returns the Prepared keep-alive answer to send (at most
+    `most` bytes), or None to send the request the whole way. It must change nothing:
+    it also runs from a connection's data_received (HttpProtocol).
+    """
+
+    def __init__(self, handle: Callable[[Request], Awaitable[Response]],
+                 at_once: Callable[[bytes, float], Prepared | None] | None = None,
+                 codes: dict[int, int] | None = None):
         self.handle = handle
+        self.at_once = at_once
         self.limit = connection_limit()
         self.active = 0
-        self.codes: dict[int, int] = {}  # status -> responses sent, for /metrics
+        #: status -> responses sent (for /metrics, where the caller keeps it)
+        self.codes: dict[int, int] = {} if codes is None else codes
         self.server: asyncio.AbstractServer | None = None
         self.writers: set[asyncio.StreamWriter] = set()
-        self._heads: dict[bytes, Request] = {}  # request head -> its parse
-        #: request head (as read) -> its answer while current: pollers repeat their head
-        #: byte for byte, and then skip the parse, the routing and the handler
-        self._ready: dict[bytes, Ready] = {}
 
     async def start(self, host: str, port: int) -> None:
         self.server = await asyncio.get_running_loop().create_server(
@@ -3300,7 +3618,8 @@ class HttpServer:
             return
         self.active += 1
         self.writers.add(writer)
-        timer = ConnectionTimer(writer.transport)
+        # one deadline per connection, moved for each step (idle, head, body, write)
+        timer = deadline(math.inf, writer.transport.abort)
         protocol: HttpProtocol = writer.transport.get_protocol()  # type: ignore[assignment]
         protocol.timer = timer
         try:
@@ -3311,27 +3630,24 @@ class HttpServer:
                 asyncio.TimeoutError, OSError):
             pass  # the client went away, stalled, or sent what cannot be answered
         finally:
-            timer.close()
+            timer.cancel()
             self.active -= 1
             self.writers.discard(writer)
             writer.close()
 
     async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                         timer: ConnectionTimer, protocol: HttpProtocol, first: bool) -> bool:
+                         timer: deadline, protocol: HttpProtocol, first: bool) -> bool:
         """Serve one request; False when the connection should close."""
         try:
             head = await self._read_head(reader, timer, protocol, first)
-            ready = self._ready.get(head)
-            if ready is not None:
-                response = ready.again()
-                if response is not None:  # the answer it got last time still is the answer
-                    await self._write(writer, response, ready.keep_alive, ready.head_only,
-                                      timer, ready)
-                    return ready.keep_alive
-            request = await self._read_request(head, reader, writer)
+            prepared = self.at_once(head, math.inf) if self.at_once is not None else None
+            if prepared is not None:  # the answer it got last time still is the answer
+                await self._send(writer, prepared, timer, protocol.fd)
+                return True  # at_once gives keep-alive answers only
+            request = await self._read_request(head, reader, writer, timer)
         except HttpError as exc:
             await self._write(writer, Response.text(exc.status, exc.message, exc.headers),
-                              False, False, timer)
+                              False, False, timer, protocol.fd)
             return False
         response = await self.handle(request)
         if response.stream is not None and request.method != "HEAD":
@@ -3340,198 +3656,135 @@ class HttpServer:
         # after a 500 the connection's state is suspect; a 503 (unhealthy) is an answer
         keep_alive = wants_keep_alive(request) and (response.status < 500 or
                                                     response.status == 503)
-        if response.again is not None and response.status == 200:
-            self._remember(head, request, response.again, keep_alive)
-        await self._write(writer, response, keep_alive, request.method == "HEAD", timer)
+        await self._write(writer, response, keep_alive, request.method == "HEAD", timer,
+                          protocol.fd)
         return keep_alive
 
-    def _remember(self, head: bytes, request: Request,
-                  again: Callable[[], Response | None], keep_alive: bool) -> None:
-        """Answer `head` with `again()` from now on, if nothing but the head made the answer."""
-        if request.body or len(head) > KNOWN_HEAD_BYTES or "expect" in request.headers or \
-                "transfer-encoding" in request.headers:
-            return  # the answer would skip a 100 Continue, or a body would be left unread
-        if len(self._ready) >= KNOWN_HEADS:
-            self._ready.clear()
-        self._ready[head] = Ready(again, keep_alive, request.method == "HEAD")
-
-    def _parse(self, head: bytes) -> Request:
-        """parse_request_head(), remembered: a poller (Prometheus, a load balancer, wrk)
-        sends the very same head every time."""
-        known = self._heads.get(head)
-        if known is None:
-            known = parse_request_head(head)  # HttpError: not remembered
-            if len(head) <= KNOWN_HEAD_BYTES:
-                if len(self._heads) >= KNOWN_HEADS:
-                    self._heads.clear()
-                self._heads[head] = known
-        return Request(known.method, known.path, known.query, known.version, known.headers)
-
     @staticmethod
-    async def _read_head(reader: asyncio.StreamReader, timer: ConnectionTimer,
+    async def _read_head(reader: asyncio.StreamReader, timer: deadline,
                          protocol: HttpProtocol, first: bool) -> bytes:
         """The request head as sent, its blank line included."""
         # A new connection must send all its headers within HEADER_TIMEOUT; a kept-
         # alive one may idle for IDLE_TIMEOUT, then has HEADER_TIMEOUT for the rest.
         started = b""
         if not first:
-            with timer(IDLE_TIMEOUT):
-                # Idle only while suspended here: had a byte been buffered, readexactly
-                # would return without letting data_received run in between.
-                protocol.idle = True
-                try:
-                    started = await reader.readexactly(1)
-                finally:
-                    protocol.idle = False
-        with timer(HEADER_TIMEOUT):
+            timer.move(IDLE_TIMEOUT)
+            # Idle only while suspended here: had a byte been buffered, readexactly
+            # would return without letting data_received run in between.
+            protocol.idle = True
             try:
-                return started + await reader.readuntil(b"\r\n\r\n")
-            except asyncio.LimitOverrunError:
-                raise HttpError(431, f"request headers over {MAX_HEADER_BYTES} bytes") from None
+                started = await reader.readexactly(1)
+            finally:
+                protocol.idle = False
+        timer.move(HEADER_TIMEOUT)
+        try:
+            return started + await reader.readuntil(b"\r\n\r\n")
+        except asyncio.LimitOverrunError:
+            raise HttpError(431, f"request headers over {MAX_HEADER_BYTES} bytes") from None
+        finally:
+            timer.move(math.inf)
 
-    async def _read_request(self, head: bytes, reader: asyncio.StreamReader,
-                            writer: asyncio.StreamWriter) -> Request:
-        request = self._parse(head[:-4].lstrip(b"\r\n"))
+    @staticmethod
+    async def _read_request(head: bytes, reader: asyncio.StreamReader,
+                            writer: asyncio.StreamWriter, timer: deadline) -> Request:
+        request = parse_request_head(head[:-4].lstrip(b"\r\n"))
+        request.head = head
         request.reader = reader
         length = body_length(request)
         if request.headers.get("expect", "").lower() == "100-continue":
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        if length != 0:  # most requests have no body: no timer for it
-            with deadline(writer, BODY_TIMEOUT):
+        if length != 0:  # most requests have no body
+            timer.move(BODY_TIMEOUT)
+            try:
                 if length is None:
                     request.body = await read_chunked(reader)
                 else:
                     request.body = await reader.readexactly(length)
+            finally:
+                timer.move(math.inf)
         return request
 
+    def _count(self, status: int) -> None:
+        self.codes[status] = self.codes.get(status, 0) + 1
+
     async def _write(self, writer: asyncio.StreamWriter, response: Response, keep_alive: bool,
-                     head_only: bool, timer: ConnectionTimer, ready: Ready | None = None
-                     ) -> None:
-        """Send `response`; `ready` keeps the bytes of a small one for the next time."""
-        self.codes[response.status] = self.codes.get(response.status, 0) + 1
-        if response.file is not None and not head_only:
-            await self._send_file(writer, response, keep_alive)
+                     head_only: bool, timer: deadline, fd: int) -> None:
+        prepared = response.prepared
+        if prepared is not None and keep_alive:
+            await self._send(writer, prepared.head_alone() if head_only else prepared, timer,
+                             fd)
             return
-        if head_only or len(response.body) < SENDFILE_MIN:
-            # one write, one segment: a head sent alone wakes the client twice
-            writer.write(self._wire(response, keep_alive, head_only, ready))
+        self._count(response.status)
+        head = response_head(response.status, response.content_type, response.length,
+                             keep_alive, response.headers)
+        body: bytes | memoryview = b"" if head_only else \
+            prepared.rest(len(prepared.head)) if prepared is not None else response.body
+        if len(body) < SLICE_MIN:
+            writer.write(head + body)  # one write, one segment: a head alone wakes twice
             if writer.transport.get_write_buffer_size():  # else drain() has nothing to do
-                with timer(WRITE_TIMEOUT):
-                    await writer.drain()
+                await self._drain(writer, timer)
             return
-        writer.write(response_head(response.status, response.content_type, response.length,
-                                   keep_alive, response.headers))
-        body = memoryview(response.body)
-        with timer(WRITE_TIMEOUT):
-            # In slices: a slow reader then holds one slice in its buffer, not a
-            # copy of a multi-megabyte answer (a thousand of those are gigabytes).
-            for start in range(0, len(body), WRITE_SLICE):
-                writer.write(body[start:start + WRITE_SLICE])
-                await writer.drain()
+        writer.write(head)
+        await self._write_slices(writer, memoryview(body), timer)
+
+    async def _send(self, writer: asyncio.StreamWriter, prepared: Prepared, timer: deadline,
+                    fd: int) -> None:
+        """A prepared answer: what the socket takes at once in one system call (often
+        all of it, with no future), the rest in slices."""
+        self._count(prepared.status)
+        sent = 0
+        if fd >= 0 and not writer.transport.get_write_buffer_size():
+            with contextlib.suppress(BlockingIOError, InterruptedError):
+                sent = prepared.write_now(fd)
+            if sent == prepared.size:
+                return
+        await self._write_slices(writer, prepared.rest(sent), timer)
 
     @staticmethod
-    def _wire(response: Response, keep_alive: bool, head_only: bool, ready: Ready | None
-              ) -> bytes:
-        """Head and body of an answer sent from memory (HEAD: the head), kept in `ready`
-        for the next time."""
-        if ready is not None and ready.response is response:
-            return ready.data
-        data = response_head(response.status, response.content_type, response.length,
-                             keep_alive, response.headers)
-        if not head_only:
-            data += response.body
-        if ready is not None:
-            ready.response, ready.data = response, data
-        return data
+    async def _write_slices(writer: asyncio.StreamWriter, data: memoryview, timer: deadline
+                            ) -> None:
+        # In slices: a slow reader then holds one slice in its buffer, not a copy
+        # of a multi-megabyte answer (a thousand of those are gigabytes).
+        timer.move(WRITE_TIMEOUT)
+        try:
+            for start in range(0, len(data), WRITE_SLICE):
+                writer.write(data[start:start + WRITE_SLICE])
+                await writer.drain()
+        finally:
+            timer.move(math.inf)
+
+    @staticmethod
+    async def _drain(writer: asyncio.StreamWriter, timer: deadline) -> None:
+        timer.move(WRITE_TIMEOUT)
+        try:
+            await writer.drain()
+        finally:
+            timer.move(math.inf)
 
     def answer_at_once(self, head: bytes, connection: HttpProtocol) -> bool:
-        """Answer a repeated request head from data_received, if the answer it got
-        last time still is the answer and goes out without waiting: True if it did.
+        """Answer a repeated request head from data_received, if `at_once` has its
+        answer and it goes out without waiting: True if it did.
 
         What the socket does not take at once waits in the transport (no more than
         WRITE_SLICE); the connection's next request then goes the whole way, whose
         write waits for it under WRITE_TIMEOUT.
         """
-        ready = self._ready.get(head)
         transport = connection.transport
-        if ready is None or not ready.keep_alive or transport is None or \
-                transport.get_write_buffer_size():
+        if self.at_once is None or transport is None or transport.get_write_buffer_size():
             return False
-        response = ready.again()
-        if response is None:
+        prepared = self.at_once(head, WRITE_SLICE)
+        if prepared is None:
             return False
-        file = response.file
-        if file is None or ready.head_only:
-            if not ready.head_only and len(response.body) >= SENDFILE_MIN:
-                return False
-            transport.write(self._wire(response, True, ready.head_only, ready))
-        elif len(file.head) + file.length > WRITE_SLICE or not file.fits(response, True):
-            return False
-        else:
-            try:
-                sent = file.write_now(connection.fd, 0)
-            except OSError:  # none taken now (or a broken socket: the transport's to see)
-                sent = 0
-            if sent < len(file.head) + file.length:
-                transport.write(memoryview(file.data)[sent:])
-        self.codes[response.status] = self.codes.get(response.status, 0) + 1
-        if connection.timer is not None:
-            connection.timer(IDLE_TIMEOUT)  # it still waits for a request: from now on
-        return True
-
-    async def _send_file(self, writer: asyncio.StreamWriter, response: Response,
-                         keep_alive: bool) -> None:
-        """Head and body of a MemoryFile (its head says keep-alive): what the socket
-        takes at once, then the rest from memory the first time, by sendfile after."""
-        file = response.file
-        assert file is not None
-        offset, count = 0, len(file.head) + file.length
-        if not file.fits(response, keep_alive):
-            writer.write(response_head(response.status, response.content_type, file.length,
-                                       keep_alive, response.headers))
-            offset, count = len(file.head), file.length
-        transport = writer.transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None and not transport.get_write_buffer_size():
-            # What the socket takes now, from memory (cheaper than sendfile, see
-            # MemoryFile): often all of it, in one system call with no future.
-            with contextlib.suppress(BlockingIOError, InterruptedError):
-                sent = file.write_now(sock.fileno(), offset)
-                offset, count = offset + sent, count - sent
-            if not count:
-                return
-        file.rests += 1
-        source = None
-        if file.rests > 1:  # the first time from memory (see MemoryFile), then the file
-            with contextlib.suppress(OSError):  # no file (out of descriptors): memory
-                source = file.file
-        if source is None:
-            view = memoryview(file.data)[offset:offset + count]
-            with deadline(writer, WRITE_TIMEOUT):
-                for start in range(0, len(view), WRITE_SLICE):
-                    writer.write(view[start:start + WRITE_SLICE])
-                    await writer.drain()
-            return
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        expired = []
-
-        def expire() -> None:  # cancelling (not aborting) lets sendfile unregister its fd
-            expired.append(True)
-            if task is not None:
-                task.cancel()
-        timer = loop.call_later(WRITE_TIMEOUT, expire)
         try:
-            await loop.sendfile(writer.transport, source, offset, count)
-        except asyncio.CancelledError:
-            if not expired:
-                raise
-            if task is not None and hasattr(task, "uncancel"):
-                task.uncancel()
-            writer.transport.abort()
-            raise asyncio.TimeoutError from None
-        finally:
-            timer.cancel()
+            sent = prepared.write_now(connection.fd)
+        except OSError:  # none taken now (or a broken socket: the transport's to see)
+            sent = 0
+        if sent < prepared.size:
+            transport.write(prepared.rest(sent))
+        self._count(prepared.status)
+        if connection.timer is not None:
+            connection.timer.move(IDLE_TIMEOUT)  # it still waits for a request: from now on
+        return True
 
 
 class HttpProtocol(asyncio.StreamReaderProtocol):
@@ -3549,7 +3802,7 @@ class HttpProtocol(asyncio.StreamReaderProtocol):
                          loop=loop)
         self.server = server
         self.idle = False  #: set by the task while it waits, with nothing buffered
-        self.timer: ConnectionTimer | None = None  #: the task's, to move its idle deadline
+        self.timer: deadline | None = None  #: the task's, to move its idle deadline
         self.transport: asyncio.WriteTransport | None = None
         self.fd = -1
 
@@ -3566,55 +3819,6 @@ class HttpProtocol(asyncio.StreamReaderProtocol):
         super().data_received(data)
 
 
-class ConnectionTimer:
-    """The deadline of a connection's current step (idle, head, write): `with timer(10):`
-    aborts the connection if the block takes longer than 10 seconds.
-
-    A request moves the deadline three times; a timer of its own each time would cost
-    a heap push and a cancelled handle for asyncio to sweep. This one timer fires no
-    later than the deadline set, and then re-arms itself for the deadline set since:
-    moving the deadline later costs one float, and the timer fires about once per
-    HEADER_TIMEOUT on a busy connection.
-    """
-
-    __slots__ = ("at", "handle", "loop", "transport")
-
-    def __init__(self, transport: asyncio.WriteTransport):
-        self.loop = asyncio.get_running_loop()
-        self.transport = transport
-        self.at = math.inf  #: loop time of the current deadline (inf: none)
-        self.handle: asyncio.TimerHandle | None = None
-
-    def __call__(self, seconds: float) -> ConnectionTimer:
-        self.at = at = self.loop.time() + seconds
-        handle = self.handle
-        if handle is None or handle.when() > at:  # it would fire too late
-            if handle is not None:
-                handle.cancel()
-            self.handle = self.loop.call_at(at, self._fire)
-        return self
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.at = math.inf
-
-    def _fire(self) -> None:
-        handle, self.handle = self.handle, None
-        if self.at == math.inf:
-            return  # no step under way: armed again by the next one
-        if handle is not None and self.at <= handle.when():
-            self.transport.abort()  # the deadline this timer was set for has passed
-        else:
-            self.handle = self.loop.call_at(self.at, self._fire)
-
-    def close(self) -> None:
-        if self.handle is not None:
-            self.handle.cancel()
-            self.handle = None
-
-
 ###############################################################################
 # Health and metrics: counters bumped where things happen, one pure renderer.
 ###############################################################################
@@ -3625,12 +3829,13 @@ METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class Counters:
     """What happened since start; plain attributes, bumped on the paths that exist anyway."""
 
-    __slots__ = ("dropped", "goodbyes", "his", "joined", "left_expired", "left_goodbye",
-                 "published")
+    __slots__ = ("dropped", "goodbyes", "his", "http_codes", "joined", "left_expired",
+                 "left_goodbye", "published")
 
     def __init__(self) -> None:
         self.his = self.goodbyes = self.dropped = self.published = 0
         self.joined = self.left_goodbye = self.left_expired = 0
+        self.http_codes: dict[int, int] = {}  #: status -> responses sent (the HTTP server)
 
 
 class Family(NamedTuple):
@@ -3699,13 +3904,11 @@ class Health:
     own the state: it keeps nothing but the start time."""
 
     def __init__(self, registry: Registry, local: LocalHost, transports: Sequence[Transport],
-                 counters: Counters, http_codes: Mapping[int, int],
-                 callback_runs: Mapping[str, int]):
+                 counters: Counters, callback_runs: Mapping[str, int]):
         self.registry = registry
         self.local = local
         self.transports = transports
         self.counters = counters
-        self.http_codes = http_codes  #: status -> responses sent (the HTTP server's)
         self.callback_runs = callback_runs  #: result -> CALLBACK runs (the runner's)
         self.started = time.time()
 
@@ -3750,7 +3953,7 @@ class Health:
                     for result in ("ok", "failed", "timeout", "error")]),
             Family("lobbyd_http_requests_total", "counter", "HTTP responses by status code.",
                    [({"code": str(code)}, count)
-                    for code, count in sorted(self.http_codes.items())]),
+                    for code, count in sorted(counters.http_codes.items())]),
             Family("lobbyd_check_up", "gauge", "1 while the health check passes.",
                    [({"check": name}, int(state["up"]))
                     for name, state in self.local.check_states().items()]),
@@ -3774,77 +3977,89 @@ class Health:
 
 
 ###############################################################################
-# API routes: a table of (path -> method -> handler); handlers are short and pure.
+# API routes: a table of (path -> method -> handler); handlers are short. A request
+# for an answer is parsed into its View here; the bytes come from Answers, the
+# indexes and held requests from Watchers, the rest from the local host and Health.
 ###############################################################################
 
-
-def accepts_gzip(request: Request) -> bool:
-    for item in request.headers.get("accept-encoding", "").split(","):
-        token, _, params = item.strip().partition(";")
-        if token.strip().lower() == "gzip":
-            return params.replace(" ", "").lower() not in ("q=0", "q=0.0", "q=0.00", "q=0.000")
-    return False
+DEFAULT_WAIT = 300.0
+MAX_WAIT = 600.0
+WAIT_RE = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,6})?)(ms|s|m|h)?")
+WAIT_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+INDEX_RE = re.compile(r"[0-9]{1,19}")
 
 
-def gzip_pieces(pieces: Iterable[bytes | memoryview]) -> bytes:
-    """gzip of the pieces' join (level 5, no name, mtime 0), without joining them."""
-    deflate = zlib.compressobj(5, zlib.DEFLATED, 31)  # 31: with a gzip header and trailer
-    out = [deflate.compress(piece) for piece in pieces]
-    out.append(deflate.flush())
-    return b"".join(out)
+def parse_index(value: str | None) -> int | None:
+    """?index=N: a non-negative integer, or None when absent; HttpError 400 otherwise."""
+    if value is None:
+        return None
+    if not INDEX_RE.fullmatch(value.strip()):
+        raise HttpError(400, f"index={show(value)}: expected a non-negative integer")
+    return int(value)
 
 
-class CachedAnswer:
-    """The latest answer of one view (plain, and gzipped once asked for).
+def parse_wait(value: str | None) -> float:
+    """?wait=D: 30s, 5m, 1h, 250ms or plain seconds; cut to MAX_WAIT; HttpError 400."""
+    if value is None:
+        return DEFAULT_WAIT
+    match = WAIT_RE.fullmatch(value.strip())
+    if not match:
+        raise HttpError(400, f"wait={show(value)}: expected a duration like 30s, 5m or 90")
+    return min(MAX_WAIT, float(match[1]) * WAIT_UNITS[match[2]])
 
-    `headers` (the X-Lobby-Index the body was built at) are in the memory file's
-    head too, so a big answer goes out in one sendfile with no per-request head.
-    """
 
-    __slots__ = ("_gzipped", "headers", "length", "plain", "stamp")
+def discoveries_view(request: Request) -> View:
+    """The answer /v1/discoveries and /v1/events give: `labels` wins over `prefixes`."""
+    labels = split_list(request.param("labels") or "")
+    if labels:
+        return View("labels", tuple(labels))
+    prefixes = split_list(request.param("prefixes") or "")
+    return View("prefixes", prefixes=tuple(prefixes)) if prefixes else ALL
 
-    def __init__(self, stamp: tuple[int, ...], body: bytes | Sequence[bytes],
-                 headers: Mapping[str, str]):
-        self.stamp = stamp
-        self.headers = dict(headers)
-        self.plain = Response.cached(body, dict(headers))
-        self.length = self.plain.length
-        self._gzipped: Response | None = None
 
-    def gzipped(self) -> Response:
-        if self._gzipped is None:
-            file = self.plain.file
-            self._gzipped = Response.cached(gzip_pieces(file.body() if file else
-                                                        (self.plain.body,)),
-                                            {**GZIP_HEADERS, **self.headers})
-        return self._gzipped
+def resolve_view(request: Request) -> View:
+    label = request.param("label")
+    if not label:
+        raise HttpError(400, "missing query parameter: label")
+    return View.resolve(label)
+
+
+def prometheus_view(request: Request) -> View:
+    return View.job(request.path[len("/v1/prometheus/"):])
+
+
+def json_response(value: Any, status: int = 200) -> Response:
+    return Response(status, render_json(value), JSON_TYPE)
 
 
 class Api:
-    """Answers requests from the daemon's state; bodies are cached per registry version."""
+    """Answers requests: routing, the token, and one short handler per route.
 
-    def __init__(self, daemon: Daemon):
-        self.daemon = daemon
-        discoveries = self.watched(self.discoveries, discoveries_view)
+    `local` is the local host (its packet, labels, leases), `health` says how this
+    lobbyd is doing (report and metric families).
+    """
+
+    def __init__(self, config: Config, answers: Answers, watchers: Watchers, local: LocalHost,
+                 health: Health):
+        self.answers = answers
+        self.watchers = watchers
+        self.local = local
+        self.health = health
+        self.token = config.token.encode("utf-8", "surrogateescape")
+        discoveries = self.watched(discoveries_view)
         self.routes: dict[str, dict[str, Callable[[Request], Any]]] = {
             "/": {"GET": discoveries},
             "/v1/discoveries": {"GET": discoveries},
-            "/v1/discovery": {"GET": self.watched(self.discovery, lambda r: ("discovery",))},
-            "/v1/resolve": {"GET": self.watched(self.resolve, resolve_view)},
+            "/v1/discovery": {"GET": self.watched(lambda request: LOCAL)},
+            "/v1/resolve": {"GET": self.watched(resolve_view)},
             "/v1/labels": {"GET": self.list_labels, "POST": self.add_labels,
                            "DELETE": self.delete_labels},
             "/v1/events": {"GET": self.events},
-            "/v1/health": {"GET": self.health},
+            "/v1/health": {"GET": self.report},
             "/metrics": {"GET": self.metrics},
             PAGE_PATH: {"GET": self.page},
         }
-        self.prefix_routes = {"/v1/prometheus/": {
-            "GET": self.watched(self.prometheus, prometheus_view)}}
-        self.token = daemon.config.token.encode("utf-8", "surrogateescape")
-        self._answers: dict[tuple[Any, ...], CachedAnswer] = {}  # view -> its latest answer
-        self._renderers: dict[tuple[str, ...], BlockRenderer] = {}
-        self._label_blocks: dict[tuple[str, ...], str] = {}
-        self._all = RegistryRenderer({})
+        self.prefix_routes = {"/v1/prometheus/": {"GET": self.watched(prometheus_view)}}
 
     # dispatch ----------------------------------------------------------------
     async def handle(self, request: Request) -> Response:
@@ -3864,6 +4079,18 @@ class Api:
             log.exception("error answering %s %s", request.method, request.path)
             return Response.text(500, "internal error; see the lobbyd log")
         return response
+
+    def at_once(self, head: bytes, most: float) -> Prepared | None:
+        """HttpServer's at_once: what a repeated head got last time while it still is
+        the answer (see Answers.repeated). The token is compared once per request,
+        this one included, and only once the answer is known to go out."""
+        try:
+            found = self.answers.repeated(head, most)
+            if found is None or not self.allowed(found[1]):
+                return None
+        except Exception:  # a bug: the whole way answers it (a 500, logged)
+            return None
+        return found[0]
 
     def authorize(self, request: Request) -> None:
         if not self.allowed(request.headers):
@@ -3895,82 +4122,39 @@ class Api:
                             {"Allow": ", ".join(allowed)})
         return handler
 
-    # caching -----------------------------------------------------------------
-    def cached(self, request: Request, key: tuple[Any, ...],
-               build: Callable[[], bytes | Sequence[bytes]], timed: bool = True) -> Response:
-        """A JSON answer built at most once per registry version (and second, if `timed`),
-        carrying the X-Lobby-Index of `key` (the answer's view, SPEC 8).
+    # watched answers (SPEC 8) --------------------------------------------------
+    def watched(self, view_of: Callable[[Request], View]) -> Callable[[Request], Any]:
+        """The answer of the request's view, with X-Lobby-Index, held while ?index=
+        is still current."""
+        def answer(request: Request) -> Response | Awaitable[Response]:
+            view = view_of(request)
+            index = parse_index(request.param("index"))
+            wait = parse_wait(request.param("wait"))
+            if index is not None:
+                return self._held(request, view, index, wait)
+            return self.answer(request, view)  # no coroutine: the hot path
+        return answer
 
-        An answer showing last_check can change only when the registry does or
-        the second ticks over (its resolution); one without it (Prometheus,
-        resolve) only when the registry does. Only the latest answer of each view
-        is kept, and it is exact for the registry version it is served at: a
-        blocking query woken by a change gets a body that shows it (SPEC 8).
-        """
-        stamp = self.stamp(key, timed)
-        answer = self._answers.get(key)
-        if answer is None or answer.stamp != stamp:
-            if answer is None and len(self._answers) > 64:
-                self._answers.clear()
-            answer = self._answers[key] = CachedAnswer(stamp, build(),
-                                                       {"X-Lobby-Index": str(stamp[2])})
-        gzipped = answer.length >= 1024 and accepts_gzip(request)
-        response = (answer.gzipped() if gzipped else answer.plain).copy()
-        headers = request.headers  # not the request: it holds its connection's reader
-        response.again = lambda: self.again(headers, key, timed, stamp, gzipped)
+    async def _held(self, request: Request, view: View, index: int, wait: float) -> Response:
+        await self.watchers.hold(view, index, wait, request.reader)
+        return self.answer(request, view, repeat=False)  # the same ?index= is held again
+
+    def answer(self, request: Request, view: View, repeat: bool = True) -> Response:
+        if view.kind != "discovery":
+            return self.answers.answer(request, view, repeat)
+        self.local.reread_labels()  # never older than the files (SPEC 3)
+        response = json_response(self.local.packet().to_json())
+        # after the body: the index then describes what the body shows
+        response.headers["X-Lobby-Index"] = str(self.watchers.index(view))
         return response
 
-    def stamp(self, key: tuple[Any, ...], timed: bool) -> tuple[int, int, int]:
-        """What the answer of `key` is made from: (registry version, second, its index)."""
-        self.daemon.expire()
-        # the index before the body, with no await between: it describes that body.
-        # It is in the stamp, for a view forgotten and made again gets a new index.
-        index = self.daemon.watch.index(key)
-        return (self.daemon.registry.version, int(time.time()) if timed else 0, index)
-
-    def again(self, headers: Mapping[str, str], key: tuple[Any, ...], timed: bool,
-              stamp: tuple[int, int, int], gzipped: bool) -> Response | None:
-        """What cached() would answer the request with `headers` now, if that is still
-        the answer it gave at `stamp` (else None: the request goes the whole way). The
-        token is checked after the stamp: once per request, this one included."""
-        answer = self._answers.get(key)
-        try:
-            if answer is None or self.stamp(key, timed) != stamp or answer.stamp != stamp \
-                    or not self.allowed(headers):
-                return None
-        except Exception:  # a bug: the whole way answers it (a 500, logged)
-            return None
-        return answer.gzipped() if gzipped else answer.plain
-
-    # handlers ----------------------------------------------------------------
-    def discoveries(self, request: Request) -> Response:
+    def events(self, request: Request) -> Response:
         view = discoveries_view(request)
-        if view == ("all",):  # the hot answer: a join of kept per-host blocks
-            return self.cached(request, view,
-                               lambda: self._all.render_parts(self.daemon.registry,
-                                                              int(time.time())))
-        labels = list(view[1:]) if view[0] == "labels" else []
-        prefixes = list(view[1:]) if view[0] == "prefixes" else []
-        return self.cached(request, view, lambda: self.renderer(view).render(
-            select_packets(self.daemon.registry.packets(having=labels), labels, prefixes)))
+        watchers = self.watchers
+        return Response(200, b"", EVENTS_TYPE,
+                        stream=lambda reader, writer: watchers.stream(view, reader, writer))
 
-    def renderer(self, view: tuple[str, ...]) -> BlockRenderer:
-        """The block cache of one view: discoveries (all, by labels, by prefixes), a job."""
-        found = self._renderers.get(view)
-        if found is None:
-            if len(self._renderers) > 32:
-                self._renderers.clear()
-                self._label_blocks.clear()
-            if view[0] == "prometheus":
-                name, port = view[1], self.daemon.config.node_exporter_port
-                found = BlockRenderer(
-                    lambda packet: group_block(prometheus_group(name, packet, port)),
-                    key=lambda packet: packet.labels)
-            else:
-                found = BlockRenderer(lambda packet: packet_block(packet, self._label_blocks))
-            self._renderers[view] = found
-        return found
-
+    # the rest ----------------------------------------------------------------
     def page(self, request: Request) -> Response:
         """The page for people (SPEC 12); at / it depends on Accept, and says so."""
         headers = dict(PAGE_HEADERS)
@@ -3978,29 +4162,12 @@ class Api:
             headers["Vary"] = "Accept"
         return Response(200, PAGE_BYTES, HTML_TYPE, headers)
 
-    def discovery(self, request: Request) -> Response:
-        self.daemon.reread_labels()  # never older than the files (SPEC 3)
-        return Response(200, render_json(self.daemon.local_packet().to_json()))
-
-    def health(self, request: Request) -> Response:
-        healthy, body = self.daemon.health.report()
-        return Response(200 if healthy else 503, render_json(body))
+    def report(self, request: Request) -> Response:
+        healthy, body = self.health.report()
+        return json_response(body, 200 if healthy else 503)
 
     def metrics(self, request: Request) -> Response:
-        return Response(200, render_metrics(self.daemon.metric_families()), METRICS_TYPE)
-
-    def resolve(self, request: Request) -> Response:
-        label = request.param("label")
-        if not label:
-            raise HttpError(400, "missing query parameter: label")
-        registry = self.daemon.registry  # resolve_label() without a Packet per host
-        return self.cached(request, ("resolve", label), lambda: render_json(
-            registry.carrying(label, time.time())), timed=False)
-
-    def prometheus(self, request: Request) -> Response:
-        view = ("prometheus", request.path[len("/v1/prometheus/"):])
-        return self.cached(request, view, lambda: self.renderer(view).render(
-            self.daemon.registry.packets()), timed=False)
+        return Response(200, render_metrics(self.health.families()), METRICS_TYPE)
 
     async def add_labels(self, request: Request) -> Response:
         ttl_param = request.param("ttl")
@@ -4009,21 +4176,21 @@ class Api:
         except LabelError as exc:
             raise HttpError(400, f"{exc}; nothing was changed") from None
         labels = self.request_labels(request)
-        if len(set(self.daemon.labels).union(labels)) > MAX_LABELS:
+        if len(set(self.local.labels).union(labels)) > MAX_LABELS:
             raise HttpError(400, f"a host may carry at most {MAX_LABELS} labels")
         if ttl is not None:
-            await self.daemon.add_leases(labels, ttl)
+            await self.local.add_leases(labels, ttl)
             return Response(200, b"OK", TEXT_TYPE)
         return await self.change_labels(labels, ())
 
     async def delete_labels(self, request: Request) -> Response:
         labels = self.request_labels(request)
-        await self.daemon.end_leases(labels)  # a lease and a runtime label: both go
+        await self.local.end_leases(labels)  # a lease and a runtime label: both go
         return await self.change_labels((), labels)
 
     def list_labels(self, request: Request) -> Response:
         """Where every local label comes from (SPEC 9)."""
-        return Response(200, render_json(self.daemon.label_sources()))
+        return json_response(self.local.label_sources())
 
     def request_labels(self, request: Request) -> list[str]:
         try:
@@ -4038,136 +4205,38 @@ class Api:
 
     async def change_labels(self, add: Sequence[str], remove: Sequence[str]) -> Response:
         try:
-            await self.daemon.change_runtime_labels(add, remove)
+            await self.local.change_runtime_labels(add, remove)
         except OSError as exc:
             status = 507 if exc.errno in (errno.ENOSPC, errno.EDQUOT) else 500
-            path = self.daemon.runtime.path
+            path = self.local.runtime.path
             log.error("cannot save runtime labels to %s: %s", path, exc.strerror or exc)
             raise HttpError(status, f"cannot save runtime labels to {path}: "
                             f"{exc.strerror or exc}; nothing was changed") from None
         return Response(200, b"OK", TEXT_TYPE)
-
-    # watching (SPEC 8) -------------------------------------------------------
-    def watched(self, handler: Callable[[Request], Response],
-                view_of: Callable[[Request], tuple[str, ...]]) -> Callable[[Request], Any]:
-        """`handler` answering with X-Lobby-Index, held while ?index= is still current."""
-        def answer(request: Request) -> Response | Awaitable[Response]:
-            view = view_of(request)
-            index = parse_index(request.param("index"))
-            wait = parse_wait(request.param("wait"))
-            if index is not None:
-                return self._held(handler, request, view, index, wait)
-            return self.with_index(handler(request), view)  # no coroutine: the hot path
-        return answer
-
-    async def _held(self, handler: Callable[[Request], Response], request: Request,
-                    view: tuple[str, ...], index: int, wait: float) -> Response:
-        self.daemon.expire()
-        await self.daemon.watch.hold(view, index, wait, request.reader)
-        response = self.with_index(handler(request), view)
-        response.again = None  # the same ?index= again must be held, not answered at once
-        return response
-
-    def with_index(self, response: Response, view: tuple[str, ...]) -> Response:
-        # after the body: the index then describes what the body shows. A cached
-        # answer carries it already (set with no await between, see cached()).
-        if "X-Lobby-Index" not in response.headers:
-            response.headers["X-Lobby-Index"] = str(self.daemon.watch.index(view))
-        return response
-
-    def events(self, request: Request) -> Response:
-        view = discoveries_view(request)
-        watch = self.daemon.watch
-        return Response(200, b"", EVENTS_TYPE,
-                        stream=lambda reader, writer: watch.stream(view, reader, writer))
 
 
 ###############################################################################
 # Watchers: per-answer indexes, blocking queries and event streams (SPEC 8).
 # The registry notes which hosts changed (a keep-alive is no change); each batch
 # is matched to the watched answers by the labels a host gained or lost, then
-# diffed exactly, so it wakes exactly the watchers whose answer it touches.
+# diffed exactly (View.shows), so it wakes exactly the watchers whose answer it
+# touches. Owns each watched view's index, its held requests and its streams.
 ###############################################################################
 
-DEFAULT_WAIT = 300.0
-MAX_WAIT = 600.0
-WAIT_RE = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,6})?)(ms|s|m|h)?")
-WAIT_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-INDEX_RE = re.compile(r"[0-9]{1,19}")
 EVENTS_TYPE = "text/event-stream; charset=UTF-8"
 #: bytes an event stream may have queued for a client that does not read, over
 #: what the kernel holds: past it the client is dropped, never slowing anyone
 STREAM_BUFFER = 256 * 1024
 STREAM_HEARTBEAT = 15.0
+SNAPSHOTS = 16  #: first events of streams kept (per view, index, version and second)
 #: answers whose index is tracked while nobody waits on them (most recently asked)
 MAX_IDLE_VIEWS = 256
 HOLD_SWEEP = 2.0
 
-
-def parse_index(value: str | None) -> int | None:
-    """?index=N: a non-negative integer, or None when absent; HttpError 400 otherwise."""
-    if value is None:
-        return None
-    if not INDEX_RE.fullmatch(value.strip()):
-        raise HttpError(400, f"index={show(value)}: expected a non-negative integer")
-    return int(value)
-
-
-def parse_wait(value: str | None) -> float:
-    """?wait=D: 30s, 5m, 1h, 250ms or plain seconds; cut to MAX_WAIT; HttpError 400."""
-    if value is None:
-        return DEFAULT_WAIT
-    match = WAIT_RE.fullmatch(value.strip())
-    if not match:
-        raise HttpError(400, f"wait={show(value)}: expected a duration like 30s, 5m or 90")
-    return min(MAX_WAIT, float(match[1]) * WAIT_UNITS[match[2]])
-
-
-def discoveries_view(request: Request) -> tuple[str, ...]:
-    """The answer /v1/discoveries and /v1/events give: `labels` wins over `prefixes`."""
-    labels = split_list(request.param("labels") or "")
-    if labels:
-        return ("labels", *labels)
-    prefixes = split_list(request.param("prefixes") or "")
-    return ("prefixes", *prefixes) if prefixes else ("all",)
-
-
-def resolve_view(request: Request) -> tuple[str, ...]:
-    label = request.param("label")
-    if not label:
-        raise HttpError(400, "missing query parameter: label")
-    return ("resolve", label)
-
-
-def prometheus_view(request: Request) -> tuple[str, ...]:
-    return ("prometheus", request.path[len("/v1/prometheus/"):])
-
-
-def view_content(view: tuple[str, ...], hostname: str, labels: tuple[str, ...] | None,
-                 port: int) -> Any:
-    """What one host contributes to an answer (None: nothing), last_check left out."""
-    if labels is None:
-        return None
-    kind = view[0]
-    if kind == "all":
-        return labels
-    if kind == "labels":
-        found: Any = tuple(label for label in labels if label in view[1:])
-    elif kind == "prefixes":
-        found = tuple(label for label in labels if label.startswith(view[1:]))
-    elif kind == "resolve":
-        found = view[1] in labels
-    elif kind == "prometheus":
-        found = prometheus_group(view[1], Packet(hostname, labels), port)
-    else:
-        return None
-    return found or None
-
-
 Changes = Mapping[str, tuple[Optional[tuple[str, ...]], str]]  # evaluated: no `|` on 3.9
 
 
-def view_changes(view: tuple[str, ...], changes: Changes, hosts: Mapping[str, list[Any]],
+def view_changes(view: View, changes: Changes, hosts: Mapping[str, list[Any]],
                  port: int, first_only: bool = False) -> list[tuple[str, str, Any]]:
     """(event, hostname, detail) for each host whose part of the answer changed.
 
@@ -4177,8 +4246,8 @@ def view_changes(view: tuple[str, ...], changes: Changes, hosts: Mapping[str, li
     found = []
     for hostname, (before_labels, left) in changes.items():
         entry = hosts.get(hostname)
-        before = view_content(view, hostname, before_labels, port)
-        after = view_content(view, hostname, None if entry is None else entry[0], port)
+        before = view.shows(hostname, before_labels, port)
+        after = view.shows(hostname, None if entry is None else entry[0], port)
         if before == after:
             continue
         if before is None:
@@ -4192,34 +4261,16 @@ def view_changes(view: tuple[str, ...], changes: Changes, hosts: Mapping[str, li
     return found
 
 
-def view_triggers(view: tuple[str, ...]) -> tuple[frozenset[str], tuple[str, ...], bool]:
-    """What can touch an answer: (these labels, labels with these prefixes, any change).
-
-    A host's change touches an answer only through the labels it gained or lost,
-    so the registry's changes are matched to answers by label, not answer by answer.
-    """
-    kind = view[0]
-    if kind == "all":
-        return frozenset(), (), True
-    if kind in ("labels", "resolve"):
-        return frozenset(view[1:]), (), False
-    if kind == "prefixes":
-        return frozenset(), view[1:], False
-    if kind == "prometheus":
-        return frozenset(), (f"prometheus:{view[1]}",), False
-    return frozenset(), (), False  # ("discovery",): the local packet, not the registry
-
-
 def touched_views(changes: Changes, hosts: Mapping[str, list[Any]],
-                  by_label: Mapping[str, set[tuple[str, ...]]],
-                  by_prefix: Mapping[tuple[str, ...], tuple[str, ...]],
-                  everything: Iterable[tuple[str, ...]]
-                  ) -> dict[tuple[str, ...], dict[str, tuple[tuple[str, ...] | None, str]]]:
+                  by_label: Mapping[str, set[View]],
+                  by_prefix: Mapping[View, tuple[str, ...]],
+                  everything: Iterable[View]
+                  ) -> dict[View, dict[str, tuple[tuple[str, ...] | None, str]]]:
     """View -> the changes that may touch it (view_changes() then says exactly).
 
     Runs for every label change of the fleet: plain loops, no sets but the diff.
     """
-    found: dict[tuple[str, ...], dict[str, tuple[tuple[str, ...] | None, str]]] = {}
+    found: dict[View, dict[str, tuple[tuple[str, ...] | None, str]]] = {}
     every = tuple(everything)
     prefixed = tuple(by_prefix.items())
     any_prefix = tuple(prefix for _view, prefixes in prefixed for prefix in prefixes)
@@ -4275,13 +4326,13 @@ def stream_events(changes: list[tuple[str, str, Any]], hosts: Mapping[str, list[
     return b"".join(out)
 
 
-class View:
-    """One watched answer: its index, the requests held on it, the streams following it."""
+class Watched:
+    """One watched view: its index, the requests held on it, the streams following it."""
 
-    __slots__ = ("index", "key", "streams", "waiters")
+    __slots__ = ("index", "streams", "view", "waiters")
 
-    def __init__(self, key: tuple[str, ...], index: int):
-        self.key = key
+    def __init__(self, view: View, index: int):
+        self.view = view
         self.index = index
         self.waiters: dict[asyncio.Future[None], asyncio.StreamReader | None] = {}
         #: stream -> bytes it may have waiting before it is dropped
@@ -4293,7 +4344,7 @@ class Watchers:
 
     An answer's index is the value of a counter (starting at the start time in
     ms, so a restarted daemon never reuses an old index) when its content last
-    changed. Views are created on demand; an idle view forgotten and asked for
+    changed. Views are watched on demand; an idle view forgotten and asked for
     again gets a fresh index, which costs its client one early answer.
     """
 
@@ -4304,11 +4355,11 @@ class Watchers:
         self.expire = expire
         self.port = port
         self.counter = time.time_ns() // 1_000_000
-        self.views: dict[tuple[str, ...], View] = {}
-        self.by_label: dict[str, set[tuple[str, ...]]] = {}
-        self.by_prefix: dict[tuple[str, ...], tuple[str, ...]] = {}
-        self.everything: set[tuple[str, ...]] = set()
-        self._snapshots: dict[tuple[Any, ...], bytes] = {}
+        self.views: dict[View, Watched] = {}  # most recently asked last
+        self.by_label: dict[str, set[View]] = {}
+        self.by_prefix: dict[View, tuple[str, ...]] = {}
+        self.everything: set[View] = set()
+        self._snapshots = BoundedCache(SNAPSHOTS)
         self._local_seen: tuple[Any, ...] | None = None
         self._scheduled = False
         self._sweeping = False
@@ -4331,92 +4382,101 @@ class Watchers:
         self._local_seen = local_key
         if not changes and not local_changed:
             return
-        # every change moves the counter, watched or not: a view created later must
+        # every change moves the counter, watched or not: a view watched later must
         # never get an index that an earlier view of other content had
         self.counter += 1
         hosts = self.registry.hosts
         candidates = touched_views(changes, hosts, self.by_label, self.by_prefix,
                                    self.everything)
-        if local_changed and ("discovery",) in self.views:
-            candidates[("discovery",)] = {}
-        for key, subset in candidates.items():
-            view = self.views[key]
-            touched: list[Any] = [True] if key == ("discovery",) else view_changes(
-                key, subset, hosts, self.port, first_only=not view.streams)
+        if local_changed and LOCAL in self.views:
+            candidates[LOCAL] = {}
+        for view, subset in candidates.items():
+            watched = self.views[view]
+            touched: list[Any] = [True] if view == LOCAL else view_changes(
+                view, subset, hosts, self.port, first_only=not watched.streams)
             if not touched:
                 continue
-            view.index = self.counter
-            for waiter in view.waiters:
+            watched.index = self.counter
+            for waiter in watched.waiters:
                 if not waiter.done():
                     waiter.set_result(None)
-            view.waiters.clear()
-            if view.streams:
-                self.send(view, stream_events(touched, hosts, view.index))
+            watched.waiters.clear()
+            if watched.streams:
+                self.send(watched, stream_events(touched, hosts, watched.index))
 
     def _flush_pending(self) -> None:
         # a change of the local labels or hostname pokes too: no need to look at them
         if self._scheduled or self.registry.changes:
             self.flush()
 
-    def view(self, key: tuple[str, ...]) -> View:
-        """The view of an answer, up to date, created if new."""
+    def watched(self, view: View) -> Watched:
+        """The view's watch, up to date, made if new."""
         self._flush_pending()
-        found = self.views.pop(key, None)
+        found = self.views.pop(view, None)
         if found is None:
-            found = View(key, self.counter)
+            found = Watched(view, self.counter)
             self._forget_idle()
-            if key == ("discovery",) and self._local_seen is None:
+            if view == LOCAL and self._local_seen is None:
                 self._local_seen = self.local()[:2]  # what a later flush compares with
-            labels, prefixes, everything = view_triggers(key)
+            labels, prefixes, everything = view.triggers()
             for label in labels:
-                self.by_label.setdefault(label, set()).add(key)
+                self.by_label.setdefault(label, set()).add(view)
             if prefixes:
-                self.by_prefix[key] = prefixes
+                self.by_prefix[view] = prefixes
             if everything:
-                self.everything.add(key)
-        self.views[key] = found  # last: the most recently asked
+                self.everything.add(view)
+        self.views[view] = found  # last: the most recently asked
         return found
 
-    def index(self, key: tuple[str, ...]) -> int:
-        return self.view(key).index
+    def index(self, view: View) -> int:
+        return self.watched(view).index
+
+    def current(self, view: View) -> int | None:
+        """The view's index if it is watched and no change waits to be applied; else
+        None. Changes nothing (see Answers.repeated)."""
+        if self._scheduled or self.registry.changes:
+            return None
+        found = self.views.get(view)
+        return None if found is None else found.index
 
     def _forget_idle(self) -> None:
-        idle = [key for key, view in self.views.items() if not view.waiters and not view.streams]
-        for key in idle[:max(0, len(idle) - MAX_IDLE_VIEWS + 1)]:
-            del self.views[key]
-            for label in view_triggers(key)[0]:
-                self.by_label[label].discard(key)
+        idle = [view for view, watched in self.views.items()
+                if not watched.waiters and not watched.streams]
+        for view in idle[:max(0, len(idle) - MAX_IDLE_VIEWS + 1)]:
+            del self.views[view]
+            for label in view.triggers()[0]:
+                self.by_label[label].discard(view)
                 if not self.by_label[label]:
                     del self.by_label[label]
-            self.by_prefix.pop(key, None)
-            self.everything.discard(key)
+            self.by_prefix.pop(view, None)
+            self.everything.discard(view)
 
     # blocking queries -------------------------------------------------------
-    async def hold(self, key: tuple[str, ...], index: int, wait: float,
+    async def hold(self, view: View, index: int, wait: float,
                    reader: asyncio.StreamReader | None) -> None:
         """Return when the answer's index is no longer `index`, after `wait`
         seconds, when the client leaves, or at shutdown."""
-        view = self.view(key)
-        if view.index != index or self.closed:
+        self.expire()
+        watched = self.watched(view)
+        if watched.index != index or self.closed:
             return
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
-        view.waiters[waiter] = reader
-        timer = loop.call_later(wait, lambda: waiter.done() or waiter.set_result(None))
+        watched.waiters[waiter] = reader
         if not self._sweeping:
             self._sweeping = True
             loop.call_later(HOLD_SWEEP, self._sweep)
         try:
-            await waiter
+            with deadline(wait, lambda: waiter.done() or waiter.set_result(None)):
+                await waiter
         finally:
-            timer.cancel()
-            view.waiters.pop(waiter, None)
+            watched.waiters.pop(waiter, None)
 
     def _sweep(self) -> None:
         """Release requests whose client has gone: their connections count."""
         waiting = False
-        for view in self.views.values():
-            for waiter, reader in list(view.waiters.items()):
+        for watched in self.views.values():
+            for waiter, reader in list(watched.waiters.items()):
                 if reader is not None and reader.at_eof() and not waiter.done():
                     waiter.set_result(None)
                 waiting = True
@@ -4425,57 +4485,54 @@ class Watchers:
             asyncio.get_running_loop().call_later(HOLD_SWEEP, self._sweep)
 
     # event streams ------------------------------------------------------------
-    async def stream(self, key: tuple[str, ...], reader: asyncio.StreamReader,
+    async def stream(self, view: View, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> None:
         """GET /v1/events: the head, a snapshot, then the changes until the client leaves."""
         self.expire()
-        view = self.view(key)
+        watched = self.watched(view)
         writer.write(("HTTP/1.1 200 OK\r\nContent-Type: " + EVENTS_TYPE + "\r\n"
                       "Cache-Control: no-cache\r\nConnection: close\r\n"
-                      f"X-Lobby-Index: {view.index}\r\n\r\n").encode("latin-1"))
-        snapshot = self.snapshot(view)
+                      f"X-Lobby-Index: {watched.index}\r\n\r\n").encode("latin-1"))
+        snapshot = self.snapshot(watched)
         writer.write(snapshot)
         if self.closed:
             return
         # no await since the snapshot: no change is missed. Until the snapshot is
         # read, a big one must not count against the client.
-        view.streams[writer] = len(snapshot) + STREAM_BUFFER
+        watched.streams[writer] = len(snapshot) + STREAM_BUFFER
         loop = asyncio.get_running_loop()
-        heartbeat = loop.call_later(STREAM_HEARTBEAT, self._heartbeat, view, writer)
+        heartbeat = loop.call_later(STREAM_HEARTBEAT, self._heartbeat, watched, writer)
         try:
-            with deadline(writer, WRITE_TIMEOUT):
+            with deadline(WRITE_TIMEOUT, writer.transport.abort):
                 await writer.drain()
-            if writer in view.streams:
-                view.streams[writer] = STREAM_BUFFER
+            if writer in watched.streams:
+                watched.streams[writer] = STREAM_BUFFER
             while await reader.read(4096):
                 pass  # the client has nothing to say; EOF or an abort ends the stream
         finally:
-            view.streams.pop(writer, None)
+            watched.streams.pop(writer, None)
             heartbeat.cancel()
 
-    def snapshot(self, view: View) -> bytes:
+    def snapshot(self, watched: Watched) -> bytes:
         """The first event of a stream; built once per answer and second, like GETs."""
-        cache_key = (view.key, view.index, self.registry.version, int(time.time()))
-        found = self._snapshots.get(cache_key)
+        key = (watched.view, watched.index, self.registry.version, int(time.time()))
+        found = self._snapshots.get(key)
         if found is None:
-            key = view.key
-            labels = list(key[1:]) if key[0] == "labels" else []
-            packets = select_packets(self.registry.packets(having=labels), labels,
-                                     list(key[1:]) if key[0] == "prefixes" else [])
-            if len(self._snapshots) > 16:
-                self._snapshots.clear()
-            found = self._snapshots[cache_key] = sse_event(
-                "snapshot", sse_json([p.to_json() for p in packets]), view.index)
+            view = watched.view
+            packets = select_packets(view, self.registry.packets(having=view.labels))
+            found = sse_event("snapshot", sse_json([p.to_json() for p in packets]),
+                              watched.index)
+            self._snapshots.put(key, found)
         return found
 
-    def _heartbeat(self, view: View, writer: asyncio.StreamWriter) -> None:
-        if writer in view.streams:
-            self.send_to(writer, b": keep-alive\n\n", view.streams[writer])
-            asyncio.get_running_loop().call_later(STREAM_HEARTBEAT, self._heartbeat, view,
+    def _heartbeat(self, watched: Watched, writer: asyncio.StreamWriter) -> None:
+        if writer in watched.streams:
+            self.send_to(writer, b": keep-alive\n\n", watched.streams[writer])
+            asyncio.get_running_loop().call_later(STREAM_HEARTBEAT, self._heartbeat, watched,
                                                   writer)
 
-    def send(self, view: View, data: bytes) -> None:
-        for writer, allowance in list(view.streams.items()):
+    def send(self, watched: Watched, data: bytes) -> None:
+        for writer, allowance in list(watched.streams.items()):
             self.send_to(writer, data, allowance)
 
     @staticmethod
@@ -4493,11 +4550,11 @@ class Watchers:
     def close(self) -> None:
         """Shutdown: answer every held request and end every stream, now."""
         self.closed = True
-        for view in self.views.values():
-            for waiter in view.waiters:
+        for watched in self.views.values():
+            for waiter in watched.waiters:
                 if not waiter.done():
                     waiter.set_result(None)
-            for writer in list(view.streams):
+            for writer in list(watched.streams):
                 writer.transport.abort()
 
 
@@ -4505,47 +4562,6 @@ class Watchers:
 # Commands: CALLBACK and exec checks run through one `run_command()`: a process
 # group of its own, bounded by a timeout, its output kept short.
 ###############################################################################
-
-T = TypeVar("T")
-
-
-class c_deadline:  # TEMP until the merge: A's `deadline`
-    """`with c_deadline(seconds, action):` calls `action()` if the block outlasts `seconds`."""
-
-    __slots__ = ("timer",)
-
-    def __init__(self, seconds: float, action: Callable[[], object]):
-        self.timer = asyncio.get_running_loop().call_later(seconds, action)
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.timer.cancel()
-
-
-async def within(seconds: float, awaitable: Awaitable[T]) -> T:
-    """`await awaitable`, cancelled and asyncio.TimeoutError after `seconds`.
-
-    Not asyncio.wait_for(): on Python 3.9-3.11 it can swallow a cancellation that
-    lands as the awaitable finishes, and a shutdown would then wait for ever.
-    """
-    task = asyncio.current_task()
-    assert task is not None
-    expired: list[bool] = []
-
-    def expire() -> None:
-        expired.append(True)
-        task.cancel()
-
-    try:
-        with c_deadline(seconds, expire):
-            return await awaitable
-    except asyncio.CancelledError:
-        # ours alone becomes a timeout; a cancellation from outside stays one
-        if not expired or (hasattr(task, "uncancel") and task.uncancel() > 0):
-            raise
-        raise asyncio.TimeoutError from None
 
 #: after a command exits, how long its output may still come (a grandchild may hold
 #: the pipe open: its output is not waited for)
@@ -4576,7 +4592,7 @@ async def run_command(argv: Sequence[str], stdin: bytes | None, timeout: float,
     feeding = None if stdin is None else asyncio.ensure_future(feed_stdin(proc, stdin))
     reading = asyncio.ensure_future(read_output(proc, output_kept))
     try:
-        with c_deadline(timeout, time_out):
+        with deadline(timeout, time_out):
             code = await proc.wait()
         await asyncio.wait([reading], timeout=OUTPUT_GRACE)
     finally:
@@ -4995,8 +5011,6 @@ class Daemon:
         self.watch = Watchers(self.registry, self.local.packet, self.expire,
                               config.node_exporter_port)
         self.counters = Counters()
-        self.api = Api(self)
-        self.http = HttpServer(self.api.handle)
         self.tasks: list[asyncio.Future[Any]] = []
         self.stop = asyncio.Event()  #: set by a signal: shut down
         self.joined = asyncio.Event()  #: every transport connected and synced once
@@ -5009,41 +5023,16 @@ class Daemon:
             for kind in (("NATS-KV",) if kv else config.driver)]
         self.callback = (CallbackRunner(config.callback, config.callback_cooldown,
                                         config.callback_first_run_delay,
-                                        config.callback_timeout, self.registry_json)
+                                        config.callback_timeout,
+                                        lambda: self.answers.registry_json())
                          if config.callback else None)
         self.health = Health(self.registry, self.local, self.transports, self.counters,
-                             self.http.codes, self.callback.runs if self.callback else {})
+                             self.callback.runs if self.callback else {})
+        self.answers = Answers(self.registry, self.watch, self.expire,
+                               config.node_exporter_port)
+        self.api = Api(config, self.answers, self.watch, self.local, self.health)
+        self.http = HttpServer(self.api.handle, self.api.at_once, self.counters.http_codes)
         self._stopping = False
-
-    # TEMP until the merge: the names the API used before it took the local host
-    def local_packet(self) -> Packet:
-        return self.local.packet()
-
-    def reread_labels(self) -> None:
-        self.local.reread_labels()
-
-    @property
-    def labels(self) -> tuple[str, ...]:
-        return self.local.labels
-
-    @property
-    def runtime(self) -> RuntimeLabels:
-        return self.local.runtime
-
-    def label_sources(self) -> dict[str, Any]:
-        return self.local.label_sources()
-
-    async def add_leases(self, labels: Sequence[str], ttl: int) -> None:
-        await self.local.add_leases(labels, ttl)
-
-    async def end_leases(self, labels: Sequence[str]) -> None:
-        await self.local.end_leases(labels)
-
-    async def change_runtime_labels(self, add: Sequence[str], remove: Sequence[str]) -> None:
-        await self.local.change_runtime_labels(add, remove)
-
-    def metric_families(self) -> list[Family]:
-        return self.health.families()
 
     # the registry -----------------------------------------------------------------
     def local_changed(self) -> None:
@@ -5061,9 +5050,6 @@ class Daemon:
             log.info("expired (silent for over %ds): %s", self.config.ttl, ", ".join(dead[:20]))
             self.registry_changed()
 
-    def registry_json(self) -> bytes:
-        self.expire()
-        return self.api.renderer(("all",)).render(self.registry.packets())
 
     # publishing -------------------------------------------------------------------
     async def publish(self, packet: Packet, message: str = "hi") -> bool:
@@ -5098,7 +5084,7 @@ class Daemon:
         while not self._stopping:
             self.local.refresh()
             await self.publish_local()
-            with c_deadline(self.config.keep_alive, wake.set):
+            with deadline(self.config.keep_alive, wake.set):
                 await wake.wait()
             wake.clear()
 
@@ -5381,53 +5367,6 @@ def notify_systemd(state: str) -> None:
 HTML_TYPE = "text/html; charset=UTF-8"
 #: where the page always is, whatever the Accept header says: a link to share
 PAGE_PATH = "/ui"
-
-
-def accept_ranges(accept: str) -> list[tuple[str, float]]:
-    """The media ranges of an Accept header with their q; a bad q counts as 0."""
-    ranges = []
-    for item in accept.split(","):
-        media, *params = item.split(";")
-        media = media.strip().lower()
-        if "/" not in media:
-            continue
-        q = 1.0
-        for param in params:
-            name, _, value = param.partition("=")
-            if name.strip().lower() == "q":
-                try:
-                    q = float(value.strip())
-                except ValueError:
-                    q = 0.0
-                if not 0.0 <= q <= 1.0:  # also NaN
-                    q = 0.0
-        ranges.append((media, q))
-    return ranges
-
-
-def accept_quality(ranges: Sequence[tuple[str, float]], media: str) -> float:
-    """The q an Accept header gives `media`: the most specific matching range decides."""
-    kind = media.split("/")[0] + "/*"
-    best, best_rank = 0.0, 0
-    for candidate, q in ranges:
-        rank = 3 if candidate == media else 2 if candidate == kind else \
-            1 if candidate == "*/*" else 0
-        if rank > best_rank or (rank == best_rank and rank and q > best):
-            best, best_rank = q, rank
-    return best
-
-
-def prefers_html(accept: str) -> bool:
-    """Whether an Accept header ranks text/html strictly above application/json.
-
-    A tie keeps JSON: no header, `*/*`, or both at the same q get what GET / always
-    answered. Browsers send `text/html,...,*/*;q=0.8`; curl `*/*`; scripts, Prometheus
-    and the lobby clients nothing or `application/json`.
-    """
-    if "html" not in accept.lower():  # nearly every client: the short way out
-        return False
-    ranges = accept_ranges(accept)
-    return accept_quality(ranges, "text/html") > accept_quality(ranges, "application/json")
 
 
 def page_headers(html: str) -> dict[str, str]:

@@ -1,21 +1,23 @@
-"""Cached answers (Api.cached): reused only within one registry version and second."""
+"""Answers: reused only within one registry version and second; the bytes they go as."""
 
 from __future__ import annotations
 
 import gzip
-import os
 import socket
 import time
 from types import SimpleNamespace
 
 from lobbyd import (
+    ALL,
     JSON_TYPE,
+    Answers,
     Api,
-    MemoryFile,
     Packet,
+    Prepared,
     Registry,
     Request,
     Response,
+    View,
     Watchers,
     gzip_pieces,
     response_head,
@@ -25,13 +27,20 @@ from lobbyd import (
 def make_api() -> tuple[Api, Registry]:
     registry = Registry(ttl=3600)
     watch = Watchers(registry, lambda: Packet("me", ()), lambda: None, 9100)
-    daemon = SimpleNamespace(config=SimpleNamespace(token="", node_exporter_port=None),
-                             registry=registry, expire=lambda: None, watch=watch)
-    return Api(daemon), registry  # type: ignore[arg-type]
+    answers = Answers(registry, watch, lambda: None, 9100)
+    config = SimpleNamespace(token="")
+    return Api(config, answers, watch, None, None), registry  # type: ignore[arg-type]
 
 
 def get() -> Request:
     return Request("GET", "/v1/discoveries", {}, "HTTP/1.1", {})
+
+
+def body(response: Response) -> bytes:
+    """The body, also of an answer prepared with its head."""
+    if response.prepared is None:
+        return response.body
+    return b"".join(map(bytes, response.prepared.body()))
 
 
 def test_a_new_registry_version_always_gets_a_new_answer() -> None:
@@ -47,8 +56,8 @@ def test_a_new_registry_version_always_gets_a_new_answer() -> None:
 
     for i in range(5):
         registry.apply_hi("a", (f"seq:{i}",), time.time())
-        answer = api.cached(get(), ("test",), build)
-        assert answer.body == b"%d\n" % registry.version
+        answer = api.answers.cached(get(), View("test"), build)
+        assert body(answer) == b"%d\n" % registry.version
     assert builds == list(range(1, 6))
 
 
@@ -61,12 +70,13 @@ def test_an_answer_is_reused_within_the_same_version() -> None:
         builds.append(1)
         return b"[]\n"
 
-    first = api.cached(get(), ("test",), build, timed=False)
-    second = api.cached(get(), ("test",), build, timed=False)
-    assert builds == [1] and first.body == second.body
+    first = api.answers.cached(get(), View("test"), build, timed=False)
+    second = api.answers.cached(get(), View("test"), build, timed=False)
+    assert builds == [1] and body(first) == body(second)
     index = first.headers["X-Lobby-Index"]
     second.headers["X-Lobby-Index"] = "7"  # each request has headers of its own
-    assert api.cached(get(), ("test",), build, timed=False).headers["X-Lobby-Index"] == index
+    assert api.answers.cached(get(), View("test"), build, timed=False
+                              ).headers["X-Lobby-Index"] == index
 
 
 def test_discoveries_show_a_label_change_at_once() -> None:
@@ -74,72 +84,65 @@ def test_discoveries_show_a_label_change_at_once() -> None:
     now = time.time()
     for i in range(2000):
         registry.apply_hi(f"host{i:05}", ("old",), now)
-    assert b'"old"' in body(api.discoveries(get()))
+    assert b'"old"' in body(api.answer(get(), ALL))
     registry.apply_hi("host00000", ("new",), now)
-    assert b'"new"' in body(api.discoveries(get()))
+    assert b'"new"' in body(api.answer(get(), ALL))
 
 
-def body(response: Response) -> bytes:
-    """The body, also of a big answer kept in a memory file."""
-    file = response.file
-    if file is None:
-        return response.body
-    return os.pread(file.file.fileno(), file.length, len(file.head))
-
-
-def test_a_big_answer_carries_its_index_in_the_memory_file() -> None:
-    """The memory file's head is what the server would write for the response itself
-    (X-Lobby-Index included), so one sendfile sends it: the same bytes as without."""
+def test_a_big_answer_carries_its_index_in_its_prepared_head() -> None:
+    """The prepared head is what the server would write for the response itself
+    (X-Lobby-Index included), so one write sends it: the same bytes as without."""
     api, registry = make_api()
     now = time.time()
     for i in range(2000):
         registry.apply_hi(f"host{i:05}", ("some-label",), now)
-    response = api.with_index(api.discoveries(get()), ("all",))
-    file = response.file
-    assert file is not None, "a big answer is kept in a memory file"
-    index = str(api.daemon.watch.index(("all",)))
+    response = api.answer(get(), ALL)
+    file = response.prepared
+    assert file is not None, "a big answer is prepared with its head"
+    index = str(api.watchers.index(ALL))
     assert response.headers == file.headers == {"X-Lobby-Index": index}
     assert file.head == response_head(200, JSON_TYPE, file.length, True, response.headers)
-    # what a request writes from memory and what sendfile sends from the file agree
-    assert os.pread(file.file.fileno(), len(file.data) + 1, 0) == file.data
     assert file.data == file.head + body(response)
-    gzipped = api.with_index(api.discoveries(Request(
-        "GET", "/v1/discoveries", {}, "HTTP/1.1", {"accept-encoding": "gzip"})), ("all",))
+    gzipped = api.answer(Request("GET", "/v1/discoveries", {}, "HTTP/1.1",
+                                 {"accept-encoding": "gzip"}), ALL)
     assert list(gzipped.headers.items()) == [("Content-Encoding", "gzip"),
                                              ("Vary", "Accept-Encoding"), ("X-Lobby-Index", index)]
     registry.apply_hi("host00000", ("other-label",), now)  # a change: a new index and body
-    response = api.with_index(api.discoveries(get()), ("all",))
+    response = api.answer(get(), ALL)
     assert int(response.headers["X-Lobby-Index"]) > int(index)
-    assert response.file is not None and b"other-label" in body(response)
-    assert response.file.head == response_head(200, JSON_TYPE, response.file.length, True,
-                                               response.headers)
+    assert response.prepared is not None and b"other-label" in body(response)
+    assert response.prepared.head == response_head(200, JSON_TYPE, response.prepared.length,
+                                                   True, response.headers)
 
 
 def test_an_answer_is_given_again_only_while_it_is_the_answer() -> None:
-    """Response.again: what a repeated request head gets without the handler (the
+    """Answers.repeated: what a repeated request head gets without the handler (the
     HttpServer's shortcut) is the same answer, and nothing once the registry changed."""
     api, registry = make_api()
     registry.apply_hi("a", ("x",), time.time())
-    resolve = Request("GET", "/v1/resolve", {"label": ["x"]}, "HTTP/1.1", {})
-    first = api.with_index(api.resolve(resolve), ("resolve", "x"))
-    assert first.again is not None
-    again = first.again()
-    assert again is not None and (again.body, again.headers) == (first.body, first.headers)
+    head = b"GET /v1/resolve?label=x HTTP/1.1\r\nHost: h\r\n\r\n"
+    resolve = Request("GET", "/v1/resolve", {"label": ["x"]}, "HTTP/1.1", {"host": "h"},
+                      head=head)
+    first = api.answer(resolve, View.resolve("x"))
+    again = api.at_once(head, float("inf"))
+    assert again is not None and (again.data, again.headers) == (
+        first.prepared.data, first.headers)
     registry.apply_hi("b", ("x",), time.time())
-    assert first.again() is None, "a new registry version: the request goes the whole way"
-    second = api.with_index(api.resolve(resolve), ("resolve", "x"))
-    assert second.body == b'[\n  "a",\n  "b"\n]\n'
+    assert api.at_once(head, float("inf")) is None, \
+        "a new registry version: the request goes the whole way"
+    second = api.answer(resolve, View.resolve("x"))
+    assert body(second) == b'[\n  "a",\n  "b"\n]\n'
     assert int(second.headers["X-Lobby-Index"]) > int(first.headers["X-Lobby-Index"])
-    assert second.again is not None and second.again() is not None
+    assert api.at_once(head, float("inf")) is not None
 
 
-def test_a_memory_file_writes_its_pieces_gathered_then_its_join() -> None:
+def test_a_prepared_answer_writes_its_pieces_gathered_then_its_join() -> None:
     """The first write gathers the pieces as rendered (no join: an answer under label
     churn is sent once); later ones, and the head-less form, send the same bytes."""
     pieces = [b"[\n", b"a" * 5000, b"b" * 7000, b"\n]\n"]
     head = response_head(200, JSON_TYPE, sum(map(len, pieces)), True, {})
-    file = MemoryFile(head, pieces, {}, sum(map(len, pieces)))
-    assert file.length == sum(map(len, pieces))
+    file = Prepared(200, JSON_TYPE, pieces, {})
+    assert file.length == sum(map(len, pieces)) and file.head == head
     whole = head + b"".join(pieces)
     for offset in (0, 0, len(head)):  # gathered, joined, joined without its head
         left, right = socket.socketpair()

@@ -241,7 +241,7 @@ def test_non_ascii_token(lobbyd) -> None:
 
 # --------------------------------------------------------------------------- repeated heads
 # A poller sends the very same request head every time; lobbyd answers a head it has seen
-# from what it answered last, while that still is the answer (HttpServer._ready). These
+# from what it answered last, while that still is the answer (Answers.repeated). These
 # pin that the shortcut changes nothing a client can see.
 
 
@@ -384,7 +384,7 @@ def test_a_poller_that_does_not_read_holds_one_answer_and_gets_them_all(lobbyd) 
     with socket.create_connection(("127.0.0.1", a.port), timeout=10) as s:
         s.sendall(request)
         first = read_answers(s, 1)[0]
-        assert len(first) > 65536  # kept with its head (MemoryFile)
+        assert len(first) > 65536  # prepared with its head (Prepared)
         for _ in range(40):
             s.sendall(request)
         assert a.request("GET", "/v1/health")[0] == 200, "others are served meanwhile"

@@ -1,6 +1,6 @@
-"""Big answers (cached ones over MEMORY_FILE_MIN: kept with their head, in memory and a
-memory file, sent by write and sendfile) with the watchers' X-Lobby-Index, blocking
-queries, HEAD, gzip and the page's negotiation."""
+"""Big answers (cached ones: prepared with their head, sent by a gathered write, the
+rest in slices) with the watchers' X-Lobby-Index, blocking queries, HEAD, gzip and the
+page's negotiation."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def test_big_answers_keep_alive_head_and_index(lobbyd, nats) -> None:
         if len(json.loads(body)) == HOSTS + 1:
             break
         status, headers, body = get(d.port, "/v1/discoveries")
-    assert len(json.loads(body)) == HOSTS + 1 and len(body) > L.SENDFILE_MIN
+    assert len(json.loads(body)) == HOSTS + 1 and len(body) > L.SLICE_MIN
     with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
         # GET, HEAD, GET again on one connection: HEAD sends no body from the file
         sock.sendall(ask("GET", "/v1/discoveries") + ask("HEAD", "/v1/discoveries") +
@@ -97,9 +97,9 @@ def test_big_answers_keep_alive_head_and_index(lobbyd, nats) -> None:
 
 def test_a_big_answer_the_socket_cannot_take_at_once_arrives_whole(lobbyd, nats) -> None:
     """An answer bigger than the socket takes at once: the server's first write sends
-    part of it, the rest goes from memory (the first request of that answer) or by
-    sendfile from its memory file (the next ones): whole either way, and the
-    connection is still good for the next request."""
+    part of it (gathered pieces the first time, the joined answer the next ones), the
+    rest goes in slices: whole either way, and the connection is still good for the
+    next request."""
     d = lobbyd("a", TTL=120)
     client = nats.client()
     for i in range(HOSTS):  # about 6 MB: more than a loopback socket takes at once
@@ -116,6 +116,6 @@ def test_a_big_answer_the_socket_cannot_take_at_once_arrives_whole(lobbyd, nats)
             sock.sendall(ask("GET", "/v1/discoveries"))
             first = sock.recv(1)  # the server is writing; what it cannot, it sends later
             status, _headers, answer, rest = read_response(sock, first)
-            assert status == 200 and rest == b"" and len(answer) > L.SENDFILE_MIN
+            assert status == 200 and rest == b"" and len(answer) > L.SLICE_MIN
             answers.append({p["hostname"]: p["labels"] for p in json.loads(answer)})
     assert len(answers[0]) == HOSTS + 1 and answers[1] == answers[0] and answers[2] == answers[0]

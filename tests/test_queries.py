@@ -11,17 +11,16 @@ from lobbyd import (
     MAX_NOTED,
     RENDER_CHUNK,
     BlockRenderer,
+    BoundedCache,
     Packet,
     Registry,
     RegistryRenderer,
-    filter_by_labels,
-    filter_by_prefixes,
+    View,
     group_block,
     packet_block,
     prometheus_group,
-    prometheus_groups,
     render_json,
-    resolve_label,
+    select_packets,
     with_port,
 )
 
@@ -32,14 +31,25 @@ PACKETS = [
 ]
 
 
+def resolve_label(packets: list[Packet], label: str) -> list[str]:
+    """The hostnames /v1/resolve?label= lists (what Registry.carrying() keeps)."""
+    return [packet.hostname for packet in select_packets(View.resolve(label), packets)]
+
+
+def prometheus_groups(name: str, packets: list[Packet], default_port: int) -> list[dict]:
+    """Prometheus HTTP SD target groups for job NAME, one per host that has any."""
+    groups = (prometheus_group(name, packet, default_port) for packet in packets)
+    return [group for group in groups if group is not None]
+
+
 def test_filter_by_labels_is_an_or_and_reduces_labels() -> None:
-    assert filter_by_labels(PACKETS, ["service:smtp", "other"]) == [
+    assert select_packets(View("labels", ("service:smtp", "other")), PACKETS) == [
         Packet("a", ("service:smtp",), 1), Packet("c", ("other",), 3)]
-    assert filter_by_labels(PACKETS, ["nothing"]) == []
+    assert select_packets(View("labels", ("nothing",)), PACKETS) == []
 
 
 def test_filter_by_prefixes() -> None:
-    assert filter_by_prefixes(PACKETS, ["service:", "ro"]) == [
+    assert select_packets(View("prefixes", prefixes=("service:", "ro")), PACKETS) == [
         Packet("a", ("role:db", "service:smtp", "service:web"), 1),
         Packet("b", ("service:web",), 2)]
 
@@ -119,7 +129,7 @@ def test_prometheus_one_group_per_host() -> None:
 
 def test_renderer_equals_json_pretty_print_also_from_its_memo() -> None:
     packets = [*PACKETS, Packet("ünï\"code", ('quo"te', "\\back"), 9), Packet("e", (), 0)]
-    renderer = BlockRenderer(lambda packet: packet_block(packet, {}))
+    renderer = BlockRenderer(lambda packet: packet_block(packet, BoundedCache(100)))
     expected = render_json([p.to_json() for p in packets])
     assert renderer.render(packets) == expected
     assert renderer.render(packets) == expected  # from the memo
@@ -133,7 +143,7 @@ def test_registry_renderer_equals_json_pretty_print_through_changes() -> None:
     """Chunks are kept while their hosts stay: after joins, leaves (a chunk fewer or
     more), label changes and new last_checks the answer is still the whole one."""
     registry = Registry(ttl=3600)
-    renderer = RegistryRenderer({})
+    renderer = RegistryRenderer()
     rng = random.Random(12)
     assert renderer.render(registry) == b"[]\n"
     now = 1_700_000_000.0
@@ -155,7 +165,7 @@ def test_registry_renderer_within_a_second_shows_every_label_change() -> None:
     changed are rendered again: hostnames and labels are exact at every render, and
     each last_check is the current one or the one of the second's first render."""
     registry = Registry(ttl=3600)
-    renderer = RegistryRenderer({})
+    renderer = RegistryRenderer()
     rng = random.Random(13)
     now = 1_700_000_000.0
     for i in range(10 * RENDER_CHUNK):
@@ -187,12 +197,12 @@ def test_registry_renderer_within_a_second_shows_every_label_change() -> None:
 
 def test_the_registry_cuts_its_notes_and_the_renderer_then_looks_in_full() -> None:
     registry = Registry(ttl=3600)
-    renderer = RegistryRenderer({})
+    renderer = RegistryRenderer()
     registry.apply_hi("a", ("x:0",), 1000.0)
     renderer.render(registry, 1000)
     for i in range(1, MAX_NOTED + 2):
         registry.apply_hi("a", (f"x:{i}",), 1000.0)
-    assert len(registry.noted) < MAX_NOTED and registry.noted_cut > 0
+    assert len(registry.noted.names) < MAX_NOTED and registry.noted.cut > 0
     assert json.loads(renderer.render(registry, 1000))[0]["labels"] == [f"x:{MAX_NOTED + 1}"]
 
 

@@ -353,24 +353,24 @@ def test_view_changes_per_view() -> None:
              "k": [("service:web",), 0.0]}
     changes = {"h": (("service:db", "x"), ""), "k": (None, ""), "gone": (("service:db",),
                                                                           "expired")}
-    assert L.view_changes(("all",), changes, hosts, 9100) == [
+    assert L.view_changes(L.ALL, changes, hosts, 9100) == [
         ("changed", "h", ("prometheus:node", "service:db", "x")),
         ("joined", "k", ("service:web",)),
         ("left", "gone", "expired")]
     # only the labels that match count: h's db label is unchanged
-    assert L.view_changes(("labels", "service:db"), changes, hosts, 9100) == [
+    assert L.view_changes(L.View("labels", ("service:db",)), changes, hosts, 9100) == [
         ("left", "gone", "expired")]
-    assert L.view_changes(("prefixes", "service:"), changes, hosts, 9100) == [
+    assert L.view_changes(L.View("prefixes", prefixes=("service:",)), changes, hosts, 9100) == [
         ("joined", "k", ("service:web",)), ("left", "gone", "expired")]
-    assert L.view_changes(("resolve", "service:web"), changes, hosts, 9100) == [
+    assert L.view_changes(L.View.resolve("service:web"), changes, hosts, 9100) == [
         ("joined", "k", True)]
-    assert L.view_changes(("prometheus", "node"), changes, hosts, 9100) == [
+    assert L.view_changes(L.View.job("node"), changes, hosts, 9100) == [
         ("joined", "h", {"Targets": ["h:9100"], "Labels": {}})]
     unmatched = {"h": (("service:db", "x"), "")}
     hosts2 = {"h": [("x",), 0.0]}
-    assert L.view_changes(("labels", "service:db"), unmatched, hosts2, 9100) == [
+    assert L.view_changes(L.View("labels", ("service:db",)), unmatched, hosts2, 9100) == [
         ("left", "h", "unmatched")]
-    assert L.view_changes(("all",), changes, hosts, 9100, first_only=True) == [
+    assert L.view_changes(L.ALL, changes, hosts, 9100, first_only=True) == [
         ("changed", "h", ("prometheus:node", "service:db", "x"))]
 
 
@@ -402,19 +402,19 @@ def test_watchers_index_moves_only_with_content() -> None:
     registry = L.Registry(ttl=10)
     local = L.Packet("me", ("a",))
     watch = L.Watchers(registry, lambda: local, lambda: None, 9100)
-    first = watch.index(("all",))
-    db = watch.index(("labels", "service:db"))
+    first = watch.index(L.ALL)
+    db = watch.index(L.View("labels", ("service:db",)))
     registry.apply_hi("h", ("service:web",), 1.0)
-    assert watch.index(("all",)) > first and watch.index(("labels", "service:db")) == db
+    assert watch.index(L.ALL) > first and watch.index(L.View("labels", ("service:db",))) == db
     registry.apply_hi("h", ("service:web",), 2.0)
-    assert watch.index(("all",)) == watch.index(("all",))
-    unchanged = watch.index(("all",))
+    assert watch.index(L.ALL) == watch.index(L.ALL)
+    unchanged = watch.index(L.ALL)
     registry.apply_hi("h", ("service:web",), 3.0)
-    assert watch.index(("all",)) == unchanged
-    mine = watch.index(("discovery",))
+    assert watch.index(L.ALL) == unchanged
+    mine = watch.index(L.LOCAL)
     local = L.Packet("me", ("a", "b"))
     watch.poke()  # as Daemon.set_labels() does
-    assert watch.index(("discovery",)) > mine and watch.index(("all",)) == unchanged
+    assert watch.index(L.LOCAL) > mine and watch.index(L.ALL) == unchanged
 
 
 def test_streams_and_held_requests_count_against_the_connection_limit(lobbyd, monkeypatch):
@@ -452,13 +452,15 @@ def test_streams_and_held_requests_count_against_the_connection_limit(lobbyd, mo
 
 
 def test_touched_views_by_changed_labels() -> None:
-    views = [("all",), ("labels", "service:db"), ("resolve", "seq:1"),
-             ("prefixes", "service:"), ("prometheus", "node")]
+    every_host, db, seq, service, node = (
+        L.ALL, L.View("labels", ("service:db",)), L.View.resolve("seq:1"),
+        L.View("prefixes", prefixes=("service:",)), L.View.job("node"))
+    views = [every_host, db, seq, service, node]
     by_label: dict[str, set] = {}
     by_prefix = {}
     everything = set()
     for key in views:
-        labels, prefixes, every = L.view_triggers(key)
+        labels, prefixes, every = key.triggers()
         for label in labels:
             by_label.setdefault(label, set()).add(key)
         if prefixes:
@@ -473,9 +475,8 @@ def test_touched_views_by_changed_labels() -> None:
                "gone": (("service:db",), "goodbye")}
     found = L.touched_views(changes, hosts, by_label, by_prefix, everything)
     assert {key: sorted(subset) for key, subset in found.items()} == {
-        ("all",): ["gone", "h", "j"], ("resolve", "seq:1"): ["h"],
-        ("prometheus", "node"): ["j"], ("labels", "service:db"): ["gone"],
-        ("prefixes", "service:"): ["gone"]}
+        every_host: ["gone", "h", "j"], seq: ["h"], node: ["j"], db: ["gone"],
+        service: ["gone"]}
 
 
 def test_lobbyctl_watch_prints_each_change(lobbyd) -> None:

@@ -74,7 +74,7 @@ def test_token_compared_in_constant_time(lobbyd, tmp_path, monkeypatch):
              ({"Authorization": f"Token {SECRET_TOKEN[:-1]}"}, 403),
              ({"Authorization": f"Token {SECRET_TOKEN}{SECRET_TOKEN}"}, 403), ({}, 403)]
     # a cached answer asked again with the very same head is answered from what it got
-    # last time (HttpServer._ready): the token is compared on those requests too
+    # last time (Answers.repeated): the token is compared on those requests too
     cases = [(path, headers, want) for path in ("/v1/discovery", "/v1/discoveries")
              for headers, want in cases for _ in range(2)]
     for path, headers, want in cases:
