@@ -6,13 +6,70 @@ hostname and labels such as ``service:smtp``) every KEEP_ALIVE seconds on a NATS
 subject, listens to everyone else's, forgets a host that goes silent for TTL
 seconds (or at once on its goodbye), and answers a local HTTP API
 (``curl localhost:1313/``). Wire-compatible with Lobby, the Go daemon
-(by-cx/lobby v1.4).
+(by-cx/lobby). ``lobbyd --help`` lists the environment variables that configure it.
 
-Run ``lobbyd --help`` for the environment variables that configure it. The file
-reads top to bottom in the order data flows: errors, config, labels, wire
-format, registry, queries, transports (NATS, Redis), HTTP server, health and
-metrics, API routes, callback runner, daemon lifecycle, ``main()``, and last the
-``lobbyctl`` client (the same program called ``lobbyctl`` or ``lobbyd ctl``).
+The map
+-------
+One module, read top to bottom in the order data flows. Each section owns the
+state named beside it, and no other section changes that state; the Daemon builds
+the parts and hands each its collaborators.
+
+  Errors             LobbydError and its kinds (ConfigError: exit 78, in main() only)
+  Small helpers      BoundedCache (every cache), deadline (the one timer), within()
+  Config             Config (frozen, from the environment), ENV_VARS, --help
+  Labels             the label rules, label files, RuntimeLabels (its atomic file), Leases
+  Checks             check files parsed (CheckSpec), up and down (CheckState): pure
+  Wire format        Packet, the envelope (encode, decode), LabelCache, join-sync chunks
+  Registry           Registry: hostname -> (labels, received); expiry, version, the
+                     changes noted for the watchers and the renderer
+  Fleet              Fleet: what the transports hear, applied to the registry; the
+                     packet counters' bumps, the membership log, the join sync
+  Transports         Transport: the interface (run, publish, close, state)
+  nats-py internals  every use of nats-py's private names, behind NatsPy: the one
+                     switch back to plain nats-py (LOBBYD_PLAIN_NATS=1, or untested)
+  NATS, Redis, kv    one Transport each: its connection and its state for /v1/health;
+                     TRANSPORTS (DRIVER name -> class) after the last of them
+  Queries            View (what an answer shows: kind, labels, prefixes, name) and the
+                     rules of what a view shows of a host, filters, Prometheus: pure
+  Renderers          the JSON text of answers, each host's block kept while it stays
+  Answers            Answers: the latest answer of each view (plain and gzipped), the
+                     renderers, the repeated request heads, how the bytes go
+  Watchers           Watchers: each view's index, held requests, event streams
+  HTTP messages      Request, Response, parsing with limits, Accept
+  HTTP server        HttpServer: connections, limits and timers; knows one handler and
+                     one optional at-once callable, no route, no JSON, no registry
+  Health             Counters, Health (/v1/health, /metrics, systemd's STATUS)
+  API routes         Api: routing, the token, one short handler per route
+  Commands           run_command() (CALLBACK and exec checks), CallbackRunner
+  Check runner       the probes, CheckRunner (a task per check)
+  Local host         LocalHost: hostname, labels by source, leases, checks' runners
+  Daemon             Daemon: wiring, its tasks, signals, readiness, shutdown
+  Static binary      the staticx/PyInstaller loader chain, sd_notify
+  main()             argv, logging, exit statuses
+  lobbyctl           the client: the same program called lobbyctl (or `lobbyd ctl`)
+  The page           PAGE_HTML, the page for people: a constant, last
+
+A packet: a transport receives bytes -> Fleet.packet() decodes them once
+(decode_envelope, LabelCache) -> Registry.apply_hi()/apply_goodbye() -> on a change,
+Fleet tells the Daemon, which pokes the Watchers (indexes, held requests, streams)
+and the callback. Nothing is rendered then: answers are built when asked for.
+
+A request: HttpServer reads a head. If Answers knows that very head and its answer
+is still current, it goes out at once (Api.at_once, from HttpProtocol.data_received:
+it looks and changes nothing). Else the head is parsed and Api.handle() checks the
+token, routes, and calls the handler; a discovery route asks Answers.answer() for
+its View: the cached answer at this registry version and second (rendered when
+stale) with the Watchers' X-Lobby-Index. HttpServer writes what it gets.
+
+Where a change goes:
+- a new route: a handler in Api. If it answers from the registry: a View kind (and
+  what it shows) in Queries, its renderer in Renderers; Answers then caches, indexes
+  and sends it like every other view. Never a cache of its own.
+- a new transport: a Transport subclass in a section after Redis, named in
+  TRANSPORTS; it calls its Fleet with what it hears, and encodes what it publishes.
+- a new source of local labels: LocalHost (its labels in files.extra[source]).
+- do not touch: nats-py's private names outside their section, the Registry's state
+  outside its methods, the bytes of the answers (clients of the Go daemon parse them).
 """
 
 from __future__ import annotations
@@ -1356,324 +1413,6 @@ class Registry:
 
 
 ###############################################################################
-# Queries: what an answer shows. A View (kind, labels, prefixes, name) is parsed once
-# from a request; View.matching() is the one rule of which labels of a host a view
-# looks at, used to select hosts, to diff them for watchers, to find the views a
-# change can touch, and by the registry's kept carriers. Prometheus target groups.
-###############################################################################
-
-PROM_LABEL_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
-PORT_RE = re.compile(r"[0-9]{1,5}")
-
-
-class View(NamedTuple):
-    """One answer a request asks for: the route, the renderer, the watchers and the
-    registry's carriers all key on it.
-
-    kind: all, labels (hosts with any of `labels`), prefixes (hosts with a label
-    starting with any of `prefixes`), resolve (the hosts carrying `labels[0]`),
-    prometheus (job `name`; `prefixes` holds its labels' prefix), or discovery (the
-    local packet: nothing of the registry).
-    """
-
-    kind: str
-    labels: tuple[str, ...] = ()
-    prefixes: tuple[str, ...] = ()
-    name: str = ""
-
-    @classmethod
-    def resolve(cls, label: str) -> View:
-        return cls("resolve", (label,))
-
-    @classmethod
-    def job(cls, name: str) -> View:
-        """A Prometheus job's target groups: the host's prometheus:NAME... labels."""
-        return cls("prometheus", prefixes=(f"prometheus:{name}",), name=name)
-
-    def matching(self, labels: tuple[str, ...]) -> tuple[str, ...]:
-        """The labels of a host that this view looks at (empty: the host is not in its
-        answer, except for `all`, which shows every host). A host's change touches the
-        answer only through them: see triggers()."""
-        if self.kind == "all":
-            return labels
-        wanted = self.labels
-        if wanted:
-            if len(wanted) == 1:  # resolve, and most label filters: no generator
-                return wanted if wanted[0] in labels else ()
-            return tuple(label for label in labels if label in wanted)
-        prefixes = self.prefixes
-        return tuple(label for label in labels if label.startswith(prefixes)) if prefixes \
-            else ()
-
-    def shows(self, hostname: str, labels: tuple[str, ...] | None, port: int) -> Any:
-        """What the answer shows of a host carrying `labels` (None: a host not there),
-        last_check left out: None for nothing. `port`: NODE_EXPORTER_PORT."""
-        if labels is None or self.kind == "discovery":
-            return None
-        found = self.matching(labels)
-        if self.kind == "all":
-            return found
-        if not found:
-            return None
-        if self.kind == "resolve":
-            return True
-        if self.kind == "prometheus":
-            return prometheus_group(self.name, Packet(hostname, found), port)
-        return found
-
-    def triggers(self) -> tuple[frozenset[str], tuple[str, ...], bool]:
-        """What can touch the answer: (these labels, labels with these prefixes, any
-        change), as matching() reads them. The registry's changes are matched to
-        answers by label, not answer by answer."""
-        return frozenset(self.labels), self.prefixes, self.kind == "all"
-
-
-ALL = View("all")
-LOCAL = View("discovery")
-
-
-def select_packets(view: View, packets: Iterable[Packet]) -> list[Packet]:
-    """The hosts `view` lists, each with the labels it shows (GET /v1/discoveries)."""
-    if view.kind == "all":
-        return list(packets)
-    matching = view.matching
-    return [Packet(packet.hostname, shown, packet.last_check) for packet in packets
-            if (shown := matching(packet.labels))]
-
-
-def split_list(value: str) -> list[str]:
-    return [item.strip() for item in value.split(",") if item.strip()]
-
-
-def with_port(host: str, port: str | None) -> str:
-    """host:port for a Prometheus target; a host that carries a port is kept as it is."""
-    if host.startswith("["):
-        if "]:" in host or port is None:
-            return host
-        return f"{host}:{port}"
-    if host.count(":") == 1:
-        return host  # already host:port
-    if ":" in host:
-        host = f"[{host}]"  # a bare IPv6 address
-    return host if port is None else f"{host}:{port}"
-
-
-def prometheus_group(name: str, packet: Packet, default_port: int) -> dict[str, Any] | None:
-    """The target group of one host for job NAME, or None if it has no such labels."""
-    base, prefix = f"prometheus:{name}", f"prometheus:{name}:"
-    found = False
-    hosts: list[str] = []
-    port: str | None = str(default_port)
-    labels: dict[str, str] = {}
-    for label in packet.labels:
-        if label == base:
-            found = True
-            continue
-        if not label.startswith(prefix):
-            continue
-        key, sep, value = label[len(prefix):].partition(":")
-        if not sep:
-            continue
-        found = True
-        if key == "host":
-            if value and value not in hosts:
-                hosts.append(value)
-        elif key == "port":
-            if value == "-":
-                port = None
-            elif PORT_RE.fullmatch(value) and 0 < int(value) < 65536:
-                port = value
-        elif PROM_LABEL_RE.fullmatch(key):
-            labels[key] = value
-    if not found:
-        return None
-    targets = [with_port(host, port) for host in (hosts or [packet.hostname])]
-    return {"Targets": targets, "Labels": dict(sorted(labels.items()))}
-
-
-###############################################################################
-# Renderers: the JSON text of answers, each host's block kept while it stays.
-# Byte for byte what json.dumps(indent=2) gives; no state but their own blocks.
-###############################################################################
-
-
-def render_json(value: Any) -> bytes:
-    """Pretty JSON like the Go daemon's (2-space indent, trailing newline)."""
-    return (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-#: a str as a JSON string, like json.dumps(s, ensure_ascii=False) without its overhead
-json_string: Callable[[str], str] = json.encoder.encode_basestring  # type: ignore[attr-defined]
-
-#: label lists whose JSON text is kept (at least: RegistryRenderer raises it with the fleet)
-LABEL_BLOCKS = 4096
-
-
-def packet_block(packet: Packet, label_blocks: BoundedCache) -> bytes:
-    """One packet as it stands in a pretty-printed list; label lists kept."""
-    labels = label_blocks.get(packet.labels)
-    if labels is None:
-        items = ",\n".join(f"      {json_string(label)}" for label in packet.labels)
-        labels = f"[\n{items}\n    ]" if items else "[]"
-        label_blocks.put(packet.labels, labels)
-    return (f'  {{\n    "hostname": {json_string(packet.hostname)},\n'
-            f'    "labels": {labels},\n    "last_check": {packet.last_check}\n  }}').encode()
-
-
-def group_block(group: dict[str, Any] | None) -> bytes | None:
-    """One Prometheus target group as it stands in a pretty-printed list."""
-    if group is None:
-        return None
-    targets = ",\n".join(f"      {json_string(target)}" for target in group["Targets"])
-    labels = ",\n".join(f"      {json_string(key)}: {json_string(value)}"
-                        for key, value in group["Labels"].items())
-    labels_json = f"{{\n{labels}\n    }}" if labels else "{}"
-    return (f'  {{\n    "Targets": [\n{targets}\n    ],\n    "Labels": {labels_json}\n  }}'
-            ).encode()
-
-
-class BlockRenderer:
-    """A pretty-printed JSON list with one block per host, rendered fast.
-
-    json's indenting encoder is pure Python, and a big registry changes little
-    from one second to the next: each host's block is kept until `key(packet)`
-    changes. Equal to render_json() of the same list, byte for byte.
-    """
-
-    def __init__(self, block: Callable[[Packet], bytes | None],
-                 key: Callable[[Packet], Any] = lambda packet: packet):
-        self.block = block
-        self.key = key
-        self.blocks: dict[str, tuple[Any, bytes | None]] = {}
-
-    def render(self, packets: Sequence[Packet]) -> bytes:
-        old, new = self.blocks, {}
-        parts = []
-        for packet in packets:
-            key = self.key(packet)
-            cached = old.get(packet.hostname)
-            block = cached[1] if cached is not None and cached[0] == key else self.block(packet)
-            new[packet.hostname] = (key, block)
-            if block is not None:
-                parts.append(block)
-        self.blocks = new
-        return b"[\n" + b",\n".join(parts) + b"\n]\n" if parts else b"[]\n"
-
-
-#: hosts per kept chunk of the whole-registry answer: small enough that a few label
-#: changes re-render little, big enough that finding them costs little
-RENDER_CHUNK = 32
-
-
-class RegistryRenderer:
-    """The whole registry as GET /v1/discoveries lists it, equal to BlockRenderer's.
-
-    The hot answer: rebuilt every second (last_check) and, under label churn, for
-    nearly every request. It is kept in chunks of RENDER_CHUNK hosts, each host's
-    block up to its last_check kept while its labels stay.
-
-    Once per second (and whenever hosts came or went) a full look finds the chunks
-    whose hosts changed by comparing lists of the registry's entries (a changed host
-    has a new (labels, received) tuple; the comparison runs at C speed and stops at
-    identical objects). Within the second, only the chunks of hosts the registry
-    noted (labels changed) are rendered again: keep-alives change last_check alone,
-    which an answer shows as of its second, as the answer cache does anyway.
-    """
-
-    def __init__(self, label_blocks: BoundedCache | None = None):
-        self.label_blocks = BoundedCache(LABEL_BLOCKS) if label_blocks is None \
-            else label_blocks
-        #: host -> (labels, its block up to last_check): bounded by the fleet's size
-        self.heads = BoundedCache(64)
-        #: what the chunks show: hostnames, and each host's (labels, received)
-        self._names: list[str] = []
-        self._entries: tuple[tuple[tuple[str, ...], float], ...] = ()
-        self._chunks: list[bytes] = []  # each ends in ",\n"
-        self._getter: tuple[list[str] | None, Callable[[Any], Any]] = (None, tuple)
-        self._second = -1  #: of the last full look
-        self._noted = 0  #: the place in registry.noted up to which the chunks show it
-        self._positions: tuple[list[str] | None, dict[str, int]] = (None, {})
-
-    def render(self, registry: Registry, second: int = -1) -> bytes:
-        return b"".join(self.render_parts(registry, second))
-
-    def render_parts(self, registry: Registry, second: int = -1) -> list[bytes]:
-        """The answer in pieces (for a vectored write): their join is render()'s.
-        `second`: now's; -1 for a full look every time."""
-        order = registry.order()
-        if not order:
-            return [b"[]\n"]
-        noted = registry.noted.since(self._noted)
-        if second != self._second or second < 0 or order is not self._names or noted is None:
-            self._look(registry, order)
-            self._second = second
-        else:
-            self._render_noted(registry, noted)
-        self._noted = registry.noted.end
-        chunks = self._chunks
-        return [b"[\n", *chunks[:-1], chunks[-1][:-2] + b"\n]\n"]
-
-    def _render_noted(self, registry: Registry, names: list[str]) -> None:
-        """Render again the chunks of `names` (hosts that are all still there)."""
-        order, hosts = self._names, registry.hosts
-        if self._positions[0] is not order:
-            self._positions = (order, {name: i for i, name in enumerate(order)})
-        positions = self._positions[1]
-        for number in {positions[name] // RENDER_CHUNK for name in names}:
-            start = number * RENDER_CHUNK
-            part = order[start:start + RENDER_CHUNK]
-            self._chunks[number] = self._chunk(part, [hosts[name] for name in part])
-
-    def _look(self, registry: Registry, order: list[str]) -> None:
-        """Render again every chunk whose hosts or their entries changed."""
-        hosts = registry.hosts
-        # the kept blocks follow the fleet's size: when full, they are forgotten at
-        # once (the hosts that went with them), and made again as hosts are rendered
-        self.heads.max_entries = len(order) + len(order) // 2 + 64
-        self.label_blocks.max_entries = max(LABEL_BLOCKS, 2 * len(order) + 1024)
-        entries = self._entries_of(order, hosts)
-        names, old = self._names, self._entries
-        same_names = order is names or order == names
-        chunks = self._chunks
-        del chunks[math.ceil(len(order) / RENDER_CHUNK):]  # a shrunk registry: fewer chunks
-        for number, start in enumerate(range(0, len(order), RENDER_CHUNK)):
-            end = start + RENDER_CHUNK
-            if number < len(chunks) and entries[start:end] == old[start:end] and \
-                    (same_names or order[start:end] == names[start:end]):
-                continue
-            chunk = self._chunk(order[start:end], entries[start:end])
-            if number < len(chunks):
-                chunks[number] = chunk
-            else:
-                chunks.append(chunk)
-        self._names, self._entries = order, entries
-
-    def _entries_of(self, order: list[str], hosts: Mapping[str, tuple[tuple[str, ...], float]]
-                    ) -> tuple[tuple[tuple[str, ...], float], ...]:
-        """Each host's (labels, received) in `order`: an itemgetter of every name, made
-        once per membership, looks them up at half the cost of a map()."""
-        if len(order) < 2:  # an itemgetter of one name returns its value, not a tuple
-            return tuple(map(hosts.__getitem__, order))
-        if self._getter[0] is not order:
-            self._getter = (order, operator.itemgetter(*order))
-        return self._getter[1](hosts)
-
-    def _chunk(self, names: list[str], entries: Sequence[tuple[tuple[str, ...], float]]
-               ) -> bytes:
-        heads = self.heads
-        parts = []
-        for name, (labels, received) in zip(names, entries):
-            head = heads.get(name)
-            if head is None or head[0] != labels:
-                block = packet_block(Packet(name, labels, 0), self.label_blocks)
-                head = (labels, block[:-len(b"0\n  }")])
-                heads.put(name, head)
-            parts.append(head[1])
-            parts.append(b"%d\n  },\n" % received)
-        return b"".join(parts)
-
-
-###############################################################################
 # Fleet: what the transports hear, applied to the registry. Every packet of every
 # transport comes through one handler (decoded once here, with the LabelCache);
 # the packet counters, the membership and garbage logs and the join sync (ask one
@@ -2656,7 +2395,6 @@ class RedisDriver(Transport):
 
 
 #: DRIVER names -> transport classes
-TRANSPORTS: dict[str, type[Transport]] = {"NATS": NatsDriver, "Redis": RedisDriver}
 
 
 ###############################################################################
@@ -3046,7 +2784,327 @@ class NatsKvDriver(NatsDriver):
         await super().close(timeout)
 
 
-TRANSPORTS["NATS-KV"] = NatsKvDriver
+#: DRIVER name -> its transport; NATS-KV is picked by DISCOVERY_MODE=kv, not by name
+TRANSPORTS: dict[str, type[Transport]] = {"NATS": NatsDriver, "Redis": RedisDriver,
+                                          "NATS-KV": NatsKvDriver}
+
+
+###############################################################################
+# Queries: what an answer shows. A View (kind, labels, prefixes, name) is parsed once
+# from a request; View.matching() is the one rule of which labels of a host a view
+# looks at, used to select hosts, to diff them for watchers, to find the views a
+# change can touch, and by the registry's kept carriers. Prometheus target groups.
+###############################################################################
+
+PROM_LABEL_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+PORT_RE = re.compile(r"[0-9]{1,5}")
+
+
+class View(NamedTuple):
+    """One answer a request asks for: the route, the renderer, the watchers and the
+    registry's carriers all key on it.
+
+    kind: all, labels (hosts with any of `labels`), prefixes (hosts with a label
+    starting with any of `prefixes`), resolve (the hosts carrying `labels[0]`),
+    prometheus (job `name`; `prefixes` holds its labels' prefix), or discovery (the
+    local packet: nothing of the registry).
+    """
+
+    kind: str
+    labels: tuple[str, ...] = ()
+    prefixes: tuple[str, ...] = ()
+    name: str = ""
+
+    @classmethod
+    def resolve(cls, label: str) -> View:
+        return cls("resolve", (label,))
+
+    @classmethod
+    def job(cls, name: str) -> View:
+        """A Prometheus job's target groups: the host's prometheus:NAME... labels."""
+        return cls("prometheus", prefixes=(f"prometheus:{name}",), name=name)
+
+    def matching(self, labels: tuple[str, ...]) -> tuple[str, ...]:
+        """The labels of a host that this view looks at (empty: the host is not in its
+        answer, except for `all`, which shows every host). A host's change touches the
+        answer only through them: see triggers()."""
+        if self.kind == "all":
+            return labels
+        wanted = self.labels
+        if wanted:
+            if len(wanted) == 1:  # resolve, and most label filters: no generator
+                return wanted if wanted[0] in labels else ()
+            return tuple(label for label in labels if label in wanted)
+        prefixes = self.prefixes
+        return tuple(label for label in labels if label.startswith(prefixes)) if prefixes \
+            else ()
+
+    def shows(self, hostname: str, labels: tuple[str, ...] | None, port: int) -> Any:
+        """What the answer shows of a host carrying `labels` (None: a host not there),
+        last_check left out: None for nothing. `port`: NODE_EXPORTER_PORT."""
+        if labels is None or self.kind == "discovery":
+            return None
+        found = self.matching(labels)
+        if self.kind == "all":
+            return found
+        if not found:
+            return None
+        if self.kind == "resolve":
+            return True
+        if self.kind == "prometheus":
+            return prometheus_group(self.name, Packet(hostname, found), port)
+        return found
+
+    def triggers(self) -> tuple[frozenset[str], tuple[str, ...], bool]:
+        """What can touch the answer: (these labels, labels with these prefixes, any
+        change), as matching() reads them. The registry's changes are matched to
+        answers by label, not answer by answer."""
+        return frozenset(self.labels), self.prefixes, self.kind == "all"
+
+
+ALL = View("all")
+LOCAL = View("discovery")
+
+
+def select_packets(view: View, packets: Iterable[Packet]) -> list[Packet]:
+    """The hosts `view` lists, each with the labels it shows (GET /v1/discoveries)."""
+    if view.kind == "all":
+        return list(packets)
+    matching = view.matching
+    return [Packet(packet.hostname, shown, packet.last_check) for packet in packets
+            if (shown := matching(packet.labels))]
+
+
+def split_list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def with_port(host: str, port: str | None) -> str:
+    """host:port for a Prometheus target; a host that carries a port is kept as it is."""
+    if host.startswith("["):
+        if "]:" in host or port is None:
+            return host
+        return f"{host}:{port}"
+    if host.count(":") == 1:
+        return host  # already host:port
+    if ":" in host:
+        host = f"[{host}]"  # a bare IPv6 address
+    return host if port is None else f"{host}:{port}"
+
+
+def prometheus_group(name: str, packet: Packet, default_port: int) -> dict[str, Any] | None:
+    """The target group of one host for job NAME, or None if it has no such labels."""
+    base, prefix = f"prometheus:{name}", f"prometheus:{name}:"
+    found = False
+    hosts: list[str] = []
+    port: str | None = str(default_port)
+    labels: dict[str, str] = {}
+    for label in packet.labels:
+        if label == base:
+            found = True
+            continue
+        if not label.startswith(prefix):
+            continue
+        key, sep, value = label[len(prefix):].partition(":")
+        if not sep:
+            continue
+        found = True
+        if key == "host":
+            if value and value not in hosts:
+                hosts.append(value)
+        elif key == "port":
+            if value == "-":
+                port = None
+            elif PORT_RE.fullmatch(value) and 0 < int(value) < 65536:
+                port = value
+        elif PROM_LABEL_RE.fullmatch(key):
+            labels[key] = value
+    if not found:
+        return None
+    targets = [with_port(host, port) for host in (hosts or [packet.hostname])]
+    return {"Targets": targets, "Labels": dict(sorted(labels.items()))}
+
+
+###############################################################################
+# Renderers: the JSON text of answers, each host's block kept while it stays.
+# Byte for byte what json.dumps(indent=2) gives; no state but their own blocks.
+###############################################################################
+
+
+def render_json(value: Any) -> bytes:
+    """Pretty JSON like the Go daemon's (2-space indent, trailing newline)."""
+    return (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+#: a str as a JSON string, like json.dumps(s, ensure_ascii=False) without its overhead
+json_string: Callable[[str], str] = json.encoder.encode_basestring  # type: ignore[attr-defined]
+
+#: label lists whose JSON text is kept (at least: RegistryRenderer raises it with the fleet)
+LABEL_BLOCKS = 4096
+
+
+def packet_block(packet: Packet, label_blocks: BoundedCache) -> bytes:
+    """One packet as it stands in a pretty-printed list; label lists kept."""
+    labels = label_blocks.get(packet.labels)
+    if labels is None:
+        items = ",\n".join(f"      {json_string(label)}" for label in packet.labels)
+        labels = f"[\n{items}\n    ]" if items else "[]"
+        label_blocks.put(packet.labels, labels)
+    return (f'  {{\n    "hostname": {json_string(packet.hostname)},\n'
+            f'    "labels": {labels},\n    "last_check": {packet.last_check}\n  }}').encode()
+
+
+def group_block(group: dict[str, Any] | None) -> bytes | None:
+    """One Prometheus target group as it stands in a pretty-printed list."""
+    if group is None:
+        return None
+    targets = ",\n".join(f"      {json_string(target)}" for target in group["Targets"])
+    labels = ",\n".join(f"      {json_string(key)}: {json_string(value)}"
+                        for key, value in group["Labels"].items())
+    labels_json = f"{{\n{labels}\n    }}" if labels else "{}"
+    return (f'  {{\n    "Targets": [\n{targets}\n    ],\n    "Labels": {labels_json}\n  }}'
+            ).encode()
+
+
+class BlockRenderer:
+    """A pretty-printed JSON list with one block per host, rendered fast.
+
+    json's indenting encoder is pure Python, and a big registry changes little
+    from one second to the next: each host's block is kept until `key(packet)`
+    changes. Equal to render_json() of the same list, byte for byte.
+    """
+
+    def __init__(self, block: Callable[[Packet], bytes | None],
+                 key: Callable[[Packet], Any] = lambda packet: packet):
+        self.block = block
+        self.key = key
+        self.blocks: dict[str, tuple[Any, bytes | None]] = {}
+
+    def render(self, packets: Sequence[Packet]) -> bytes:
+        old, new = self.blocks, {}
+        parts = []
+        for packet in packets:
+            key = self.key(packet)
+            cached = old.get(packet.hostname)
+            block = cached[1] if cached is not None and cached[0] == key else self.block(packet)
+            new[packet.hostname] = (key, block)
+            if block is not None:
+                parts.append(block)
+        self.blocks = new
+        return b"[\n" + b",\n".join(parts) + b"\n]\n" if parts else b"[]\n"
+
+
+#: hosts per kept chunk of the whole-registry answer: small enough that a few label
+#: changes re-render little, big enough that finding them costs little
+RENDER_CHUNK = 32
+
+
+class RegistryRenderer:
+    """The whole registry as GET /v1/discoveries lists it, equal to BlockRenderer's.
+
+    The hot answer: rebuilt every second (last_check) and, under label churn, for
+    nearly every request. It is kept in chunks of RENDER_CHUNK hosts, each host's
+    block up to its last_check kept while its labels stay.
+
+    Once per second (and whenever hosts came or went) a full look finds the chunks
+    whose hosts changed by comparing lists of the registry's entries (a changed host
+    has a new (labels, received) tuple; the comparison runs at C speed and stops at
+    identical objects). Within the second, only the chunks of hosts the registry
+    noted (labels changed) are rendered again: keep-alives change last_check alone,
+    which an answer shows as of its second, as the answer cache does anyway.
+    """
+
+    def __init__(self, label_blocks: BoundedCache | None = None):
+        self.label_blocks = BoundedCache(LABEL_BLOCKS) if label_blocks is None \
+            else label_blocks
+        #: host -> (labels, its block up to last_check): bounded by the fleet's size
+        self.heads = BoundedCache(64)
+        #: what the chunks show: hostnames, and each host's (labels, received)
+        self._names: list[str] = []
+        self._entries: tuple[tuple[tuple[str, ...], float], ...] = ()
+        self._chunks: list[bytes] = []  # each ends in ",\n"
+        self._getter: tuple[list[str] | None, Callable[[Any], Any]] = (None, tuple)
+        self._second = -1  #: of the last full look
+        self._noted = 0  #: the place in registry.noted up to which the chunks show it
+        self._positions: tuple[list[str] | None, dict[str, int]] = (None, {})
+
+    def render(self, registry: Registry, second: int = -1) -> bytes:
+        return b"".join(self.render_parts(registry, second))
+
+    def render_parts(self, registry: Registry, second: int = -1) -> list[bytes]:
+        """The answer in pieces (for a vectored write): their join is render()'s.
+        `second`: now's; -1 for a full look every time."""
+        order = registry.order()
+        if not order:
+            return [b"[]\n"]
+        noted = registry.noted.since(self._noted)
+        if second != self._second or second < 0 or order is not self._names or noted is None:
+            self._look(registry, order)
+            self._second = second
+        else:
+            self._render_noted(registry, noted)
+        self._noted = registry.noted.end
+        chunks = self._chunks
+        return [b"[\n", *chunks[:-1], chunks[-1][:-2] + b"\n]\n"]
+
+    def _render_noted(self, registry: Registry, names: list[str]) -> None:
+        """Render again the chunks of `names` (hosts that are all still there)."""
+        order, hosts = self._names, registry.hosts
+        if self._positions[0] is not order:
+            self._positions = (order, {name: i for i, name in enumerate(order)})
+        positions = self._positions[1]
+        for number in {positions[name] // RENDER_CHUNK for name in names}:
+            start = number * RENDER_CHUNK
+            part = order[start:start + RENDER_CHUNK]
+            self._chunks[number] = self._chunk(part, [hosts[name] for name in part])
+
+    def _look(self, registry: Registry, order: list[str]) -> None:
+        """Render again every chunk whose hosts or their entries changed."""
+        hosts = registry.hosts
+        # the kept blocks follow the fleet's size: when full, they are forgotten at
+        # once (the hosts that went with them), and made again as hosts are rendered
+        self.heads.max_entries = len(order) + len(order) // 2 + 64
+        self.label_blocks.max_entries = max(LABEL_BLOCKS, 2 * len(order) + 1024)
+        entries = self._entries_of(order, hosts)
+        names, old = self._names, self._entries
+        same_names = order is names or order == names
+        chunks = self._chunks
+        del chunks[math.ceil(len(order) / RENDER_CHUNK):]  # a shrunk registry: fewer chunks
+        for number, start in enumerate(range(0, len(order), RENDER_CHUNK)):
+            end = start + RENDER_CHUNK
+            if number < len(chunks) and entries[start:end] == old[start:end] and \
+                    (same_names or order[start:end] == names[start:end]):
+                continue
+            chunk = self._chunk(order[start:end], entries[start:end])
+            if number < len(chunks):
+                chunks[number] = chunk
+            else:
+                chunks.append(chunk)
+        self._names, self._entries = order, entries
+
+    def _entries_of(self, order: list[str], hosts: Mapping[str, tuple[tuple[str, ...], float]]
+                    ) -> tuple[tuple[tuple[str, ...], float], ...]:
+        """Each host's (labels, received) in `order`: an itemgetter of every name, made
+        once per membership, looks them up at half the cost of a map()."""
+        if len(order) < 2:  # an itemgetter of one name returns its value, not a tuple
+            return tuple(map(hosts.__getitem__, order))
+        if self._getter[0] is not order:
+            self._getter = (order, operator.itemgetter(*order))
+        return self._getter[1](hosts)
+
+    def _chunk(self, names: list[str], entries: Sequence[tuple[tuple[str, ...], float]]
+               ) -> bytes:
+        heads = self.heads
+        parts = []
+        for name, (labels, received) in zip(names, entries):
+            head = heads.get(name)
+            if head is None or head[0] != labels:
+                block = packet_block(Packet(name, labels, 0), self.label_blocks)
+                head = (labels, block[:-len(b"0\n  }")])
+                heads.put(name, head)
+            parts.append(head[1])
+            parts.append(b"%d\n  },\n" % received)
+        return b"".join(parts)
 
 
 ###############################################################################
@@ -3304,6 +3362,349 @@ class Answers:
         registry = self.registry
         return registry.version == stamp[0] and stamp[1] in (0, int(now)) and \
             now <= registry.next_expiry() and self.watchers.current(view) == stamp[2]
+
+
+###############################################################################
+# Watchers: per-answer indexes, blocking queries and event streams (SPEC 8).
+# The registry notes which hosts changed (a keep-alive is no change); each batch
+# is matched to the watched answers by the labels a host gained or lost, then
+# diffed exactly (View.shows), so it wakes exactly the watchers whose answer it
+# touches. Owns each watched view's index, its held requests and its streams.
+###############################################################################
+
+EVENTS_TYPE = "text/event-stream; charset=UTF-8"
+#: bytes an event stream may have queued for a client that does not read, over
+#: what the kernel holds: past it the client is dropped, never slowing anyone
+STREAM_BUFFER = 256 * 1024
+STREAM_HEARTBEAT = 15.0
+SNAPSHOTS = 16  #: first events of streams kept (per view, index, version and second)
+#: answers whose index is tracked while nobody waits on them (most recently asked)
+MAX_IDLE_VIEWS = 256
+HOLD_SWEEP = 2.0
+
+Changes = Mapping[str, tuple[Optional[tuple[str, ...]], str]]  # evaluated: no `|` on 3.9
+
+
+def view_changes(view: View, changes: Changes, hosts: Mapping[str, list[Any]],
+                 port: int, first_only: bool = False) -> list[tuple[str, str, Any]]:
+    """(event, hostname, detail) for each host whose part of the answer changed.
+
+    event is joined/changed (detail: the host's part) or left (detail: goodbye,
+    expired, or unmatched when the host is still there but no longer matches).
+    """
+    found = []
+    for hostname, (before_labels, left) in changes.items():
+        entry = hosts.get(hostname)
+        before = view.shows(hostname, before_labels, port)
+        after = view.shows(hostname, None if entry is None else entry[0], port)
+        if before == after:
+            continue
+        if before is None:
+            found.append(("joined", hostname, after))
+        elif after is None:
+            found.append(("left", hostname, left if entry is None else "unmatched"))
+        else:
+            found.append(("changed", hostname, after))
+        if first_only:
+            break
+    return found
+
+
+def touched_views(changes: Changes, hosts: Mapping[str, list[Any]],
+                  by_label: Mapping[str, set[View]],
+                  by_prefix: Mapping[View, tuple[str, ...]],
+                  everything: Iterable[View]
+                  ) -> dict[View, dict[str, tuple[tuple[str, ...] | None, str]]]:
+    """View -> the changes that may touch it (view_changes() then says exactly).
+
+    Runs for every label change of the fleet: plain loops, no sets but the diff.
+    """
+    found: dict[View, dict[str, tuple[tuple[str, ...] | None, str]]] = {}
+    every = tuple(everything)
+    prefixed = tuple(by_prefix.items())
+    any_prefix = tuple(prefix for _view, prefixes in prefixed for prefix in prefixes)
+    watched = by_label.keys()
+    for hostname, change in changes.items():
+        before = change[0]
+        entry = hosts.get(hostname)
+        after = None if entry is None else entry[0]
+        if before == after:
+            continue  # changed and changed back
+        for view in every:
+            found.setdefault(view, {})[hostname] = change
+        if not any_prefix and (before is None or watched.isdisjoint(before)) and \
+                (after is None or watched.isdisjoint(after)):
+            continue  # the common case: no watched label among them (C-speed test)
+        diff: Iterable[str] = (after if before is None else before if after is None
+                               else set(before).symmetric_difference(after))
+        for label in diff:
+            views = by_label.get(label)
+            if views:
+                for view in views:
+                    found.setdefault(view, {})[hostname] = change
+            if any_prefix and label.startswith(any_prefix):
+                for view, prefixes in prefixed:
+                    if label.startswith(prefixes):
+                        found.setdefault(view, {})[hostname] = change
+    return found
+
+
+def sse_event(event: str, data: str, event_id: int | None = None) -> bytes:
+    """One Server-Sent Event; every line of `data` gets its own data: field."""
+    lines = [] if event_id is None else [f"id: {event_id}"]
+    lines.append(f"event: {event}")
+    lines += [f"data: {line}" for line in data.replace("\r\n", "\n").split("\n")]
+    return ("\n".join(lines) + "\n\n").encode("utf-8")
+
+
+def sse_json(value: Any) -> str:
+    """An event's data: JSON on one line."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def stream_events(changes: list[tuple[str, str, Any]], hosts: Mapping[str, list[Any]],
+                  index: int) -> bytes:
+    """The SSE text of one batch of changes to a discoveries answer."""
+    out = []
+    for event, hostname, detail in changes:
+        if event == "left":
+            data = {"hostname": hostname, "reason": detail}
+        else:
+            data = Packet(hostname, detail, int(hosts[hostname][1])).to_json()
+        out.append(sse_event(event, sse_json(data), index))
+    return b"".join(out)
+
+
+class Watched:
+    """One watched view: its index, the requests held on it, the streams following it."""
+
+    __slots__ = ("index", "streams", "view", "waiters")
+
+    def __init__(self, view: View, index: int):
+        self.view = view
+        self.index = index
+        self.waiters: dict[asyncio.Future[None], asyncio.StreamReader | None] = {}
+        #: stream -> bytes it may have waiting before it is dropped
+        self.streams: dict[asyncio.StreamWriter, int] = {}
+
+
+class Watchers:
+    """Indexes of answers, and who waits for them to change.
+
+    An answer's index is the value of a counter (starting at the start time in
+    ms, so a restarted daemon never reuses an old index) when its content last
+    changed. Views are watched on demand; an idle view forgotten and asked for
+    again gets a fresh index, which costs its client one early answer.
+    """
+
+    def __init__(self, registry: Registry, local: Callable[[], Packet],
+                 expire: Callable[[], None], port: int):
+        self.registry = registry
+        self.local = local
+        self.expire = expire
+        self.port = port
+        self.counter = time.time_ns() // 1_000_000
+        self.views: dict[View, Watched] = {}  # most recently asked last
+        self.by_label: dict[str, set[View]] = {}
+        self.by_prefix: dict[View, tuple[str, ...]] = {}
+        self.everything: set[View] = set()
+        self._snapshots = BoundedCache(SNAPSHOTS)
+        self._local_seen: tuple[Any, ...] | None = None
+        self._scheduled = False
+        self._sweeping = False
+        self.closed = False
+
+    # change detection ------------------------------------------------------
+    def poke(self) -> None:
+        """The registry or the local labels changed: diff at the next loop turn."""
+        if not self._scheduled:
+            self._scheduled = True
+            with contextlib.suppress(RuntimeError):  # no loop (tests): index() flushes
+                asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Apply the changes noted since the last flush to every view."""
+        self._scheduled = False
+        changes = self.registry.take_changes()
+        local_key = self.local()[:2]  # hostname, labels
+        local_changed = self._local_seen is not None and local_key != self._local_seen
+        self._local_seen = local_key
+        if not changes and not local_changed:
+            return
+        # every change moves the counter, watched or not: a view watched later must
+        # never get an index that an earlier view of other content had
+        self.counter += 1
+        hosts = self.registry.hosts
+        candidates = touched_views(changes, hosts, self.by_label, self.by_prefix,
+                                   self.everything)
+        if local_changed and LOCAL in self.views:
+            candidates[LOCAL] = {}
+        for view, subset in candidates.items():
+            watched = self.views[view]
+            touched: list[Any] = [True] if view == LOCAL else view_changes(
+                view, subset, hosts, self.port, first_only=not watched.streams)
+            if not touched:
+                continue
+            watched.index = self.counter
+            for waiter in watched.waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            watched.waiters.clear()
+            if watched.streams:
+                self.send(watched, stream_events(touched, hosts, watched.index))
+
+    def _flush_pending(self) -> None:
+        # a change of the local labels or hostname pokes too: no need to look at them
+        if self._scheduled or self.registry.changes:
+            self.flush()
+
+    def watched(self, view: View) -> Watched:
+        """The view's watch, up to date, made if new."""
+        self._flush_pending()
+        found = self.views.pop(view, None)
+        if found is None:
+            found = Watched(view, self.counter)
+            self._forget_idle()
+            if view == LOCAL and self._local_seen is None:
+                self._local_seen = self.local()[:2]  # what a later flush compares with
+            labels, prefixes, everything = view.triggers()
+            for label in labels:
+                self.by_label.setdefault(label, set()).add(view)
+            if prefixes:
+                self.by_prefix[view] = prefixes
+            if everything:
+                self.everything.add(view)
+        self.views[view] = found  # last: the most recently asked
+        return found
+
+    def index(self, view: View) -> int:
+        return self.watched(view).index
+
+    def current(self, view: View) -> int | None:
+        """The view's index if it is watched and no change waits to be applied; else
+        None. Changes nothing (see Answers.repeated)."""
+        if self._scheduled or self.registry.changes:
+            return None
+        found = self.views.get(view)
+        return None if found is None else found.index
+
+    def _forget_idle(self) -> None:
+        idle = [view for view, watched in self.views.items()
+                if not watched.waiters and not watched.streams]
+        for view in idle[:max(0, len(idle) - MAX_IDLE_VIEWS + 1)]:
+            del self.views[view]
+            for label in view.triggers()[0]:
+                self.by_label[label].discard(view)
+                if not self.by_label[label]:
+                    del self.by_label[label]
+            self.by_prefix.pop(view, None)
+            self.everything.discard(view)
+
+    # blocking queries -------------------------------------------------------
+    async def hold(self, view: View, index: int, wait: float,
+                   reader: asyncio.StreamReader | None) -> None:
+        """Return when the answer's index is no longer `index`, after `wait`
+        seconds, when the client leaves, or at shutdown."""
+        self.expire()
+        watched = self.watched(view)
+        if watched.index != index or self.closed:
+            return
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        watched.waiters[waiter] = reader
+        if not self._sweeping:
+            self._sweeping = True
+            loop.call_later(HOLD_SWEEP, self._sweep)
+        try:
+            with deadline(wait, lambda: waiter.done() or waiter.set_result(None)):
+                await waiter
+        finally:
+            watched.waiters.pop(waiter, None)
+
+    def _sweep(self) -> None:
+        """Release requests whose client has gone: their connections count."""
+        waiting = False
+        for watched in self.views.values():
+            for waiter, reader in list(watched.waiters.items()):
+                if reader is not None and reader.at_eof() and not waiter.done():
+                    waiter.set_result(None)
+                waiting = True
+        self._sweeping = waiting and not self.closed
+        if self._sweeping:
+            asyncio.get_running_loop().call_later(HOLD_SWEEP, self._sweep)
+
+    # event streams ------------------------------------------------------------
+    async def stream(self, view: View, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        """GET /v1/events: the head, a snapshot, then the changes until the client leaves."""
+        self.expire()
+        watched = self.watched(view)
+        writer.write(("HTTP/1.1 200 OK\r\nContent-Type: " + EVENTS_TYPE + "\r\n"
+                      "Cache-Control: no-cache\r\nConnection: close\r\n"
+                      f"X-Lobby-Index: {watched.index}\r\n\r\n").encode("latin-1"))
+        snapshot = self.snapshot(watched)
+        writer.write(snapshot)
+        if self.closed:
+            return
+        # no await since the snapshot: no change is missed. Until the snapshot is
+        # read, a big one must not count against the client.
+        watched.streams[writer] = len(snapshot) + STREAM_BUFFER
+        loop = asyncio.get_running_loop()
+        heartbeat = loop.call_later(STREAM_HEARTBEAT, self._heartbeat, watched, writer)
+        try:
+            with deadline(WRITE_TIMEOUT, writer.transport.abort):
+                await writer.drain()
+            if writer in watched.streams:
+                watched.streams[writer] = STREAM_BUFFER
+            while await reader.read(4096):
+                pass  # the client has nothing to say; EOF or an abort ends the stream
+        finally:
+            watched.streams.pop(writer, None)
+            heartbeat.cancel()
+
+    def snapshot(self, watched: Watched) -> bytes:
+        """The first event of a stream; built once per answer and second, like GETs."""
+        key = (watched.view, watched.index, self.registry.version, int(time.time()))
+        found = self._snapshots.get(key)
+        if found is None:
+            view = watched.view
+            packets = select_packets(view, self.registry.packets(having=view.labels))
+            found = sse_event("snapshot", sse_json([p.to_json() for p in packets]),
+                              watched.index)
+            self._snapshots.put(key, found)
+        return found
+
+    def _heartbeat(self, watched: Watched, writer: asyncio.StreamWriter) -> None:
+        if writer in watched.streams:
+            self.send_to(writer, b": keep-alive\n\n", watched.streams[writer])
+            asyncio.get_running_loop().call_later(STREAM_HEARTBEAT, self._heartbeat, watched,
+                                                  writer)
+
+    def send(self, watched: Watched, data: bytes) -> None:
+        for writer, allowance in list(watched.streams.items()):
+            self.send_to(writer, data, allowance)
+
+    @staticmethod
+    def send_to(writer: asyncio.StreamWriter, data: bytes, allowance: int) -> None:
+        """Queue without waiting; a client that lets `allowance` bytes pile up is dropped."""
+        transport = writer.transport
+        if transport.is_closing():
+            return
+        if transport.get_write_buffer_size() > allowance:
+            log.info("event stream: the client reads too slowly, dropped")
+            transport.abort()
+            return
+        transport.write(data)
+
+    def close(self) -> None:
+        """Shutdown: answer every held request and end every stream, now."""
+        self.closed = True
+        for watched in self.views.values():
+            for waiter in watched.waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            for writer in list(watched.streams):
+                writer.transport.abort()
 
 
 ###############################################################################
@@ -4216,349 +4617,6 @@ class Api:
 
 
 ###############################################################################
-# Watchers: per-answer indexes, blocking queries and event streams (SPEC 8).
-# The registry notes which hosts changed (a keep-alive is no change); each batch
-# is matched to the watched answers by the labels a host gained or lost, then
-# diffed exactly (View.shows), so it wakes exactly the watchers whose answer it
-# touches. Owns each watched view's index, its held requests and its streams.
-###############################################################################
-
-EVENTS_TYPE = "text/event-stream; charset=UTF-8"
-#: bytes an event stream may have queued for a client that does not read, over
-#: what the kernel holds: past it the client is dropped, never slowing anyone
-STREAM_BUFFER = 256 * 1024
-STREAM_HEARTBEAT = 15.0
-SNAPSHOTS = 16  #: first events of streams kept (per view, index, version and second)
-#: answers whose index is tracked while nobody waits on them (most recently asked)
-MAX_IDLE_VIEWS = 256
-HOLD_SWEEP = 2.0
-
-Changes = Mapping[str, tuple[Optional[tuple[str, ...]], str]]  # evaluated: no `|` on 3.9
-
-
-def view_changes(view: View, changes: Changes, hosts: Mapping[str, list[Any]],
-                 port: int, first_only: bool = False) -> list[tuple[str, str, Any]]:
-    """(event, hostname, detail) for each host whose part of the answer changed.
-
-    event is joined/changed (detail: the host's part) or left (detail: goodbye,
-    expired, or unmatched when the host is still there but no longer matches).
-    """
-    found = []
-    for hostname, (before_labels, left) in changes.items():
-        entry = hosts.get(hostname)
-        before = view.shows(hostname, before_labels, port)
-        after = view.shows(hostname, None if entry is None else entry[0], port)
-        if before == after:
-            continue
-        if before is None:
-            found.append(("joined", hostname, after))
-        elif after is None:
-            found.append(("left", hostname, left if entry is None else "unmatched"))
-        else:
-            found.append(("changed", hostname, after))
-        if first_only:
-            break
-    return found
-
-
-def touched_views(changes: Changes, hosts: Mapping[str, list[Any]],
-                  by_label: Mapping[str, set[View]],
-                  by_prefix: Mapping[View, tuple[str, ...]],
-                  everything: Iterable[View]
-                  ) -> dict[View, dict[str, tuple[tuple[str, ...] | None, str]]]:
-    """View -> the changes that may touch it (view_changes() then says exactly).
-
-    Runs for every label change of the fleet: plain loops, no sets but the diff.
-    """
-    found: dict[View, dict[str, tuple[tuple[str, ...] | None, str]]] = {}
-    every = tuple(everything)
-    prefixed = tuple(by_prefix.items())
-    any_prefix = tuple(prefix for _view, prefixes in prefixed for prefix in prefixes)
-    watched = by_label.keys()
-    for hostname, change in changes.items():
-        before = change[0]
-        entry = hosts.get(hostname)
-        after = None if entry is None else entry[0]
-        if before == after:
-            continue  # changed and changed back
-        for view in every:
-            found.setdefault(view, {})[hostname] = change
-        if not any_prefix and (before is None or watched.isdisjoint(before)) and \
-                (after is None or watched.isdisjoint(after)):
-            continue  # the common case: no watched label among them (C-speed test)
-        diff: Iterable[str] = (after if before is None else before if after is None
-                               else set(before).symmetric_difference(after))
-        for label in diff:
-            views = by_label.get(label)
-            if views:
-                for view in views:
-                    found.setdefault(view, {})[hostname] = change
-            if any_prefix and label.startswith(any_prefix):
-                for view, prefixes in prefixed:
-                    if label.startswith(prefixes):
-                        found.setdefault(view, {})[hostname] = change
-    return found
-
-
-def sse_event(event: str, data: str, event_id: int | None = None) -> bytes:
-    """One Server-Sent Event; every line of `data` gets its own data: field."""
-    lines = [] if event_id is None else [f"id: {event_id}"]
-    lines.append(f"event: {event}")
-    lines += [f"data: {line}" for line in data.replace("\r\n", "\n").split("\n")]
-    return ("\n".join(lines) + "\n\n").encode("utf-8")
-
-
-def sse_json(value: Any) -> str:
-    """An event's data: JSON on one line."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-def stream_events(changes: list[tuple[str, str, Any]], hosts: Mapping[str, list[Any]],
-                  index: int) -> bytes:
-    """The SSE text of one batch of changes to a discoveries answer."""
-    out = []
-    for event, hostname, detail in changes:
-        if event == "left":
-            data = {"hostname": hostname, "reason": detail}
-        else:
-            data = Packet(hostname, detail, int(hosts[hostname][1])).to_json()
-        out.append(sse_event(event, sse_json(data), index))
-    return b"".join(out)
-
-
-class Watched:
-    """One watched view: its index, the requests held on it, the streams following it."""
-
-    __slots__ = ("index", "streams", "view", "waiters")
-
-    def __init__(self, view: View, index: int):
-        self.view = view
-        self.index = index
-        self.waiters: dict[asyncio.Future[None], asyncio.StreamReader | None] = {}
-        #: stream -> bytes it may have waiting before it is dropped
-        self.streams: dict[asyncio.StreamWriter, int] = {}
-
-
-class Watchers:
-    """Indexes of answers, and who waits for them to change.
-
-    An answer's index is the value of a counter (starting at the start time in
-    ms, so a restarted daemon never reuses an old index) when its content last
-    changed. Views are watched on demand; an idle view forgotten and asked for
-    again gets a fresh index, which costs its client one early answer.
-    """
-
-    def __init__(self, registry: Registry, local: Callable[[], Packet],
-                 expire: Callable[[], None], port: int):
-        self.registry = registry
-        self.local = local
-        self.expire = expire
-        self.port = port
-        self.counter = time.time_ns() // 1_000_000
-        self.views: dict[View, Watched] = {}  # most recently asked last
-        self.by_label: dict[str, set[View]] = {}
-        self.by_prefix: dict[View, tuple[str, ...]] = {}
-        self.everything: set[View] = set()
-        self._snapshots = BoundedCache(SNAPSHOTS)
-        self._local_seen: tuple[Any, ...] | None = None
-        self._scheduled = False
-        self._sweeping = False
-        self.closed = False
-
-    # change detection ------------------------------------------------------
-    def poke(self) -> None:
-        """The registry or the local labels changed: diff at the next loop turn."""
-        if not self._scheduled:
-            self._scheduled = True
-            with contextlib.suppress(RuntimeError):  # no loop (tests): index() flushes
-                asyncio.get_running_loop().call_soon(self.flush)
-
-    def flush(self) -> None:
-        """Apply the changes noted since the last flush to every view."""
-        self._scheduled = False
-        changes = self.registry.take_changes()
-        local_key = self.local()[:2]  # hostname, labels
-        local_changed = self._local_seen is not None and local_key != self._local_seen
-        self._local_seen = local_key
-        if not changes and not local_changed:
-            return
-        # every change moves the counter, watched or not: a view watched later must
-        # never get an index that an earlier view of other content had
-        self.counter += 1
-        hosts = self.registry.hosts
-        candidates = touched_views(changes, hosts, self.by_label, self.by_prefix,
-                                   self.everything)
-        if local_changed and LOCAL in self.views:
-            candidates[LOCAL] = {}
-        for view, subset in candidates.items():
-            watched = self.views[view]
-            touched: list[Any] = [True] if view == LOCAL else view_changes(
-                view, subset, hosts, self.port, first_only=not watched.streams)
-            if not touched:
-                continue
-            watched.index = self.counter
-            for waiter in watched.waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
-            watched.waiters.clear()
-            if watched.streams:
-                self.send(watched, stream_events(touched, hosts, watched.index))
-
-    def _flush_pending(self) -> None:
-        # a change of the local labels or hostname pokes too: no need to look at them
-        if self._scheduled or self.registry.changes:
-            self.flush()
-
-    def watched(self, view: View) -> Watched:
-        """The view's watch, up to date, made if new."""
-        self._flush_pending()
-        found = self.views.pop(view, None)
-        if found is None:
-            found = Watched(view, self.counter)
-            self._forget_idle()
-            if view == LOCAL and self._local_seen is None:
-                self._local_seen = self.local()[:2]  # what a later flush compares with
-            labels, prefixes, everything = view.triggers()
-            for label in labels:
-                self.by_label.setdefault(label, set()).add(view)
-            if prefixes:
-                self.by_prefix[view] = prefixes
-            if everything:
-                self.everything.add(view)
-        self.views[view] = found  # last: the most recently asked
-        return found
-
-    def index(self, view: View) -> int:
-        return self.watched(view).index
-
-    def current(self, view: View) -> int | None:
-        """The view's index if it is watched and no change waits to be applied; else
-        None. Changes nothing (see Answers.repeated)."""
-        if self._scheduled or self.registry.changes:
-            return None
-        found = self.views.get(view)
-        return None if found is None else found.index
-
-    def _forget_idle(self) -> None:
-        idle = [view for view, watched in self.views.items()
-                if not watched.waiters and not watched.streams]
-        for view in idle[:max(0, len(idle) - MAX_IDLE_VIEWS + 1)]:
-            del self.views[view]
-            for label in view.triggers()[0]:
-                self.by_label[label].discard(view)
-                if not self.by_label[label]:
-                    del self.by_label[label]
-            self.by_prefix.pop(view, None)
-            self.everything.discard(view)
-
-    # blocking queries -------------------------------------------------------
-    async def hold(self, view: View, index: int, wait: float,
-                   reader: asyncio.StreamReader | None) -> None:
-        """Return when the answer's index is no longer `index`, after `wait`
-        seconds, when the client leaves, or at shutdown."""
-        self.expire()
-        watched = self.watched(view)
-        if watched.index != index or self.closed:
-            return
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
-        watched.waiters[waiter] = reader
-        if not self._sweeping:
-            self._sweeping = True
-            loop.call_later(HOLD_SWEEP, self._sweep)
-        try:
-            with deadline(wait, lambda: waiter.done() or waiter.set_result(None)):
-                await waiter
-        finally:
-            watched.waiters.pop(waiter, None)
-
-    def _sweep(self) -> None:
-        """Release requests whose client has gone: their connections count."""
-        waiting = False
-        for watched in self.views.values():
-            for waiter, reader in list(watched.waiters.items()):
-                if reader is not None and reader.at_eof() and not waiter.done():
-                    waiter.set_result(None)
-                waiting = True
-        self._sweeping = waiting and not self.closed
-        if self._sweeping:
-            asyncio.get_running_loop().call_later(HOLD_SWEEP, self._sweep)
-
-    # event streams ------------------------------------------------------------
-    async def stream(self, view: View, reader: asyncio.StreamReader,
-                     writer: asyncio.StreamWriter) -> None:
-        """GET /v1/events: the head, a snapshot, then the changes until the client leaves."""
-        self.expire()
-        watched = self.watched(view)
-        writer.write(("HTTP/1.1 200 OK\r\nContent-Type: " + EVENTS_TYPE + "\r\n"
-                      "Cache-Control: no-cache\r\nConnection: close\r\n"
-                      f"X-Lobby-Index: {watched.index}\r\n\r\n").encode("latin-1"))
-        snapshot = self.snapshot(watched)
-        writer.write(snapshot)
-        if self.closed:
-            return
-        # no await since the snapshot: no change is missed. Until the snapshot is
-        # read, a big one must not count against the client.
-        watched.streams[writer] = len(snapshot) + STREAM_BUFFER
-        loop = asyncio.get_running_loop()
-        heartbeat = loop.call_later(STREAM_HEARTBEAT, self._heartbeat, watched, writer)
-        try:
-            with deadline(WRITE_TIMEOUT, writer.transport.abort):
-                await writer.drain()
-            if writer in watched.streams:
-                watched.streams[writer] = STREAM_BUFFER
-            while await reader.read(4096):
-                pass  # the client has nothing to say; EOF or an abort ends the stream
-        finally:
-            watched.streams.pop(writer, None)
-            heartbeat.cancel()
-
-    def snapshot(self, watched: Watched) -> bytes:
-        """The first event of a stream; built once per answer and second, like GETs."""
-        key = (watched.view, watched.index, self.registry.version, int(time.time()))
-        found = self._snapshots.get(key)
-        if found is None:
-            view = watched.view
-            packets = select_packets(view, self.registry.packets(having=view.labels))
-            found = sse_event("snapshot", sse_json([p.to_json() for p in packets]),
-                              watched.index)
-            self._snapshots.put(key, found)
-        return found
-
-    def _heartbeat(self, watched: Watched, writer: asyncio.StreamWriter) -> None:
-        if writer in watched.streams:
-            self.send_to(writer, b": keep-alive\n\n", watched.streams[writer])
-            asyncio.get_running_loop().call_later(STREAM_HEARTBEAT, self._heartbeat, watched,
-                                                  writer)
-
-    def send(self, watched: Watched, data: bytes) -> None:
-        for writer, allowance in list(watched.streams.items()):
-            self.send_to(writer, data, allowance)
-
-    @staticmethod
-    def send_to(writer: asyncio.StreamWriter, data: bytes, allowance: int) -> None:
-        """Queue without waiting; a client that lets `allowance` bytes pile up is dropped."""
-        transport = writer.transport
-        if transport.is_closing():
-            return
-        if transport.get_write_buffer_size() > allowance:
-            log.info("event stream: the client reads too slowly, dropped")
-            transport.abort()
-            return
-        transport.write(data)
-
-    def close(self) -> None:
-        """Shutdown: answer every held request and end every stream, now."""
-        self.closed = True
-        for watched in self.views.values():
-            for waiter in watched.waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
-            for writer in list(watched.streams):
-                writer.transport.abort()
-
-
-###############################################################################
 # Commands: CALLBACK and exec checks run through one `run_command()`: a process
 # group of its own, bounded by a timeout, its output kept short.
 ###############################################################################
@@ -5359,6 +5417,454 @@ def notify_systemd(state: str) -> None:
 
 
 ###############################################################################
+# main(): argv, config, logging, run; errors become exit statuses here only.
+###############################################################################
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
+                                           "%Y-%m-%dT%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    log.setLevel(level)
+    # asyncio reports EMFILE on accept with a traceback; once per pause is plenty
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    logging.getLogger("nats").setLevel(logging.CRITICAL)
+
+
+def check_drivers(config: Config) -> None:
+    """A driver whose library is missing is bad configuration, said before anything runs."""
+    import importlib.util
+
+    if "Redis" in config.driver and importlib.util.find_spec("redis") is None:
+        raise ConfigError("DRIVER=Redis needs the Python package redis: "
+                          "pip install 'lobbyd[redis]'")
+
+
+async def run_daemon(config: Config) -> None:
+    # built inside the running loop: on Python 3.9 an asyncio.Event made before it
+    # would create (and leak) a loop of its own
+    await Daemon(config, os.environ).run()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if argv is None and invoked_name() == "lobbyctl":  # a second name of the same program
+        return ctl_main(args, os.environ)
+    if args[:1] == ["ctl"]:
+        return ctl_main(args[1:], os.environ)
+    if args in (["--version"], ["-V"]):
+        print(f"lobbyd {__version__}")
+        return 0
+    if args in (["--help"], ["-h"]):
+        print(help_text())
+        return 0
+    if args:
+        print(f"lobbyd: unexpected arguments {' '.join(args)!r}; see lobbyd --help "
+              "(the client is `lobbyd ctl ...` or `lobbyctl ...`)", file=sys.stderr)
+        return 2
+    try:
+        config = Config.from_env(os.environ)
+        check_drivers(config)
+    except ConfigError as exc:
+        print(f"lobbyd: configuration error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    setup_logging(config.log_level)
+    try:
+        asyncio.run(run_daemon(config))
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        return EX_CONFIG
+    except OSError as exc:
+        log.error("cannot start: %s", describe_error(exc))
+        return 1
+    finally:
+        # Interpreter shutdown puts the deadly default handlers back: a second
+        # SIGTERM arriving now must stay as harmless as the first.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+    return 0
+
+
+###############################################################################
+# lobbyctl: a client of the HTTP API, compatible with the Go daemon's lobbyctl.
+# It shares the data shapes with the daemon, never its state.
+###############################################################################
+
+CTL_USAGE = """\
+usage: lobbyctl [-host HOST] [-port PORT] [-proto http|https] [-token TOKEN] [-json]
+                COMMAND [ARGS...]
+       lobbyd ctl ... (the same)
+
+commands:
+  discovery                       this server's discovery packet
+  discoveries                     every live server and its labels
+  discoveries labels LABEL...     servers having any of these labels
+  discoveries search PREFIX...    servers having a label starting with any of these
+  resolve LABEL                   hostnames of the servers having LABEL
+  labels add [--ttl S] LABEL...   add runtime labels (with --ttl: a lease of S seconds)
+  labels del LABEL...             remove runtime labels
+  health                          the daemon's health; exit status 1 when unhealthy
+  prometheus NAME                 Prometheus target groups of job NAME
+  watch [labels L...|search P...] the servers (those filters as for discoveries), then
+                                  each change as it happens, until interrupted
+
+Flags take one or two dashes and `-flag value` or `-flag=value`; their defaults
+come from the environment: HOST (127.0.0.1), PORT (1313), PROTOCOL (http), TOKEN.
+-json prints the API's JSON on one line. Colour only on a terminal, never with
+NO_COLOR set. Exit status: 0 success, 1 lobbyd answered an error or cannot be
+reached, 2 bad usage."""
+
+
+class CtlUsageError(LobbydError):
+    """The command line is wrong: usage, exit status 2."""
+
+
+class CtlError(LobbydError):
+    """lobbyd answered an error or cannot be reached: exit status 1."""
+
+
+@dataclass
+class CtlOptions:
+    proto: str = "http"
+    host: str = "127.0.0.1"
+    port: int = 1313
+    token: str = ""
+    json: bool = False
+
+    @property
+    def base(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.proto}://{host}:{self.port}"
+
+
+CTL_VALUE_FLAGS = ("host", "port", "proto", "token")
+
+
+def parse_ctl_args(argv: Sequence[str], environ: Mapping[str, str]
+                   ) -> tuple[CtlOptions, list[str]]:
+    """(options, command words); flags may stand anywhere before `--`."""
+    values = {"proto": environ.get("PROTOCOL") or "http",
+              "host": environ.get("HOST") or "127.0.0.1",
+              "port": environ.get("PORT") or "1313", "token": environ.get("TOKEN", "")}
+    as_json, words = False, []
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--":
+            words += args
+            break
+        name, sep, value = arg.lstrip("-").partition("=")
+        if not arg.startswith("-") or arg == "-" or name == "ttl":
+            words.append(arg)  # --ttl belongs to `labels add`
+        elif name in ("h", "help"):
+            raise CtlUsageError("")
+        elif name == "json":
+            as_json = parse_ctl_bool(value) if sep else True
+        elif name in CTL_VALUE_FLAGS:
+            if not sep:
+                if not args:
+                    raise CtlUsageError(f"flag needs an argument: -{name}")
+                value = args.pop(0)
+            values[name] = value
+        else:
+            raise CtlUsageError(f"flag provided but not defined: {arg}")
+    proto = values["proto"].strip().lower()
+    if proto not in ("http", "https"):
+        raise CtlUsageError(f"-proto {show(values['proto'])}: expected http or https")
+    port = values["port"].strip()
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise CtlUsageError(f"-port {show(values['port'])}: expected a number from 1 to 65535")
+    host = values["host"].strip().strip("[]") or "127.0.0.1"
+    return CtlOptions(proto, host, int(port), values["token"].strip(), as_json), words
+
+
+def parse_ctl_bool(value: str) -> bool:
+    try:
+        return parse_bool("-json", value)
+    except ConfigError as exc:
+        raise CtlUsageError(str(exc)) from None
+
+
+def ctl_request(options: CtlOptions, method: str, path: str, body: bytes = b"",
+                timeout: float = 10.0) -> tuple[int, bytes]:
+    """(status, body) of one request; CtlError when lobbyd cannot be reached."""
+    import http.client
+
+    if options.proto == "https":
+        import ssl
+
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            options.host, options.port, timeout=timeout, context=ssl.create_default_context())
+    else:
+        conn = http.client.HTTPConnection(options.host, options.port, timeout=timeout)
+    headers = {"Authorization": f"Token {options.token}"} if options.token else {}
+    try:
+        conn.request(method, path, body=body or None, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise CtlError(f"cannot reach lobbyd at {options.base}: {reason}") from None
+    finally:
+        conn.close()
+
+
+def ctl_call(options: CtlOptions, method: str, path: str, body: bytes = b"",
+             accept: Sequence[int] = (200,)) -> tuple[int, Any]:
+    """(status, parsed JSON or text) of a request; CtlError for any other status."""
+    status, data = ctl_request(options, method, path, body)
+    text = data.decode("utf-8", "replace")
+    if status not in accept:
+        first = text.strip().splitlines()[0] if text.strip() else "(no message)"
+        raise CtlError(f"lobbyd at {options.base} answered {status}: {first}")
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+class Painter:
+    """ANSI colour on a terminal only, and never with NO_COLOR set (no-color.org)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def paint(self, text: str, code: str) -> str:
+        return f"\033[{code}m{text}\033[0m" if self.enabled else text
+
+    def label(self, label: str) -> str:
+        name, sep, value = label.partition(":")
+        return self.paint(name + sep, "36") + value if sep else label
+
+
+def wants_colour(stream: Any, environ: Mapping[str, str]) -> bool:
+    return bool(getattr(stream, "isatty", lambda: False)()) and not environ.get("NO_COLOR") \
+        and environ.get("TERM") != "dumb"
+
+
+def format_discoveries(packets: Sequence[Mapping[str, Any]], paint: Painter) -> str:
+    """As the Go lobbyctl prints them: hostnames right-aligned, one label per line."""
+    width = max((len(packet["hostname"]) for packet in packets), default=0)
+    out = []
+    for packet in packets:
+        labels = packet.get("labels") or []
+        name = paint.paint(packet["hostname"].rjust(width) if labels else packet["hostname"],
+                           "1")
+        if labels:
+            out.append(f"{name}    {paint.label(labels[0])}")
+            out += [" " * (width + 4) + paint.label(label) for label in labels[1:]]
+        else:
+            out.append(name)
+        out.append("")
+    return "".join(line + "\n" for line in out)
+
+
+def format_discovery(packet: Mapping[str, Any], paint: Painter) -> str:
+    lines = ["Hostname:", "  " + paint.paint(packet["hostname"], "1")]
+    if packet.get("labels"):
+        lines += ["Labels:", *("  " + paint.label(label) for label in packet["labels"])]
+    return "".join(line + "\n" for line in lines)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{days}d"] * bool(days) + [f"{hours}h"] * bool(days or hours) + \
+        [f"{minutes}m"] * bool(days or hours or minutes) + [f"{secs}s"]
+    return " ".join(parts)
+
+
+def format_health(health: Mapping[str, Any], paint: Painter, now: float) -> str:
+    ok = health.get("status") == "ok"
+    lines = [f"status:   {paint.paint(str(health.get('status')), '32' if ok else '31;1')}",
+             f"hostname: {health.get('hostname')}", f"version:  {health.get('version')}",
+             f"uptime:   {format_duration(health.get('uptime_s', 0))}",
+             f"hosts:    {health.get('hosts')}"]
+    for driver in health.get("drivers", []):
+        ago = format_duration(max(0, now - driver.get("since", now)))
+        state = f"connected to {driver.get('server')}" if driver.get("connected") \
+            else paint.paint("disconnected", "31;1")
+        lines.append(f"{driver.get('driver')}:     {state} for {ago}, "
+                     f"{driver.get('reconnects', 0)} reconnects")
+    for name, check in sorted(health.get("checks", {}).items()):
+        state = paint.paint("up", "32") if check.get("up") else paint.paint("down", "31;1")
+        output = f" ({check['output']})" if check.get("output") else ""
+        lines.append(f"check {name}: {state}{output}")
+    return "".join(line + "\n" for line in lines)
+
+
+def format_groups(groups: Sequence[Mapping[str, Any]]) -> str:
+    lines = []
+    for group in groups:
+        labels = " ".join(f"{key}={value}" for key, value in group.get("Labels", {}).items())
+        lines.append(" ".join(group.get("Targets", [])) + (f"    {labels}" if labels else ""))
+    return "".join(line + "\n" for line in lines)
+
+
+def ctl_labels(options: CtlOptions, words: list[str]) -> None:
+    if len(words) < 3 or words[1] not in ("add", "del"):
+        raise CtlUsageError("expected: labels add [--ttl S] LABEL... or labels del LABEL...")
+    action, rest, query = words[1], words[2:], ""
+    if rest[0].lstrip("-").partition("=")[0] == "ttl":
+        if action != "add":
+            raise CtlUsageError("--ttl goes with labels add only")
+        flag = rest.pop(0)
+        ttl = flag.partition("=")[2] if "=" in flag else (rest.pop(0) if rest else "")
+        if not ttl.isdigit():
+            raise CtlUsageError(f"--ttl {show(ttl)}: expected whole seconds")
+        query = f"?ttl={ttl}"
+    if not rest:
+        raise CtlUsageError(f"labels {action}: no labels given")
+    body = "\n".join(rest).encode("utf-8")
+    ctl_call(options, "POST" if action == "add" else "DELETE", "/v1/labels" + query, body)
+
+
+def compact_json(value: Any) -> str:
+    """JSON on one line, as the Go lobbyctl's -json prints it."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def ctl_events(options: CtlOptions, path: str) -> Iterator[tuple[str, Any]]:
+    """(event, data) of GET /v1/events as they come; CtlError if it cannot be had or ends."""
+    import http.client
+
+    if options.proto == "https":
+        import ssl
+
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            options.host, options.port, timeout=45, context=ssl.create_default_context())
+    else:
+        # a comment line comes every 15 s: 45 s of silence is a lost daemon
+        conn = http.client.HTTPConnection(options.host, options.port, timeout=45)
+    headers = {"Authorization": f"Token {options.token}"} if options.token else {}
+    try:
+        conn.request("GET", path, headers=headers)
+        response = conn.getresponse()
+        if response.status != 200:
+            first = (response.read().decode("utf-8", "replace").strip().splitlines() or
+                     ["(no message)"])[0]
+            raise CtlError(f"lobbyd at {options.base} answered {response.status}: {first}")
+        event, data = "message", []
+        while True:
+            line = response.readline()
+            if not line:
+                raise CtlError(f"lobbyd at {options.base} ended the event stream")
+            text = line.decode("utf-8", "replace").rstrip("\r\n")
+            if text.startswith("event: "):
+                event = text[7:]
+            elif text.startswith("data: "):
+                data.append(text[6:])
+            elif not text and data:
+                yield event, json.loads("\n".join(data))
+                event, data = "message", []
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise CtlError(f"event stream from lobbyd at {options.base}: {reason}") from None
+    finally:
+        conn.close()
+
+
+def format_event(event: str, data: Mapping[str, Any], paint: Painter) -> str:
+    """One change as `lobbyctl watch` prints it."""
+    colour = {"joined": "32", "changed": "33", "left": "31"}.get(event, "0")
+    what = paint.paint(f"{event:<7}", colour)
+    if event == "left":
+        return f"{what} {paint.paint(data['hostname'], '1')} ({data.get('reason')})\n"
+    labels = ", ".join(paint.label(label) for label in data.get("labels") or [])
+    return f"{what} {paint.paint(data['hostname'], '1')}    {labels}\n"
+
+
+def ctl_watch(options: CtlOptions, args: list[str], out: Any, paint: Painter) -> int:
+    """lobbyctl watch: the answer, then each change, until interrupted (exit 0)."""
+    from urllib.parse import quote
+
+    path = "/v1/events"
+    if args:
+        if args[0] not in ("labels", "search") or len(args) < 2:
+            raise CtlUsageError("expected: watch [labels LABEL... | search PREFIX...]")
+        key = "labels" if args[0] == "labels" else "prefixes"
+        path += f"?{key}=" + quote(",".join(args[1:]), safe=":,")
+    try:
+        for event, data in ctl_events(options, path):
+            if options.json:
+                out.write(compact_json({"event": event, "data": data}) + "\n")
+            elif event == "snapshot":
+                out.write(format_discoveries(data, paint) or "(no servers)\n")
+            else:
+                out.write(format_event(event, data, paint))
+            out.flush()
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def ctl_run(options: CtlOptions, words: list[str], out: Any, paint: Painter) -> int:
+    """Run one command; the exit status."""
+    from urllib.parse import quote
+
+    command, args = words[0], words[1:]
+    if command == "discoveries":
+        path = "/v1/discoveries"
+        if args:
+            if args[0] not in ("labels", "search") or len(args) < 2:
+                raise CtlUsageError("expected: discoveries [labels LABEL... | search PREFIX...]")
+            key = "labels" if args[0] == "labels" else "prefixes"
+            path += f"?{key}=" + quote(",".join(args[1:]), safe=":,")
+        _, packets = ctl_call(options, "GET", path)
+        out.write(compact_json(packets) + "\n" if options.json
+                  else format_discoveries(packets, paint))
+    elif command == "discovery" and not args:
+        _, packet = ctl_call(options, "GET", "/v1/discovery")
+        out.write(compact_json(packet) + "\n" if options.json else format_discovery(packet, paint))
+    elif command == "resolve" and len(args) == 1:
+        _, names = ctl_call(options, "GET", "/v1/resolve?label=" + quote(args[0], safe=":"))
+        out.write(compact_json(names) + "\n" if options.json else "".join(n + "\n" for n in names))
+    elif command == "prometheus" and len(args) == 1:
+        _, groups = ctl_call(options, "GET", "/v1/prometheus/" + quote(args[0], safe=""))
+        out.write(compact_json(groups) + "\n" if options.json else format_groups(groups))
+    elif command == "health" and not args:
+        status, health = ctl_call(options, "GET", "/v1/health", accept=(200, 503))
+        out.write(compact_json(health) + "\n" if options.json
+                  else format_health(health, paint, time.time()))
+        return 0 if status == 200 else 1
+    elif command == "labels":
+        ctl_labels(options, words)
+    elif command == "watch":
+        return ctl_watch(options, args, out, paint)
+    else:
+        raise CtlUsageError(f"unknown command or wrong arguments: {' '.join(words)}")
+    return 0
+
+
+def ctl_main(argv: Sequence[str], environ: Mapping[str, str], out: Any = None) -> int:
+    """lobbyctl: parse, call the API, print; errors become exit statuses here only."""
+    out = out or sys.stdout
+    try:
+        options, words = parse_ctl_args(argv, environ)
+        if not words:
+            raise CtlUsageError("no command given")
+        return ctl_run(options, words, out, Painter(wants_colour(out, environ)))
+    except CtlUsageError as exc:
+        if not str(exc):
+            print(CTL_USAGE)
+            return 0
+        print(f"lobbyctl: {exc}\n\n{CTL_USAGE}", file=sys.stderr)
+        return 2
+    except CtlError as exc:
+        print(f"lobbyctl: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `lobbyctl discoveries | head`
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (no flush error at exit)
+        return 0
+
+
+###############################################################################
 # The page (SPEC 12): one self-contained HTML document for people, served as it is.
 # Its script is one more client of the API (/v1/health, /v1/events): no data is in
 # the page, so it may be served without the token; everything it shows needs one.
@@ -5918,454 +6424,6 @@ main { padding: 10px 16px 48px; }
 """
 PAGE_BYTES = PAGE_HTML.encode("utf-8")
 PAGE_HEADERS = page_headers(PAGE_HTML)
-
-
-###############################################################################
-# main(): argv, config, logging, run; errors become exit statuses here only.
-###############################################################################
-
-
-def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
-                                           "%Y-%m-%dT%H:%M:%S"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING)
-    log.setLevel(level)
-    # asyncio reports EMFILE on accept with a traceback; once per pause is plenty
-    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    logging.getLogger("nats").setLevel(logging.CRITICAL)
-
-
-def check_drivers(config: Config) -> None:
-    """A driver whose library is missing is bad configuration, said before anything runs."""
-    import importlib.util
-
-    if "Redis" in config.driver and importlib.util.find_spec("redis") is None:
-        raise ConfigError("DRIVER=Redis needs the Python package redis: "
-                          "pip install 'lobbyd[redis]'")
-
-
-async def run_daemon(config: Config) -> None:
-    # built inside the running loop: on Python 3.9 an asyncio.Event made before it
-    # would create (and leak) a loop of its own
-    await Daemon(config, os.environ).run()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if argv is None and invoked_name() == "lobbyctl":  # a second name of the same program
-        return ctl_main(args, os.environ)
-    if args[:1] == ["ctl"]:
-        return ctl_main(args[1:], os.environ)
-    if args in (["--version"], ["-V"]):
-        print(f"lobbyd {__version__}")
-        return 0
-    if args in (["--help"], ["-h"]):
-        print(help_text())
-        return 0
-    if args:
-        print(f"lobbyd: unexpected arguments {' '.join(args)!r}; see lobbyd --help "
-              "(the client is `lobbyd ctl ...` or `lobbyctl ...`)", file=sys.stderr)
-        return 2
-    try:
-        config = Config.from_env(os.environ)
-        check_drivers(config)
-    except ConfigError as exc:
-        print(f"lobbyd: configuration error: {exc}", file=sys.stderr)
-        return EX_CONFIG
-    setup_logging(config.log_level)
-    try:
-        asyncio.run(run_daemon(config))
-    except ConfigError as exc:
-        log.error("configuration error: %s", exc)
-        return EX_CONFIG
-    except OSError as exc:
-        log.error("cannot start: %s", describe_error(exc))
-        return 1
-    finally:
-        # Interpreter shutdown puts the deadly default handlers back: a second
-        # SIGTERM arriving now must stay as harmless as the first.
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_IGN)
-    return 0
-
-
-###############################################################################
-# lobbyctl: a client of the HTTP API, compatible with the Go daemon's lobbyctl.
-# It shares the data shapes with the daemon, never its state.
-###############################################################################
-
-CTL_USAGE = """\
-usage: lobbyctl [-host HOST] [-port PORT] [-proto http|https] [-token TOKEN] [-json]
-                COMMAND [ARGS...]
-       lobbyd ctl ... (the same)
-
-commands:
-  discovery                       this server's discovery packet
-  discoveries                     every live server and its labels
-  discoveries labels LABEL...     servers having any of these labels
-  discoveries search PREFIX...    servers having a label starting with any of these
-  resolve LABEL                   hostnames of the servers having LABEL
-  labels add [--ttl S] LABEL...   add runtime labels (with --ttl: a lease of S seconds)
-  labels del LABEL...             remove runtime labels
-  health                          the daemon's health; exit status 1 when unhealthy
-  prometheus NAME                 Prometheus target groups of job NAME
-  watch [labels L...|search P...] the servers (those filters as for discoveries), then
-                                  each change as it happens, until interrupted
-
-Flags take one or two dashes and `-flag value` or `-flag=value`; their defaults
-come from the environment: HOST (127.0.0.1), PORT (1313), PROTOCOL (http), TOKEN.
--json prints the API's JSON on one line. Colour only on a terminal, never with
-NO_COLOR set. Exit status: 0 success, 1 lobbyd answered an error or cannot be
-reached, 2 bad usage."""
-
-
-class CtlUsageError(LobbydError):
-    """The command line is wrong: usage, exit status 2."""
-
-
-class CtlError(LobbydError):
-    """lobbyd answered an error or cannot be reached: exit status 1."""
-
-
-@dataclass
-class CtlOptions:
-    proto: str = "http"
-    host: str = "127.0.0.1"
-    port: int = 1313
-    token: str = ""
-    json: bool = False
-
-    @property
-    def base(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.proto}://{host}:{self.port}"
-
-
-CTL_VALUE_FLAGS = ("host", "port", "proto", "token")
-
-
-def parse_ctl_args(argv: Sequence[str], environ: Mapping[str, str]
-                   ) -> tuple[CtlOptions, list[str]]:
-    """(options, command words); flags may stand anywhere before `--`."""
-    values = {"proto": environ.get("PROTOCOL") or "http",
-              "host": environ.get("HOST") or "127.0.0.1",
-              "port": environ.get("PORT") or "1313", "token": environ.get("TOKEN", "")}
-    as_json, words = False, []
-    args = list(argv)
-    while args:
-        arg = args.pop(0)
-        if arg == "--":
-            words += args
-            break
-        name, sep, value = arg.lstrip("-").partition("=")
-        if not arg.startswith("-") or arg == "-" or name == "ttl":
-            words.append(arg)  # --ttl belongs to `labels add`
-        elif name in ("h", "help"):
-            raise CtlUsageError("")
-        elif name == "json":
-            as_json = parse_ctl_bool(value) if sep else True
-        elif name in CTL_VALUE_FLAGS:
-            if not sep:
-                if not args:
-                    raise CtlUsageError(f"flag needs an argument: -{name}")
-                value = args.pop(0)
-            values[name] = value
-        else:
-            raise CtlUsageError(f"flag provided but not defined: {arg}")
-    proto = values["proto"].strip().lower()
-    if proto not in ("http", "https"):
-        raise CtlUsageError(f"-proto {show(values['proto'])}: expected http or https")
-    port = values["port"].strip()
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise CtlUsageError(f"-port {show(values['port'])}: expected a number from 1 to 65535")
-    host = values["host"].strip().strip("[]") or "127.0.0.1"
-    return CtlOptions(proto, host, int(port), values["token"].strip(), as_json), words
-
-
-def parse_ctl_bool(value: str) -> bool:
-    try:
-        return parse_bool("-json", value)
-    except ConfigError as exc:
-        raise CtlUsageError(str(exc)) from None
-
-
-def ctl_request(options: CtlOptions, method: str, path: str, body: bytes = b"",
-                timeout: float = 10.0) -> tuple[int, bytes]:
-    """(status, body) of one request; CtlError when lobbyd cannot be reached."""
-    import http.client
-
-    if options.proto == "https":
-        import ssl
-
-        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-            options.host, options.port, timeout=timeout, context=ssl.create_default_context())
-    else:
-        conn = http.client.HTTPConnection(options.host, options.port, timeout=timeout)
-    headers = {"Authorization": f"Token {options.token}"} if options.token else {}
-    try:
-        conn.request(method, path, body=body or None, headers=headers)
-        response = conn.getresponse()
-        return response.status, response.read()
-    except (OSError, http.client.HTTPException) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        raise CtlError(f"cannot reach lobbyd at {options.base}: {reason}") from None
-    finally:
-        conn.close()
-
-
-def ctl_call(options: CtlOptions, method: str, path: str, body: bytes = b"",
-             accept: Sequence[int] = (200,)) -> tuple[int, Any]:
-    """(status, parsed JSON or text) of a request; CtlError for any other status."""
-    status, data = ctl_request(options, method, path, body)
-    text = data.decode("utf-8", "replace")
-    if status not in accept:
-        first = text.strip().splitlines()[0] if text.strip() else "(no message)"
-        raise CtlError(f"lobbyd at {options.base} answered {status}: {first}")
-    try:
-        return status, json.loads(text)
-    except ValueError:
-        return status, text
-
-
-class Painter:
-    """ANSI colour on a terminal only, and never with NO_COLOR set (no-color.org)."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-
-    def paint(self, text: str, code: str) -> str:
-        return f"\033[{code}m{text}\033[0m" if self.enabled else text
-
-    def label(self, label: str) -> str:
-        name, sep, value = label.partition(":")
-        return self.paint(name + sep, "36") + value if sep else label
-
-
-def wants_colour(stream: Any, environ: Mapping[str, str]) -> bool:
-    return bool(getattr(stream, "isatty", lambda: False)()) and not environ.get("NO_COLOR") \
-        and environ.get("TERM") != "dumb"
-
-
-def format_discoveries(packets: Sequence[Mapping[str, Any]], paint: Painter) -> str:
-    """As the Go lobbyctl prints them: hostnames right-aligned, one label per line."""
-    width = max((len(packet["hostname"]) for packet in packets), default=0)
-    out = []
-    for packet in packets:
-        labels = packet.get("labels") or []
-        name = paint.paint(packet["hostname"].rjust(width) if labels else packet["hostname"],
-                           "1")
-        if labels:
-            out.append(f"{name}    {paint.label(labels[0])}")
-            out += [" " * (width + 4) + paint.label(label) for label in labels[1:]]
-        else:
-            out.append(name)
-        out.append("")
-    return "".join(line + "\n" for line in out)
-
-
-def format_discovery(packet: Mapping[str, Any], paint: Painter) -> str:
-    lines = ["Hostname:", "  " + paint.paint(packet["hostname"], "1")]
-    if packet.get("labels"):
-        lines += ["Labels:", *("  " + paint.label(label) for label in packet["labels"])]
-    return "".join(line + "\n" for line in lines)
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    parts = [f"{days}d"] * bool(days) + [f"{hours}h"] * bool(days or hours) + \
-        [f"{minutes}m"] * bool(days or hours or minutes) + [f"{secs}s"]
-    return " ".join(parts)
-
-
-def format_health(health: Mapping[str, Any], paint: Painter, now: float) -> str:
-    ok = health.get("status") == "ok"
-    lines = [f"status:   {paint.paint(str(health.get('status')), '32' if ok else '31;1')}",
-             f"hostname: {health.get('hostname')}", f"version:  {health.get('version')}",
-             f"uptime:   {format_duration(health.get('uptime_s', 0))}",
-             f"hosts:    {health.get('hosts')}"]
-    for driver in health.get("drivers", []):
-        ago = format_duration(max(0, now - driver.get("since", now)))
-        state = f"connected to {driver.get('server')}" if driver.get("connected") \
-            else paint.paint("disconnected", "31;1")
-        lines.append(f"{driver.get('driver')}:     {state} for {ago}, "
-                     f"{driver.get('reconnects', 0)} reconnects")
-    for name, check in sorted(health.get("checks", {}).items()):
-        state = paint.paint("up", "32") if check.get("up") else paint.paint("down", "31;1")
-        output = f" ({check['output']})" if check.get("output") else ""
-        lines.append(f"check {name}: {state}{output}")
-    return "".join(line + "\n" for line in lines)
-
-
-def format_groups(groups: Sequence[Mapping[str, Any]]) -> str:
-    lines = []
-    for group in groups:
-        labels = " ".join(f"{key}={value}" for key, value in group.get("Labels", {}).items())
-        lines.append(" ".join(group.get("Targets", [])) + (f"    {labels}" if labels else ""))
-    return "".join(line + "\n" for line in lines)
-
-
-def ctl_labels(options: CtlOptions, words: list[str]) -> None:
-    if len(words) < 3 or words[1] not in ("add", "del"):
-        raise CtlUsageError("expected: labels add [--ttl S] LABEL... or labels del LABEL...")
-    action, rest, query = words[1], words[2:], ""
-    if rest[0].lstrip("-").partition("=")[0] == "ttl":
-        if action != "add":
-            raise CtlUsageError("--ttl goes with labels add only")
-        flag = rest.pop(0)
-        ttl = flag.partition("=")[2] if "=" in flag else (rest.pop(0) if rest else "")
-        if not ttl.isdigit():
-            raise CtlUsageError(f"--ttl {show(ttl)}: expected whole seconds")
-        query = f"?ttl={ttl}"
-    if not rest:
-        raise CtlUsageError(f"labels {action}: no labels given")
-    body = "\n".join(rest).encode("utf-8")
-    ctl_call(options, "POST" if action == "add" else "DELETE", "/v1/labels" + query, body)
-
-
-def compact_json(value: Any) -> str:
-    """JSON on one line, as the Go lobbyctl's -json prints it."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-def ctl_events(options: CtlOptions, path: str) -> Iterator[tuple[str, Any]]:
-    """(event, data) of GET /v1/events as they come; CtlError if it cannot be had or ends."""
-    import http.client
-
-    if options.proto == "https":
-        import ssl
-
-        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-            options.host, options.port, timeout=45, context=ssl.create_default_context())
-    else:
-        # a comment line comes every 15 s: 45 s of silence is a lost daemon
-        conn = http.client.HTTPConnection(options.host, options.port, timeout=45)
-    headers = {"Authorization": f"Token {options.token}"} if options.token else {}
-    try:
-        conn.request("GET", path, headers=headers)
-        response = conn.getresponse()
-        if response.status != 200:
-            first = (response.read().decode("utf-8", "replace").strip().splitlines() or
-                     ["(no message)"])[0]
-            raise CtlError(f"lobbyd at {options.base} answered {response.status}: {first}")
-        event, data = "message", []
-        while True:
-            line = response.readline()
-            if not line:
-                raise CtlError(f"lobbyd at {options.base} ended the event stream")
-            text = line.decode("utf-8", "replace").rstrip("\r\n")
-            if text.startswith("event: "):
-                event = text[7:]
-            elif text.startswith("data: "):
-                data.append(text[6:])
-            elif not text and data:
-                yield event, json.loads("\n".join(data))
-                event, data = "message", []
-    except (OSError, http.client.HTTPException, ValueError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        raise CtlError(f"event stream from lobbyd at {options.base}: {reason}") from None
-    finally:
-        conn.close()
-
-
-def format_event(event: str, data: Mapping[str, Any], paint: Painter) -> str:
-    """One change as `lobbyctl watch` prints it."""
-    colour = {"joined": "32", "changed": "33", "left": "31"}.get(event, "0")
-    what = paint.paint(f"{event:<7}", colour)
-    if event == "left":
-        return f"{what} {paint.paint(data['hostname'], '1')} ({data.get('reason')})\n"
-    labels = ", ".join(paint.label(label) for label in data.get("labels") or [])
-    return f"{what} {paint.paint(data['hostname'], '1')}    {labels}\n"
-
-
-def ctl_watch(options: CtlOptions, args: list[str], out: Any, paint: Painter) -> int:
-    """lobbyctl watch: the answer, then each change, until interrupted (exit 0)."""
-    from urllib.parse import quote
-
-    path = "/v1/events"
-    if args:
-        if args[0] not in ("labels", "search") or len(args) < 2:
-            raise CtlUsageError("expected: watch [labels LABEL... | search PREFIX...]")
-        key = "labels" if args[0] == "labels" else "prefixes"
-        path += f"?{key}=" + quote(",".join(args[1:]), safe=":,")
-    try:
-        for event, data in ctl_events(options, path):
-            if options.json:
-                out.write(compact_json({"event": event, "data": data}) + "\n")
-            elif event == "snapshot":
-                out.write(format_discoveries(data, paint) or "(no servers)\n")
-            else:
-                out.write(format_event(event, data, paint))
-            out.flush()
-    except KeyboardInterrupt:
-        return 0
-    return 0
-
-
-def ctl_run(options: CtlOptions, words: list[str], out: Any, paint: Painter) -> int:
-    """Run one command; the exit status."""
-    from urllib.parse import quote
-
-    command, args = words[0], words[1:]
-    if command == "discoveries":
-        path = "/v1/discoveries"
-        if args:
-            if args[0] not in ("labels", "search") or len(args) < 2:
-                raise CtlUsageError("expected: discoveries [labels LABEL... | search PREFIX...]")
-            key = "labels" if args[0] == "labels" else "prefixes"
-            path += f"?{key}=" + quote(",".join(args[1:]), safe=":,")
-        _, packets = ctl_call(options, "GET", path)
-        out.write(compact_json(packets) + "\n" if options.json
-                  else format_discoveries(packets, paint))
-    elif command == "discovery" and not args:
-        _, packet = ctl_call(options, "GET", "/v1/discovery")
-        out.write(compact_json(packet) + "\n" if options.json else format_discovery(packet, paint))
-    elif command == "resolve" and len(args) == 1:
-        _, names = ctl_call(options, "GET", "/v1/resolve?label=" + quote(args[0], safe=":"))
-        out.write(compact_json(names) + "\n" if options.json else "".join(n + "\n" for n in names))
-    elif command == "prometheus" and len(args) == 1:
-        _, groups = ctl_call(options, "GET", "/v1/prometheus/" + quote(args[0], safe=""))
-        out.write(compact_json(groups) + "\n" if options.json else format_groups(groups))
-    elif command == "health" and not args:
-        status, health = ctl_call(options, "GET", "/v1/health", accept=(200, 503))
-        out.write(compact_json(health) + "\n" if options.json
-                  else format_health(health, paint, time.time()))
-        return 0 if status == 200 else 1
-    elif command == "labels":
-        ctl_labels(options, words)
-    elif command == "watch":
-        return ctl_watch(options, args, out, paint)
-    else:
-        raise CtlUsageError(f"unknown command or wrong arguments: {' '.join(words)}")
-    return 0
-
-
-def ctl_main(argv: Sequence[str], environ: Mapping[str, str], out: Any = None) -> int:
-    """lobbyctl: parse, call the API, print; errors become exit statuses here only."""
-    out = out or sys.stdout
-    try:
-        options, words = parse_ctl_args(argv, environ)
-        if not words:
-            raise CtlUsageError("no command given")
-        return ctl_run(options, words, out, Painter(wants_colour(out, environ)))
-    except CtlUsageError as exc:
-        if not str(exc):
-            print(CTL_USAGE)
-            return 0
-        print(f"lobbyctl: {exc}\n\n{CTL_USAGE}", file=sys.stderr)
-        return 2
-    except CtlError as exc:
-        print(f"lobbyctl: {exc}", file=sys.stderr)
-        return 1
-    except BrokenPipeError:  # `lobbyctl discoveries | head`
-        with contextlib.suppress(OSError):
-            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (no flush error at exit)
-        return 0
 
 
 if __name__ == "__main__":
