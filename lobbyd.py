@@ -1593,6 +1593,7 @@ class Transport:
         self.since = time.time()  # of the last change between connected and not
         self.reconnects = 0  # reconnections after the first connection
         self.was_connected = False
+        self._warned = False  #: the current outage has been logged
         self._closing = False
         fleet.attach(self)
 
@@ -1649,6 +1650,16 @@ class Transport:
         else:
             self.connected.clear()
         self.fleet.state_changed()
+
+    def _failed(self, server: str, exc: BaseException) -> None:
+        """A failed attempt to reach the server: the first of an outage is a warning,
+        the retries that follow are for debugging only."""
+        if not self._warned:
+            self._warned = True
+            log.warning("%s unreachable at %s (%s); retrying, the API keeps serving",
+                        server, self.targets(), describe_error(exc))
+        else:
+            log.debug("%s: %s", server, describe_error(exc))
 
 
 ###############################################################################
@@ -2030,7 +2041,6 @@ class NatsDriver(Transport):
         self.sync_subject = self.subject + ".sync"
         self.nc: Any = None
         self.natspy: NatsPy | None = None  # at run(): the API answers before this costs
-        self._warned = False  # the current outage has been logged
         self._sync_serving = False
 
     @property
@@ -2111,12 +2121,10 @@ class NatsDriver(Transport):
 
     async def _on_error(self, exc: Exception) -> None:
         # nats-py reports every failed attempt; an operator needs the first one only
-        if not self.connected.is_set() and not self._warned:
-            self._warned = True
-            log.warning("NATS unreachable at %s (%s); retrying, the API keeps serving",
-                        self.targets(), describe_error(exc))
-        else:
+        if self.connected.is_set():
             log.debug("NATS: %s", describe_error(exc))
+        else:
+            self._failed("NATS", exc)
 
     async def _on_disconnected(self) -> None:
         if not self._closing:
@@ -2223,7 +2231,6 @@ class RedisDriver(Transport):
         self.client: Any = None
         self.pubsub: Any = None
         self._up = False
-        self._warned = False
         self._answer: Callable[[int], list[bytes]] | None = None
         self._replies: dict[bytes, asyncio.Queue[bytes | None]] = {}  # reply channel -> queue
 
@@ -2289,12 +2296,8 @@ class RedisDriver(Transport):
             self._up, self._warned = False, True  # the retries of this outage: debug only
             self._changed(False)
             log.warning("disconnected from Redis (%s); reconnecting", describe_error(exc))
-        elif not self._warned:
-            self._warned = True
-            log.warning("Redis unreachable at %s (%s); retrying, the API keeps serving",
-                        self.targets(), describe_error(exc))
         else:
-            log.debug("Redis: %s", describe_error(exc))
+            self._failed("Redis", exc)
 
     async def _listen(self) -> None:
         """Hand every message to its consumer; ping, and give up on a silent server."""
@@ -5779,16 +5782,21 @@ def format_event(event: str, data: Mapping[str, Any], paint: Painter) -> str:
     return f"{what} {paint.paint(data['hostname'], '1')}    {labels}\n"
 
 
-def ctl_watch(options: CtlOptions, args: list[str], out: Any, paint: Painter) -> int:
-    """lobbyctl watch: the answer, then each change, until interrupted (exit 0)."""
+def ctl_filter(command: str, args: list[str]) -> str:
+    """The query of `COMMAND [labels LABEL... | search PREFIX...]`: "" for no filter."""
     from urllib.parse import quote
 
-    path = "/v1/events"
-    if args:
-        if args[0] not in ("labels", "search") or len(args) < 2:
-            raise CtlUsageError("expected: watch [labels LABEL... | search PREFIX...]")
-        key = "labels" if args[0] == "labels" else "prefixes"
-        path += f"?{key}=" + quote(",".join(args[1:]), safe=":,")
+    if not args:
+        return ""
+    if args[0] not in ("labels", "search") or len(args) < 2:
+        raise CtlUsageError(f"expected: {command} [labels LABEL... | search PREFIX...]")
+    key = "labels" if args[0] == "labels" else "prefixes"
+    return f"?{key}=" + quote(",".join(args[1:]), safe=":,")
+
+
+def ctl_watch(options: CtlOptions, args: list[str], out: Any, paint: Painter) -> int:
+    """lobbyctl watch: the answer, then each change, until interrupted (exit 0)."""
+    path = "/v1/events" + ctl_filter("watch", args)
     try:
         for event, data in ctl_events(options, path):
             if options.json:
@@ -5809,12 +5817,7 @@ def ctl_run(options: CtlOptions, words: list[str], out: Any, paint: Painter) -> 
 
     command, args = words[0], words[1:]
     if command == "discoveries":
-        path = "/v1/discoveries"
-        if args:
-            if args[0] not in ("labels", "search") or len(args) < 2:
-                raise CtlUsageError("expected: discoveries [labels LABEL... | search PREFIX...]")
-            key = "labels" if args[0] == "labels" else "prefixes"
-            path += f"?{key}=" + quote(",".join(args[1:]), safe=":,")
+        path = "/v1/discoveries" + ctl_filter("discoveries", args)
         _, packets = ctl_call(options, "GET", path)
         out.write(compact_json(packets) + "\n" if options.json
                   else format_discoveries(packets, paint))
