@@ -1351,11 +1351,11 @@ class Registry:
         # only the state before the first change counts: A -> B -> A is no change
         seen = self.changes.get(hostname)
         self.changes[hostname] = (before if seen is None else seen[0], left)
-        noted = self.noted
-        noted.names.append(hostname)
-        if len(noted.names) > MAX_NOTED:  # nobody renders (or not for long): a full look then
-            noted.cut += len(noted.names)
-            noted.names.clear()
+        names = self.noted.names
+        names.append(hostname)
+        if len(names) > MAX_NOTED:  # nobody renders (or not for long): a full look then
+            self.noted.cut += len(names)
+            names.clear()
 
     def carrying(self, view: View, now: float) -> list[str]:
         """The hostnames a resolve `view` shows, sorted (/v1/resolve). Call expire() first.
