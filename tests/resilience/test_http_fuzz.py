@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import re
 import selectors
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from conftest import NatsServer, daemon_env, wait_for
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from .conftest import (
@@ -157,11 +158,31 @@ EXAMPLES: list[int] = []
 TALLY = {"status_500": 0, "crashes": 0}
 
 
-@settings(max_examples=300, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(method=METHOD, path=PATH, version=VERSION, headers=st.lists(HEADER, max_size=6),
-       body=st.binary(max_size=200))
+#: the seeded run's seed: random each run, printed in every failure and in the figures;
+#: LOBBYD_FUZZ_SEED=N replays it
+FUZZ_SEED = int(os.environ.get("LOBBYD_FUZZ_SEED") or random.SystemRandom().randrange(2**32))
+REQUESTS = {"method": METHOD, "path": PATH, "version": VERSION,
+            "headers": st.lists(HEADER, max_size=6), "body": st.binary(max_size=200)}
+HEALTH = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=HEALTH)
+@given(**REQUESTS)
 def test_hypothesis_requests(daemon, method, path, version, headers, body):
+    """A fixed corpus (derandomize): the same 300 requests every run."""
+    one_request(daemon, method, path, version, headers, body, "fixed corpus")
+
+
+@seed(FUZZ_SEED)
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=HEALTH)
+@given(**REQUESTS)
+def test_hypothesis_requests_from_a_random_seed(daemon, method, path, version, headers, body):
+    """150 more from a seed of this run's own (printed; LOBBYD_FUZZ_SEED=N replays)."""
+    one_request(daemon, method, path, version, headers, body,
+                f"seed {FUZZ_SEED} (LOBBYD_FUZZ_SEED={FUZZ_SEED} replays it)")
+
+
+def one_request(daemon, method, path, version, headers, body, run: str) -> None:
     head = f"{method} {path} {version}".rstrip() + "\r\n"
     head += "".join(f"{k}: {v}\r\n" if k else f"{v}\r\n" for k, v in headers)
     raw = head.encode("latin-1") + b"\r\n" + body
@@ -170,10 +191,10 @@ def test_hypothesis_requests(daemon, method, path, version, headers, body):
     EXAMPLES.append(len(raw))
     TALLY["status_500"] += 500 in codes
     TALLY["crashes"] += not daemon.alive()
-    assert daemon.alive(), f"daemon died on {raw[:300]!r}"
-    assert 500 not in codes, f"500 on {raw[:300]!r}: {reply[:300]!r}"
-    assert reply == b"" or reply.startswith(b"HTTP/1."), f"not HTTP: {reply[:100]!r}"
-    record("9 http hypothesis", examples=len(EXAMPLES), **TALLY)  # once asserted
+    assert daemon.alive(), f"{run}: daemon died on {raw[:300]!r}"
+    assert 500 not in codes, f"{run}: 500 on {raw[:300]!r}: {reply[:300]!r}"
+    assert reply == b"" or reply.startswith(b"HTTP/1."), f"{run}: not HTTP: {reply[:100]!r}"
+    record("9 http hypothesis", examples=len(EXAMPLES), seed=FUZZ_SEED, **TALLY)  # asserted
     if len(EXAMPLES) % 10 == 0:
         control_ok(daemon)
 
