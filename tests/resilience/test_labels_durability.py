@@ -416,7 +416,7 @@ def test_sigterm_during_burst(lobbyd, nats, rounds):
         # in flight for sure: lobbyd has accepted the held POST's connection (the kernel
         # alone would complete the handshake and queue it unseen)
         held_port = held.sock.getsockname()[1]
-        wait_for(lambda p=held_port: any(remote == p for _, remote in tcp_connections(d.pid)),
+        wait_for(lambda p=held_port: any(remote == p for _, remote in tcp_connections(d.proc.pid)),
                  timeout=5, what=f"round {rnd}: lobbyd holding the held POST's connection")
         held_confirmed += 1
         # aim the signal at a request in flight (bounded: 200 polls); whether it landed
