@@ -82,9 +82,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         run = {"commit": head, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "exit_status": int(exitstatus), "tests": counts,
                "loadavg_at_end": [round(x, 2) for x in os.getloadavg()], "cores": os.cpu_count()}
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps({"run": run, "figures": FIGURES}, indent=2,
-                                        sort_keys=True) + "\n")
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        doc: dict = {"runs": [], "figures": {}}
+        with contextlib.suppress(OSError, ValueError):  # a run in parts adds to the file
+            doc = json.loads(path.read_text())
+        run["sections"] = sorted(FIGURES)
+        doc["runs"].append(run)
+        doc["figures"].update(FIGURES)
+        path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
         terminalreporter.write_line(f"figures written to {out}")
 
 
