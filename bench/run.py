@@ -1,4 +1,4 @@
-"""lobbyd benchmark harness (issue 5): one table of fleet-scale figures.
+"""lobbyd benchmark harness: one table of fleet-scale figures.
 
     python bench/run.py            # full run (people): 3 runs of each figure, ~25 min
     python bench/run.py --smoke    # CI smoke: 1 short run of each figure, < 3 min
@@ -1196,7 +1196,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, help="runs per figure (default 3, smoke 1)")
     ap.add_argument("--only", default="", help="comma list: idle,startup,ingest,ingest_redis,"
                     "steady,http,propagation,goodbye,join,dead,fanout,watch,page; kv "
-                    "(DISCOVERY_MODE=kv, issue 13) runs only when named, at --hosts "
+                    "(DISCOVERY_MODE=kv) runs only when named, at --hosts "
                     "(default 10000,100000)")
     ap.add_argument("--label", default="lobbyd", help="name of the implementation measured")
     ap.add_argument("--lobbyd-cmd", default=None, help="default: $LOBBYD_CMD or lobbyd.py")
