@@ -469,7 +469,8 @@ def test_start_to_first_200(nats: NatsServer, tmp_path: Path):
         results[name], best[name] = statistics.median(times), min(times)
         print(f"start-to-first-200 {name}: median {results[name] * 1000:.0f} ms "
               f"over {runs} runs (min {min(times) * 1000:.0f}, max {max(times) * 1000:.0f})")
-    # The target is 300 ms (bench/README.md). A loaded machine only adds to a start, so the
-    # best of the runs must meet it; the median, which the load moves, a looser bound.
-    assert best["binary"] < 0.3, f"best start of the binary {best['binary'] * 1000:.0f} ms"
+    # The target is 300 ms: the bench (alone on the machine, in CI too) fails when the best
+    # of its starts misses it. Here, beside other tests in CI, load only adds to a start:
+    # the best of 7 within twice the target, the median (which the load moves) within 1 s.
+    assert best["binary"] < 0.6, f"best start of the binary {best['binary'] * 1000:.0f} ms"
     assert results["binary"] < 1.0, f"median start {results['binary'] * 1000:.0f} ms"

@@ -7,6 +7,7 @@ Everything talks to loopback only. Every loop here is bounded in count and in ti
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import http.client
 import json
 import os
@@ -84,13 +85,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
                "loadavg_at_end": [round(x, 2) for x in os.getloadavg()], "cores": os.cpu_count()}
         path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        doc: dict = {"runs": [], "figures": {}}
-        with contextlib.suppress(OSError, ValueError):  # a run in parts adds to the file
-            doc = json.loads(path.read_text())
-        run["sections"] = sorted(FIGURES)
-        doc["runs"].append(run)
-        doc["figures"].update(FIGURES)
-        path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        with open(path.with_suffix(".lock"), "w") as lock:  # parts may end at once
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            doc: dict = {"runs": [], "figures": {}}
+            with contextlib.suppress(OSError, ValueError):  # a run in parts adds to the file
+                doc = json.loads(path.read_text())
+            run["sections"] = sorted(FIGURES)
+            doc["runs"].append(run)
+            doc["figures"].update(FIGURES)
+            path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
         terminalreporter.write_line(f"figures written to {out}")
 
 
