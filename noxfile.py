@@ -278,13 +278,14 @@ def _run_binary_pytest(session: nox.Session, default_args: list[str], env: dict[
     the binary's self-unpacking in a TMPDIR of its own that is removed afterwards."""
     import shutil
 
-    tmp = ROOT / "build" / f"{session.name}-tmp"
+    # of this run alone: CI runs binary_tests in shares at once (LOBBYD_SHARD)
+    tmp = ROOT / "build" / f"{session.name}-tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     args = list(session.posargs or default_args)
     if not any(a.startswith("--basetemp") for a in args):
         # a private basetemp: other pytest runs on the machine rotate /tmp/pytest-of-<user>
-        args.append(f"--basetemp={Path(session.create_tmp()) / 'pytest'}")
+        args.append(f"--basetemp={Path(session.create_tmp()) / f'pytest-{os.getpid()}'}")
     try:
         session.run("python", "tests/packaging/reaper.py", "pytest", *args,
                     env={**env, "LOBBYD_TMPDIR": str(tmp)})
@@ -324,9 +325,10 @@ def resilience(session: nox.Session) -> None:
     figures = os.environ.get("RESILIENCE_FIGURES") or str(
         ROOT / "tests" / "resilience" / "figures" /
         time.strftime("resilience-%Y%m%dT%H%M%SZ.json", time.gmtime()))
-    # a private basetemp: other pytest runs on the machine rotate /tmp/pytest-of-<user>
-    basetemp = Path(session.create_tmp()) / "pytest"
-    args = list(session.posargs or ["tests/resilience"])  # CI: its two parts, by path
+    # a private basetemp: other pytest runs on the machine rotate /tmp/pytest-of-<user>;
+    # one per run, as CI runs parts of the suite at once
+    basetemp = Path(session.create_tmp()) / f"pytest-{os.getpid()}"
+    args = list(session.posargs or ["tests/resilience"])  # CI: its parts, by path
     if not any(a.startswith("--basetemp") for a in args):
         args += ["--durations=10", f"--basetemp={basetemp}"]
     session.run("pytest", *args,

@@ -16,6 +16,7 @@ import inspect
 import os
 import sys
 import types
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -107,13 +108,28 @@ def exercises_daemon(item: pytest.Item) -> bool:
     return starts_daemon([f for f in funcs if f is not None])
 
 
+#: LOBBYD_SHARD=K/N: the K-th of N shares of the tests (by a hash of each test's id), so
+#: that N runs at once (CI's binary_tests) cover every test exactly once
+SHARD = "LOBBYD_SHARD"
+
+
+def in_shard(nodeid: str, shard: str) -> bool:
+    k, n = (int(x) for x in shard.split("/"))
+    assert 0 <= k < n, f"{SHARD}={shard}: want K/N with 0 <= K < N"
+    return zlib.crc32(nodeid.encode()) % n == k
+
+
 def deselect_in_process(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under LOBBYD_BINARY_ONLY=1: only the tests that start the daemon."""
-    if os.environ.get(BINARY_ONLY) != "1":
+    """Under LOBBYD_BINARY_ONLY=1: only the tests that start the daemon; under
+    LOBBYD_SHARD=K/N: only the K-th share."""
+    binary_only, shard = os.environ.get(BINARY_ONLY) == "1", os.environ.get(SHARD, "")
+    if not binary_only and not shard:
         return
     keep, drop = [], []
     for item in items:
-        (keep if exercises_daemon(item) else drop).append(item)
+        wanted = (not binary_only or exercises_daemon(item)) and \
+            (not shard or in_shard(item.nodeid, shard))
+        (keep if wanted else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
