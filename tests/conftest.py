@@ -27,6 +27,10 @@ from harness import (
     skip_unless_required,
     wait_for,
 )
+from selection import _classified_honestly, count_commands, deselect_in_process
+
+# every lobbyd command line is counted (tests/selection.py: what binary_tests runs)
+lobbyd_command = count_commands()  # noqa: F811
 
 __all__ = ["ROOT", "Lobbyd", "NatsServer", "RedisServer", "base_env", "daemon_env", "free_port",
            "lobbyd_command", "nats_server_binary", "run_lobbyd", "skip_unless_required",
@@ -65,3 +69,10 @@ def lobbyd(tmp_path: Path, nats: NatsServer) -> Iterator[Callable[..., Lobbyd]]:
     yield make
     for d in started:
         d.stop(signal.SIGKILL, timeout=5)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    deselect_in_process(config, items)  # LOBBYD_BINARY_ONLY=1 (binary_tests): the daemon's only
+
+
+__all__ += ["_classified_honestly"]  # an autouse fixture, active for every test below tests/

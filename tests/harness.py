@@ -32,10 +32,50 @@ from natsraw import RawNats
 ROOT = Path(__file__).resolve().parent.parent
 
 
+#: LOBBYD_PORT_SLOT=K (set by `nox -s tests` for each of its concurrent workers, and by
+#: .ci/run for every session): free_port() picks from a range of K's own,
+#: [10000 + 3000 K, 13000 + 3000 K), all below the kernel's ephemeral ports (32768 and up),
+#: so two workers never get the same port, nor a port the kernel hands out meanwhile.
+#: Unset: whatever free port the kernel gives (port 0).
+PORT_SLOT = "LOBBYD_PORT_SLOT"
+PORT_SLOT_BASE, PORT_SLOT_SPAN, PORT_SLOTS = 10000, 3000, 7
+_next_in_slot: int | None = None
+
+
+def port_range() -> range | None:
+    """This process's port range (LOBBYD_PORT_SLOT), or None for the kernel's choice."""
+    slot = os.environ.get(PORT_SLOT, "")
+    if not slot:
+        return None
+    k = int(slot)
+    if not 0 <= k < PORT_SLOTS:
+        raise ValueError(f"{PORT_SLOT}={slot}: want 0 to {PORT_SLOTS - 1}")
+    low = PORT_SLOT_BASE + k * PORT_SLOT_SPAN
+    return range(low, low + PORT_SLOT_SPAN)
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nothing listens on. In a slot, the ports are handed out in turn (a
+    port used a moment ago comes back only after the other 2,999), each tried by binding it
+    without SO_REUSEADDR (so not one with a connection in TIME_WAIT either)."""
+    ports = port_range()
+    if ports is None:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    global _next_in_slot
+    if _next_in_slot is None or _next_in_slot not in ports:
+        _next_in_slot = ports.start + os.getpid() % len(ports)  # two processes of a slot
+    for _ in range(len(ports)):
+        port = _next_in_slot
+        _next_in_slot = ports.start + (port + 1 - ports.start) % len(ports)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {ports} ({PORT_SLOT})")
 
 
 #: what a poll may raise and still be tried again (not AssertionError: a predicate

@@ -24,7 +24,10 @@ import harness
 ROOT = harness.ROOT
 DIST = ROOT / "dist"
 TESTS = ROOT / "tests"
-ROOTFS_CACHE = Path(os.environ.get("LOBBYD_ROOTFS_CACHE", "/var/cache/lobbyd-test/bookworm"))
+#: the cached debootstrap (tests/packaging/make-rootfs.sh), keyed on the Debian release
+ROOTFS_CACHE = Path(os.environ.get(
+    "LOBBYD_ROOTFS_CACHE",
+    f"/var/cache/lobbyd-test/{os.environ.get('LOBBYD_DEBIAN_RELEASE', 'bookworm')}"))
 
 
 def require_packaging_session() -> None:

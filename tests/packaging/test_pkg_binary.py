@@ -457,7 +457,7 @@ def time_to_first_200(cmd: list[str], env: dict[str, str], port: int) -> float:
 def test_start_to_first_200(nats: NatsServer, tmp_path: Path):
     """Median of several runs, binary next to `python lobbyd.py` (printed for the notes)."""
     runs = int(os.environ.get("LOBBYD_STARTUP_RUNS", "7"))
-    results = {}
+    results, best = {}, {}
     for name, cmd in (("binary", [str(pk.BINARY)]),
                       ("python lobbyd.py", [sys.executable, str(pk.ROOT / "lobbyd.py")])):
         times = []
@@ -466,7 +466,11 @@ def test_start_to_first_200(nats: NatsServer, tmp_path: Path):
             env = {**base_env(), "PORT": str(port), "NATS_URL": nats.url, "HOSTNAME": f"t{i}",
                    "LABELS_PATH": str(tmp_path / "labels")}
             times.append(time_to_first_200(cmd, env, port))
-        results[name] = statistics.median(times)
+        results[name], best[name] = statistics.median(times), min(times)
         print(f"start-to-first-200 {name}: median {results[name] * 1000:.0f} ms "
               f"over {runs} runs (min {min(times) * 1000:.0f}, max {max(times) * 1000:.0f})")
-    assert results["binary"] < 5.0
+    # The target is 300 ms: the bench (alone on the machine, in CI too) fails when the best
+    # of its starts misses it. Here, beside other tests in CI, load only adds to a start:
+    # the best of 7 within twice the target, the median (which the load moves) within 1 s.
+    assert best["binary"] < 0.6, f"best start of the binary {best['binary'] * 1000:.0f} ms"
+    assert results["binary"] < 1.0, f"median start {results['binary'] * 1000:.0f} ms"
