@@ -4662,6 +4662,7 @@ async def run_command(argv: Sequence[str], stdin: bytes | None, timeout: float,
         reading.cancel()
         if proc.returncode is None:
             kill_group(proc.pid)
+            await reaped(proc)
     output = reading.result() if reading.done() and not reading.cancelled() else ""
     return CommandResult(code, output, bool(timed_out))
 
@@ -4693,6 +4694,26 @@ async def read_output(proc: asyncio.subprocess.Process, kept_bytes: int) -> str:
 def kill_group(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
+
+
+async def reaped(proc: asyncio.subprocess.Process) -> None:
+    """Wait, at most REAP_WITHIN, until a killed command is gone and its pipes closed.
+
+    A command killed at shutdown whose pipes are still open when the loop closes leaves
+    a transport that, collected later, prints a traceback trying to close them. A
+    cancellation meanwhile (asyncio.run() cancels every task on its way out) does not
+    cut this short: it is the caller's already, and goes on after the wait.
+    """
+    waiting = asyncio.ensure_future(proc.wait())
+    with deadline(REAP_WITHIN, waiting.cancel):
+        while not waiting.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([waiting])
+
+
+#: a SIGKILLed group is reaped in milliseconds; only a child that left the group and
+#: holds the output pipe open takes longer, and shutdown does not wait for it
+REAP_WITHIN = 0.5
 
 
 CALLBACK_OUTPUT_KEPT = 2048
@@ -5022,6 +5043,7 @@ class LocalHost:
 ###############################################################################
 
 SHUTDOWN_DEADLINE = 3.0
+GOODBYE_WITHIN = 0.8  #: then the closes (0.8 s each, together): well within the deadline
 READY_TIMEOUT = 5.0
 
 
@@ -5251,8 +5273,7 @@ class Daemon:
         self.local.stop()
         for task in list(self.tasks):  # a running CALLBACK is killed with its group
             task.cancel()
-        if self.config.register and await self.publish(Packet(self.local.hostname),
-                                                       "goodbye"):
+        if self.config.register and await self.say_goodbye():
             log.info("said goodbye as %s", self.local.hostname)
             for transport in self.transports:
                 await transport.said_goodbye()
@@ -5260,6 +5281,20 @@ class Daemon:
         await self.http.close()
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=0.3)
+
+
+    async def say_goodbye(self) -> bool:
+        """Our goodbye on every transport, bounded like the closes that follow: a server
+        stopping at the same moment (a reboot) may drop it, fail it, leave it hanging or
+        cancel what nats-py awaits inside; none of that may fail the shutdown."""
+        try:
+            return await within(GOODBYE_WITHIN, self.publish(Packet(self.local.hostname),
+                                                             "goodbye"))
+        except asyncio.TimeoutError:
+            log.debug("goodbye: not sent within %gs", GOODBYE_WITHIN)
+        except Exception as exc:
+            log.debug("goodbye: %s", describe_error(exc))
+        return False
 
 
 def warn_about_timing(config: Config) -> None:

@@ -185,6 +185,9 @@ def binary_tests(session: nox.Session) -> None:
         session.error(f"{exe} missing: run `nox -s binary` first")
     _run_binary_pytest(session, ["tests", "--ignore=tests/packaging", "--ignore=tests/resilience"],
                        {"LOBBYD_CMD": str(exe)})
+    if not session.posargs:  # the binary's shutdown beside a stopping server, as from source
+        _run_binary_pytest(session, ["tests/resilience/test_shutdown_together.py"],
+                           {"LOBBYD_CMD": str(exe)})
 
 
 @nox.session(python=PACKAGING_PYTHON)
