@@ -279,6 +279,26 @@ def test_ready_after_the_join_sync_when_nats_is_up(lobbyd, notify) -> None:
     assert when - started < L.READY_TIMEOUT, "READY=1 waited for the fallback"
 
 
+def test_connected_at_once_while_ready_waits_for_the_join_sync(lobbyd, nats, notify) -> None:
+    """A peer that takes the join request and never answers holds the sync for its whole
+    window: health says connected as soon as the connection is up, READY=1 waits."""
+    peer = nats.client()
+    peer.sock.sendall(b"SUB lobby.discovery.sync lobbyd 77\r\n")  # the join queue group
+    peer.flush()
+    try:
+        b = lobbyd("b", start=False, NOTIFY_SOCKET=str(notify.path))
+        started = time.monotonic()
+        b.start()  # returns once b's first packet is on the subject: it is connected
+        up = time.monotonic()
+        status, _, body = b.request("GET", "/v1/health")
+        assert status == 200 and json.loads(body)["drivers"][0]["connected"] is True, body
+        _, ready = notify.until("READY=1", timeout=10)
+    finally:
+        peer.close()
+    assert ready - started >= L.SYNC_WINDOW - 0.2, "READY=1 before the join sync ended"
+    assert up - started < ready - started - 1, "the connection waited for the join sync"
+
+
 def test_ready_after_5_s_when_nats_is_down_and_status_follows_the_connection(
         lobbyd, nats, notify) -> None:
     nats.stop()
