@@ -1639,7 +1639,8 @@ class Transport:
     def state(self) -> dict[str, Any]:
         """This transport's part of GET /v1/health."""
         return {"driver": self.kind, "connected": self.is_connected, "server": self.server,
-                "since": int(self.since), "reconnects": self.reconnects}
+                "targets": self.targets(), "since": int(self.since),
+                "reconnects": self.reconnects}
 
     def _changed(self, connected: bool) -> None:
         if connected != self.connected.is_set():
@@ -5542,6 +5543,7 @@ commands:
   discoveries labels LABEL...     servers having any of these labels
   discoveries search PREFIX...    servers having a label starting with any of these
   resolve LABEL                   hostnames of the servers having LABEL
+  labels                          this server's labels by where each comes from
   labels add [--ttl S] LABEL...   add runtime labels (with --ttl: a lease of S seconds)
   labels del LABEL...             remove runtime labels
   health                          the daemon's health; exit status 1 when unhealthy
@@ -5553,7 +5555,7 @@ Flags take one or two dashes and `-flag value` or `-flag=value`; their defaults
 come from the environment: HOST (127.0.0.1), PORT (1313), PROTOCOL (http), TOKEN.
 -json prints the API's JSON on one line. Colour only on a terminal, never with
 NO_COLOR set. Exit status: 0 success, 1 lobbyd answered an error or cannot be
-reached, 2 bad usage."""
+reached, 2 bad usage. --version prints the version."""
 
 
 class CtlUsageError(LobbydError):
@@ -5644,10 +5646,31 @@ def ctl_request(options: CtlOptions, method: str, path: str, body: bytes = b"",
         response = conn.getresponse()
         return response.status, response.read()
     except (OSError, http.client.HTTPException) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        raise CtlError(f"cannot reach lobbyd at {options.base}: {reason}") from None
+        raise CtlError(f"cannot reach lobbyd at {options.base}: {unreachable(exc)}") from None
     finally:
         conn.close()
+
+
+def unreachable(exc: BaseException) -> str:
+    """Why a request failed, in words: a TLS handshake with a plain HTTP server (lobbyd
+    serves plain HTTP) says which flag is wrong, not `[SSL: ...]`."""
+    import ssl
+
+    if isinstance(exc, ssl.SSLError):
+        return ("no TLS there (lobbyd serves plain HTTP: use -proto http, or -proto https "
+                "only through a TLS proxy in front of it)")
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def answered_error(options: CtlOptions, status: int, text: str) -> CtlError:
+    """lobbyd answered `status`: the first line of its message, and what to do about a
+    refused token."""
+    first = text.strip().splitlines()[0] if text.strip() else "(no message)"
+    hint = ""
+    if status in (401, 403):
+        hint = ("; set TOKEN or -token to lobbyd's TOKEN" if not options.token
+                else "; -token (or TOKEN) is not lobbyd's TOKEN")
+    return CtlError(f"lobbyd at {options.base} answered {status}: {first}{hint}")
 
 
 def ctl_call(options: CtlOptions, method: str, path: str, body: bytes = b"",
@@ -5656,8 +5679,7 @@ def ctl_call(options: CtlOptions, method: str, path: str, body: bytes = b"",
     status, data = ctl_request(options, method, path, body)
     text = data.decode("utf-8", "replace")
     if status not in accept:
-        first = text.strip().splitlines()[0] if text.strip() else "(no message)"
-        raise CtlError(f"lobbyd at {options.base} answered {status}: {first}")
+        raise answered_error(options, status, text)
     try:
         return status, json.loads(text)
     except ValueError:
@@ -5725,8 +5747,8 @@ def format_health(health: Mapping[str, Any], paint: Painter, now: float) -> str:
              f"hosts:    {health.get('hosts')}"]
     for driver in health.get("drivers", []):
         ago = format_duration(max(0, now - driver.get("since", now)))
-        state = f"connected to {driver.get('server')}" if driver.get("connected") \
-            else paint.paint("disconnected", "31;1")
+        state = f"connected to {driver.get('server')}" if driver.get("connected") else \
+            paint.paint("disconnected", "31;1") + f" from {driver.get('targets', '?')}"
         lines.append(f"{driver.get('driver')}:     {state} for {ago}, "
                      f"{driver.get('reconnects', 0)} reconnects")
     for name, check in sorted(health.get("checks", {}).items()):
@@ -5744,9 +5766,32 @@ def format_groups(groups: Sequence[Mapping[str, Any]]) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def ctl_labels(options: CtlOptions, words: list[str]) -> None:
+def format_label_sources(sources: Mapping[str, Any], paint: Painter) -> str:
+    """GET /v1/labels as lines of `SOURCE  LABEL`, the source saying where it comes from."""
+    rows = [("env (LABELS)", label) for label in sources.get("env", [])]
+    rows += [(f"file {name}", label) for name, labels in sorted(sources.get("files", {}).items())
+             for label in labels]
+    rows += [("runtime", label) for label in sources.get("runtime", [])]
+    rows += [(f"lease ({seconds} s left)", label)
+             for label, seconds in sorted(sources.get("leases", {}).items())]
+    rows += [(f"check {name} ({'up' if check.get('up') else 'down: not published'})", label)
+             for name, check in sorted(sources.get("checks", {}).items())
+             for label in check.get("labels", [])]
+    if not rows:
+        return "(no labels)\n"
+    width = max(len(source) for source, _ in rows)
+    return "".join(f"{source.ljust(width)}  {paint.label(label)}\n" for source, label in rows)
+
+
+def ctl_labels(options: CtlOptions, words: list[str], out: Any, paint: Painter) -> None:
+    if words[1:] in ([], ["list"]):
+        _, sources = ctl_call(options, "GET", "/v1/labels")
+        out.write(compact_json(sources) + "\n" if options.json
+                  else format_label_sources(sources, paint))
+        return
     if len(words) < 3 or words[1] not in ("add", "del"):
-        raise CtlUsageError("expected: labels add [--ttl S] LABEL... or labels del LABEL...")
+        raise CtlUsageError("expected: labels, labels add [--ttl S] LABEL... or "
+                            "labels del LABEL...")
     action, rest, query = words[1], words[2:], ""
     if rest[0].lstrip("-").partition("=")[0] == "ttl":
         if action != "add":
@@ -5784,9 +5829,8 @@ def ctl_events(options: CtlOptions, path: str) -> Iterator[tuple[str, Any]]:
         conn.request("GET", path, headers=headers)
         response = conn.getresponse()
         if response.status != 200:
-            first = (response.read().decode("utf-8", "replace").strip().splitlines() or
-                     ["(no message)"])[0]
-            raise CtlError(f"lobbyd at {options.base} answered {response.status}: {first}")
+            raise answered_error(options, response.status,
+                                 response.read().decode("utf-8", "replace"))
         event, data = "message", []
         while True:
             line = response.readline()
@@ -5801,8 +5845,8 @@ def ctl_events(options: CtlOptions, path: str) -> Iterator[tuple[str, Any]]:
                 yield event, json.loads("\n".join(data))
                 event, data = "message", []
     except (OSError, http.client.HTTPException, ValueError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        raise CtlError(f"event stream from lobbyd at {options.base}: {reason}") from None
+        raise CtlError(f"event stream from lobbyd at {options.base}: {unreachable(exc)}"
+                       ) from None
     finally:
         conn.close()
 
@@ -5871,7 +5915,7 @@ def ctl_run(options: CtlOptions, words: list[str], out: Any, paint: Painter) -> 
                   else format_health(health, paint, time.time()))
         return 0 if status == 200 else 1
     elif command == "labels":
-        ctl_labels(options, words)
+        ctl_labels(options, words, out, paint)
     elif command == "watch":
         return ctl_watch(options, args, out, paint)
     else:
@@ -5882,6 +5926,9 @@ def ctl_run(options: CtlOptions, words: list[str], out: Any, paint: Painter) -> 
 def ctl_main(argv: Sequence[str], environ: Mapping[str, str], out: Any = None) -> int:
     """lobbyctl: parse, call the API, print; errors become exit statuses here only."""
     out = out or sys.stdout
+    if list(argv) in (["--version"], ["-version"], ["-V"]):
+        out.write(f"lobbyctl (lobbyd) {__version__}\n")
+        return 0
     try:
         options, words = parse_ctl_args(argv, environ)
         if not words:

@@ -126,7 +126,7 @@ def test_flags_env_and_their_precedence(lobbyd) -> None:
     denied = ctl("discovery", port=a.port, env={"TOKEN": "nope"})
     assert denied.returncode == 1 and denied.stdout == ""
     assert denied.stderr == f"lobbyctl: lobbyd at http://127.0.0.1:{a.port} answered 403: " \
-                            "access denied\n"
+                            "access denied; -token (or TOKEN) is not lobbyd's TOKEN\n"
 
 
 def test_exit_statuses_unreachable_and_usage(lobbyd, nats) -> None:
@@ -150,7 +150,39 @@ def test_exit_statuses_unreachable_and_usage(lobbyd, nats) -> None:
     wait_for(lambda: a.request("GET", "/v1/discovery")[0] == 200, what="API up")
     sick = ctl("health", port=a.port)
     assert sick.returncode == 1 and sick.stdout.startswith("status:   disconnected\n")
+    assert f"NATS:     disconnected from {nats.url} for " in sick.stdout, sick.stdout
     assert json.loads(ctl("-json", "health", port=a.port).stdout)["status"] == "disconnected"
+
+
+def test_labels_by_source(lobbyd, tmp_path) -> None:
+    a = lobbyd("a", LABELS="service:web")
+    Path(a.env["LABELS_PATH"]).mkdir(exist_ok=True)
+    (Path(a.env["LABELS_PATH"]) / "role").write_text("role:mx\n")
+    assert a.request("POST", "/v1/labels", body="rt:1")[0] == 200
+    assert a.request("POST", "/v1/labels?ttl=600", body="leased:1")[0] == 200
+    lines = ok("labels", port=a.port).splitlines()
+    assert [line.split() for line in lines] == [
+        ["env", "(LABELS)", "service:web"], ["file", "role", "role:mx"], ["runtime", "rt:1"],
+        ["lease", "(600", "s", "left)", "leased:1"]], lines
+    assert ok("labels", "list", port=a.port) == "\n".join(lines) + "\n"
+    assert json.loads(ok("-json", "labels", port=a.port))["env"] == ["service:web"]
+
+
+def test_version_and_the_errors_an_operator_meets(lobbyd) -> None:
+    version = ok("--version", port=1)
+    assert version == f"lobbyctl (lobbyd) {L.__version__}\n"
+    a = lobbyd("a", wait=False, TOKEN="sekrit")
+    wait_for(lambda: a.request("GET", "/v1/discovery")[0] == 403, what="a's API")
+    https = ctl("-proto", "https", "discoveries", port=a.port)
+    assert https.returncode == 1 and https.stderr.count("\n") == 1, https.stderr
+    assert "SSL" not in https.stderr and "use -proto http" in https.stderr, https.stderr
+    denied = ctl("discoveries", port=a.port)
+    assert denied.returncode == 1 and denied.stderr == (
+        f"lobbyctl: lobbyd at http://127.0.0.1:{a.port} answered 403: access denied; "
+        "set TOKEN or -token to lobbyd's TOKEN\n")
+    wrong = ctl("-token", "nope", "watch", port=a.port)
+    assert wrong.returncode == 1 and "-token (or TOKEN) is not lobbyd's TOKEN" in wrong.stderr
+    assert ok("-token", "sekrit", "discovery", port=a.port).startswith("Hostname:")
 
 
 def run_on_terminal(args: list[str], env: dict[str, str]) -> str:

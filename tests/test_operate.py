@@ -68,6 +68,7 @@ def test_health_through_never_connected_connected_lost_and_back(lobbyd, nats) ->
     status, body = health(a)  # from the first answer on: NATS has never answered
     assert status == 503 and body["status"] == "disconnected"
     assert body["drivers"] == [{"driver": "NATS", "connected": False, "server": None,
+                                "targets": nats.url,
                                 "since": body["drivers"][0]["since"], "reconnects": 0}]
     assert body["hostname"] == "a" and body["version"] == L.__version__
     assert body["hosts"] == 1 and body["checks"] == {} and body["uptime_s"] >= 0
