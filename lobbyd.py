@@ -160,6 +160,11 @@ class BoundedCache(dict):  # type: ignore[type-arg]
         self.cost += cost
 
 
+def plural(count: int, noun: str) -> str:
+    """`1 host`, `2 hosts`: log lines read as sentences."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 class deadline:  # lower case: used like a function, `with deadline(10, task.cancel):`
     """Calls `action()` if the `with` block outlasts `seconds` (math.inf: no deadline).
 
@@ -1511,7 +1516,7 @@ class Fleet:
             return complete
 
         if await transport.ask_fleet(reply, SYNC_WINDOW):
-            log.info("learned %d hosts from a peer over %s", learned, transport.kind)
+            log.info("learned %s from a peer over %s", plural(learned, "host"), transport.kind)
         if learned:
             self.counters.joined += learned
             self.changed()
@@ -2692,7 +2697,8 @@ class NatsKvDriver(NatsDriver):
         finally:
             waiting.cancel()
         if self.initial.is_set():
-            log.info("learned %d hosts from the bucket %s", self.learned, self.data_bucket)
+            log.info("learned %s from the bucket %s", plural(self.learned, "host"),
+                     self.data_bucket)
         return False
 
     # reaping: a few elected lobbyds delete the packets of hosts gone silent ----------
@@ -2759,7 +2765,8 @@ class NatsKvDriver(NatsDriver):
             with contextlib.suppress(Exception):  # another reaper was first
                 await self.data.delete(key, last=packets[key])
         if dead:
-            log.info("reaped %d hosts silent for over %ds: %s", len(dead), self.config.ttl,
+            log.info("reaped %s silent for over %ds: %s", plural(len(dead), "host"),
+                     self.config.ttl,
                      ", ".join(filter(None, map(kv_key_host, dead[:20]))))
 
     async def _alive_keys(self) -> set[str]:
@@ -4377,7 +4384,7 @@ class Health:
             else:
                 parts.append(f"waiting for {transport.kind} at {transport.targets()}")
         if all(transport.is_connected for transport in self.transports):
-            return "; ".join(parts) + f"; {len(self.registry)} hosts known"
+            return "; ".join(parts) + f"; {plural(len(self.registry), 'host')} known"
         return "; ".join(parts) + "; the API keeps serving"
 
 
@@ -5488,6 +5495,12 @@ async def run_daemon(config: Config) -> None:
     await Daemon(config, os.environ).run()
 
 
+def config_error(exc: ConfigError) -> int:
+    """One line, one format, whether the environment says so or trying it finds it."""
+    print(f"lobbyd: configuration error: {exc}", file=sys.stderr)
+    return EX_CONFIG
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if argv is None and invoked_name() == "lobbyctl":  # a second name of the same program
@@ -5508,14 +5521,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = Config.from_env(os.environ)
         check_drivers(config)
     except ConfigError as exc:
-        print(f"lobbyd: configuration error: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        return config_error(exc)
     setup_logging(config.log_level)
     try:
         asyncio.run(run_daemon(config))
-    except ConfigError as exc:
-        log.error("configuration error: %s", exc)
-        return EX_CONFIG
+    except ConfigError as exc:  # found only on trying it (a HOST not on this machine)
+        return config_error(exc)
     except OSError as exc:
         log.error("cannot start: %s", describe_error(exc))
         return 1

@@ -280,6 +280,15 @@ def test_ready_after_the_join_sync_when_nats_is_up(lobbyd, notify) -> None:
     assert when - started < L.READY_TIMEOUT, "READY=1 waited for the fallback"
 
 
+def test_counts_read_as_sentences(lobbyd, notify) -> None:
+    """`1 host`, never `1 hosts`: systemd's STATUS, the join's log line."""
+    a = lobbyd("a", start=False, NOTIFY_SOCKET=str(notify.path))
+    a.start(wait=False)
+    message, _ = notify.until("READY=1", timeout=10)
+    assert message.endswith("; 1 host known"), message
+    assert [L.plural(n, "host") for n in (0, 1, 2)] == ["0 hosts", "1 host", "2 hosts"]
+
+
 def test_connected_at_once_while_ready_waits_for_the_join_sync(lobbyd, nats, notify) -> None:
     """A peer that takes the join request and never answers holds the sync for its whole
     window: health says connected as soon as the connection is up, READY=1 waits."""
