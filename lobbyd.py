@@ -6466,24 +6466,43 @@ main { padding: 10px 16px 48px; }
       + what : "";
     const empty = $("empty");
     empty.classList.toggle("hidden", total > 0 || live !== "live");
-    empty.textContent = what ? "No host has " + mode + " " + items().join(", ") + "."
+    empty.textContent = what ? "No host has " + (mode === "prefixes"
+      ? "a label starting with " : "the label ") + items().join(" or ") + "."
       : "No hosts yet.";
   }
 
   // the daemon's own state --------------------------------------------------------------
   function when(unix) {
-    const d = new Date(unix * 1000), s = Math.max(0, Math.round(Date.now() / 1000 + skew - unix));
+    return new Date(unix * 1000).toLocaleTimeString();
+  }
+  function relative(unix) {
+    const s = Math.max(0, Math.round(Date.now() / 1000 + skew - unix));
     const rel = s < 90 ? s + " s" : s < 5400 ? Math.round(s / 60) + " min"
       : s < 172800 ? Math.round(s / 3600) + " h" : Math.round(s / 86400) + " days";
-    return d.toLocaleTimeString() + " (" + rel + " ago)";
+    return " (" + rel + " ago)";
   }
-  function span(dot, html) {
+  // "(N s ago)" ticks every second (tick() below); hidden from screen readers, which
+  // would otherwise hear the live region change every second: they get the time
+  function agoSpan(unix) {
+    const t = document.createElement("span");
+    t.className = "ago"; t.dataset.since = unix; t.setAttribute("aria-hidden", "true");
+    t.textContent = relative(unix);
+    return t;
+  }
+  function tick() {
+    for (const t of $("state").querySelectorAll(".ago")) {
+      const text = relative(Number(t.dataset.since));
+      if (t.textContent !== text) t.textContent = text;
+    }
+  }
+  function span(dot, html, since) {
     const s = document.createElement("span");
     const d = document.createElement("span");
     d.className = "dot " + dot; s.append(d);
     for (const [text, strong] of html) {
       const t = document.createElement(strong ? "b" : "span"); t.textContent = text; s.append(t);
     }
+    if (since !== undefined) s.append(agoSpan(since));
     return s;
   }
   function setLive(state) { live = state; showState(); }
@@ -6505,13 +6524,14 @@ main { padding: 10px 16px 48px; }
           ? [[d.driver + " connected", true], [" to " + (d.server || "?") +
              " since " + when(d.since), false]]
           : [[d.driver + " not connected", true],
-             [(d.server ? " (last: " + d.server + ")" : "") + " since " + when(d.since),
-              false]]));
+             [(d.targets ? " to " + d.targets : "") + " since " + when(d.since), false]],
+          d.since));
       }
     } else if (healthError) parts.push(span("bad", [[healthError, false]]));
     $("state").replaceChildren(...parts);
   }
   setInterval(pollHealth, 5000);
+  setInterval(tick, 1000);
   start();
 })();
 </script>
