@@ -5884,21 +5884,72 @@ def ctl_filter(command: str, args: list[str]) -> str:
     return f"?{key}=" + quote(",".join(args[1:]), safe=":,")
 
 
+#: seconds between attempts to reach a lobbyd that went away (doubling up to the last)
+WATCH_RETRY = (0.25, 5.0)
+
+
+def missed_events(before: Mapping[str, Any], now: Sequence[Mapping[str, Any]]
+                  ) -> list[tuple[str, Any]]:
+    """The changes between what a watch knew and a new snapshot (after a reconnection:
+    a restarted lobbyd's indexes start again, so the snapshots are compared); a host
+    gone meanwhile left for a reason nobody saw: `missed`."""
+    found = {packet["hostname"]: packet for packet in now}
+    events: list[tuple[str, Any]] = [("left", {"hostname": name, "reason": "missed"})
+                                     for name in sorted(before) if name not in found]
+    for name, packet in found.items():
+        if name not in before:
+            events.append(("joined", packet))
+        elif sorted(packet.get("labels") or []) != sorted(before[name].get("labels") or []):
+            events.append(("changed", packet))
+    return events
+
+
 def ctl_watch(options: CtlOptions, args: list[str], out: Any, paint: Painter) -> int:
-    """lobbyctl watch: the answer, then each change, until interrupted (exit 0)."""
+    """lobbyctl watch: the answer, then each change, until interrupted (exit 0). When
+    lobbyd goes away (a restart), it says so on stderr, tries again with backoff, and
+    prints what changed meanwhile as events: no change is missed."""
     path = "/v1/events" + ctl_filter("watch", args)
+    known: dict[str, Any] | None = None  # hostname -> packet, once a snapshot came
+    delay = WATCH_RETRY[0]
+
+    def show(event: str, data: Any) -> None:
+        if options.json:
+            out.write(compact_json({"event": event, "data": data}) + "\n")
+        elif event == "snapshot":
+            out.write(format_discoveries(data, paint) or "(no servers)\n")
+        else:
+            out.write(format_event(event, data, paint))
+
     try:
-        for event, data in ctl_events(options, path):
-            if options.json:
-                out.write(compact_json({"event": event, "data": data}) + "\n")
-            elif event == "snapshot":
-                out.write(format_discoveries(data, paint) or "(no servers)\n")
-            else:
-                out.write(format_event(event, data, paint))
-            out.flush()
+        while True:
+            try:
+                for event, data in ctl_events(options, path):
+                    if event == "snapshot":
+                        changes = [("snapshot", data)] if known is None else \
+                            missed_events(known, data)
+                        if known is not None:
+                            print(f"lobbyctl: reconnected to lobbyd at {options.base}",
+                                  file=sys.stderr, flush=True)
+                        known = {packet["hostname"]: packet for packet in data}
+                        delay = WATCH_RETRY[0]
+                    else:
+                        changes = [(event, data)]
+                        if known is not None and event == "left":
+                            known.pop(data.get("hostname"), None)
+                        elif known is not None:
+                            known[data["hostname"]] = data
+                    for change in changes:
+                        show(*change)
+                    out.flush()
+            except CtlError as exc:
+                if known is None or "answered" in str(exc):
+                    raise  # never reached, or refused: retrying would not help
+                print(f"lobbyctl: {exc}; trying again in {delay:g}s", file=sys.stderr,
+                      flush=True)
+                time.sleep(delay)
+                delay = min(delay * 2, WATCH_RETRY[1])
     except KeyboardInterrupt:
         return 0
-    return 0
 
 
 def ctl_run(options: CtlOptions, words: list[str], out: Any, paint: Painter) -> int:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import pty
+import queue
 import select
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -183,6 +186,81 @@ def test_version_and_the_errors_an_operator_meets(lobbyd) -> None:
     wrong = ctl("-token", "nope", "watch", port=a.port)
     assert wrong.returncode == 1 and "-token (or TOKEN) is not lobbyd's TOKEN" in wrong.stderr
     assert ok("-token", "sekrit", "discovery", port=a.port).startswith("Hostname:")
+
+
+def lines_of(stream, into: queue.Queue) -> threading.Thread:
+    """Every line of `stream` into `into`, from a thread (reads block)."""
+    def pump() -> None:
+        for line in stream:
+            into.put(line)
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_watch_survives_a_restart_of_lobbyd_and_misses_no_change(lobbyd) -> None:
+    a = lobbyd("a", LABELS="service:web")
+    b = lobbyd("b", LABELS="service:db")
+    wait_for(lambda: a.hostnames() == ["a", "b"], what="a hears b")
+    env = base_env()
+    env["PORT"] = str(a.port)
+    watch = subprocess.Popen([*lobbyd_command(), "ctl", "-json", "watch"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out: queue.Queue = queue.Queue()
+    err: queue.Queue = queue.Queue()
+    lines_of(watch.stdout, out)
+    lines_of(watch.stderr, err)
+    view: dict[str, list[str]] = {}
+
+    def apply(line: str) -> None:
+        change = json.loads(line)
+        if change["event"] == "snapshot":
+            view.update({p["hostname"]: p["labels"] for p in change["data"]})
+        elif change["event"] == "left":
+            view.pop(change["data"]["hostname"], None)
+        else:
+            view[change["data"]["hostname"]] = change["data"]["labels"]
+
+    def until(expected: dict[str, list[str]], timeout: float = 15) -> None:
+        end = time.monotonic() + timeout
+        while view != expected:
+            try:
+                apply(out.get(timeout=max(0.01, end - time.monotonic())))
+            except queue.Empty:
+                raise AssertionError(f"watch shows {view}, not {expected}") from None
+
+    try:
+        until({"a": ["service:web"], "b": ["service:db"]})
+        a.stop()
+        # while a is away: b changes, c joins, b's change is all a's watchers would miss
+        assert b.request("POST", "/v1/labels", body="role:primary")[0] == 200
+        lobbyd("c", LABELS="service:smtp")
+        a.start()
+        until({"a": ["service:web"], "b": ["role:primary", "service:db"],
+               "c": ["service:smtp"]})
+        said: list[str] = []
+        end = time.monotonic() + 5
+        while not any(line.startswith("lobbyctl: reconnected") for line in said):
+            try:
+                said.append(err.get(timeout=max(0.01, end - time.monotonic())))
+            except queue.Empty:
+                break
+        assert any("trying again in" in line for line in said), said
+        assert any(line.startswith("lobbyctl: reconnected to lobbyd at") for line in said), said
+        assert watch.poll() is None
+    finally:
+        watch.kill()
+        watch.wait(timeout=10)
+
+
+def test_missed_events_pure() -> None:
+    before = {"a": {"hostname": "a", "labels": ["x"]}, "gone": {"hostname": "gone", "labels": []}}
+    now = [{"hostname": "a", "labels": ["y"]}, {"hostname": "new", "labels": []}]
+    assert L.missed_events(before, now) == [
+        ("left", {"hostname": "gone", "reason": "missed"}), ("changed", now[0]),
+        ("joined", now[1])]
+    assert L.missed_events({"a": {"hostname": "a", "labels": ["x"], "last_check": 1}},
+                           [{"hostname": "a", "labels": ["x"], "last_check": 9}]) == []
 
 
 def run_on_terminal(args: list[str], env: dict[str, str]) -> str:
