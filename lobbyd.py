@@ -5657,17 +5657,19 @@ def ctl_request(options: CtlOptions, method: str, path: str, body: bytes = b"",
         response = conn.getresponse()
         return response.status, response.read()
     except (OSError, http.client.HTTPException) as exc:
-        raise CtlError(f"cannot reach lobbyd at {options.base}: {unreachable(exc)}") from None
+        raise CtlError(f"cannot reach lobbyd at {options.base}: "
+                       f"{unreachable(exc, options.proto == 'https')}") from None
     finally:
         conn.close()
 
 
-def unreachable(exc: BaseException) -> str:
+def unreachable(exc: BaseException, tls: bool = False) -> str:
     """Why a request failed, in words: a TLS handshake with a plain HTTP server (lobbyd
-    serves plain HTTP) says which flag is wrong, not `[SSL: ...]`."""
+    serves plain HTTP) says which flag is wrong, not `[SSL: ...]`. That server either
+    closes at once or, waiting for a request head, lets the handshake time out."""
     import ssl
 
-    if isinstance(exc, ssl.SSLError):
+    if isinstance(exc, ssl.SSLError) or (tls and "handshake" in str(exc)):
         return ("no TLS there (lobbyd serves plain HTTP: use -proto http, or -proto https "
                 "only through a TLS proxy in front of it)")
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
@@ -5856,8 +5858,8 @@ def ctl_events(options: CtlOptions, path: str) -> Iterator[tuple[str, Any]]:
                 yield event, json.loads("\n".join(data))
                 event, data = "message", []
     except (OSError, http.client.HTTPException, ValueError) as exc:
-        raise CtlError(f"event stream from lobbyd at {options.base}: {unreachable(exc)}"
-                       ) from None
+        raise CtlError(f"event stream from lobbyd at {options.base}: "
+                       f"{unreachable(exc, options.proto == 'https')}") from None
     finally:
         conn.close()
 

@@ -253,6 +253,19 @@ def test_watch_survives_a_restart_of_lobbyd_and_misses_no_change(lobbyd) -> None
         watch.wait(timeout=10)
 
 
+def test_unreachable_names_the_flag_for_tls_against_plain_http() -> None:
+    """lobbyd answers a TLS hello by closing, or lets the handshake time out waiting for a
+    request head: either way the one line says to use -proto http."""
+    import ssl
+
+    for exc in (ssl.SSLEOFError(8, "[SSL: UNEXPECTED_EOF_WHILE_READING] EOF"),
+                TimeoutError("_ssl.c:989: The handshake operation timed out")):
+        assert "use -proto http" in L.unreachable(exc, tls=True), exc
+    assert L.unreachable(ConnectionRefusedError(111, "Connection refused"), tls=True) == \
+        "Connection refused"
+    assert L.unreachable(TimeoutError("timed out")) == "timed out"
+
+
 def test_missed_events_pure() -> None:
     before = {"a": {"hostname": "a", "labels": ["x"]}, "gone": {"hostname": "gone", "labels": []}}
     now = [{"hostname": "a", "labels": ["y"]}, {"hostname": "new", "labels": []}]
