@@ -15,7 +15,7 @@ state named beside it, and no other section changes that state; the Daemon build
 the parts and hands each its collaborators.
 
   Errors             LobbydError and its kinds (ConfigError: exit 78, in main() only)
-  Small helpers      BoundedCache (every cache), deadline (the one timer), within()
+  Small helpers      BoundedCache (every cache), deadline (the one timer), within(), plural()
   Config             Config (frozen, from the environment), ENV_VARS, --help
   Labels             the label rules, label files, RuntimeLabels (its atomic file), Leases
   Checks             check files parsed (CheckSpec), up and down (CheckState): pure
@@ -40,7 +40,7 @@ the parts and hands each its collaborators.
                      one optional at-once callable, no route, no JSON, no registry
   Health             Counters, Health (/v1/health, /metrics, systemd's STATUS)
   API routes         Api: routing, the token, one short handler per route
-  Commands           run_command() (CALLBACK and exec checks), CallbackRunner
+  Commands           run_command() (CALLBACK and exec checks; killed ones reaped), CallbackRunner
   Check runner       the probes, CheckRunner (a task per check)
   Local host         LocalHost: hostname, labels by source, leases, checks' runners
   Daemon             Daemon: wiring, its tasks, signals, readiness, shutdown
