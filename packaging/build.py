@@ -215,7 +215,7 @@ def build_tarball() -> Path:
     members = [  # (name in the tarball, source, mode)
         ("lobbyd", BINARY, 0o755),
         ("lobbyd.service", PACKAGING / "lobbyd.service", 0o644),
-        ("lobbyd.env", PACKAGING / "lobbyd.env", 0o644),
+        ("lobbyd.env", PACKAGING / "lobbyd.env", 0o640),  # it takes secrets: not for all
         ("README.md", ROOT / "README.md", 0o644),
         ("LICENSE", ROOT / "LICENSE", 0o644),
     ]

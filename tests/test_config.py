@@ -105,6 +105,8 @@ def test_bad_config_exits_78_with_one_line(name: str, value: str, expect: str) -
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert expect in lines[0] and "Traceback" not in result.stderr
+    # one format whether the environment says it or binding finds it (HOST=192.0.2.1)
+    assert lines[0].startswith("lobbyd: configuration error: "), lines[0]
 
 
 def test_secret_in_bad_nats_url_is_not_printed() -> None:

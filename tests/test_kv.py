@@ -148,7 +148,7 @@ def test_a_killed_host_is_reaped_by_an_elected_reaper(kv) -> None:
     c.kill()  # gone within TTL + a scan (1 s) + slack for a busy machine
     wait_for(lambda: sees(a, ["a", "b"]) and sees(b, ["a", "b"]), timeout=3 + 1 + 4,
              what="c reaped")
-    assert "reaped 1 hosts silent for over 3s: c" in a.logs() + b.logs()
+    assert "reaped 1 host silent for over 3s: c" in a.logs() + b.logs()
     assert 'lobbyd_hosts_left_total{reason="goodbye"} 1' in a.request("GET", "/metrics")[2].decode()
 
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import pty
+import queue
 import select
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -126,7 +129,7 @@ def test_flags_env_and_their_precedence(lobbyd) -> None:
     denied = ctl("discovery", port=a.port, env={"TOKEN": "nope"})
     assert denied.returncode == 1 and denied.stdout == ""
     assert denied.stderr == f"lobbyctl: lobbyd at http://127.0.0.1:{a.port} answered 403: " \
-                            "access denied\n"
+                            "access denied; -token (or TOKEN) is not lobbyd's TOKEN\n"
 
 
 def test_exit_statuses_unreachable_and_usage(lobbyd, nats) -> None:
@@ -150,7 +153,127 @@ def test_exit_statuses_unreachable_and_usage(lobbyd, nats) -> None:
     wait_for(lambda: a.request("GET", "/v1/discovery")[0] == 200, what="API up")
     sick = ctl("health", port=a.port)
     assert sick.returncode == 1 and sick.stdout.startswith("status:   disconnected\n")
+    assert f"NATS:     disconnected from {nats.url} for " in sick.stdout, sick.stdout
     assert json.loads(ctl("-json", "health", port=a.port).stdout)["status"] == "disconnected"
+
+
+def test_labels_by_source(lobbyd, tmp_path) -> None:
+    a = lobbyd("a", LABELS="service:web")
+    Path(a.env["LABELS_PATH"]).mkdir(exist_ok=True)
+    (Path(a.env["LABELS_PATH"]) / "role").write_text("role:mx\n")
+    assert a.request("POST", "/v1/labels", body="rt:1")[0] == 200
+    assert a.request("POST", "/v1/labels?ttl=600", body="leased:1")[0] == 200
+    lines = ok("labels", port=a.port).splitlines()
+    assert [line.split() for line in lines] == [
+        ["env", "(LABELS)", "service:web"], ["file", "role", "role:mx"], ["runtime", "rt:1"],
+        ["lease", "(600", "s", "left)", "leased:1"]], lines
+    assert ok("labels", "list", port=a.port) == "\n".join(lines) + "\n"
+    assert json.loads(ok("-json", "labels", port=a.port))["env"] == ["service:web"]
+
+
+def test_version_and_the_errors_an_operator_meets(lobbyd) -> None:
+    version = ok("--version", port=1)
+    assert version == f"lobbyctl (lobbyd) {L.__version__}\n"
+    a = lobbyd("a", wait=False, TOKEN="sekrit")
+    wait_for(lambda: a.request("GET", "/v1/discovery")[0] == 403, what="a's API")
+    https = ctl("-proto", "https", "discoveries", port=a.port)
+    assert https.returncode == 1 and https.stderr.count("\n") == 1, https.stderr
+    assert "SSL" not in https.stderr and "use -proto http" in https.stderr, https.stderr
+    denied = ctl("discoveries", port=a.port)
+    assert denied.returncode == 1 and denied.stderr == (
+        f"lobbyctl: lobbyd at http://127.0.0.1:{a.port} answered 403: access denied; "
+        "set TOKEN or -token to lobbyd's TOKEN\n")
+    wrong = ctl("-token", "nope", "watch", port=a.port)
+    assert wrong.returncode == 1 and "-token (or TOKEN) is not lobbyd's TOKEN" in wrong.stderr
+    assert ok("-token", "sekrit", "discovery", port=a.port).startswith("Hostname:")
+
+
+def lines_of(stream, into: queue.Queue) -> threading.Thread:
+    """Every line of `stream` into `into`, from a thread (reads block)."""
+    def pump() -> None:
+        for line in stream:
+            into.put(line)
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_watch_survives_a_restart_of_lobbyd_and_misses_no_change(lobbyd) -> None:
+    a = lobbyd("a", LABELS="service:web")
+    b = lobbyd("b", LABELS="service:db")
+    wait_for(lambda: a.hostnames() == ["a", "b"], what="a hears b")
+    env = base_env()
+    env["PORT"] = str(a.port)
+    watch = subprocess.Popen([*lobbyd_command(), "ctl", "-json", "watch"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out: queue.Queue = queue.Queue()
+    err: queue.Queue = queue.Queue()
+    lines_of(watch.stdout, out)
+    lines_of(watch.stderr, err)
+    view: dict[str, list[str]] = {}
+
+    def apply(line: str) -> None:
+        change = json.loads(line)
+        if change["event"] == "snapshot":
+            view.update({p["hostname"]: p["labels"] for p in change["data"]})
+        elif change["event"] == "left":
+            view.pop(change["data"]["hostname"], None)
+        else:
+            view[change["data"]["hostname"]] = change["data"]["labels"]
+
+    def until(expected: dict[str, list[str]], timeout: float = 15) -> None:
+        end = time.monotonic() + timeout
+        while view != expected:
+            try:
+                apply(out.get(timeout=max(0.01, end - time.monotonic())))
+            except queue.Empty:
+                raise AssertionError(f"watch shows {view}, not {expected}") from None
+
+    try:
+        until({"a": ["service:web"], "b": ["service:db"]})
+        a.stop()
+        # while a is away: b changes, c joins, b's change is all a's watchers would miss
+        assert b.request("POST", "/v1/labels", body="role:primary")[0] == 200
+        lobbyd("c", LABELS="service:smtp")
+        a.start()
+        until({"a": ["service:web"], "b": ["role:primary", "service:db"],
+               "c": ["service:smtp"]})
+        said: list[str] = []
+        end = time.monotonic() + 5
+        while not any(line.startswith("lobbyctl: reconnected") for line in said):
+            try:
+                said.append(err.get(timeout=max(0.01, end - time.monotonic())))
+            except queue.Empty:
+                break
+        assert any("trying again in" in line for line in said), said
+        assert any(line.startswith("lobbyctl: reconnected to lobbyd at") for line in said), said
+        assert watch.poll() is None
+    finally:
+        watch.kill()
+        watch.wait(timeout=10)
+
+
+def test_unreachable_names_the_flag_for_tls_against_plain_http() -> None:
+    """lobbyd answers a TLS hello by closing, or lets the handshake time out waiting for a
+    request head: either way the one line says to use -proto http."""
+    import ssl
+
+    for exc in (ssl.SSLEOFError(8, "[SSL: UNEXPECTED_EOF_WHILE_READING] EOF"),
+                TimeoutError("_ssl.c:989: The handshake operation timed out")):
+        assert "use -proto http" in L.unreachable(exc, tls=True), exc
+    assert L.unreachable(ConnectionRefusedError(111, "Connection refused"), tls=True) == \
+        "Connection refused"
+    assert L.unreachable(TimeoutError("timed out")) == "timed out"
+
+
+def test_missed_events_pure() -> None:
+    before = {"a": {"hostname": "a", "labels": ["x"]}, "gone": {"hostname": "gone", "labels": []}}
+    now = [{"hostname": "a", "labels": ["y"]}, {"hostname": "new", "labels": []}]
+    assert L.missed_events(before, now) == [
+        ("left", {"hostname": "gone", "reason": "missed"}), ("changed", now[0]),
+        ("joined", now[1])]
+    assert L.missed_events({"a": {"hostname": "a", "labels": ["x"], "last_check": 1}},
+                           [{"hostname": "a", "labels": ["x"], "last_check": 9}]) == []
 
 
 def run_on_terminal(args: list[str], env: dict[str, str]) -> str:

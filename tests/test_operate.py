@@ -68,6 +68,7 @@ def test_health_through_never_connected_connected_lost_and_back(lobbyd, nats) ->
     status, body = health(a)  # from the first answer on: NATS has never answered
     assert status == 503 and body["status"] == "disconnected"
     assert body["drivers"] == [{"driver": "NATS", "connected": False, "server": None,
+                                "targets": nats.url,
                                 "since": body["drivers"][0]["since"], "reconnects": 0}]
     assert body["hostname"] == "a" and body["version"] == L.__version__
     assert body["hosts"] == 1 and body["checks"] == {} and body["uptime_s"] >= 0
@@ -277,6 +278,35 @@ def test_ready_after_the_join_sync_when_nats_is_up(lobbyd, notify) -> None:
     # connected and synced: a is known from the join sync, not from a keep-alive later
     assert "STATUS=connected to nats://127.0.0.1:" in message and "2 hosts known" in message
     assert when - started < L.READY_TIMEOUT, "READY=1 waited for the fallback"
+
+
+def test_counts_read_as_sentences(lobbyd, notify) -> None:
+    """`1 host`, never `1 hosts`: systemd's STATUS, the join's log line."""
+    a = lobbyd("a", start=False, NOTIFY_SOCKET=str(notify.path))
+    a.start(wait=False)
+    message, _ = notify.until("READY=1", timeout=10)
+    assert message.endswith("; 1 host known"), message
+    assert [L.plural(n, "host") for n in (0, 1, 2)] == ["0 hosts", "1 host", "2 hosts"]
+
+
+def test_connected_at_once_while_ready_waits_for_the_join_sync(lobbyd, nats, notify) -> None:
+    """A peer that takes the join request and never answers holds the sync for its whole
+    window: health says connected as soon as the connection is up, READY=1 waits."""
+    peer = nats.client()
+    peer.sock.sendall(b"SUB lobby.discovery.sync lobbyd 77\r\n")  # the join queue group
+    peer.flush()
+    try:
+        b = lobbyd("b", start=False, NOTIFY_SOCKET=str(notify.path))
+        started = time.monotonic()
+        b.start()  # returns once b's first packet is on the subject: it is connected
+        up = time.monotonic()
+        status, _, body = b.request("GET", "/v1/health")
+        assert status == 200 and json.loads(body)["drivers"][0]["connected"] is True, body
+        _, ready = notify.until("READY=1", timeout=10)
+    finally:
+        peer.close()
+    assert ready - started >= L.SYNC_WINDOW - 0.2, "READY=1 before the join sync ended"
+    assert up - started < ready - started - 1, "the connection waited for the join sync"
 
 
 def test_ready_after_5_s_when_nats_is_down_and_status_follows_the_connection(

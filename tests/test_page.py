@@ -317,6 +317,21 @@ def test_filter_narrows_is_in_the_url_and_keyboard_usable(lobbyd, browser) -> No
                   "location.search === '?labels=location:brno'", what="the chip's filter")
 
 
+def test_state_ages_tick_and_an_empty_filter_reads_well(lobbyd, browser) -> None:
+    a = lobbyd("a.example.com", LABELS="service:web")
+    page = open_page(browser, a, "/?prefixes=nomatch")
+    STATE = "document.getElementById('state').innerText"
+    first = page.wait_for(f"(t => /\\(\\d+ s ago\\)/.test(t) && t)({STATE})")
+    # every second, not only at the next poll of /v1/health (5 s)
+    page.wait_for(f"{STATE} !== {json.dumps(first)}", timeout=3, what="the age ticking")
+    assert page.wait_for("document.getElementById('empty').textContent") == \
+        "No host has a label starting with nomatch."
+    page.navigate(f"http://127.0.0.1:{a.port}/ui?labels=x:1,y:2")
+    assert page.wait_for("(t => t.startsWith('No host') && t)("
+                         "document.getElementById('empty').textContent)") == \
+        "No host has the label x:1 or y:2."
+
+
 def test_page_says_it_reconnects_and_does(lobbyd, browser) -> None:
     a = lobbyd("a.example.com", LABELS="service:web")
     page = open_page(browser, a)

@@ -50,6 +50,7 @@ def test_daemons_over_redis_list_each_other_and_share_labels(lobbyd, redis) -> N
     status, body = health(a)
     assert status == 200 and body["drivers"] == [{
         "driver": "Redis", "connected": True, "server": f"redis://127.0.0.1:{redis.port}/0",
+        "targets": f"redis://127.0.0.1:{redis.port}/0",
         "since": body["drivers"][0]["since"], "reconnects": 0}]
     b.stop(signal.SIGTERM)
     wait_for(lambda: a.hostnames() == ["a"], timeout=2, what="b's goodbye over Redis")

@@ -64,6 +64,7 @@ def test_tarball_contents():
             "lobbyd", "lobbyctl", "lobbyd.service", "lobbyd.env", "README.md", "LICENSE")])
         members = {m.name: m for m in tar.getmembers()}
         assert members[f"{top}/lobbyd"].mode == 0o755
+        assert members[f"{top}/lobbyd.env"].mode == 0o640  # the file of secrets
         client = members[f"{top}/lobbyctl"]  # the client: the same binary by another name
         assert client.issym() and client.linkname == "lobbyd"
         assert all(m.uid == 0 and m.gid == 0 for m in members.values())
@@ -121,6 +122,10 @@ def test_deb_metadata(deb_tree: Path):
     assert fields["Version"] == pk.DEB_VERSION
     assert "ca-certificates" in [d.strip().split()[0] for d in fields["Depends"].split(",")]
     assert (deb_tree / "DEBIAN/conffiles").read_text().split() == ["/etc/default/lobbyd"]
+    # the file of secrets is never world-readable, not even before postinst runs
+    listing = pk.sh(["dpkg-deb", "-c", str(pk.deb_path())]).stdout
+    entry = next(line for line in listing.splitlines() if line.endswith(" ./etc/default/lobbyd"))
+    assert entry.split()[:2] == ["-rw-r-----", "root/root"], entry
     assert (deb_tree / "etc/default/lobbyd").read_bytes() == \
         (pk.ROOT / "packaging/lobbyd.env").read_bytes()
     unit = deb_tree / "lib/systemd/system/lobbyd.service"
@@ -154,6 +159,9 @@ def test_lintian_passes():
     target = changes[-1] if changes else pk.deb_path()
     proc = pk.sh(["lintian", "--fail-on", "error,warning", str(target)], check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # lintian sees the mode of the file of secrets: its override is used, so 0640
+    shown = pk.sh(["lintian", "--show-overrides", str(target)], check=False).stdout
+    assert "O: lobbyd: non-standard-file-perm 0640 != 0644 [etc/default/lobbyd]" in shown, shown
     overrides = (pk.ROOT / "debian/lobbyd.lintian-overrides").read_text().splitlines()
     for i, line in enumerate(overrides):
         if line and not line.startswith("#"):

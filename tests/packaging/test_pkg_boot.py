@@ -212,15 +212,24 @@ def check_sighup_rereads_labels(c: pk.Container, hostname: str) -> None:
           "&& systemctl restart lobbyd")
 
 
+def check_secrets_file_mode(c: pk.Container, expected: str = "640 root lobby") -> None:
+    """/etc/default/lobbyd holds TOKEN and credentials: not world-readable."""
+    assert c.run("stat -c '%a %U %G' /etc/default/lobbyd").stdout.strip() == expected
+
+
 def check_reinstall_keeps_configuration(c: pk.Container) -> None:
-    """An upgrade (here: the same .deb again) keeps /etc/default/lobbyd edits and runtime
-    labels, and leaves the service running."""
+    """An upgrade (here: the same .deb again) keeps /etc/default/lobbyd edits, its mode and
+    runtime labels, and leaves the service running. Read by root alone (0600), the file
+    still configures the service: systemd reads it before dropping privileges."""
+    c.run("chmod 0600 /etc/default/lobbyd")
     c.run("echo LABELS=conf:kept >> /etc/default/lobbyd && systemctl restart lobbyd")
     c.run("DEBIAN_FRONTEND=noninteractive dpkg -i /mnt/dist/lobbyd_*.deb", timeout=120)
     assert c.run("systemctl is-active lobbyd", check=False).stdout.strip() == "active"
     labels = json.loads(c.run("curl -fsS localhost:1313/v1/discovery").stdout)["labels"]
     assert "conf:kept" in labels and "boot:survivor" in labels, labels
     assert "LABELS=conf:kept" in c.run("cat /etc/default/lobbyd").stdout
+    check_secrets_file_mode(c, "600 root lobby")
+    c.run("chmod 0640 /etc/default/lobbyd")
 
 
 def check_noexec_tmp_does_not_matter(c: pk.Container) -> None:
@@ -256,6 +265,7 @@ def test_deb_route(workdir: Path, natsdir: Path):
         assert c.run("readlink -f /usr/share/man/man1/lobbyctl.1.gz").stdout.strip() == \
             "/usr/share/man/man1/lobbyd.1.gz"
         hostname = check_running_service(c, out)
+        check_secrets_file_mode(c)
         assert c.run("dpkg-query -W -f '${Conffiles}' lobbyd").stdout.split()[0] == \
             "/etc/default/lobbyd"
         check_unit_inside(c)
@@ -290,6 +300,7 @@ def test_tarball_route(workdir: Path, natsdir: Path):
         assert c.run("readlink -f \"$(command -v lobbyctl)\"").stdout.strip() == \
             "/usr/local/bin/lobbyd"
         hostname = check_running_service(c, out)
+        check_secrets_file_mode(c)
         check_unit_inside(c)
         check_labels_survive_restart(c)
         check_sighup_rereads_labels(c, hostname)
