@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import threading
 from pathlib import Path
 
 import pytest
-from conftest import free_port, lobbyd_command, nats_server_binary, wait_for
+from conftest import ROOT, free_port, lobbyd_command, nats_server_binary, wait_for
 
+sys.path.insert(0, str(ROOT))  # noxfile.py is at the root; the test sessions install nox
 noxfile = pytest.importorskip("noxfile")  # needs nox, as the demo itself does
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import pty
 import queue
+import re
 import select
 import subprocess
 import sys
@@ -163,11 +164,17 @@ def test_labels_by_source(lobbyd, tmp_path) -> None:
     (Path(a.env["LABELS_PATH"]) / "role").write_text("role:mx\n")
     assert a.request("POST", "/v1/labels", body="rt:1")[0] == 200
     assert a.request("POST", "/v1/labels?ttl=600", body="leased:1")[0] == 200
-    lines = ok("labels", port=a.port).splitlines()
+    def shown() -> str:  # a lease's seconds left tick on: 600, or 599 a second later
+        text = ok("labels", port=a.port)
+        assert re.search(r"\((600|599) s left\)", text), text
+        return re.sub(r"\((600|599) s left\)", "(600 s left)", text)
+
+    lines = shown().splitlines()
     assert [line.split() for line in lines] == [
         ["env", "(LABELS)", "service:web"], ["file", "role", "role:mx"], ["runtime", "rt:1"],
         ["lease", "(600", "s", "left)", "leased:1"]], lines
-    assert ok("labels", "list", port=a.port) == "\n".join(lines) + "\n"
+    listed = ok("labels", "list", port=a.port)
+    assert re.sub(r"\((600|599|598) s left\)", "(600 s left)", listed) == "\n".join(lines) + "\n"
     assert json.loads(ok("-json", "labels", port=a.port))["env"] == ["service:web"]
 
 
