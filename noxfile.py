@@ -366,7 +366,7 @@ def binary_tests(session: nox.Session) -> None:
     # the binary's shutdown beside a stopping server, as from source (in one share of CI's)
     if not session.posargs and os.environ.get("LOBBYD_SHARD", "0/1").startswith("0/"):
         _run_binary_pytest(session, ["tests/resilience/test_shutdown_together.py"],
-                           {"LOBBYD_CMD": str(exe)})
+                           {"LOBBYD_CMD": str(exe), "LOBBYD_SHARD": ""})  # all of it
 
 
 @nox.session(python=PACKAGING_PYTHON)
