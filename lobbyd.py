@@ -1111,6 +1111,8 @@ class LabelCache:
 
 
 _scan_json = json.JSONDecoder().scan_once
+#: what JSON calls white space; str.strip() would also take \x1c-\x1f, \x85, \xa0, \u2028 ...
+JSON_WHITE_SPACE = " \t\n\r"
 
 
 def parse_json(data: bytes) -> Any:
@@ -1121,7 +1123,7 @@ def parse_json(data: bytes) -> Any:
             value, end = _scan_json(text, 0)
         except StopIteration:
             return json.loads(text)  # leading white space, or an error to describe
-        if end != len(text) and text[end:].strip():
+        if end != len(text) and text[end:].strip(JSON_WHITE_SPACE):
             raise ValueError("extra data after the JSON value")
         return value
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
