@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import re
@@ -205,11 +206,16 @@ def log_tail(path: Path, lines: int = 5) -> str:
     return "\n".join("    " + line for line in text.splitlines()[-lines:]) or "    (nothing)"
 
 
+#: print(), each line flushed: on a pipe (CI, a script) the banner must not wait in a buffer
+print_flushed = functools.partial(print, flush=True)
+
+
 def run_demo(lobbyd: list[str], nats_server: str, workdir: Path, nats_port: int,
              api_ports: tuple[int, int] = (1313, 1314), stop: threading.Event | None = None,
-             say=print) -> None:
+             say=print_flushed) -> None:
     """The demo until Ctrl-C (or `stop`); DemoError with the reason when NATS cannot
-    start or a daemon ends on its own. NATS ending is said, and the demo goes on."""
+    start or a daemon ends on its own. NATS ending is said, and the demo goes on. Each
+    line is flushed: on a pipe the banner must not wait in a buffer."""
     shutil.rmtree(workdir, ignore_errors=True)  # no runtime labels of an earlier run
     workdir.mkdir(parents=True)
     nats_path = workdir / "nats-server.log"
