@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # harness.py
 
-from harness import free_port, wait_for
+from harness import free_port, stop_process, wait_for
 
 
 def split_answer(answer: bytes) -> tuple[bytes, bytes]:
@@ -102,12 +102,7 @@ http {{
         return total
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists()
                                                   for p in self.pids[1:]):

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # har
 
 import httpload
 import kvbench
-from harness import ROOT, RedisServer, nats_server_binary
+from harness import ROOT, RedisServer, nats_server_binary, stop_process
 from loadgen import hostname as fake_hostname
 from loadgen import labels as fake_labels
 from nginx_ceiling import NginxCeiling
@@ -468,11 +468,7 @@ class Ceiling:
         return _cpu(self.proc.pid)
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc)
 
 
 def ab_load(d: Daemon, path: str, conns: int, headers: dict[str, str] | None,

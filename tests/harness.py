@@ -102,6 +102,16 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: f
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL after `timeout` seconds; waited for either way."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 #: lobbyd from source as its console script runs it (`from lobbyd import main`): imported,
 #: so from its bytecode, as an installed lobbyd runs; its arguments follow ROOT
 SOURCE_BOOT = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import lobbyd; "

@@ -33,7 +33,7 @@ from conftest import (
     skip_unless_required,
     wait_for,
 )
-from harness import RespSubscriber
+from harness import RespSubscriber, stop_process
 
 TOKEN = "tok-readme-promise"
 
@@ -48,12 +48,7 @@ def readme_block(after: str, lang: str) -> str:
 
 
 def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop_process(proc)
 
 
 # --------------------------------------------------------------------------- Prometheus

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, free_port, skip_unless_required, wait_for
+from harness import stop_process
 
 import lobbyd as L
 
@@ -177,9 +178,4 @@ scrape_configs:
         # at most the temp file of the request in flight, never one left behind
         assert len([p for p in targets.iterdir() if p != out]) <= 1
     finally:
-        prom.terminate()
-        try:
-            prom.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            prom.kill()
-            prom.wait()
+        stop_process(prom)
