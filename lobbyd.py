@@ -30,7 +30,8 @@ the parts and hands each its collaborators.
   NATS, Redis, kv    one Transport each: its connection and its state for /v1/health;
                      TRANSPORTS (DRIVER name -> class) after the last of them
   Queries            View (what an answer shows: kind, labels, prefixes, name) and the
-                     rules of what a view shows of a host, filters, Prometheus: pure
+                     rules of what a view shows of a host, filters, Prometheus, and the
+                     service model (host_services, host_address, node_meta): pure
   Renderers          the JSON text of answers, each host's block kept while it stays
   Answers            Answers: the latest answer of each view (plain and gzipped), the
                      renderers, the repeated request heads, how the bytes go
@@ -2936,6 +2937,97 @@ def prometheus_group(name: str, packet: Packet, default_port: int) -> dict[str, 
         return None
     targets = [with_port(host, port) for host in (hosts or [packet.hostname])]
     return {"Targets": targets, "Labels": dict(sorted(labels.items()))}
+
+
+# The service model: what a host offers, read off its labels. One model for every view
+# of services (Consul's catalog API, DNS, the page); pure, so each caches it its own way
+# (per host labels: the labels tuple is the key).
+
+#: node metadata keys: a label KEY:VALUE with such a KEY, other than these
+NODE_META_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
+NOT_NODE_META = frozenset({"service", "prometheus", "address"})
+#: where a host's address comes from, first found wins
+ADDRESS_KEYS = ("address:", "public_ip4:", "public_ip6:")
+
+
+class Service(NamedTuple):
+    """One instance of a service, on one host."""
+
+    name: str
+    port: int  #: 0: none given
+    address: str  #: service:NAME:address, or "" for the host's address (Consul's way)
+    tags: tuple[str, ...]
+    meta: tuple[tuple[str, str], ...]  #: (key, value) in label order, a key once
+
+
+def host_address(hostname: str, labels: Iterable[str]) -> str:
+    """The host's address: its label address:A, else public_ip4:A, else public_ip6:A,
+    else its hostname (the first of each kind in sorted label order)."""
+    found: dict[str, str] = {}
+    for label in sorted(labels):
+        if label.startswith(ADDRESS_KEYS):
+            key, _, value = label.partition(":")
+            if value:
+                found.setdefault(key, value)
+    for key in ADDRESS_KEYS:
+        if key[:-1] in found:
+            return found[key[:-1]]
+    return hostname
+
+
+def node_meta(labels: Iterable[str]) -> dict[str, str]:
+    """The host's metadata: KEY -> VALUE for every label KEY:VALUE whose KEY is a plain
+    word other than service, prometheus and address; the first in sorted order wins."""
+    meta: dict[str, str] = {}
+    for label in sorted(labels):
+        key, sep, value = label.partition(":")
+        if sep and key not in meta and key not in NOT_NODE_META \
+                and NODE_META_KEY_RE.fullmatch(key):
+            meta[key] = value
+    return meta
+
+
+def host_services(labels: Iterable[str]) -> tuple[Service, ...]:
+    """The services a host offers (a label service:NAME each), sorted by name, with
+    what its service:NAME:KEY:VALUE labels say of them: port (1-65535, else 0; the
+    first valid one in sorted order), address, tags (in label order) and meta."""
+    labels = tuple(labels)
+    names = sorted({label[8:] for label in labels
+                    if label.startswith("service:") and ":" not in label[8:] and label[8:]})
+    if not names:
+        return ()
+    ports: dict[str, int] = {}
+    addresses: dict[str, str] = {}
+    tags: dict[str, list[str]] = {name: [] for name in names}
+    meta: dict[str, dict[str, str]] = {name: {} for name in names}
+    for label in labels:
+        if not label.startswith("service:"):
+            continue
+        name, sep, rest = label[8:].partition(":")
+        if not sep or name not in tags:
+            continue
+        key, sep, value = rest.partition(":")
+        if not sep:
+            continue
+        if key == "tag":
+            if value not in tags[name]:
+                tags[name].append(value)
+        elif key == "meta":
+            meta_key, sep, meta_value = value.partition(":")
+            if sep and meta_key:
+                meta[name].setdefault(meta_key, meta_value)
+    for label in sorted(labels):
+        name, _, rest = label[8:].partition(":")
+        if not label.startswith("service:") or name not in tags:
+            continue
+        key, _, value = rest.partition(":")
+        if key == "port" and name not in ports and PORT_RE.fullmatch(value) \
+                and 0 < int(value) < 65536:
+            ports[name] = int(value)
+        elif key == "address" and value and name not in addresses:
+            addresses[name] = value
+    return tuple(Service(name, ports.get(name, 0), addresses.get(name, ""),
+                         tuple(tags[name]), tuple(meta[name].items())) for name in names)
 
 
 ###############################################################################
