@@ -3063,6 +3063,8 @@ def host_services(labels: Iterable[str]) -> tuple[Service, ...]:
 CONSUL_ROUTES = frozenset({
     "services", "service", "health", "service-checks", "nodes", "node", "node-checks",
     "checks", "datacenters", "nothing"})
+#: routes whose answer unites every host's part (see consul_united())
+CONSUL_UNITED = ("services",)
 #: routes whose answer is about the hosts offering the service `labels[0]`
 CONSUL_SERVICE_ROUTES = ("service", "health", "service-checks")
 
@@ -3098,6 +3100,16 @@ def consul_filters(view: View) -> tuple[tuple[str, ...], tuple[tuple[str, str], 
             key, _, meta_value = value.partition(":")
             meta.append((key, meta_value))
     return tuple(tags), tuple(meta)
+
+
+def consul_united(view: View, shown: Any) -> tuple[Any, ...]:
+    """What a host adds to an answer that unites every host's part (of the consul views,
+    catalog/services: each service name and tag), else (): the watchers count these, so
+    such an answer's index moves only when one appears or goes from the whole fleet."""
+    if shown is None or view.kind != "consul" or view.name not in CONSUL_UNITED:
+        return ()
+    return tuple(key for name, tags in shown for key in ((name, None), *((name, tag)
+                                                                     for tag in tags)))
 
 
 def consul_shows(view: View, hostname: str, labels: tuple[str, ...],
@@ -3828,7 +3840,7 @@ def stream_events(changes: list[tuple[str, str, Any]], hosts: Mapping[str, list[
 class Watched:
     """One watched view: its index, the requests held on it, the streams following it."""
 
-    __slots__ = ("index", "streams", "view", "waiters")
+    __slots__ = ("index", "streams", "united", "view", "waiters")
 
     def __init__(self, view: View, index: int):
         self.view = view
@@ -3836,6 +3848,8 @@ class Watched:
         self.waiters: dict[asyncio.Future[None], asyncio.StreamReader | None] = {}
         #: stream -> bytes it may have waiting before it is dropped
         self.streams: dict[asyncio.StreamWriter, int] = {}
+        #: for an answer that unites the hosts' parts: how many hosts add each key
+        self.united: dict[Any, int] | None = None
 
 
 class Watchers:
@@ -3891,8 +3905,11 @@ class Watchers:
             candidates[LOCAL] = {}
         for view, subset in candidates.items():
             watched = self.views[view]
-            touched: list[Any] = [True] if view == LOCAL else view_changes(
-                view, subset, hosts, self.port, first_only=not watched.streams)
+            if watched.united is not None:
+                touched: list[Any] = self.unite(watched, subset)
+            else:
+                touched = [True] if view == LOCAL else view_changes(
+                    view, subset, hosts, self.port, first_only=not watched.streams)
             if not touched:
                 continue
             watched.index = self.counter
@@ -3902,6 +3919,25 @@ class Watchers:
             watched.waiters.clear()
             if watched.streams:
                 self.send(watched, stream_events(touched, hosts, watched.index))
+
+    def unite(self, watched: Watched, changes: Changes) -> list[Any]:
+        """Count the changes into an answer that unites the hosts' parts: [True] if a key
+        appeared in the union or left it, else []."""
+        view, counts, hosts, port = watched.view, watched.united, self.registry.hosts, self.port
+        assert counts is not None
+        present: dict[Any, bool] = {}
+        for hostname, (before_labels, _left) in changes.items():
+            entry = hosts.get(hostname)
+            before = consul_united(view, view.shows(hostname, before_labels, port))
+            after = consul_united(view, view.shows(hostname, entry and entry[0], port))
+            if before == after:
+                continue
+            for key, step in [*((key, -1) for key in before), *((key, 1) for key in after)]:
+                present.setdefault(key, key in counts)
+                counts[key] = counts.get(key, 0) + step
+                if not counts[key]:
+                    del counts[key]
+        return [True] if any((key in counts) != was for key, was in present.items()) else []
 
     def _flush_pending(self) -> None:
         # a change of the local labels or hostname pokes too: no need to look at them
@@ -3924,6 +3960,11 @@ class Watchers:
                 self.by_prefix[view] = prefixes
             if everything:
                 self.everything.add(view)
+            if view.kind == "consul" and view.name in CONSUL_UNITED:
+                found.united = {}
+                for hostname, (labels, _received) in self.registry.hosts.items():
+                    for key in consul_united(view, view.shows(hostname, labels, self.port)):
+                        found.united[key] = found.united.get(key, 0) + 1
         self.views[view] = found  # last: the most recently asked
         return found
 
@@ -4850,7 +4891,7 @@ class Api:
             PAGE_PATH: {"GET": self.page},
         }
         self.prefix_routes = {"/v1/prometheus/": {"GET": self.watched(prometheus_view)}}
-        self.datacenter = config.datacenter
+        self.datacenter = answers.consul.datacenter
         self.add_consul_routes()
 
     # dispatch ----------------------------------------------------------------
