@@ -162,3 +162,46 @@ def test_py_consul_blocking_query_wakes_on_its_change_only(
     assert int(new_index) > int(index)
     assert [(e["Node"]["Node"], e["Service"]["Port"]) for e in entries] == \
         [("a", 8080), ("b", 9090)]
+
+
+# ------------------------------------------------------------ the README's example
+
+
+def test_readme_traefik_example(lobbyd: Callable[..., Lobbyd], backends: Callable[[str], Backend],
+                                tmp_path: Path) -> None:
+    """The README's label file on two servers and its traefik.yml, as written but for
+    the ports (and a shorter refreshInterval): Traefik balances over both, then drops
+    the one whose label file goes."""
+    from test_readme_watch import example
+
+    one, two = backends("web-1"), backends("web-2")
+    daemons = []
+    for name, backend in [("web-1", one), ("web-2", two)]:
+        daemon = lobbyd(name, start=False, LABELS="address:127.0.0.1")
+        labels = Path(daemon.env["LABELS_PATH"])
+        labels.mkdir(parents=True, exist_ok=True)
+        (labels / "web").write_text(example("labels-web").replace("8080", str(backend.port)))
+        daemons.append(daemon.start())
+    config = example("traefik.yml")
+    assert '":80"' in config and '"127.0.0.1:1313"' in config and "5s" in config
+    proxy = Traefik(tmp_path, daemons[0].port)
+    proxy.config.write_text(config.replace('":80"', f'"127.0.0.1:{proxy.port}"')
+                            .replace("127.0.0.1:1313", f"127.0.0.1:{daemons[0].port}")
+                            .replace("5s", "1s"))
+    proxy.start()
+    try:
+        def seen() -> set[bytes]:
+            found = set()
+            for _ in range(10):
+                status, body = proxy.get("/")
+                if status == 200:
+                    found.add(body)
+            return found
+
+        wait_for(lambda: seen() == {b"web-1", b"web-2"}, timeout=TIMEOUT,
+                 what="Traefik balancing over both servers", retry_on=(OSError,))
+        (Path(daemons[1].env["LABELS_PATH"]) / "web").unlink()  # re-read every KEEP_ALIVE
+        wait_for(lambda: seen() == {b"web-1"}, timeout=TIMEOUT,
+                 what="Traefik sending to web-1 alone", retry_on=(OSError,))
+    finally:
+        proxy.stop()
