@@ -652,6 +652,68 @@ def fig_http(cmd: list[str], work: Path, prof: Profile, n: int) -> dict:
         env.close()
 
 
+#: hosts offering the service of the Consul figure, besides the N of the load generator
+CONSUL_OFFERING = 100
+
+
+def consul_check(d: Daemon, path: str, n: int) -> Callable[[], str]:
+    """What to check of a Consul answer fetched right after a turn: "" when right."""
+    def check() -> str:
+        got = d.get_json(path)
+        if path.startswith("/v1/health/service/"):
+            names = [entry["Node"]["Node"] for entry in got]  # type: ignore[union-attr]
+            want = [f"api{i:03d}.bench.invalid" for i in range(CONSUL_OFFERING)]
+            return "" if names == want else f"{len(names)} instances, want {len(want)}"
+        want_services = {"api": [], "cache": [], "db": [], "smtp": [], "web": []}
+        return "" if got == want_services else f"services {got!r}, want {want_services}"
+    return check
+
+
+def fig_consul(cmd: list[str], work: Path, prof: Profile, n: int = 10000) -> dict:
+    """Consul's API at fleet scale, as fig_http: wrk in turns with the same-bytes servers
+    while N hosts keep-alive. GET /v1/health/service/api (CONSUL_OFFERING more hosts
+    offer api, with port and tag) and GET /v1/catalog/services (every host offers one
+    of the load generator's four services)."""
+    env = Env(cmd, work)
+    cases = ["/v1/health/service/api", "/v1/catalog/services"]
+    rounds, turn = prof.http_rounds, prof.http_seconds / prof.http_rounds
+    per_case = rounds * 3 * (turn + 1.5) + 5
+    try:
+        d = env.daemon("bench-consul", TTL=86400)
+        prefill(env, d, n)
+        registry = check_registry(d, n, [0] * n)  # before the hosts offering api join
+        nats = env.nats.client()
+        for i in range(CONSUL_OFFERING):  # TTL=86400: one hi each holds them
+            nats.publish_json(SUBJECT, {"discovery": {
+                "hostname": f"api{i:03d}.bench.invalid", "last_check": 0,
+                "labels": ["service:api", "service:api:port:8080", "service:api:tag:v1",
+                           f"address:10.1.{i // 256}.{i % 256}", f"location:dc{i % 4}"]},
+                "message": "hi"})
+        nats.flush()
+        wait_until(lambda: len(d.get_json(cases[0])) == CONSUL_OFFERING, timeout=30)
+        total = len(cases) * per_case + 10
+        g = env.loadgen(n, mode="keepalive", rate=n / 5, duration=total, max_seconds=total + 30)
+        env.go(g)
+        out = {}
+        for path in cases:
+            res = ab_load(d, path, 8, None, turn, rounds, work, consul_check(d, path, n))
+            out[f"{path} c8"] = res
+            log(f"consul n={n} {path} c8: {res['rps']:.0f} req/s p99 {res.get('p99_ms')} ms "
+                f"= {res['pct_of_ceiling']:.1f}% of the Python server's "
+                f"{res['ceiling']['rps']:.0f} req/s, {res.get('pct_of_nginx', 0):.1f}% of "
+                f"nginx's {res.get('nginx', {}).get('rps', 0):.0f}; errors {res['errors']}, "
+                f"wrong answers {res['answers_checked']['wrong']}")
+        g.terminate()
+        g.wait(10)
+        main = out[f"{cases[0]} c8"]
+        return {"value": main["rps"], "unit": "req/s", "cases": out, "registry": registry,
+                "pct_of_ceiling": main["pct_of_ceiling"],
+                "services_pct_of_ceiling": out[f"{cases[1]} c8"]["pct_of_ceiling"],
+                "load": main["load"]}
+    finally:
+        env.close()
+
+
 def fig_propagation(cmd: list[str], work: Path, prof: Profile) -> dict:
     """POST/DELETE /v1/labels on A -> visible on B (B polled over one keep-alive conn)."""
     env = Env(cmd, work)
@@ -1191,7 +1253,7 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="short CI run: 1 run, small sizes")
     ap.add_argument("--runs", type=int, help="runs per figure (default 3, smoke 1)")
     ap.add_argument("--only", default="", help="comma list: idle,startup,ingest,ingest_redis,"
-                    "steady,http,propagation,goodbye,join,dead,fanout,watch,page; kv "
+                    "steady,http,consul,propagation,goodbye,join,dead,fanout,watch,page; kv "
                     "(DISCOVERY_MODE=kv) runs only when named, at --hosts "
                     "(default 10000,100000)")
     ap.add_argument("--label", default="lobbyd", help="name of the implementation measured")
@@ -1262,6 +1324,8 @@ def main() -> int:
         if want("http"):
             for n in prof.http_hosts:
                 measure(f"http@{n}", lambda n=n: fig_http(cmd, work, prof, n))
+        if want("consul"):
+            measure("consul@10000", lambda: fig_consul(cmd, work, prof))
         if want("propagation"):
             measure("propagation", lambda: fig_propagation(cmd, work, prof))
         if want("goodbye"):
@@ -1417,7 +1481,7 @@ def wrong_results(results: dict[str, dict]) -> list[str]:
             if key.startswith(("ingest@", "ingest_redis@")):
                 if not (s.get("exact") and s["burst"].get("exact")):
                     out.append(f"{where}: registry not exact")
-            elif key.startswith("http@"):
+            elif key.startswith(("http@", "consul@")):
                 if not s["registry"]["exact"]:
                     out.append(f"{where}: registry not exact: {s['registry']}")
                 for case, c in s["cases"].items():
