@@ -664,7 +664,7 @@ def consul_check(d: Daemon, path: str, n: int) -> Callable[[], str]:
             names = [entry["Node"]["Node"] for entry in got]  # type: ignore[union-attr]
             want = [f"api{i:03d}.bench.invalid" for i in range(CONSUL_OFFERING)]
             return "" if names == want else f"{len(names)} instances, want {len(want)}"
-        want_services = {"api": [], "cache": [], "db": [], "smtp": [], "web": []}
+        want_services = {"api": ["v1"], "cache": [], "db": [], "smtp": [], "web": []}
         return "" if got == want_services else f"services {got!r}, want {want_services}"
     return check
 
