@@ -37,7 +37,8 @@ the parts and hands each its collaborators.
                      ConsulRenderer: Consul's shapes
   Answers            Answers: the latest answer of each view (plain and gzipped), the
                      renderers, the repeated request heads, how the bytes go
-  Watchers           Watchers: each view's index, held requests, event streams
+  Watchers           Watchers: each view's index, held requests, event streams (and, for
+                     an answer that unites the hosts' parts, how many hosts add each key)
   HTTP messages      Request, Response, parsing with limits, Accept
   HTTP server        HttpServer: connections, limits and timers; knows one handler and
                      one optional at-once callable, no route, no JSON, no registry
