@@ -24,6 +24,7 @@ TARGETS = {
     "http@1000": ("-", "-"),
     "http@10000": ("83 req/s, p99 237 ms", ">= 1,245 req/s, p99 < 15 ms"),
     "consul@10000": ("-", ">= 80 % of the same-bytes Python server"),
+    "consul_watch@10000": ("-", "(report: Consul's held queries vs Lobby's)"),
     "propagation": ("2-4 ms", "p99 < 5 ms"),
     "goodbye": ("1-3 ms", "p99 < 5 ms"),
     "join": ("0-5 s", "<= 200 ms after connecting"),
@@ -77,6 +78,12 @@ def detail(key: str, r: dict) -> str:
             parts.append(f"`{case}` {statistics.median(rps):,.0f}/s "
                          f"(p99 {statistics.median(p99):.0f} ms)")
         return "; ".join(parts)
+    if key.startswith("consul_watch@"):
+        x = runs[len(runs) // 2]
+        return "; ".join(
+            f"{kind} `{x[kind]['path']}`: {x[kind]['held']} held, wake p50 {x[kind]['p50_ms']} "
+            f"ms p99 {x[kind]['p99_ms']} ms, RSS {x[kind]['rss_mb_without']} -> "
+            f"{x[kind]['rss_mb_with']} MB" for kind in ("lobby", "consul"))
     if key in ("propagation", "goodbye"):
         return (f"p99 {statistics.median([x['p99_ms'] for x in runs]):.1f} ms "
                 f"({min(x['p99_ms'] for x in runs):.1f}-{max(x['p99_ms'] for x in runs):.1f})")

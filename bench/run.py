@@ -714,6 +714,79 @@ def fig_consul(cmd: list[str], work: Path, prof: Profile, n: int = 10000) -> dic
         env.close()
 
 
+#: held blocking queries of the consul_watch figure: the same number on each kind of route
+CONSUL_HELD = 500
+
+
+def fig_consul_watch(cmd: list[str], work: Path, prof: Profile, n: int = 10000) -> dict:
+    """CONSUL_HELD blocking queries held on a Lobby route, then as many on a Consul route
+    (both show the hosts offering service `watched`), N hosts: lobbyd's RSS with them,
+    and the time from a label change on a peer until every one has its answer."""
+    env = Env(cmd, work)
+    clients: list[subprocess.Popen] = []
+    try:
+        d = env.daemon("bench-cwatch", TTL=86400)
+        b = env.daemon("bench-cwatch-peer", TTL=86400)
+        prefill(env, d, n)
+        time.sleep(2)
+        out: dict = {}
+        with LoadMeter() as m:
+            for kind, path in [("lobby", "/v1/discoveries?labels=service:watched"),
+                               ("consul", "/v1/health/service/watched")]:
+                rss_before = d.mem_kib()["VmRSS"] / 1024
+                client = subprocess.Popen(
+                    [sys.executable, str(BENCH / "watchload.py"), "--port", str(d.port),
+                     "--plan", json.dumps([["held", path, CONSUL_HELD, True]]),
+                     "--max-seconds", "600"],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                clients.append(client)
+
+                def ask(command: str | None, client: subprocess.Popen = client) -> dict:
+                    if command:
+                        client.stdin.write(command + "\n")  # type: ignore[union-attr]
+                        client.stdin.flush()  # type: ignore[union-attr]
+                    line = client.stdout.readline()  # type: ignore[union-attr]
+                    if not line:
+                        raise RuntimeError("watchload ended early")
+                    return json.loads(line)
+
+                ready = ask(None)
+                time.sleep(2)
+                rss_with = d.mem_kib()["VmRSS"] / 1024
+                latencies: list[float] = []
+                missing = 0
+                for k in range(10 if prof is FULL else 4):
+                    ask("arm")
+                    time.sleep(1)  # the re-armed requests reach the daemon and are held
+                    t0 = time.monotonic()
+                    status, _ = b.http.request("POST" if k % 2 == 0 else "DELETE",
+                                               "/v1/labels", b"service:watched")
+                    assert status == 200, status
+                    got = ask("collect")
+                    latencies += [(t - t0) * 1000 for t in got["times"]]
+                    missing += got["missing"]
+                client.stdin.write("quit\n")  # type: ignore[union-attr]
+                client.stdin.flush()  # type: ignore[union-attr]
+                client.wait(10)
+                out[kind] = {"path": path, "held": ready["held"], "missing": missing,
+                             "p50_ms": round(pctl(latencies, 50), 1),
+                             "p99_ms": round(pctl(latencies, 99), 1),
+                             "rss_mb_without": round(rss_before, 1),
+                             "rss_mb_with": round(rss_with, 1),
+                             "rss_kib_per_held": round(
+                                 (rss_with - rss_before) * 1024 / max(1, ready["held"]), 1)}
+                log(f"consul_watch n={n} {kind} {path}: {ready['held']} held, wake p50 "
+                    f"{out[kind]['p50_ms']} ms p99 {out[kind]['p99_ms']} ms, RSS "
+                    f"{rss_before:.1f} -> {rss_with:.1f} MB, missing {missing}")
+        return {"value": out["consul"]["p99_ms"], "unit": "ms", **out, "load": m.stop()}
+    finally:
+        for client in clients:
+            if client.poll() is None:
+                client.kill()
+                client.wait(5)
+        env.close()
+
+
 def fig_propagation(cmd: list[str], work: Path, prof: Profile) -> dict:
     """POST/DELETE /v1/labels on A -> visible on B (B polled over one keep-alive conn)."""
     env = Env(cmd, work)
@@ -1326,6 +1399,7 @@ def main() -> int:
                 measure(f"http@{n}", lambda n=n: fig_http(cmd, work, prof, n))
         if want("consul"):
             measure("consul@10000", lambda: fig_consul(cmd, work, prof))
+            measure("consul_watch@10000", lambda: fig_consul_watch(cmd, work, prof))
         if want("propagation"):
             measure("propagation", lambda: fig_propagation(cmd, work, prof))
         if want("goodbye"):
@@ -1504,6 +1578,11 @@ def wrong_results(results: dict[str, dict]) -> list[str]:
             elif key.startswith("dead"):
                 if not all(_ok_number(x) for x in s["from_kill_s"] + s["from_last_packet_s"]):
                     out.append(f"{where}: a dead host never went: {s['from_kill_s']}")
+            elif key.startswith("consul_watch@"):
+                for kind in ("lobby", "consul"):
+                    if s[kind]["missing"] or s[kind]["held"] != CONSUL_HELD:
+                        out.append(f"{where} {kind}: {s[kind]['held']} held, "
+                                   f"{s[kind]['missing']} never got their answer")
             elif key.startswith("watch@"):
                 streams = sum(count for kind, _t, count, _x in WATCH_PLAN if kind == "stream")
                 if s.get("missing"):
