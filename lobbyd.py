@@ -577,9 +577,17 @@ def help_text() -> str:
 MAX_LABEL_BYTES = 1024
 MAX_LABELS = 1000
 MAX_LABEL_FILE_BYTES = 1 << 20
+# Unicode's format characters (category Cf: bidi overrides such as U+202E, zero-width
+# spaces and joiners, the BOM, tags): invisible, they make one name show as another
+FORMAT_CHARS = ("\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e"
+                "\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb"
+                "\U000110bd\U000110cd\U00013430-\U00013438\U0001bca0-\U0001bca3"
+                "\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f")
 # C0 and C1 controls, and the Unicode line and paragraph separators: anything
-# str.splitlines() would break a line at must never be inside a label.
+# str.splitlines() would break a line at must never be inside a label ...
 CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+#: ... nor a format character (labels and hostnames)
+UNSHOWABLE_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029" + FORMAT_CHARS + "]")
 
 
 def validate_label(raw: str) -> str:
@@ -587,8 +595,8 @@ def validate_label(raw: str) -> str:
     label = raw.strip()
     if not label:
         raise LabelError("empty label")
-    if CONTROL_RE.search(label):
-        raise LabelError(f"label {show(label)} contains a control character")
+    if UNSHOWABLE_RE.search(label):
+        raise LabelError(f"label {show(label)} contains a control or format character")
     if len(label) * 4 > MAX_LABEL_BYTES:
         try:
             size = len(label.encode("utf-8"))
@@ -1019,7 +1027,8 @@ class CheckState:
 ###############################################################################
 
 MAX_HOSTNAME_BYTES = 253
-HOSTNAME_RE = re.compile(r"[^\x00-\x20\x7f]+")
+#: the label rules (no control, separator or format character) and no space
+HOSTNAME_RE = re.compile("[^\x00-\x20\x7f-\x9f\u2028\u2029" + FORMAT_CHARS + "]+")
 
 
 def valid_hostname(hostname: str) -> bool:
@@ -2930,8 +2939,8 @@ def prometheus_group(name: str, packet: Packet, default_port: int) -> dict[str, 
                 port = None
             elif PORT_RE.fullmatch(value) and 0 < int(value) < 65536:
                 port = value
-        elif PROM_LABEL_RE.fullmatch(key):
-            labels[key] = value
+        elif PROM_LABEL_RE.fullmatch(key) and not key.startswith("__") and key != "job":
+            labels[key] = value  # __scheme__, __metrics_path__, job: the scraper's, not a host's
     if not found:
         return None
     targets = [with_port(host, port) for host in (hosts or [packet.hostname])]
