@@ -203,7 +203,7 @@ def test_a_newcomer_reads_a_big_fleet_at_once_without_a_line_per_host(kv, js) ->
     logs = n.logs()
     assert re.search(r"learned \d+ hosts from the bucket lobby_discovery_hosts", logs), logs
     assert "new host f" not in logs  # no line per host of the join
-    assert metric(n, "lobbyd_packets_dropped_total") == 1
+    assert metric(n, 'lobbyd_packets_dropped_total{reason="invalid"}') == 1
     write_hosts(js, {L.kv_host_key("f0001"): packet("f0001", "service:db")})
     wait_for(lambda: n.labels_of("f0001") == ["service:db"], what="a change after the join")
     write_hosts(js, {L.kv_host_key("late"): packet("late")})
