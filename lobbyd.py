@@ -161,8 +161,13 @@ class BoundedCache(dict):  # type: ignore[type-arg]
 
 
 def release_memory() -> None:
-    """Hand freed heap back to the system (glibc's malloc_trim; the static binary uses
-    glibc too): after a flood, free memory would otherwise stay with the process."""
+    """Hand freed heap back to the system: after a flood, free memory would otherwise stay
+    with the process. A full collection empties the interpreter's free lists, whose
+    leftovers keep whole arenas of pymalloc; glibc's malloc_trim returns the rest (the
+    static binary uses glibc too)."""
+    import gc
+
+    gc.collect()
     try:
         import ctypes
 
@@ -1125,6 +1130,12 @@ class LabelCache:
         self.strings = BoundedCache(entries, chars)
         self.hostnames = BoundedCache(entries, chars)
 
+    def forget(self) -> None:
+        """Drop everything (the registry lost most of its hosts: a flood ended)."""
+        for cache in (self.lists, self.strings, self.hostnames):
+            cache.clear()
+            cache.cost = 0
+
     def hostname(self, raw: Any) -> str:
         """The hostname, validated once and stored once; PacketError if invalid."""
         known = self.hostnames.get(raw) if type(raw) is str else None
@@ -1296,8 +1307,8 @@ MAX_INDEXED_LABELS = 16
 INDEXED_LABEL_IDLE_S = 10.0
 #: label changes the registry notes for the renderer before it cuts them (see `Noted`)
 MAX_NOTED = 16384
-#: a registry that loses more than this many hosts and over half of them at once (the end
-#: of a flood of made-up names) gives the memory back (see release_memory())
+#: a registry that loses more than this many hosts and over half of them (the end of a
+#: flood of made-up names) gives the memory back (see Daemon.shrunk())
 SHRINK_HOSTS = 10_000
 
 
@@ -1422,9 +1433,14 @@ class Registry:
         if dead:
             self.version += 1
             self._order = None
-            if len(dead) > SHRINK_HOSTS and len(dead) > len(self.hosts):
-                self.hosts = dict(self.hosts)  # a dict never shrinks by itself
         return dead
+
+    def compact(self) -> None:
+        """After most hosts left: a dict never shrinks by itself, a copy fits; the names
+        noted for the renderer are cut (it then looks at everything once)."""
+        self.hosts = dict(self.hosts)
+        self.noted.cut += len(self.noted.names)
+        self.noted.names = []
 
     def _note(self, hostname: str, before: tuple[str, ...] | None, left: str = "") -> None:
         # only the state before the first change counts: A -> B -> A is no change
@@ -1549,6 +1565,7 @@ class Fleet:
         self.own_labels = own_labels  #: what we publish now
         self._sent_own: BoundedCache = BoundedCache(8)  #: label lists we published lately
         self._republished = -math.inf  # monotonic time of the last one
+        self._republishing = False  #: one is scheduled
         self.impostor_log = RateLimitedLog(burst=5)
         self.refused_log = RateLimitedLog(burst=5)
         self._answers = float(SYNC_ANSWER_BURST)  #: join answers we may send now
@@ -1611,15 +1628,22 @@ class Fleet:
         self.impostor("a packet with other labels", hostname)
 
     def impostor(self, what: str, hostname: str) -> None:
-        """Someone spoke for this host: say so, and publish our packet again (at most
-        once per REPUBLISH_EVERY)."""
+        """Someone spoke for this host: say so, and publish our packet again, at once
+        and then at most once per REPUBLISH_EVERY (the last impostor is answered too)."""
         self.counters.impostors += 1
         self.impostor_log.warning("%s claims to be this host (%s): ignored; publishing "
                                   "ours again", what, show(hostname))
-        now = time.monotonic()
-        if now - self._republished >= REPUBLISH_EVERY:
-            self._republished = now
-            self.schedule(self.say_hi())
+        if not self._republishing:
+            self._republishing = True
+            self.schedule(self._republish())
+
+    async def _republish(self) -> None:
+        try:
+            await asyncio.sleep(max(0.0, self._republished + REPUBLISH_EVERY - time.monotonic()))
+            self._republished = time.monotonic()
+        finally:
+            self._republishing = False
+        await self.say_hi()
 
     def sent_own(self, labels: tuple[str, ...]) -> None:
         """We publish these labels (the Daemon says so): their echo is ours."""
@@ -5386,6 +5410,7 @@ class Daemon:
         self.api = Api(config, self.answers, self.watch, self.local, self.health)
         self.http = HttpServer(self.api.handle, self.api.at_once, self.counters.http_codes)
         self._stopping = False
+        self._peak = 0  #: the most hosts since the memory was last released
 
     # the registry -----------------------------------------------------------------
     def local_changed(self) -> None:
@@ -5397,15 +5422,28 @@ class Daemon:
             self.callback.notify()
 
     def expire(self) -> None:
-        dead = self.registry.expire(time.time())
+        registry = self.registry
+        if len(registry) > self._peak:
+            self._peak = len(registry)
+        dead = registry.expire(time.time())
         if dead:
             self.counters.left_expired += len(dead)
             log.info("expired (silent for over %ds): %s", self.config.ttl, ", ".join(dead[:20]))
             self.registry_changed()
-            if len(dead) > SHRINK_HOSTS and len(dead) > len(self.registry):
-                self.fleet.cache.hostnames.clear()  # a flood's made-up names
-                self.fleet.cache.hostnames.cost = 0
-                release_memory()
+        elif self._peak - len(registry) > SHRINK_HOSTS and len(registry) < self._peak / 2:
+            self.shrunk()  # once the hosts stopped expiring
+
+    def shrunk(self) -> None:
+        """Most of the registry is gone (a flood of made-up hosts ended): give the memory
+        it held back to the system."""
+        log.info("the registry shrank from %d to %s: releasing memory", self._peak,
+                 plural(len(self.registry), "host"))
+        self._peak = len(self.registry)
+        self.registry.compact()
+        self.fleet.cache.forget()  # the flood's names and labels
+        # once the watchers took the changes (the next turn of the loop) and the
+        # caller let go of the expired names
+        asyncio.get_running_loop().call_later(0.1, release_memory)
 
 
     # publishing -------------------------------------------------------------------
@@ -5547,6 +5585,7 @@ class Daemon:
         """Goodbye, flush, close: well under two seconds."""
         notify_systemd("STOPPING=1")
         self._stopping = True  # every loop checks it: a lost cancellation cannot hang us
+        self.fleet.own_hostname = None  # our own goodbye is coming back
         self.watch.close()
         self.local.stop()
         for task in list(self.tasks):  # a running CALLBACK is killed with its group
