@@ -1625,14 +1625,13 @@ class Fleet:
         self.registry.apply_hi(hostname, self.own_labels(), time.time(), own=True)
         if labels in self._sent_own:
             return  # our own packet of a moment ago, late
-        self.impostor("a packet with other labels", hostname)
+        self.impostor(f"a packet claiming to be this host ({show(hostname)}) with other labels")
 
-    def impostor(self, what: str, hostname: str) -> None:
-        """Someone spoke for this host: say so, and publish our packet again, at once
+    def impostor(self, what: str) -> None:
+        """Someone spoke for this host: say `what`, and publish our packet again, at once
         and then at most once per REPUBLISH_EVERY (the last impostor is answered too)."""
         self.counters.impostors += 1
-        self.impostor_log.warning("%s claims to be this host (%s): ignored; publishing "
-                                  "ours again", what, show(hostname))
+        self.impostor_log.warning("%s: ignored; publishing ours again", what)
         if not self._republishing:
             self._republishing = True
             self.schedule(self._republish())
@@ -1653,7 +1652,7 @@ class Fleet:
         """A host left (it said so, or the kv mode's bucket lost its packet)."""
         self.counters.goodbyes += 1
         if hostname == self.own_hostname:
-            self.impostor("a goodbye", hostname)
+            self.impostor(f"a goodbye for this host ({show(hostname)}) from another")
             return
         if self.registry.apply_goodbye(hostname):
             self.counters.left_goodbye += 1
@@ -2747,6 +2746,9 @@ class NatsKvDriver(NatsDriver):
         self.learned = 0
         self._watcher: Any = None  # the subscription of the hosts bucket
         self._stale: dict[str, int] = {}
+        self.warnings: list[str] = []  #: what is wrong with the buckets' settings (health)
+        self.write_error = ""  #: why our last write failed, until one works (health)
+        self._write_log = RateLimitedLog(burst=3)
         self._setup_task: asyncio.Future[Any] | None = None
         self._tasks: list[asyncio.Future[Any]] = []
 
@@ -2760,6 +2762,10 @@ class NatsKvDriver(NatsDriver):
                      reaper=self.slot is not None)
         if self.problem:
             state["error"] = self.problem
+        if self.warnings:
+            state["warnings"] = list(self.warnings)
+        if self.write_error:
+            state["write_error"] = self.write_error
         return state
 
     async def run(self) -> None:
@@ -2822,6 +2828,7 @@ class NatsKvDriver(NatsDriver):
         self.alive = await self._bucket(KeyValueConfig(
             bucket=self.alive_bucket, history=1, storage=StorageType.MEMORY,
             ttl=self.config.ttl))
+        await self._check_buckets()
         if self._watcher is not None:
             with contextlib.suppress(Exception):
                 await self._watcher.unsubscribe()
@@ -2888,8 +2895,27 @@ class NatsKvDriver(NatsDriver):
                       describe_error(exc))
             return await self.js.key_value(config.bucket)
 
+    async def _check_buckets(self) -> None:
+        """Say (log, health) what in the buckets' settings, made by someone else, breaks
+        the fleet: a size limit that drops or refuses packets, no TTL on liveness."""
+        warnings = []
+        hosts = (await self.data.status()).stream_info.config
+        if hosts.max_bytes is not None and 0 < hosts.max_bytes < self.config.max_hosts * 512:
+            warnings.append(f"bucket {self.data_bucket} is limited to {hosts.max_bytes} bytes "
+                            f"(MAX_HOSTS={self.config.max_hosts} packets need up to "
+                            f"{self.config.max_hosts * 512}): when full, packets are dropped "
+                            "or refused and hosts vanish")
+        if not (await self.alive.status()).ttl:
+            warnings.append(f"bucket {self.alive_bucket} has no TTL (MaxAge): dead hosts are "
+                            "never reaped; recreate it with MaxAge = TTL")
+        for warning in warnings:
+            if warning not in self.warnings:
+                log.warning("%s", warning)
+        self.warnings = warnings
+
     def _apply(self, key: str, value: bytes, revision: int, deleted: bool) -> None:
-        """One change of the hosts bucket: the registry follows it."""
+        """One change of the hosts bucket: the registry follows it. A value speaks only
+        for the host its key names; our own key holds what we wrote, or we write it again."""
         if key.startswith("reaper."):
             with contextlib.suppress(ValueError):
                 slot = int(key[7:])
@@ -2904,6 +2930,9 @@ class NatsKvDriver(NatsDriver):
         hostname = kv_key_host(key)
         if hostname is None:
             return
+        if hostname == self.fleet.hostname:
+            self._apply_own(key, value, revision, deleted)
+            return
         if not deleted:
             self.keys[key] = revision
             digest = hash(value)
@@ -2912,13 +2941,28 @@ class NatsKvDriver(NatsDriver):
             self.digests[key] = digest
             quiet = not self.initial.is_set()  # the join's one line counts them
             self.learned += quiet
-            self.fleet.packet(value, quiet)
+            self.fleet.packet(value, quiet, sender=hostname)
         elif self.keys.pop(key, None) is not None or not self.initial.is_set():
             self.digests.pop(key, None)
             self.put_labels.pop(key, None)  # ours reaped while we were away: write it again
             self.fleet.goodbye(hostname)
         else:
             self.digests.pop(key, None)
+
+    def _apply_own(self, key: str, value: bytes, revision: int, deleted: bool) -> None:
+        """Our own key: we know our packet. Another's value there, or its deletion
+        (reaped while we were away, or deleted by another), is answered with ours."""
+        if deleted:
+            self.keys.pop(key, None)
+        else:
+            self.keys[key] = revision
+        written = self.written.get(key)
+        if written is None or (not deleted and value == written[1]) or \
+                self.fleet.own_hostname is None:
+            return  # not written yet (our first write follows), our own echo, or leaving
+        self.put_labels.pop(key, None)  # the next publish writes it again
+        self.fleet.impostor(f"our key {key} deleted (reaped while we were away, or by "
+                            "another)" if deleted else f"another's value in our key {key}")
 
     async def _forget(self, stale: dict[str, int]) -> None:
         """After a restart of the server, hosts that do not write their packet again
@@ -2950,9 +2994,12 @@ class NatsKvDriver(NatsDriver):
                     self.written[key] = (labels, encode_envelope(packet))
                 await self.data.put(key, self.written[key][1])
                 self.put_labels[key] = labels
+            self.write_error = ""
             return True
         except Exception as exc:  # a lost connection: the reconnect writes everything again
-            log.debug("KV write failed: %s", describe_error(exc))
+            self.write_error = describe_error(exc)
+            self._write_log.warning("writing to the buckets %s, %s failed: %s",
+                                    self.data_bucket, self.alive_bucket, self.write_error)
             return False
 
     async def serve_fleet(self, answer: Callable[[int], list[bytes]]) -> None:

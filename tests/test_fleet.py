@@ -112,7 +112,7 @@ def test_a_packet_claiming_our_hostname_is_refused_and_ours_published_again(capl
     assert calls.count("hi") == 1  # published again at once, not once per impostor
     assert "changed" not in calls and fleet.counters.impostors == 21
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert 1 <= len(warnings) <= 5 and "claims to be this host ('me')" in warnings[0]
+    assert 1 <= len(warnings) <= 5 and "claiming to be this host ('me')" in warnings[0]
 
 
 def test_a_late_echo_of_our_own_labels_is_no_impostor(caplog) -> None:

@@ -51,7 +51,7 @@ def test_a_packet_claiming_our_hostname_never_shows_and_ours_goes_out_again(lobb
     wait_for(lambda: b.labels_of("a") == ["role:real"], timeout=5, what="b lists a's labels")
     assert a.labels_of("a") == ["role:real"]
     assert metric(a, "lobbyd_impostor_packets_total") == 101
-    assert 1 <= a.logs().count("claims to be this host ('a')") <= 5  # rate-limited
+    assert 1 <= a.logs().count("claiming to be this host ('a')") <= 5  # rate-limited
     watcher.close()
     mallory.close()
 
