@@ -15,7 +15,8 @@ state named beside it, and no other section changes that state; the Daemon build
 the parts and hands each its collaborators.
 
   Errors             LobbydError and its kinds (ConfigError: exit 78, in main() only)
-  Small helpers      BoundedCache (every cache), deadline (the one timer), within(), plural()
+  Small helpers      BoundedCache (every cache), deadline (the one timer), within(), plural(),
+                     release_memory()
   Config             Config (frozen, from the environment), ENV_VARS, --help
   Labels             the label rules, label files, RuntimeLabels (its atomic file), Leases
   Checks             check files parsed (CheckSpec), up and down (CheckState): pure
@@ -23,11 +24,14 @@ the parts and hands each its collaborators.
   Registry           Registry: hostname -> (labels, received); expiry, version, the
                      changes noted for the watchers and the renderer
   Fleet              Fleet: what the transports hear, applied to the registry; the
-                     packet counters' bumps, the membership log, the join sync
+                     packet counters' bumps, the membership log, the join sync (rationed;
+                     per-host: each peer's own packet), who may speak for whom (a sender's
+                     own subject, our own hostname, MAX_HOSTS)
   Transports         Transport: the interface (run, publish, close, state)
   nats-py internals  every use of nats-py's private names, behind NatsPy: the one
                      switch back to plain nats-py (LOBBYD_PLAIN_NATS=1, or untested)
-  NATS, Redis, kv    one Transport each: its connection and its state for /v1/health;
+  NATS, Redis, kv    one Transport each: its connection and its state for /v1/health,
+                     its subjects (shared or per-host);
                      TRANSPORTS (DRIVER name -> class) after the last of them
   Queries            View (what an answer shows: kind, labels, prefixes, name) and the
                      rules of what a view shows of a host, filters, Prometheus: pure

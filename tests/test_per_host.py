@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import signal
+import socket
 import time
 from pathlib import Path
 
 import pytest
-from conftest import Lobbyd, NatsServer, RedisServer, daemon_env, run_lobbyd, wait_for
+from conftest import ROOT, Lobbyd, NatsServer, RedisServer, daemon_env, run_lobbyd, wait_for
 from harness import resp_command
 from natsraw import RawNats
 
@@ -160,8 +162,6 @@ def redis_acl(server: RedisServer, user: str) -> None:
 
 
 def redis_as(server: RedisServer, user: str, *command: str | bytes) -> bytes:
-    import socket
-
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
         sock.sendall(resp_command("AUTH", user, f"p{user}") + resp_command(*command))
         data = b""
@@ -193,3 +193,58 @@ def test_redis_acl_users_see_each_other_and_no_impostor_gets_in(tmp_path: Path, 
         wait_for(lambda d=d: dropped(d, "subject") == 3, what=f"{d.name} counts 3 drops")
         assert d.hostnames() == ["a", "b", "c"] and d.labels_of("a") == []
     assert json.loads(a.request("GET", "/v1/health")[2])["status"] == "ok"
+
+
+# ----------------------------------------------------------------- the README's configs
+
+def readme_block(after: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    match = re.compile(r"```\n(.*?)```", re.S).search(text, text.index(after))
+    assert match, after
+    return match.group(1)
+
+
+def test_the_readmes_nats_config_works_as_it_says(tmp_path: Path) -> None:
+    config = readme_block("## Per-host subjects").replace('"..."', '"secret"')
+    assert "authorization" in config
+    (tmp_path / "readme.conf").write_text(config)
+    server = NatsServer(tmp_path, extra=["-c", str(tmp_path / "readme.conf")],
+                        client_auth={"user": "web1", "pass": "secret"}).start()
+    daemons = []
+    try:
+        for name in ("web1", "db1"):
+            url = f"nats://{name}:secret@127.0.0.1:{server.port}"
+            daemons.append(Lobbyd(daemon_env(name, url, tmp_path, DISCOVERY_SUBJECTS="per-host"),
+                                  tmp_path, name, server).start())
+        for d in daemons:
+            wait_for(lambda d=d: d.hostnames() == ["db1", "web1"], what=f"{d.name} lists both")
+        web1 = server.client()
+        web1.publish(f"{SUBJECT}.host.db1", envelope("db1", ["evil"]))
+        assert any(b"Permissions Violation" in line for line in server_says(web1))
+        web1.close()
+    finally:
+        for d in daemons:
+            d.stop(signal.SIGKILL, timeout=5)
+        server.stop()
+
+
+def test_the_readmes_redis_acl_works_as_it_says(redis, lobbyd) -> None:
+    text = (ROOT / "README.md").read_text()
+    line = re.search(r"^ACL SETUSER web1 .*$", text[text.index("## Per-host subjects"):],
+                     re.M).group(0)  # type: ignore[union-attr]
+    for name in ("web1", "db1"):
+        redis.cli(*shlex.split(line.replace("web1", name).replace(">...", ">secret")))
+    daemons = [lobbyd(name, start=False, DRIVER="Redis", REDIS_PORT=redis.port,
+                      REDIS_USERNAME=name, REDIS_PASSWORD="secret",
+                      DISCOVERY_SUBJECTS="per-host").start(wait=False)
+               for name in ("web1", "db1")]
+    for d in daemons:
+        wait_for(lambda d=d: d.hostnames() == ["db1", "web1"], timeout=10,
+                 what=f"{d.name} lists both over Redis")
+    with socket.create_connection(("127.0.0.1", redis.port), timeout=5) as sock:
+        sock.sendall(resp_command("AUTH", "web1", "secret") +
+                     resp_command("PUBLISH", f"{CHANNEL}:host:db1", envelope("db1", ["evil"])))
+        data = b""
+        while data.count(b"\r\n") < 2:
+            data += sock.recv(4096)
+    assert b"NOPERM" in data
