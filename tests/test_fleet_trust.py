@@ -78,7 +78,6 @@ def test_a_burst_of_join_requests_costs_about_one_answer(lobbyd, nats) -> None:
     wait_for(lambda: len(a.hostnames()) == 301, what="a lists 300 hosts")
     one_count, one_size = join_request_answers(nats, 1)
     assert one_count >= 1 and one_size > 300 * 30  # a whole registry
-    wait_for(lambda: metric(a, "lobbyd_sync_answers_refused_total") == 0, what="metrics")
     count, size = join_request_answers(nats, 50)
     assert size <= 3 * one_size, (count, size, one_size)  # not 50 answers
     assert metric(a, "lobbyd_sync_answers_refused_total") >= 47
@@ -110,11 +109,12 @@ def test_a_flood_of_made_up_hosts_stops_at_max_hosts(lobbyd, nats) -> None:
     mallory = nats.client()
     for i in range(1000):
         mallory.publish(SUBJECT, envelope(f"fake{i:04d}", ["x:y"]))
+    mallory.publish(SUBJECT, envelope("fake0000", ["marker"]))  # after the flood, in order
     mallory.flush()
-    wait_for(lambda: metric(a, 'lobbyd_packets_dropped_total{reason="registry_full"}') == 952,
-             what="the flood counted")
+    wait_for(lambda: a.labels_of("fake0000") == ["marker"], what="the flood applied")
     names = a.hostnames()
     assert len(names) == 50 and "a" in names and "b" in names
+    assert metric(a, 'lobbyd_packets_dropped_total{reason="registry_full"}') == 952
     b.request("POST", "/v1/labels", "v:2")  # a host it knows still changes
     wait_for(lambda: a.labels_of("b") == ["v:1", "v:2"], what="b's new label")
     assert 1 <= a.logs().count("registry full (MAX_HOSTS=50)") <= 5
