@@ -654,7 +654,8 @@ def validate_label(raw: str) -> str:
     if not label:
         raise LabelError("empty label")
     if UNSHOWABLE_RE.search(label):
-        raise LabelError(f"label {show(label)} contains a control or format character")
+        raise LabelError(f"label {show(label)} contains a control character or an invisible "
+                         "format character")
     if len(label) * 4 > MAX_LABEL_BYTES:
         try:
             size = len(label.encode("utf-8"))
@@ -1522,9 +1523,10 @@ class Registry:
 
 SYNC_QUEUE = "lobbyd"  #: the NATS queue group of the join requests: one peer answers
 SYNC_WINDOW = 2.0  #: seconds a joining lobbyd waits for a peer's complete answer
-#: join answers (the whole registry) a lobbyd sends: a burst of this many, then one per
-#: SYNC_ANSWER_EVERY seconds; a flood of requests costs a few answers, not one each
-SYNC_ANSWER_BURST, SYNC_ANSWER_EVERY = 2, 1.0
+#: join answers (the whole registry) a lobbyd sends: a burst of this many (daemons that
+#: start together), then one per SYNC_ANSWER_EVERY seconds; a flood of requests costs a
+#: few answers, not one each
+SYNC_ANSWER_BURST, SYNC_ANSWER_EVERY = 4, 1.0
 #: DISCOVERY_SUBJECTS=per-host: a peer answers a join request with its own packet after a
 #: random delay of up to this many seconds, and at most once per second
 SYNC_SPREAD = 1.0
@@ -1851,9 +1853,12 @@ class Transport:
     # shared ---------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         """This transport's part of GET /v1/health."""
-        return {"driver": self.kind, "connected": self.is_connected, "server": self.server,
-                "targets": self.targets(), "since": int(self.since),
-                "reconnects": self.reconnects}
+        state = {"driver": self.kind, "connected": self.is_connected, "server": self.server,
+                 "targets": self.targets(), "since": int(self.since),
+                 "reconnects": self.reconnects}
+        if getattr(self, "per_host", False):
+            state["subjects"] = "per-host"
+        return state
 
     def _changed(self, connected: bool) -> None:
         if connected != self.connected.is_set():
@@ -2934,7 +2939,7 @@ class NatsKvDriver(NatsDriver):
         hostname = kv_key_host(key)
         if hostname is None:
             return
-        if hostname == self.fleet.hostname:
+        if hostname == self.fleet.own_hostname:  # (None: client only, or leaving)
             self._apply_own(key, value, revision, deleted)
             return
         if not deleted:
@@ -2961,9 +2966,8 @@ class NatsKvDriver(NatsDriver):
         else:
             self.keys[key] = revision
         written = self.written.get(key)
-        if written is None or (not deleted and value == written[1]) or \
-                self.fleet.own_hostname is None:
-            return  # not written yet (our first write follows), our own echo, or leaving
+        if written is None or (not deleted and value == written[1]):
+            return  # not written yet (our first write follows), or our own echo
         self.put_labels.pop(key, None)  # the next publish writes it again
         self.fleet.impostor(f"our key {key} deleted (reaped while we were away, or by "
                             "another)" if deleted else f"another's value in our key {key}")

@@ -68,7 +68,7 @@ def join_request_answers(nats, requests: int, inbox: str = "_INBOX.test") -> tup
     return len(got), sum(len(payload) for _, payload in got)
 
 
-def test_a_burst_of_join_requests_costs_about_one_answer(lobbyd, nats) -> None:
+def test_a_burst_of_join_requests_costs_a_few_answers(lobbyd, nats) -> None:
     a = lobbyd("a")
     pub = nats.client()
     names = [f"host{i:03d}.example.com" for i in range(300)]
@@ -79,8 +79,9 @@ def test_a_burst_of_join_requests_costs_about_one_answer(lobbyd, nats) -> None:
     one_count, one_size = join_request_answers(nats, 1)
     assert one_count >= 1 and one_size > 300 * 30  # a whole registry
     count, size = join_request_answers(nats, 50)
-    assert size <= 3 * one_size, (count, size, one_size)  # not 50 answers
-    assert metric(a, "lobbyd_sync_answers_refused_total") >= 47
+    # a burst of SYNC_ANSWER_BURST (4, daemons starting together), then one a second: not 50
+    assert size <= 5 * one_size, (count, size, one_size)
+    assert metric(a, "lobbyd_sync_answers_refused_total") >= 45
     pub.close()
 
 

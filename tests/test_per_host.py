@@ -192,7 +192,8 @@ def test_redis_acl_users_see_each_other_and_no_impostor_gets_in(tmp_path: Path, 
     for d in (a, c):
         wait_for(lambda d=d: dropped(d, "subject") == 3, what=f"{d.name} counts 3 drops")
         assert d.hostnames() == ["a", "b", "c"] and d.labels_of("a") == []
-    assert json.loads(a.request("GET", "/v1/health")[2])["status"] == "ok"
+    health = json.loads(a.request("GET", "/v1/health")[2])
+    assert health["status"] == "ok" and health["drivers"][0]["subjects"] == "per-host"
 
 
 # ----------------------------------------------------------------- the README's configs
