@@ -15,7 +15,8 @@ state named beside it, and no other section changes that state; the Daemon build
 the parts and hands each its collaborators.
 
   Errors             LobbydError and its kinds (ConfigError: exit 78, in main() only)
-  Small helpers      BoundedCache (every cache), deadline (the one timer), within(), plural()
+  Small helpers      BoundedCache (every cache), deadline (the one timer), within(), plural(),
+                     release_memory()
   Config             Config (frozen, from the environment), ENV_VARS, --help
   Labels             the label rules, label files, RuntimeLabels (its atomic file), Leases
   Checks             check files parsed (CheckSpec), up and down (CheckState): pure
@@ -23,11 +24,14 @@ the parts and hands each its collaborators.
   Registry           Registry: hostname -> (labels, received); expiry, version, the
                      changes noted for the watchers and the renderer
   Fleet              Fleet: what the transports hear, applied to the registry; the
-                     packet counters' bumps, the membership log, the join sync
+                     packet counters' bumps, the membership log, the join sync (rationed;
+                     per-host: each peer's own packet), who may speak for whom (a sender's
+                     own subject, our own hostname, MAX_HOSTS)
   Transports         Transport: the interface (run, publish, close, state)
   nats-py internals  every use of nats-py's private names, behind NatsPy: the one
                      switch back to plain nats-py (LOBBYD_PLAIN_NATS=1, or untested)
-  NATS, Redis, kv    one Transport each: its connection and its state for /v1/health;
+  NATS, Redis, kv    one Transport each: its connection and its state for /v1/health,
+                     its subjects (shared or per-host);
                      TRANSPORTS (DRIVER name -> class) after the last of them
   Queries            View (what an answer shows: kind, labels, prefixes, name) and the
                      rules of what a view shows of a host, filters, Prometheus, and the
@@ -164,6 +168,22 @@ class BoundedCache(dict):  # type: ignore[type-arg]
             self.cost = 0
         self[key] = value
         self.cost += cost
+
+
+def release_memory() -> None:
+    """Hand freed heap back to the system: after a flood, free memory would otherwise stay
+    with the process. A full collection empties the interpreter's free lists, whose
+    leftovers keep whole arenas of pymalloc; glibc's malloc_trim returns the rest (the
+    static binary uses glibc too)."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError, ImportError):  # not glibc: nothing to do
+        pass
 
 
 def plural(count: int, noun: str) -> str:
@@ -411,6 +431,7 @@ def parse_driver(name: str, value: str) -> tuple[str, ...]:
 
 
 DISCOVERY_MODES = ("broadcast", "kv")
+DISCOVERY_SUBJECTS = ("shared", "per-host")
 
 
 def parse_discovery_mode(name: str, value: str) -> str:
@@ -426,6 +447,13 @@ def parse_datacenter(name: str, value: str) -> str:
         raise ConfigError(f"{name}={show(value)}: expected letters, digits, '-', '_' or '.' "
                           "(at most 64)")
     return value
+
+
+def parse_discovery_subjects(name: str, value: str) -> str:
+    subjects = value.strip().lower()
+    if subjects not in DISCOVERY_SUBJECTS:
+        raise ConfigError(f"{name}={show(value)}: expected shared or per-host")
+    return subjects
 
 
 def parse_channel(name: str, value: str) -> str:
@@ -449,10 +477,16 @@ ENV_VARS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "DISCOVERY_MODE": ("broadcast", parse_discovery_mode,
                        "broadcast (every host hears every keep-alive; the Go daemon's way) or "
                        "kv (JetStream key-value buckets, for large fleets; DRIVER=NATS only)"),
+    "DISCOVERY_SUBJECTS": ("shared", parse_discovery_subjects,
+                           "shared (one subject for all; the Go daemon's way) or per-host "
+                           "(each host publishes on SUBJECT.host.HOSTNAME only, so server "
+                           "permissions stop one host speaking for another)"),
     "REDIS_HOST": ("127.0.0.1", parse_host, "Redis server (DRIVER=Redis)"),
     "REDIS_PORT": ("6379", int_in(1, 65535), "Redis port"),
     "REDIS_DB": ("0", int_in(0, 65535), "Redis database number"),
     "REDIS_CHANNEL": ("lobby:discovery", parse_channel, "Redis pub/sub channel"),
+    "REDIS_USERNAME": ("", lambda n, v: v.strip(),
+                       "Redis ACL user of REDIS_PASSWORD (Redis 6+); empty = default"),
     "REDIS_PASSWORD": ("", lambda n, v: v, "Redis password (never logged)"),
     "LABELS": ("", parse_env_labels, "comma-separated labels of this server"),
     "LABELS_PATH": ("/etc/lobby/labels", lambda n, v: v.strip(),
@@ -467,6 +501,8 @@ ENV_VARS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "KEEP_ALIVE": ("5", int_in(1, 86400), "seconds between keep-alive packets"),
     "TTL": ("30", int_in(1, 864000), "seconds after which a silent host is dead"),
     "NODE_EXPORTER_PORT": ("9100", int_in(1, 65535), "default port of Prometheus targets"),
+    "MAX_HOSTS": ("250000", int_in(1, 100_000_000),
+                  "most hosts the registry holds; packets of new hosts past it are dropped"),
     "REGISTER": ("true", parse_bool, "false = client only: listen, never publish"),
     "CALLBACK": ("", parse_command, "command run (no shell) when the registry changes"),
     "CALLBACK_COOLDOWN": ("15", int_in(0, 86400),
@@ -493,10 +529,12 @@ class Config:
     nats_url: tuple[str, ...] = ("nats://127.0.0.1:4222",)
     nats_discovery_channel: str = "lobby.discovery"
     discovery_mode: str = "broadcast"
+    discovery_subjects: str = "shared"
     redis_host: str = "127.0.0.1"
     redis_port: int = 6379
     redis_db: int = 0
     redis_channel: str = "lobby:discovery"
+    redis_username: str = ""
     redis_password: str = field(default="", repr=False)
     labels: tuple[str, ...] = ()
     labels_path: str = "/etc/lobby/labels"
@@ -507,6 +545,7 @@ class Config:
     keep_alive: int = 5
     ttl: int = 30
     node_exporter_port: int = 9100
+    max_hosts: int = 250_000
     register: bool = True
     callback: tuple[str, ...] = ()
     callback_cooldown: int = 15
@@ -527,11 +566,30 @@ class Config:
             values[name.lower()] = parser(name, raw if raw.strip() else default)
         if values["discovery_mode"] == "kv" and values["driver"] != ("NATS",):
             raise ConfigError("DISCOVERY_MODE=kv works with DRIVER=NATS only")
+        if values["discovery_subjects"] == "per-host":
+            check_per_host(values)
         return cls(**values)
 
     @property
     def runtime_labels_file(self) -> Path:
         return Path(self.labels_path) / self.runtime_labels_filename
+
+
+#: what a hostname may not hold in DISCOVERY_SUBJECTS=per-host: NATS subject wildcards and
+#: separators' misuse, Redis glob characters (ACL channel patterns are globs)
+PER_HOST_BAD_RE = re.compile(r"[*>?\[\]\\]")
+
+
+def check_per_host(values: Mapping[str, Any]) -> None:
+    """DISCOVERY_SUBJECTS=per-host: the hostname must be a subject's (a channel's) tail."""
+    if values["discovery_mode"] == "kv":
+        raise ConfigError("DISCOVERY_SUBJECTS=per-host does not work with DISCOVERY_MODE=kv "
+                          "(one bucket holds every host; use broadcast)")
+    hostname = values["hostname"] or socket.gethostname()
+    if not SUBJECT_RE.fullmatch(hostname) or PER_HOST_BAD_RE.search(hostname):
+        raise ConfigError(f"HOSTNAME={show(hostname)}: with DISCOVERY_SUBJECTS=per-host the "
+                          "hostname must be a NATS subject's tail: no spaces, no *, >, ?, [, ], "
+                          "backslash, no empty part between dots")
 
 
 def _has_surrogates(text: str) -> bool:
@@ -598,9 +656,17 @@ def help_text() -> str:
 MAX_LABEL_BYTES = 1024
 MAX_LABELS = 1000
 MAX_LABEL_FILE_BYTES = 1 << 20
+# Unicode's format characters (category Cf: bidi overrides such as U+202E, zero-width
+# spaces and joiners, the BOM, tags): invisible, they make one name show as another
+FORMAT_CHARS = ("\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e"
+                "\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb"
+                "\U000110bd\U000110cd\U00013430-\U00013438\U0001bca0-\U0001bca3"
+                "\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f")
 # C0 and C1 controls, and the Unicode line and paragraph separators: anything
-# str.splitlines() would break a line at must never be inside a label.
+# str.splitlines() would break a line at must never be inside a label ...
 CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+#: ... nor a format character (labels and hostnames)
+UNSHOWABLE_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029" + FORMAT_CHARS + "]")
 
 
 def validate_label(raw: str) -> str:
@@ -608,8 +674,9 @@ def validate_label(raw: str) -> str:
     label = raw.strip()
     if not label:
         raise LabelError("empty label")
-    if CONTROL_RE.search(label):
-        raise LabelError(f"label {show(label)} contains a control character")
+    if UNSHOWABLE_RE.search(label):
+        raise LabelError(f"label {show(label)} contains a control character or an invisible "
+                         "format character")
     if len(label) * 4 > MAX_LABEL_BYTES:
         try:
             size = len(label.encode("utf-8"))
@@ -1040,7 +1107,8 @@ class CheckState:
 ###############################################################################
 
 MAX_HOSTNAME_BYTES = 253
-HOSTNAME_RE = re.compile(r"[^\x00-\x20\x7f]+")
+#: the label rules (no control, separator or format character) and no space
+HOSTNAME_RE = re.compile("[^\x00-\x20\x7f-\x9f\u2028\u2029" + FORMAT_CHARS + "]+")
 
 
 def valid_hostname(hostname: str) -> bool:
@@ -1087,6 +1155,12 @@ class LabelCache:
         self.lists = BoundedCache(entries, chars)  # cost: characters (+1 per label)
         self.strings = BoundedCache(entries, chars)
         self.hostnames = BoundedCache(entries, chars)
+
+    def forget(self) -> None:
+        """Drop everything (the registry lost most of its hosts: a flood ended)."""
+        for cache in (self.lists, self.strings, self.hostnames):
+            cache.clear()
+            cache.cost = 0
 
     def hostname(self, raw: Any) -> str:
         """The hostname, validated once and stored once; PacketError if invalid."""
@@ -1251,12 +1325,17 @@ def decode_sync_chunk(data: bytes, cache: LabelCache
 
 
 NEW_HOST, NEW_LABELS = 2, 1
+#: apply_hi() of a new host while the registry holds MAX_HOSTS: not added (true, < 0)
+FULL = -1
 #: resolve views whose carriers the registry keeps (see `carrying()`) ...
 MAX_INDEXED_LABELS = 16
 #: ... until nobody asked for this many seconds: each costs every change of labels a test
 INDEXED_LABEL_IDLE_S = 10.0
 #: label changes the registry notes for the renderer before it cuts them (see `Noted`)
 MAX_NOTED = 16384
+#: a registry that loses more than this many hosts and over half of them (the end of a
+#: flood of made-up names) gives the memory back (see Daemon.shrunk())
+SHRINK_HOSTS = 10_000
 
 
 class Noted:
@@ -1290,8 +1369,9 @@ class Registry:
     drift, and the sender's last_check is ignored.
     """
 
-    def __init__(self, ttl: float):
+    def __init__(self, ttl: float, max_hosts: int = 250_000):
         self.ttl = ttl
+        self.max_hosts = max_hosts  #: new hosts past it are refused (FULL): a flood stays bounded
         # hostname -> (labels, received): tuples of strings and floats, which the
         # garbage collector stops tracking, so its full rounds skip the registry
         self.hosts: dict[str, tuple[tuple[str, ...], float]] = {}
@@ -1310,12 +1390,16 @@ class Registry:
     def __len__(self) -> int:
         return len(self.hosts)
 
-    def apply_hi(self, hostname: str, labels: tuple[str, ...], now: float) -> int:
-        """Record a keep-alive: NEW_HOST, NEW_LABELS, or 0 (false) for no change."""
+    def apply_hi(self, hostname: str, labels: tuple[str, ...], now: float,
+                 own: bool = False) -> int:
+        """Record a keep-alive: NEW_HOST, NEW_LABELS, or 0 (false) for no change; FULL
+        for a new host while MAX_HOSTS are known (our own is always added)."""
         entry = self.hosts.get(hostname)
-        if now < self._oldest:
-            self._oldest = now
         if entry is None:
+            if len(self.hosts) >= self.max_hosts and not own:
+                return FULL
+            if now < self._oldest:
+                self._oldest = now
             self.hosts[hostname] = (labels, now)
             self.version += 1
             self._order = None
@@ -1323,6 +1407,8 @@ class Registry:
             if self._carriers:
                 self._index(hostname, labels)
             return NEW_HOST
+        if now < self._oldest:
+            self._oldest = now
         if entry[0] != labels:
             self._note(hostname, entry[0])
             self.hosts[hostname] = (labels, now)
@@ -1335,7 +1421,7 @@ class Registry:
 
     def learn(self, hostname: str, labels: tuple[str, ...], received: float) -> bool:
         """A host heard second-hand (a peer's sync answer): added only if unknown."""
-        if hostname in self.hosts:
+        if hostname in self.hosts or len(self.hosts) >= self.max_hosts:
             return False
         self.hosts[hostname] = (labels, received)
         self._note(hostname, None)
@@ -1374,6 +1460,13 @@ class Registry:
             self.version += 1
             self._order = None
         return dead
+
+    def compact(self) -> None:
+        """After most hosts left: a dict never shrinks by itself, a copy fits; the names
+        noted for the renderer are cut (it then looks at everything once)."""
+        self.hosts = dict(self.hosts)
+        self.noted.cut += len(self.noted.names)
+        self.noted.names = []
 
     def _note(self, hostname: str, before: tuple[str, ...] | None, left: str = "") -> None:
         # only the state before the first change counts: A -> B -> A is no change
@@ -1451,6 +1544,15 @@ class Registry:
 
 SYNC_QUEUE = "lobbyd"  #: the NATS queue group of the join requests: one peer answers
 SYNC_WINDOW = 2.0  #: seconds a joining lobbyd waits for a peer's complete answer
+#: join answers (the whole registry) a lobbyd sends: a burst of this many (daemons that
+#: start together), then one per SYNC_ANSWER_EVERY seconds; a flood of requests costs a
+#: few answers, not one each
+SYNC_ANSWER_BURST, SYNC_ANSWER_EVERY = 4, 1.0
+#: DISCOVERY_SUBJECTS=per-host: a peer answers a join request with its own packet after a
+#: random delay of up to this many seconds, and at most once per second
+SYNC_SPREAD = 1.0
+#: seconds between two packets of ours published again because another claimed our name
+REPUBLISH_EVERY = 1.0
 
 
 class Fleet:
@@ -1468,7 +1570,8 @@ class Fleet:
                  say_hi: Callable[[], Awaitable[None]], state_changed: Callable[[], None],
                  joined: Callable[[], None], schedule: Callable[[Awaitable[Any]], None],
                  garbage_log: RateLimitedLog | None = None,
-                 membership_log: RateLimitedLog | None = None):
+                 membership_log: RateLimitedLog | None = None,
+                 own_labels: Callable[[], tuple[str, ...]] = tuple):
         self.registry = registry
         self.counters = counters
         self.cache = cache
@@ -1483,20 +1586,42 @@ class Fleet:
         self.membership_log = membership_log or RateLimitedLog(burst=20)
         self.transports: list[Transport] = []  # each attaches itself when made
         self._synced: set[Transport] = set()
+        self.hostname = ""  #: this host's name (the Daemon keeps it): per-host join requests
+        #: our hostname while we publish (the Daemon keeps it): nobody else may speak for it
+        self.own_hostname: str | None = None
+        self.own_labels = own_labels  #: what we publish now
+        self._sent_own: BoundedCache = BoundedCache(8)  #: label lists we published lately
+        self._republished = -math.inf  # monotonic time of the last one
+        self._republishing = False  #: one is scheduled
+        self.impostor_log = RateLimitedLog(burst=5)
+        self.refused_log = RateLimitedLog(burst=5)
+        self._answers = float(SYNC_ANSWER_BURST)  #: join answers we may send now
+        self._answered = time.monotonic()
+        self._sync_hi_due = False  #: per-host: our answer to a join request is scheduled
+        self._sync_hi_last = -math.inf
 
     def attach(self, transport: Transport) -> None:
         self.transports.append(transport)
 
     # what the transports hear ------------------------------------------------------
-    def packet(self, data: bytes, quiet: bool = False) -> None:
+    def packet(self, data: bytes, quiet: bool = False, sender: str | None = None) -> None:
         """A discovery envelope as it arrived. Every packet of the fleet comes through
         here: keep it lean. `quiet`: part of a bulk read of the whole fleet (the kv
-        mode's initial values), applied without a log line per host."""
+        mode's initial values), applied without a log line per host. `sender`: the
+        host whose own subject it came on (DISCOVERY_SUBJECTS=per-host): it may speak
+        for itself only."""
         try:
             message, hostname, labels = decode_envelope(data, self.cache)
         except PacketError as exc:
+            if sender is not None and self.sync_request(data, sender):
+                return
             self.counters.dropped += 1
             self.garbage_log.warning("dropped a packet: %s", exc)
+            return
+        if sender is not None and hostname != sender:
+            self.counters.dropped_subject += 1
+            self.garbage_log.warning("dropped a packet for %s sent on the subject of %s",
+                                     show(hostname), show(sender))
             return
         if message != "hi":
             self.goodbye(hostname)
@@ -1505,6 +1630,9 @@ class Fleet:
         counters.his += 1
         change = self.registry.apply_hi(hostname, labels, time.time())
         if change:
+            if change < 0 or hostname == self.own_hostname:
+                self.refused(hostname, labels, change)
+                return
             if change == NEW_HOST:
                 counters.joined += 1
                 if not quiet:
@@ -1513,9 +1641,46 @@ class Fleet:
                 self.membership_log.info("new labels of %s", hostname)
             self.changed()
 
+    def refused(self, hostname: str, labels: tuple[str, ...], change: int) -> None:
+        """A packet not applied: a new host while the registry is full, or another
+        claiming our hostname (ours is put back, and published again at once)."""
+        if change < 0:
+            self.counters.dropped_full += 1
+            self.refused_log.warning("registry full (MAX_HOSTS=%d): dropped the packet of "
+                                     "new host %s", self.registry.max_hosts, show(hostname))
+            return
+        self.registry.apply_hi(hostname, self.own_labels(), time.time(), own=True)
+        if labels in self._sent_own:
+            return  # our own packet of a moment ago, late
+        self.impostor(f"a packet claiming to be this host ({show(hostname)}) with other labels")
+
+    def impostor(self, what: str) -> None:
+        """Someone spoke for this host: say `what`, and publish our packet again, at once
+        and then at most once per REPUBLISH_EVERY (the last impostor is answered too)."""
+        self.counters.impostors += 1
+        self.impostor_log.warning("%s: ignored; publishing ours again", what)
+        if not self._republishing:
+            self._republishing = True
+            self.schedule(self._republish())
+
+    async def _republish(self) -> None:
+        try:
+            await asyncio.sleep(max(0.0, self._republished + REPUBLISH_EVERY - time.monotonic()))
+            self._republished = time.monotonic()
+        finally:
+            self._republishing = False
+        await self.say_hi()
+
+    def sent_own(self, labels: tuple[str, ...]) -> None:
+        """We publish these labels (the Daemon says so): their echo is ours."""
+        self._sent_own.put(labels, True)
+
     def goodbye(self, hostname: str) -> None:
         """A host left (it said so, or the kv mode's bucket lost its packet)."""
         self.counters.goodbyes += 1
+        if hostname == self.own_hostname:
+            self.impostor(f"a goodbye for this host ({show(hostname)}) from another")
+            return
         if self.registry.apply_goodbye(hostname):
             self.counters.left_goodbye += 1
             self.membership_log.info("goodbye from %s", hostname)
@@ -1562,12 +1727,55 @@ class Fleet:
         return added, done
 
     def answer(self, budget: int) -> list[bytes]:
-        """The registry as a join answer: chunks of at most about `budget` bytes."""
+        """The registry as a join answer: chunks of at most about `budget` bytes; none
+        past SYNC_ANSWER_BURST answers, then one per SYNC_ANSWER_EVERY (anyone can ask)."""
+        now = time.monotonic()
+        self._answers = min(float(SYNC_ANSWER_BURST), self._answers +
+                            (now - self._answered) / SYNC_ANSWER_EVERY)
+        self._answered = now
+        if self._answers < 1:
+            self.counters.sync_refused += 1
+            return []
+        self._answers -= 1
         self.expire()
         now = time.time()
         return sync_chunks(((hostname, labels, now - seen)
                             for hostname, (labels, seen) in self.registry.hosts.items()),
                            budget)
+
+
+    # DISCOVERY_SUBJECTS=per-host: join by asking every peer to speak for itself ------
+    def sync_request(self, data: bytes, sender: str) -> bool:
+        """A join request ({"message": "sync"} on its sender's own subject): we answer
+        with our own packet on our own subject, after a random delay of up to
+        SYNC_SPREAD, at most once per second. False if `data` is not one."""
+        try:
+            envelope = parse_json(data)
+        except PacketError:
+            return False
+        if type(envelope) is not dict or envelope.get("message") != "sync" or \
+                type(envelope.get("discovery")) is not dict:
+            return False
+        hostname = envelope["discovery"].get("hostname")
+        if hostname != sender:
+            self.counters.dropped_subject += 1
+            self.garbage_log.warning("dropped a join request for %s sent on the subject of %s",
+                                     show(str(hostname)), show(sender))
+            return True
+        if sender != self.own_hostname and not self._sync_hi_due:
+            self._sync_hi_due = True
+            self.schedule(self._answer_sync())
+        return True
+
+    async def _answer_sync(self) -> None:
+        try:
+            now = time.monotonic()
+            at = max(now + random.uniform(0, SYNC_SPREAD), self._sync_hi_last + 1.0)
+            await asyncio.sleep(at - now)
+            self._sync_hi_last = time.monotonic()
+        finally:
+            self._sync_hi_due = False
+        await self.say_hi()
 
 
 ###############################################################################
@@ -1666,9 +1874,12 @@ class Transport:
     # shared ---------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         """This transport's part of GET /v1/health."""
-        return {"driver": self.kind, "connected": self.is_connected, "server": self.server,
-                "targets": self.targets(), "since": int(self.since),
-                "reconnects": self.reconnects}
+        state = {"driver": self.kind, "connected": self.is_connected, "server": self.server,
+                 "targets": self.targets(), "since": int(self.since),
+                 "reconnects": self.reconnects}
+        if getattr(self, "per_host", False):
+            state["subjects"] = "per-host"
+        return state
 
     def _changed(self, connected: bool) -> None:
         if connected != self.connected.is_set():
@@ -2058,6 +2269,10 @@ def tls_context(environ: Mapping[str, str]) -> Any:
     return context
 
 
+#: where join answers may go: the inboxes of nats-py and of the Go client (nats.go)
+INBOX_PREFIX = "_INBOX."
+
+
 class NatsDriver(Transport):
     """The NATS connection: never blocks start-up, retries for ever, logs state changes once."""
 
@@ -2068,6 +2283,9 @@ class NatsDriver(Transport):
         self.urls = list(self.config.nats_url)
         self.subject = self.config.nats_discovery_channel
         self.sync_subject = self.subject + ".sync"
+        #: DISCOVERY_SUBJECTS=per-host: each host publishes on SUBJECT.host.HOSTNAME only
+        self.per_host = self.config.discovery_subjects == "per-host"
+        self.host_prefix = self.subject + ".host."
         self.nc: Any = None
         self.natspy: NatsPy | None = None  # at run(): the API answers before this costs
         self._sync_serving = False
@@ -2103,15 +2321,29 @@ class NatsDriver(Transport):
         if not await self.connect(self.natspy.client(batch_reads=True)):
             return
         packet = self.fleet.packet
+        if self.per_host:
+            await self.subscribe_per_host()
+        else:
+            async def slow_path(msg: Any) -> None:  # messages with headers, or plain nats-py
+                packet(msg.data)
 
-        async def slow_path(msg: Any) -> None:  # messages with headers, or plain nats-py
-            packet(msg.data)
-
-        sub = await self.nc.subscribe(self.subject, cb=slow_path, pending_msgs_limit=200_000,
-                                      pending_bytes_limit=256 * 1024 * 1024)
-        self.natspy.direct(self.nc, sub, packet)
+            sub = await self.nc.subscribe(self.subject, cb=slow_path,
+                                          pending_msgs_limit=200_000,
+                                          pending_bytes_limit=256 * 1024 * 1024)
+            self.natspy.direct(self.nc, sub, packet)
         self._changed(True)
         await self.fleet.connected(self)
+
+    async def subscribe_per_host(self) -> None:
+        """SUBJECT.host.>: every packet speaks for the host its subject names, no other."""
+        packet, start = self.fleet.packet, len(self.host_prefix)
+
+        async def on_packet(msg: Any) -> None:
+            packet(msg.data, sender=msg.subject[start:])
+
+        await self.nc.subscribe(self.host_prefix + ">", cb=on_packet,
+                                pending_msgs_limit=200_000,
+                                pending_bytes_limit=256 * 1024 * 1024)
 
     async def connect(self, client: Callable[[], Any]) -> bool:
         """Connect with backoff until it works (then nats-py reconnects for ever);
@@ -2172,7 +2404,8 @@ class NatsDriver(Transport):
             log.error("NATS connection closed")
 
     async def publish(self, packet: Packet, message: str = "hi") -> bool:
-        return await self.publish_to(self.subject, encode_envelope(packet, message))
+        subject = self.host_prefix + packet.hostname if self.per_host else self.subject
+        return await self.publish_to(subject, encode_envelope(packet, message))
 
     async def publish_to(self, subject: str, data: bytes, reply: str = "") -> bool:
         """Publish if connected; while disconnected there is nothing to buffer for."""
@@ -2187,7 +2420,15 @@ class NatsDriver(Transport):
 
     # join: learn every live host from one peer instead of waiting a keep-alive round
     async def ask_fleet(self, reply: Callable[[bytes], bool], window: float) -> bool:
-        """One request on SUBJECT.sync; NATS hands it to one peer of the queue group."""
+        """One request on SUBJECT.sync; NATS hands it to one peer of the queue group.
+        Per-host: a request on our own subject, which every peer answers with its own
+        packet on its own subject within SYNC_SPREAD."""
+        if self.per_host:
+            hostname = self.fleet.hostname
+            await self.publish_to(self.host_prefix + hostname,
+                                  encode_envelope(Packet(hostname), "sync"))
+            await asyncio.sleep(SYNC_SPREAD + 0.2)
+            return False
         replies: asyncio.Queue[bytes | None] = asyncio.Queue()
         complete, sub = False, None
 
@@ -2209,14 +2450,19 @@ class NatsDriver(Transport):
         return complete
 
     async def serve_fleet(self, answer: Callable[[int], list[bytes]]) -> None:
-        if self._sync_serving or not self.is_connected:
-            return
+        if self._sync_serving or not self.is_connected or self.per_host:
+            return  # per-host: the Fleet answers join requests among the packets
         self._sync_serving = True  # nats-py keeps the subscription across reconnects
 
         async def on_request(msg: Any) -> None:
-            if msg.reply:
-                for chunk in answer(max(4096, self.max_payload // 2)):
-                    await self.publish_to(msg.reply, chunk)
+            # only to an inbox: never the registry onto the discovery subject, or any other
+            if not msg.reply.startswith(INBOX_PREFIX):
+                if msg.reply:
+                    self.fleet.garbage_log.warning("dropped a join request: reply subject "
+                                                   "%s is not an inbox", show(msg.reply))
+                return
+            for chunk in answer(max(4096, self.max_payload // 2)):
+                await self.publish_to(msg.reply, chunk)
 
         await self.nc.subscribe(self.sync_subject, queue=SYNC_QUEUE, cb=on_request)
 
@@ -2257,6 +2503,9 @@ class RedisDriver(Transport):
         config = self.config
         self.channel = config.redis_channel.encode()
         self.sync_channel = self.channel + b".sync"
+        #: DISCOVERY_SUBJECTS=per-host: each host publishes on CHANNEL:host:HOSTNAME only
+        self.per_host = config.discovery_subjects == "per-host"
+        self.host_prefix = self.channel + b":host:"
         self.client: Any = None
         self.pubsub: Any = None
         self._up = False
@@ -2289,12 +2538,16 @@ class RedisDriver(Transport):
             # logs, a fresh hi and join), and this loop reconnects
             self.client = aioredis.Redis(
                 host=config.redis_host, port=config.redis_port, db=config.redis_db,
+                username=config.redis_username or None,
                 password=config.redis_password or None, socket_connect_timeout=2,
                 socket_timeout=5, client_name=self.name.replace(" ", "-"),
                 retry=Retry(NoBackoff(), 0))
             self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             try:
-                await self.pubsub.subscribe(self.channel)
+                if self.per_host:
+                    await self.pubsub.psubscribe(self.host_prefix + b"*")
+                else:
+                    await self.pubsub.subscribe(self.channel)
                 await self._connected()
                 delay = 0.1
                 await self._listen()
@@ -2339,6 +2592,8 @@ class RedisDriver(Transport):
                 last_heard = now
                 if message["type"] == "message":
                     self._dispatch(message["channel"], message["data"])
+                elif message["type"] == "pmessage":  # per-host: CHANNEL:host:HOSTNAME
+                    self._dispatch_host(message["channel"], message["data"])
             if now >= next_ping:
                 await pubsub.ping()
                 next_ping = now + REDIS_PING_EVERY
@@ -2356,13 +2611,21 @@ class RedisDriver(Transport):
         elif channel in self._replies:
             self._replies[channel].put_nowait(data)
 
+    def _dispatch_host(self, channel: bytes, data: bytes) -> None:
+        sender = channel[len(self.host_prefix):].decode("utf-8", "replace")
+        try:
+            self.fleet.packet(data, sender=sender)
+        except Exception as exc:  # never let one packet break the connection
+            log.error("handling a packet failed: %s", describe_error(exc))
+
     async def _disconnect(self) -> None:
         for closing in (self.pubsub, self.client):
             if closing is not None:
                 await close_within(1.0, closing.aclose(), "closing a Redis connection")
 
     async def publish(self, packet: Packet, message: str = "hi") -> bool:
-        return await self._publish(self.channel, encode_envelope(packet, message))
+        channel = self.host_prefix + packet.hostname.encode() if self.per_host else self.channel
+        return await self._publish(channel, encode_envelope(packet, message))
 
     async def _publish(self, channel: bytes, data: bytes) -> bool:
         if not self._up:
@@ -2376,6 +2639,12 @@ class RedisDriver(Transport):
 
     # join sync -------------------------------------------------------------------
     async def ask_fleet(self, reply: Callable[[bytes], bool], window: float) -> bool:
+        if self.per_host:  # as over NATS: every peer answers with its own packet
+            hostname = self.fleet.hostname
+            await self._publish(self.host_prefix + hostname.encode(),
+                                encode_envelope(Packet(hostname), "sync"))
+            await asyncio.sleep(SYNC_SPREAD + 0.2)
+            return False
         request_id = os.urandom(8).hex()
         reply_channel = self.sync_channel + b"." + request_id.encode()
         replies: asyncio.Queue[bytes | None] = asyncio.Queue()
@@ -2397,6 +2666,8 @@ class RedisDriver(Transport):
         return complete
 
     async def serve_fleet(self, answer: Callable[[int], list[bytes]]) -> None:
+        if self.per_host:
+            return  # the Fleet answers join requests among the packets
         self._answer = answer
         if self._up:
             await self.pubsub.subscribe(self.sync_channel)
@@ -2414,6 +2685,11 @@ class RedisDriver(Transport):
             return
         if self._answer is None or reply_channel.encode() in self._replies:
             return  # not serving yet, or our own request
+        if not reply_channel.encode().startswith(self.sync_channel + b"."):
+            self.fleet.garbage_log.warning("dropped a join request: reply channel %s is "
+                                           "not %s.ID", show(reply_channel),
+                                           self.sync_channel.decode(errors="replace"))
+            return  # never the registry onto the discovery channel, or any other
         claimed = await self.client.set(self.sync_channel + b":" + request_id.encode(), b"1",
                                         nx=True, ex=60)
         if claimed:
@@ -2500,6 +2776,9 @@ class NatsKvDriver(NatsDriver):
         self.learned = 0
         self._watcher: Any = None  # the subscription of the hosts bucket
         self._stale: dict[str, int] = {}
+        self.warnings: list[str] = []  #: what is wrong with the buckets' settings (health)
+        self.write_error = ""  #: why our last write failed, until one works (health)
+        self._write_log = RateLimitedLog(burst=3)
         self._setup_task: asyncio.Future[Any] | None = None
         self._tasks: list[asyncio.Future[Any]] = []
 
@@ -2513,6 +2792,10 @@ class NatsKvDriver(NatsDriver):
                      reaper=self.slot is not None)
         if self.problem:
             state["error"] = self.problem
+        if self.warnings:
+            state["warnings"] = list(self.warnings)
+        if self.write_error:
+            state["write_error"] = self.write_error
         return state
 
     async def run(self) -> None:
@@ -2575,6 +2858,7 @@ class NatsKvDriver(NatsDriver):
         self.alive = await self._bucket(KeyValueConfig(
             bucket=self.alive_bucket, history=1, storage=StorageType.MEMORY,
             ttl=self.config.ttl))
+        await self._check_buckets()
         if self._watcher is not None:
             with contextlib.suppress(Exception):
                 await self._watcher.unsubscribe()
@@ -2641,8 +2925,27 @@ class NatsKvDriver(NatsDriver):
                       describe_error(exc))
             return await self.js.key_value(config.bucket)
 
+    async def _check_buckets(self) -> None:
+        """Say (log, health) what in the buckets' settings, made by someone else, breaks
+        the fleet: a size limit that drops or refuses packets, no TTL on liveness."""
+        warnings = []
+        hosts = (await self.data.status()).stream_info.config
+        if hosts.max_bytes is not None and 0 < hosts.max_bytes < self.config.max_hosts * 512:
+            warnings.append(f"bucket {self.data_bucket} is limited to {hosts.max_bytes} bytes "
+                            f"(MAX_HOSTS={self.config.max_hosts} packets need up to "
+                            f"{self.config.max_hosts * 512}): when full, packets are dropped "
+                            "or refused and hosts vanish")
+        if not (await self.alive.status()).ttl:
+            warnings.append(f"bucket {self.alive_bucket} has no TTL (MaxAge): dead hosts are "
+                            "never reaped; recreate it with MaxAge = TTL")
+        for warning in warnings:
+            if warning not in self.warnings:
+                log.warning("%s", warning)
+        self.warnings = warnings
+
     def _apply(self, key: str, value: bytes, revision: int, deleted: bool) -> None:
-        """One change of the hosts bucket: the registry follows it."""
+        """One change of the hosts bucket: the registry follows it. A value speaks only
+        for the host its key names; our own key holds what we wrote, or we write it again."""
         if key.startswith("reaper."):
             with contextlib.suppress(ValueError):
                 slot = int(key[7:])
@@ -2657,6 +2960,9 @@ class NatsKvDriver(NatsDriver):
         hostname = kv_key_host(key)
         if hostname is None:
             return
+        if hostname == self.fleet.own_hostname:  # (None: client only, or leaving)
+            self._apply_own(key, value, revision, deleted)
+            return
         if not deleted:
             self.keys[key] = revision
             digest = hash(value)
@@ -2665,13 +2971,27 @@ class NatsKvDriver(NatsDriver):
             self.digests[key] = digest
             quiet = not self.initial.is_set()  # the join's one line counts them
             self.learned += quiet
-            self.fleet.packet(value, quiet)
+            self.fleet.packet(value, quiet, sender=hostname)
         elif self.keys.pop(key, None) is not None or not self.initial.is_set():
             self.digests.pop(key, None)
             self.put_labels.pop(key, None)  # ours reaped while we were away: write it again
             self.fleet.goodbye(hostname)
         else:
             self.digests.pop(key, None)
+
+    def _apply_own(self, key: str, value: bytes, revision: int, deleted: bool) -> None:
+        """Our own key: we know our packet. Another's value there, or its deletion
+        (reaped while we were away, or deleted by another), is answered with ours."""
+        if deleted:
+            self.keys.pop(key, None)
+        else:
+            self.keys[key] = revision
+        written = self.written.get(key)
+        if written is None or (not deleted and value == written[1]):
+            return  # not written yet (our first write follows), or our own echo
+        self.put_labels.pop(key, None)  # the next publish writes it again
+        self.fleet.impostor(f"our key {key} deleted (reaped while we were away, or by "
+                            "another)" if deleted else f"another's value in our key {key}")
 
     async def _forget(self, stale: dict[str, int]) -> None:
         """After a restart of the server, hosts that do not write their packet again
@@ -2703,9 +3023,12 @@ class NatsKvDriver(NatsDriver):
                     self.written[key] = (labels, encode_envelope(packet))
                 await self.data.put(key, self.written[key][1])
                 self.put_labels[key] = labels
+            self.write_error = ""
             return True
         except Exception as exc:  # a lost connection: the reconnect writes everything again
-            log.debug("KV write failed: %s", describe_error(exc))
+            self.write_error = describe_error(exc)
+            self._write_log.warning("writing to the buckets %s, %s failed: %s",
+                                    self.data_bucket, self.alive_bucket, self.write_error)
             return False
 
     async def serve_fleet(self, answer: Callable[[int], list[bytes]]) -> None:
@@ -2956,8 +3279,8 @@ def prometheus_group(name: str, packet: Packet, default_port: int) -> dict[str, 
                 port = None
             elif PORT_RE.fullmatch(value) and 0 < int(value) < 65536:
                 port = value
-        elif PROM_LABEL_RE.fullmatch(key):
-            labels[key] = value
+        elif PROM_LABEL_RE.fullmatch(key) and not key.startswith("__") and key != "job":
+            labels[key] = value  # __scheme__, __metrics_path__, job: the scraper's, not a host's
     if not found:
         return None
     targets = [with_port(host, port) for host in (hosts or [packet.hostname])]
@@ -4622,11 +4945,13 @@ METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class Counters:
     """What happened since start; plain attributes, bumped on the paths that exist anyway."""
 
-    __slots__ = ("dropped", "goodbyes", "his", "http_codes", "joined", "left_expired",
-                 "left_goodbye", "published")
+    __slots__ = ("dropped", "dropped_full", "dropped_subject", "goodbyes", "his", "http_codes",
+                 "impostors", "joined", "left_expired", "left_goodbye", "published",
+                 "sync_refused")
 
     def __init__(self) -> None:
         self.his = self.goodbyes = self.dropped = self.published = 0
+        self.dropped_subject = self.dropped_full = self.impostors = self.sync_refused = 0
         self.joined = self.left_goodbye = self.left_expired = 0
         self.http_codes: dict[int, int] = {}  #: status -> responses sent (the HTTP server)
 
@@ -4732,8 +5057,18 @@ class Health:
             Family("lobbyd_packets_received_total", "counter", "Valid discovery packets.",
                    [({"message": "hi"}, counters.his),
                     ({"message": "goodbye"}, counters.goodbyes)]),
-            Family("lobbyd_packets_dropped_total", "counter", "Packets off the contract.",
-                   [({}, counters.dropped)]),
+            Family("lobbyd_packets_dropped_total", "counter",
+                   "Packets dropped: off the contract, on another host's subject, or of a "
+                   "new host while the registry is full.",
+                   [({"reason": "invalid"}, counters.dropped),
+                    ({"reason": "subject"}, counters.dropped_subject),
+                    ({"reason": "registry_full"}, counters.dropped_full)]),
+            Family("lobbyd_impostor_packets_total", "counter",
+                   "Packets of others claiming this host's hostname (ignored).",
+                   [({}, counters.impostors)]),
+            Family("lobbyd_sync_answers_refused_total", "counter",
+                   "Join requests not answered: too many at once.",
+                   [({}, counters.sync_refused)]),
             Family("lobbyd_packets_published_total", "counter", "Packets this host sent.",
                    [({}, counters.published)]),
             Family("lobbyd_hosts_joined_total", "counter", "Hosts that appeared.",
@@ -5628,7 +5963,7 @@ class Daemon:
     def __init__(self, config: Config, environ: Mapping[str, str]):
         self.config = config
         kv = config.discovery_mode == "kv"  # the hosts bucket says who left, not silence
-        self.registry = Registry(math.inf if kv else config.ttl)
+        self.registry = Registry(math.inf if kv else config.ttl, config.max_hosts)
         self.local = LocalHost(config, self.local_changed, self.publish_local, self.renamed)
         self.watch = Watchers(self.registry, self.local.packet, self.expire,
                               config.node_exporter_port)
@@ -5639,7 +5974,11 @@ class Daemon:
         self.fleet = Fleet(self.registry, self.counters, LabelCache(), config.ttl,
                            changed=self.registry_changed, expire=self.expire,
                            say_hi=self.publish_local, state_changed=self.tell_systemd,
-                           joined=self.joined.set, schedule=self.schedule)
+                           joined=self.joined.set, schedule=self.schedule,
+                           own_labels=lambda: self.local.labels)
+        self.fleet.hostname = self.local.hostname
+        if config.register:
+            self.fleet.own_hostname = self.local.hostname
         self.transports: list[Transport] = [
             TRANSPORTS[kind](config, environ, f"lobbyd {self.local.hostname}", self.fleet)
             for kind in (("NATS-KV",) if kv else config.driver)]
@@ -5655,6 +5994,7 @@ class Daemon:
         self.api = Api(config, self.answers, self.watch, self.local, self.health)
         self.http = HttpServer(self.api.handle, self.api.at_once, self.counters.http_codes)
         self._stopping = False
+        self._peak = 0  #: the most hosts since the memory was last released
 
     # the registry -----------------------------------------------------------------
     def local_changed(self) -> None:
@@ -5666,11 +6006,28 @@ class Daemon:
             self.callback.notify()
 
     def expire(self) -> None:
-        dead = self.registry.expire(time.time())
+        registry = self.registry
+        if len(registry) > self._peak:
+            self._peak = len(registry)
+        dead = registry.expire(time.time())
         if dead:
             self.counters.left_expired += len(dead)
             log.info("expired (silent for over %ds): %s", self.config.ttl, ", ".join(dead[:20]))
             self.registry_changed()
+        elif self._peak - len(registry) > SHRINK_HOSTS and len(registry) < self._peak / 2:
+            self.shrunk()  # once the hosts stopped expiring
+
+    def shrunk(self) -> None:
+        """Most of the registry is gone (a flood of made-up hosts ended): give the memory
+        it held back to the system."""
+        log.info("the registry shrank from %d to %s: releasing memory", self._peak,
+                 plural(len(self.registry), "host"))
+        self._peak = len(self.registry)
+        self.registry.compact()
+        self.fleet.cache.forget()  # the flood's names and labels
+        # once the watchers took the changes (the next turn of the loop) and the
+        # caller let go of the expired names
+        asyncio.get_running_loop().call_later(0.1, release_memory)
 
 
     # publishing -------------------------------------------------------------------
@@ -5683,11 +6040,12 @@ class Daemon:
         return sent > 0
 
     async def publish_local(self) -> None:
-        if not self.config.register:
+        if not self.config.register or self._stopping:  # never a hi after our goodbye
             return
         packet = self.local.packet()
+        self.fleet.sent_own(packet.labels)
         # we list ourselves even while NATS is away; our own packet refreshes it later
-        change = self.registry.apply_hi(packet.hostname, packet.labels, time.time())
+        change = self.registry.apply_hi(packet.hostname, packet.labels, time.time(), own=True)
         if change:
             self.counters.joined += change == NEW_HOST
             self.registry_changed()
@@ -5695,6 +6053,9 @@ class Daemon:
 
     def renamed(self, old: str) -> None:
         """The hostname changed: the fleet forgets the old name at once."""
+        self.fleet.hostname = self.local.hostname
+        if self.config.register:
+            self.fleet.own_hostname = self.local.hostname
         self.schedule(self.publish(Packet(old), "goodbye"))
         if self.registry.apply_goodbye(old):
             self.registry_changed()
@@ -5808,6 +6169,7 @@ class Daemon:
         """Goodbye, flush, close: well under two seconds."""
         notify_systemd("STOPPING=1")
         self._stopping = True  # every loop checks it: a lost cancellation cannot hang us
+        self.fleet.own_hostname = None  # our own goodbye is coming back
         self.watch.close()
         self.local.stop()
         for task in list(self.tasks):  # a running CALLBACK is killed with its group

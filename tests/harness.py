@@ -294,8 +294,11 @@ class Lobbyd:
         return self
 
     def discovery_subject(self) -> str:
-        """Where its packets go: the subject, or in DISCOVERY_MODE=kv the hosts bucket."""
+        """Where its packets go: the subject, its own (DISCOVERY_SUBJECTS=per-host), or in
+        DISCOVERY_MODE=kv the hosts bucket."""
         subject = self.env.get("NATS_DISCOVERY_CHANNEL", "lobby.discovery")
+        if self.env.get("DISCOVERY_SUBJECTS", "").lower() == "per-host":
+            return f"{subject}.host.{self.env['HOSTNAME']}"
         if self.env.get("DISCOVERY_MODE", "").lower() == "kv":
             return "$KV." + re.sub(r"[^A-Za-z0-9_-]", "_", subject) + "_hosts.>"
         return subject
