@@ -5083,18 +5083,18 @@ class DnsAnswers:
         """The reply's bytes within `limit`: past it, the question alone (and the OPT)
         with TC set; the client asks again over TCP. Over TCP (a host's thousand long
         labels), as many records as fit."""
-        data = reply.pack()
+        data = bytes(reply.pack())
         if len(data) <= limit:
             return data
         reply.header.tc = 1
         opt = [rr for rr in reply.ar if rr.rtype == QTYPE_OPT]
         if limit < 0xFFFF:
             reply.rr, reply.auth, reply.ar = [], [], opt
-            return reply.pack()
+            return bytes(reply.pack())
         reply.ar = opt
         while reply.rr and len(data) > limit:
             del reply.rr[len(reply.rr) // 2:]  # halves: a few packs at most
-            data = reply.pack()
+            data = bytes(reply.pack())
         return data
 
 
