@@ -5145,7 +5145,7 @@ class DnsServer:
             if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EINVAL):
                 raise ConfigError(f"HOST={show(host)}: cannot listen there for DNS: "
                                   f"{exc.strerror}") from None
-            raise OSError(exc.errno, f"DNS_PORT={port}: cannot listen on {host}: "
+            raise OSError(f"DNS_PORT={port}: cannot listen on {host}: "
                           f"{exc.strerror or exc}") from None
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
