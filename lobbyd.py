@@ -4765,8 +4765,8 @@ DNS_TYPE_NAMES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16
                   28: "AAAA", 33: "SRV", 255: "ANY"}
 DNS_RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP",
                    5: "REFUSED", 16: "BADVERS"}
-#: the largest UDP answer sent, whatever size a client's EDNS0 offers (and ours)
-DNS_UDP_MAX = 4096
+#: the UDP size our EDNS0 record offers; the largest UDP answer a client's may ask for
+DNS_EDNS_SIZE, DNS_UDP_MAX = 4096, 65507
 #: answers kept (each a few hundred bytes; a flood of new names only refills it)
 DNS_CACHE_ENTRIES, DNS_CACHE_BYTES = 4096, 16 << 20
 #: TCP: connections at once, and how long one may sit idle or take to send a query
@@ -5032,10 +5032,10 @@ class DnsAnswers:
         if opts:
             limit = 0xFFFF if tcp else max(512, min(opts[0].rclass, DNS_UDP_MAX))
             if (opts[0].ttl >> 16) & 0xFF:  # an EDNS version past 0: BADVERS
-                reply.add_ar(lib.EDNS0(udp_len=DNS_UDP_MAX, ext_rcode=1))
+                reply.add_ar(lib.EDNS0(udp_len=DNS_EDNS_SIZE, ext_rcode=1))
                 header.aa = 0
                 return self.packed(reply, limit), (qtype, 16)
-            reply.add_ar(lib.EDNS0(udp_len=DNS_UDP_MAX))
+            reply.add_ar(lib.EDNS0(udp_len=DNS_EDNS_SIZE))
         if question.qclass not in (1, 255):
             header.rcode = REFUSED
             header.aa = 0
@@ -5080,14 +5080,20 @@ class DnsAnswers:
         return lib.RR(owner, kind, ttl=self.ttl, rdata=data)
 
     def packed(self, reply: Any, limit: int) -> bytes:
-        """The reply's bytes within `limit`: past it, the question alone (and the OPT)
-        with TC set; the client asks again over TCP. Over TCP (a host's thousand long
-        labels), as many records as fit."""
+        """The reply's bytes within `limit`: past it, without the additional records (the
+        SRV targets' addresses: no TC for them, RFC 2181), then the question alone (and
+        the OPT) with TC set; the client asks again over TCP. Over TCP (a host's thousand
+        long labels), as many records as fit."""
         data = bytes(reply.pack())
         if len(data) <= limit:
             return data
-        reply.header.tc = 1
         opt = [rr for rr in reply.ar if rr.rtype == QTYPE_OPT]
+        if len(reply.ar) > len(opt):
+            reply.ar = opt
+            data = bytes(reply.pack())
+            if len(data) <= limit:
+                return data
+        reply.header.tc = 1
         if limit < 0xFFFF:
             reply.rr, reply.auth, reply.ar = [], [], opt
             return bytes(reply.pack())

@@ -161,7 +161,7 @@ def test_200_hosts_truncated_over_udp_whole_over_tcp(lobbyd, nats) -> None:
     cut = dig(port, "+noedns", "+ignore", "api.service.lobby", "SRV")
     assert "tc" in flags(cut) and answer_count(cut) == 0
     cut = dig(port, "+bufsize=1232", "+ignore", "api.service.lobby", "A")  # 200 A: ~3.2 kB
-    assert "tc" in flags(cut) and "udp: 4096" in cut
+    assert "tc" in flags(cut) and "udp: 4096" in cut  # our EDNS0 record
     roomy = dig(port, "+bufsize=4096", "api.service.lobby", "A")
     assert "tc" not in flags(roomy) and answer_count(roomy) == 200
     # dig retries over TCP by itself and gets everything, the targets' addresses too

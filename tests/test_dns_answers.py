@@ -158,9 +158,15 @@ def test_truncation_over_udp_and_the_whole_answer_over_tcp() -> None:
                               False)) <= 512
     edns = ask(server, "web.service.lobby", "A", use_edns=0, payload=4096)
     assert not edns.flags & dns.flags.TC and len(records(edns)) == 200
-    assert edns.edns == 0 and edns.payload == L.DNS_UDP_MAX  # our OPT in the reply
+    assert edns.edns == 0 and edns.payload == L.DNS_EDNS_SIZE  # our OPT in the reply
     srv = ask(server, "web.service.lobby", "SRV", use_edns=0, payload=1232)
     assert srv.flags & dns.flags.TC and not srv.answer and srv.edns == 0
+    # the answers fit, their targets' addresses not: sent without them, and no TC
+    srv = ask(server, "web.service.lobby", "SRV", use_edns=0, payload=11000)
+    assert not srv.flags & dns.flags.TC and len(records(srv)) == 200 and not srv.additional
+    # the client's size is honoured, however large
+    srv = ask(server, "web.service.lobby", "SRV", use_edns=0, payload=65000)
+    assert not srv.flags & dns.flags.TC and len(records(srv, "additional")) == 200
     full = ask(server, "web.service.lobby", "SRV", tcp=True)
     assert not full.flags & dns.flags.TC
     assert len(records(full)) == 200 and len(records(full, "additional")) == 200
