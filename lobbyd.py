@@ -5080,7 +5080,7 @@ class DnsAnswers:
         return lib.RR(owner, kind, ttl=self.ttl, rdata=data)
 
     def packed(self, reply: Any, limit: int) -> bytes:
-        """The reply's bytes within `limit`: past it, without the additional records (the
+        """The reply's bytes within `limit`: past it, with fewer additional records (the
         SRV targets' addresses: no TC for them, RFC 2181), then the question alone (and
         the OPT) with TC set; the client asks again over TCP. Over TCP (a host's thousand
         long labels), as many records as fit."""
@@ -5088,11 +5088,21 @@ class DnsAnswers:
         if len(data) <= limit:
             return data
         opt = [rr for rr in reply.ar if rr.rtype == QTYPE_OPT]
-        if len(reply.ar) > len(opt):
+        extra = [rr for rr in reply.ar if rr.rtype != QTYPE_OPT]
+        if extra:  # as many as fit (a bisection: a few packs, and the answer is kept)
             reply.ar = opt
             data = bytes(reply.pack())
             if len(data) <= limit:
-                return data
+                low, high = 0, len(extra)  # `low` records fit, `high` do not
+                while high - low > 1:
+                    middle = (low + high) // 2
+                    reply.ar = extra[:middle] + opt
+                    if len(reply.pack()) <= limit:
+                        low = middle
+                    else:
+                        high = middle
+                reply.ar = extra[:low] + opt
+                return bytes(reply.pack())
         reply.header.tc = 1
         if limit < 0xFFFF:
             reply.rr, reply.auth, reply.ar = [], [], opt
