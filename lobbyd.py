@@ -6373,6 +6373,11 @@ def format_health(health: Mapping[str, Any], paint: Painter, now: float) -> str:
         state = paint.paint("up", "32") if check.get("up") else paint.paint("down", "31;1")
         output = f" ({check['output']})" if check.get("output") else ""
         lines.append(f"check {name}: {state}{output}")
+    dns = health.get("dns")
+    if isinstance(dns, dict):
+        lines.append(f"dns:      {'listening' if dns.get('listening') else 'not listening'} "
+                     f"on {dns.get('address')} for {dns.get('domain')}, "
+                     f"{dns.get('queries', 0)} queries answered")
     return "".join(line + "\n" for line in lines)
 
 

@@ -123,6 +123,8 @@ def test_dig_every_record_type_and_rcode(lobbyd, nats) -> None:
     health = daemon.get_json("/v1/health")["dns"]  # type: ignore[index]
     assert health["listening"] is True and health["domain"] == "lobby."
     assert health["address"] == f"127.0.0.1 port {port}"
+    ctl = run_lobbyd({}, args=["ctl", "-port", str(daemon.port), "health"])
+    assert f"dns:      listening on 127.0.0.1 port {port} for lobby., " in ctl.stdout, ctl
 
 
 def test_dnspython_stub_resolver(lobbyd, nats) -> None:
