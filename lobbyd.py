@@ -4761,8 +4761,10 @@ class Api:
 QTYPE_A, QTYPE_NS, QTYPE_SOA, QTYPE_TXT, QTYPE_AAAA, QTYPE_SRV, QTYPE_OPT, QTYPE_ANY = \
     1, 2, 6, 16, 28, 33, 41, 255
 NOERROR, FORMERR, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 3, 4, 5
-DNS_TYPE_NAMES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT",
-                  28: "AAAA", 33: "SRV", 255: "ANY"}
+#: the types /metrics names (any other is "other": clients choose them)
+DNS_TYPE_NAMES = {0: "none", 1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX",
+                  16: "TXT", 28: "AAAA", 33: "SRV", 64: "SVCB", 65: "HTTPS", 255: "ANY",
+                  -1: "other"}
 DNS_RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP",
                    5: "REFUSED", 16: "BADVERS"}
 #: the UDP size our EDNS0 record offers; the largest UDP answer a client's may ask for
@@ -4995,6 +4997,8 @@ class DnsAnswers:
         if reply is None or counted is None:
             self.dropped += 1
             return None
+        if counted[0] not in DNS_TYPE_NAMES:  # a type of a client's choosing: one sample
+            counted = (-1, counted[1])
         self.counts[counted] = self.counts.get(counted, 0) + 1
         if key is not None:
             self.kept.put((key, tcp), (reply[2:], counted), len(reply))
@@ -5210,7 +5214,7 @@ class DnsServer:
         return [
             Family("lobbyd_dns_queries_total", "counter", "DNS queries answered, by type "
                    "and rcode.",
-                   [({"type": DNS_TYPE_NAMES.get(kind, str(kind)),
+                   [({"type": DNS_TYPE_NAMES.get(kind, "other"),
                       "rcode": DNS_RCODE_NAMES.get(rcode, str(rcode))}, count)
                     for (kind, rcode), count in sorted(counts.items())]),
             Family("lobbyd_dns_dropped_total", "counter",

@@ -242,3 +242,14 @@ def test_any_question_gets_every_type_the_name_has() -> None:
     message = ask(server, "web1.node.lobby", "ANY")
     kinds = {rrset.rdtype for rrset in message.answer}
     assert kinds == {dns.rdatatype.A, dns.rdatatype.TXT}
+
+
+def test_metrics_name_a_bounded_set_of_types() -> None:
+    server = answers()
+    for kind in range(1000, 1300):  # types of a client's choosing
+        ask(server, "web.service.lobby", kind)
+    ask(server, "web.service.lobby", "A")
+    assert server.counts == {(-1, L.NOERROR): 300, (1, L.NOERROR): 1}
+    text = L.render_metrics(L.DnsServer(server).families()).decode()
+    assert 'lobbyd_dns_queries_total{type="other",rcode="NOERROR"} 300' in text
+    assert 'lobbyd_dns_queries_total{type="A",rcode="NOERROR"} 1' in text
