@@ -4828,30 +4828,60 @@ class Instance(NamedTuple):
 
 
 class DnsZone:
-    """The names of the zone at one registry version: services and nodes, looked up in
-    lower case (DNS names are case-blind)."""
+    """The names of the zone, looked up in lower case (DNS names are case-blind). Kept
+    up to date from the registry's notes: a change reads again only the hosts it names
+    (the whole registry on the first look, and when the notes were cut)."""
 
-    def __init__(self, registry: Registry, per_host: BoundedCache):
-        self.services: dict[bytes, list[Instance]] = {}
+    def __init__(self) -> None:
+        #: service name -> hostname -> its instance there
+        self.services: dict[bytes, dict[str, Instance]] = {}
+        #: hostname -> (hostname as it is, labels, its address if an IP)
         self.nodes: dict[bytes, tuple[str, tuple[str, ...], Any]] = {}
+        self.offers: dict[str, list[bytes]] = {}  #: hostname -> the services it offers
+        self.place = -1  #: how far into the registry's notes this zone has read
+
+    def update(self, registry: Registry) -> None:
+        changed = registry.noted.since(self.place) if self.place >= 0 else None
         hosts = registry.hosts
-        for hostname in registry.order():
-            labels = hosts[hostname][0]
-            key = (hostname, labels)
-            seen = per_host.get(key)
-            if seen is None:
-                address = host_address(hostname, labels)
-                seen = (host_services(labels), address, ip_literal(address))
-                per_host.put(key, seen)
-            services, address, ip = seen
-            self.nodes[hostname.lower().encode("utf-8", "surrogateescape")] = \
-                (hostname, labels, ip)
-            for service in services:
-                own = service.address
-                self.services.setdefault(service.name.lower().encode("utf-8", "replace"),
-                                         []).append(Instance(
-                    hostname, service, ip_literal(own) if own else ip, own or address,
-                    bool(own)))
+        if changed is None:
+            self.services.clear()
+            self.nodes.clear()
+            self.offers.clear()
+            for hostname, entry in hosts.items():
+                self.add(hostname, entry[0])
+        else:
+            for hostname in set(changed):
+                self.drop(hostname)
+                entry = hosts.get(hostname)
+                if entry is not None:
+                    self.add(hostname, entry[0])
+        self.place = registry.noted.end
+
+    def add(self, hostname: str, labels: tuple[str, ...]) -> None:
+        address = host_address(hostname, labels)
+        ip = ip_literal(address)
+        self.nodes[hostname.lower().encode("utf-8", "surrogateescape")] = (hostname, labels, ip)
+        offers = self.offers[hostname] = []
+        for service in host_services(labels):
+            own = service.address
+            key = service.name.lower().encode("utf-8", "replace")
+            offers.append(key)
+            self.services.setdefault(key, {})[hostname] = Instance(
+                hostname, service, ip_literal(own) if own else ip, own or address, bool(own))
+
+    def drop(self, hostname: str) -> None:
+        node = hostname.lower().encode("utf-8", "surrogateescape")
+        if self.nodes.get(node, ("",))[0] == hostname:
+            del self.nodes[node]
+        for key in self.offers.pop(hostname, ()):
+            instances = self.services.get(key, {})
+            instances.pop(hostname, None)
+            if not instances:
+                self.services.pop(key, None)
+
+    def instances(self, service: bytes) -> list[Instance]:
+        """The instances of a service, by hostname."""
+        return sorted(self.services.get(service, {}).values(), key=operator.itemgetter(0))
 
 
 #: a record: (owner name as labels, type, data): data is an IP address, a (priority,
@@ -4879,10 +4909,10 @@ def dns_records(zone: tuple[bytes, ...], name: tuple[bytes, ...], qtype: int, na
         pass  # names with names below them only: they exist, without records
     elif rel[-1] == b"service" and len(rel) in (2, 3):
         if len(rel) == 3 and rel[1] == b"_tcp" and rel[0][:1] == b"_":
-            found = names.services.get(rel[0][1:], [])
+            found = names.instances(rel[0][1:])
             want = tuple(kind for kind in want if kind == QTYPE_SRV)
         else:
-            found = names.services.get(rel[-2], [])
+            found = names.instances(rel[-2])
             if len(rel) == 3:
                 tag = rel[0]
                 found = [one for one in found
@@ -4968,8 +4998,7 @@ class DnsAnswers:
         self.ttl = ttl
         self.kept = BoundedCache(DNS_CACHE_ENTRIES, DNS_CACHE_BYTES)
         self.kept_version = -1
-        self.per_host = BoundedCache(1 << 17)  #: (hostname, labels) -> services, address
-        self.names: DnsZone | None = None
+        self.names = DnsZone()
         #: (type, rcode) -> queries answered; packets dropped (responses, garbage)
         self.counts: dict[tuple[int, int], int] = {}
         self.dropped = 0
@@ -4981,7 +5010,7 @@ class DnsAnswers:
             self.kept.clear()
             self.kept.cost = 0
             self.kept_version = self.registry.version
-            self.names = None
+            self.names.update(self.registry)
         key = dns_key(data)
         if key is not None:
             kept = self.kept.get((key, tcp))
@@ -5045,8 +5074,6 @@ class DnsAnswers:
             header.aa = 0
             return self.packed(reply, limit), (qtype, REFUSED)
         name = tuple(label.lower() for label in question.qname.label)
-        if self.names is None:
-            self.names = DnsZone(self.registry, self.per_host)
         rcode, answers, authority, extra = dns_records(self.zone, name, qtype, self.names,
                                                        self.soa())
         header.rcode = rcode
@@ -5093,11 +5120,23 @@ class DnsAnswers:
             return data
         opt = [rr for rr in reply.ar if rr.rtype == QTYPE_OPT]
         extra = [rr for rr in reply.ar if rr.rtype != QTYPE_OPT]
-        if extra:  # as many as fit (a bisection: a few packs, and the answer is kept)
+        if extra:  # as many as fit
             reply.ar = opt
             data = bytes(reply.pack())
             if len(data) <= limit:
-                low, high = 0, len(extra)  # `low` records fit, `high` do not
+                # a guess first, each name compressed but its first label (one more pack),
+                # then a bisection if the guess was too many
+                room, guess = limit - len(data), 0
+                for rr in extra:
+                    room -= len(rr.rname.label[0]) + 15 + (4 if rr.rtype == QTYPE_A else 16)
+                    if room < 0:
+                        break
+                    guess += 1
+                reply.ar = extra[:guess] + opt
+                data = bytes(reply.pack())
+                if len(data) <= limit:
+                    return data
+                low, high = 0, guess  # `low` records fit, `high` do not
                 while high - low > 1:
                     middle = (low + high) // 2
                     reply.ar = extra[:middle] + opt
