@@ -254,7 +254,12 @@ def test_a_garbage_flood_costs_only_itself(lobbyd, nats) -> None:
     metrics = daemon.request("GET", "/metrics")[2].decode()
     dropped = int(re.search(r"lobbyd_dns_dropped_total ([0-9]+)", metrics).group(1))
     formerr = sum(int(n) for n in re.findall(r'rcode="FORMERR"\} ([0-9]+)', metrics))
-    assert dropped > 0 and formerr > 0, metrics
+    handled = sum(int(n) for n in re.findall(r"lobbyd_dns_queries_total\{.*\} ([0-9]+)",
+                                               metrics)) + dropped
+    # the kernel drops what overflows the socket's buffer; lobbyd read the rest
+    assert dropped > 0 and formerr > 0 and handled >= 100, metrics
+    print(f"flood: {sent} sent, {handled} read by lobbyd ({dropped} dropped, "
+          f"{formerr} FORMERR)")
     assert daemon.proc.poll() is None
 
 
