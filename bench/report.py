@@ -25,6 +25,7 @@ TARGETS = {
     "http@10000": ("83 req/s, p99 237 ms", ">= 1,245 req/s, p99 < 15 ms"),
     "consul@10000": ("-", ">= 80 % of the same-bytes Python server"),
     "consul_watch@10000": ("-", "(report: Consul's held queries vs Lobby's)"),
+    "dns@10000": ("-", ">= 50 % of dnsmasq's queries/s, p99 < 5 ms at that rate"),
     "propagation": ("2-4 ms", "p99 < 5 ms"),
     "goodbye": ("1-3 ms", "p99 < 5 ms"),
     "join": ("0-5 s", "<= 200 ms after connecting"),
@@ -84,6 +85,12 @@ def detail(key: str, r: dict) -> str:
             f"{kind} `{x[kind]['path']}`: {x[kind]['held']} held, wake p50 {x[kind]['p50_ms']} "
             f"ms p99 {x[kind]['p99_ms']} ms, RSS {x[kind]['rss_mb_without']} -> "
             f"{x[kind]['rss_mb_with']} MB" for kind in ("lobby", "consul"))
+    if key.startswith("dns@"):
+        x = runs[len(runs) // 2]
+        return "; ".join(
+            f"{q} {c['qps']:,.0f}/s = {c['pct_of_dnsmasq']:.0f} % of dnsmasq's "
+            f"{c['dnsmasq_qps']:,.0f}/s, p99 {c['p99_ms']} ms at {c['rate']:,}/s (dnsmasq "
+            f"{c['dnsmasq_p99_ms']} ms)" for q, c in x["cases"].items())
     if key in ("propagation", "goodbye"):
         return (f"p99 {statistics.median([x['p99_ms'] for x in runs]):.1f} ms "
                 f"({min(x['p99_ms'] for x in runs):.1f}-{max(x['p99_ms'] for x in runs):.1f})")
@@ -142,6 +149,13 @@ def exact(v: float) -> str:
     return f"{v:,.4f}".rstrip("0").rstrip(".")
 
 
+def dns_target(c: dict) -> tuple[str, bool]:
+    """A DNS question's figure as compared, and whether it meets its target."""
+    return (f"{c['qps']:,.0f} / {c['dnsmasq_qps']:,.0f} q/s = {exact(c['pct_of_dnsmasq'])} %; "
+            f"p99 {exact(c['p99_ms'])} ms at {c['rate']:,}/s",
+            c["pct_of_dnsmasq"] >= 50 and c["p99_ms"] < 5)
+
+
 def target_rows(doc: dict) -> list[tuple[str, str, str, str]]:
     """The targets: (target, figure as compared, met, background), from the median run."""
     rows = []
@@ -188,6 +202,9 @@ def target_rows(doc: dict) -> list[tuple[str, str, str, str]]:
                     r["rss_mb"] <= 100)),
         ("startup_binary", "6. start-up of the static binary, exec -> first 200: < 300 ms",
          lambda r: (f"{exact(r['value'])} ms", r["value"] < 300)),
+        *(("dns@10000", f"DNS `NAME.service.lobby` {q}, 100 of 10k hosts: >= 50 % of "
+           "dnsmasq's queries/s (same records, same run), p99 < 5 ms at half its rate",
+           lambda r, q=q: dns_target(r["cases"][q])) for q in ("A", "SRV")),
     ]
     for key, name, judge in checks:
         run = median_run(doc, key)

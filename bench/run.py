@@ -36,6 +36,7 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # harness.py
 
+import dnsbench
 import httpload
 import kvbench
 from harness import ROOT, RedisServer, nats_server_binary, stop_process
@@ -73,6 +74,8 @@ class Profile:
     dead_variants: list[tuple[int, int, int, int]]  # (TTL, CLEAN_EVERY, victims' KEEP_ALIVE, n)
     startup_trials: int
     fanout_msgs: int
+    dns_seconds: float = 5  # one dnsperf turn (lobbyd's or dnsmasq's)
+    dns_rounds: int = 2  # turns of each per question type
 
 
 FULL = Profile(runs=3, ingest_hosts=[1000, 10000, 100000], ingest_confirm_s=5,
@@ -86,7 +89,7 @@ SMOKE = Profile(runs=1, ingest_hosts=[1000, 10000], ingest_confirm_s=2, redis_ho
                 steady_window_s=8, steady_big=False, http_hosts=[10000], http_seconds=4,
                 http_extra=False, http_rounds=2, prop_changes=40, goodbye_trials=5, join_trials=3,
                 join_peers=2, join_fakes=200, dead_variants=[(3, 15, 1, 1)],
-                startup_trials=5, fanout_msgs=100000)
+                startup_trials=5, fanout_msgs=100000, dns_seconds=2, dns_rounds=1)
 
 # What the issue gives for the Go daemon, and the targets it sets.
 REFERENCE = {
@@ -1326,7 +1329,7 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="short CI run: 1 run, small sizes")
     ap.add_argument("--runs", type=int, help="runs per figure (default 3, smoke 1)")
     ap.add_argument("--only", default="", help="comma list: idle,startup,ingest,ingest_redis,"
-                    "steady,http,consul,propagation,goodbye,join,dead,fanout,watch,page; kv "
+                    "steady,http,consul,propagation,goodbye,join,dead,fanout,watch,page,dns; kv "
                     "(DISCOVERY_MODE=kv) runs only when named, at --hosts "
                     "(default 10000,100000)")
     ap.add_argument("--label", default="lobbyd", help="name of the implementation measured")
@@ -1415,6 +1418,10 @@ def main() -> int:
             measure("watch@10000", lambda: fig_watch(cmd, work, prof))
         if want("page"):
             measure("page@10000", lambda: fig_page(cmd, work, prof, 10000))
+        if want("dns"):
+            measure("dns@10000", lambda: dnsbench.fig_dns(
+                lambda: Env(cmd, work), prefill, SUBJECT, 10000, prof.dns_seconds,
+                prof.dns_rounds))
         if want("fanout"):
             measure("nats_fanout", lambda: fig_fanout(work, prof), runs=1)
         if "kv" in only:
@@ -1511,6 +1518,13 @@ def regressions(results: dict[str, dict]) -> list[str]:
                 if s["batch_p99_ms"] >= 16 * f:
                     out.append(f"{where}: update batches p99 {s['batch_p99_ms']} ms, "
                                f"want under a 16 ms frame{scaled}")
+            elif key.startswith("dns@"):
+                for qtype, c in s["cases"].items():  # a same-run ceiling: no scaling
+                    if c["pct_of_dnsmasq"] < 50 or c["p99_ms"] >= 5 * f:
+                        out.append(f"{where}: {qtype} {c['qps']:.0f}/s = "
+                                   f"{c['pct_of_dnsmasq']}% of dnsmasq, p99 {c['p99_ms']} ms "
+                                   f"at {c['rate']}/s; "
+                                   f"want >= 50 % and < {5 * f:.1f} ms{scaled}")
             elif key.startswith("kv@"):
                 gone_by = s["ttl"] + 2 + 1  # README: about TTL + 2 s after the last keep-alive
                 if not s["killed_gone_s"] <= gone_by:
@@ -1693,6 +1707,13 @@ def table(doc: dict) -> str:
                       f"{first['nats_cpu_pct']}%; join {first['join_s']} s{other(first, 'join')}; "
                       f"killed gone {first['killed_gone_s']} s; restart whole "
                       f"{first['restart_whole_s']} s{other(first, 'restart')}")
+        elif key.startswith("dns@"):
+            ref = "target >= 50% of dnsmasq's queries/s, p99 < 5 ms at that rate"
+            detail = "; ".join(
+                f"{q}: {c['qps']:.0f}/s = {c['pct_of_dnsmasq']:.0f}% of dnsmasq "
+                f"{c['dnsmasq_qps']:.0f}/s; at {c['rate']}/s p99 {c['p99_ms']} ms (dnsmasq "
+                f"{c['dnsmasq_p99_ms']} ms), flat out {c['p99_flat_out_ms']} ms"
+                for q, c in first["cases"].items())
         elif key == "nats_fanout":
             detail = f"{first['subscribers']} subscribers, nats cpu {first['nats_cpu_pct']}%"
         rows.append((key, f"{fmt(r['median'], unit)} {unit}",
