@@ -410,6 +410,21 @@ def parse_driver(name: str, value: str) -> tuple[str, ...]:
     return tuple(drivers)
 
 
+def parse_allowed_hosts(name: str, value: str) -> tuple[str, ...]:
+    """Host names for the Host header: a name, an IP address, .suffix, or *."""
+    names = []
+    for item in value.split(","):
+        word = item.strip().lower().rstrip(".")
+        if not word:
+            continue
+        bare = word[1:] if word.startswith(".") else word.strip("[]")
+        if word != "*" and not re.fullmatch(r"[a-z0-9_]([a-z0-9_.:-]{0,251}[a-z0-9_])?", bare):
+            raise ConfigError(f"{name}={show(value)}: expected comma-separated host names "
+                              "(lobby.example.com, .example.com for its subdomains, or *)")
+        names.append(word if word.startswith(".") else bare)
+    return tuple(names)
+
+
 DISCOVERY_MODES = ("broadcast", "kv")
 
 
@@ -442,6 +457,12 @@ ENV_VARS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "HOST": ("127.0.0.1", parse_host, "address the HTTP API listens on (IPv4 or IPv6, e.g. ::)"),
     "PORT": ("1313", int_in(1, 65535), "HTTP API port"),
     "DISABLE_API": ("false", parse_bool, "no HTTP listener at all"),
+    "HTTP_ALLOWED_HOSTS": ("", parse_allowed_hosts,
+                           "comma-separated names the API answers to in the Host header "
+                           "besides IP addresses, localhost, the hostname and HOST "
+                           "(.example.com: its subdomains; *: any)"),
+    "HTTP_MAX_CONNECTIONS_PER_ADDRESS": ("250", int_in(1, 100000),
+                                         "open API connections one client address may hold"),
     "DRIVER": ("NATS", parse_driver, "discovery transport: NATS, Redis, or NATS,Redis"),
     "NATS_URL": ("nats://127.0.0.1:4222", parse_nats_urls,
                  "NATS URL or comma-separated cluster URLs (nats://, tls://, user:pass@)"),
@@ -489,6 +510,8 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 1313
     disable_api: bool = False
+    http_allowed_hosts: tuple[str, ...] = ()
+    http_max_connections_per_address: int = 250
     driver: tuple[str, ...] = ("NATS",)
     nats_url: tuple[str, ...] = ("nats://127.0.0.1:4222",)
     nats_discovery_channel: str = "lobby.discovery"
@@ -4113,11 +4136,15 @@ WRITE_TIMEOUT = 60.0
 WRITE_SLICE = 1 << 20
 SLICE_MIN = 64 * 1024  #: bodies this big (not prepared) go out in WRITE_SLICE slices
 MAX_CONNECTIONS = 1000
+#: past the limits, connections for RESERVED_PATHS (health, metrics) only: one request
+#: each, its head within RESERVED_HEAD_TIMEOUT (out of the fds kept below the limit)
+RESERVED_CONNECTIONS = 16
+RESERVED_HEAD_TIMEOUT = 2.0
 LISTEN_BACKLOG = 128
 TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 REASONS = {200: "OK", 100: "Continue", 400: "Bad Request", 403: "Forbidden",
            404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
-           411: "Length Required", 413: "Content Too Large", 431:
+           411: "Length Required", 413: "Content Too Large", 421: "Misdirected Request", 431:
            "Request Header Fields Too Large", 500: "Internal Server Error",
            501: "Not Implemented", 503: "Service Unavailable",
            505: "HTTP Version Not Supported", 507: "Insufficient Storage"}
@@ -4381,15 +4408,27 @@ class HttpServer:
     parse and the handler: it returns the Prepared keep-alive answer to send (at most
     `most` bytes), or None to send the request the whole way. It must change nothing:
     it also runs from a connection's data_received (HttpProtocol).
+
+    Connections: at most `limit` in all and `per_address` from one client address. A
+    new one past either first closes an idle keep-alive connection (of its address,
+    else of the address holding most); if none is idle, it may take one of
+    RESERVED_CONNECTIONS slots, answered only for `reserved_paths` (a health check
+    gets through a flood), else it is closed at once.
     """
 
     def __init__(self, handle: Callable[[Request], Awaitable[Response]],
                  at_once: Callable[[bytes, float], Prepared | None] | None = None,
-                 codes: dict[int, int] | None = None):
+                 codes: dict[int, int] | None = None, per_address: int = MAX_CONNECTIONS,
+                 reserved_paths: Iterable[str] = ()):
         self.handle = handle
         self.at_once = at_once
         self.limit = connection_limit()
         self.active = 0
+        self.per_address = per_address
+        #: client address -> its connections (admitted, not reserved), oldest first
+        self.by_address: dict[str, dict[HttpProtocol, None]] = {}
+        self.reserved_paths = frozenset(reserved_paths)
+        self.reserved = 0  #: reserved slots in use
         #: status -> responses sent (for /metrics, where the caller keeps it)
         self.codes: dict[int, int] = {} if codes is None else codes
         self.server: asyncio.AbstractServer | None = None
@@ -4406,14 +4445,18 @@ class HttpServer:
             writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.active >= self.limit:
-            writer.close()  # over the limit: close at once, costing the others nothing
+        protocol: HttpProtocol = writer.transport.get_protocol()  # type: ignore[assignment]
+        mine = self.by_address.get(protocol.address)
+        if (self.active >= self.limit or (mine is not None and len(mine) >= self.per_address)) \
+                and not self._make_room(protocol.address):
+            await self._serve_reserved(reader, writer, protocol)
             return
         self.active += 1
+        self.by_address.setdefault(protocol.address, {})[protocol] = None
+        protocol.admitted = True
         self.writers.add(writer)
         # one deadline per connection, moved for each step (idle, head, body, write)
         timer = deadline(math.inf, writer.transport.abort)
-        protocol: HttpProtocol = writer.transport.get_protocol()  # type: ignore[assignment]
         protocol.timer = timer
         try:
             first = True
@@ -4424,7 +4467,73 @@ class HttpServer:
             pass  # the client went away, stalled, or sent what cannot be answered
         finally:
             timer.cancel()
-            self.active -= 1
+            self._release(protocol)
+            self.writers.discard(writer)
+            writer.close()
+
+    def _release(self, protocol: HttpProtocol) -> None:
+        """The connection no longer counts against the limits (once)."""
+        if not protocol.admitted:
+            return
+        protocol.admitted = False
+        self.active -= 1
+        mine = self.by_address[protocol.address]
+        del mine[protocol]
+        if not mine:
+            del self.by_address[protocol.address]
+
+    def _make_room(self, address: str) -> bool:
+        """Close idle keep-alive connections until a connection from `address` fits
+        the limits; False if there are none to close."""
+        mine = self.by_address.get(address)
+        if mine is not None and len(mine) >= self.per_address and not self._close_idle(mine):
+            return False
+        if self.active >= self.limit:
+            most = max(self.by_address.values(), key=len)
+            if not self._close_idle(most) and not any(
+                    self._close_idle(conns) for conns in list(self.by_address.values())):
+                return False
+        return True
+
+    def _close_idle(self, connections: dict[HttpProtocol, None]) -> bool:
+        """Close the oldest idle keep-alive connection of `connections`, if one is."""
+        for protocol in connections:
+            if protocol.idle and protocol.transport is not None:
+                self._release(protocol)
+                protocol.transport.close()  # what it was sent goes first; its task ends
+                return True
+        return False
+
+    async def _serve_reserved(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                              protocol: HttpProtocol) -> None:
+        """Past the limits: one request for a reserved path answered, any other refused
+        (503); or, with every reserved slot taken, closed at once."""
+        if self.reserved >= RESERVED_CONNECTIONS or not self.reserved_paths:
+            writer.close()  # costing the others nothing
+            return
+        self.reserved += 1
+        self.writers.add(writer)
+        timer = deadline(RESERVED_HEAD_TIMEOUT, writer.transport.abort)
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            timer.move(math.inf)
+            request = parse_request_head(head[:-4].lstrip(b"\r\n"))
+            request.head, request.reader = head, reader
+            if request.path in self.reserved_paths and request.method in ("GET", "HEAD") \
+                    and body_length(request) == 0:
+                response = await self.handle(request)
+            else:
+                response = Response.text(503, "too many connections: only "
+                                         f"{', '.join(sorted(self.reserved_paths))} answered "
+                                         "now; try again later", {"Retry-After": "1"})
+            await self._write(writer, response, False, request.method == "HEAD", timer,
+                              protocol.fd)
+        except (HttpError, ConnectionError, asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError, asyncio.TimeoutError, OSError):
+            pass  # gone, stalled or garbled: a reserved slot waits for no one
+        finally:
+            timer.cancel()
+            self.reserved -= 1
             self.writers.discard(writer)
             writer.close()
 
@@ -4446,9 +4555,11 @@ class HttpServer:
         if response.stream is not None and request.method != "HEAD":
             await response.stream(reader, writer)
             return False
-        # after a 500 the connection's state is suspect; a 503 (unhealthy) is an answer
+        # after a 500 the connection's state is suspect; a 503 (unhealthy) is an answer;
+        # a refused client (403, 421) tries again on a new connection, if at all
         keep_alive = wants_keep_alive(request) and (response.status < 500 or
-                                                    response.status == 503)
+                                                    response.status == 503) and \
+            response.status not in (403, 421)
         await self._write(writer, response, keep_alive, request.method == "HEAD", timer,
                           protocol.fd)
         return keep_alive
@@ -4598,11 +4709,15 @@ class HttpProtocol(asyncio.StreamReaderProtocol):
         self.timer: deadline | None = None  #: the task's, to move its idle deadline
         self.transport: asyncio.WriteTransport | None = None
         self.fd = -1
+        self.address = ""  #: the client's IP address, for the per-address limit
+        self.admitted = False  #: counted against the server's limits
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         self.fd = sock.fileno() if sock is not None else -1
+        peer = transport.get_extra_info("peername")
+        self.address = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         super().connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
@@ -4770,6 +4885,106 @@ class Health:
 
 
 ###############################################################################
+# Request guard: which names a request may carry in Host (DNS rebinding: a page of
+# evil.example whose name now points at 127.0.0.1), and which pages may change
+# state (a cross-site form or fetch() speaking for the operator). Pure but for one
+# lazy look-up of the machine's FQDN; Api applies it before the token.
+###############################################################################
+
+#: methods that change nothing: any page may send them (a browser lets it read the
+#: answer only if it is same-origin, which the Host check ensures)
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+def host_of(value: str) -> str | None:
+    """The name or address of a Host header (or an origin's host:port), lower case,
+    without port, brackets or a trailing dot; None if it is malformed."""
+    value = value.lower()
+    if value.startswith("["):
+        address, sep, rest = value[1:].partition("]")
+        if not sep or (rest and not re.fullmatch(r":[0-9]{1,5}", rest)):
+            return None
+        return address
+    name, sep, port = value.rpartition(":")
+    if not sep:
+        name = value
+    elif not re.fullmatch(r"[0-9]{1,5}", port) or ":" in name:
+        return None
+    return name.rstrip(".") or None
+
+
+def is_ip_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+class RequestGuard:
+    """The Host names the API answers to and the origins that may change its state.
+
+    Accepted in Host: no Host at all (HTTP/1.0), any IP address (no DNS name can be
+    rebound into one), localhost and *.localhost, HOST, HOSTNAME, the machine's name
+    and FQDN, and HTTP_ALLOWED_HOSTS. A request that changes state (POST, DELETE...)
+    is refused when a browser says it comes from another site (Sec-Fetch-Site:
+    cross-site) or from an origin that is not this API's (Origin); clients that are
+    no browser send neither, and are not concerned.
+    """
+
+    def __init__(self, port: int, names: Iterable[str], allowed: Sequence[str] = ()):
+        self.port = port
+        self.any = "*" in allowed
+        self.listed = {name for name in allowed if not name.startswith(".")}
+        self.suffixes = tuple(name for name in allowed if name.startswith("."))
+        self.names = {name.lower().rstrip(".") for name in names if name} | self.listed
+        self._fqdn_asked = False
+        self._good = BoundedCache(256)  #: Host header values found good
+
+    def host_ok(self, host: str | None) -> bool:
+        """Whether a request with this Host header (None: none) is for this API."""
+        if not host or host in self._good:
+            return True
+        name = host_of(host)
+        ok = name is not None and self.name_ok(name)
+        if ok:
+            self._good.put(host, True)
+        return ok
+
+    def name_ok(self, name: str) -> bool:
+        if self.any or name in self.names or name == "localhost" or \
+                name.endswith((".localhost", *self.suffixes)) or is_ip_address(name):
+            return True
+        if not self._fqdn_asked:  # the first unknown name asks once, not at start-up
+            self._fqdn_asked = True
+            with contextlib.suppress(OSError, UnicodeError):
+                self.names.add(socket.getfqdn().lower().rstrip("."))
+            return name in self.names
+        return False
+
+    def origin_ok(self, headers: Mapping[str, str]) -> bool:
+        """Whether a request that changes state may come from where the browser says."""
+        if headers.get("sec-fetch-site", "").lower() == "cross-site":
+            return False
+        origin = headers.get("origin")
+        if origin is None:
+            return True  # no browser, or a browser's same-origin request of old
+        scheme, sep, netloc = origin.lower().partition("://")
+        if not sep or scheme not in ("http", "https") or "/" in netloc:
+            return False  # "null" (a sandboxed page, a file), or malformed
+        name = host_of(netloc)
+        if name is None:
+            return False
+        if netloc == headers.get("host", "").lower() or name in self.listed or \
+                name.endswith(self.suffixes):
+            return self.host_ok(netloc)  # the page this API serves (behind a proxy too)
+        port = netloc.rpartition(":")[2] if not netloc.endswith("]") else ""
+        port_number = int(port) if port.isdigit() and port.isascii() else \
+            (443 if scheme == "https" else 80)
+        return port_number == self.port and self.host_ok(netloc)
+
+
+###############################################################################
 # API routes: a table of (path -> method -> handler); handlers are short. A request
 # for an answer is parsed into its View here; the bytes come from Answers, the
 # indexes and held requests from Watchers, the rest from the local host and Health.
@@ -4878,6 +5093,8 @@ class Api:
         self.local = local
         self.health = health
         self.token = config.token.encode("utf-8", "surrogateescape")
+        self.guard = RequestGuard(config.port, (config.host, local.hostname, socket.gethostname()),
+                                  config.http_allowed_hosts)
         discoveries = self.watched(discoveries_view)
         self.routes: dict[str, dict[str, Callable[[Request], Any]]] = {
             "/": {"GET": discoveries},
@@ -4898,6 +5115,7 @@ class Api:
     # dispatch ----------------------------------------------------------------
     async def handle(self, request: Request) -> Response:
         try:
+            self.check_origin(request)
             if request.path in ("/", PAGE_PATH) and request.method in ("GET", "HEAD") and (
                     request.path == PAGE_PATH or
                     prefers_html(request.headers.get("accept", ""))):
@@ -4925,6 +5143,17 @@ class Api:
         except Exception:  # a bug: the whole way answers it (a 500, logged)
             return None
         return found[0]
+
+    def check_origin(self, request: Request) -> None:
+        """Refuse a Host this API is not (DNS rebinding) and a state change that a
+        page of another origin asks for (see RequestGuard)."""
+        headers = request.headers
+        if not self.guard.host_ok(headers.get("host")):
+            raise HttpError(421, f"this API does not answer to the name {show(headers['host'])}; "
+                                 "an operator adds it to HTTP_ALLOWED_HOSTS")
+        if request.method not in SAFE_METHODS and not self.guard.origin_ok(headers):
+            raise HttpError(403, "refused: a web page of another site may not change this "
+                                 "lobbyd (Origin or Sec-Fetch-Site)")
 
     def authorize(self, request: Request) -> None:
         if not self.allowed(request.headers):
@@ -5653,7 +5882,9 @@ class Daemon:
         self.answers = Answers(self.registry, self.watch, self.expire,
                                config.node_exporter_port, config.datacenter)
         self.api = Api(config, self.answers, self.watch, self.local, self.health)
-        self.http = HttpServer(self.api.handle, self.api.at_once, self.counters.http_codes)
+        self.http = HttpServer(self.api.handle, self.api.at_once, self.counters.http_codes,
+                               config.http_max_connections_per_address,
+                               ("/v1/health", "/metrics"))
         self._stopping = False
 
     # the registry -----------------------------------------------------------------

@@ -80,7 +80,7 @@ class IdleProbe(threading.Thread):
 
     def run(self) -> None:
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-            s.sendall(b"GET /v1/discovery HTTP/1.1\r\nHost: x\r\n\r\n")
+            s.sendall(b"GET /v1/discovery HTTP/1.1\r\nHost: localhost\r\n\r\n")
             t0 = time.monotonic()
             s.settimeout(IDLE_TIMEOUT + 15)
             data = b""
