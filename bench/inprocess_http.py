@@ -29,7 +29,8 @@ from loadgen import hostname, labels
 CASES = {
     "stable": (b"GET /v1/discoveries HTTP/1.1\r\nHost: localhost\r\n\r\n", 0),
     "churn": (b"GET /v1/discoveries HTTP/1.1\r\nHost: localhost\r\n\r\n", 2),
-    "gzip": (b"GET /v1/discoveries HTTP/1.1\r\nHost: localhost\r\nAccept-Encoding: gzip\r\n\r\n", 0),
+    "gzip": (b"GET /v1/discoveries HTTP/1.1\r\nHost: localhost\r\n"
+             b"Accept-Encoding: gzip\r\n\r\n", 0),
     "prometheus": (b"GET /v1/prometheus/node HTTP/1.1\r\nHost: localhost\r\n\r\n", 0),
     "resolve": (b"GET /v1/resolve?label=service:web HTTP/1.1\r\nHost: localhost\r\n\r\n", 0),
 }

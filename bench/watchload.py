@@ -86,7 +86,8 @@ class Stream:
         # the snapshot of a big fleet is one line of megabytes
         self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port,
                                                                  limit=64 << 20)
-        self.writer.write(f"GET /v1/events{self.query} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+        self.writer.write(f"GET /v1/events{self.query} HTTP/1.1\r\n"
+                          "Host: localhost\r\n\r\n".encode())
         await self.reader.readuntil(b"\r\n\r\n")
         await self.reader.readuntil(b"\n\n")  # the snapshot
         self.open = True

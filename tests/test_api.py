@@ -401,7 +401,8 @@ def test_a_poller_that_does_not_read_holds_one_answer_and_gets_them_all(lobbyd) 
 def test_a_repeated_blocking_query_is_held_every_time(lobbyd) -> None:
     a = lobbyd("a")
     index = a.request("GET", "/v1/discoveries")[1]["x-lobby-index"]
-    request = f"GET /v1/discoveries?index={index}&wait=1s HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
+    request = f"GET /v1/discoveries?index={index}&wait=1s HTTP/1.1\r\n" \
+        "Host: localhost\r\n\r\n".encode()
     with socket.create_connection(("127.0.0.1", a.port), timeout=5) as s:
         for _ in range(3):
             started = time.monotonic()

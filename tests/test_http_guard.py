@@ -83,8 +83,8 @@ def raw(port: int, data: bytes, source: str = "127.0.0.1") -> tuple[int, bytes, 
             assert chunk, f"closed after {out!r}"
             out += chunk
         head, _, body = out.partition(b"\r\n\r\n")
-        length = int([line.split(b":")[1] for line in head.split(b"\r\n")
-                      if line.lower().startswith(b"content-length:")][0])
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
         while len(body) < length:
             body += s.recv(65536)
         s.settimeout(2)
@@ -167,7 +167,7 @@ class AttackServer:
         page = ATTACK_PAGE % {b"port": lobbyd_port}
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 self.send_response(200)
                 self.send_header("Content-Type", "text/html")
                 self.send_header("Content-Length", str(len(page)))
