@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import http.server
 import json
+import shutil
 import socket
+import subprocess
 import threading
 from pathlib import Path
 
@@ -247,3 +249,16 @@ def test_chromium_dns_rebinding_reads_nothing(lobbyd, tmp_path) -> None:
         assert "evil:1" not in a.get_json("/v1/discovery")["labels"]  # type: ignore[index]
     finally:
         browser.close()
+
+
+def test_curl_still_reads_and_writes(lobbyd) -> None:
+    if not shutil.which("curl"):
+        skip_unless_required("curl not found: apt-get install curl")
+    a = lobbyd("guard.curl")
+    for base in (f"http://127.0.0.1:{a.port}", f"http://localhost:{a.port}"):
+        done = subprocess.run(["curl", "-sS", "-f", "--data-binary", "role:curl",
+                               f"{base}/v1/labels"], capture_output=True, text=True, timeout=10)
+        assert done.returncode == 0 and done.stdout == "OK", done
+        done = subprocess.run(["curl", "-sS", "-f", f"{base}/v1/discoveries"],
+                              capture_output=True, text=True, timeout=10)
+        assert done.returncode == 0 and "role:curl" in done.stdout, done
