@@ -5397,6 +5397,30 @@ class Api:
 OUTPUT_GRACE = 0.5
 
 
+#: lobbyd's secrets, which no command it runs sees (a check's output is in /v1/health):
+#: these variables, and every NATS_* or REDIS_* one whose name says it is a secret
+SECRET_VARS = frozenset({"TOKEN", "REDIS_PASSWORD"})
+SECRET_NAME_RE = re.compile(r"(NATS|REDIS)_\w*(PASS|TOKEN|CRED|NKEY|SEED|JWT|SECRET|KEY)")
+
+
+def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment of CALLBACK and exec checks: lobbyd's, without its secrets;
+    NATS_URL stays, without user:password@ or token@."""
+    env = {name: value for name, value in environ.items()
+           if name not in SECRET_VARS and not SECRET_NAME_RE.match(name)}
+    if "NATS_URL" in env:
+        env["NATS_URL"] = ",".join(url_without_credentials(url.strip())
+                                   for url in env["NATS_URL"].split(","))
+    return env
+
+
+def url_without_credentials(url: str) -> str:
+    if "@" not in url:
+        return url
+    scheme, sep, rest = url.partition("://")
+    return scheme + sep + rest.rsplit("@", 1)[1] if sep else url.rsplit("@", 1)[1]
+
+
 class CommandResult(NamedTuple):
     code: int | None  #: exit status (negative: killed by that signal)
     output: str  #: the first bytes of stdout and stderr, its lines joined by " | "
@@ -5411,7 +5435,7 @@ async def run_command(argv: Sequence[str], stdin: bytes | None, timeout: float,
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        start_new_session=True)
+        start_new_session=True, env=child_environment(os.environ))
     timed_out: list[bool] = []
 
     def time_out() -> None:
