@@ -727,8 +727,15 @@ def write_atomically(path: Path, text: str) -> None:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    # a new file, never one that is there: not a link planted at the name (O_EXCL
+    # does not follow it), nor a file others have open; what is there is removed
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            fd = os.open(tmp, flags, 0o644)
+        except FileExistsError:
+            os.unlink(tmp)  # a link goes, not what it points at
+            fd = os.open(tmp, flags, 0o644)
         try:
             data = text.encode("utf-8")
             view = memoryview(data)
@@ -742,11 +749,19 @@ def write_atomically(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise NotDurable(exc.errno, exc.strerror) from exc
+
+
+class NotDurable(OSError):
+    """The file was replaced, but its directory could not be synced: the new file may
+    not survive a power loss (the old one may come back)."""
 
 
 class RuntimeLabels:
@@ -4142,6 +4157,9 @@ RESERVED_CONNECTIONS = 16
 RESERVED_HEAD_TIMEOUT = 2.0
 LISTEN_BACKLOG = 128
 TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: ASCII controls but tab, CR and LF (those end lines, checked there): in no request head
+HEAD_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+MAX_TRAILER_BYTES = 8 * 1024  #: a chunked body's trailers, all of them
 REASONS = {200: "OK", 100: "Continue", 400: "Bad Request", 403: "Forbidden",
            404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
            411: "Length Required", 413: "Content Too Large", 421: "Misdirected Request", 431:
@@ -4210,6 +4228,8 @@ def parse_request_head(head: bytes) -> Request:
         text = head.decode("latin-1")
     except UnicodeDecodeError:  # latin-1 decodes anything; kept for clarity
         raise HttpError(400, "bad request encoding") from None
+    if HEAD_CONTROL_RE.search(text):
+        raise HttpError(400, "control character in the request head")
     lines = text.split("\r\n")
     parts = lines[0].split(" ")
     if len(parts) != 3 or not TOKEN_RE.fullmatch(parts[0].encode("latin-1")) or \
@@ -4253,7 +4273,7 @@ def body_length(request: Request) -> int | None:
     """Content-Length of the body; None for chunked; HttpError for anything else off."""
     encoding = request.headers.get("transfer-encoding")
     if encoding is not None:
-        if encoding.strip().lower() != "chunked":
+        if encoding.lower() != "chunked":  # exactly: only SP and HTAB were stripped
             raise HttpError(501, f"unsupported Transfer-Encoding {show(encoding)}")
         if "content-length" in request.headers:
             raise HttpError(400, "both Content-Length and Transfer-Encoding")
@@ -4261,7 +4281,7 @@ def body_length(request: Request) -> int | None:
     raw = request.headers.get("content-length")
     if raw is None:
         return 0
-    if not raw.isdigit() or len(raw) > 18:
+    if not re.fullmatch(r"[0-9]{1,18}", raw):  # ASCII digits: str.isdigit() takes "²"
         raise HttpError(400, f"bad Content-Length {show(raw)}")
     length = int(raw)
     if length > MAX_BODY_BYTES:
@@ -4273,15 +4293,20 @@ async def read_chunked(reader: asyncio.StreamReader) -> bytes:
     body = bytearray()
     while True:
         line = await reader.readuntil(b"\r\n")
-        size_text = line.split(b";", 1)[0].strip()
+        size_text, ext, _ = line[:-2].partition(b";")
+        if ext:  # white space only before an extension
+            size_text = size_text.rstrip(b" \t")
         if not re.fullmatch(rb"[0-9a-fA-F]{1,8}", size_text):
             raise HttpError(400, "bad chunk size")
         size = int(size_text, 16)
         if len(body) + size > MAX_BODY_BYTES:
             raise HttpError(413, f"body over {MAX_BODY_BYTES} bytes")
         if size == 0:
-            while (await reader.readuntil(b"\r\n")) != b"\r\n":
-                pass  # trailers: ignored
+            trailers = 0
+            while (line := await reader.readuntil(b"\r\n")) != b"\r\n":
+                trailers += len(line)  # trailers: ignored, but not without end
+                if trailers > MAX_TRAILER_BYTES:
+                    raise HttpError(431, f"trailers over {MAX_TRAILER_BYTES} bytes")
             return bytes(body)
         body += await reader.readexactly(size)
         if await reader.readexactly(2) != b"\r\n":
@@ -5378,6 +5403,13 @@ class Api:
     async def change_labels(self, add: Sequence[str], remove: Sequence[str]) -> Response:
         try:
             await self.local.change_runtime_labels(add, remove)
+        except NotDurable as exc:  # the change is made: an honest 500, not "nothing changed"
+            path = self.local.runtime.path
+            log.error("saved runtime labels to %s, but cannot sync its directory: %s; they "
+                      "may not survive a power loss", path, exc.strerror or exc)
+            raise HttpError(500, f"labels saved to {path} and published, but its directory "
+                            f"cannot be synced ({exc.strerror or exc}): they may not survive "
+                            "a power loss") from None
         except OSError as exc:
             status = 507 if exc.errno in (errno.ENOSPC, errno.EDQUOT) else 500
             path = self.local.runtime.path
@@ -5727,25 +5759,28 @@ class LocalHost:
             self.changed()
 
     async def change_runtime_labels(self, add: Sequence[str], remove: Sequence[str]) -> None:
-        """Publish the new labels at once, then save them (two fsyncs) off the event loop.
+        """Save the new labels (two fsyncs, off the event loop), then publish them:
+        the fleet only ever hears labels that are on disk.
 
-        OSError if they cannot be saved: then the old labels are published again,
-        so a label is only kept (and the POST answered 200) once it is on disk.
+        OSError if they cannot be saved: nothing was published. NotDurable if they
+        were saved but their directory could not be synced: they are published too
+        (the file holds them; a re-read of the files would publish them anyway).
         """
         async with self.label_lock:
             current = self.runtime.read()
             new = changed_labels(current, add, remove)
             if new == current:
                 return
+            try:
+                await asyncio.to_thread(self.runtime.save, new)
+            except NotDurable:
+                self.files.collect()
+                self.set_labels(self.files.with_file(self.runtime.path, new))
+                await self.publish()
+                raise
             self.files.collect()  # a file written just before must be in this packet
             self.set_labels(self.files.with_file(self.runtime.path, new))
             await self.publish()
-            try:
-                await asyncio.to_thread(self.runtime.save, new)
-            except OSError:
-                self.set_labels(self.files.with_file(self.runtime.path, current))
-                await self.publish()
-                raise
 
     # leases -----------------------------------------------------------------------
     async def add_leases(self, labels: Sequence[str], ttl: int) -> None:
