@@ -1814,6 +1814,14 @@ class NatsPy:
         nc.direct[sub._id] = handle
         return True
 
+    @staticmethod
+    def set_retry_wait(nc: Any, seconds: float) -> None:
+        """Seconds nats-py waits before it tries a server again (its reconnect_time_wait,
+        read on each attempt from the options it was connected with)."""
+        options = getattr(nc, "options", None)
+        if isinstance(options, dict) and "reconnect_time_wait" in options:
+            options["reconnect_time_wait"] = seconds
+
     def direct_stream(self, nc: Any, sub: Any,
                       handle: Callable[[bytes, bytes, bytes, int, int], None]) -> bool:
         """Hand the messages of an ordered JetStream consumer to `handle(subject, data,
@@ -2096,10 +2104,24 @@ def tls_context(environ: Mapping[str, str]) -> Any:
     return context
 
 
+#: seconds between attempts to reach NATS; after authentication errors, doubled up to
+#: AUTH_RETRY_MAX (a wrong password is not tried twice a second for ever)
+RETRY_WAIT = 0.5
+AUTH_RETRY_MAX = 30.0
+
+
+def is_auth_error(exc: BaseException) -> bool:
+    """The server refused the credentials (a wrong password, token or key)."""
+    text = str(exc).lower()
+    return type(exc).__name__ == "AuthorizationError" or "authorization violation" in text \
+        or "authentication" in text
+
+
 class NatsDriver(Transport):
     """The NATS connection: never blocks start-up, retries for ever, logs state changes once."""
 
     kind = "NATS"
+    retry_wait = RETRY_WAIT  #: what nats-py waits now before trying a server again
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -2160,7 +2182,7 @@ class NatsDriver(Transport):
                 self.nc = client()
                 await self.nc.connect(
                     servers=self.urls, name=self.name, allow_reconnect=True,
-                    max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=2,
+                    max_reconnect_attempts=-1, reconnect_time_wait=RETRY_WAIT, connect_timeout=2,
                     ping_interval=4, max_outstanding_pings=2, **self._tls_options(),
                     error_cb=self._on_error, disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected, closed_cb=self._on_closed)
@@ -2173,6 +2195,7 @@ class NatsDriver(Transport):
                 break
             log.info("connected to NATS at %s", redact_url(self._current_url()))
             self._warned = False
+            self._retry_at(RETRY_WAIT)
             return True
         return False
 
@@ -2186,7 +2209,19 @@ class NatsDriver(Transport):
         url = self.nc.connected_url if self.nc else None
         return url.geturl() if url else "?"
 
+    def _retry_at(self, seconds: float) -> None:
+        self.retry_wait = seconds
+        if self.nc is not None and self.natspy is not None:
+            self.natspy.set_retry_wait(self.nc, seconds)
+
     async def _on_error(self, exc: Exception) -> None:
+        if is_auth_error(exc) and self.retry_wait < AUTH_RETRY_MAX:
+            self._retry_at(min(self.retry_wait * 2, AUTH_RETRY_MAX))
+            self._warned = True  # this says it, once per step
+            log.warning("NATS unreachable at %s (%s: the server refused the credentials); "
+                        "retrying in %gs, the API keeps serving", self.targets(),
+                        describe_error(exc), self.retry_wait)
+            return
         # nats-py reports every failed attempt; an operator needs the first one only
         if self.connected.is_set():
             log.debug("NATS: %s", describe_error(exc))
@@ -2201,6 +2236,7 @@ class NatsDriver(Transport):
     async def _on_reconnected(self) -> None:
         log.info("reconnected to NATS at %s", redact_url(self._current_url()))
         self._warned = False
+        self._retry_at(RETRY_WAIT)
         self.reconnects += 1
         self._changed(True)
         await self.fleet.connected(self)
@@ -2564,6 +2600,7 @@ class NatsKvDriver(NatsDriver):
     async def _on_reconnected(self) -> None:
         log.info("reconnected to NATS at %s", redact_url(self._current_url()))
         self._warned = False
+        self._retry_at(RETRY_WAIT)
         self.reconnects += 1
         self._start_setup()  # the server may have restarted with its memory lost
 
