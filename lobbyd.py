@@ -40,9 +40,12 @@ the parts and hands each its collaborators.
   Watchers           Watchers: each view's index, held requests, event streams (and, for
                      an answer that unites the hosts' parts, how many hosts add each key)
   HTTP messages      Request, Response, parsing with limits, Accept
-  HTTP server        HttpServer: connections, limits and timers; knows one handler and
-                     one optional at-once callable, no route, no JSON, no registry
+  HTTP server        HttpServer: connections, limits (in all, per address, reserved
+                     slots) and timers; knows one handler and one optional at-once
+                     callable, no route, no JSON, no registry
   Health             Counters, Health (/v1/health, /metrics, systemd's STATUS)
+  Request guard      RequestGuard: the Host names the API answers to, the origins that
+                     may change its state (DNS rebinding, cross-site pages): pure
   API routes         Api: routing, the token, one short handler per route (Consul's
                      routes too: each answers a consul View)
   Commands           run_command() (CALLBACK and exec checks; killed ones reaped), CallbackRunner
@@ -62,6 +65,7 @@ and the callback. Nothing is rendered then: answers are built when asked for.
 A request: HttpServer reads a head. If Answers knows that very head and its answer
 is still current, it goes out at once (Api.at_once, from HttpProtocol.data_received:
 it looks and changes nothing). Else the head is parsed and Api.handle() checks the
+Host and Origin (RequestGuard), the
 token, routes, and calls the handler; a discovery route asks Answers.answer() for
 its View: the cached answer at this registry version and second (rendered when
 stale) with the Watchers' X-Lobby-Index. HttpServer writes what it gets.
