@@ -64,8 +64,8 @@ and the callback. Nothing is rendered then: answers are built when asked for.
 
 A request: HttpServer reads a head. If Answers knows that very head and its answer
 is still current, it goes out at once (Api.at_once, from HttpProtocol.data_received:
-it looks and changes nothing). Else the head is parsed and Api.handle() checks the
-Host and Origin (RequestGuard), the
+it looks and changes nothing; its head passed the Host check the first time). Else
+the head is parsed and Api.handle() checks Host and Origin (RequestGuard), the
 token, routes, and calls the handler; a discovery route asks Answers.answer() for
 its View: the cached answer at this registry version and second (rendered when
 stale) with the Watchers' X-Lobby-Index. HttpServer writes what it gets.
