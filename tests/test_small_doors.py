@@ -141,3 +141,28 @@ def test_a_link_at_the_temp_name_is_not_followed(lobbyd, tmp_path) -> None:
     assert victim.read_text() == "precious\n"
     assert (labels / "_runtime").read_text() == "role:linked\n"
     assert not (labels / "_runtime").is_symlink()
+
+
+def test_the_answer_says_the_labels_are_saved_when_only_the_sync_failed() -> None:
+    """Api's answer to NotDurable: a 500 that says what is true (saved and published)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    async def not_durable(add: object, remove: object) -> None:
+        raise L.NotDurable(errno.EIO, os.strerror(errno.EIO))
+
+    async def full(add: object, remove: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    config = SimpleNamespace(token="", port=1313, host="127.0.0.1", http_allowed_hosts=())
+    for change, status, words in [(not_durable, 500, ("saved", "published", "power loss")),
+                                  (full, 507, ("nothing was changed",))]:
+        local = SimpleNamespace(hostname="me", change_runtime_labels=change,
+                                runtime=SimpleNamespace(path=Path("/labels/_runtime")))
+        api = L.Api(config, None, None, local, None)  # type: ignore[arg-type]
+        with pytest.raises(L.HttpError) as caught:
+            asyncio.run(api.change_labels(["role:x"], ()))
+        assert caught.value.status == status
+        assert all(word in caught.value.message for word in words), caught.value.message
+        if status == 500:
+            assert "nothing was changed" not in caught.value.message
