@@ -159,7 +159,10 @@ def test_the_answer_says_the_labels_are_saved_when_only_the_sync_failed() -> Non
                                   (full, 507, ("nothing was changed",))]:
         local = SimpleNamespace(hostname="me", change_runtime_labels=change,
                                 runtime=SimpleNamespace(path=Path("/labels/_runtime")))
-        api = L.Api(config, None, None, local, None)  # type: ignore[arg-type]
+        registry = L.Registry(ttl=3600)
+        watch = L.Watchers(registry, lambda: L.Packet("me", ()), lambda: None, 9100)
+        answers = L.Answers(registry, watch, lambda: None, 9100)
+        api = L.Api(config, answers, watch, local, None)  # type: ignore[arg-type]
         with pytest.raises(L.HttpError) as caught:
             asyncio.run(api.change_labels(["role:x"], ()))
         assert caught.value.status == status
