@@ -35,8 +35,9 @@ def test_callback_and_checks_do_not_see_the_secrets(lobbyd, tmp_path) -> None:
     try:
         dump = tmp_path / "callback-env.json"
         script = tmp_path / "dump_env.py"
-        script.write_text(f"import json, os\nopen({str(dump)!r}, 'w').write("
-                          "json.dumps(dict(os.environ)))\n")
+        script.write_text(f"import json, os\nopen({str(dump)!r} + '.new', 'w').write("
+                          "json.dumps(dict(os.environ)))\n"
+                          f"os.replace({str(dump)!r} + '.new', {str(dump)!r})\n")  # whole
         checks = tmp_path / "checks"
         checks.mkdir()
         # what the check prints is its output in /v1/health
