@@ -44,9 +44,12 @@ the parts and hands each its collaborators.
   Watchers           Watchers: each view's index, held requests, event streams (and, for
                      an answer that unites the hosts' parts, how many hosts add each key)
   HTTP messages      Request, Response, parsing with limits, Accept
-  HTTP server        HttpServer: connections, limits and timers; knows one handler and
-                     one optional at-once callable, no route, no JSON, no registry
+  HTTP server        HttpServer: connections, limits (in all, per address, reserved
+                     slots) and timers; knows one handler and one optional at-once
+                     callable, no route, no JSON, no registry
   Health             Counters, Health (/v1/health, /metrics, systemd's STATUS)
+  Request guard      RequestGuard: the Host names the API answers to, the origins that
+                     may change its state (DNS rebinding, cross-site pages): pure
   API routes         Api: routing, the token, one short handler per route (Consul's
                      routes too: each answers a consul View)
   DNS                DnsAnswers (the zone DNS_DOMAIN from the registry and the service
@@ -67,7 +70,8 @@ and the callback. Nothing is rendered then: answers are built when asked for.
 
 A request: HttpServer reads a head. If Answers knows that very head and its answer
 is still current, it goes out at once (Api.at_once, from HttpProtocol.data_received:
-it looks and changes nothing). Else the head is parsed and Api.handle() checks the
+it looks and changes nothing; its head passed the Host check the first time). Else
+the head is parsed and Api.handle() checks Host and Origin (RequestGuard), the
 token, routes, and calls the handler; a discovery route asks Answers.answer() for
 its View: the cached answer at this registry version and second (rendered when
 stale) with the Watchers' X-Lobby-Index. HttpServer writes what it gets.
@@ -432,6 +436,21 @@ def parse_driver(name: str, value: str) -> tuple[str, ...]:
     return tuple(drivers)
 
 
+def parse_allowed_hosts(name: str, value: str) -> tuple[str, ...]:
+    """Host names for the Host header: a name, an IP address, .suffix, or *."""
+    names = []
+    for item in value.split(","):
+        word = item.strip().lower().rstrip(".")
+        if not word:
+            continue
+        bare = word[1:] if word.startswith(".") else word.strip("[]")
+        if word != "*" and not re.fullmatch(r"[a-z0-9_]([a-z0-9_.:-]{0,251}[a-z0-9_])?", bare):
+            raise ConfigError(f"{name}={show(value)}: expected comma-separated host names "
+                              "(lobby.example.com, .example.com for its subdomains, or *)")
+        names.append(word if word.startswith(".") else bare)
+    return tuple(names)
+
+
 DISCOVERY_MODES = ("broadcast", "kv")
 DISCOVERY_SUBJECTS = ("shared", "per-host")
 
@@ -485,6 +504,12 @@ ENV_VARS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "HOST": ("127.0.0.1", parse_host, "address the HTTP API listens on (IPv4 or IPv6, e.g. ::)"),
     "PORT": ("1313", int_in(1, 65535), "HTTP API port"),
     "DISABLE_API": ("false", parse_bool, "no HTTP listener at all"),
+    "HTTP_ALLOWED_HOSTS": ("", parse_allowed_hosts,
+                           "comma-separated names the API answers to in the Host header "
+                           "besides IP addresses, localhost, the hostname and HOST "
+                           "(.example.com: its subdomains; *: any)"),
+    "HTTP_MAX_CONNECTIONS_PER_ADDRESS": ("250", int_in(1, 100000),
+                                         "open API connections one client address may hold"),
     "DRIVER": ("NATS", parse_driver, "discovery transport: NATS, Redis, or NATS,Redis"),
     "NATS_URL": ("nats://127.0.0.1:4222", parse_nats_urls,
                  "NATS URL or comma-separated cluster URLs (nats://, tls://, user:pass@)"),
@@ -545,6 +570,8 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 1313
     disable_api: bool = False
+    http_allowed_hosts: tuple[str, ...] = ()
+    http_max_connections_per_address: int = 250
     driver: tuple[str, ...] = ("NATS",)
     nats_url: tuple[str, ...] = ("nats://127.0.0.1:4222",)
     nats_discovery_channel: str = "lobby.discovery"
@@ -794,8 +821,15 @@ def write_atomically(path: Path, text: str) -> None:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    # a new file, never one that is there: not a link planted at the name (O_EXCL
+    # does not follow it), nor a file others have open; what is there is removed
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            fd = os.open(tmp, flags, 0o644)
+        except FileExistsError:
+            os.unlink(tmp)  # a link goes, not what it points at
+            fd = os.open(tmp, flags, 0o644)
         try:
             data = text.encode("utf-8")
             view = memoryview(data)
@@ -809,11 +843,19 @@ def write_atomically(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise NotDurable(exc.errno, exc.strerror) from exc
+
+
+class NotDurable(OSError):
+    """The file was replaced, but its directory could not be synced: the new file may
+    not survive a power loss (the old one may come back)."""
 
 
 class RuntimeLabels:
@@ -2010,6 +2052,14 @@ class NatsPy:
         nc.direct[sub._id] = handle
         return True
 
+    @staticmethod
+    def set_retry_wait(nc: Any, seconds: float) -> None:
+        """Seconds nats-py waits before it tries a server again (its reconnect_time_wait,
+        read on each attempt from the options it was connected with)."""
+        options = getattr(nc, "options", None)
+        if isinstance(options, dict) and "reconnect_time_wait" in options:
+            options["reconnect_time_wait"] = seconds
+
     def direct_stream(self, nc: Any, sub: Any,
                       handle: Callable[[bytes, bytes, bytes, int, int], None]) -> bool:
         """Hand the messages of an ordered JetStream consumer to `handle(subject, data,
@@ -2295,11 +2345,24 @@ def tls_context(environ: Mapping[str, str]) -> Any:
 #: where join answers may go: the inboxes of nats-py and of the Go client (nats.go)
 INBOX_PREFIX = "_INBOX."
 
+#: seconds between attempts to reach NATS; after authentication errors, doubled up to
+#: AUTH_RETRY_MAX (a wrong password is not tried twice a second for ever)
+RETRY_WAIT = 0.5
+AUTH_RETRY_MAX = 30.0
+
+
+def is_auth_error(exc: BaseException) -> bool:
+    """The server refused the credentials (a wrong password, token or key)."""
+    text = str(exc).lower()
+    return type(exc).__name__ == "AuthorizationError" or "authorization violation" in text \
+        or "authentication" in text
+
 
 class NatsDriver(Transport):
     """The NATS connection: never blocks start-up, retries for ever, logs state changes once."""
 
     kind = "NATS"
+    retry_wait = RETRY_WAIT  #: what nats-py waits now before trying a server again
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -2377,7 +2440,7 @@ class NatsDriver(Transport):
                 self.nc = client()
                 await self.nc.connect(
                     servers=self.urls, name=self.name, allow_reconnect=True,
-                    max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=2,
+                    max_reconnect_attempts=-1, reconnect_time_wait=RETRY_WAIT, connect_timeout=2,
                     ping_interval=4, max_outstanding_pings=2, **self._tls_options(),
                     error_cb=self._on_error, disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected, closed_cb=self._on_closed)
@@ -2390,6 +2453,7 @@ class NatsDriver(Transport):
                 break
             log.info("connected to NATS at %s", redact_url(self._current_url()))
             self._warned = False
+            self._retry_at(RETRY_WAIT)
             return True
         return False
 
@@ -2403,7 +2467,19 @@ class NatsDriver(Transport):
         url = self.nc.connected_url if self.nc else None
         return url.geturl() if url else "?"
 
+    def _retry_at(self, seconds: float) -> None:
+        self.retry_wait = seconds
+        if self.nc is not None and self.natspy is not None:
+            self.natspy.set_retry_wait(self.nc, seconds)
+
     async def _on_error(self, exc: Exception) -> None:
+        if is_auth_error(exc) and self.retry_wait < AUTH_RETRY_MAX:
+            self._retry_at(min(self.retry_wait * 2, AUTH_RETRY_MAX))
+            self._warned = True  # this says it, once per step
+            log.warning("NATS unreachable at %s (%s: the server refused the credentials); "
+                        "retrying in %gs, the API keeps serving", self.targets(),
+                        describe_error(exc), self.retry_wait)
+            return
         # nats-py reports every failed attempt; an operator needs the first one only
         if self.connected.is_set():
             log.debug("NATS: %s", describe_error(exc))
@@ -2418,6 +2494,7 @@ class NatsDriver(Transport):
     async def _on_reconnected(self) -> None:
         log.info("reconnected to NATS at %s", redact_url(self._current_url()))
         self._warned = False
+        self._retry_at(RETRY_WAIT)
         self.reconnects += 1
         self._changed(True)
         await self.fleet.connected(self)
@@ -2832,6 +2909,7 @@ class NatsKvDriver(NatsDriver):
     async def _on_reconnected(self) -> None:
         log.info("reconnected to NATS at %s", redact_url(self._current_url()))
         self._warned = False
+        self._retry_at(RETRY_WAIT)
         self.reconnects += 1
         self._start_setup()  # the server may have restarted with its memory lost
 
@@ -4459,11 +4537,18 @@ WRITE_TIMEOUT = 60.0
 WRITE_SLICE = 1 << 20
 SLICE_MIN = 64 * 1024  #: bodies this big (not prepared) go out in WRITE_SLICE slices
 MAX_CONNECTIONS = 1000
+#: past the limits, connections for RESERVED_PATHS (health, metrics) only: one request
+#: each, its head within RESERVED_HEAD_TIMEOUT (out of the fds kept below the limit)
+RESERVED_CONNECTIONS = 16
+RESERVED_HEAD_TIMEOUT = 2.0
 LISTEN_BACKLOG = 128
 TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: ASCII controls but tab, CR and LF (those end lines, checked there): in no request head
+HEAD_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+MAX_TRAILER_BYTES = 8 * 1024  #: a chunked body's trailers, all of them
 REASONS = {200: "OK", 100: "Continue", 400: "Bad Request", 403: "Forbidden",
            404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
-           411: "Length Required", 413: "Content Too Large", 431:
+           411: "Length Required", 413: "Content Too Large", 421: "Misdirected Request", 431:
            "Request Header Fields Too Large", 500: "Internal Server Error",
            501: "Not Implemented", 503: "Service Unavailable",
            505: "HTTP Version Not Supported", 507: "Insufficient Storage"}
@@ -4529,6 +4614,8 @@ def parse_request_head(head: bytes) -> Request:
         text = head.decode("latin-1")
     except UnicodeDecodeError:  # latin-1 decodes anything; kept for clarity
         raise HttpError(400, "bad request encoding") from None
+    if HEAD_CONTROL_RE.search(text):
+        raise HttpError(400, "control character in the request head")
     lines = text.split("\r\n")
     parts = lines[0].split(" ")
     if len(parts) != 3 or not TOKEN_RE.fullmatch(parts[0].encode("latin-1")) or \
@@ -4572,7 +4659,7 @@ def body_length(request: Request) -> int | None:
     """Content-Length of the body; None for chunked; HttpError for anything else off."""
     encoding = request.headers.get("transfer-encoding")
     if encoding is not None:
-        if encoding.strip().lower() != "chunked":
+        if encoding.lower() != "chunked":  # exactly: only SP and HTAB were stripped
             raise HttpError(501, f"unsupported Transfer-Encoding {show(encoding)}")
         if "content-length" in request.headers:
             raise HttpError(400, "both Content-Length and Transfer-Encoding")
@@ -4580,7 +4667,7 @@ def body_length(request: Request) -> int | None:
     raw = request.headers.get("content-length")
     if raw is None:
         return 0
-    if not raw.isdigit() or len(raw) > 18:
+    if not re.fullmatch(r"[0-9]{1,18}", raw):  # ASCII digits: str.isdigit() takes "²"
         raise HttpError(400, f"bad Content-Length {show(raw)}")
     length = int(raw)
     if length > MAX_BODY_BYTES:
@@ -4592,15 +4679,20 @@ async def read_chunked(reader: asyncio.StreamReader) -> bytes:
     body = bytearray()
     while True:
         line = await reader.readuntil(b"\r\n")
-        size_text = line.split(b";", 1)[0].strip()
+        size_text, ext, _ = line[:-2].partition(b";")
+        if ext:  # white space only before an extension
+            size_text = size_text.rstrip(b" \t")
         if not re.fullmatch(rb"[0-9a-fA-F]{1,8}", size_text):
             raise HttpError(400, "bad chunk size")
         size = int(size_text, 16)
         if len(body) + size > MAX_BODY_BYTES:
             raise HttpError(413, f"body over {MAX_BODY_BYTES} bytes")
         if size == 0:
-            while (await reader.readuntil(b"\r\n")) != b"\r\n":
-                pass  # trailers: ignored
+            trailers = 0
+            while (line := await reader.readuntil(b"\r\n")) != b"\r\n":
+                trailers += len(line)  # trailers: ignored, but not without end
+                if trailers > MAX_TRAILER_BYTES:
+                    raise HttpError(431, f"trailers over {MAX_TRAILER_BYTES} bytes")
             return bytes(body)
         body += await reader.readexactly(size)
         if await reader.readexactly(2) != b"\r\n":
@@ -4727,15 +4819,27 @@ class HttpServer:
     parse and the handler: it returns the Prepared keep-alive answer to send (at most
     `most` bytes), or None to send the request the whole way. It must change nothing:
     it also runs from a connection's data_received (HttpProtocol).
+
+    Connections: at most `limit` in all and `per_address` from one client address. A
+    new one past either first closes an idle keep-alive connection (of its address,
+    else of the address holding most); if none is idle, it may take one of
+    RESERVED_CONNECTIONS slots, answered only for `reserved_paths` (a health check
+    gets through a flood), else it is closed at once.
     """
 
     def __init__(self, handle: Callable[[Request], Awaitable[Response]],
                  at_once: Callable[[bytes, float], Prepared | None] | None = None,
-                 codes: dict[int, int] | None = None):
+                 codes: dict[int, int] | None = None, per_address: int = MAX_CONNECTIONS,
+                 reserved_paths: Iterable[str] = ()):
         self.handle = handle
         self.at_once = at_once
         self.limit = connection_limit()
         self.active = 0
+        self.per_address = per_address
+        #: client address -> its connections (admitted, not reserved), oldest first
+        self.by_address: dict[str, dict[HttpProtocol, None]] = {}
+        self.reserved_paths = frozenset(reserved_paths)
+        self.reserved = 0  #: reserved slots in use
         #: status -> responses sent (for /metrics, where the caller keeps it)
         self.codes: dict[int, int] = {} if codes is None else codes
         self.server: asyncio.AbstractServer | None = None
@@ -4752,14 +4856,18 @@ class HttpServer:
             writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.active >= self.limit:
-            writer.close()  # over the limit: close at once, costing the others nothing
+        protocol: HttpProtocol = writer.transport.get_protocol()  # type: ignore[assignment]
+        mine = self.by_address.get(protocol.address)
+        if (self.active >= self.limit or (mine is not None and len(mine) >= self.per_address)) \
+                and not self._make_room(protocol.address):
+            await self._serve_reserved(reader, writer, protocol)
             return
         self.active += 1
+        self.by_address.setdefault(protocol.address, {})[protocol] = None
+        protocol.admitted = True
         self.writers.add(writer)
         # one deadline per connection, moved for each step (idle, head, body, write)
         timer = deadline(math.inf, writer.transport.abort)
-        protocol: HttpProtocol = writer.transport.get_protocol()  # type: ignore[assignment]
         protocol.timer = timer
         try:
             first = True
@@ -4770,7 +4878,73 @@ class HttpServer:
             pass  # the client went away, stalled, or sent what cannot be answered
         finally:
             timer.cancel()
-            self.active -= 1
+            self._release(protocol)
+            self.writers.discard(writer)
+            writer.close()
+
+    def _release(self, protocol: HttpProtocol) -> None:
+        """The connection no longer counts against the limits (once)."""
+        if not protocol.admitted:
+            return
+        protocol.admitted = False
+        self.active -= 1
+        mine = self.by_address[protocol.address]
+        del mine[protocol]
+        if not mine:
+            del self.by_address[protocol.address]
+
+    def _make_room(self, address: str) -> bool:
+        """Close idle keep-alive connections until a connection from `address` fits
+        the limits; False if there are none to close."""
+        mine = self.by_address.get(address)
+        if mine is not None and len(mine) >= self.per_address and not self._close_idle(mine):
+            return False
+        if self.active >= self.limit:
+            most = max(self.by_address.values(), key=len)
+            if not self._close_idle(most) and not any(
+                    self._close_idle(conns) for conns in list(self.by_address.values())):
+                return False
+        return True
+
+    def _close_idle(self, connections: dict[HttpProtocol, None]) -> bool:
+        """Close the oldest idle keep-alive connection of `connections`, if one is."""
+        for protocol in connections:
+            if protocol.idle and protocol.transport is not None:
+                self._release(protocol)
+                protocol.transport.close()  # what it was sent goes first; its task ends
+                return True
+        return False
+
+    async def _serve_reserved(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                              protocol: HttpProtocol) -> None:
+        """Past the limits: one request for a reserved path answered, any other refused
+        (503); or, with every reserved slot taken, closed at once."""
+        if self.reserved >= RESERVED_CONNECTIONS or not self.reserved_paths:
+            writer.close()  # costing the others nothing
+            return
+        self.reserved += 1
+        self.writers.add(writer)
+        timer = deadline(RESERVED_HEAD_TIMEOUT, writer.transport.abort)
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            timer.move(math.inf)
+            request = parse_request_head(head[:-4].lstrip(b"\r\n"))
+            request.head, request.reader = head, reader
+            if request.path in self.reserved_paths and request.method in ("GET", "HEAD") \
+                    and body_length(request) == 0:
+                response = await self.handle(request)
+            else:
+                response = Response.text(503, "too many connections: only "
+                                         f"{', '.join(sorted(self.reserved_paths))} answered "
+                                         "now; try again later", {"Retry-After": "1"})
+            await self._write(writer, response, False, request.method == "HEAD", timer,
+                              protocol.fd)
+        except (HttpError, ConnectionError, asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError, asyncio.TimeoutError, OSError):
+            pass  # gone, stalled or garbled: a reserved slot waits for no one
+        finally:
+            timer.cancel()
+            self.reserved -= 1
             self.writers.discard(writer)
             writer.close()
 
@@ -4792,9 +4966,11 @@ class HttpServer:
         if response.stream is not None and request.method != "HEAD":
             await response.stream(reader, writer)
             return False
-        # after a 500 the connection's state is suspect; a 503 (unhealthy) is an answer
+        # after a 500 the connection's state is suspect; a 503 (unhealthy) is an answer;
+        # a refused client (403, 421) tries again on a new connection, if at all
         keep_alive = wants_keep_alive(request) and (response.status < 500 or
-                                                    response.status == 503)
+                                                    response.status == 503) and \
+            response.status not in (403, 421)
         await self._write(writer, response, keep_alive, request.method == "HEAD", timer,
                           protocol.fd)
         return keep_alive
@@ -4944,11 +5120,15 @@ class HttpProtocol(asyncio.StreamReaderProtocol):
         self.timer: deadline | None = None  #: the task's, to move its idle deadline
         self.transport: asyncio.WriteTransport | None = None
         self.fd = -1
+        self.address = ""  #: the client's IP address, for the per-address limit
+        self.admitted = False  #: counted against the server's limits
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         self.fd = sock.fileno() if sock is not None else -1
+        peer = transport.get_extra_info("peername")
+        self.address = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         super().connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
@@ -5131,6 +5311,106 @@ class Health:
 
 
 ###############################################################################
+# Request guard: which names a request may carry in Host (DNS rebinding: a page of
+# evil.example whose name now points at 127.0.0.1), and which pages may change
+# state (a cross-site form or fetch() speaking for the operator). Pure but for one
+# lazy look-up of the machine's FQDN; Api applies it before the token.
+###############################################################################
+
+#: methods that change nothing: any page may send them (a browser lets it read the
+#: answer only if it is same-origin, which the Host check ensures)
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+def host_of(value: str) -> str | None:
+    """The name or address of a Host header (or an origin's host:port), lower case,
+    without port, brackets or a trailing dot; None if it is malformed."""
+    value = value.lower()
+    if value.startswith("["):
+        address, sep, rest = value[1:].partition("]")
+        if not sep or (rest and not re.fullmatch(r":[0-9]{1,5}", rest)):
+            return None
+        return address
+    name, sep, port = value.rpartition(":")
+    if not sep:
+        name = value
+    elif not re.fullmatch(r"[0-9]{1,5}", port) or ":" in name:
+        return None
+    return name.rstrip(".") or None
+
+
+def is_ip_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+class RequestGuard:
+    """The Host names the API answers to and the origins that may change its state.
+
+    Accepted in Host: no Host at all (HTTP/1.0), any IP address (no DNS name can be
+    rebound into one), localhost and *.localhost, HOST, HOSTNAME, the machine's name
+    and FQDN, and HTTP_ALLOWED_HOSTS. A request that changes state (POST, DELETE...)
+    is refused when a browser says it comes from another site (Sec-Fetch-Site:
+    cross-site) or from an origin that is not this API's (Origin); clients that are
+    no browser send neither, and are not concerned.
+    """
+
+    def __init__(self, port: int, names: Iterable[str], allowed: Sequence[str] = ()):
+        self.port = port
+        self.any = "*" in allowed
+        self.listed = {name for name in allowed if not name.startswith(".")}
+        self.suffixes = tuple(name for name in allowed if name.startswith("."))
+        self.names = {name.lower().rstrip(".") for name in names if name} | self.listed
+        self._fqdn_asked = False
+        self._good = BoundedCache(256)  #: Host header values found good
+
+    def host_ok(self, host: str | None) -> bool:
+        """Whether a request with this Host header (None: none) is for this API."""
+        if not host or host in self._good:
+            return True
+        name = host_of(host)
+        ok = name is not None and self.name_ok(name)
+        if ok:
+            self._good.put(host, True)
+        return ok
+
+    def name_ok(self, name: str) -> bool:
+        if self.any or name in self.names or name == "localhost" or \
+                name.endswith((".localhost", *self.suffixes)) or is_ip_address(name):
+            return True
+        if not self._fqdn_asked:  # the first unknown name asks once, not at start-up
+            self._fqdn_asked = True
+            with contextlib.suppress(OSError, UnicodeError):
+                self.names.add(socket.getfqdn().lower().rstrip("."))
+            return name in self.names
+        return False
+
+    def origin_ok(self, headers: Mapping[str, str]) -> bool:
+        """Whether a request that changes state may come from where the browser says."""
+        if headers.get("sec-fetch-site", "").lower() == "cross-site":
+            return False
+        origin = headers.get("origin")
+        if origin is None:
+            return True  # no browser, or a browser's same-origin request of old
+        scheme, sep, netloc = origin.lower().partition("://")
+        if not sep or scheme not in ("http", "https") or "/" in netloc:
+            return False  # "null" (a sandboxed page, a file), or malformed
+        name = host_of(netloc)
+        if name is None:
+            return False
+        if netloc == headers.get("host", "").lower() or name in self.listed or \
+                name.endswith(self.suffixes):
+            return self.host_ok(netloc)  # the page this API serves (behind a proxy too)
+        port = netloc.rpartition(":")[2] if not netloc.endswith("]") else ""
+        port_number = int(port) if port.isdigit() and port.isascii() else \
+            (443 if scheme == "https" else 80)
+        return port_number == self.port and self.host_ok(netloc)
+
+
+###############################################################################
 # API routes: a table of (path -> method -> handler); handlers are short. A request
 # for an answer is parsed into its View here; the bytes come from Answers, the
 # indexes and held requests from Watchers, the rest from the local host and Health.
@@ -5239,6 +5519,8 @@ class Api:
         self.local = local
         self.health = health
         self.token = config.token.encode("utf-8", "surrogateescape")
+        self.guard = RequestGuard(config.port, (config.host, local.hostname, socket.gethostname()),
+                                  config.http_allowed_hosts)
         discoveries = self.watched(discoveries_view)
         self.routes: dict[str, dict[str, Callable[[Request], Any]]] = {
             "/": {"GET": discoveries},
@@ -5259,6 +5541,7 @@ class Api:
     # dispatch ----------------------------------------------------------------
     async def handle(self, request: Request) -> Response:
         try:
+            self.check_origin(request)
             if request.path in ("/", PAGE_PATH) and request.method in ("GET", "HEAD") and (
                     request.path == PAGE_PATH or
                     prefers_html(request.headers.get("accept", ""))):
@@ -5286,6 +5569,17 @@ class Api:
         except Exception:  # a bug: the whole way answers it (a 500, logged)
             return None
         return found[0]
+
+    def check_origin(self, request: Request) -> None:
+        """Refuse a Host this API is not (DNS rebinding) and a state change that a
+        page of another origin asks for (see RequestGuard)."""
+        headers = request.headers
+        if not self.guard.host_ok(headers.get("host")):
+            raise HttpError(421, f"this API does not answer to the name {show(headers['host'])}; "
+                                 "an operator adds it to HTTP_ALLOWED_HOSTS")
+        if request.method not in SAFE_METHODS and not self.guard.origin_ok(headers):
+            raise HttpError(403, "refused: a web page of another site may not change this "
+                                 "lobbyd (Origin or Sec-Fetch-Site)")
 
     def authorize(self, request: Request) -> None:
         if not self.allowed(request.headers):
@@ -5510,6 +5804,13 @@ class Api:
     async def change_labels(self, add: Sequence[str], remove: Sequence[str]) -> Response:
         try:
             await self.local.change_runtime_labels(add, remove)
+        except NotDurable as exc:  # the change is made: an honest 500, not "nothing changed"
+            path = self.local.runtime.path
+            log.error("saved runtime labels to %s, but cannot sync its directory: %s; they "
+                      "may not survive a power loss", path, exc.strerror or exc)
+            raise HttpError(500, f"labels saved to {path} and published, but its directory "
+                            f"cannot be synced ({exc.strerror or exc}): they may not survive "
+                            "a power loss") from None
         except OSError as exc:
             status = 507 if exc.errno in (errno.ENOSPC, errno.EDQUOT) else 500
             path = self.local.runtime.path
@@ -6042,6 +6343,30 @@ class DnsServer:
 OUTPUT_GRACE = 0.5
 
 
+#: lobbyd's secrets, which no command it runs sees (a check's output is in /v1/health):
+#: these variables, and every NATS_* or REDIS_* one whose name says it is a secret
+SECRET_VARS = frozenset({"TOKEN", "REDIS_PASSWORD"})
+SECRET_NAME_RE = re.compile(r"(NATS|REDIS)_\w*(PASS|TOKEN|CRED|NKEY|SEED|JWT|SECRET|KEY)")
+
+
+def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment of CALLBACK and exec checks: lobbyd's, without its secrets;
+    NATS_URL stays, without user:password@ or token@."""
+    env = {name: value for name, value in environ.items()
+           if name not in SECRET_VARS and not SECRET_NAME_RE.match(name)}
+    if "NATS_URL" in env:
+        env["NATS_URL"] = ",".join(url_without_credentials(url.strip())
+                                   for url in env["NATS_URL"].split(","))
+    return env
+
+
+def url_without_credentials(url: str) -> str:
+    if "@" not in url:
+        return url
+    scheme, sep, rest = url.partition("://")
+    return scheme + sep + rest.rsplit("@", 1)[1] if sep else url.rsplit("@", 1)[1]
+
+
 class CommandResult(NamedTuple):
     code: int | None  #: exit status (negative: killed by that signal)
     output: str  #: the first bytes of stdout and stderr, its lines joined by " | "
@@ -6056,7 +6381,7 @@ async def run_command(argv: Sequence[str], stdin: bytes | None, timeout: float,
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        start_new_session=True)
+        start_new_session=True, env=child_environment(os.environ))
     timed_out: list[bool] = []
 
     def time_out() -> None:
@@ -6348,25 +6673,28 @@ class LocalHost:
             self.changed()
 
     async def change_runtime_labels(self, add: Sequence[str], remove: Sequence[str]) -> None:
-        """Publish the new labels at once, then save them (two fsyncs) off the event loop.
+        """Save the new labels (two fsyncs, off the event loop), then publish them:
+        the fleet only ever hears labels that are on disk.
 
-        OSError if they cannot be saved: then the old labels are published again,
-        so a label is only kept (and the POST answered 200) once it is on disk.
+        OSError if they cannot be saved: nothing was published. NotDurable if they
+        were saved but their directory could not be synced: they are published too
+        (the file holds them; a re-read of the files would publish them anyway).
         """
         async with self.label_lock:
             current = self.runtime.read()
             new = changed_labels(current, add, remove)
             if new == current:
                 return
+            try:
+                await asyncio.to_thread(self.runtime.save, new)
+            except NotDurable:
+                self.files.collect()
+                self.set_labels(self.files.with_file(self.runtime.path, new))
+                await self.publish()
+                raise
             self.files.collect()  # a file written just before must be in this packet
             self.set_labels(self.files.with_file(self.runtime.path, new))
             await self.publish()
-            try:
-                await asyncio.to_thread(self.runtime.save, new)
-            except OSError:
-                self.set_labels(self.files.with_file(self.runtime.path, current))
-                await self.publish()
-                raise
 
     # leases -----------------------------------------------------------------------
     async def add_leases(self, labels: Sequence[str], ttl: int) -> None:
@@ -6531,7 +6859,9 @@ class Daemon:
         self.answers = Answers(self.registry, self.watch, self.expire,
                                config.node_exporter_port, config.datacenter)
         self.api = Api(config, self.answers, self.watch, self.local, self.health)
-        self.http = HttpServer(self.api.handle, self.api.at_once, self.counters.http_codes)
+        self.http = HttpServer(self.api.handle, self.api.at_once, self.counters.http_codes,
+                               config.http_max_connections_per_address,
+                               ("/v1/health", "/metrics"))
         self.dns = DnsServer(DnsAnswers(self.registry, self.expire, config.dns_domain,
                                         config.dns_ttl)) if config.dns_port else None
         self.health.dns = self.dns

@@ -51,7 +51,7 @@ class Held:
             self.task = asyncio.ensure_future(self.wait())
 
     async def request(self, path: str) -> tuple[int, dict[str, str], bytes]:
-        self.writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+        self.writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
         head = await self.reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         headers = {}
@@ -86,7 +86,8 @@ class Stream:
         # the snapshot of a big fleet is one line of megabytes
         self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port,
                                                                  limit=64 << 20)
-        self.writer.write(f"GET /v1/events{self.query} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+        self.writer.write(f"GET /v1/events{self.query} HTTP/1.1\r\n"
+                          "Host: localhost\r\n\r\n".encode())
         await self.reader.readuntil(b"\r\n\r\n")
         await self.reader.readuntil(b"\n\n")  # the snapshot
         self.open = True

@@ -150,7 +150,9 @@ def make_api(registry: Registry | None = None) -> tuple[Api, Registry]:
     registry = registry or Registry(ttl=3600)
     watch = Watchers(registry, lambda: Packet("me", ()), lambda: None, 9100)
     answers = Answers(registry, watch, lambda: None, 9100)
-    return Api(SimpleNamespace(token=""), answers, watch, None, None), registry  # type: ignore[arg-type]
+    config = SimpleNamespace(token="", port=1313, host="127.0.0.1", http_allowed_hosts=())
+    local = SimpleNamespace(hostname="me")
+    return Api(config, answers, watch, local, None), registry  # type: ignore[arg-type]
 
 
 def ask(api: Api, target: str) -> Response:
