@@ -5314,7 +5314,7 @@ class Health:
 # Request guard: which names a request may carry in Host (DNS rebinding: a page of
 # evil.example whose name now points at 127.0.0.1), and which pages may change
 # state (a cross-site form or fetch() speaking for the operator). Pure but for one
-# lazy look-up of the machine's FQDN; Api applies it before the token.
+# look-up of the machine's FQDN (in a thread, at start); Api applies it before the token.
 ###############################################################################
 
 #: methods that change nothing: any page may send them (a browser lets it read the
@@ -5364,7 +5364,6 @@ class RequestGuard:
         self.listed = {name for name in allowed if not name.startswith(".")}
         self.suffixes = tuple(name for name in allowed if name.startswith("."))
         self.names = {name.lower().rstrip(".") for name in names if name} | self.listed
-        self._fqdn_asked = False
         self._good = BoundedCache(256)  #: Host header values found good
 
     def host_ok(self, host: str | None) -> bool:
@@ -5378,15 +5377,15 @@ class RequestGuard:
         return ok
 
     def name_ok(self, name: str) -> bool:
-        if self.any or name in self.names or name == "localhost" or \
-                name.endswith((".localhost", *self.suffixes)) or is_ip_address(name):
-            return True
-        if not self._fqdn_asked:  # the first unknown name asks once, not at start-up
-            self._fqdn_asked = True
-            with contextlib.suppress(OSError, UnicodeError):
-                self.names.add(socket.getfqdn().lower().rstrip("."))
-            return name in self.names
-        return False
+        return self.any or name in self.names or name == "localhost" or \
+            name.endswith((".localhost", *self.suffixes)) or is_ip_address(name)
+
+    def learn_fqdn(self) -> None:
+        """Add the machine's FQDN: a resolver's look-up, which may take seconds when DNS
+        is broken, so the Daemon runs it in a thread at start (until then, only the
+        other names are accepted; the set is replaced whole, never changed in place)."""
+        with contextlib.suppress(OSError, UnicodeError):
+            self.names = self.names | {socket.getfqdn().lower().rstrip(".")}
 
     def origin_ok(self, headers: Mapping[str, str]) -> bool:
         """Whether a request that changes state may come from where the browser says."""
@@ -7013,6 +7012,10 @@ class Daemon:
                      self.config.dns_domain)
         self.local.runtime.remove_stale_temp_files()
         self.local.refresh()  # before any request can be served: no await in between
+        if not self.config.disable_api:
+            # a thread of its own, not the loop's executor: a look-up hung on a broken
+            # resolver must not hold shutdown, which waits for the executor's threads
+            threading.Thread(target=self.api.guard.learn_fqdn, daemon=True).start()
         log.info("lobbyd %s starting as %s (%s)", __version__, self.local.hostname,
                  "publishing" if self.config.register else "client only, not publishing")
         warn_about_timing(self.config)
