@@ -413,6 +413,18 @@ def parse_discovery_mode(name: str, value: str) -> str:
     return mode
 
 
+def parse_replicas(name: str, value: str) -> int:
+    """KV_REPLICAS: auto (0: 3 on a JetStream cluster of three servers or more, else 1),
+    or 1 to 5 (JetStream's own limit)."""
+    if value.strip().lower() == "auto":
+        return 0
+    try:
+        return parse_int(name, value, 1, 5)
+    except ConfigError:
+        raise ConfigError(f"{name}={show(value)}: expected auto or a whole number from 1 "
+                          "to 5") from None
+
+
 def parse_channel(name: str, value: str) -> str:
     channel = value.strip()
     if not channel or len(channel) > 255 or CONTROL_RE.search(channel) or " " in channel:
@@ -434,6 +446,9 @@ ENV_VARS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "DISCOVERY_MODE": ("broadcast", parse_discovery_mode,
                        "broadcast (every host hears every keep-alive; the Go daemon's way) or "
                        "kv (JetStream key-value buckets, for large fleets; DRIVER=NATS only)"),
+    "KV_REPLICAS": ("auto", parse_replicas,
+                    "replicas of the kv mode's buckets when lobbyd creates them: 1 to 5, or "
+                    "auto (3 on a JetStream cluster of 3 servers or more, else 1)"),
     "REDIS_HOST": ("127.0.0.1", parse_host, "Redis server (DRIVER=Redis)"),
     "REDIS_PORT": ("6379", int_in(1, 65535), "Redis port"),
     "REDIS_DB": ("0", int_in(0, 65535), "Redis database number"),
@@ -451,6 +466,9 @@ ENV_VARS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "CLEAN_EVERY": ("15", int_in(1, 86400), "at most this many seconds between clean-ups"),
     "KEEP_ALIVE": ("5", int_in(1, 86400), "seconds between keep-alive packets"),
     "TTL": ("30", int_in(1, 864000), "seconds after which a silent host is dead"),
+    "CUT_OFF_KEEP": ("0", int_in(0, 864000),
+                     "seconds a lobbyd cut off from every transport keeps the last known "
+                     "fleet; 0 = for as long as the cut lasts"),
     "NODE_EXPORTER_PORT": ("9100", int_in(1, 65535), "default port of Prometheus targets"),
     "REGISTER": ("true", parse_bool, "false = client only: listen, never publish"),
     "CALLBACK": ("", parse_command, "command run (no shell) when the registry changes"),
@@ -476,6 +494,7 @@ class Config:
     nats_url: tuple[str, ...] = ("nats://127.0.0.1:4222",)
     nats_discovery_channel: str = "lobby.discovery"
     discovery_mode: str = "broadcast"
+    kv_replicas: int = 0
     redis_host: str = "127.0.0.1"
     redis_port: int = 6379
     redis_db: int = 0
@@ -489,6 +508,7 @@ class Config:
     clean_every: int = 15
     keep_alive: int = 5
     ttl: int = 30
+    cut_off_keep: int = 0
     node_exporter_port: int = 9100
     register: bool = True
     callback: tuple[str, ...] = ()
@@ -1230,6 +1250,7 @@ def decode_sync_chunk(data: bytes, cache: LabelCache
 
 
 NEW_HOST, NEW_LABELS = 2, 1
+HEARD_LATER = 3  #: learn(): a peer heard a known host later than we did, labels unchanged
 #: resolve views whose carriers the registry keeps (see `carrying()`) ...
 MAX_INDEXED_LABELS = 16
 #: ... until nobody asked for this many seconds: each costs every change of labels a test
@@ -1276,6 +1297,8 @@ class Registry:
         self.hosts: dict[str, tuple[tuple[str, ...], float]] = {}
         self.version = 0
         self._oldest = float("inf")  # a lower bound of every `received`
+        #: no host expires before this (see `spare()`)
+        self.spared_until = 0.0
         self._order: list[str] | None = None  # sorted hostnames, until membership changes
         #: hostname -> (its labels before the first change not yet taken, or None if it
         #: was not here; why it left, if it did): what watchers diff (take_changes())
@@ -1312,10 +1335,23 @@ class Registry:
         self.hosts[hostname] = (entry[0], now)
         return 0
 
-    def learn(self, hostname: str, labels: tuple[str, ...], received: float) -> bool:
-        """A host heard second-hand (a peer's sync answer): added only if unknown."""
-        if hostname in self.hosts:
-            return False
+    def learn(self, hostname: str, labels: tuple[str, ...], received: float) -> int:
+        """A host heard second-hand (a peer's sync answer): NEW_HOST if it was unknown;
+        if the peer heard it later than we did, that hearing counts (NEW_LABELS or
+        HEARD_LATER); else 0, nothing changed."""
+        entry = self.hosts.get(hostname)
+        if entry is not None:
+            if received <= entry[1]:
+                return 0
+            if entry[0] == labels:
+                self.hosts[hostname] = (entry[0], received)
+                return HEARD_LATER
+            self._note(hostname, entry[0])
+            self.hosts[hostname] = (labels, received)
+            self.version += 1
+            if self._carriers:
+                self._index(hostname, labels)
+            return NEW_LABELS
         self.hosts[hostname] = (labels, received)
         self._note(hostname, None)
         if self._carriers:
@@ -1323,7 +1359,7 @@ class Registry:
         self._oldest = min(self._oldest, received)
         self.version += 1
         self._order = None
-        return True
+        return NEW_HOST
 
     def apply_goodbye(self, hostname: str) -> bool:
         entry = self.hosts.pop(hostname, None)
@@ -1340,7 +1376,7 @@ class Registry:
         """Drop hosts silent for more than TTL; cheap when nothing can have expired."""
         if self._carriers:
             self._forget_unasked(now)
-        if now - self._oldest <= self.ttl:
+        if now - self._oldest <= self.ttl or now < self.spared_until:
             return []
         deadline = now - self.ttl
         dead = [name for name, entry in self.hosts.items() if entry[1] < deadline]
@@ -1353,6 +1389,12 @@ class Registry:
             self.version += 1
             self._order = None
         return dead
+
+    def spare(self, until: float) -> None:
+        """No host expires before `until` (math.inf: until told otherwise), silent or not:
+        a lobbyd cut off from the fleet cannot hear the silence it would expire hosts for,
+        and after the cut each host has until then to be heard again."""
+        self.spared_until = until
 
     def _note(self, hostname: str, before: tuple[str, ...] | None, left: str = "") -> None:
         # only the state before the first change counts: A -> B -> A is no change
@@ -1396,7 +1438,8 @@ class Registry:
 
     def next_expiry(self) -> float:
         """The earliest moment a host can expire (inf when the registry is empty)."""
-        return self._oldest + self.ttl
+        due = self._oldest + self.ttl
+        return due if due > self.spared_until else self.spared_until
 
     def order(self) -> list[str]:
         """Every hostname, sorted (kept until membership changes). Call expire() first."""
@@ -1432,6 +1475,28 @@ SYNC_QUEUE = "lobbyd"  #: the NATS queue group of the join requests: one peer an
 SYNC_WINDOW = 2.0  #: seconds a joining lobbyd waits for a peer's complete answer
 
 
+class CutOff:
+    """Whether this lobbyd is cut off from the fleet (every transport lost after one was
+    connected) and since when. The Fleet sets it; the answers and Health read it.
+
+    A cut-off lobbyd cannot tell its own isolation from the death of the fleet, so it
+    keeps the hosts it knew (for CUT_OFF_KEEP seconds, 0: the whole cut) and says how
+    stale its answers are: X-Lobby-Stale, whole seconds since the cut, from the first
+    whole second on (a failover to another server of a cluster takes well under one).
+    """
+
+    __slots__ = ("keep", "since")
+
+    def __init__(self, keep: float = 0):
+        self.keep = keep  #: CUT_OFF_KEEP
+        self.since: float | None = None  #: time.time() when the cut began; None: connected
+
+    def stale(self, now: float) -> int:
+        """Whole seconds since the cut; 0 when not cut off (or for less than a second)."""
+        since = self.since
+        return 0 if since is None else max(0, int(now - since))
+
+
 class Fleet:
     """The fleet as the transports hear it, applied to the registry.
 
@@ -1447,7 +1512,7 @@ class Fleet:
                  say_hi: Callable[[], Awaitable[None]], state_changed: Callable[[], None],
                  joined: Callable[[], None], schedule: Callable[[Awaitable[Any]], None],
                  garbage_log: RateLimitedLog | None = None,
-                 membership_log: RateLimitedLog | None = None):
+                 membership_log: RateLimitedLog | None = None, cut: CutOff | None = None):
         self.registry = registry
         self.counters = counters
         self.cache = cache
@@ -1462,6 +1527,7 @@ class Fleet:
         self.membership_log = membership_log or RateLimitedLog(burst=20)
         self.transports: list[Transport] = []  # each attaches itself when made
         self._synced: set[Transport] = set()
+        self.cut = cut or CutOff()  #: whether we are cut off from the fleet (SPEC 16)
 
     def attach(self, transport: Transport) -> None:
         self.transports.append(transport)
@@ -1501,6 +1567,27 @@ class Fleet:
             self.changed()
 
     # a transport's connection --------------------------------------------------------
+    def connection_changed(self) -> None:
+        """A transport connected or lost its connection. When the last one is lost, the
+        cut begins: hosts no longer expire (for CUT_OFF_KEEP seconds, if set); when one
+        is back, every host has TTL seconds from then to be heard again."""
+        cut, now = self.cut, time.time()
+        if any(transport.connected.is_set() for transport in self.transports):
+            if cut.since is not None:
+                lasted, cut.since = now - cut.since, None
+                self.registry.spare(now + self.ttl)
+                log.info("connected again after %.1fs cut off; hosts not heard within %ds "
+                         "(TTL) will expire", lasted, self.ttl)
+        elif cut.since is None and any(transport.was_connected for transport in self.transports):
+            cut.since = now
+            self.registry.spare(now + cut.keep if cut.keep else math.inf)
+            log.warning("cut off from %s: keeping the last known fleet (%s) %s",
+                        " and ".join(transport.kind for transport in self.transports),
+                        plural(len(self.registry), "host"),
+                        f"for up to {cut.keep}s (CUT_OFF_KEEP)" if cut.keep
+                        else "until a connection is back")
+        self.state_changed()
+
     async def connected(self, transport: Transport) -> None:
         """On every (re)connect: say hi at once, then learn the fleet from one peer."""
         await self.say_hi()
@@ -1519,26 +1606,31 @@ class Fleet:
 
         if await transport.ask_fleet(reply, SYNC_WINDOW):
             log.info("learned %s from a peer over %s", plural(learned, "host"), transport.kind)
-        if learned:
-            self.counters.joined += learned
-            self.changed()
         self._synced.add(transport)
         if len(self._synced) == len(self.transports):
             self.joined()
         await transport.serve_fleet(self.answer)
 
     def learn_chunk(self, data: bytes, now: float) -> tuple[int, bool]:
-        """Apply one chunk of a peer's join answer: (hosts added, whether it was the last)."""
+        """Apply one chunk of a peer's join answer: (hosts added, or heard by the peer
+        later than by us, and whether it was the last)."""
         try:
             hosts, done = decode_sync_chunk(data, self.cache)
         except PacketError as exc:
             self.garbage_log.warning("dropped a sync answer: %s", exc)
             return 0, False
-        learn, ttl, added = self.registry.learn, self.ttl, 0
+        learn, ttl, learned, added, changed = self.registry.learn, self.ttl, 0, 0, False
         for hostname, labels, age in hosts:
-            if 0 <= age < ttl and learn(hostname, labels, now - age):
-                added += 1
-        return added, done
+            if 0 <= age < ttl:
+                news = learn(hostname, labels, now - age)
+                if news:
+                    learned += 1
+                    added += news == NEW_HOST
+                    changed = changed or news != HEARD_LATER
+        if changed:
+            self.counters.joined += added
+            self.changed()
+        return learned, done
 
     def answer(self, budget: int) -> list[bytes]:
         """The registry as a join answer: chunks of at most about `budget` bytes."""
@@ -1657,7 +1749,7 @@ class Transport:
             self.connected.set()
         else:
             self.connected.clear()
-        self.fleet.state_changed()
+        self.fleet.connection_changed()
 
     def _failed(self, server: str, exc: BaseException) -> None:
         """A failed attempt to reach the server: the first of an outage is a warning,
@@ -2049,7 +2141,7 @@ class NatsDriver(Transport):
         self.sync_subject = self.subject + ".sync"
         self.nc: Any = None
         self.natspy: NatsPy | None = None  # at run(): the API answers before this costs
-        self._sync_serving = False
+        self._sync_sub: Any = None  # our part of the join queue group, while serving
 
     @property
     def is_connected(self) -> bool:
@@ -2166,9 +2258,17 @@ class NatsDriver(Transport):
 
     # join: learn every live host from one peer instead of waiting a keep-alive round
     async def ask_fleet(self, reply: Callable[[bytes], bool], window: float) -> bool:
-        """One request on SUBJECT.sync; NATS hands it to one peer of the queue group."""
+        """One request on SUBJECT.sync; NATS hands it to one peer of the queue group.
+
+        Never to ourselves: nats-py renews our part of the group on reconnecting, and
+        our own answer would teach us nothing, so we leave the group first (Fleet.sync
+        serves again once answered)."""
         replies: asyncio.Queue[bytes | None] = asyncio.Queue()
         complete, sub = False, None
+        serving, self._sync_sub = self._sync_sub, None
+        if serving is not None:
+            with contextlib.suppress(Exception):  # gone with the connection: not renewed
+                await serving.unsubscribe()
 
         async def on_reply(msg: Any) -> None:
             replies.put_nowait(msg.data)
@@ -2188,16 +2288,21 @@ class NatsDriver(Transport):
         return complete
 
     async def serve_fleet(self, answer: Callable[[int], list[bytes]]) -> None:
-        if self._sync_serving or not self.is_connected:
+        if self._sync_sub is not None or not self.is_connected:
             return
-        self._sync_serving = True  # nats-py keeps the subscription across reconnects
 
         async def on_request(msg: Any) -> None:
             if msg.reply:
                 for chunk in answer(max(4096, self.max_payload // 2)):
                     await self.publish_to(msg.reply, chunk)
 
-        await self.nc.subscribe(self.sync_subject, queue=SYNC_QUEUE, cb=on_request)
+        # nats-py keeps the subscription across reconnects (ask_fleet leaves it)
+        sub = await self.nc.subscribe(self.sync_subject, queue=SYNC_QUEUE, cb=on_request)
+        if self._sync_sub is not None:  # another sync was quicker: once is enough
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            return
+        self._sync_sub = sub
 
     async def close(self, timeout: float = 1.0) -> None:
         self._closing = True
@@ -3222,7 +3327,7 @@ class CachedAnswer:
 
     __slots__ = ("_gzipped", "headers", "plain", "stamp")
 
-    def __init__(self, stamp: tuple[int, int, int], body: bytes | Sequence[bytes],
+    def __init__(self, stamp: tuple[int, ...], body: bytes | Sequence[bytes],
                  headers: Mapping[str, str]):
         self.stamp = stamp
         self.headers = dict(headers)
@@ -3240,12 +3345,21 @@ class CachedAnswer:
                                      {**GZIP_HEADERS, **self.headers})
         return self._gzipped
 
+    def restamped(self, stamp: tuple[int, ...], headers: Mapping[str, str]) -> CachedAnswer:
+        """The same answer under another stamp and head (X-Lobby-Stale went on): the
+        body, and its gzip if made, are not made again."""
+        answer = CachedAnswer(stamp, self.plain.body(), headers)
+        if self._gzipped is not None:
+            answer._gzipped = Prepared(200, JSON_TYPE, self._gzipped.body(),
+                                       {**GZIP_HEADERS, **answer.headers})
+        return answer
+
 
 class Repeat(NamedTuple):
     """A request head seen before: what it asked for, and what it got at `stamp`."""
 
     view: View
-    stamp: tuple[int, int, int]
+    stamp: tuple[int, ...]
     gzipped: bool
     head_only: bool
     headers: Mapping[str, str]  #: the request's (for the token, compared every time)
@@ -3260,11 +3374,12 @@ class Answers:
     """
 
     def __init__(self, registry: Registry, watchers: Watchers, expire: Callable[[], None],
-                 port: int):
+                 port: int, cut: CutOff | None = None):
         self.registry = registry
         self.watchers = watchers
         self.expire = expire  #: drop the hosts gone silent (the daemon's: it logs them)
         self.port = port  #: NODE_EXPORTER_PORT, for Prometheus targets
+        self.cut = cut or CutOff()  #: the Fleet's: while cut off, answers say how stale
         self._answers = BoundedCache(CACHED_VIEWS)  # view -> CachedAnswer
         self._renderers = BoundedCache(RENDERERS)  # view -> BlockRenderer
         self.label_blocks = BoundedCache(LABEL_BLOCKS)  # label list -> its JSON text
@@ -3281,11 +3396,18 @@ class Answers:
     def cached(self, request: Request, view: View, build: Callable[[], bytes | Sequence[bytes]],
                timed: bool = True, repeat: bool = True) -> Response:
         """The answer of `view` made by `build()` at most once per registry version (and
-        second, if `timed`), carrying the view's X-Lobby-Index (SPEC 8)."""
+        second, if `timed`), carrying the view's X-Lobby-Index (SPEC 8), and while this
+        lobbyd is cut off from the fleet, X-Lobby-Stale (SPEC 16)."""
         stamp = self.stamp(view, timed)
         answer = self._answers.get(view)
         if answer is None or answer.stamp != stamp:
-            answer = CachedAnswer(stamp, build(), {"X-Lobby-Index": str(stamp[2])})
+            headers = {"X-Lobby-Index": str(stamp[2])}
+            if stamp[3]:
+                headers["X-Lobby-Stale"] = str(stamp[3])
+            if answer is not None and answer.stamp[:3] == stamp[:3]:
+                answer = answer.restamped(stamp, headers)  # the same body, a staler head
+            else:
+                answer = CachedAnswer(stamp, build(), headers)
             self._answers.put(view, answer)
         gzipped = answer.plain.length >= GZIP_MIN and accepts_gzip(request)
         prepared = answer.gzipped() if gzipped else answer.plain
@@ -3293,13 +3415,15 @@ class Answers:
             self._remember(request, view, stamp, gzipped)
         return Response(200, b"", JSON_TYPE, dict(prepared.headers), prepared=prepared)
 
-    def stamp(self, view: View, timed: bool) -> tuple[int, int, int]:
-        """What the answer of `view` is made from: (registry version, second, its index)."""
+    def stamp(self, view: View, timed: bool) -> tuple[int, int, int, int]:
+        """What the answer of `view` is made from: (registry version, second, its index,
+        seconds cut off: X-Lobby-Stale, 0 for none)."""
         self.expire()
         # the index before the body, with no await between: it describes that body.
         # It is in the stamp, for a view forgotten and made again gets a new index.
         index = self.watchers.index(view)
-        return (self.registry.version, int(time.time()) if timed else 0, index)
+        stale = 0 if self.cut.since is None else self.cut.stale(time.time())
+        return (self.registry.version, int(time.time()) if timed else 0, index, stale)
 
     def render(self, view: View) -> bytes | list[bytes]:
         """The body of `view`'s answer, now. Call expire() first."""
@@ -3333,7 +3457,7 @@ class Answers:
         return self._all.render(self.registry)
 
     # repeated heads ------------------------------------------------------------
-    def _remember(self, request: Request, view: View, stamp: tuple[int, int, int],
+    def _remember(self, request: Request, view: View, stamp: tuple[int, ...],
                   gzipped: bool) -> None:
         """Answer the request's head again from this answer while it is current, if
         nothing but the head made the answer and the connection stays open."""
@@ -3368,13 +3492,14 @@ class Answers:
             prepared = prepared.head_alone()
         return (prepared, repeat.headers) if prepared.size <= most else None
 
-    def current(self, view: View, stamp: tuple[int, int, int]) -> bool:
+    def current(self, view: View, stamp: tuple[int, ...]) -> bool:
         """Whether an answer made at `stamp` is still the answer, without changing a
         thing: same registry version and second, no host due to expire, same index."""
         now = time.time()
         registry = self.registry
         return registry.version == stamp[0] and stamp[1] in (0, int(now)) and \
-            now <= registry.next_expiry() and self.watchers.current(view) == stamp[2]
+            now <= registry.next_expiry() and self.watchers.current(view) == stamp[2] and \
+            (not stamp[3] if self.cut.since is None else stamp[3] == self.cut.stale(now))
 
 
 ###############################################################################
@@ -3648,12 +3773,14 @@ class Watchers:
 
     # event streams ------------------------------------------------------------
     async def stream(self, view: View, reader: asyncio.StreamReader,
-                     writer: asyncio.StreamWriter) -> None:
-        """GET /v1/events: the head, a snapshot, then the changes until the client leaves."""
+                     writer: asyncio.StreamWriter, headers: Mapping[str, str] = {}) -> None:
+        """GET /v1/events: the head (with `headers`), a snapshot, then the changes until
+        the client leaves."""
         self.expire()
         watched = self.watched(view)
+        extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
         writer.write(("HTTP/1.1 200 OK\r\nContent-Type: " + EVENTS_TYPE + "\r\n"
-                      "Cache-Control: no-cache\r\nConnection: close\r\n"
+                      "Cache-Control: no-cache\r\nConnection: close\r\n" + extra +
                       f"X-Lobby-Index: {watched.index}\r\n\r\n").encode("latin-1"))
         snapshot = self.snapshot(watched)
         writer.write(snapshot)
@@ -4318,23 +4445,28 @@ class Health:
     own the state: it keeps nothing but the start time."""
 
     def __init__(self, registry: Registry, local: LocalHost, transports: Sequence[Transport],
-                 counters: Counters, callback_runs: Mapping[str, int]):
+                 counters: Counters, callback_runs: Mapping[str, int],
+                 cut: CutOff | None = None):
         self.registry = registry
         self.local = local
         self.transports = transports
         self.counters = counters
         self.callback_runs = callback_runs  #: result -> CALLBACK runs (the runner's)
+        self.cut = cut or CutOff()  #: the Fleet's
         self.started = time.time()
 
     def report(self) -> tuple[bool, dict[str, Any]]:
         """(healthy, GET /v1/health): healthy while every transport is connected."""
         drivers = [transport.state() for transport in self.transports]
         healthy = all(driver["connected"] for driver in drivers)
-        return healthy, {
+        report = {
             "status": "ok" if healthy else "disconnected", "hostname": self.local.hostname,
             "version": __version__, "uptime_s": int(time.time() - self.started),
             "hosts": len(self.registry), "drivers": drivers,
             "checks": self.local.check_states()}
+        if self.cut.since is not None:  # the answers carry X-Lobby-Stale
+            report["cut_off_since"] = int(self.cut.since)
+        return healthy, report
 
     def families(self) -> list[Family]:
         """Every metric family of GET /metrics."""
@@ -4350,6 +4482,9 @@ class Health:
                    [({"driver": t.kind}, int(t.is_connected)) for t in transports]),
             Family("lobbyd_reconnects_total", "counter", "Reconnections after the first.",
                    [({"driver": t.kind}, t.reconnects) for t in transports]),
+            Family("lobbyd_cut_off_seconds", "gauge",
+                   "Seconds since every transport was lost (0 while one is connected).",
+                   [({}, self.cut.stale(time.time()))]),
             Family("lobbyd_packets_received_total", "counter", "Valid discovery packets.",
                    [({"message": "hi"}, counters.his),
                     ({"message": "goodbye"}, counters.goodbyes)]),
@@ -4387,6 +4522,9 @@ class Health:
                 parts.append(f"waiting for {transport.kind} at {transport.targets()}")
         if all(transport.is_connected for transport in self.transports):
             return "; ".join(parts) + f"; {plural(len(self.registry), 'host')} known"
+        if self.cut.since is not None:
+            return "; ".join(parts) + "; cut off: the API serves the last known fleet " \
+                f"({plural(len(self.registry), 'host')})"
         return "; ".join(parts) + "; the API keeps serving"
 
 
@@ -4560,13 +4698,23 @@ class Api:
         response = json_response(self.local.packet().to_json())
         # after the body: the index then describes what the body shows
         response.headers["X-Lobby-Index"] = str(self.watchers.index(view))
+        self.say_stale(response)
         return response
 
     def events(self, request: Request) -> Response:
         view = discoveries_view(request)
         watchers = self.watchers
-        return Response(200, b"", EVENTS_TYPE,
-                        stream=lambda reader, writer: watchers.stream(view, reader, writer))
+        response = self.say_stale(Response(200, b"", EVENTS_TYPE))
+        response.stream = lambda reader, writer: watchers.stream(view, reader, writer,
+                                                                 response.headers)
+        return response
+
+    def say_stale(self, response: Response) -> Response:
+        """X-Lobby-Stale on an answer made here, not by Answers, while cut off (SPEC 16)."""
+        stale = self.answers.cut.stale(time.time())
+        if stale:
+            response.headers["X-Lobby-Stale"] = str(stale)
+        return response
 
     # the rest ----------------------------------------------------------------
     def page(self, request: Request) -> Response:
@@ -5110,7 +5258,8 @@ class Daemon:
         self.fleet = Fleet(self.registry, self.counters, LabelCache(), config.ttl,
                            changed=self.registry_changed, expire=self.expire,
                            say_hi=self.publish_local, state_changed=self.tell_systemd,
-                           joined=self.joined.set, schedule=self.schedule)
+                           joined=self.joined.set, schedule=self.schedule,
+                           cut=CutOff(config.cut_off_keep))
         self.transports: list[Transport] = [
             TRANSPORTS[kind](config, environ, f"lobbyd {self.local.hostname}", self.fleet)
             for kind in (("NATS-KV",) if kv else config.driver)]
@@ -5120,9 +5269,9 @@ class Daemon:
                                         lambda: self.answers.registry_json())
                          if config.callback else None)
         self.health = Health(self.registry, self.local, self.transports, self.counters,
-                             self.callback.runs if self.callback else {})
+                             self.callback.runs if self.callback else {}, self.fleet.cut)
         self.answers = Answers(self.registry, self.watch, self.expire,
-                               config.node_exporter_port)
+                               config.node_exporter_port, self.fleet.cut)
         self.api = Api(config, self.answers, self.watch, self.local, self.health)
         self.http = HttpServer(self.api.handle, self.api.at_once, self.counters.http_codes)
         self._stopping = False
@@ -5657,12 +5806,22 @@ def ctl_request(options: CtlOptions, method: str, path: str, body: bytes = b"",
     try:
         conn.request(method, path, body=body or None, headers=headers)
         response = conn.getresponse()
+        warn_if_stale(options, response)
         return response.status, response.read()
     except (OSError, http.client.HTTPException) as exc:
         raise CtlError(f"cannot reach lobbyd at {options.base}: "
                        f"{unreachable(exc, options.proto == 'https')}") from None
     finally:
         conn.close()
+
+
+def warn_if_stale(options: CtlOptions, response: Any) -> None:
+    """lobbyd is cut off from the fleet (X-Lobby-Stale): say so on stderr, the answer
+    still goes to stdout."""
+    stale = response.getheader("X-Lobby-Stale")
+    if stale:
+        print(f"lobbyctl: warning: lobbyd at {options.base} has been cut off from the fleet "
+              f"for {stale} s: this is the last known fleet", file=sys.stderr, flush=True)
 
 
 def unreachable(exc: BaseException, tls: bool = False) -> str:
@@ -5760,6 +5919,10 @@ def format_health(health: Mapping[str, Any], paint: Painter, now: float) -> str:
              f"hostname: {health.get('hostname')}", f"version:  {health.get('version')}",
              f"uptime:   {format_duration(health.get('uptime_s', 0))}",
              f"hosts:    {health.get('hosts')}"]
+    if health.get("cut_off_since") is not None:
+        ago = format_duration(max(0, now - health["cut_off_since"]))
+        lines.append(f"cut off:  {paint.paint('for ' + ago, '31;1')}: the answers show the "
+                     "last known fleet")
     for driver in health.get("drivers", []):
         ago = format_duration(max(0, now - driver.get("since", now)))
         state = f"connected to {driver.get('server')}" if driver.get("connected") else \
@@ -5846,6 +6009,7 @@ def ctl_events(options: CtlOptions, path: str) -> Iterator[tuple[str, Any]]:
         if response.status != 200:
             raise answered_error(options, response.status,
                                  response.read().decode("utf-8", "replace"))
+        warn_if_stale(options, response)
         event, data = "message", []
         while True:
             line = response.readline()
@@ -6087,9 +6251,9 @@ button { cursor: pointer; }
 :focus-visible { outline: 2px solid var(--focus); outline-offset: 1px; }
 kbd { font: 12px ui-monospace, monospace; border: 1px solid var(--line); border-radius: 4px;
       padding: 0 4px; }
-#banner { display: none; max-width: 1100px; margin: 10px auto 0; padding: 8px 12px;
-          border-radius: 6px; background: var(--changed); font-size: 14px; }
-#banner.on { display: block; }
+#banner, #stale { display: none; max-width: 1100px; margin: 10px auto 0; padding: 8px 12px;
+                  border-radius: 6px; background: var(--changed); font-size: 14px; }
+#banner.on, #stale.on { display: block; }
 main { padding: 10px 16px 48px; }
 #list { position: relative; --row: 58px; }
 .row { position: absolute; left: 0; right: 0; top: 0; height: var(--row); padding: 7px 12px;
@@ -6152,6 +6316,7 @@ main { padding: 10px 16px 48px; }
     <span id="count" aria-live="polite"></span>
   </form>
   <div id="banner" role="alert"></div>
+  <div id="stale" role="alert"></div>
 </header>
 <section id="ask" aria-labelledby="ask-title">
   <h2 id="ask-title">This lobbyd needs its API token</h2>
@@ -6545,7 +6710,7 @@ main { padding: 10px 16px 48px; }
     return t;
   }
   function tick() {
-    for (const t of $("state").querySelectorAll(".ago")) {
+    for (const t of document.querySelectorAll("#state .ago, #stale .ago")) {
       const text = relative(Number(t.dataset.since));
       if (t.textContent !== text) t.textContent = text;
     }
@@ -6584,6 +6749,18 @@ main { padding: 10px 16px 48px; }
       }
     } else if (healthError) parts.push(span("bad", [[healthError, false]]));
     $("state").replaceChildren(...parts);
+    showCut(health && health.cut_off_since);
+  }
+  // every transport lost: lobbyd answers with the fleet it last knew (X-Lobby-Stale)
+  function showCut(since) {
+    const el = $("stale");
+    if (String(since || "") === (el.dataset.since || "")) return;
+    el.dataset.since = since || "";
+    el.classList.toggle("on", !!since);
+    if (!since) { el.replaceChildren(); return; }
+    const names = (health.drivers || []).map((d) => d.driver).join(" and ") || "the fleet";
+    el.replaceChildren("Cut off from " + names + " since " + when(since),
+                       agoSpan(since), ": showing the last known fleet");
   }
   setInterval(pollHealth, 5000);
   setInterval(tick, 1000);
