@@ -1596,41 +1596,43 @@ class Fleet:
     async def sync(self, transport: Transport) -> None:
         """Join: learn every live host from one peer instead of waiting a keep-alive
         round, then answer the joins of others."""
-        learned = 0
+        learned = again = 0
 
         def reply(data: bytes) -> bool:
-            nonlocal learned
-            count, complete = self.learn_chunk(data, time.time())
-            learned += count
+            nonlocal learned, again
+            count, heard, complete = self.learn_chunk(data, time.time())
+            learned, again = learned + count, again + heard
             return complete
 
         if await transport.ask_fleet(reply, SYNC_WINDOW):
-            log.info("learned %s from a peer over %s", plural(learned, "host"), transport.kind)
+            log.info("learned %s from a peer over %s%s", plural(learned, "host"),
+                     transport.kind, f"; {again} known heard again" if again else "")
         self._synced.add(transport)
         if len(self._synced) == len(self.transports):
             self.joined()
         await transport.serve_fleet(self.answer)
 
-    def learn_chunk(self, data: bytes, now: float) -> tuple[int, bool]:
-        """Apply one chunk of a peer's join answer: (hosts added, or heard by the peer
-        later than by us, and whether it was the last)."""
+    def learn_chunk(self, data: bytes, now: float) -> tuple[int, int, bool]:
+        """Apply one chunk of a peer's join answer: (hosts added, known hosts the peer
+        heard later than we did, whether it was the last)."""
         try:
             hosts, done = decode_sync_chunk(data, self.cache)
         except PacketError as exc:
             self.garbage_log.warning("dropped a sync answer: %s", exc)
-            return 0, False
-        learn, ttl, learned, added, changed = self.registry.learn, self.ttl, 0, 0, False
+            return 0, 0, False
+        learn, ttl, added, again, changed = self.registry.learn, self.ttl, 0, 0, False
         for hostname, labels, age in hosts:
             if 0 <= age < ttl:
                 news = learn(hostname, labels, now - age)
-                if news:
-                    learned += 1
-                    added += news == NEW_HOST
-                    changed = changed or news != HEARD_LATER
+                if news == NEW_HOST:
+                    added += 1
+                elif news:
+                    again += 1
+                changed = changed or news == NEW_HOST or news == NEW_LABELS
         if changed:
             self.counters.joined += added
             self.changed()
-        return learned, done
+        return added, again, done
 
     def answer(self, budget: int) -> list[bytes]:
         """The registry as a join answer: chunks of at most about `budget` bytes."""

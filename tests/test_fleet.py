@@ -62,9 +62,9 @@ def test_join_sync_answers_and_learns_in_chunks() -> None:
     assert len(chunks) > 3 and json.loads(chunks[-1])["done"] is True
     joiner, _ = make_fleet(ttl=20)  # hosts silent for 20 s or more are not learned
     learned = [joiner.learn_chunk(chunk, time.time()) for chunk in chunks]
-    assert sum(count for count, _ in learned) == 200
-    assert [done for _, done in learned] == [False] * (len(chunks) - 1) + [True]
-    assert joiner.learn_chunk(b'{"hosts":[["a",[1],0]],"done":true}', now) == (0, False)
+    assert sum(count for count, _, _ in learned) == 200
+    assert [done for _, _, done in learned] == [False] * (len(chunks) - 1) + [True]
+    assert joiner.learn_chunk(b'{"hosts":[["a",[1],0]],"done":true}', now) == (0, 0, False)
 
 
 def test_connecting_says_hi_syncs_and_joins_once_every_transport_did() -> None:
@@ -166,7 +166,7 @@ def test_a_peers_later_hearing_refreshes_a_kept_host() -> None:
     peer.registry.apply_hi("b", ("x",), now - 2)
     peer.registry.apply_hi("c", ("y",), now - 0.5)
     (chunk,) = peer.answer(65536)
-    assert joiner.learn_chunk(chunk, time.time()) == (2, True)  # a heard again, c new
+    assert joiner.learn_chunk(chunk, time.time()) == (1, 1, True)  # c new, a heard again
     hosts = joiner.registry.hosts
     assert now - 0.6 < hosts["a"][1] < now and hosts["b"][1] == now - 1
     assert joiner.counters.joined == 1 and calls == ["changed"]  # c joined
