@@ -1628,7 +1628,7 @@ class Fleet:
                     added += 1
                 elif news:
                     again += 1
-                changed = changed or news == NEW_HOST or news == NEW_LABELS
+                changed = changed or news in (NEW_HOST, NEW_LABELS)
         if changed:
             self.counters.joined += added
             self.changed()
@@ -2528,6 +2528,9 @@ class RedisDriver(Transport):
 ###############################################################################
 
 KV_REAPERS = 3  # reaper slots: no single lobbyd whose death stops the reaping
+#: JetStream's answers to a stream of more replicas than it can place: not clustered,
+#: insufficient resources (KV_REPLICAS=auto then creates the buckets with one)
+KV_NO_REPLICAS = (10074, 10023)
 #: seconds between the reapers' scans of the liveness bucket: 1, and up to 2 past
 #: 50,000 hosts (a scan of 100,000 keys costs ~40 ms): a dead host stays <= TTL + 2 s
 REAP_EVERY = (1.0, 2.0, 50_000)
@@ -2655,11 +2658,12 @@ class NatsKvDriver(NatsDriver):
         from nats.js.api import KeyValueConfig, StorageType
 
         self.js = self.nc.jetstream(timeout=2)
+        replicas = self.replicas()
         self.data = await self._bucket(KeyValueConfig(
-            bucket=self.data_bucket, history=1, storage=StorageType.MEMORY,
+            bucket=self.data_bucket, history=1, storage=StorageType.MEMORY, replicas=replicas,
             limit_marker_ttl=max(60, 2 * self.config.ttl)))  # reaper keys expire visibly
         self.alive = await self._bucket(KeyValueConfig(
-            bucket=self.alive_bucket, history=1, storage=StorageType.MEMORY,
+            bucket=self.alive_bucket, history=1, storage=StorageType.MEMORY, replicas=replicas,
             ttl=self.config.ttl))
         if self._watcher is not None:
             with contextlib.suppress(Exception):
@@ -2719,10 +2723,24 @@ class NatsKvDriver(NatsDriver):
         if pending == 0:
             self._initial_done()
 
+    def replicas(self) -> int:
+        """KV_REPLICAS, or for auto: 3 when the NATS servers known (NATS_URL's and those
+        the server announces: its cluster) are three or more, else 1."""
+        if self.config.kv_replicas:
+            return self.config.kv_replicas
+        return 3 if len({url.netloc for url in self.nc.servers}) >= 3 else 1
+
     async def _bucket(self, config: Any) -> Any:
         try:
             return await self.js.create_key_value(config)
         except Exception as exc:  # it exists with other settings (another TTL): use it
+            if config.replicas > 1 and not self.config.kv_replicas and \
+                    getattr(exc, "err_code", None) in KV_NO_REPLICAS:
+                log.warning("bucket %s: JetStream cannot place %d replicas (%s); created with "
+                            "1 (KV_REPLICAS=%d insists)", config.bucket, config.replicas,
+                            describe_error(exc), config.replicas)
+                config.replicas = 1
+                return await self._bucket(config)
             log.debug("bucket %s: %s; binding to it as it is", config.bucket,
                       describe_error(exc))
             return await self.js.key_value(config.bucket)
