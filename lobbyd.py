@@ -1849,6 +1849,17 @@ class NatsPy:
         nc.direct[sub._id] = handle
         return True
 
+    async def restart_stream(self, sub: Any) -> bool:
+        """Have nats-py recreate the ordered consumer of `sub` now, from the first message
+        it lacks, as it does by itself after two missed heartbeats (10 to 20 s later);
+        False if this nats-py cannot (the heartbeats then do it)."""
+        jsi = getattr(getattr(sub, "_sub", None), "_jsi", None)
+        reset = getattr(jsi, "reset_ordered_consumer", None)
+        if self.plain or reset is None or not isinstance(getattr(jsi, "_sseq", None), int):
+            return False
+        await reset(jsi._sseq + 1)
+        return True
+
     def direct_stream(self, nc: Any, sub: Any,
                       handle: Callable[[bytes, bytes, bytes, int, int], None]) -> bool:
         """Hand the messages of an ordered JetStream consumer to `handle(subject, data,
@@ -2531,6 +2542,8 @@ KV_REAPERS = 3  # reaper slots: no single lobbyd whose death stops the reaping
 #: JetStream's answers to a stream of more replicas than it can place: not clustered,
 #: insufficient resources (KV_REPLICAS=auto then creates the buckets with one)
 KV_NO_REPLICAS = (10074, 10023)
+#: + a stream's name: JetStream's advisory of a new leader of that stream
+KV_LEADER_ELECTED = "$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED."
 #: seconds between the reapers' scans of the liveness bucket: 1, and up to 2 past
 #: 50,000 hosts (a scan of 100,000 keys costs ~40 ms): a dead host stays <= TTL + 2 s
 REAP_EVERY = (1.0, 2.0, 50_000)
@@ -2589,6 +2602,8 @@ class NatsKvDriver(NatsDriver):
         self.learned = 0
         self._watcher: Any = None  # the subscription of the hosts bucket
         self._stale: dict[str, int] = {}
+        self._advised = False  # subscribed to the hosts bucket's leader elections
+        self._checking: asyncio.Future[Any] | None = None  # _check_watch()
         self._setup_task: asyncio.Future[Any] | None = None
         self._tasks: list[asyncio.Future[Any]] = []
 
@@ -2691,9 +2706,33 @@ class NatsKvDriver(NatsDriver):
             pending_bytes_limit=1 << 30)
         self.natspy.direct_stream(self.nc, sub, self._change)  # type: ignore[union-attr]
         self._watcher = sub
+        if not self._advised:  # nats-py renews it on reconnecting
+            self._advised = True
+            with contextlib.suppress(Exception):  # not permitted: the heartbeats do it
+                await self.nc.subscribe(KV_LEADER_ELECTED + f"KV_{self.data_bucket}",
+                                        cb=self._leader_elected)
         info = await sub.consumer_info()
         if info.num_pending == 0 and not (info.delivered and info.delivered.consumer_seq):
             self._initial_done()  # an empty bucket: nothing will say it
+
+    async def _leader_elected(self, msg: Any) -> None:
+        if self._checking is None or self._checking.done():
+            self._checking = asyncio.ensure_future(self._check_watch())
+
+    async def _check_watch(self) -> None:
+        """The hosts bucket has a new leader (its old one died, on a cluster): if the
+        consumer of our watch was on the server that died, recreate it now."""
+        await asyncio.sleep(random.random())  # not a whole fleet in the same millisecond
+        sub = self._watcher
+        if sub is None or not self.is_connected:
+            return
+        try:
+            await sub.consumer_info()
+        except Exception as exc:  # gone with its server, or JetStream still electing
+            log.info("the watch of %s went with its server (%s); recreating it",
+                     self.data_bucket, describe_error(exc))
+            with contextlib.suppress(Exception):  # if this fails, the heartbeats retry
+                await self.natspy.restart_stream(sub)  # type: ignore[union-attr]
 
     def _initial_done(self) -> None:
         if not self.initial.is_set():
@@ -2916,7 +2955,7 @@ class NatsKvDriver(NatsDriver):
 
     async def close(self, timeout: float = 1.0) -> None:
         self._closing = True
-        for task in [*self._tasks, self._setup_task]:
+        for task in [*self._tasks, self._setup_task, self._checking]:
             if task is not None:
                 task.cancel()
         await super().close(timeout)

@@ -258,11 +258,14 @@ class Node(NatsServer):
 class Cluster:
     """n NATS nodes on loopback, full mesh of routes."""
 
-    def __init__(self, workdir: Path, n: int, extra: list[str] | None = None):
+    def __init__(self, workdir: Path, n: int, extra: list[str] | None = None,
+                 jetstream: bool = False):
         ports = [(free_port(), free_port(), free_port()) for _ in range(n)]
         cluster_ports = [c for _, c, _ in ports]
         self.nodes = [
-            Node(workdir, f"n{i}", p, c, m, [q for q in cluster_ports if q != c], extra)
+            Node(workdir, f"n{i}", p, c, m, [q for q in cluster_ports if q != c],
+                 (extra or []) + (["-js", "-sd", str(workdir / f"js-n{i}")] if jetstream
+                                  else []))
             for i, (p, c, m) in enumerate(ports)
         ]
 
