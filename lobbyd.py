@@ -23,7 +23,8 @@ the parts and hands each its collaborators.
   Registry           Registry: hostname -> (labels, received); expiry, version, the
                      changes noted for the watchers and the renderer
   Fleet              Fleet: what the transports hear, applied to the registry; the
-                     packet counters' bumps, the membership log, the join sync
+                     packet counters' bumps, the membership log, the join sync; CutOff:
+                     whether every transport is lost (the registry then spares every host)
   Transports         Transport: the interface (run, publish, close, state)
   nats-py internals  every use of nats-py's private names, behind NatsPy: the one
                      switch back to plain nats-py (LOBBYD_PLAIN_NATS=1, or untested)
@@ -59,7 +60,8 @@ is still current, it goes out at once (Api.at_once, from HttpProtocol.data_recei
 it looks and changes nothing). Else the head is parsed and Api.handle() checks the
 token, routes, and calls the handler; a discovery route asks Answers.answer() for
 its View: the cached answer at this registry version and second (rendered when
-stale) with the Watchers' X-Lobby-Index. HttpServer writes what it gets.
+stale) with the Watchers' X-Lobby-Index, and X-Lobby-Stale while cut off (the same body,
+another head). HttpServer writes what it gets.
 
 Where a change goes:
 - a new route: a handler in Api. If it answers from the registry: a View kind (and
