@@ -579,6 +579,8 @@ def help_text() -> str:
         "  GET /v1/prometheus/NAME   Prometheus HTTP SD target groups of job NAME",
         "    ...&index=N&wait=D      (these four) held until the answer's X-Lobby-Index",
         "                            is no longer N, or for D (default 5m, at most 10m)",
+        "    (these four, cut off from every transport: X-Lobby-Stale: seconds since the cut;",
+        "     the last known fleet is kept, for CUT_OFF_KEEP seconds if set)",
         "  POST, DELETE /v1/labels   add, remove runtime labels (body: one per line)",
         "  POST /v1/labels?ttl=S     add leased labels, gone S seconds after the last POST",
         "  GET /v1/labels            the local labels by source",
