@@ -1580,8 +1580,9 @@ class Fleet:
             if cut.since is not None:
                 lasted, cut.since = now - cut.since, None
                 self.registry.spare(now + self.ttl)
-                log.info("connected again after %.1fs cut off; hosts not heard within %ds "
-                         "(TTL) will expire", lasted, self.ttl)
+                if lasted >= 1:  # (a failover's split second: the reconnection says it all)
+                    log.info("connected again after %.1fs cut off; hosts not heard within "
+                             "%ds (TTL) will expire", lasted, self.ttl)
         elif cut.since is None and any(transport.was_connected for transport in self.transports):
             cut.since = now
             self.registry.spare(now + cut.keep if cut.keep else math.inf)
