@@ -11,7 +11,10 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from typing import Any, Callable
 
+import pytest
 from conftest import NatsServer, RedisServer, wait_for
 from harness import base_env, lobbyd_command
 
@@ -19,6 +22,21 @@ from .conftest import RouteProxy, record, wait_converged
 
 #: seconds the long outage lasts (RESILIENCE_CUT_OUTAGE; 60 in CI)
 OUTAGE = float(os.environ.get("RESILIENCE_CUT_OUTAGE", "60"))
+
+
+@pytest.fixture
+def servers(tmp_path) -> Iterator[Callable[[type], Any]]:
+    """Factory: servers(NatsServer) or servers(RedisServer) -> started; stopped at teardown
+    (whatever process each runs by then: the tests kill and restart them)."""
+    made: list = []
+
+    def make(kind: type) -> Any:
+        made.append(kind(tmp_path).start())
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.stop(signal.SIGKILL)
 
 
 def look(d, path: str = "/v1/discoveries") -> tuple[int, int | None, object]:
@@ -44,13 +62,13 @@ def ctl(d, *words: str) -> subprocess.CompletedProcess:
                           text=True, timeout=20)
 
 
-def test_a_long_nats_outage_keeps_the_fleet_and_says_how_stale(tmp_path, fleet):
+def test_a_long_nats_outage_keeps_the_fleet_and_says_how_stale(servers, fleet):
     """NATS killed for OUTAGE seconds (TTL 4): every daemon keeps every host, every answer
     carries a growing X-Lobby-Stale, health stays 503, lobbyctl warns. A daemon killed
     during the cut is kept (nobody can know) and goes TTL after the reconnection; the
     others are heard again and the header is gone within seconds of the restart."""
     keep_alive, ttl = 1, 4
-    nats = NatsServer(tmp_path).start()
+    nats = servers(NatsServer)
     daemons = [fleet(f"cut{i}.test", nats.url, KEEP_ALIVE=keep_alive, TTL=ttl,
                      LABELS=f"prometheus:node,role:r{i}") for i in range(3)]
     names = {d.name for d in daemons}
@@ -136,11 +154,11 @@ def test_a_long_nats_outage_keeps_the_fleet_and_says_how_stale(tmp_path, fleet):
            killed_during_cut_gone_after_restart_s=[round(t, 2) for t in gone_at.values()])
 
 
-def test_cut_off_keep_bounds_the_keeping(tmp_path, fleet):
+def test_cut_off_keep_bounds_the_keeping(servers, fleet):
     """CUT_OFF_KEEP=6 (TTL 3): the fleet is kept for 6 s of the cut, then hosts expire as
     usual; the answers still say how stale they are; NATS back: all listed, no header."""
     keep = 6
-    nats = NatsServer(tmp_path).start()
+    nats = servers(NatsServer)
     daemons = [fleet(f"keep{i}.test", nats.url, TTL=3, CUT_OFF_KEEP=keep) for i in range(2)]
     names = {d.name for d in daemons}
     wait_converged(daemons, lambda d: names, timeout=15, what="initial convergence")
@@ -170,12 +188,12 @@ def test_cut_off_keep_bounds_the_keeping(tmp_path, fleet):
            listed_again_after_restart_s=round(took, 2))
 
 
-def test_one_transport_of_two_down_is_no_cut(tmp_path, fleet):
+def test_one_transport_of_two_down_is_no_cut(servers, fleet):
     """DRIVER=NATS,Redis: Redis killed for longer than TTL is no cut (the fleet is heard
     over NATS: no header, nothing lost, health 503); NATS killed too is one (header, the
     fleet kept); Redis back alone ends it."""
-    nats = NatsServer(tmp_path).start()
-    redis = RedisServer(tmp_path).start()
+    nats = servers(NatsServer)
+    redis = servers(RedisServer)
     daemons = [fleet(f"two{i}.test", nats.url, DRIVER="NATS,Redis", REDIS_PORT=redis.port,
                      TTL=3) for i in range(2)]
     names = {d.name for d in daemons}
@@ -212,12 +230,12 @@ def test_one_transport_of_two_down_is_no_cut(tmp_path, fleet):
            hosts_missing=len(missing))
 
 
-def test_reconnecting_daemons_hear_each_other_at_once(tmp_path, fleet):
+def test_reconnecting_daemons_hear_each_other_at_once(servers, fleet):
     """KEEP_ALIVE 20: a daemon's packet is on the wire within 1 s of its reconnection (a
     raw subscriber sees it), and a daemon that reconnects after a peer (so missed that
     peer's packet) hears it again within 1 s, from its join sync. Each daemon reaches
     NATS through a proxy of its own, so the order of the reconnections is the test's."""
-    nats = NatsServer(tmp_path).start()
+    nats = servers(NatsServer)
     proxies = [RouteProxy(nats.port) for _ in range(2)]
     try:
         a, b = (fleet(f"order{i}.test", f"nats://127.0.0.1:{p.port}", KEEP_ALIVE=20, TTL=60)
