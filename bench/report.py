@@ -23,6 +23,8 @@ TARGETS = {
     "idle_rss": ("9.3 MB", "<= 30 MB"),
     "http@1000": ("-", "-"),
     "http@10000": ("83 req/s, p99 237 ms", ">= 1,245 req/s, p99 < 15 ms"),
+    "consul@10000": ("-", ">= 80 % of the same-bytes Python server"),
+    "consul_watch@10000": ("-", "(report: Consul's held queries vs Lobby's)"),
     "propagation": ("2-4 ms", "p99 < 5 ms"),
     "goodbye": ("1-3 ms", "p99 < 5 ms"),
     "join": ("0-5 s", "<= 200 ms after connecting"),
@@ -68,7 +70,7 @@ def detail(key: str, r: dict) -> str:
     if key.startswith("steady@"):
         return (f"RSS {statistics.median([x['rss_mb'] for x in runs]):.1f} MB "
                 f"(peak {max(x['peak_mb'] for x in runs):.1f}) at {runs[0]['rate']:.0f} msg/s")
-    if key.startswith("http@"):
+    if key.startswith(("http@", "consul@")):
         parts = []
         for case in runs[0]["cases"]:
             rps = [x["cases"][case]["rps"] for x in runs]
@@ -76,6 +78,12 @@ def detail(key: str, r: dict) -> str:
             parts.append(f"`{case}` {statistics.median(rps):,.0f}/s "
                          f"(p99 {statistics.median(p99):.0f} ms)")
         return "; ".join(parts)
+    if key.startswith("consul_watch@"):
+        x = runs[len(runs) // 2]
+        return "; ".join(
+            f"{kind} `{x[kind]['path']}`: {x[kind]['held']} held, wake p50 {x[kind]['p50_ms']} "
+            f"ms p99 {x[kind]['p99_ms']} ms, RSS {x[kind]['rss_mb_without']} -> "
+            f"{x[kind]['rss_mb_with']} MB" for kind in ("lobby", "consul"))
     if key in ("propagation", "goodbye"):
         return (f"p99 {statistics.median([x['p99_ms'] for x in runs]):.1f} ms "
                 f"({min(x['p99_ms'] for x in runs):.1f}-{max(x['p99_ms'] for x in runs):.1f})")
@@ -108,9 +116,9 @@ def background(run: dict) -> str:
     return f"load {x['loadavg_start'][0]:.1f}, others {x['other_cpu_pct']:.0f} %"
 
 
-def http_case(doc: dict, case: str) -> tuple[dict, dict] | None:
-    """The median run's case of http@10000 (by lobbyd's share of the ceiling)."""
-    fig = doc["figures"].get("http@10000")
+def http_case(doc: dict, case: str, key: str = "http@10000") -> tuple[dict, dict] | None:
+    """The median run's case of figure `key` (by lobbyd's share of the ceiling)."""
+    fig = doc["figures"].get(key)
     if not fig or "runs" not in fig:
         return None
     runs = sorted((r for r in fig["runs"] if case in r.get("cases", {})),
@@ -137,12 +145,18 @@ def exact(v: float) -> str:
 def target_rows(doc: dict) -> list[tuple[str, str, str, str]]:
     """The targets: (target, figure as compared, met, background), from the median run."""
     rows = []
-    for case, name, floor in (
-            ("/v1/discoveries c8", "GET /v1/discoveries, 10k hosts, 8 conns, stable", 100),
-            ("/v1/discoveries c8 label-churn", "same under label churn (2,000/s)", 80),
-            ("/v1/discoveries gzip c8", "same, gzip", 100),
-            ("/v1/prometheus/node c8", "GET /v1/prometheus/node, 10k hosts", 100)):
-        got = http_case(doc, case)
+    for case, name, floor, key in (
+            ("/v1/discoveries c8", "GET /v1/discoveries, 10k hosts, 8 conns, stable", 100,
+             "http@10000"),
+            ("/v1/discoveries c8 label-churn", "same under label churn (2,000/s)", 80,
+             "http@10000"),
+            ("/v1/discoveries gzip c8", "same, gzip", 100, "http@10000"),
+            ("/v1/prometheus/node c8", "GET /v1/prometheus/node, 10k hosts", 100, "http@10000"),
+            ("/v1/health/service/api c8", "Consul's GET /v1/health/service/api, 100 of 10k "
+             "hosts offer api", 80, "consul@10000"),
+            ("/v1/catalog/services c8", "Consul's GET /v1/catalog/services, 10k hosts", 80,
+             "consul@10000")):
+        got = http_case(doc, case, key)
         if got is None:
             continue
         c, run = got

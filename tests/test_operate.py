@@ -443,6 +443,8 @@ def test_a_cut_off_daemon_keeps_the_fleet_and_every_answer_says_how_stale(lobbyd
     index = a.request("GET", "/v1/discoveries")[1]["x-lobby-index"]
     paths = ["/", "/v1/discoveries", "/v1/discoveries?labels=prometheus:node",
              "/v1/discovery", "/v1/resolve?label=prometheus:node", "/v1/prometheus/node",
+             "/v1/catalog/services", "/v1/catalog/nodes", "/v1/health/service/web",
+             "/v1/agent/self", "/v1/status/leader",
              f"/v1/discoveries?index={index}&wait=1s"]
     for path in paths:
         for method in ("GET", "HEAD"):
