@@ -52,12 +52,20 @@ def test_losing_the_buckets_leader_loses_no_host(tmp_path, fleet):
         for bucket in (BUCKET, "lobby_discovery_alive"):
             assert stream_info(cluster.nodes[0], f"KV_{bucket}")["config"]["num_replicas"] == 3
 
-        # the fleet: HOSTS packets and liveness keys, written as lobbyds write them
+        # the fleet: HOSTS liveness keys, then their packets, in this order as lobbyds
+        # write them (they wait for each ack; the two buckets' leaders may differ, so a
+        # packet sent right after its key could be stored first, and reaped)
         raw = cluster.nodes[0].client()
         t_write = time.monotonic()
-        for i in range(HOSTS):  # bounded: HOSTS rounds
-            key = L.kv_host_key(f"sim{i:05d}.test")
+        keys = [L.kv_host_key(f"sim{i:05d}.test") for i in range(HOSTS)]
+        for i, key in enumerate(keys):  # bounded: HOSTS rounds
             raw.publish(f"$KV.lobby_discovery_alive.{key}", b"")
+            if i % 500 == 499:
+                raw.flush()
+        raw.flush()
+        wait_for(lambda: stream_info(cluster.nodes[0], "KV_lobby_discovery_alive")["state"][
+            "messages"] >= HOSTS, timeout=60, interval=0.2, what="the liveness keys stored")
+        for i, key in enumerate(keys):  # bounded: HOSTS rounds
             raw.publish(f"$KV.{BUCKET}.{key}",
                         L.encode_envelope(L.Packet(f"sim{i:05d}.test", (f"rack:r{i % 40}",))))
             if i % 500 == 499:
