@@ -26,7 +26,8 @@ the parts and hands each its collaborators.
   Fleet              Fleet: what the transports hear, applied to the registry; the
                      packet counters' bumps, the membership log, the join sync (rationed;
                      per-host: each peer's own packet), who may speak for whom (a sender's
-                     own subject, our own hostname, MAX_HOSTS)
+                     own subject, our own hostname, MAX_HOSTS); CutOff:
+                     whether every transport is lost (the registry then spares every host)
   Transports         Transport: the interface (run, publish, close, state)
   nats-py internals  every use of nats-py's private names, behind NatsPy: the one
                      switch back to plain nats-py (LOBBYD_PLAIN_NATS=1, or untested)
@@ -74,7 +75,8 @@ it looks and changes nothing; its head passed the Host check the first time). El
 the head is parsed and Api.handle() checks Host and Origin (RequestGuard), the
 token, routes, and calls the handler; a discovery route asks Answers.answer() for
 its View: the cached answer at this registry version and second (rendered when
-stale) with the Watchers' X-Lobby-Index. HttpServer writes what it gets.
+stale) with the Watchers' X-Lobby-Index, and X-Lobby-Stale while cut off (the same body,
+another head). HttpServer writes what it gets.
 
 Where a change goes:
 - a new route: a handler in Api. If it answers from the registry: a View kind (and
@@ -490,6 +492,18 @@ def parse_discovery_subjects(name: str, value: str) -> str:
     return subjects
 
 
+def parse_replicas(name: str, value: str) -> int:
+    """KV_REPLICAS: auto (0: 3 on a JetStream cluster of three servers or more, else 1),
+    or 1 to 5 (JetStream's own limit)."""
+    if value.strip().lower() == "auto":
+        return 0
+    try:
+        return parse_int(name, value, 1, 5)
+    except ConfigError:
+        raise ConfigError(f"{name}={show(value)}: expected auto or a whole number from 1 "
+                          "to 5") from None
+
+
 def parse_channel(name: str, value: str) -> str:
     channel = value.strip()
     if not channel or len(channel) > 255 or CONTROL_RE.search(channel) or " " in channel:
@@ -521,6 +535,9 @@ ENV_VARS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
                            "shared (one subject for all; the Go daemon's way) or per-host "
                            "(each host publishes on SUBJECT.host.HOSTNAME only, so server "
                            "permissions stop one host speaking for another)"),
+    "KV_REPLICAS": ("auto", parse_replicas,
+                    "replicas of the kv mode's buckets when lobbyd creates them: 1 to 5, or "
+                    "auto (3 on a JetStream cluster of 3 servers or more, else 1)"),
     "REDIS_HOST": ("127.0.0.1", parse_host, "Redis server (DRIVER=Redis)"),
     "REDIS_PORT": ("6379", int_in(1, 65535), "Redis port"),
     "REDIS_DB": ("0", int_in(0, 65535), "Redis database number"),
@@ -540,6 +557,9 @@ ENV_VARS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "CLEAN_EVERY": ("15", int_in(1, 86400), "at most this many seconds between clean-ups"),
     "KEEP_ALIVE": ("5", int_in(1, 86400), "seconds between keep-alive packets"),
     "TTL": ("30", int_in(1, 864000), "seconds after which a silent host is dead"),
+    "CUT_OFF_KEEP": ("0", int_in(0, 864000),
+                     "seconds a lobbyd cut off from every transport keeps the last known "
+                     "fleet; 0 = for as long as the cut lasts"),
     "NODE_EXPORTER_PORT": ("9100", int_in(1, 65535), "default port of Prometheus targets"),
     "MAX_HOSTS": ("250000", int_in(1, 100_000_000),
                   "most hosts the registry holds; packets of new hosts past it are dropped"),
@@ -577,6 +597,7 @@ class Config:
     nats_discovery_channel: str = "lobby.discovery"
     discovery_mode: str = "broadcast"
     discovery_subjects: str = "shared"
+    kv_replicas: int = 0
     redis_host: str = "127.0.0.1"
     redis_port: int = 6379
     redis_db: int = 0
@@ -591,6 +612,7 @@ class Config:
     clean_every: int = 15
     keep_alive: int = 5
     ttl: int = 30
+    cut_off_keep: int = 0
     node_exporter_port: int = 9100
     max_hosts: int = 250_000
     register: bool = True
@@ -683,6 +705,8 @@ def help_text() -> str:
         "  GET /v1/prometheus/NAME   Prometheus HTTP SD target groups of job NAME",
         "    ...&index=N&wait=D      (these four) held until the answer's X-Lobby-Index",
         "                            is no longer N, or for D (default 5m, at most 10m)",
+        "    (these four, cut off from every transport: X-Lobby-Stale: seconds since the cut;",
+        "     the last known fleet is kept, for CUT_OFF_KEEP seconds if set)",
         "  POST, DELETE /v1/labels   add, remove runtime labels (body: one per line)",
         "  POST /v1/labels?ttl=S     add leased labels, gone S seconds after the last POST",
         "  GET /v1/labels            the local labels by source",
@@ -1392,6 +1416,7 @@ def decode_sync_chunk(data: bytes, cache: LabelCache
 NEW_HOST, NEW_LABELS = 2, 1
 #: apply_hi() of a new host while the registry holds MAX_HOSTS: not added (true, < 0)
 FULL = -1
+HEARD_LATER = 3  #: learn(): a peer heard a known host later than we did, labels unchanged
 #: resolve views whose carriers the registry keeps (see `carrying()`) ...
 MAX_INDEXED_LABELS = 16
 #: ... until nobody asked for this many seconds: each costs every change of labels a test
@@ -1442,6 +1467,8 @@ class Registry:
         self.hosts: dict[str, tuple[tuple[str, ...], float]] = {}
         self.version = 0
         self._oldest = float("inf")  # a lower bound of every `received`
+        #: no host expires before this (see `spare()`)
+        self.spared_until = 0.0
         self._order: list[str] | None = None  # sorted hostnames, until membership changes
         #: hostname -> (its labels before the first change not yet taken, or None if it
         #: was not here; why it left, if it did): what watchers diff (take_changes())
@@ -1484,10 +1511,25 @@ class Registry:
         self.hosts[hostname] = (entry[0], now)
         return 0
 
-    def learn(self, hostname: str, labels: tuple[str, ...], received: float) -> bool:
-        """A host heard second-hand (a peer's sync answer): added only if unknown."""
-        if hostname in self.hosts or len(self.hosts) >= self.max_hosts:
-            return False
+    def learn(self, hostname: str, labels: tuple[str, ...], received: float) -> int:
+        """A host heard second-hand (a peer's sync answer): NEW_HOST if it was unknown;
+        if the peer heard it later than we did, that hearing counts (NEW_LABELS or
+        HEARD_LATER); else 0, nothing changed."""
+        entry = self.hosts.get(hostname)
+        if entry is not None:
+            if received <= entry[1]:
+                return 0
+            if entry[0] == labels:
+                self.hosts[hostname] = (entry[0], received)
+                return HEARD_LATER
+            self._note(hostname, entry[0])
+            self.hosts[hostname] = (labels, received)
+            self.version += 1
+            if self._carriers:
+                self._index(hostname, labels)
+            return NEW_LABELS
+        if len(self.hosts) >= self.max_hosts:
+            return 0
         self.hosts[hostname] = (labels, received)
         self._note(hostname, None)
         if self._carriers:
@@ -1495,7 +1537,7 @@ class Registry:
         self._oldest = min(self._oldest, received)
         self.version += 1
         self._order = None
-        return True
+        return NEW_HOST
 
     def apply_goodbye(self, hostname: str) -> bool:
         entry = self.hosts.pop(hostname, None)
@@ -1512,7 +1554,7 @@ class Registry:
         """Drop hosts silent for more than TTL; cheap when nothing can have expired."""
         if self._carriers:
             self._forget_unasked(now)
-        if now - self._oldest <= self.ttl:
+        if now - self._oldest <= self.ttl or now < self.spared_until:
             return []
         deadline = now - self.ttl
         dead = [name for name, entry in self.hosts.items() if entry[1] < deadline]
@@ -1532,6 +1574,11 @@ class Registry:
         self.hosts = dict(self.hosts)
         self.noted.cut += len(self.noted.names)
         self.noted.names = []
+    def spare(self, until: float) -> None:
+        """No host expires before `until` (math.inf: until told otherwise), silent or not:
+        a lobbyd cut off from the fleet cannot hear the silence it would expire hosts for,
+        and after the cut each host has until then to be heard again."""
+        self.spared_until = until
 
     def _note(self, hostname: str, before: tuple[str, ...] | None, left: str = "") -> None:
         # only the state before the first change counts: A -> B -> A is no change
@@ -1575,7 +1622,8 @@ class Registry:
 
     def next_expiry(self) -> float:
         """The earliest moment a host can expire (inf when the registry is empty)."""
-        return self._oldest + self.ttl
+        due = self._oldest + self.ttl
+        return due if due > self.spared_until else self.spared_until
 
     def order(self) -> list[str]:
         """Every hostname, sorted (kept until membership changes). Call expire() first."""
@@ -1620,6 +1668,28 @@ SYNC_SPREAD = 1.0
 REPUBLISH_EVERY = 1.0
 
 
+class CutOff:
+    """Whether this lobbyd is cut off from the fleet (every transport lost after one was
+    connected) and since when. The Fleet sets it; the answers and Health read it.
+
+    A cut-off lobbyd cannot tell its own isolation from the death of the fleet, so it
+    keeps the hosts it knew (for CUT_OFF_KEEP seconds, 0: the whole cut) and says how
+    stale its answers are: X-Lobby-Stale, whole seconds since the cut, from the first
+    whole second on (a failover to another server of a cluster takes well under one).
+    """
+
+    __slots__ = ("keep", "since")
+
+    def __init__(self, keep: float = 0):
+        self.keep = keep  #: CUT_OFF_KEEP
+        self.since: float | None = None  #: time.time() when the cut began; None: connected
+
+    def stale(self, now: float) -> int:
+        """Whole seconds since the cut; 0 when not cut off (or for less than a second)."""
+        since = self.since
+        return 0 if since is None else max(0, int(now - since))
+
+
 class Fleet:
     """The fleet as the transports hear it, applied to the registry.
 
@@ -1636,7 +1706,7 @@ class Fleet:
                  joined: Callable[[], None], schedule: Callable[[Awaitable[Any]], None],
                  garbage_log: RateLimitedLog | None = None,
                  membership_log: RateLimitedLog | None = None,
-                 own_labels: Callable[[], tuple[str, ...]] = tuple):
+                 own_labels: Callable[[], tuple[str, ...]] = tuple, cut: CutOff | None = None):
         self.registry = registry
         self.counters = counters
         self.cache = cache
@@ -1664,6 +1734,7 @@ class Fleet:
         self._answered = time.monotonic()
         self._sync_hi_due = False  #: per-host: our answer to a join request is scheduled
         self._sync_hi_last = -math.inf
+        self.cut = cut or CutOff()  #: whether we are cut off from the fleet (SPEC 16)
 
     def attach(self, transport: Transport) -> None:
         self.transports.append(transport)
@@ -1752,6 +1823,28 @@ class Fleet:
             self.changed()
 
     # a transport's connection --------------------------------------------------------
+    def connection_changed(self) -> None:
+        """A transport connected or lost its connection. When the last one is lost, the
+        cut begins: hosts no longer expire (for CUT_OFF_KEEP seconds, if set); when one
+        is back, every host has TTL seconds from then to be heard again."""
+        cut, now = self.cut, time.time()
+        if any(transport.connected.is_set() for transport in self.transports):
+            if cut.since is not None:
+                lasted, cut.since = now - cut.since, None
+                self.registry.spare(now + self.ttl)
+                if lasted >= 1:  # (a failover's split second: the reconnection says it all)
+                    log.info("connected again after %.1fs cut off; hosts not heard within "
+                             "%ds (TTL) will expire", lasted, self.ttl)
+        elif cut.since is None and any(transport.was_connected for transport in self.transports):
+            cut.since = now
+            self.registry.spare(now + cut.keep if cut.keep else math.inf)
+            log.warning("cut off from %s: keeping the last known fleet (%s) %s",
+                        " and ".join(transport.kind for transport in self.transports),
+                        plural(len(self.registry), "host"),
+                        f"for up to {cut.keep}s (CUT_OFF_KEEP)" if cut.keep
+                        else "until a connection is back")
+        self.state_changed()
+
     async def connected(self, transport: Transport) -> None:
         """On every (re)connect: say hi at once, then learn the fleet from one peer."""
         await self.say_hi()
@@ -1760,36 +1853,43 @@ class Fleet:
     async def sync(self, transport: Transport) -> None:
         """Join: learn every live host from one peer instead of waiting a keep-alive
         round, then answer the joins of others."""
-        learned = 0
+        learned = again = 0
 
         def reply(data: bytes) -> bool:
-            nonlocal learned
-            count, complete = self.learn_chunk(data, time.time())
-            learned += count
+            nonlocal learned, again
+            count, heard, complete = self.learn_chunk(data, time.time())
+            learned, again = learned + count, again + heard
             return complete
 
         if await transport.ask_fleet(reply, SYNC_WINDOW):
-            log.info("learned %s from a peer over %s", plural(learned, "host"), transport.kind)
-        if learned:
-            self.counters.joined += learned
-            self.changed()
+            log.info("learned %s from a peer over %s%s", plural(learned, "host"),
+                     transport.kind, f"; {again} known heard again" if again else "")
         self._synced.add(transport)
         if len(self._synced) == len(self.transports):
             self.joined()
         await transport.serve_fleet(self.answer)
 
-    def learn_chunk(self, data: bytes, now: float) -> tuple[int, bool]:
-        """Apply one chunk of a peer's join answer: (hosts added, whether it was the last)."""
+    def learn_chunk(self, data: bytes, now: float) -> tuple[int, int, bool]:
+        """Apply one chunk of a peer's join answer: (hosts added, known hosts the peer
+        heard later than we did, whether it was the last)."""
         try:
             hosts, done = decode_sync_chunk(data, self.cache)
         except PacketError as exc:
             self.garbage_log.warning("dropped a sync answer: %s", exc)
-            return 0, False
-        learn, ttl, added = self.registry.learn, self.ttl, 0
+            return 0, 0, False
+        learn, ttl, added, again, changed = self.registry.learn, self.ttl, 0, 0, False
         for hostname, labels, age in hosts:
-            if 0 <= age < ttl and learn(hostname, labels, now - age):
-                added += 1
-        return added, done
+            if 0 <= age < ttl:
+                news = learn(hostname, labels, now - age)
+                if news == NEW_HOST:
+                    added += 1
+                elif news:
+                    again += 1
+                changed = changed or news in (NEW_HOST, NEW_LABELS)
+        if changed:
+            self.counters.joined += added
+            self.changed()
+        return added, again, done
 
     def answer(self, budget: int) -> list[bytes]:
         """The registry as a join answer: chunks of at most about `budget` bytes; none
@@ -1954,7 +2054,7 @@ class Transport:
             self.connected.set()
         else:
             self.connected.clear()
-        self.fleet.state_changed()
+        self.fleet.connection_changed()
 
     def _failed(self, server: str, exc: BaseException) -> None:
         """A failed attempt to reach the server: the first of an outage is a warning,
@@ -2059,6 +2159,16 @@ class NatsPy:
         options = getattr(nc, "options", None)
         if isinstance(options, dict) and "reconnect_time_wait" in options:
             options["reconnect_time_wait"] = seconds
+    async def restart_stream(self, sub: Any) -> bool:
+        """Have nats-py recreate the ordered consumer of `sub` now, from the first message
+        it lacks, as it does by itself after two missed heartbeats (10 to 20 s later);
+        False if this nats-py cannot (the heartbeats then do it)."""
+        jsi = getattr(getattr(sub, "_sub", None), "_jsi", None)
+        reset = getattr(jsi, "reset_ordered_consumer", None)
+        if self.plain or reset is None or not isinstance(getattr(jsi, "_sseq", None), int):
+            return False
+        await reset(jsi._sseq + 1)
+        return True
 
     def direct_stream(self, nc: Any, sub: Any,
                       handle: Callable[[bytes, bytes, bytes, int, int], None]) -> bool:
@@ -2374,7 +2484,7 @@ class NatsDriver(Transport):
         self.host_prefix = self.subject + ".host."
         self.nc: Any = None
         self.natspy: NatsPy | None = None  # at run(): the API answers before this costs
-        self._sync_serving = False
+        self._sync_sub: Any = None  # our part of the join queue group, while serving
 
     @property
     def is_connected(self) -> bool:
@@ -2522,7 +2632,11 @@ class NatsDriver(Transport):
     async def ask_fleet(self, reply: Callable[[bytes], bool], window: float) -> bool:
         """One request on SUBJECT.sync; NATS hands it to one peer of the queue group.
         Per-host: a request on our own subject, which every peer answers with its own
-        packet on its own subject within SYNC_SPREAD."""
+        packet on its own subject within SYNC_SPREAD.
+
+        Never to ourselves: nats-py renews our part of the group on reconnecting, and
+        our own answer would teach us nothing, so we leave the group first (Fleet.sync
+        serves again once answered)."""
         if self.per_host:
             hostname = self.fleet.hostname
             await self.publish_to(self.host_prefix + hostname,
@@ -2531,6 +2645,10 @@ class NatsDriver(Transport):
             return False
         replies: asyncio.Queue[bytes | None] = asyncio.Queue()
         complete, sub = False, None
+        serving, self._sync_sub = self._sync_sub, None
+        if serving is not None:
+            with contextlib.suppress(Exception):  # gone with the connection: not renewed
+                await serving.unsubscribe()
 
         async def on_reply(msg: Any) -> None:
             replies.put_nowait(msg.data)
@@ -2550,9 +2668,8 @@ class NatsDriver(Transport):
         return complete
 
     async def serve_fleet(self, answer: Callable[[int], list[bytes]]) -> None:
-        if self._sync_serving or not self.is_connected or self.per_host:
+        if self._sync_sub is not None or not self.is_connected or self.per_host:
             return  # per-host: the Fleet answers join requests among the packets
-        self._sync_serving = True  # nats-py keeps the subscription across reconnects
 
         async def on_request(msg: Any) -> None:
             # only to an inbox: never the registry onto the discovery subject, or any other
@@ -2564,7 +2681,13 @@ class NatsDriver(Transport):
             for chunk in answer(max(4096, self.max_payload // 2)):
                 await self.publish_to(msg.reply, chunk)
 
-        await self.nc.subscribe(self.sync_subject, queue=SYNC_QUEUE, cb=on_request)
+        # nats-py keeps the subscription across reconnects (ask_fleet leaves it)
+        sub = await self.nc.subscribe(self.sync_subject, queue=SYNC_QUEUE, cb=on_request)
+        if self._sync_sub is not None:  # another sync was quicker: once is enough
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            return
+        self._sync_sub = sub
 
     async def close(self, timeout: float = 1.0) -> None:
         self._closing = True
@@ -2818,6 +2941,11 @@ class RedisDriver(Transport):
 ###############################################################################
 
 KV_REAPERS = 3  # reaper slots: no single lobbyd whose death stops the reaping
+#: JetStream's answers to a stream of more replicas than it can place: not clustered,
+#: insufficient resources (KV_REPLICAS=auto then creates the buckets with one)
+KV_NO_REPLICAS = (10074, 10023)
+#: + a stream's name: JetStream's advisory of a new leader of that stream
+KV_LEADER_ELECTED = "$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED."
 #: seconds between the reapers' scans of the liveness bucket: 1, and up to 2 past
 #: 50,000 hosts (a scan of 100,000 keys costs ~40 ms): a dead host stays <= TTL + 2 s
 REAP_EVERY = (1.0, 2.0, 50_000)
@@ -2879,6 +3007,8 @@ class NatsKvDriver(NatsDriver):
         self.warnings: list[str] = []  #: what is wrong with the buckets' settings (health)
         self.write_error = ""  #: why our last write failed, until one works (health)
         self._write_log = RateLimitedLog(burst=3)
+        self._advised = False  # subscribed to the hosts bucket's leader elections
+        self._checking: asyncio.Future[Any] | None = None  # _check_watch()
         self._setup_task: asyncio.Future[Any] | None = None
         self._tasks: list[asyncio.Future[Any]] = []
 
@@ -2953,11 +3083,12 @@ class NatsKvDriver(NatsDriver):
         from nats.js.api import KeyValueConfig, StorageType
 
         self.js = self.nc.jetstream(timeout=2)
+        replicas = self.replicas()
         self.data = await self._bucket(KeyValueConfig(
-            bucket=self.data_bucket, history=1, storage=StorageType.MEMORY,
+            bucket=self.data_bucket, history=1, storage=StorageType.MEMORY, replicas=replicas,
             limit_marker_ttl=max(60, 2 * self.config.ttl)))  # reaper keys expire visibly
         self.alive = await self._bucket(KeyValueConfig(
-            bucket=self.alive_bucket, history=1, storage=StorageType.MEMORY,
+            bucket=self.alive_bucket, history=1, storage=StorageType.MEMORY, replicas=replicas,
             ttl=self.config.ttl))
         await self._check_buckets()
         if self._watcher is not None:
@@ -2986,9 +3117,33 @@ class NatsKvDriver(NatsDriver):
             pending_bytes_limit=1 << 30)
         self.natspy.direct_stream(self.nc, sub, self._change)  # type: ignore[union-attr]
         self._watcher = sub
+        if not self._advised:  # nats-py renews it on reconnecting
+            self._advised = True
+            with contextlib.suppress(Exception):  # not permitted: the heartbeats do it
+                await self.nc.subscribe(KV_LEADER_ELECTED + f"KV_{self.data_bucket}",
+                                        cb=self._leader_elected)
         info = await sub.consumer_info()
         if info.num_pending == 0 and not (info.delivered and info.delivered.consumer_seq):
             self._initial_done()  # an empty bucket: nothing will say it
+
+    async def _leader_elected(self, msg: Any) -> None:
+        if self._checking is None or self._checking.done():
+            self._checking = asyncio.ensure_future(self._check_watch())
+
+    async def _check_watch(self) -> None:
+        """The hosts bucket has a new leader (its old one died, on a cluster): if the
+        consumer of our watch was on the server that died, recreate it now."""
+        await asyncio.sleep(random.random())  # not a whole fleet in the same millisecond
+        sub = self._watcher
+        if sub is None or not self.is_connected:
+            return
+        try:
+            await sub.consumer_info()
+        except Exception as exc:  # gone with its server, or JetStream still electing
+            log.info("the watch of %s went with its server (%s); recreating it",
+                     self.data_bucket, describe_error(exc))
+            with contextlib.suppress(Exception):  # if this fails, the heartbeats retry
+                await self.natspy.restart_stream(sub)  # type: ignore[union-attr]
 
     def _initial_done(self) -> None:
         if not self.initial.is_set():
@@ -3018,10 +3173,24 @@ class NatsKvDriver(NatsDriver):
         if pending == 0:
             self._initial_done()
 
+    def replicas(self) -> int:
+        """KV_REPLICAS, or for auto: 3 when the NATS servers known (NATS_URL's and those
+        the server announces: its cluster) are three or more, else 1."""
+        if self.config.kv_replicas:
+            return self.config.kv_replicas
+        return 3 if len({url.netloc for url in self.nc.servers}) >= 3 else 1
+
     async def _bucket(self, config: Any) -> Any:
         try:
             return await self.js.create_key_value(config)
         except Exception as exc:  # it exists with other settings (another TTL): use it
+            if config.replicas > 1 and not self.config.kv_replicas and \
+                    getattr(exc, "err_code", None) in KV_NO_REPLICAS:
+                log.warning("bucket %s: JetStream cannot place %d replicas (%s); created with "
+                            "1 (KV_REPLICAS=%d insists)", config.bucket, config.replicas,
+                            describe_error(exc), config.replicas)
+                config.replicas = 1
+                return await self._bucket(config)
             log.debug("bucket %s: %s; binding to it as it is", config.bucket,
                       describe_error(exc))
             return await self.js.key_value(config.bucket)
@@ -3236,7 +3405,7 @@ class NatsKvDriver(NatsDriver):
 
     async def close(self, timeout: float = 1.0) -> None:
         self._closing = True
-        for task in [*self._tasks, self._setup_task]:
+        for task in [*self._tasks, self._setup_task, self._checking]:
             if task is not None:
                 task.cancel()
         await super().close(timeout)
@@ -3986,7 +4155,7 @@ class CachedAnswer:
 
     __slots__ = ("_gzipped", "headers", "plain", "stamp")
 
-    def __init__(self, stamp: tuple[int, int, int], body: bytes | Sequence[bytes],
+    def __init__(self, stamp: tuple[int, ...], body: bytes | Sequence[bytes],
                  headers: Mapping[str, str]):
         self.stamp = stamp
         self.headers = dict(headers)
@@ -4004,12 +4173,21 @@ class CachedAnswer:
                                      {**GZIP_HEADERS, **self.headers})
         return self._gzipped
 
+    def restamped(self, stamp: tuple[int, ...], headers: Mapping[str, str]) -> CachedAnswer:
+        """The same answer under another stamp and head (X-Lobby-Stale went on): the
+        body, and its gzip if made, are not made again."""
+        answer = CachedAnswer(stamp, self.plain.body(), headers)
+        if self._gzipped is not None:
+            answer._gzipped = Prepared(200, JSON_TYPE, self._gzipped.body(),
+                                       {**GZIP_HEADERS, **answer.headers})
+        return answer
+
 
 class Repeat(NamedTuple):
     """A request head seen before: what it asked for, and what it got at `stamp`."""
 
     view: View
-    stamp: tuple[int, int, int]
+    stamp: tuple[int, ...]
     gzipped: bool
     head_only: bool
     headers: Mapping[str, str]  #: the request's (for the token, compared every time)
@@ -4024,11 +4202,12 @@ class Answers:
     """
 
     def __init__(self, registry: Registry, watchers: Watchers, expire: Callable[[], None],
-                 port: int, datacenter: str = "lobby"):
+                 port: int, datacenter: str = "lobby", cut: CutOff | None = None):
         self.registry = registry
         self.watchers = watchers
         self.expire = expire  #: drop the hosts gone silent (the daemon's: it logs them)
         self.port = port  #: NODE_EXPORTER_PORT, for Prometheus targets
+        self.cut = cut or CutOff()  #: the Fleet's: while cut off, answers say how stale
         self._answers = BoundedCache(CACHED_VIEWS)  # view -> CachedAnswer
         self._renderers = BoundedCache(RENDERERS)  # view -> BlockRenderer
         self.label_blocks = BoundedCache(LABEL_BLOCKS)  # label list -> its JSON text
@@ -4046,13 +4225,19 @@ class Answers:
     def cached(self, request: Request, view: View, build: Callable[[], bytes | Sequence[bytes]],
                timed: bool = True, repeat: bool = True) -> Response:
         """The answer of `view` made by `build()` at most once per registry version (and
-        second, if `timed`), carrying the view's X-Lobby-Index (SPEC 8)."""
+        second, if `timed`), carrying the view's X-Lobby-Index (SPEC 8), and while this
+        lobbyd is cut off from the fleet, X-Lobby-Stale (SPEC 16)."""
         stamp = self.stamp(view, timed)
         answer = self._answers.get(view)
         if answer is None or answer.stamp != stamp:
-            answer = CachedAnswer(stamp, build(), consul_headers(stamp[2])
-                                  if view.kind == "consul" else
-                                  {"X-Lobby-Index": str(stamp[2])})
+            headers = consul_headers(stamp[2]) if view.kind == "consul" else \
+                {"X-Lobby-Index": str(stamp[2])}
+            if stamp[3]:
+                headers["X-Lobby-Stale"] = str(stamp[3])
+            if answer is not None and answer.stamp[:3] == stamp[:3]:
+                answer = answer.restamped(stamp, headers)  # the same body, a staler head
+            else:
+                answer = CachedAnswer(stamp, build(), headers)
             self._answers.put(view, answer)
         gzipped = answer.plain.length >= GZIP_MIN and accepts_gzip(request)
         prepared = answer.gzipped() if gzipped else answer.plain
@@ -4060,13 +4245,15 @@ class Answers:
             self._remember(request, view, stamp, gzipped)
         return Response(200, b"", JSON_TYPE, dict(prepared.headers), prepared=prepared)
 
-    def stamp(self, view: View, timed: bool) -> tuple[int, int, int]:
-        """What the answer of `view` is made from: (registry version, second, its index)."""
+    def stamp(self, view: View, timed: bool) -> tuple[int, int, int, int]:
+        """What the answer of `view` is made from: (registry version, second, its index,
+        seconds cut off: X-Lobby-Stale, 0 for none)."""
         self.expire()
         # the index before the body, with no await between: it describes that body.
         # It is in the stamp, for a view forgotten and made again gets a new index.
         index = self.watchers.index(view)
-        return (self.registry.version, int(time.time()) if timed else 0, index)
+        stale = 0 if self.cut.since is None else self.cut.stale(time.time())
+        return (self.registry.version, int(time.time()) if timed else 0, index, stale)
 
     def render(self, view: View) -> bytes | list[bytes]:
         """The body of `view`'s answer, now. Call expire() first."""
@@ -4107,7 +4294,7 @@ class Answers:
         return self._all.render(self.registry)
 
     # repeated heads ------------------------------------------------------------
-    def _remember(self, request: Request, view: View, stamp: tuple[int, int, int],
+    def _remember(self, request: Request, view: View, stamp: tuple[int, ...],
                   gzipped: bool) -> None:
         """Answer the request's head again from this answer while it is current, if
         nothing but the head made the answer and the connection stays open."""
@@ -4142,13 +4329,14 @@ class Answers:
             prepared = prepared.head_alone()
         return (prepared, repeat.headers) if prepared.size <= most else None
 
-    def current(self, view: View, stamp: tuple[int, int, int]) -> bool:
+    def current(self, view: View, stamp: tuple[int, ...]) -> bool:
         """Whether an answer made at `stamp` is still the answer, without changing a
         thing: same registry version and second, no host due to expire, same index."""
         now = time.time()
         registry = self.registry
         return registry.version == stamp[0] and stamp[1] in (0, int(now)) and \
-            now <= registry.next_expiry() and self.watchers.current(view) == stamp[2]
+            now <= registry.next_expiry() and self.watchers.current(view) == stamp[2] and \
+            (not stamp[3] if self.cut.since is None else stamp[3] == self.cut.stale(now))
 
 
 ###############################################################################
@@ -4451,12 +4639,14 @@ class Watchers:
 
     # event streams ------------------------------------------------------------
     async def stream(self, view: View, reader: asyncio.StreamReader,
-                     writer: asyncio.StreamWriter) -> None:
-        """GET /v1/events: the head, a snapshot, then the changes until the client leaves."""
+                     writer: asyncio.StreamWriter, headers: Mapping[str, str] = {}) -> None:
+        """GET /v1/events: the head (with `headers`), a snapshot, then the changes until
+        the client leaves."""
         self.expire()
         watched = self.watched(view)
+        extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
         writer.write(("HTTP/1.1 200 OK\r\nContent-Type: " + EVENTS_TYPE + "\r\n"
-                      "Cache-Control: no-cache\r\nConnection: close\r\n"
+                      "Cache-Control: no-cache\r\nConnection: close\r\n" + extra +
                       f"X-Lobby-Index: {watched.index}\r\n\r\n").encode("latin-1"))
         snapshot = self.snapshot(watched)
         writer.write(snapshot)
@@ -5225,12 +5415,14 @@ class Health:
     own the state: it keeps nothing but the start time."""
 
     def __init__(self, registry: Registry, local: LocalHost, transports: Sequence[Transport],
-                 counters: Counters, callback_runs: Mapping[str, int]):
+                 counters: Counters, callback_runs: Mapping[str, int],
+                 cut: CutOff | None = None):
         self.registry = registry
         self.local = local
         self.transports = transports
         self.counters = counters
         self.callback_runs = callback_runs  #: result -> CALLBACK runs (the runner's)
+        self.cut = cut or CutOff()  #: the Fleet's
         self.started = time.time()
         self.dns: DnsServer | None = None  #: set by the Daemon when DNS_PORT is set
 
@@ -5238,12 +5430,15 @@ class Health:
         """(healthy, GET /v1/health): healthy while every transport is connected."""
         drivers = [transport.state() for transport in self.transports]
         healthy = all(driver["connected"] for driver in drivers)
-        return healthy, {
+        report = {
             "status": "ok" if healthy else "disconnected", "hostname": self.local.hostname,
             "version": __version__, "uptime_s": int(time.time() - self.started),
             "hosts": len(self.registry), "drivers": drivers,
             "checks": self.local.check_states(),
             **({"dns": self.dns.state()} if self.dns else {})}
+        if self.cut.since is not None:  # the answers carry X-Lobby-Stale
+            report["cut_off_since"] = int(self.cut.since)
+        return healthy, report
 
     def families(self) -> list[Family]:
         """Every metric family of GET /metrics."""
@@ -5259,6 +5454,9 @@ class Health:
                    [({"driver": t.kind}, int(t.is_connected)) for t in transports]),
             Family("lobbyd_reconnects_total", "counter", "Reconnections after the first.",
                    [({"driver": t.kind}, t.reconnects) for t in transports]),
+            Family("lobbyd_cut_off_seconds", "gauge",
+                   "Seconds since every transport was lost (0 while one is connected).",
+                   [({}, self.cut.stale(time.time()))]),
             Family("lobbyd_packets_received_total", "counter", "Valid discovery packets.",
                    [({"message": "hi"}, counters.his),
                     ({"message": "goodbye"}, counters.goodbyes)]),
@@ -5307,6 +5505,9 @@ class Health:
                 parts.append(f"waiting for {transport.kind} at {transport.targets()}")
         if all(transport.is_connected for transport in self.transports):
             return "; ".join(parts) + f"; {plural(len(self.registry), 'host')} known"
+        if self.cut.since is not None:
+            return "; ".join(parts) + "; cut off: the API serves the last known fleet " \
+                f"({plural(len(self.registry), 'host')})"
         return "; ".join(parts) + "; the API keeps serving"
 
 
@@ -5641,6 +5842,7 @@ class Api:
         response = json_response(self.local.packet().to_json())
         # after the body: the index then describes what the body shows
         response.headers["X-Lobby-Index"] = str(self.watchers.index(view))
+        self.say_stale(response)
         return response
 
     # Consul's API (SPEC 13) -------------------------------------------------------
@@ -5720,36 +5922,46 @@ class Api:
         return self.consul_missing(request, view)
 
     def consul_missing(self, request: Request, view: View) -> Response:
-        return Response(404, b"", TEXT_TYPE, consul_headers(self.watchers.index(view)))
+        return self.say_stale(Response(404, b"", TEXT_TYPE,
+                                       consul_headers(self.watchers.index(view))))
 
     def agent_self(self, request: Request) -> Response:
         """This lobbyd as Consul's agent describes itself (Prometheus reads Datacenter)."""
         packet = self.local.packet()
         hostname, node = packet.hostname, consul_node(packet.labels)
         node_id = consul_node_id(hostname)
-        return Response(200, consul_compact({
+        return self.say_stale(Response(200, consul_compact({
             "Config": {"Datacenter": self.datacenter, "NodeName": hostname, "NodeID": node_id,
                        "Server": False, "Version": __version__, "Revision": "lobbyd"},
             "Member": {"Name": hostname, "Addr": node.address or hostname, "Port": 8301,
                        "Tags": {"dc": self.datacenter, "id": node_id, "role": "node"},
                        "Status": 1},
-            "Meta": dict(node.meta)}) + b"\n", JSON_TYPE)
+            "Meta": dict(node.meta)}) + b"\n", JSON_TYPE))
 
     def status_leader(self, request: Request) -> Response:
         """A leader's address, as clients expect one (lobbyd has no leader: each answers)."""
         packet = self.local.packet()
         address = with_port(consul_node(packet.labels).address or "127.0.0.1", "8300")
-        return Response(200, consul_compact(address) + b"\n", JSON_TYPE)
+        return self.say_stale(Response(200, consul_compact(address) + b"\n", JSON_TYPE))
 
     def status_peers(self, request: Request) -> Response:
         leader = json.loads(self.status_leader(request).body)
-        return Response(200, consul_compact([leader]) + b"\n", JSON_TYPE)
+        return self.say_stale(Response(200, consul_compact([leader]) + b"\n", JSON_TYPE))
 
     def events(self, request: Request) -> Response:
         view = discoveries_view(request)
         watchers = self.watchers
-        return Response(200, b"", EVENTS_TYPE,
-                        stream=lambda reader, writer: watchers.stream(view, reader, writer))
+        response = self.say_stale(Response(200, b"", EVENTS_TYPE))
+        response.stream = lambda reader, writer: watchers.stream(view, reader, writer,
+                                                                 response.headers)
+        return response
+
+    def say_stale(self, response: Response) -> Response:
+        """X-Lobby-Stale on an answer made here, not by Answers, while cut off (SPEC 16)."""
+        stale = self.answers.cut.stale(time.time())
+        if stale:
+            response.headers["X-Lobby-Stale"] = str(stale)
+        return response
 
     # the rest ----------------------------------------------------------------
     def page(self, request: Request) -> Response:
@@ -6841,7 +7053,8 @@ class Daemon:
                            changed=self.registry_changed, expire=self.expire,
                            say_hi=self.publish_local, state_changed=self.tell_systemd,
                            joined=self.joined.set, schedule=self.schedule,
-                           own_labels=lambda: self.local.labels)
+                           own_labels=lambda: self.local.labels,
+                           cut=CutOff(config.cut_off_keep))
         self.fleet.hostname = self.local.hostname
         if config.register:
             self.fleet.own_hostname = self.local.hostname
@@ -6854,9 +7067,10 @@ class Daemon:
                                         lambda: self.answers.registry_json())
                          if config.callback else None)
         self.health = Health(self.registry, self.local, self.transports, self.counters,
-                             self.callback.runs if self.callback else {})
+                             self.callback.runs if self.callback else {}, self.fleet.cut)
         self.answers = Answers(self.registry, self.watch, self.expire,
-                               config.node_exporter_port, config.datacenter)
+                               config.node_exporter_port, config.datacenter,
+                               self.fleet.cut)
         self.api = Api(config, self.answers, self.watch, self.local, self.health)
         self.http = HttpServer(self.api.handle, self.api.at_once, self.counters.http_codes,
                                config.http_max_connections_per_address,
@@ -7433,12 +7647,22 @@ def ctl_request(options: CtlOptions, method: str, path: str, body: bytes = b"",
     try:
         conn.request(method, path, body=body or None, headers=headers)
         response = conn.getresponse()
+        warn_if_stale(options, response)
         return response.status, response.read()
     except (OSError, http.client.HTTPException) as exc:
         raise CtlError(f"cannot reach lobbyd at {options.base}: "
                        f"{unreachable(exc, options.proto == 'https')}") from None
     finally:
         conn.close()
+
+
+def warn_if_stale(options: CtlOptions, response: Any) -> None:
+    """lobbyd is cut off from the fleet (X-Lobby-Stale): say so on stderr, the answer
+    still goes to stdout."""
+    stale = response.getheader("X-Lobby-Stale")
+    if stale:
+        print(f"lobbyctl: warning: lobbyd at {options.base} has been cut off from the fleet "
+              f"for {stale} s: this is the last known fleet", file=sys.stderr, flush=True)
 
 
 def unreachable(exc: BaseException, tls: bool = False) -> str:
@@ -7536,6 +7760,10 @@ def format_health(health: Mapping[str, Any], paint: Painter, now: float) -> str:
              f"hostname: {health.get('hostname')}", f"version:  {health.get('version')}",
              f"uptime:   {format_duration(health.get('uptime_s', 0))}",
              f"hosts:    {health.get('hosts')}"]
+    if health.get("cut_off_since") is not None:
+        ago = format_duration(max(0, now - health["cut_off_since"]))
+        lines.append(f"cut off:  {paint.paint('for ' + ago, '31;1')}: the answers show the "
+                     "last known fleet")
     for driver in health.get("drivers", []):
         ago = format_duration(max(0, now - driver.get("since", now)))
         state = f"connected to {driver.get('server')}" if driver.get("connected") else \
@@ -7627,6 +7855,7 @@ def ctl_events(options: CtlOptions, path: str) -> Iterator[tuple[str, Any]]:
         if response.status != 200:
             raise answered_error(options, response.status,
                                  response.read().decode("utf-8", "replace"))
+        warn_if_stale(options, response)
         event, data = "message", []
         while True:
             line = response.readline()
@@ -7868,9 +8097,9 @@ button { cursor: pointer; }
 :focus-visible { outline: 2px solid var(--focus); outline-offset: 1px; }
 kbd { font: 12px ui-monospace, monospace; border: 1px solid var(--line); border-radius: 4px;
       padding: 0 4px; }
-#banner { display: none; max-width: 1100px; margin: 10px auto 0; padding: 8px 12px;
-          border-radius: 6px; background: var(--changed); font-size: 14px; }
-#banner.on { display: block; }
+#banner, #stale { display: none; max-width: 1100px; margin: 10px auto 0; padding: 8px 12px;
+                  border-radius: 6px; background: var(--changed); font-size: 14px; }
+#banner.on, #stale.on { display: block; }
 main { padding: 10px 16px 48px; }
 #list { position: relative; --row: 58px; }
 .row { position: absolute; left: 0; right: 0; top: 0; height: var(--row); padding: 7px 12px;
@@ -7933,6 +8162,7 @@ main { padding: 10px 16px 48px; }
     <span id="count" aria-live="polite"></span>
   </form>
   <div id="banner" role="alert"></div>
+  <div id="stale" role="alert"></div>
 </header>
 <section id="ask" aria-labelledby="ask-title">
   <h2 id="ask-title">This lobbyd needs its API token</h2>
@@ -8326,7 +8556,7 @@ main { padding: 10px 16px 48px; }
     return t;
   }
   function tick() {
-    for (const t of $("state").querySelectorAll(".ago")) {
+    for (const t of document.querySelectorAll("#state .ago, #stale .ago")) {
       const text = relative(Number(t.dataset.since));
       if (t.textContent !== text) t.textContent = text;
     }
@@ -8365,6 +8595,18 @@ main { padding: 10px 16px 48px; }
       }
     } else if (healthError) parts.push(span("bad", [[healthError, false]]));
     $("state").replaceChildren(...parts);
+    showCut(health && health.cut_off_since);
+  }
+  // every transport lost: lobbyd answers with the fleet it last knew (X-Lobby-Stale)
+  function showCut(since) {
+    const el = $("stale");
+    if (String(since || "") === (el.dataset.since || "")) return;
+    el.dataset.since = since || "";
+    el.classList.toggle("on", !!since);
+    if (!since) { el.replaceChildren(); return; }
+    const names = (health.drivers || []).map((d) => d.driver).join(" and ") || "the fleet";
+    el.replaceChildren("Cut off from " + names + " since " + when(since),
+                       agoSpan(since), ": showing the last known fleet");
   }
   setInterval(pollHealth, 5000);
   setInterval(tick, 1000);

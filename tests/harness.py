@@ -225,6 +225,32 @@ class NatsServer(ServerProcess):
         return RawNats("127.0.0.1", self.port, **self.client_auth)
 
 
+def nats_cluster(workdir: Path, n: int = 3, jetstream: bool = False) -> list[NatsServer]:
+    """n nats-server processes routed into one cluster on loopback (not started yet); with
+    `jetstream`, each with JetStream and a store dir of its own."""
+    ports = [(free_port(), free_port()) for _ in range(n)]
+    return [NatsServer(workdir, port=port, jetstream=jetstream, extra=[
+        "--server_name", f"n{i}", "--cluster_name", "lobby",
+        "--cluster", f"nats://127.0.0.1:{cluster}",
+        "--routes", ",".join(f"nats://127.0.0.1:{c}" for _, c in ports if c != cluster)])
+        for i, (port, cluster) in enumerate(ports)]
+
+
+def jetstream_ready(server: NatsServer, timeout: float = 30) -> None:
+    """Wait until JetStream answers its API on `server` (a cluster: once it elected a leader)."""
+    client = server.client()
+    try:
+        client.subscribe("_INBOX.ready")
+
+        def answers() -> bool:
+            client.publish("$JS.API.INFO", b"", reply="_INBOX.ready")
+            return b"account_info_response" in client.next_msg(timeout=2)[1]
+
+        wait_for(answers, timeout=timeout, interval=0.2, what="JetStream ready")
+    finally:
+        client.close()
+
+
 # --------------------------------------------------------------------------- lobbyd
 
 

@@ -12,6 +12,7 @@ from lobbyd import (
     JSON_TYPE,
     Answers,
     Api,
+    CutOff,
     Packet,
     Prepared,
     Registry,
@@ -135,6 +136,66 @@ def test_an_answer_is_given_again_only_while_it_is_the_answer() -> None:
     assert body(second) == b'[\n  "a",\n  "b"\n]\n'
     assert int(second.headers["X-Lobby-Index"]) > int(first.headers["X-Lobby-Index"])
     assert api.at_once(head, float("inf")) is not None
+
+
+def test_while_cut_off_every_answer_and_repeated_head_says_how_stale() -> None:
+    """SPEC 16: while cut off, X-Lobby-Stale (whole seconds since the cut) is in every
+    answer's head, the cached and the repeated ones too, never an older S; the body is
+    not built again for a new S; and once connected again, no head keeps it."""
+    api, registry = make_api()
+    cut = api.answers.cut
+    registry.apply_hi("a", ("x",), time.time())
+    head = b"GET /v1/resolve?label=x HTTP/1.1\r\nHost: h\r\n\r\n"
+    resolve = Request("GET", "/v1/resolve", {"label": ["x"]}, "HTTP/1.1", {"host": "h"},
+                      head=head)
+    gz = Request("GET", "/v1/discoveries", {}, "HTTP/1.1", {"accept-encoding": "gzip"})
+    for i in range(600):  # big enough to be gzipped
+        registry.apply_hi(f"host{i:04}", ("x",), time.time())
+    builds = []
+    plain = api.answer(resolve, View.resolve("x"))
+    zipped = api.answer(gz, ALL)
+    assert "X-Lobby-Stale" not in plain.headers and "X-Lobby-Stale" not in zipped.headers
+    assert api.at_once(head, float("inf")) is not None
+
+    cut.since = time.time() - 0.5  # the first second of a cut (a failover): nothing yet
+    assert api.at_once(head, float("inf")) is not None
+    assert "X-Lobby-Stale" not in api.answer(resolve, View.resolve("x")).headers
+    cut.since = time.time() - 7.2
+    assert api.at_once(head, float("inf")) is None, "a head without the stale header"
+    stale = api.answer(resolve, View.resolve("x"))
+    assert stale.headers["X-Lobby-Stale"] == "7" and body(stale) == body(plain)
+    assert b"\r\nX-Lobby-Stale: 7\r\n" in stale.prepared.head
+    again = api.at_once(head, float("inf"))
+    assert again is not None and b"X-Lobby-Stale: 7\r\n" in again.head
+    zipped_stale = api.answer(gz, ALL)
+    assert zipped_stale.headers["X-Lobby-Stale"] == "7"
+    assert zipped_stale.headers["Content-Encoding"] == "gzip"
+    assert gzip.decompress(body(zipped_stale)) == gzip.decompress(body(zipped))
+    cut.since -= 1  # a second later
+    assert api.at_once(head, float("inf")) is None, "an old S must not go out"
+    answer = api.answers.cached(get(), View("test"), lambda: builds.append(1) or b"[]\n",
+                                timed=False)
+    cut.since -= 1
+    later = api.answers.cached(get(), View("test"), lambda: builds.append(1) or b"[]\n",
+                               timed=False)
+    assert builds == [1], "only the head changes with S"
+    assert (answer.headers["X-Lobby-Stale"], later.headers["X-Lobby-Stale"]) == ("8", "9")
+    assert answer.headers["X-Lobby-Index"] == later.headers["X-Lobby-Index"]
+    # what the Api makes itself (/v1/discovery, the head of /v1/events) says it too
+    assert api.say_stale(Response(200, b"{}", JSON_TYPE)).headers == {"X-Lobby-Stale": "9"}
+
+    cut.since = None  # connected again
+    assert api.at_once(head, float("inf")) is None
+    back = api.answer(resolve, View.resolve("x"))
+    assert "X-Lobby-Stale" not in back.headers and b"Stale" not in back.prepared.head
+    assert api.at_once(head, float("inf")) is not None
+
+
+def test_cut_off_counts_whole_seconds_from_the_first() -> None:
+    cut = CutOff()
+    assert cut.stale(1000.0) == 0
+    cut.since = 1000.0
+    assert [cut.stale(t) for t in (999.0, 1000.0, 1000.99, 1001.0, 1061.5)] == [0, 0, 0, 1, 61]
 
 
 def test_a_prepared_answer_writes_its_pieces_gathered_then_its_join() -> None:

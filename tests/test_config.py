@@ -126,3 +126,20 @@ def test_version_and_help() -> None:
             assert default in help_.stdout
     bad = run_lobbyd({}, args=["--frobnicate"])
     assert bad.returncode == 2 and "--help" in bad.stderr
+
+
+def test_cut_off_keep_and_kv_replicas() -> None:
+    c = Config.from_env({})
+    assert (c.cut_off_keep, c.kv_replicas) == (0, 0)  # the whole cut; auto
+    c = Config.from_env({"CUT_OFF_KEEP": "600", "KV_REPLICAS": "3"})
+    assert (c.cut_off_keep, c.kv_replicas) == (600, 3)
+    assert Config.from_env({"KV_REPLICAS": " AUTO "}).kv_replicas == 0
+    for env, said in [({"CUT_OFF_KEEP": "-5"}, "CUT_OFF_KEEP='-5': expected a whole number"),
+                      ({"KV_REPLICAS": "0"}, "KV_REPLICAS='0': expected auto or a whole "
+                                             "number from 1 to 5"),
+                      ({"KV_REPLICAS": "7"}, "KV_REPLICAS='7'")]:
+        with pytest.raises(ConfigError, match=said):
+            Config.from_env(env)
+    result = run_lobbyd({"KV_REPLICAS": "many"})
+    assert result.returncode == 78 and result.stderr.count("\n") == 1
+    assert "KV_REPLICAS='many'" in result.stderr

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 
 import lobbyd
-from lobbyd import Counters, Fleet, LabelCache, Packet, Registry, encode_envelope
+from lobbyd import Counters, CutOff, Fleet, LabelCache, Packet, Registry, encode_envelope
 
 
 def make_fleet(ttl: float = 30) -> tuple[Fleet, list[str]]:
@@ -62,9 +63,9 @@ def test_join_sync_answers_and_learns_in_chunks() -> None:
     assert len(chunks) > 3 and json.loads(chunks[-1])["done"] is True
     joiner, _ = make_fleet(ttl=20)  # hosts silent for 20 s or more are not learned
     learned = [joiner.learn_chunk(chunk, time.time()) for chunk in chunks]
-    assert sum(count for count, _ in learned) == 200
-    assert [done for _, done in learned] == [False] * (len(chunks) - 1) + [True]
-    assert joiner.learn_chunk(b'{"hosts":[["a",[1],0]],"done":true}', now) == (0, False)
+    assert sum(count for count, _, _ in learned) == 200
+    assert [done for _, _, done in learned] == [False] * (len(chunks) - 1) + [True]
+    assert joiner.learn_chunk(b'{"hosts":[["a",[1],0]],"done":true}', now) == (0, 0, False)
 
 
 def test_connecting_says_hi_syncs_and_joins_once_every_transport_did() -> None:
@@ -177,3 +178,83 @@ def test_per_host_join_requests_get_one_packet_of_ours_each_second() -> None:
     fleet, calls = asyncio.run(main())
     assert calls.count("hi") == 1
     assert fleet.counters.dropped_subject == 1 and len(fleet.registry) == 0
+
+
+class Link:
+    """A transport as the cut-off rule sees it: connected or not, and whether it ever was."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.up = False
+        self.was_connected = False
+        self.connected = self  # .is_set(), like the transports' asyncio.Event
+
+    def is_set(self) -> bool:
+        return self.up
+
+    def set(self, fleet: Fleet, up: bool) -> None:
+        self.up = up
+        self.was_connected = self.was_connected or up
+        fleet.connection_changed()
+
+
+def test_the_cut_begins_with_the_last_transport_lost_and_spares_every_host(caplog) -> None:
+    """SPEC 16: never before a first connection; with two transports only when both are
+    down; while cut off no host expires (CUT_OFF_KEEP 0); once one is back every host has
+    TTL seconds from then to be heard again."""
+    caplog.set_level(logging.INFO, logger="lobbyd")
+    fleet, calls = make_fleet(ttl=10)
+    nats, redis = Link("NATS"), Link("Redis")
+    fleet.attach(nats)  # type: ignore[arg-type]
+    fleet.attach(redis)  # type: ignore[arg-type]
+    registry = fleet.registry
+    registry.apply_hi("a", (), time.time() - 9)
+    fleet.connection_changed()  # never connected yet: waiting is not a cut
+    assert fleet.cut.since is None and registry.spared_until == 0
+    nats.set(fleet, True)
+    redis.set(fleet, True)
+    nats.set(fleet, False)  # one of two: hosts expire as usual
+    assert fleet.cut.since is None and registry.next_expiry() < time.time() + 1
+    redis.set(fleet, False)
+    assert fleet.cut.since is not None and registry.next_expiry() == math.inf
+    assert registry.expire(time.time() + 3600) == [] and len(registry) == 1
+    assert "cut off from NATS and Redis: keeping the last known fleet (1 host) until a " \
+           "connection is back" in caplog.messages
+    redis.set(fleet, True)
+    back = time.time()
+    assert fleet.cut.since is None
+    assert back <= registry.spared_until <= time.time() + 10
+    assert registry.expire(back + 9.5) == [] and registry.expire(back + 10.1) == ["a"]
+    assert calls.count("state") == 6  # systemd's STATUS hears of every change
+
+
+def test_cut_off_keep_bounds_how_long_hosts_are_spared() -> None:
+    fleet, _ = make_fleet(ttl=10)
+    fleet.cut = CutOff(keep=30)
+    nats = Link("NATS")
+    fleet.attach(nats)  # type: ignore[arg-type]
+    nats.set(fleet, True)
+    fleet.registry.apply_hi("a", (), time.time() - 9)
+    nats.set(fleet, False)
+    since = fleet.cut.since
+    assert since is not None and fleet.registry.next_expiry() == since + 30
+    assert fleet.registry.expire(since + 29) == []
+    assert fleet.registry.expire(since + 30.5) == ["a"]
+
+
+def test_a_peers_later_hearing_refreshes_a_kept_host() -> None:
+    """After a cut, the join answer of a peer that heard a host since (its packet at once
+    on reconnecting) counts as hearing it: no need to wait for its next keep-alive."""
+    peer, _ = make_fleet()
+    joiner, calls = make_fleet()
+    now = time.time()
+    joiner.registry.apply_hi("a", ("x",), now - 60)  # kept through a cut
+    joiner.registry.apply_hi("b", ("x",), now - 1)  # heard later than the peer did
+    peer.registry.apply_hi("a", ("x",), now - 0.5)
+    peer.registry.apply_hi("b", ("x",), now - 2)
+    peer.registry.apply_hi("c", ("y",), now - 0.5)
+    (chunk,) = peer.answer(65536)
+    assert joiner.learn_chunk(chunk, time.time()) == (1, 1, True)  # c new, a heard again
+    hosts = joiner.registry.hosts
+    assert now - 0.6 < hosts["a"][1] < now and hosts["b"][1] == now - 1
+    assert joiner.counters.joined == 1 and calls == ["changed"]  # c joined

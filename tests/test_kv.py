@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import NatsServer, run_lobbyd, wait_for
+from harness import jetstream_ready, nats_cluster
 from watchclient import EventReader, hold, index_of, returned
 
 import lobbyd as L
@@ -349,3 +350,65 @@ def test_bucket_settings_that_break_the_fleet_are_said(kv, js) -> None:
     logs = a.logs()
     assert "is limited to 64 bytes" in logs and "has no TTL" in logs
     assert "writing to the buckets lobby_discovery_hosts, lobby_discovery_alive failed" in logs
+
+
+def stream_info(server: NatsServer, stream: str) -> dict:
+    raw = server.client()
+    try:
+        raw.subscribe("_INBOX.info")
+        raw.publish(f"$JS.API.STREAM.INFO.{stream}", b"", reply="_INBOX.info")
+        return json.loads(raw.next_msg()[1])
+    finally:
+        raw.close()
+
+
+def replicas(server: NatsServer, bucket: str) -> int:
+    return stream_info(server, f"KV_{bucket}")["config"]["num_replicas"]
+
+
+def test_buckets_get_one_replica_on_one_server(kv, js) -> None:
+    a = kv("a")
+    wait_for(lambda: health(a)["status"] == "ok", what="a set up")
+    assert replicas(js, "lobby_discovery_hosts") == replicas(js, "lobby_discovery_alive") == 1
+
+
+def test_auto_takes_one_replica_when_jetstream_cannot_place_three(lobbyd, js) -> None:
+    """Three URLs in NATS_URL, but one server without a cluster: JetStream refuses three
+    replicas, so KV_REPLICAS=auto creates the buckets with one, and says so once each."""
+    url = f"{js.url},nats://127.0.0.1:1,nats://127.0.0.1:2"
+    a = lobbyd("a", nats=js, NATS_URL=url, **KV)
+    wait_for(lambda: health(a)["status"] == "ok", what="a set up")
+    assert replicas(js, "lobby_discovery_hosts") == replicas(js, "lobby_discovery_alive") == 1
+    lines = [line for line in a.logs().splitlines() if "cannot place 3 replicas" in line]
+    assert len(lines) == 2 and "WARNING" in lines[0] and "KV_REPLICAS=3 insists" in lines[0]
+
+
+def test_buckets_get_three_replicas_on_a_jetstream_cluster(lobbyd, tmp_path) -> None:
+    """KV_REPLICAS=auto on a 3-node JetStream cluster: NATS_URL names one node, the
+    server announces the others, and the buckets get 3 replicas; KV_REPLICAS=2 gets 2.
+    On one server KV_REPLICAS=3 is refused by JetStream: a clear error, retried."""
+    nodes = nats_cluster(tmp_path, 3, jetstream=True)
+    try:
+        for node in nodes:
+            node.start()
+        jetstream_ready(nodes[0])
+        a = lobbyd("a", nats=nodes[0], **KV)
+        b = lobbyd("b", nats=nodes[1], **KV)
+        wait_for(lambda: sees(a, ["a", "b"]) and sees(b, ["a", "b"]), what="a and b")
+        for bucket in ("lobby_discovery_hosts", "lobby_discovery_alive"):
+            info = stream_info(nodes[2], f"KV_{bucket}")
+            assert info["config"]["num_replicas"] == 3, info
+            assert len(info["cluster"]["replicas"]) == 2  # besides the leader
+        c = lobbyd("c", nats=nodes[2], NATS_DISCOVERY_CHANNEL="two", KV_REPLICAS="2", **KV)
+        wait_for(lambda: health(c)["status"] == "ok", what="c set up")
+        assert replicas(nodes[0], "two_hosts") == replicas(nodes[0], "two_alive") == 2
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def test_three_replicas_asked_of_one_server_is_a_clear_error(lobbyd, js) -> None:
+    a = lobbyd("a", nats=js, KV_REPLICAS="3", **KV, wait=False)
+    wait_for(lambda: "JetStream unavailable" in a.logs(), what="the error")
+    assert "replicas > 1 not supported in non-clustered mode" in a.logs()
+    assert health(a)["status"] == "disconnected" and a.hostnames() == ["a"]

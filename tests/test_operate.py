@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 from conftest import (
     Lobbyd,
+    base_env,
     free_port,
+    lobbyd_command,
     run_lobbyd,
     skip_unless_required,
     wait_for,
@@ -425,3 +427,49 @@ def test_remove_tree_removes_what_is_inside_and_follows_no_symlink(tmp_path) -> 
     assert not tree.exists() and not tree.is_symlink()
     assert (outside / "keep").read_text() == "x"
     L.remove_tree(str(tree))  # gone already: nothing to do, no error
+
+
+def test_a_cut_off_daemon_keeps_the_fleet_and_every_answer_says_how_stale(lobbyd, nats
+                                                                         ) -> None:
+    """SPEC 16: NATS gone past TTL: b is still listed; every registry answer, the local
+    packet, a blocking query and the event stream's head carry X-Lobby-Stale; health is
+    503 with cut_off_since, metrics and lobbyctl say so. NATS back: no header."""
+    a = lobbyd("a", TTL="2", LABELS="prometheus:node")
+    b = lobbyd("b", TTL="2", LABELS="prometheus:node")
+    wait_for(lambda: a.hostnames() == b.hostnames() == ["a", "b"], what="a and b listed")
+    nats.stop(signal.SIGKILL)
+    wait_for(lambda: int(a.request("GET", "/")[1].get("x-lobby-stale", 0)) >= 3, timeout=10,
+             what="a cut off for 3 s (past TTL)")
+    index = a.request("GET", "/v1/discoveries")[1]["x-lobby-index"]
+    paths = ["/", "/v1/discoveries", "/v1/discoveries?labels=prometheus:node",
+             "/v1/discovery", "/v1/resolve?label=prometheus:node", "/v1/prometheus/node",
+             "/v1/catalog/services", "/v1/catalog/nodes", "/v1/health/service/web",
+             "/v1/agent/self", "/v1/status/leader",
+             f"/v1/discoveries?index={index}&wait=1s"]
+    for path in paths:
+        for method in ("GET", "HEAD"):
+            status, headers, body = a.request(method, path)
+            assert status == 200 and int(headers["x-lobby-stale"]) >= 3, (path, headers)
+    assert a.hostnames() == ["a", "b"] and b.hostnames() == ["a", "b"]
+    with socket.create_connection(("127.0.0.1", a.port), timeout=5) as s:
+        s.sendall(b"GET /v1/events HTTP/1.1\r\nHost: a\r\n\r\n")
+        head = s.recv(4096).split(b"\r\n\r\n")[0]
+    assert b"\r\nX-Lobby-Stale: " in head, head
+    status, body = health(a)
+    assert status == 503 and time.time() - 30 < body["cut_off_since"] <= time.time() - 3
+    assert metrics(a)["lobbyd_cut_off_seconds"] >= 3
+
+    def ctl(*words: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*lobbyd_command(), "ctl", "-port", str(a.port), *words],
+                              env=base_env(), capture_output=True, text=True, timeout=20)
+
+    done = ctl("discoveries")
+    assert done.returncode == 0 and "b" in done.stdout, done
+    assert "has been cut off from the fleet for" in done.stderr, done.stderr
+    assert "cut off:" in ctl("health").stdout
+    nats.start()
+    wait_for(lambda: health(a)[0] == 200, timeout=5, what="a reconnected")
+    for path in paths[:-1]:
+        assert "x-lobby-stale" not in a.request("GET", path)[1], path
+    assert "cut_off_since" not in health(a)[1]
+    assert ctl("discoveries").stderr == ""

@@ -401,9 +401,16 @@ def test_page_shows_the_daemon_losing_and_regaining_nats(lobbyd, nats, browser) 
                           what="the page showing NATS lost")
     assert "since" in state  # (health names no server while disconnected)
     assert page.evaluate("document.querySelector('#state .dot.bad') !== null")
+    # cut off from every transport: the page says its list is the last known fleet
+    cut = page.wait_for("(e => e.classList.contains('on') && e.innerText)("
+                        "document.getElementById('stale'))", timeout=20,
+                        what="the page saying it is cut off")
+    assert "Cut off from NATS since" in cut and "showing the last known fleet" in cut, cut
     nats.start()
     page.wait_for("document.getElementById('state').innerText.includes('NATS connected')",
                   timeout=30, what="the page showing NATS back")
+    page.wait_for("!document.getElementById('stale').classList.contains('on')", timeout=10,
+                  what="the cut-off banner gone")
 
 
 def test_only_the_rows_on_screen_exist_and_scrolling_shows_the_rest(lobbyd, nats,

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import random
 
-from lobbyd import INDEXED_LABEL_IDLE_S, NEW_HOST, NEW_LABELS, Packet, Registry, View
+from lobbyd import (
+    HEARD_LATER,
+    INDEXED_LABEL_IDLE_S,
+    NEW_HOST,
+    NEW_LABELS,
+    Packet,
+    Registry,
+    View,
+)
 
 
 def resolve_label(packets: list[Packet], label: str) -> list[str]:
@@ -81,13 +90,37 @@ def test_expire_is_cheap_when_nothing_can_have_expired() -> None:
     assert hosts.walks >= 1 and r.version == v + 1 and len(r) == 999
 
 
-def test_learn_adds_unknown_hosts_only() -> None:
+def test_learn_adds_unknown_hosts_and_takes_only_later_hearings() -> None:
     r = Registry(ttl=30)
     r.apply_hi("a", ("fresh",), 100.0)
-    assert r.learn("a", ("stale",), 90.0) is False
-    assert r.learn("b", ("x",), 95.0) is True
+    assert r.learn("a", ("stale",), 90.0) == 0  # we heard it later: nothing changes
+    assert r.learn("b", ("x",), 95.0) == NEW_HOST
     assert r.packets() == [Packet("a", ("fresh",), 100), Packet("b", ("x",), 95)]
-    assert r.expire(125.5) == ["b"]
+    v = r.version
+    r.take_changes()
+    # the peer heard b later than we did: b is heard again, no change to show
+    assert r.learn("b", ("x",), 97.0) == HEARD_LATER
+    assert r.version == v and r.take_changes() == {} and r.hosts["b"] == (("x",), 97.0)
+    # ... and with other labels: a change like a keep-alive's
+    assert r.learn("a", ("newer",), 101.0) == NEW_LABELS
+    assert r.version == v + 1 and r.take_changes() == {"a": (("fresh",), "")}
+    assert r.expire(127.5) == ["b"]
+
+
+def test_spared_hosts_do_not_expire_until_then() -> None:
+    """A cut-off lobbyd spares every host (SPEC 16): none expires before `spared_until`,
+    then each expires as usual; next_expiry() says so, for the clean-up and the cache."""
+    r = Registry(ttl=10)
+    r.apply_hi("a", (), 100.0)
+    r.apply_hi("b", (), 105.0)
+    r.spare(math.inf)
+    assert r.expire(10_000.0) == [] and len(r) == 2 and r.next_expiry() == math.inf
+    r.spare(200.0)  # the cut ended at 190: every host has until 200 to be heard
+    assert r.next_expiry() == 200.0
+    assert r.expire(199.9) == []
+    r.apply_hi("b", (), 195.0)  # heard again
+    assert r.expire(200.0) == ["a"] and r.packets() == [Packet("b", (), 195)]
+    assert r.next_expiry() == 205.0 and r.expire(205.5) == ["b"]
 
 
 def test_packets_are_sorted_by_hostname() -> None:

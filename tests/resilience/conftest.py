@@ -258,11 +258,14 @@ class Node(NatsServer):
 class Cluster:
     """n NATS nodes on loopback, full mesh of routes."""
 
-    def __init__(self, workdir: Path, n: int, extra: list[str] | None = None):
+    def __init__(self, workdir: Path, n: int, extra: list[str] | None = None,
+                 jetstream: bool = False):
         ports = [(free_port(), free_port(), free_port()) for _ in range(n)]
         cluster_ports = [c for _, c, _ in ports]
         self.nodes = [
-            Node(workdir, f"n{i}", p, c, m, [q for q in cluster_ports if q != c], extra)
+            Node(workdir, f"n{i}", p, c, m, [q for q in cluster_ports if q != c],
+                 (extra or []) + (["-js", "-sd", str(workdir / f"js-n{i}")] if jetstream
+                                  else []))
             for i, (p, c, m) in enumerate(ports)
         ]
 
@@ -383,7 +386,8 @@ class RouteProxy:
 
 class RegistryWatcher:
     """Polls every daemon's GET /v1/discoveries every `interval` seconds (in a thread) and
-    records every sample in which an expected host is missing."""
+    records every sample in which an expected host is missing, and every answer that said
+    it was stale (X-Lobby-Stale: the daemon was cut off from the fleet)."""
 
     def __init__(self, daemons: list[Lobbyd], expected: Callable[[Lobbyd], set[str]],
                  interval: float = 0.1, max_duration: float = 300):
@@ -394,6 +398,7 @@ class RegistryWatcher:
         self.samples = 0
         self.misses: list[tuple[float, str, tuple[str, ...]]] = []
         self.errors: list[tuple[float, str, str]] = []
+        self.stale: list[tuple[float, str, str]] = []  #: (when, daemon, X-Lobby-Stale)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.started = 0.0
@@ -404,10 +409,15 @@ class RegistryWatcher:
             t = time.monotonic()
             for d in self.daemons:
                 try:
-                    seen = set(d.hostnames())
+                    status, headers, body = d.request("GET", "/v1/discoveries")
+                    assert status == 200, (status, body[:200])
+                    seen = {packet["hostname"] for packet in json.loads(body)}
                 except (OSError, http.client.HTTPException, ValueError, AssertionError) as exc:
                     self.errors.append((t - self.started, d.name, repr(exc)))
                     continue
+                if "x-lobby-stale" in headers:
+                    self.stale.append((round(t - self.started, 2), d.name,
+                                       headers["x-lobby-stale"]))
                 missing = self.expected(d) - seen
                 if missing:
                     self.misses.append((round(t - self.started, 2), d.name,
