@@ -4066,10 +4066,11 @@ IOV_MAX = 1024  #: pieces one writev() takes on Linux (sysconf SC_IOV_MAX)
 UNTIMED = ("resolve", "prometheus", "consul")
 
 
-def consul_headers(index: int) -> dict[str, str]:
-    """The headers of every answer of Consul's API: its index, and a leader that is there."""
+def consul_headers(index: int, stale: int = 0) -> dict[str, str]:
+    """The headers of every answer of Consul's API: its index, a leader that is there, and
+    how long ago it was heard (ms): 0, or while cut off from the fleet, since the cut."""
     return {"X-Consul-Index": str(index), "X-Consul-KnownLeader": "true",
-            "X-Consul-LastContact": "0"}
+            "X-Consul-LastContact": str(stale * 1000)}
 
 
 def accepts_gzip(request: Request) -> bool:
@@ -4230,7 +4231,7 @@ class Answers:
         stamp = self.stamp(view, timed)
         answer = self._answers.get(view)
         if answer is None or answer.stamp != stamp:
-            headers = consul_headers(stamp[2]) if view.kind == "consul" else \
+            headers = consul_headers(stamp[2], stamp[3]) if view.kind == "consul" else \
                 {"X-Lobby-Index": str(stamp[2])}
             if stamp[3]:
                 headers["X-Lobby-Stale"] = str(stamp[3])

@@ -75,7 +75,7 @@ def test_a_long_nats_outage_keeps_the_fleet_and_says_how_stale(servers, fleet):
     victim, live = daemons[2], daemons[:2]
     wait_converged(daemons, lambda d: names, timeout=15, what="initial convergence")
     paths = ["/v1/discoveries", "/v1/prometheus/node", "/v1/resolve?label=role:r2",
-             "/v1/discovery", "/v1/discoveries?prefixes=role"]
+             "/v1/discovery", "/v1/discoveries?prefixes=role", "/v1/catalog/nodes"]
 
     t_cut = time.monotonic()
     nats.stop(signal.SIGKILL)
@@ -111,6 +111,8 @@ def test_a_long_nats_outage_keeps_the_fleet_and_says_how_stale(servers, fleet):
                 healthy.append((round(t, 2), d.name))
         time.sleep(0.25)
     warned = ctl(live[0], "discoveries")
+    _, consul_head, _ = live[0].request("GET", "/v1/catalog/nodes")  # Consul's own way to say it
+    assert int(consul_head["x-consul-lastcontact"]) == 1000 * int(consul_head["x-lobby-stale"])
     assert not missing, f"hosts vanished while cut off: {missing[:10]}"
     assert not unmarked, f"answers without X-Lobby-Stale while cut off: {unmarked[:10]}"
     assert not backwards, f"X-Lobby-Stale went back: {backwards[:10]}"
