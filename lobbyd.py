@@ -15,7 +15,8 @@ state named beside it, and no other section changes that state; the Daemon build
 the parts and hands each its collaborators.
 
   Errors             LobbydError and its kinds (ConfigError: exit 78, in main() only)
-  Small helpers      BoundedCache (every cache), deadline (the one timer), within(), plural()
+  Small helpers      BoundedCache (every cache), deadline (the one timer), within(), plural(),
+                     ssl_module() (OpenSSL only when TLS is used)
   Config             Config (frozen, from the environment), ENV_VARS, --help
   Labels             the label rules, label files, RuntimeLabels (its atomic file), Leases
   Checks             check files parsed (CheckSpec), up and down (CheckState): pure
@@ -74,6 +75,21 @@ Where a change goes:
 
 from __future__ import annotations
 
+import sys
+
+# OpenSSL (ssl, _hashlib) only when a configuration uses TLS: asyncio imports ssl at
+# once, and with it libssl and libcrypto, ~5 MB of an idle lobbyd. asyncio learns of
+# ssl when lobbyd first needs it (ssl_module()); hashlib and hmac use Python's own
+# sha256 and compare_digest.
+if "ssl" not in sys.modules and "_hashlib" not in sys.modules:
+    sys.modules["ssl"] = sys.modules["_hashlib"] = None  # type: ignore[assignment]
+    try:
+        import asyncio
+        import hashlib
+        import hmac
+    finally:
+        del sys.modules["ssl"], sys.modules["_hashlib"]
+
 import asyncio
 import base64
 import contextlib
@@ -92,8 +108,6 @@ import resource
 import shlex
 import signal
 import socket
-import ssl
-import sys
 import threading
 import time
 import zlib
@@ -238,6 +252,33 @@ async def within(seconds: float, awaitable: Awaitable[T]) -> T:
     if task.cancelled():
         raise asyncio.TimeoutError
     return task.result()
+
+
+def ssl_module() -> Any:
+    """The ssl module, imported when first used, and then handed to asyncio and nats-py.
+
+    lobbyd imports asyncio without ssl (see the imports at the top): its modules
+    hold None for ssl until this gives them the module, so every TLS user in
+    lobbyd (tls://, https:// checks) gets the module here, not with `import ssl`.
+    """
+    import ssl
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith(("asyncio.", "nats.")) and \
+                isinstance(getattr(module, "ssl", ssl), (type(None), LazySsl)):
+            module.ssl = ssl
+    sslproto = sys.modules.get("asyncio.sslproto")
+    if sslproto is not None and not hasattr(sslproto, "SSLAgainErrors"):
+        # asyncio >= 3.11 defines it only when it imported ssl itself
+        sslproto.SSLAgainErrors = (ssl.SSLWantReadError, ssl.SSLSyscallError)
+    return ssl
+
+
+class LazySsl(type(sys)):  # type: ignore[misc]
+    """What nats-py's `import ssl` gets (import_nats): ssl_module() on first use."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(ssl_module(), name)
 
 
 ###############################################################################
@@ -1777,16 +1818,19 @@ def import_nats(urls: Sequence[str], trick: bool = True) -> Any:
     static binary (no package metadata in it) always did. Not for ws:// URLs:
     their aiohttp, which nats-py imports if it can, may need importlib.metadata.
     """
-    if not trick or "importlib.metadata" in sys.modules or \
-            any(url.startswith(("ws://", "wss://")) for url in urls):
-        import nats
-        return nats
-    # None in sys.modules: `from importlib.metadata import version` raises ImportError
-    sys.modules["importlib.metadata"] = None  # type: ignore[assignment]
+    stand_ins: dict[str, Any] = {}
+    if "ssl" not in sys.modules:  # its `import ssl` gets ssl_module() when used
+        stand_ins["ssl"] = LazySsl("ssl")
+    if trick and "importlib.metadata" not in sys.modules and \
+            not any(url.startswith(("ws://", "wss://")) for url in urls):
+        # None in sys.modules: `from importlib.metadata import version` raises ImportError
+        stand_ins["importlib.metadata"] = None
+    sys.modules.update(stand_ins)
     try:
         import nats
     finally:
-        del sys.modules["importlib.metadata"]
+        for name in stand_ins:
+            del sys.modules[name]
     return nats
 
 
@@ -2022,8 +2066,7 @@ def tls_context(environ: Mapping[str, str]) -> Any:
     A frozen OpenSSL only looks at the build host's CA directory, so when no
     SSL_CERT_FILE/SSL_CERT_DIR is set and it finds no CA, try the usual bundles.
     """
-    import ssl
-
+    ssl = ssl_module()
     context = ssl.create_default_context()
     cafile, capath = environ.get("SSL_CERT_FILE"), environ.get("SSL_CERT_DIR")
     if cafile or capath:
@@ -4801,7 +4844,7 @@ async def probe_http(url: str) -> tuple[bool, str]:
     host = parts.hostname or ""
     reader, writer = await asyncio.open_connection(
         host, parts.port or (443 if tls else 80),
-        ssl=ssl.create_default_context() if tls else None)
+        ssl=ssl_module().create_default_context() if tls else None)
     try:
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         netloc = parts.netloc.rpartition("@")[2]
