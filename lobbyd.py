@@ -265,7 +265,7 @@ def ssl_module() -> Any:
 
     for name, module in list(sys.modules.items()):
         if name.startswith(("asyncio.", "nats.")) and \
-                isinstance(getattr(module, "ssl", ssl), (type(None), LazySsl)):
+                isinstance(getattr(module, "ssl", ssl), (type(None), LazyModule)):
             module.ssl = ssl
     sslproto = sys.modules.get("asyncio.sslproto")
     if sslproto is not None and not hasattr(sslproto, "SSLAgainErrors"):
@@ -274,11 +274,16 @@ def ssl_module() -> Any:
     return ssl
 
 
-class LazySsl(type(sys)):  # type: ignore[misc]
-    """What nats-py's `import ssl` gets (import_nats): ssl_module() on first use."""
+class LazyModule(type(sys)):  # type: ignore[misc]
+    """A stand-in for a module that a library imports at once but lobbyd's
+    configuration may never use (see import_nats): `load()` on first use."""
+
+    def __init__(self, name: str, load: Callable[[], Any]):
+        super().__init__(name)
+        self._load = load
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(ssl_module(), name)
+        return getattr(self._load(), name)
 
 
 ###############################################################################
@@ -1817,10 +1822,16 @@ def import_nats(urls: Sequence[str], trick: bool = True) -> Any:
     tempfile: 1.6 MB of an idle lobbyd. Without it nats-py says 0.0.0, as the
     static binary (no package metadata in it) always did. Not for ws:// URLs:
     their aiohttp, which nats-py imports if it can, may need importlib.metadata.
+    ssl and nats.js (JetStream) come as stand-ins (LazyModule), imported when used.
     """
+    import importlib
+
     stand_ins: dict[str, Any] = {}
     if "ssl" not in sys.modules:  # its `import ssl` gets ssl_module() when used
-        stand_ins["ssl"] = LazySsl("ssl")
+        stand_ins["ssl"] = LazyModule("ssl", ssl_module)
+    if "nats.js" not in sys.modules:  # JetStream, for DISCOVERY_MODE=kv (and email,
+        # calendar with it): 1.4 MB. nats-py's client reaches it as the package's `js`
+        stand_ins["nats.js"] = LazyModule("nats.js", lambda: importlib.import_module("nats.js"))
     if trick and "importlib.metadata" not in sys.modules and \
             not any(url.startswith(("ws://", "wss://")) for url in urls):
         # None in sys.modules: `from importlib.metadata import version` raises ImportError
@@ -1831,6 +1842,8 @@ def import_nats(urls: Sequence[str], trick: bool = True) -> Any:
     finally:
         for name in stand_ins:
             del sys.modules[name]
+    if "nats.js" in stand_ins:  # until a real `import nats.js` puts the module there
+        nats.js = stand_ins["nats.js"]
     return nats
 
 
@@ -5360,7 +5373,8 @@ def warn_about_timing(config: Config) -> None:
 
 ###############################################################################
 # Static binary and systemd: the loader chain of the static binary (staticx, then
-# PyInstaller) and sd_notify. From source none of the loader part applies.
+# PyInstaller) and sd_notify. From source and in the .deb's one-directory build none
+# of the loader part applies.
 ###############################################################################
 
 #: lobbyd's exit status when the loader it runs under was killed (128 + SIGKILL)
@@ -5383,9 +5397,11 @@ def binary_loader_pid() -> int | None:
     The static binary is a chain: staticx's loader (the PID a shell, runit or
     systemd knows) -> PyInstaller's loader -> this Python process. staticx puts
     the binary's real path in STATICX_PROG_PATH: the ancestor running it is the
-    loader. From source (not frozen) there is none.
+    loader. From source (not frozen) and in the one-directory build (the .deb's,
+    which unpacks nothing: no _MEI directory) there is none.
     """
-    if not getattr(sys, "frozen", False):
+    if not getattr(sys, "frozen", False) or \
+            not os.path.basename(getattr(sys, "_MEIPASS", "")).startswith("_MEI"):
         return None
     prog = os.environ.get("STATICX_PROG_PATH")
     pid = os.getppid()

@@ -1,4 +1,5 @@
-"""What an idle lobbyd loads: OpenSSL only for a configuration that uses TLS.
+"""What an idle lobbyd loads: OpenSSL only for a configuration that uses TLS, JetStream
+only for DISCOVERY_MODE=kv.
 
 asyncio and nats-py import ssl at once, and with it libssl and libcrypto (~5 MB of
 an idle lobbyd); lobbyd imports them without it and hands asyncio the module when a
@@ -83,10 +84,10 @@ def test_tls_nats_loads_openssl_when_used(lobbyd, tmp_path: Path) -> None:
         server.stop()
 
 
-def test_ssl_module_hands_ssl_to_asyncio_and_nats() -> None:
-    """In a fresh interpreter: importing lobbyd (and nats-py through it) leaves ssl and
-    _hashlib out; ssl_module() then gives asyncio and nats-py the real module, and
-    hashlib/hmac still work on Python's own code."""
+def test_stand_ins_hand_on_the_real_modules() -> None:
+    """In a fresh interpreter: importing lobbyd (and nats-py through it) leaves ssl,
+    _hashlib and JetStream out; ssl_module() then gives asyncio and nats-py the real
+    module, JetStream comes when imported, and hashlib/hmac work on Python's own code."""
     script = """
 import sys
 sys.path.insert(0, sys.argv[1])
@@ -94,9 +95,15 @@ import lobbyd
 nats = lobbyd.import_nats(["nats://127.0.0.1:4222"])
 import asyncio.sslproto, asyncio.selector_events, asyncio.base_events, nats.aio.client
 assert "ssl" not in sys.modules and "_hashlib" not in sys.modules, "OpenSSL imported"
-assert asyncio.sslproto.ssl is None and type(nats.aio.client.ssl).__name__ == "LazySsl"
+assert asyncio.sslproto.ssl is None and type(nats.aio.client.ssl).__name__ == "LazyModule"
 assert lobbyd.hmac.compare_digest(b"a", b"a") and not lobbyd.hmac.compare_digest(b"a", b"b")
 assert lobbyd.PAGE_HEADERS["Content-Security-Policy"].count("sha256-") == 1
+assert "nats.js" not in sys.modules and "email" not in sys.modules, "JetStream imported"
+lazy = nats.js
+assert type(lazy).__name__ == "LazyModule"
+from nats.js.api import KeyValueConfig  # as kv mode imports it: the real package
+assert nats.js is sys.modules["nats.js"] and nats.js.api.KeyValueConfig is KeyValueConfig
+assert lazy.api.Header.STATUS is nats.js.api.Header.STATUS  # the stand-in hands it on
 ssl = lobbyd.ssl_module()
 for m in (asyncio.sslproto, asyncio.selector_events, asyncio.base_events, nats.aio.client):
     assert m.ssl is ssl, m
