@@ -1832,6 +1832,7 @@ def import_nats(urls: Sequence[str], trick: bool = True) -> Any:
     if "nats.js" not in sys.modules:  # JetStream, for DISCOVERY_MODE=kv (and email,
         # calendar with it): 1.4 MB. nats-py's client reaches it as the package's `js`
         stand_ins["nats.js"] = LazyModule("nats.js", lambda: importlib.import_module("nats.js"))
+        stand_ins["nats.js"].api = LazyModule("nats.js.api", jetstream_api)
     if trick and "importlib.metadata" not in sys.modules and \
             not any(url.startswith(("ws://", "wss://")) for url in urls):
         # None in sys.modules: `from importlib.metadata import version` raises ImportError
@@ -1845,6 +1846,25 @@ def import_nats(urls: Sequence[str], trick: bool = True) -> Any:
     if "nats.js" in stand_ins:  # until a real `import nats.js` puts the module there
         nats.js = stand_ins["nats.js"]
     return nats
+
+
+def jetstream_api() -> Any:
+    """nats.js.api alone, for the names nats-py's client reads in status headers (a
+    request no one answers has one): the rest of nats.js, which imports the same
+    module when kv mode needs it, stays out."""
+    import importlib
+    import importlib.util
+
+    if "nats.js" in sys.modules or "nats.js.api" in sys.modules:
+        return importlib.import_module("nats.js.api")
+    spec = importlib.util.find_spec("nats.js")  # the package, not run: where it is
+    package = type(sys)("nats.js")
+    package.__path__ = list(spec.submodule_search_locations or ())  # type: ignore[union-attr]
+    sys.modules["nats.js"] = package
+    try:
+        return importlib.import_module("nats.js.api")
+    finally:
+        del sys.modules["nats.js"]
 
 
 def direct_client(nats: Any, batch_reads: bool = True) -> Any:

@@ -101,9 +101,15 @@ assert lobbyd.PAGE_HEADERS["Content-Security-Policy"].count("sha256-") == 1
 assert "nats.js" not in sys.modules and "email" not in sys.modules, "JetStream imported"
 lazy = nats.js
 assert type(lazy).__name__ == "LazyModule"
-from nats.js.api import KeyValueConfig  # as kv mode imports it: the real package
-assert nats.js is sys.modules["nats.js"] and nats.js.api.KeyValueConfig is KeyValueConfig
-assert lazy.api.Header.STATUS is nats.js.api.Header.STATUS  # the stand-in hands it on
+status = nats.js.api.Header.STATUS  # what nats-py's client reads in a status header
+assert "nats.js.api" in sys.modules and "nats.js" not in sys.modules, "all of JetStream"
+assert "email" not in sys.modules
+from nats.js.api import KeyValueConfig  # as kv mode imports it
+context = nats.js.JetStreamContext  # as nc.jetstream() reaches it: the real package
+assert nats.js is sys.modules["nats.js"] and nats.js.api is sys.modules["nats.js.api"]
+assert nats.js.api.KeyValueConfig is KeyValueConfig and nats.js.api.Header.STATUS is status
+assert lazy.JetStreamContext is context and lazy.api.Header.STATUS is status
+assert "email" in sys.modules
 ssl = lobbyd.ssl_module()
 for m in (asyncio.sslproto, asyncio.selector_events, asyncio.base_events, nats.aio.client):
     assert m.ssl is ssl, m
