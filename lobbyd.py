@@ -276,14 +276,21 @@ def ssl_module() -> Any:
 
 class LazyModule(type(sys)):  # type: ignore[misc]
     """A stand-in for a module that a library imports at once but lobbyd's
-    configuration may never use (see import_nats): `load()` on first use."""
+    configuration may never use (see import_nats): `load()` (by default the
+    import of the module) on first use, whose names it then holds."""
 
-    def __init__(self, name: str, load: Callable[[], Any]):
+    def __init__(self, name: str, load: Callable[[], Any] | None = None):
         super().__init__(name)
         self._load = load
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._load(), name)
+        import importlib
+
+        if name.startswith("__"):  # a probe (copy, pickle, inspect): not a use
+            raise AttributeError(name)
+        module = self._load() if self._load else importlib.import_module(self.__name__)
+        self.__dict__.update({k: v for k, v in vars(module).items() if not k.startswith("__")})
+        return getattr(module, name)
 
 
 ###############################################################################
@@ -1822,17 +1829,21 @@ def import_nats(urls: Sequence[str], trick: bool = True) -> Any:
     tempfile: 1.6 MB of an idle lobbyd. Without it nats-py says 0.0.0, as the
     static binary (no package metadata in it) always did. Not for ws:// URLs:
     their aiohttp, which nats-py imports if it can, may need importlib.metadata.
-    ssl and nats.js (JetStream) come as stand-ins (LazyModule), imported when used.
+    ssl, nats.js (JetStream) and datetime come as stand-ins (LazyModule), imported
+    when used.
     """
-    import importlib
-
     stand_ins: dict[str, Any] = {}
     if "ssl" not in sys.modules:  # its `import ssl` gets ssl_module() when used
         stand_ins["ssl"] = LazyModule("ssl", ssl_module)
     if "nats.js" not in sys.modules:  # JetStream, for DISCOVERY_MODE=kv (and email,
         # calendar with it): 1.4 MB. nats-py's client reaches it as the package's `js`
-        stand_ins["nats.js"] = LazyModule("nats.js", lambda: importlib.import_module("nats.js"))
+        stand_ins["nats.js"] = LazyModule("nats.js")
         stand_ins["nats.js"].api = LazyModule("nats.js.api", jetstream_api)
+    if "datetime" not in sys.modules:  # for JetStream's metadata and dates
+        stand_ins["datetime"] = LazyModule("datetime")
+    if "uuid" not in sys.modules:  # `from uuid import uuid4`, for Subscription.next_msg()
+        stand_ins["uuid"] = LazyModule("uuid")
+        stand_ins["uuid"].uuid4 = lambda: __import__("uuid").uuid4()
     if trick and "importlib.metadata" not in sys.modules and \
             not any(url.startswith(("ws://", "wss://")) for url in urls):
         # None in sys.modules: `from importlib.metadata import version` raises ImportError
@@ -1860,11 +1871,15 @@ def jetstream_api() -> Any:
     spec = importlib.util.find_spec("nats.js")  # the package, not run: where it is
     package = type(sys)("nats.js")
     package.__path__ = list(spec.submodule_search_locations or ())  # type: ignore[union-attr]
-    sys.modules["nats.js"] = package
+    stand_ins = {"nats.js": package}
+    if "datetime" not in sys.modules:  # as in import_nats
+        stand_ins["datetime"] = LazyModule("datetime")
+    sys.modules.update(stand_ins)
     try:
         return importlib.import_module("nats.js.api")
     finally:
-        del sys.modules["nats.js"]
+        for name in stand_ins:
+            del sys.modules[name]
 
 
 def direct_client(nats: Any, batch_reads: bool = True) -> Any:

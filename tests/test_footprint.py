@@ -99,11 +99,16 @@ assert asyncio.sslproto.ssl is None and type(nats.aio.client.ssl).__name__ == "L
 assert lobbyd.hmac.compare_digest(b"a", b"a") and not lobbyd.hmac.compare_digest(b"a", b"b")
 assert lobbyd.PAGE_HEADERS["Content-Security-Policy"].count("sha256-") == 1
 assert "nats.js" not in sys.modules and "email" not in sys.modules, "JetStream imported"
+assert "datetime" not in sys.modules and type(nats.aio.msg.datetime).__name__ == "LazyModule"
+assert "uuid" not in sys.modules and len(str(nats.aio.subscription.uuid4())) == 36
+assert "uuid" in sys.modules
 lazy = nats.js
 assert type(lazy).__name__ == "LazyModule"
 status = nats.js.api.Header.STATUS  # what nats-py's client reads in a status header
 assert "nats.js.api" in sys.modules and "nats.js" not in sys.modules, "all of JetStream"
-assert "email" not in sys.modules
+assert "email" not in sys.modules and "datetime" not in sys.modules
+assert nats.js.api.ConsumerConfig._to_utc_iso(nats.aio.msg.datetime.datetime(2026, 1, 2)) == \
+    "2026-01-02T00:00:00Z"  # datetime, imported when first used, in both modules
 from nats.js.api import KeyValueConfig  # as kv mode imports it
 context = nats.js.JetStreamContext  # as nc.jetstream() reaches it: the real package
 assert nats.js is sys.modules["nats.js"] and nats.js.api is sys.modules["nats.js.api"]
