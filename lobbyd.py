@@ -16,7 +16,7 @@ the parts and hands each its collaborators.
 
   Errors             LobbydError and its kinds (ConfigError: exit 78, in main() only)
   Small helpers      BoundedCache (every cache), deadline (the one timer), within(), plural(),
-                     ssl_module() (OpenSSL only when TLS is used)
+                     release_memory(), ssl_module() (OpenSSL only when TLS is used)
   Config             Config (frozen, from the environment), ENV_VARS, --help
   Labels             the label rules, label files, RuntimeLabels (its atomic file), Leases
   Checks             check files parsed (CheckSpec), up and down (CheckState): pure
@@ -24,23 +24,36 @@ the parts and hands each its collaborators.
   Registry           Registry: hostname -> (labels, received); expiry, version, the
                      changes noted for the watchers and the renderer
   Fleet              Fleet: what the transports hear, applied to the registry; the
-                     packet counters' bumps, the membership log, the join sync
+                     packet counters' bumps, the membership log, the join sync (rationed;
+                     per-host: each peer's own packet), who may speak for whom (a sender's
+                     own subject, our own hostname, MAX_HOSTS)
   Transports         Transport: the interface (run, publish, close, state)
   nats-py internals  every use of nats-py's private names, behind NatsPy: the one
                      switch back to plain nats-py (LOBBYD_PLAIN_NATS=1, or untested)
-  NATS, Redis, kv    one Transport each: its connection and its state for /v1/health;
+  NATS, Redis, kv    one Transport each: its connection and its state for /v1/health,
+                     its subjects (shared or per-host);
                      TRANSPORTS (DRIVER name -> class) after the last of them
   Queries            View (what an answer shows: kind, labels, prefixes, name) and the
-                     rules of what a view shows of a host, filters, Prometheus: pure
-  Renderers          the JSON text of answers, each host's block kept while it stays
+                     rules of what a view shows of a host, filters, Prometheus, and the
+                     service model (host_services, host_address, node_meta) and what
+                     Consul's routes show of it (consul_view, consul_shows): pure
+  Renderers          the JSON text of answers, each host's block kept while it stays;
+                     ConsulRenderer: Consul's shapes
   Answers            Answers: the latest answer of each view (plain and gzipped), the
                      renderers, the repeated request heads, how the bytes go
-  Watchers           Watchers: each view's index, held requests, event streams
+  Watchers           Watchers: each view's index, held requests, event streams (and, for
+                     an answer that unites the hosts' parts, how many hosts add each key)
   HTTP messages      Request, Response, parsing with limits, Accept
-  HTTP server        HttpServer: connections, limits and timers; knows one handler and
-                     one optional at-once callable, no route, no JSON, no registry
+  HTTP server        HttpServer: connections, limits (in all, per address, reserved
+                     slots) and timers; knows one handler and one optional at-once
+                     callable, no route, no JSON, no registry
   Health             Counters, Health (/v1/health, /metrics, systemd's STATUS)
-  API routes         Api: routing, the token, one short handler per route
+  Request guard      RequestGuard: the Host names the API answers to, the origins that
+                     may change its state (DNS rebinding, cross-site pages): pure
+  API routes         Api: routing, the token, one short handler per route (Consul's
+                     routes too: each answers a consul View)
+  DNS                DnsAnswers (the zone DNS_DOMAIN from the registry and the service
+                     model; answers kept per question and registry version), DnsServer
   Commands           run_command() (CALLBACK and exec checks; killed ones reaped), CallbackRunner
   Check runner       the probes, CheckRunner (a task per check)
   Local host         LocalHost: hostname, labels by source, leases, checks' runners
@@ -57,7 +70,8 @@ and the callback. Nothing is rendered then: answers are built when asked for.
 
 A request: HttpServer reads a head. If Answers knows that very head and its answer
 is still current, it goes out at once (Api.at_once, from HttpProtocol.data_received:
-it looks and changes nothing). Else the head is parsed and Api.handle() checks the
+it looks and changes nothing; its head passed the Host check the first time). Else
+the head is parsed and Api.handle() checks Host and Origin (RequestGuard), the
 token, routes, and calls the handler; a discovery route asks Answers.answer() for
 its View: the cached answer at this registry version and second (rendered when
 stale) with the Watchers' X-Lobby-Index. HttpServer writes what it gets.
@@ -110,6 +124,7 @@ import signal
 import socket
 import threading
 import time
+import uuid
 import zlib
 from collections.abc import Awaitable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -172,6 +187,22 @@ class BoundedCache(dict):  # type: ignore[type-arg]
             self.cost = 0
         self[key] = value
         self.cost += cost
+
+
+def release_memory() -> None:
+    """Hand freed heap back to the system: after a flood, free memory would otherwise stay
+    with the process. A full collection empties the interpreter's free lists, whose
+    leftovers keep whole arenas of pymalloc; glibc's malloc_trim returns the rest (the
+    static binary uses glibc too)."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError, ImportError):  # not glibc: nothing to do
+        pass
 
 
 def plural(count: int, noun: str) -> str:
@@ -302,6 +333,7 @@ FALSE_WORDS = {"0", "f", "false", "no", "n", "off"}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 NATS_SCHEMES = ("nats", "tls", "ws", "wss")
 SUBJECT_RE = re.compile(r"[^\s.*>]+(\.[^\s.*>]+)*")
+DATACENTER_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def show(value: str, limit: int = 60) -> str:
@@ -456,7 +488,23 @@ def parse_driver(name: str, value: str) -> tuple[str, ...]:
     return tuple(drivers)
 
 
+def parse_allowed_hosts(name: str, value: str) -> tuple[str, ...]:
+    """Host names for the Host header: a name, an IP address, .suffix, or *."""
+    names = []
+    for item in value.split(","):
+        word = item.strip().lower().rstrip(".")
+        if not word:
+            continue
+        bare = word[1:] if word.startswith(".") else word.strip("[]")
+        if word != "*" and not re.fullmatch(r"[a-z0-9_]([a-z0-9_.:-]{0,251}[a-z0-9_])?", bare):
+            raise ConfigError(f"{name}={show(value)}: expected comma-separated host names "
+                              "(lobby.example.com, .example.com for its subdomains, or *)")
+        names.append(word if word.startswith(".") else bare)
+    return tuple(names)
+
+
 DISCOVERY_MODES = ("broadcast", "kv")
+DISCOVERY_SUBJECTS = ("shared", "per-host")
 
 
 def parse_discovery_mode(name: str, value: str) -> str:
@@ -464,6 +512,34 @@ def parse_discovery_mode(name: str, value: str) -> str:
     if mode not in DISCOVERY_MODES:
         raise ConfigError(f"{name}={show(value)}: expected broadcast or kv")
     return mode
+
+
+def parse_datacenter(name: str, value: str) -> str:
+    value = value.strip()
+    if not DATACENTER_RE.fullmatch(value):
+        raise ConfigError(f"{name}={show(value)}: expected letters, digits, '-', '_' or '.' "
+                          "(at most 64)")
+    return value
+DNS_LABEL_RE = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def parse_dns_domain(name: str, value: str) -> str:
+    """A DNS zone such as lobby or lobby.example.org, with or without its trailing dot;
+    kept lower case with the dot."""
+    domain = value.strip().lower()
+    domain = domain[:-1] if domain.endswith(".") else domain
+    if not domain or len(domain) > 200 or \
+            not all(DNS_LABEL_RE.fullmatch(part) for part in domain.split(".")):
+        raise ConfigError(f"{name}={show(value)}: expected a DNS domain such as lobby "
+                          "or lobby.example.org")
+    return domain + "."
+
+
+def parse_discovery_subjects(name: str, value: str) -> str:
+    subjects = value.strip().lower()
+    if subjects not in DISCOVERY_SUBJECTS:
+        raise ConfigError(f"{name}={show(value)}: expected shared or per-host")
+    return subjects
 
 
 def parse_channel(name: str, value: str) -> str:
@@ -480,6 +556,12 @@ ENV_VARS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "HOST": ("127.0.0.1", parse_host, "address the HTTP API listens on (IPv4 or IPv6, e.g. ::)"),
     "PORT": ("1313", int_in(1, 65535), "HTTP API port"),
     "DISABLE_API": ("false", parse_bool, "no HTTP listener at all"),
+    "HTTP_ALLOWED_HOSTS": ("", parse_allowed_hosts,
+                           "comma-separated names the API answers to in the Host header "
+                           "besides IP addresses, localhost, the hostname and HOST "
+                           "(.example.com: its subdomains; *: any)"),
+    "HTTP_MAX_CONNECTIONS_PER_ADDRESS": ("250", int_in(1, 100000),
+                                         "open API connections one client address may hold"),
     "DRIVER": ("NATS", parse_driver, "discovery transport: NATS, Redis, or NATS,Redis"),
     "NATS_URL": ("nats://127.0.0.1:4222", parse_nats_urls,
                  "NATS URL or comma-separated cluster URLs (nats://, tls://, user:pass@)"),
@@ -487,10 +569,16 @@ ENV_VARS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "DISCOVERY_MODE": ("broadcast", parse_discovery_mode,
                        "broadcast (every host hears every keep-alive; the Go daemon's way) or "
                        "kv (JetStream key-value buckets, for large fleets; DRIVER=NATS only)"),
+    "DISCOVERY_SUBJECTS": ("shared", parse_discovery_subjects,
+                           "shared (one subject for all; the Go daemon's way) or per-host "
+                           "(each host publishes on SUBJECT.host.HOSTNAME only, so server "
+                           "permissions stop one host speaking for another)"),
     "REDIS_HOST": ("127.0.0.1", parse_host, "Redis server (DRIVER=Redis)"),
     "REDIS_PORT": ("6379", int_in(1, 65535), "Redis port"),
     "REDIS_DB": ("0", int_in(0, 65535), "Redis database number"),
     "REDIS_CHANNEL": ("lobby:discovery", parse_channel, "Redis pub/sub channel"),
+    "REDIS_USERNAME": ("", lambda n, v: v.strip(),
+                       "Redis ACL user of REDIS_PASSWORD (Redis 6+); empty = default"),
     "REDIS_PASSWORD": ("", lambda n, v: v, "Redis password (never logged)"),
     "LABELS": ("", parse_env_labels, "comma-separated labels of this server"),
     "LABELS_PATH": ("/etc/lobby/labels", lambda n, v: v.strip(),
@@ -505,6 +593,8 @@ ENV_VARS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "KEEP_ALIVE": ("5", int_in(1, 86400), "seconds between keep-alive packets"),
     "TTL": ("30", int_in(1, 864000), "seconds after which a silent host is dead"),
     "NODE_EXPORTER_PORT": ("9100", int_in(1, 65535), "default port of Prometheus targets"),
+    "MAX_HOSTS": ("250000", int_in(1, 100_000_000),
+                  "most hosts the registry holds; packets of new hosts past it are dropped"),
     "REGISTER": ("true", parse_bool, "false = client only: listen, never publish"),
     "CALLBACK": ("", parse_command, "command run (no shell) when the registry changes"),
     "CALLBACK_COOLDOWN": ("15", int_in(0, 86400),
@@ -514,6 +604,13 @@ ENV_VARS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "CALLBACK_TIMEOUT": ("60", int_in(1, 86400),
                          "a callback run still going after this many seconds is killed"),
     "LOG_LEVEL": ("INFO", parse_log_level, "DEBUG, INFO, WARNING or ERROR"),
+    "DATACENTER": ("lobby", parse_datacenter,
+                   "the datacenter lobbyd's Consul API (/v1/catalog/..., /v1/health/...) names"),
+    "DNS_PORT": ("0", int_in(0, 65535),
+                 "port to answer DNS on (UDP and TCP, on HOST); 0 = no DNS (needs the "
+                 "package dnslib: lobbyd[dns])"),
+    "DNS_DOMAIN": ("lobby.", parse_dns_domain, "the DNS zone lobbyd answers for"),
+    "DNS_TTL": ("0", int_in(0, 2147483647), "TTL in seconds of the DNS records"),
 }
 
 
@@ -525,14 +622,18 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 1313
     disable_api: bool = False
+    http_allowed_hosts: tuple[str, ...] = ()
+    http_max_connections_per_address: int = 250
     driver: tuple[str, ...] = ("NATS",)
     nats_url: tuple[str, ...] = ("nats://127.0.0.1:4222",)
     nats_discovery_channel: str = "lobby.discovery"
     discovery_mode: str = "broadcast"
+    discovery_subjects: str = "shared"
     redis_host: str = "127.0.0.1"
     redis_port: int = 6379
     redis_db: int = 0
     redis_channel: str = "lobby:discovery"
+    redis_username: str = ""
     redis_password: str = field(default="", repr=False)
     labels: tuple[str, ...] = ()
     labels_path: str = "/etc/lobby/labels"
@@ -543,12 +644,17 @@ class Config:
     keep_alive: int = 5
     ttl: int = 30
     node_exporter_port: int = 9100
+    max_hosts: int = 250_000
     register: bool = True
     callback: tuple[str, ...] = ()
     callback_cooldown: int = 15
     callback_first_run_delay: int = 30
     callback_timeout: int = 60
     log_level: str = "INFO"
+    datacenter: str = "lobby"
+    dns_port: int = 0
+    dns_domain: str = "lobby."
+    dns_ttl: int = 0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Config:
@@ -562,11 +668,30 @@ class Config:
             values[name.lower()] = parser(name, raw if raw.strip() else default)
         if values["discovery_mode"] == "kv" and values["driver"] != ("NATS",):
             raise ConfigError("DISCOVERY_MODE=kv works with DRIVER=NATS only")
+        if values["discovery_subjects"] == "per-host":
+            check_per_host(values)
         return cls(**values)
 
     @property
     def runtime_labels_file(self) -> Path:
         return Path(self.labels_path) / self.runtime_labels_filename
+
+
+#: what a hostname may not hold in DISCOVERY_SUBJECTS=per-host: NATS subject wildcards and
+#: separators' misuse, Redis glob characters (ACL channel patterns are globs)
+PER_HOST_BAD_RE = re.compile(r"[*>?\[\]\\]")
+
+
+def check_per_host(values: Mapping[str, Any]) -> None:
+    """DISCOVERY_SUBJECTS=per-host: the hostname must be a subject's (a channel's) tail."""
+    if values["discovery_mode"] == "kv":
+        raise ConfigError("DISCOVERY_SUBJECTS=per-host does not work with DISCOVERY_MODE=kv "
+                          "(one bucket holds every host; use broadcast)")
+    hostname = values["hostname"] or socket.gethostname()
+    if not SUBJECT_RE.fullmatch(hostname) or PER_HOST_BAD_RE.search(hostname):
+        raise ConfigError(f"HOSTNAME={show(hostname)}: with DISCOVERY_SUBJECTS=per-host the "
+                          "hostname must be a NATS subject's tail: no spaces, no *, >, ?, [, ], "
+                          "backslash, no empty part between dots")
 
 
 def _has_surrogates(text: str) -> bool:
@@ -617,6 +742,9 @@ def help_text() -> str:
         "  GET /v1/health            200 while connected, 503 otherwise (JSON)",
         "  GET /metrics              Prometheus metrics of lobbyd itself",
         "  GET /ui                   the page for people (a browser at / gets it too)",
+        "  GET /v1/catalog/..., /v1/health/..., /v1/agent/self, /v1/status/leader",
+        "                            Consul's HTTP API, read-only, for Consul's clients",
+        "                            (services from labels service:NAME[:port:P|:tag:T])",
         "",
         "Client: lobbyctl ... or lobbyd ctl ... (lobbyctl --help).",
     ]
@@ -630,9 +758,17 @@ def help_text() -> str:
 MAX_LABEL_BYTES = 1024
 MAX_LABELS = 1000
 MAX_LABEL_FILE_BYTES = 1 << 20
+# Unicode's format characters (category Cf: bidi overrides such as U+202E, zero-width
+# spaces and joiners, the BOM, tags): invisible, they make one name show as another
+FORMAT_CHARS = ("\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e"
+                "\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb"
+                "\U000110bd\U000110cd\U00013430-\U00013438\U0001bca0-\U0001bca3"
+                "\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f")
 # C0 and C1 controls, and the Unicode line and paragraph separators: anything
-# str.splitlines() would break a line at must never be inside a label.
+# str.splitlines() would break a line at must never be inside a label ...
 CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+#: ... nor a format character (labels and hostnames)
+UNSHOWABLE_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029" + FORMAT_CHARS + "]")
 
 
 def validate_label(raw: str) -> str:
@@ -640,8 +776,9 @@ def validate_label(raw: str) -> str:
     label = raw.strip()
     if not label:
         raise LabelError("empty label")
-    if CONTROL_RE.search(label):
-        raise LabelError(f"label {show(label)} contains a control character")
+    if UNSHOWABLE_RE.search(label):
+        raise LabelError(f"label {show(label)} contains a control character or an invisible "
+                         "format character")
     if len(label) * 4 > MAX_LABEL_BYTES:
         try:
             size = len(label.encode("utf-8"))
@@ -736,8 +873,15 @@ def write_atomically(path: Path, text: str) -> None:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    # a new file, never one that is there: not a link planted at the name (O_EXCL
+    # does not follow it), nor a file others have open; what is there is removed
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            fd = os.open(tmp, flags, 0o644)
+        except FileExistsError:
+            os.unlink(tmp)  # a link goes, not what it points at
+            fd = os.open(tmp, flags, 0o644)
         try:
             data = text.encode("utf-8")
             view = memoryview(data)
@@ -751,11 +895,19 @@ def write_atomically(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise NotDurable(exc.errno, exc.strerror) from exc
+
+
+class NotDurable(OSError):
+    """The file was replaced, but its directory could not be synced: the new file may
+    not survive a power loss (the old one may come back)."""
 
 
 class RuntimeLabels:
@@ -1072,7 +1224,8 @@ class CheckState:
 ###############################################################################
 
 MAX_HOSTNAME_BYTES = 253
-HOSTNAME_RE = re.compile(r"[^\x00-\x20\x7f]+")
+#: the label rules (no control, separator or format character) and no space
+HOSTNAME_RE = re.compile("[^\x00-\x20\x7f-\x9f\u2028\u2029" + FORMAT_CHARS + "]+")
 
 
 def valid_hostname(hostname: str) -> bool:
@@ -1119,6 +1272,12 @@ class LabelCache:
         self.lists = BoundedCache(entries, chars)  # cost: characters (+1 per label)
         self.strings = BoundedCache(entries, chars)
         self.hostnames = BoundedCache(entries, chars)
+
+    def forget(self) -> None:
+        """Drop everything (the registry lost most of its hosts: a flood ended)."""
+        for cache in (self.lists, self.strings, self.hostnames):
+            cache.clear()
+            cache.cost = 0
 
     def hostname(self, raw: Any) -> str:
         """The hostname, validated once and stored once; PacketError if invalid."""
@@ -1283,12 +1442,17 @@ def decode_sync_chunk(data: bytes, cache: LabelCache
 
 
 NEW_HOST, NEW_LABELS = 2, 1
+#: apply_hi() of a new host while the registry holds MAX_HOSTS: not added (true, < 0)
+FULL = -1
 #: resolve views whose carriers the registry keeps (see `carrying()`) ...
 MAX_INDEXED_LABELS = 16
 #: ... until nobody asked for this many seconds: each costs every change of labels a test
 INDEXED_LABEL_IDLE_S = 10.0
 #: label changes the registry notes for the renderer before it cuts them (see `Noted`)
 MAX_NOTED = 16384
+#: a registry that loses more than this many hosts and over half of them (the end of a
+#: flood of made-up names) gives the memory back (see Daemon.shrunk())
+SHRINK_HOSTS = 10_000
 
 
 class Noted:
@@ -1322,8 +1486,9 @@ class Registry:
     drift, and the sender's last_check is ignored.
     """
 
-    def __init__(self, ttl: float):
+    def __init__(self, ttl: float, max_hosts: int = 250_000):
         self.ttl = ttl
+        self.max_hosts = max_hosts  #: new hosts past it are refused (FULL): a flood stays bounded
         # hostname -> (labels, received): tuples of strings and floats, which the
         # garbage collector stops tracking, so its full rounds skip the registry
         self.hosts: dict[str, tuple[tuple[str, ...], float]] = {}
@@ -1342,12 +1507,16 @@ class Registry:
     def __len__(self) -> int:
         return len(self.hosts)
 
-    def apply_hi(self, hostname: str, labels: tuple[str, ...], now: float) -> int:
-        """Record a keep-alive: NEW_HOST, NEW_LABELS, or 0 (false) for no change."""
+    def apply_hi(self, hostname: str, labels: tuple[str, ...], now: float,
+                 own: bool = False) -> int:
+        """Record a keep-alive: NEW_HOST, NEW_LABELS, or 0 (false) for no change; FULL
+        for a new host while MAX_HOSTS are known (our own is always added)."""
         entry = self.hosts.get(hostname)
-        if now < self._oldest:
-            self._oldest = now
         if entry is None:
+            if len(self.hosts) >= self.max_hosts and not own:
+                return FULL
+            if now < self._oldest:
+                self._oldest = now
             self.hosts[hostname] = (labels, now)
             self.version += 1
             self._order = None
@@ -1355,6 +1524,8 @@ class Registry:
             if self._carriers:
                 self._index(hostname, labels)
             return NEW_HOST
+        if now < self._oldest:
+            self._oldest = now
         if entry[0] != labels:
             self._note(hostname, entry[0])
             self.hosts[hostname] = (labels, now)
@@ -1367,7 +1538,7 @@ class Registry:
 
     def learn(self, hostname: str, labels: tuple[str, ...], received: float) -> bool:
         """A host heard second-hand (a peer's sync answer): added only if unknown."""
-        if hostname in self.hosts:
+        if hostname in self.hosts or len(self.hosts) >= self.max_hosts:
             return False
         self.hosts[hostname] = (labels, received)
         self._note(hostname, None)
@@ -1406,6 +1577,13 @@ class Registry:
             self.version += 1
             self._order = None
         return dead
+
+    def compact(self) -> None:
+        """After most hosts left: a dict never shrinks by itself, a copy fits; the names
+        noted for the renderer are cut (it then looks at everything once)."""
+        self.hosts = dict(self.hosts)
+        self.noted.cut += len(self.noted.names)
+        self.noted.names = []
 
     def _note(self, hostname: str, before: tuple[str, ...] | None, left: str = "") -> None:
         # only the state before the first change counts: A -> B -> A is no change
@@ -1483,6 +1661,15 @@ class Registry:
 
 SYNC_QUEUE = "lobbyd"  #: the NATS queue group of the join requests: one peer answers
 SYNC_WINDOW = 2.0  #: seconds a joining lobbyd waits for a peer's complete answer
+#: join answers (the whole registry) a lobbyd sends: a burst of this many (daemons that
+#: start together), then one per SYNC_ANSWER_EVERY seconds; a flood of requests costs a
+#: few answers, not one each
+SYNC_ANSWER_BURST, SYNC_ANSWER_EVERY = 4, 1.0
+#: DISCOVERY_SUBJECTS=per-host: a peer answers a join request with its own packet after a
+#: random delay of up to this many seconds, and at most once per second
+SYNC_SPREAD = 1.0
+#: seconds between two packets of ours published again because another claimed our name
+REPUBLISH_EVERY = 1.0
 
 
 class Fleet:
@@ -1500,7 +1687,8 @@ class Fleet:
                  say_hi: Callable[[], Awaitable[None]], state_changed: Callable[[], None],
                  joined: Callable[[], None], schedule: Callable[[Awaitable[Any]], None],
                  garbage_log: RateLimitedLog | None = None,
-                 membership_log: RateLimitedLog | None = None):
+                 membership_log: RateLimitedLog | None = None,
+                 own_labels: Callable[[], tuple[str, ...]] = tuple):
         self.registry = registry
         self.counters = counters
         self.cache = cache
@@ -1515,20 +1703,42 @@ class Fleet:
         self.membership_log = membership_log or RateLimitedLog(burst=20)
         self.transports: list[Transport] = []  # each attaches itself when made
         self._synced: set[Transport] = set()
+        self.hostname = ""  #: this host's name (the Daemon keeps it): per-host join requests
+        #: our hostname while we publish (the Daemon keeps it): nobody else may speak for it
+        self.own_hostname: str | None = None
+        self.own_labels = own_labels  #: what we publish now
+        self._sent_own: BoundedCache = BoundedCache(8)  #: label lists we published lately
+        self._republished = -math.inf  # monotonic time of the last one
+        self._republishing = False  #: one is scheduled
+        self.impostor_log = RateLimitedLog(burst=5)
+        self.refused_log = RateLimitedLog(burst=5)
+        self._answers = float(SYNC_ANSWER_BURST)  #: join answers we may send now
+        self._answered = time.monotonic()
+        self._sync_hi_due = False  #: per-host: our answer to a join request is scheduled
+        self._sync_hi_last = -math.inf
 
     def attach(self, transport: Transport) -> None:
         self.transports.append(transport)
 
     # what the transports hear ------------------------------------------------------
-    def packet(self, data: bytes, quiet: bool = False) -> None:
+    def packet(self, data: bytes, quiet: bool = False, sender: str | None = None) -> None:
         """A discovery envelope as it arrived. Every packet of the fleet comes through
         here: keep it lean. `quiet`: part of a bulk read of the whole fleet (the kv
-        mode's initial values), applied without a log line per host."""
+        mode's initial values), applied without a log line per host. `sender`: the
+        host whose own subject it came on (DISCOVERY_SUBJECTS=per-host): it may speak
+        for itself only."""
         try:
             message, hostname, labels = decode_envelope(data, self.cache)
         except PacketError as exc:
+            if sender is not None and self.sync_request(data, sender):
+                return
             self.counters.dropped += 1
             self.garbage_log.warning("dropped a packet: %s", exc)
+            return
+        if sender is not None and hostname != sender:
+            self.counters.dropped_subject += 1
+            self.garbage_log.warning("dropped a packet for %s sent on the subject of %s",
+                                     show(hostname), show(sender))
             return
         if message != "hi":
             self.goodbye(hostname)
@@ -1537,6 +1747,9 @@ class Fleet:
         counters.his += 1
         change = self.registry.apply_hi(hostname, labels, time.time())
         if change:
+            if change < 0 or hostname == self.own_hostname:
+                self.refused(hostname, labels, change)
+                return
             if change == NEW_HOST:
                 counters.joined += 1
                 if not quiet:
@@ -1545,9 +1758,46 @@ class Fleet:
                 self.membership_log.info("new labels of %s", hostname)
             self.changed()
 
+    def refused(self, hostname: str, labels: tuple[str, ...], change: int) -> None:
+        """A packet not applied: a new host while the registry is full, or another
+        claiming our hostname (ours is put back, and published again at once)."""
+        if change < 0:
+            self.counters.dropped_full += 1
+            self.refused_log.warning("registry full (MAX_HOSTS=%d): dropped the packet of "
+                                     "new host %s", self.registry.max_hosts, show(hostname))
+            return
+        self.registry.apply_hi(hostname, self.own_labels(), time.time(), own=True)
+        if labels in self._sent_own:
+            return  # our own packet of a moment ago, late
+        self.impostor(f"a packet claiming to be this host ({show(hostname)}) with other labels")
+
+    def impostor(self, what: str) -> None:
+        """Someone spoke for this host: say `what`, and publish our packet again, at once
+        and then at most once per REPUBLISH_EVERY (the last impostor is answered too)."""
+        self.counters.impostors += 1
+        self.impostor_log.warning("%s: ignored; publishing ours again", what)
+        if not self._republishing:
+            self._republishing = True
+            self.schedule(self._republish())
+
+    async def _republish(self) -> None:
+        try:
+            await asyncio.sleep(max(0.0, self._republished + REPUBLISH_EVERY - time.monotonic()))
+            self._republished = time.monotonic()
+        finally:
+            self._republishing = False
+        await self.say_hi()
+
+    def sent_own(self, labels: tuple[str, ...]) -> None:
+        """We publish these labels (the Daemon says so): their echo is ours."""
+        self._sent_own.put(labels, True)
+
     def goodbye(self, hostname: str) -> None:
         """A host left (it said so, or the kv mode's bucket lost its packet)."""
         self.counters.goodbyes += 1
+        if hostname == self.own_hostname:
+            self.impostor(f"a goodbye for this host ({show(hostname)}) from another")
+            return
         if self.registry.apply_goodbye(hostname):
             self.counters.left_goodbye += 1
             self.membership_log.info("goodbye from %s", hostname)
@@ -1594,12 +1844,55 @@ class Fleet:
         return added, done
 
     def answer(self, budget: int) -> list[bytes]:
-        """The registry as a join answer: chunks of at most about `budget` bytes."""
+        """The registry as a join answer: chunks of at most about `budget` bytes; none
+        past SYNC_ANSWER_BURST answers, then one per SYNC_ANSWER_EVERY (anyone can ask)."""
+        now = time.monotonic()
+        self._answers = min(float(SYNC_ANSWER_BURST), self._answers +
+                            (now - self._answered) / SYNC_ANSWER_EVERY)
+        self._answered = now
+        if self._answers < 1:
+            self.counters.sync_refused += 1
+            return []
+        self._answers -= 1
         self.expire()
         now = time.time()
         return sync_chunks(((hostname, labels, now - seen)
                             for hostname, (labels, seen) in self.registry.hosts.items()),
                            budget)
+
+
+    # DISCOVERY_SUBJECTS=per-host: join by asking every peer to speak for itself ------
+    def sync_request(self, data: bytes, sender: str) -> bool:
+        """A join request ({"message": "sync"} on its sender's own subject): we answer
+        with our own packet on our own subject, after a random delay of up to
+        SYNC_SPREAD, at most once per second. False if `data` is not one."""
+        try:
+            envelope = parse_json(data)
+        except PacketError:
+            return False
+        if type(envelope) is not dict or envelope.get("message") != "sync" or \
+                type(envelope.get("discovery")) is not dict:
+            return False
+        hostname = envelope["discovery"].get("hostname")
+        if hostname != sender:
+            self.counters.dropped_subject += 1
+            self.garbage_log.warning("dropped a join request for %s sent on the subject of %s",
+                                     show(str(hostname)), show(sender))
+            return True
+        if sender != self.own_hostname and not self._sync_hi_due:
+            self._sync_hi_due = True
+            self.schedule(self._answer_sync())
+        return True
+
+    async def _answer_sync(self) -> None:
+        try:
+            now = time.monotonic()
+            at = max(now + random.uniform(0, SYNC_SPREAD), self._sync_hi_last + 1.0)
+            await asyncio.sleep(at - now)
+            self._sync_hi_last = time.monotonic()
+        finally:
+            self._sync_hi_due = False
+        await self.say_hi()
 
 
 ###############################################################################
@@ -1698,9 +1991,12 @@ class Transport:
     # shared ---------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         """This transport's part of GET /v1/health."""
-        return {"driver": self.kind, "connected": self.is_connected, "server": self.server,
-                "targets": self.targets(), "since": int(self.since),
-                "reconnects": self.reconnects}
+        state = {"driver": self.kind, "connected": self.is_connected, "server": self.server,
+                 "targets": self.targets(), "since": int(self.since),
+                 "reconnects": self.reconnects}
+        if getattr(self, "per_host", False):
+            state["subjects"] = "per-host"
+        return state
 
     def _changed(self, connected: bool) -> None:
         if connected != self.connected.is_set():
@@ -1807,6 +2103,14 @@ class NatsPy:
             return False
         nc.direct[sub._id] = handle
         return True
+
+    @staticmethod
+    def set_retry_wait(nc: Any, seconds: float) -> None:
+        """Seconds nats-py waits before it tries a server again (its reconnect_time_wait,
+        read on each attempt from the options it was connected with)."""
+        options = getattr(nc, "options", None)
+        if isinstance(options, dict) and "reconnect_time_wait" in options:
+            options["reconnect_time_wait"] = seconds
 
     def direct_stream(self, nc: Any, sub: Any,
                       handle: Callable[[bytes, bytes, bytes, int, int], None]) -> bool:
@@ -2128,16 +2432,36 @@ def tls_context(environ: Mapping[str, str]) -> Any:
     return context
 
 
+#: where join answers may go: the inboxes of nats-py and of the Go client (nats.go)
+INBOX_PREFIX = "_INBOX."
+
+#: seconds between attempts to reach NATS; after authentication errors, doubled up to
+#: AUTH_RETRY_MAX (a wrong password is not tried twice a second for ever)
+RETRY_WAIT = 0.5
+AUTH_RETRY_MAX = 30.0
+
+
+def is_auth_error(exc: BaseException) -> bool:
+    """The server refused the credentials (a wrong password, token or key)."""
+    text = str(exc).lower()
+    return type(exc).__name__ == "AuthorizationError" or "authorization violation" in text \
+        or "authentication" in text
+
+
 class NatsDriver(Transport):
     """The NATS connection: never blocks start-up, retries for ever, logs state changes once."""
 
     kind = "NATS"
+    retry_wait = RETRY_WAIT  #: what nats-py waits now before trying a server again
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.urls = list(self.config.nats_url)
         self.subject = self.config.nats_discovery_channel
         self.sync_subject = self.subject + ".sync"
+        #: DISCOVERY_SUBJECTS=per-host: each host publishes on SUBJECT.host.HOSTNAME only
+        self.per_host = self.config.discovery_subjects == "per-host"
+        self.host_prefix = self.subject + ".host."
         self.nc: Any = None
         self.natspy: NatsPy | None = None  # at run(): the API answers before this costs
         self._sync_serving = False
@@ -2173,15 +2497,29 @@ class NatsDriver(Transport):
         if not await self.connect(self.natspy.client(batch_reads=True)):
             return
         packet = self.fleet.packet
+        if self.per_host:
+            await self.subscribe_per_host()
+        else:
+            async def slow_path(msg: Any) -> None:  # messages with headers, or plain nats-py
+                packet(msg.data)
 
-        async def slow_path(msg: Any) -> None:  # messages with headers, or plain nats-py
-            packet(msg.data)
-
-        sub = await self.nc.subscribe(self.subject, cb=slow_path, pending_msgs_limit=200_000,
-                                      pending_bytes_limit=256 * 1024 * 1024)
-        self.natspy.direct(self.nc, sub, packet)
+            sub = await self.nc.subscribe(self.subject, cb=slow_path,
+                                          pending_msgs_limit=200_000,
+                                          pending_bytes_limit=256 * 1024 * 1024)
+            self.natspy.direct(self.nc, sub, packet)
         self._changed(True)
         await self.fleet.connected(self)
+
+    async def subscribe_per_host(self) -> None:
+        """SUBJECT.host.>: every packet speaks for the host its subject names, no other."""
+        packet, start = self.fleet.packet, len(self.host_prefix)
+
+        async def on_packet(msg: Any) -> None:
+            packet(msg.data, sender=msg.subject[start:])
+
+        await self.nc.subscribe(self.host_prefix + ">", cb=on_packet,
+                                pending_msgs_limit=200_000,
+                                pending_bytes_limit=256 * 1024 * 1024)
 
     async def connect(self, client: Callable[[], Any]) -> bool:
         """Connect with backoff until it works (then nats-py reconnects for ever);
@@ -2192,7 +2530,7 @@ class NatsDriver(Transport):
                 self.nc = client()
                 await self.nc.connect(
                     servers=self.urls, name=self.name, allow_reconnect=True,
-                    max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=2,
+                    max_reconnect_attempts=-1, reconnect_time_wait=RETRY_WAIT, connect_timeout=2,
                     ping_interval=4, max_outstanding_pings=2, **self._tls_options(),
                     error_cb=self._on_error, disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected, closed_cb=self._on_closed)
@@ -2205,6 +2543,7 @@ class NatsDriver(Transport):
                 break
             log.info("connected to NATS at %s", redact_url(self._current_url()))
             self._warned = False
+            self._retry_at(RETRY_WAIT)
             return True
         return False
 
@@ -2218,7 +2557,19 @@ class NatsDriver(Transport):
         url = self.nc.connected_url if self.nc else None
         return url.geturl() if url else "?"
 
+    def _retry_at(self, seconds: float) -> None:
+        self.retry_wait = seconds
+        if self.nc is not None and self.natspy is not None:
+            self.natspy.set_retry_wait(self.nc, seconds)
+
     async def _on_error(self, exc: Exception) -> None:
+        if is_auth_error(exc) and self.retry_wait < AUTH_RETRY_MAX:
+            self._retry_at(min(self.retry_wait * 2, AUTH_RETRY_MAX))
+            self._warned = True  # this says it, once per step
+            log.warning("NATS unreachable at %s (%s: the server refused the credentials); "
+                        "retrying in %gs, the API keeps serving", self.targets(),
+                        describe_error(exc), self.retry_wait)
+            return
         # nats-py reports every failed attempt; an operator needs the first one only
         if self.connected.is_set():
             log.debug("NATS: %s", describe_error(exc))
@@ -2233,6 +2584,7 @@ class NatsDriver(Transport):
     async def _on_reconnected(self) -> None:
         log.info("reconnected to NATS at %s", redact_url(self._current_url()))
         self._warned = False
+        self._retry_at(RETRY_WAIT)
         self.reconnects += 1
         self._changed(True)
         await self.fleet.connected(self)
@@ -2242,7 +2594,8 @@ class NatsDriver(Transport):
             log.error("NATS connection closed")
 
     async def publish(self, packet: Packet, message: str = "hi") -> bool:
-        return await self.publish_to(self.subject, encode_envelope(packet, message))
+        subject = self.host_prefix + packet.hostname if self.per_host else self.subject
+        return await self.publish_to(subject, encode_envelope(packet, message))
 
     async def publish_to(self, subject: str, data: bytes, reply: str = "") -> bool:
         """Publish if connected; while disconnected there is nothing to buffer for."""
@@ -2257,7 +2610,15 @@ class NatsDriver(Transport):
 
     # join: learn every live host from one peer instead of waiting a keep-alive round
     async def ask_fleet(self, reply: Callable[[bytes], bool], window: float) -> bool:
-        """One request on SUBJECT.sync; NATS hands it to one peer of the queue group."""
+        """One request on SUBJECT.sync; NATS hands it to one peer of the queue group.
+        Per-host: a request on our own subject, which every peer answers with its own
+        packet on its own subject within SYNC_SPREAD."""
+        if self.per_host:
+            hostname = self.fleet.hostname
+            await self.publish_to(self.host_prefix + hostname,
+                                  encode_envelope(Packet(hostname), "sync"))
+            await asyncio.sleep(SYNC_SPREAD + 0.2)
+            return False
         replies: asyncio.Queue[bytes | None] = asyncio.Queue()
         complete, sub = False, None
 
@@ -2279,14 +2640,19 @@ class NatsDriver(Transport):
         return complete
 
     async def serve_fleet(self, answer: Callable[[int], list[bytes]]) -> None:
-        if self._sync_serving or not self.is_connected:
-            return
+        if self._sync_serving or not self.is_connected or self.per_host:
+            return  # per-host: the Fleet answers join requests among the packets
         self._sync_serving = True  # nats-py keeps the subscription across reconnects
 
         async def on_request(msg: Any) -> None:
-            if msg.reply:
-                for chunk in answer(max(4096, self.max_payload // 2)):
-                    await self.publish_to(msg.reply, chunk)
+            # only to an inbox: never the registry onto the discovery subject, or any other
+            if not msg.reply.startswith(INBOX_PREFIX):
+                if msg.reply:
+                    self.fleet.garbage_log.warning("dropped a join request: reply subject "
+                                                   "%s is not an inbox", show(msg.reply))
+                return
+            for chunk in answer(max(4096, self.max_payload // 2)):
+                await self.publish_to(msg.reply, chunk)
 
         await self.nc.subscribe(self.sync_subject, queue=SYNC_QUEUE, cb=on_request)
 
@@ -2327,6 +2693,9 @@ class RedisDriver(Transport):
         config = self.config
         self.channel = config.redis_channel.encode()
         self.sync_channel = self.channel + b".sync"
+        #: DISCOVERY_SUBJECTS=per-host: each host publishes on CHANNEL:host:HOSTNAME only
+        self.per_host = config.discovery_subjects == "per-host"
+        self.host_prefix = self.channel + b":host:"
         self.client: Any = None
         self.pubsub: Any = None
         self._up = False
@@ -2359,12 +2728,16 @@ class RedisDriver(Transport):
             # logs, a fresh hi and join), and this loop reconnects
             self.client = aioredis.Redis(
                 host=config.redis_host, port=config.redis_port, db=config.redis_db,
+                username=config.redis_username or None,
                 password=config.redis_password or None, socket_connect_timeout=2,
                 socket_timeout=5, client_name=self.name.replace(" ", "-"),
                 retry=Retry(NoBackoff(), 0))
             self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             try:
-                await self.pubsub.subscribe(self.channel)
+                if self.per_host:
+                    await self.pubsub.psubscribe(self.host_prefix + b"*")
+                else:
+                    await self.pubsub.subscribe(self.channel)
                 await self._connected()
                 delay = 0.1
                 await self._listen()
@@ -2409,6 +2782,8 @@ class RedisDriver(Transport):
                 last_heard = now
                 if message["type"] == "message":
                     self._dispatch(message["channel"], message["data"])
+                elif message["type"] == "pmessage":  # per-host: CHANNEL:host:HOSTNAME
+                    self._dispatch_host(message["channel"], message["data"])
             if now >= next_ping:
                 await pubsub.ping()
                 next_ping = now + REDIS_PING_EVERY
@@ -2426,13 +2801,21 @@ class RedisDriver(Transport):
         elif channel in self._replies:
             self._replies[channel].put_nowait(data)
 
+    def _dispatch_host(self, channel: bytes, data: bytes) -> None:
+        sender = channel[len(self.host_prefix):].decode("utf-8", "replace")
+        try:
+            self.fleet.packet(data, sender=sender)
+        except Exception as exc:  # never let one packet break the connection
+            log.error("handling a packet failed: %s", describe_error(exc))
+
     async def _disconnect(self) -> None:
         for closing in (self.pubsub, self.client):
             if closing is not None:
                 await close_within(1.0, closing.aclose(), "closing a Redis connection")
 
     async def publish(self, packet: Packet, message: str = "hi") -> bool:
-        return await self._publish(self.channel, encode_envelope(packet, message))
+        channel = self.host_prefix + packet.hostname.encode() if self.per_host else self.channel
+        return await self._publish(channel, encode_envelope(packet, message))
 
     async def _publish(self, channel: bytes, data: bytes) -> bool:
         if not self._up:
@@ -2446,6 +2829,12 @@ class RedisDriver(Transport):
 
     # join sync -------------------------------------------------------------------
     async def ask_fleet(self, reply: Callable[[bytes], bool], window: float) -> bool:
+        if self.per_host:  # as over NATS: every peer answers with its own packet
+            hostname = self.fleet.hostname
+            await self._publish(self.host_prefix + hostname.encode(),
+                                encode_envelope(Packet(hostname), "sync"))
+            await asyncio.sleep(SYNC_SPREAD + 0.2)
+            return False
         request_id = os.urandom(8).hex()
         reply_channel = self.sync_channel + b"." + request_id.encode()
         replies: asyncio.Queue[bytes | None] = asyncio.Queue()
@@ -2467,6 +2856,8 @@ class RedisDriver(Transport):
         return complete
 
     async def serve_fleet(self, answer: Callable[[int], list[bytes]]) -> None:
+        if self.per_host:
+            return  # the Fleet answers join requests among the packets
         self._answer = answer
         if self._up:
             await self.pubsub.subscribe(self.sync_channel)
@@ -2484,6 +2875,11 @@ class RedisDriver(Transport):
             return
         if self._answer is None or reply_channel.encode() in self._replies:
             return  # not serving yet, or our own request
+        if not reply_channel.encode().startswith(self.sync_channel + b"."):
+            self.fleet.garbage_log.warning("dropped a join request: reply channel %s is "
+                                           "not %s.ID", show(reply_channel),
+                                           self.sync_channel.decode(errors="replace"))
+            return  # never the registry onto the discovery channel, or any other
         claimed = await self.client.set(self.sync_channel + b":" + request_id.encode(), b"1",
                                         nx=True, ex=60)
         if claimed:
@@ -2570,6 +2966,9 @@ class NatsKvDriver(NatsDriver):
         self.learned = 0
         self._watcher: Any = None  # the subscription of the hosts bucket
         self._stale: dict[str, int] = {}
+        self.warnings: list[str] = []  #: what is wrong with the buckets' settings (health)
+        self.write_error = ""  #: why our last write failed, until one works (health)
+        self._write_log = RateLimitedLog(burst=3)
         self._setup_task: asyncio.Future[Any] | None = None
         self._tasks: list[asyncio.Future[Any]] = []
 
@@ -2583,6 +2982,10 @@ class NatsKvDriver(NatsDriver):
                      reaper=self.slot is not None)
         if self.problem:
             state["error"] = self.problem
+        if self.warnings:
+            state["warnings"] = list(self.warnings)
+        if self.write_error:
+            state["write_error"] = self.write_error
         return state
 
     async def run(self) -> None:
@@ -2596,6 +2999,7 @@ class NatsKvDriver(NatsDriver):
     async def _on_reconnected(self) -> None:
         log.info("reconnected to NATS at %s", redact_url(self._current_url()))
         self._warned = False
+        self._retry_at(RETRY_WAIT)
         self.reconnects += 1
         self._start_setup()  # the server may have restarted with its memory lost
 
@@ -2645,6 +3049,7 @@ class NatsKvDriver(NatsDriver):
         self.alive = await self._bucket(KeyValueConfig(
             bucket=self.alive_bucket, history=1, storage=StorageType.MEMORY,
             ttl=self.config.ttl))
+        await self._check_buckets()
         if self._watcher is not None:
             with contextlib.suppress(Exception):
                 await self._watcher.unsubscribe()
@@ -2711,8 +3116,27 @@ class NatsKvDriver(NatsDriver):
                       describe_error(exc))
             return await self.js.key_value(config.bucket)
 
+    async def _check_buckets(self) -> None:
+        """Say (log, health) what in the buckets' settings, made by someone else, breaks
+        the fleet: a size limit that drops or refuses packets, no TTL on liveness."""
+        warnings = []
+        hosts = (await self.data.status()).stream_info.config
+        if hosts.max_bytes is not None and 0 < hosts.max_bytes < self.config.max_hosts * 512:
+            warnings.append(f"bucket {self.data_bucket} is limited to {hosts.max_bytes} bytes "
+                            f"(MAX_HOSTS={self.config.max_hosts} packets need up to "
+                            f"{self.config.max_hosts * 512}): when full, packets are dropped "
+                            "or refused and hosts vanish")
+        if not (await self.alive.status()).ttl:
+            warnings.append(f"bucket {self.alive_bucket} has no TTL (MaxAge): dead hosts are "
+                            "never reaped; recreate it with MaxAge = TTL")
+        for warning in warnings:
+            if warning not in self.warnings:
+                log.warning("%s", warning)
+        self.warnings = warnings
+
     def _apply(self, key: str, value: bytes, revision: int, deleted: bool) -> None:
-        """One change of the hosts bucket: the registry follows it."""
+        """One change of the hosts bucket: the registry follows it. A value speaks only
+        for the host its key names; our own key holds what we wrote, or we write it again."""
         if key.startswith("reaper."):
             with contextlib.suppress(ValueError):
                 slot = int(key[7:])
@@ -2727,6 +3151,9 @@ class NatsKvDriver(NatsDriver):
         hostname = kv_key_host(key)
         if hostname is None:
             return
+        if hostname == self.fleet.own_hostname:  # (None: client only, or leaving)
+            self._apply_own(key, value, revision, deleted)
+            return
         if not deleted:
             self.keys[key] = revision
             digest = hash(value)
@@ -2735,13 +3162,27 @@ class NatsKvDriver(NatsDriver):
             self.digests[key] = digest
             quiet = not self.initial.is_set()  # the join's one line counts them
             self.learned += quiet
-            self.fleet.packet(value, quiet)
+            self.fleet.packet(value, quiet, sender=hostname)
         elif self.keys.pop(key, None) is not None or not self.initial.is_set():
             self.digests.pop(key, None)
             self.put_labels.pop(key, None)  # ours reaped while we were away: write it again
             self.fleet.goodbye(hostname)
         else:
             self.digests.pop(key, None)
+
+    def _apply_own(self, key: str, value: bytes, revision: int, deleted: bool) -> None:
+        """Our own key: we know our packet. Another's value there, or its deletion
+        (reaped while we were away, or deleted by another), is answered with ours."""
+        if deleted:
+            self.keys.pop(key, None)
+        else:
+            self.keys[key] = revision
+        written = self.written.get(key)
+        if written is None or (not deleted and value == written[1]):
+            return  # not written yet (our first write follows), or our own echo
+        self.put_labels.pop(key, None)  # the next publish writes it again
+        self.fleet.impostor(f"our key {key} deleted (reaped while we were away, or by "
+                            "another)" if deleted else f"another's value in our key {key}")
 
     async def _forget(self, stale: dict[str, int]) -> None:
         """After a restart of the server, hosts that do not write their packet again
@@ -2773,9 +3214,12 @@ class NatsKvDriver(NatsDriver):
                     self.written[key] = (labels, encode_envelope(packet))
                 await self.data.put(key, self.written[key][1])
                 self.put_labels[key] = labels
+            self.write_error = ""
             return True
         except Exception as exc:  # a lost connection: the reconnect writes everything again
-            log.debug("KV write failed: %s", describe_error(exc))
+            self.write_error = describe_error(exc)
+            self._write_log.warning("writing to the buckets %s, %s failed: %s",
+                                    self.data_bucket, self.alive_bucket, self.write_error)
             return False
 
     async def serve_fleet(self, answer: Callable[[int], list[bytes]]) -> None:
@@ -2910,8 +3354,9 @@ class View(NamedTuple):
 
     kind: all, labels (hosts with any of `labels`), prefixes (hosts with a label
     starting with any of `prefixes`), resolve (the hosts carrying `labels[0]`),
-    prometheus (job `name`; `prefixes` holds its labels' prefix), or discovery (the
-    local packet: nothing of the registry).
+    prometheus (job `name`; `prefixes` holds its labels' prefix), discovery (the
+    local packet: nothing of the registry), or consul (a route of Consul's API: see
+    consul_view()).
     """
 
     kind: str
@@ -2948,6 +3393,8 @@ class View(NamedTuple):
         last_check left out: None for nothing. `port`: NODE_EXPORTER_PORT."""
         if labels is None or self.kind == "discovery":
             return None
+        if self.kind == "consul":
+            return consul_shows(self, hostname, labels)
         found = self.matching(labels)
         if self.kind == "all":
             return found
@@ -2963,6 +3410,8 @@ class View(NamedTuple):
         """What can touch the answer: (these labels, labels with these prefixes, any
         change), as matching() reads them. The registry's changes are matched to
         answers by label, not answer by answer."""
+        if self.kind == "consul":  # a host's address and metadata come from any label
+            return frozenset(), (), True
         return frozenset(self.labels), self.prefixes, self.kind == "all"
 
 
@@ -3021,17 +3470,199 @@ def prometheus_group(name: str, packet: Packet, default_port: int) -> dict[str, 
                 port = None
             elif PORT_RE.fullmatch(value) and 0 < int(value) < 65536:
                 port = value
-        elif PROM_LABEL_RE.fullmatch(key):
-            labels[key] = value
+        elif PROM_LABEL_RE.fullmatch(key) and not key.startswith("__") and key != "job":
+            labels[key] = value  # __scheme__, __metrics_path__, job: the scraper's, not a host's
     if not found:
         return None
     targets = [with_port(host, port) for host in (hosts or [packet.hostname])]
     return {"Targets": targets, "Labels": dict(sorted(labels.items()))}
 
 
+# The service model: what a host offers, read off its labels. One model for every view
+# of services (Consul's catalog API, DNS, the page); pure, so each caches it its own way
+# (per host labels: the labels tuple is the key).
+
+#: node metadata keys: a label KEY:VALUE with such a KEY, other than these
+NODE_META_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
+NOT_NODE_META = frozenset({"service", "prometheus", "address"})
+#: where a host's address comes from, first found wins
+ADDRESS_KEYS = ("address:", "public_ip4:", "public_ip6:")
+
+
+class Service(NamedTuple):
+    """One instance of a service, on one host."""
+
+    name: str
+    port: int  #: 0: none given
+    address: str  #: service:NAME:address, or "" for the host's address (Consul's way)
+    tags: tuple[str, ...]
+    meta: tuple[tuple[str, str], ...]  #: (key, value) in label order, a key once
+
+
+def host_address(hostname: str, labels: Iterable[str]) -> str:
+    """The host's address: its label address:A, else public_ip4:A, else public_ip6:A,
+    else its hostname (the first of each kind in sorted label order)."""
+    found: dict[str, str] = {}
+    for label in sorted(labels):
+        if label.startswith(ADDRESS_KEYS):
+            key, _, value = label.partition(":")
+            if value:
+                found.setdefault(key, value)
+    for key in ADDRESS_KEYS:
+        if key[:-1] in found:
+            return found[key[:-1]]
+    return hostname
+
+
+def node_meta(labels: Iterable[str]) -> dict[str, str]:
+    """The host's metadata: KEY -> VALUE for every label KEY:VALUE whose KEY is a plain
+    word other than service, prometheus and address; the first in sorted order wins."""
+    meta: dict[str, str] = {}
+    for label in sorted(labels):
+        key, sep, value = label.partition(":")
+        if sep and key not in meta and key not in NOT_NODE_META \
+                and NODE_META_KEY_RE.fullmatch(key):
+            meta[key] = value
+    return meta
+
+
+def host_services(labels: Iterable[str]) -> tuple[Service, ...]:
+    """The services a host offers (a label service:NAME each), sorted by name, with
+    what its service:NAME:KEY:VALUE labels say of them: port (1-65535, else 0; the
+    first valid one in sorted order), address, tags (in label order) and meta."""
+    labels = tuple(labels)
+    names = sorted({label[8:] for label in labels
+                    if label.startswith("service:") and ":" not in label[8:] and label[8:]})
+    if not names:
+        return ()
+    ports: dict[str, int] = {}
+    addresses: dict[str, str] = {}
+    tags: dict[str, list[str]] = {name: [] for name in names}
+    meta: dict[str, dict[str, str]] = {name: {} for name in names}
+    for label in labels:
+        if not label.startswith("service:"):
+            continue
+        name, sep, rest = label[8:].partition(":")
+        if not sep or name not in tags:
+            continue
+        key, sep, value = rest.partition(":")
+        if not sep:
+            continue
+        if key == "tag":
+            if value not in tags[name]:
+                tags[name].append(value)
+        elif key == "meta":
+            meta_key, sep, meta_value = value.partition(":")
+            if sep and meta_key:
+                meta[name].setdefault(meta_key, meta_value)
+    for label in sorted(labels):
+        name, _, rest = label[8:].partition(":")
+        if not label.startswith("service:") or name not in tags:
+            continue
+        key, _, value = rest.partition(":")
+        if key == "port" and name not in ports and PORT_RE.fullmatch(value) \
+                and 0 < int(value) < 65536:
+            ports[name] = int(value)
+        elif key == "address" and value and name not in addresses:
+            addresses[name] = value
+    return tuple(Service(name, ports.get(name, 0), addresses.get(name, ""),
+                         tuple(tags[name]), tuple(meta[name].items())) for name in names)
+
+
+# Consul's catalog API (SPEC 13) as views of the service model. A View of kind "consul"
+# holds its query in the fields: `name` the route (one of CONSUL_ROUTES), `labels` its
+# argument (a service or node name; for "nothing", the empty answer's JSON), `prefixes`
+# its filters ("tag:T", "node-meta:K:V"). Its answer shows no last_check.
+
+#: the routes a consul view may name; the node and service ones take an argument
+CONSUL_ROUTES = frozenset({
+    "services", "service", "health", "service-checks", "nodes", "node", "node-checks",
+    "checks", "datacenters", "nothing"})
+#: routes whose answer unites every host's part (see consul_united())
+CONSUL_UNITED = ("services",)
+#: routes whose answer is about the hosts offering the service `labels[0]`
+CONSUL_SERVICE_ROUTES = ("service", "health", "service-checks")
+
+
+class ConsulNode(NamedTuple):
+    """What Consul's answers show of one host, read off its labels (the service model)."""
+
+    address: str  #: host_address(), or "" for the hostname itself
+    meta: tuple[tuple[str, str], ...]
+    services: tuple[Service, ...]
+
+
+def consul_node(labels: tuple[str, ...]) -> ConsulNode:
+    return ConsulNode(host_address("", labels), tuple(node_meta(labels).items()),
+                      host_services(labels))
+
+
+def consul_view(route: str, argument: str = "", tags: Iterable[str] = (),
+                meta: Iterable[str] = ()) -> View:
+    """The view of a Consul route; `tags` all must match, as must `meta` (K:V each)."""
+    filters = sorted({f"tag:{tag}" for tag in tags} | {f"node-meta:{pair}" for pair in meta})
+    return View("consul", (argument,), tuple(filters), route)
+
+
+def consul_filters(view: View) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """(the tags an instance must all have, the node metadata a host must all have)."""
+    tags, meta = [], []
+    for item in view.prefixes:
+        kind, _, value = item.partition(":")
+        if kind == "tag":
+            tags.append(value)
+        else:
+            key, _, meta_value = value.partition(":")
+            meta.append((key, meta_value))
+    return tuple(tags), tuple(meta)
+
+
+def consul_united(view: View, shown: Any) -> tuple[Any, ...]:
+    """What a host adds to an answer that unites every host's part (of the consul views,
+    catalog/services: each service name and tag), else (): the watchers count these, so
+    such an answer's index moves only when one appears or goes from the whole fleet."""
+    if shown is None or view.kind != "consul" or view.name not in CONSUL_UNITED:
+        return ()
+    return tuple(key for name, tags in shown for key in ((name, None), *((name, tag)
+                                                                     for tag in tags)))
+
+
+def consul_shows(view: View, hostname: str, labels: tuple[str, ...],
+                 node_of: Callable[[tuple[str, ...]], ConsulNode] = consul_node) -> Any:
+    """What a consul view's answer shows of a host carrying `labels` (None: nothing),
+    no more: the watchers diff it, the renderers draw it. `node_of`: consul_node, or
+    a cache of it."""
+    route, argument = view.name, view.labels[0]
+    if route in CONSUL_SERVICE_ROUTES:
+        if f"service:{argument}" not in labels:  # the common case: no work
+            return None
+    elif route in ("node", "node-checks"):
+        if hostname != argument:
+            return None
+    elif route in ("datacenters", "nothing"):
+        return None
+    node = node_of(labels)
+    tags, meta = consul_filters(view) if view.prefixes else ((), ())
+    if meta and not all(pair in node.meta for pair in meta):
+        return None
+    if route in CONSUL_SERVICE_ROUTES:
+        service = next((found for found in node.services if found.name == argument), None)
+        if service is None or not all(tag in service.tags for tag in tags):
+            return None
+        return (service.name, service.tags) if route == "service-checks" else (node, service)
+    if route == "services":  # its answer is names and tags alone
+        return tuple((service.name, service.tags) for service in node.services) or None
+    if route == "nodes":
+        return node.address, node.meta
+    if route in ("checks", "node-checks"):  # a check names its node, service and tags
+        return tuple((service.name, service.tags) for service in node.services)
+    return node
+
+
 ###############################################################################
 # Renderers: the JSON text of answers, each host's block kept while it stays.
-# Byte for byte what json.dumps(indent=2) gives; no state but their own blocks.
+# Byte for byte what json.dumps(indent=2) gives (Consul's shapes: compact, as Consul
+# sends them); no state but their own blocks.
 ###############################################################################
 
 
@@ -3211,6 +3842,132 @@ class RegistryRenderer:
         return b"".join(parts)
 
 
+# Consul's shapes (SPEC 13): compact JSON, as Consul sends it. Every host is a node
+# whose ID is a UUID made from its hostname; every live host passes its node check
+# (serfHealth), and every instance passes one service check.
+
+CONSUL_PASSING = "passing"
+
+
+def consul_compact(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def consul_node_id(hostname: str) -> str:
+    """A stable UUID for a host (Consul's Node.ID): the same on every lobbyd."""
+    return str(uuid.uuid5(uuid.NAMESPACE_DNS, hostname))
+
+
+def consul_node_json(hostname: str, node: ConsulNode, datacenter: str) -> dict[str, Any]:
+    address = node.address or hostname
+    return {"ID": consul_node_id(hostname), "Node": hostname, "Address": address,
+            "Datacenter": datacenter, "TaggedAddresses": {"lan": address, "wan": address},
+            "Meta": dict(node.meta)}
+
+
+def consul_service_json(service: Service) -> dict[str, Any]:
+    """A service instance as Consul's agent and health endpoints show it."""
+    return {"ID": service.name, "Service": service.name, "Tags": list(service.tags),
+            "Address": service.address, "Meta": dict(service.meta), "Port": service.port,
+            "Weights": {"Passing": 1, "Warning": 1}, "EnableTagOverride": False}
+
+
+def consul_catalog_service(hostname: str, node: ConsulNode, service: Service,
+                           datacenter: str) -> dict[str, Any]:
+    """One entry of GET /v1/catalog/service/NAME."""
+    found = consul_node_json(hostname, node, datacenter)
+    return {"ID": found["ID"], "Node": hostname, "Address": found["Address"],
+            "Datacenter": datacenter, "TaggedAddresses": found["TaggedAddresses"],
+            "NodeMeta": found["Meta"], "ServiceKind": "", "ServiceID": service.name,
+            "ServiceName": service.name, "ServiceTags": list(service.tags),
+            "ServiceAddress": service.address, "ServiceWeights": {"Passing": 1, "Warning": 1},
+            "ServiceMeta": dict(service.meta), "ServicePort": service.port,
+            "ServiceEnableTagOverride": False}
+
+
+def consul_checks(hostname: str, services: Iterable[tuple[str, tuple[str, ...]]],
+                  node_check: bool = True) -> list[dict[str, Any]]:
+    """A host's checks: its node check, then one per service instance (name, tags)."""
+    checks = [{"Node": hostname, "CheckID": "serfHealth", "Name": "Serf Health Status",
+               "Status": CONSUL_PASSING, "Notes": "", "Output": "Agent alive and reachable",
+               "ServiceID": "", "ServiceName": "", "ServiceTags": [], "Type": ""}
+              ] if node_check else []
+    checks += [{"Node": hostname, "CheckID": f"service:{name}", "Name": f"Service '{name}' check",
+                "Status": CONSUL_PASSING, "Notes": "", "Output": "", "ServiceID": name,
+                "ServiceName": name, "ServiceTags": list(tags), "Type": ""}
+               for name, tags in services]
+    return checks
+
+
+class ConsulRenderer:
+    """The body of a consul view: each host's block kept while its labels stay (the
+    caller's BlockRenderer), each label list's ConsulNode kept too."""
+
+    def __init__(self, datacenter: str):
+        self.datacenter = datacenter
+        #: label list -> its ConsulNode (at least: render() raises it with the fleet)
+        self.nodes = BoundedCache(LABEL_BLOCKS)
+
+    def node(self, labels: tuple[str, ...]) -> ConsulNode:
+        found = self.nodes.get(labels)
+        if found is None:
+            found = consul_node(labels)
+            self.nodes.put(labels, found)
+        return found
+
+    def block(self, view: View, packet: Packet) -> bytes | None:
+        """A host's part of a list answer (several items for the checks), or None."""
+        shown = consul_shows(view, packet.hostname, packet.labels, self.node)
+        if shown is None:
+            return None
+        hostname, route, datacenter = packet.hostname, view.name, self.datacenter
+        if route == "service":
+            return consul_compact(consul_catalog_service(hostname, *shown, datacenter))
+        if route == "health":
+            node, service = shown
+            return consul_compact({
+                "Node": consul_node_json(hostname, node, datacenter),
+                "Service": consul_service_json(service),
+                "Checks": consul_checks(hostname, [(service.name, service.tags)])})
+        if route == "nodes":
+            return consul_compact(consul_node_json(hostname, ConsulNode(*shown, ()),
+                                                   datacenter))
+        checks = consul_checks(hostname, [shown] if route == "service-checks" else shown,
+                               node_check=route != "service-checks")
+        return consul_compact(checks)[1:-1]  # items of the answer's list
+
+    def render(self, view: View, registry: Registry, blocks: BlockRenderer) -> bytes:
+        """The body of `view` now (call the registry's expire() first)."""
+        route, argument = view.name, view.labels[0]
+        self.nodes.max_entries = max(LABEL_BLOCKS, 2 * len(registry) + 1024)
+        if route == "nothing":
+            return argument.encode() + b"\n"
+        if route == "datacenters":
+            return consul_compact([self.datacenter]) + b"\n"
+        if route == "node":
+            entry = registry.hosts.get(argument)
+            node = None if entry is None else consul_shows(view, argument, entry[0], self.node)
+            if node is None:
+                return b"null\n"
+            return consul_compact({
+                "Node": consul_node_json(argument, node, self.datacenter),
+                "Services": {service.name: consul_service_json(service)
+                             for service in node.services}}) + b"\n"
+        if route == "services":
+            tags: dict[str, set[str]] = {}
+            for hostname, (labels, _received) in registry.hosts.items():
+                for name, its_tags in consul_shows(view, hostname, labels, self.node) or ():
+                    tags.setdefault(name, set()).update(its_tags)
+            return consul_compact({name: sorted(tags[name]) for name in sorted(tags)}) + b"\n"
+        if route in CONSUL_SERVICE_ROUTES:
+            return blocks.render(registry.packets(having=(f"service:{argument}",)))
+        if route == "node-checks":
+            entry = registry.hosts.get(argument)
+            return blocks.render([] if entry is None else [Packet(argument, entry[0])])
+        return blocks.render(registry.packets())
+
+
+
 ###############################################################################
 # Answers: which bytes a request for a View gets, and how they are sent. Owns the
 # latest answer of each view (plain, and gzipped once asked for), the renderers and
@@ -3227,7 +3984,13 @@ KNOWN_HEADS = 256  #: repeated request heads answered from their last answer ...
 KNOWN_HEAD_BYTES = 2048  #: ... when they are no longer than this
 IOV_MAX = 1024  #: pieces one writev() takes on Linux (sysconf SC_IOV_MAX)
 #: views whose answers show no last_check: they change only with the registry
-UNTIMED = ("resolve", "prometheus")
+UNTIMED = ("resolve", "prometheus", "consul")
+
+
+def consul_headers(index: int) -> dict[str, str]:
+    """The headers of every answer of Consul's API: its index, and a leader that is there."""
+    return {"X-Consul-Index": str(index), "X-Consul-KnownLeader": "true",
+            "X-Consul-LastContact": "0"}
 
 
 def accepts_gzip(request: Request) -> bool:
@@ -3351,7 +4114,7 @@ class Answers:
     """
 
     def __init__(self, registry: Registry, watchers: Watchers, expire: Callable[[], None],
-                 port: int):
+                 port: int, datacenter: str = "lobby"):
         self.registry = registry
         self.watchers = watchers
         self.expire = expire  #: drop the hosts gone silent (the daemon's: it logs them)
@@ -3360,6 +4123,7 @@ class Answers:
         self._renderers = BoundedCache(RENDERERS)  # view -> BlockRenderer
         self.label_blocks = BoundedCache(LABEL_BLOCKS)  # label list -> its JSON text
         self._all = RegistryRenderer(self.label_blocks)
+        self.consul = ConsulRenderer(datacenter)
         #: request head (as read) -> Repeat: pollers repeat their head byte for byte
         self._repeats = BoundedCache(KNOWN_HEADS)
 
@@ -3376,7 +4140,9 @@ class Answers:
         stamp = self.stamp(view, timed)
         answer = self._answers.get(view)
         if answer is None or answer.stamp != stamp:
-            answer = CachedAnswer(stamp, build(), {"X-Lobby-Index": str(stamp[2])})
+            answer = CachedAnswer(stamp, build(), consul_headers(stamp[2])
+                                  if view.kind == "consul" else
+                                  {"X-Lobby-Index": str(stamp[2])})
             self._answers.put(view, answer)
         gzipped = answer.plain.length >= GZIP_MIN and accepts_gzip(request)
         prepared = answer.gzipped() if gzipped else answer.plain
@@ -3401,11 +4167,14 @@ class Answers:
             return render_json(registry.carrying(view, time.time()))
         if view.kind == "prometheus":
             return self.renderer(view).render(registry.packets())
+        if view.kind == "consul":
+            return self.consul.render(view, registry, self.renderer(view))
         return self.renderer(view).render(
             select_packets(view, registry.packets(having=view.labels)))
 
     def renderer(self, view: View) -> BlockRenderer:
-        """The block cache of one view: discoveries by labels or prefixes, a job."""
+        """The block cache of one view: discoveries by labels or prefixes, a job, a list
+        of Consul's API."""
         found = self._renderers.get(view)
         if found is None:
             if view.kind == "prometheus":
@@ -3413,6 +4182,10 @@ class Answers:
                 found = BlockRenderer(
                     lambda packet: group_block(view.shows(packet.hostname, packet.labels, port)),
                     key=lambda packet: packet.labels)
+            elif view.kind == "consul":
+                block = self.consul.block
+                found = BlockRenderer(lambda packet: block(view, packet),
+                                      key=lambda packet: packet.labels)
             else:
                 found = BlockRenderer(lambda packet: packet_block(packet, self.label_blocks))
             self._renderers.put(view, found)
@@ -3582,7 +4355,7 @@ def stream_events(changes: list[tuple[str, str, Any]], hosts: Mapping[str, list[
 class Watched:
     """One watched view: its index, the requests held on it, the streams following it."""
 
-    __slots__ = ("index", "streams", "view", "waiters")
+    __slots__ = ("index", "streams", "united", "view", "waiters")
 
     def __init__(self, view: View, index: int):
         self.view = view
@@ -3590,6 +4363,8 @@ class Watched:
         self.waiters: dict[asyncio.Future[None], asyncio.StreamReader | None] = {}
         #: stream -> bytes it may have waiting before it is dropped
         self.streams: dict[asyncio.StreamWriter, int] = {}
+        #: for an answer that unites the hosts' parts: how many hosts add each key
+        self.united: dict[Any, int] | None = None
 
 
 class Watchers:
@@ -3645,8 +4420,11 @@ class Watchers:
             candidates[LOCAL] = {}
         for view, subset in candidates.items():
             watched = self.views[view]
-            touched: list[Any] = [True] if view == LOCAL else view_changes(
-                view, subset, hosts, self.port, first_only=not watched.streams)
+            if watched.united is not None:
+                touched: list[Any] = self.unite(watched, subset)
+            else:
+                touched = [True] if view == LOCAL else view_changes(
+                    view, subset, hosts, self.port, first_only=not watched.streams)
             if not touched:
                 continue
             watched.index = self.counter
@@ -3656,6 +4434,25 @@ class Watchers:
             watched.waiters.clear()
             if watched.streams:
                 self.send(watched, stream_events(touched, hosts, watched.index))
+
+    def unite(self, watched: Watched, changes: Changes) -> list[Any]:
+        """Count the changes into an answer that unites the hosts' parts: [True] if a key
+        appeared in the union or left it, else []."""
+        view, counts, hosts, port = watched.view, watched.united, self.registry.hosts, self.port
+        assert counts is not None
+        present: dict[Any, bool] = {}
+        for hostname, (before_labels, _left) in changes.items():
+            entry = hosts.get(hostname)
+            before = consul_united(view, view.shows(hostname, before_labels, port))
+            after = consul_united(view, view.shows(hostname, entry and entry[0], port))
+            if before == after:
+                continue
+            for key, step in [*((key, -1) for key in before), *((key, 1) for key in after)]:
+                present.setdefault(key, key in counts)
+                counts[key] = counts.get(key, 0) + step
+                if not counts[key]:
+                    del counts[key]
+        return [True] if any((key in counts) != was for key, was in present.items()) else []
 
     def _flush_pending(self) -> None:
         # a change of the local labels or hostname pokes too: no need to look at them
@@ -3678,6 +4475,11 @@ class Watchers:
                 self.by_prefix[view] = prefixes
             if everything:
                 self.everything.add(view)
+            if view.kind == "consul" and view.name in CONSUL_UNITED:
+                found.united = {}
+                for hostname, (labels, _received) in self.registry.hosts.items():
+                    for key in consul_united(view, view.shows(hostname, labels, self.port)):
+                        found.united[key] = found.united.get(key, 0) + 1
         self.views[view] = found  # last: the most recently asked
         return found
 
@@ -3825,11 +4627,18 @@ WRITE_TIMEOUT = 60.0
 WRITE_SLICE = 1 << 20
 SLICE_MIN = 64 * 1024  #: bodies this big (not prepared) go out in WRITE_SLICE slices
 MAX_CONNECTIONS = 1000
+#: past the limits, connections for RESERVED_PATHS (health, metrics) only: one request
+#: each, its head within RESERVED_HEAD_TIMEOUT (out of the fds kept below the limit)
+RESERVED_CONNECTIONS = 16
+RESERVED_HEAD_TIMEOUT = 2.0
 LISTEN_BACKLOG = 128
 TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: ASCII controls but tab, CR and LF (those end lines, checked there): in no request head
+HEAD_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+MAX_TRAILER_BYTES = 8 * 1024  #: a chunked body's trailers, all of them
 REASONS = {200: "OK", 100: "Continue", 400: "Bad Request", 403: "Forbidden",
            404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
-           411: "Length Required", 413: "Content Too Large", 431:
+           411: "Length Required", 413: "Content Too Large", 421: "Misdirected Request", 431:
            "Request Header Fields Too Large", 500: "Internal Server Error",
            501: "Not Implemented", 503: "Service Unavailable",
            505: "HTTP Version Not Supported", 507: "Insufficient Storage"}
@@ -3895,6 +4704,8 @@ def parse_request_head(head: bytes) -> Request:
         text = head.decode("latin-1")
     except UnicodeDecodeError:  # latin-1 decodes anything; kept for clarity
         raise HttpError(400, "bad request encoding") from None
+    if HEAD_CONTROL_RE.search(text):
+        raise HttpError(400, "control character in the request head")
     lines = text.split("\r\n")
     parts = lines[0].split(" ")
     if len(parts) != 3 or not TOKEN_RE.fullmatch(parts[0].encode("latin-1")) or \
@@ -3938,7 +4749,7 @@ def body_length(request: Request) -> int | None:
     """Content-Length of the body; None for chunked; HttpError for anything else off."""
     encoding = request.headers.get("transfer-encoding")
     if encoding is not None:
-        if encoding.strip().lower() != "chunked":
+        if encoding.lower() != "chunked":  # exactly: only SP and HTAB were stripped
             raise HttpError(501, f"unsupported Transfer-Encoding {show(encoding)}")
         if "content-length" in request.headers:
             raise HttpError(400, "both Content-Length and Transfer-Encoding")
@@ -3946,7 +4757,7 @@ def body_length(request: Request) -> int | None:
     raw = request.headers.get("content-length")
     if raw is None:
         return 0
-    if not raw.isdigit() or len(raw) > 18:
+    if not re.fullmatch(r"[0-9]{1,18}", raw):  # ASCII digits: str.isdigit() takes "²"
         raise HttpError(400, f"bad Content-Length {show(raw)}")
     length = int(raw)
     if length > MAX_BODY_BYTES:
@@ -3958,15 +4769,20 @@ async def read_chunked(reader: asyncio.StreamReader) -> bytes:
     body = bytearray()
     while True:
         line = await reader.readuntil(b"\r\n")
-        size_text = line.split(b";", 1)[0].strip()
+        size_text, ext, _ = line[:-2].partition(b";")
+        if ext:  # white space only before an extension
+            size_text = size_text.rstrip(b" \t")
         if not re.fullmatch(rb"[0-9a-fA-F]{1,8}", size_text):
             raise HttpError(400, "bad chunk size")
         size = int(size_text, 16)
         if len(body) + size > MAX_BODY_BYTES:
             raise HttpError(413, f"body over {MAX_BODY_BYTES} bytes")
         if size == 0:
-            while (await reader.readuntil(b"\r\n")) != b"\r\n":
-                pass  # trailers: ignored
+            trailers = 0
+            while (line := await reader.readuntil(b"\r\n")) != b"\r\n":
+                trailers += len(line)  # trailers: ignored, but not without end
+                if trailers > MAX_TRAILER_BYTES:
+                    raise HttpError(431, f"trailers over {MAX_TRAILER_BYTES} bytes")
             return bytes(body)
         body += await reader.readexactly(size)
         if await reader.readexactly(2) != b"\r\n":
@@ -4093,15 +4909,27 @@ class HttpServer:
     parse and the handler: it returns the Prepared keep-alive answer to send (at most
     `most` bytes), or None to send the request the whole way. It must change nothing:
     it also runs from a connection's data_received (HttpProtocol).
+
+    Connections: at most `limit` in all and `per_address` from one client address. A
+    new one past either first closes an idle keep-alive connection (of its address,
+    else of the address holding most); if none is idle, it may take one of
+    RESERVED_CONNECTIONS slots, answered only for `reserved_paths` (a health check
+    gets through a flood), else it is closed at once.
     """
 
     def __init__(self, handle: Callable[[Request], Awaitable[Response]],
                  at_once: Callable[[bytes, float], Prepared | None] | None = None,
-                 codes: dict[int, int] | None = None):
+                 codes: dict[int, int] | None = None, per_address: int = MAX_CONNECTIONS,
+                 reserved_paths: Iterable[str] = ()):
         self.handle = handle
         self.at_once = at_once
         self.limit = connection_limit()
         self.active = 0
+        self.per_address = per_address
+        #: client address -> its connections (admitted, not reserved), oldest first
+        self.by_address: dict[str, dict[HttpProtocol, None]] = {}
+        self.reserved_paths = frozenset(reserved_paths)
+        self.reserved = 0  #: reserved slots in use
         #: status -> responses sent (for /metrics, where the caller keeps it)
         self.codes: dict[int, int] = {} if codes is None else codes
         self.server: asyncio.AbstractServer | None = None
@@ -4118,14 +4946,18 @@ class HttpServer:
             writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.active >= self.limit:
-            writer.close()  # over the limit: close at once, costing the others nothing
+        protocol: HttpProtocol = writer.transport.get_protocol()  # type: ignore[assignment]
+        mine = self.by_address.get(protocol.address)
+        if (self.active >= self.limit or (mine is not None and len(mine) >= self.per_address)) \
+                and not self._make_room(protocol.address):
+            await self._serve_reserved(reader, writer, protocol)
             return
         self.active += 1
+        self.by_address.setdefault(protocol.address, {})[protocol] = None
+        protocol.admitted = True
         self.writers.add(writer)
         # one deadline per connection, moved for each step (idle, head, body, write)
         timer = deadline(math.inf, writer.transport.abort)
-        protocol: HttpProtocol = writer.transport.get_protocol()  # type: ignore[assignment]
         protocol.timer = timer
         try:
             first = True
@@ -4136,7 +4968,73 @@ class HttpServer:
             pass  # the client went away, stalled, or sent what cannot be answered
         finally:
             timer.cancel()
-            self.active -= 1
+            self._release(protocol)
+            self.writers.discard(writer)
+            writer.close()
+
+    def _release(self, protocol: HttpProtocol) -> None:
+        """The connection no longer counts against the limits (once)."""
+        if not protocol.admitted:
+            return
+        protocol.admitted = False
+        self.active -= 1
+        mine = self.by_address[protocol.address]
+        del mine[protocol]
+        if not mine:
+            del self.by_address[protocol.address]
+
+    def _make_room(self, address: str) -> bool:
+        """Close idle keep-alive connections until a connection from `address` fits
+        the limits; False if there are none to close."""
+        mine = self.by_address.get(address)
+        if mine is not None and len(mine) >= self.per_address and not self._close_idle(mine):
+            return False
+        if self.active >= self.limit:
+            most = max(self.by_address.values(), key=len)
+            if not self._close_idle(most) and not any(
+                    self._close_idle(conns) for conns in list(self.by_address.values())):
+                return False
+        return True
+
+    def _close_idle(self, connections: dict[HttpProtocol, None]) -> bool:
+        """Close the oldest idle keep-alive connection of `connections`, if one is."""
+        for protocol in connections:
+            if protocol.idle and protocol.transport is not None:
+                self._release(protocol)
+                protocol.transport.close()  # what it was sent goes first; its task ends
+                return True
+        return False
+
+    async def _serve_reserved(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                              protocol: HttpProtocol) -> None:
+        """Past the limits: one request for a reserved path answered, any other refused
+        (503); or, with every reserved slot taken, closed at once."""
+        if self.reserved >= RESERVED_CONNECTIONS or not self.reserved_paths:
+            writer.close()  # costing the others nothing
+            return
+        self.reserved += 1
+        self.writers.add(writer)
+        timer = deadline(RESERVED_HEAD_TIMEOUT, writer.transport.abort)
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            timer.move(math.inf)
+            request = parse_request_head(head[:-4].lstrip(b"\r\n"))
+            request.head, request.reader = head, reader
+            if request.path in self.reserved_paths and request.method in ("GET", "HEAD") \
+                    and body_length(request) == 0:
+                response = await self.handle(request)
+            else:
+                response = Response.text(503, "too many connections: only "
+                                         f"{', '.join(sorted(self.reserved_paths))} answered "
+                                         "now; try again later", {"Retry-After": "1"})
+            await self._write(writer, response, False, request.method == "HEAD", timer,
+                              protocol.fd)
+        except (HttpError, ConnectionError, asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError, asyncio.TimeoutError, OSError):
+            pass  # gone, stalled or garbled: a reserved slot waits for no one
+        finally:
+            timer.cancel()
+            self.reserved -= 1
             self.writers.discard(writer)
             writer.close()
 
@@ -4158,9 +5056,11 @@ class HttpServer:
         if response.stream is not None and request.method != "HEAD":
             await response.stream(reader, writer)
             return False
-        # after a 500 the connection's state is suspect; a 503 (unhealthy) is an answer
+        # after a 500 the connection's state is suspect; a 503 (unhealthy) is an answer;
+        # a refused client (403, 421) tries again on a new connection, if at all
         keep_alive = wants_keep_alive(request) and (response.status < 500 or
-                                                    response.status == 503)
+                                                    response.status == 503) and \
+            response.status not in (403, 421)
         await self._write(writer, response, keep_alive, request.method == "HEAD", timer,
                           protocol.fd)
         return keep_alive
@@ -4310,11 +5210,15 @@ class HttpProtocol(asyncio.StreamReaderProtocol):
         self.timer: deadline | None = None  #: the task's, to move its idle deadline
         self.transport: asyncio.WriteTransport | None = None
         self.fd = -1
+        self.address = ""  #: the client's IP address, for the per-address limit
+        self.admitted = False  #: counted against the server's limits
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         self.fd = sock.fileno() if sock is not None else -1
+        peer = transport.get_extra_info("peername")
+        self.address = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         super().connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
@@ -4334,11 +5238,13 @@ METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class Counters:
     """What happened since start; plain attributes, bumped on the paths that exist anyway."""
 
-    __slots__ = ("dropped", "goodbyes", "his", "http_codes", "joined", "left_expired",
-                 "left_goodbye", "published")
+    __slots__ = ("dropped", "dropped_full", "dropped_subject", "goodbyes", "his", "http_codes",
+                 "impostors", "joined", "left_expired", "left_goodbye", "published",
+                 "sync_refused")
 
     def __init__(self) -> None:
         self.his = self.goodbyes = self.dropped = self.published = 0
+        self.dropped_subject = self.dropped_full = self.impostors = self.sync_refused = 0
         self.joined = self.left_goodbye = self.left_expired = 0
         self.http_codes: dict[int, int] = {}  #: status -> responses sent (the HTTP server)
 
@@ -4416,6 +5322,7 @@ class Health:
         self.counters = counters
         self.callback_runs = callback_runs  #: result -> CALLBACK runs (the runner's)
         self.started = time.time()
+        self.dns: DnsServer | None = None  #: set by the Daemon when DNS_PORT is set
 
     def report(self) -> tuple[bool, dict[str, Any]]:
         """(healthy, GET /v1/health): healthy while every transport is connected."""
@@ -4425,7 +5332,8 @@ class Health:
             "status": "ok" if healthy else "disconnected", "hostname": self.local.hostname,
             "version": __version__, "uptime_s": int(time.time() - self.started),
             "hosts": len(self.registry), "drivers": drivers,
-            "checks": self.local.check_states()}
+            "checks": self.local.check_states(),
+            **({"dns": self.dns.state()} if self.dns else {})}
 
     def families(self) -> list[Family]:
         """Every metric family of GET /metrics."""
@@ -4444,8 +5352,18 @@ class Health:
             Family("lobbyd_packets_received_total", "counter", "Valid discovery packets.",
                    [({"message": "hi"}, counters.his),
                     ({"message": "goodbye"}, counters.goodbyes)]),
-            Family("lobbyd_packets_dropped_total", "counter", "Packets off the contract.",
-                   [({}, counters.dropped)]),
+            Family("lobbyd_packets_dropped_total", "counter",
+                   "Packets dropped: off the contract, on another host's subject, or of a "
+                   "new host while the registry is full.",
+                   [({"reason": "invalid"}, counters.dropped),
+                    ({"reason": "subject"}, counters.dropped_subject),
+                    ({"reason": "registry_full"}, counters.dropped_full)]),
+            Family("lobbyd_impostor_packets_total", "counter",
+                   "Packets of others claiming this host's hostname (ignored).",
+                   [({}, counters.impostors)]),
+            Family("lobbyd_sync_answers_refused_total", "counter",
+                   "Join requests not answered: too many at once.",
+                   [({}, counters.sync_refused)]),
             Family("lobbyd_packets_published_total", "counter", "Packets this host sent.",
                    [({}, counters.published)]),
             Family("lobbyd_hosts_joined_total", "counter", "Hosts that appeared.",
@@ -4462,6 +5380,7 @@ class Health:
             Family("lobbyd_check_up", "gauge", "1 while the health check passes.",
                    [({"check": name}, int(state["up"]))
                     for name, state in self.local.check_states().items()]),
+            *(self.dns.families() if self.dns else ()),
             *process_families(),
         ]
 
@@ -4479,6 +5398,105 @@ class Health:
         if all(transport.is_connected for transport in self.transports):
             return "; ".join(parts) + f"; {plural(len(self.registry), 'host')} known"
         return "; ".join(parts) + "; the API keeps serving"
+
+
+###############################################################################
+# Request guard: which names a request may carry in Host (DNS rebinding: a page of
+# evil.example whose name now points at 127.0.0.1), and which pages may change
+# state (a cross-site form or fetch() speaking for the operator). Pure but for one
+# look-up of the machine's FQDN (in a thread, at start); Api applies it before the token.
+###############################################################################
+
+#: methods that change nothing: any page may send them (a browser lets it read the
+#: answer only if it is same-origin, which the Host check ensures)
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+def host_of(value: str) -> str | None:
+    """The name or address of a Host header (or an origin's host:port), lower case,
+    without port, brackets or a trailing dot; None if it is malformed."""
+    value = value.lower()
+    if value.startswith("["):
+        address, sep, rest = value[1:].partition("]")
+        if not sep or (rest and not re.fullmatch(r":[0-9]{1,5}", rest)):
+            return None
+        return address
+    name, sep, port = value.rpartition(":")
+    if not sep:
+        name = value
+    elif not re.fullmatch(r"[0-9]{1,5}", port) or ":" in name:
+        return None
+    return name.rstrip(".") or None
+
+
+def is_ip_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+class RequestGuard:
+    """The Host names the API answers to and the origins that may change its state.
+
+    Accepted in Host: no Host at all (HTTP/1.0), any IP address (no DNS name can be
+    rebound into one), localhost and *.localhost, HOST, HOSTNAME, the machine's name
+    and FQDN, and HTTP_ALLOWED_HOSTS. A request that changes state (POST, DELETE...)
+    is refused when a browser says it comes from another site (Sec-Fetch-Site:
+    cross-site) or from an origin that is not this API's (Origin); clients that are
+    no browser send neither, and are not concerned.
+    """
+
+    def __init__(self, port: int, names: Iterable[str], allowed: Sequence[str] = ()):
+        self.port = port
+        self.any = "*" in allowed
+        self.listed = {name for name in allowed if not name.startswith(".")}
+        self.suffixes = tuple(name for name in allowed if name.startswith("."))
+        self.names = {name.lower().rstrip(".") for name in names if name} | self.listed
+        self._good = BoundedCache(256)  #: Host header values found good
+
+    def host_ok(self, host: str | None) -> bool:
+        """Whether a request with this Host header (None: none) is for this API."""
+        if not host or host in self._good:
+            return True
+        name = host_of(host)
+        ok = name is not None and self.name_ok(name)
+        if ok:
+            self._good.put(host, True)
+        return ok
+
+    def name_ok(self, name: str) -> bool:
+        return self.any or name in self.names or name == "localhost" or \
+            name.endswith((".localhost", *self.suffixes)) or is_ip_address(name)
+
+    def learn_fqdn(self) -> None:
+        """Add the machine's FQDN: a resolver's look-up, which may take seconds when DNS
+        is broken, so the Daemon runs it in a thread at start (until then, only the
+        other names are accepted; the set is replaced whole, never changed in place)."""
+        with contextlib.suppress(OSError, UnicodeError):
+            self.names = self.names | {socket.getfqdn().lower().rstrip(".")}
+
+    def origin_ok(self, headers: Mapping[str, str]) -> bool:
+        """Whether a request that changes state may come from where the browser says."""
+        if headers.get("sec-fetch-site", "").lower() == "cross-site":
+            return False
+        origin = headers.get("origin")
+        if origin is None:
+            return True  # no browser, or a browser's same-origin request of old
+        scheme, sep, netloc = origin.lower().partition("://")
+        if not sep or scheme not in ("http", "https") or "/" in netloc:
+            return False  # "null" (a sandboxed page, a file), or malformed
+        name = host_of(netloc)
+        if name is None:
+            return False
+        if netloc == headers.get("host", "").lower() or name in self.listed or \
+                name.endswith(self.suffixes):
+            return self.host_ok(netloc)  # the page this API serves (behind a proxy too)
+        port = netloc.rpartition(":")[2] if not netloc.endswith("]") else ""
+        port_number = int(port) if port.isdigit() and port.isascii() else \
+            (443 if scheme == "https" else 80)
+        return port_number == self.port and self.host_ok(netloc)
 
 
 ###############################################################################
@@ -4511,6 +5529,45 @@ def parse_wait(value: str | None) -> float:
     if not match:
         raise HttpError(400, f"wait={show(value)}: expected a duration like 30s, 5m or 90")
     return min(MAX_WAIT, float(match[1]) * WAIT_UNITS[match[2]])
+
+
+GO_DURATION_RE = re.compile(r"(?:[0-9]{1,9}(?:\.[0-9]{0,9})?(?:ns|us|µs|ms|s|m|h))+")
+GO_DURATION_PART_RE = re.compile(r"([0-9.]+)([a-zµ]+)")
+GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_consul_wait(value: str | None) -> float:
+    """?wait=D on Consul's routes: what parse_wait() takes, or a Go duration as Consul
+    clients send it (120000ms, 1m30s); cut to MAX_WAIT; HttpError 400."""
+    if value is None or WAIT_RE.fullmatch(value.strip()):
+        return parse_wait(value)
+    value = value.strip()
+    if not GO_DURATION_RE.fullmatch(value):
+        raise HttpError(400, f"wait={show(value)}: expected a duration like 30s, 5m or 1m30s")
+    return min(MAX_WAIT, sum(float(number) * GO_UNITS[unit]
+                             for number, unit in GO_DURATION_PART_RE.findall(value)))
+
+
+#: the answer of a Consul route asked about another datacenter: Consul's empty shapes
+CONSUL_ELSEWHERE = {"services": "{}", "node": "null"}
+#: GET /v1/health/state/STATE: every check passes
+CONSUL_STATES = {"any": True, "passing": True, "warning": False, "critical": False}
+CONSUL_READ_ONLY = ("lobbyd's catalog is read-only: a host offers services through its "
+                    "labels (service:NAME, service:NAME:port:P, ...), set in its label "
+                    "files or through /v1/labels")
+
+
+def consul_request_view(request: Request, route: str, argument: str, datacenter: str
+                        ) -> View:
+    """The view a request to a Consul route asks for: ?dc=, ?tag= (service routes; all
+    must match), ?node-meta=K:V (all must match). The other parameters change nothing:
+    every check passes (?passing), every answer is consistent (?stale, ?consistent,
+    ?cached), ?near and ?filter are ignored."""
+    dc = request.param("dc")
+    if dc and dc != datacenter:
+        return consul_view("nothing", CONSUL_ELSEWHERE.get(route, "[]"))
+    tags = request.query.get("tag", ()) if route in CONSUL_SERVICE_ROUTES else ()
+    return consul_view(route, argument, tags, request.query.get("node-meta", ()))
 
 
 def discoveries_view(request: Request) -> View:
@@ -4551,6 +5608,8 @@ class Api:
         self.local = local
         self.health = health
         self.token = config.token.encode("utf-8", "surrogateescape")
+        self.guard = RequestGuard(config.port, (config.host, local.hostname, socket.gethostname()),
+                                  config.http_allowed_hosts)
         discoveries = self.watched(discoveries_view)
         self.routes: dict[str, dict[str, Callable[[Request], Any]]] = {
             "/": {"GET": discoveries},
@@ -4565,10 +5624,13 @@ class Api:
             PAGE_PATH: {"GET": self.page},
         }
         self.prefix_routes = {"/v1/prometheus/": {"GET": self.watched(prometheus_view)}}
+        self.datacenter = answers.consul.datacenter
+        self.add_consul_routes()
 
     # dispatch ----------------------------------------------------------------
     async def handle(self, request: Request) -> Response:
         try:
+            self.check_origin(request)
             if request.path in ("/", PAGE_PATH) and request.method in ("GET", "HEAD") and (
                     request.path == PAGE_PATH or
                     prefers_html(request.headers.get("accept", ""))):
@@ -4597,18 +5659,36 @@ class Api:
             return None
         return found[0]
 
+    def check_origin(self, request: Request) -> None:
+        """Refuse a Host this API is not (DNS rebinding) and a state change that a
+        page of another origin asks for (see RequestGuard)."""
+        headers = request.headers
+        if not self.guard.host_ok(headers.get("host")):
+            raise HttpError(421, f"this API does not answer to the name {show(headers['host'])}; "
+                                 "an operator adds it to HTTP_ALLOWED_HOSTS")
+        if request.method not in SAFE_METHODS and not self.guard.origin_ok(headers):
+            raise HttpError(403, "refused: a web page of another site may not change this "
+                                 "lobbyd (Origin or Sec-Fetch-Site)")
+
     def authorize(self, request: Request) -> None:
         if not self.allowed(request.headers):
-            raise HttpError(403, "access denied")
+            given = request.param("token")  # Consul's clients may send it so
+            if given is None or not hmac.compare_digest(
+                    given.encode("utf-8", "surrogateescape"), self.token):
+                raise HttpError(403, "access denied")
 
     def allowed(self, headers: Mapping[str, str]) -> bool:
-        """The request carries TOKEN (if one is set), compared in constant time."""
+        """The request carries TOKEN (if one is set), compared in constant time: in
+        Authorization (Token or Bearer), or in X-Consul-Token as Consul's clients send it."""
         if not self.token:
             return True
         scheme, _, given = headers.get("authorization", "").strip().partition(" ")
         # headers were decoded as latin-1: encoding back gives the bytes that were sent
         ok = hmac.compare_digest(given.strip().encode("latin-1"), self.token)
-        return ok and scheme.lower() in ("token", "bearer")
+        if ok and scheme.lower() in ("token", "bearer"):
+            return True
+        consul = headers.get("x-consul-token")
+        return consul is not None and hmac.compare_digest(consul.encode("latin-1"), self.token)
 
     def route(self, request: Request) -> Callable[[Request], Any]:
         methods = self.routes.get(request.path)
@@ -4652,6 +5732,108 @@ class Api:
         # after the body: the index then describes what the body shows
         response.headers["X-Lobby-Index"] = str(self.watchers.index(view))
         return response
+
+    # Consul's API (SPEC 13) -------------------------------------------------------
+    def add_consul_routes(self) -> None:
+        consul = self.consul
+
+        def missing(request: Request) -> Response:
+            raise HttpError(404, f"no such path: {show(request.path)} (lobbyd answers the "
+                            "read-only part of Consul's API)")
+        self.routes.update({
+            "/v1/agent/self": self.read_only({"GET": self.agent_self}),
+            "/v1/status/leader": {"GET": self.status_leader},
+            "/v1/status/peers": {"GET": self.status_peers},
+            "/v1/catalog/datacenters": consul("datacenters"),
+            "/v1/catalog/services": consul("services"),
+            "/v1/catalog/nodes": consul("nodes"),
+        })
+        self.prefix_routes.update({  # the first prefix that fits wins: longest first
+            "/v1/catalog/service/": consul("service", "/v1/catalog/service/"),
+            "/v1/catalog/node/": consul("node", "/v1/catalog/node/"),
+            "/v1/health/service/": consul("health", "/v1/health/service/"),
+            "/v1/health/checks/": consul("service-checks", "/v1/health/checks/"),
+            "/v1/health/node/": consul("node-checks", "/v1/health/node/"),
+            "/v1/health/state/": {"GET": self.health_state},
+            "/v1/kv/": self.read_only({"GET": self.kv}),
+            "/v1/agent/": self.read_only({"GET": missing}),
+            "/v1/catalog/": self.read_only({"GET": missing}),
+        })
+
+    def read_only(self, methods: dict[str, Callable[[Request], Any]]
+                  ) -> dict[str, Callable[[Request], Any]]:
+        """Consul's writes get a 405 that says where labels are set."""
+        def refuse(request: Request) -> Response:
+            raise HttpError(405, CONSUL_READ_ONLY, {"Allow": "GET, HEAD"})
+        return {**methods, "PUT": refuse, "POST": refuse, "DELETE": refuse}
+
+    def consul(self, route: str, prefix: str = "") -> dict[str, Callable[[Request], Any]]:
+        """The methods of a Consul route that answers view `route`: its argument (a
+        service or node name) is what follows `prefix`; blocking as Consul's own."""
+        datacenter = self.datacenter
+
+        def answer(request: Request) -> Response | Awaitable[Response]:
+            view = consul_request_view(request, route, request.path[len(prefix):] if prefix
+                                       else "", datacenter)
+            return self.consul_answer(request, view)
+        return self.read_only({"GET": answer})
+
+    def consul_answer(self, request: Request, view: View) -> Response | Awaitable[Response]:
+        index = parse_index(request.param("index"))
+        if index is not None:
+            return self._held(request, view, index, parse_consul_wait(request.param("wait")))
+        return self.answers.answer(request, view)
+
+    def health_state(self, request: Request) -> Response | Awaitable[Response]:
+        state = request.path[len("/v1/health/state/"):]
+        if state not in CONSUL_STATES:
+            raise HttpError(400, f"no such check state: {show(state)} (any, passing, "
+                            "warning, critical)")
+        route = "checks" if CONSUL_STATES[state] else "nothing"
+        view = consul_request_view(request, route, "" if CONSUL_STATES[state] else "[]",
+                                   self.datacenter)
+        return self.consul_answer(request, view)
+
+    def kv(self, request: Request) -> Response | Awaitable[Response]:
+        """No key exists: 404, after holding a blocking query for its wait (a client that
+        long-polls a key would spin otherwise)."""
+        view = consul_view("nothing", "null")
+        index = parse_index(request.param("index"))
+        if index is not None:
+            return self._kv_held(request, view, index,
+                                 parse_consul_wait(request.param("wait")))
+        return self.consul_missing(request, view)
+
+    async def _kv_held(self, request: Request, view: View, index: int, wait: float
+                       ) -> Response:
+        await self.watchers.hold(view, index, wait, request.reader)
+        return self.consul_missing(request, view)
+
+    def consul_missing(self, request: Request, view: View) -> Response:
+        return Response(404, b"", TEXT_TYPE, consul_headers(self.watchers.index(view)))
+
+    def agent_self(self, request: Request) -> Response:
+        """This lobbyd as Consul's agent describes itself (Prometheus reads Datacenter)."""
+        packet = self.local.packet()
+        hostname, node = packet.hostname, consul_node(packet.labels)
+        node_id = consul_node_id(hostname)
+        return Response(200, consul_compact({
+            "Config": {"Datacenter": self.datacenter, "NodeName": hostname, "NodeID": node_id,
+                       "Server": False, "Version": __version__, "Revision": "lobbyd"},
+            "Member": {"Name": hostname, "Addr": node.address or hostname, "Port": 8301,
+                       "Tags": {"dc": self.datacenter, "id": node_id, "role": "node"},
+                       "Status": 1},
+            "Meta": dict(node.meta)}) + b"\n", JSON_TYPE)
+
+    def status_leader(self, request: Request) -> Response:
+        """A leader's address, as clients expect one (lobbyd has no leader: each answers)."""
+        packet = self.local.packet()
+        address = with_port(consul_node(packet.labels).address or "127.0.0.1", "8300")
+        return Response(200, consul_compact(address) + b"\n", JSON_TYPE)
+
+    def status_peers(self, request: Request) -> Response:
+        leader = json.loads(self.status_leader(request).body)
+        return Response(200, consul_compact([leader]) + b"\n", JSON_TYPE)
 
     def events(self, request: Request) -> Response:
         view = discoveries_view(request)
@@ -4711,6 +5893,13 @@ class Api:
     async def change_labels(self, add: Sequence[str], remove: Sequence[str]) -> Response:
         try:
             await self.local.change_runtime_labels(add, remove)
+        except NotDurable as exc:  # the change is made: an honest 500, not "nothing changed"
+            path = self.local.runtime.path
+            log.error("saved runtime labels to %s, but cannot sync its directory: %s; they "
+                      "may not survive a power loss", path, exc.strerror or exc)
+            raise HttpError(500, f"labels saved to {path} and published, but its directory "
+                            f"cannot be synced ({exc.strerror or exc}): they may not survive "
+                            "a power loss") from None
         except OSError as exc:
             status = 507 if exc.errno in (errno.ENOSPC, errno.EDQUOT) else 500
             path = self.local.runtime.path
@@ -4721,6 +5910,519 @@ class Api:
 
 
 ###############################################################################
+# DNS: the zone DNS_DOMAIN over UDP and TCP, answered from the registry and the service
+# model (Queries). dnslib parses and builds the messages, imported only when DNS_PORT
+# is set. DnsAnswers (no socket: query bytes in, reply bytes out) owns the answers kept
+# per (question, registry version) and the counts by type and rcode; DnsServer owns its
+# UDP socket and TCP connections.
+###############################################################################
+
+#: DNS message types, classes and rcodes lobbyd speaks
+QTYPE_A, QTYPE_NS, QTYPE_SOA, QTYPE_TXT, QTYPE_AAAA, QTYPE_SRV, QTYPE_OPT, QTYPE_ANY = \
+    1, 2, 6, 16, 28, 33, 41, 255
+NOERROR, FORMERR, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 3, 4, 5
+#: the types /metrics names (any other is "other": clients choose them)
+DNS_TYPE_NAMES = {0: "none", 1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX",
+                  16: "TXT", 28: "AAAA", 33: "SRV", 64: "SVCB", 65: "HTTPS", 255: "ANY",
+                  -1: "other"}
+DNS_RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP",
+                   5: "REFUSED", 16: "BADVERS"}
+#: the UDP size our EDNS0 record offers; the largest UDP answer a client's may ask for
+DNS_EDNS_SIZE, DNS_UDP_MAX = 4096, 65507
+#: answers kept (each a few hundred bytes; a flood of new names only refills it)
+DNS_CACHE_ENTRIES, DNS_CACHE_BYTES = 4096, 16 << 20
+#: TCP: connections at once, and how long one may sit idle or take to send a query
+DNS_TCP_MAX, DNS_TCP_IDLE = 64, 10.0
+
+
+def dns_key(data: bytes) -> bytes | None:
+    """What the answer to a plain query depends on: the query but its ID and its EDNS0
+    options (a cookie differs in every query; lobbyd ignores options). None for
+    anything else: a response, another opcode, compressed or odd sections (the full
+    parse then looks at it)."""
+    size = len(data)
+    if size < 17 or size > 1024 or data[2] & 0xF8 or \
+            data[4:10] != b"\x00\x01\x00\x00\x00\x00":
+        return None
+    at = 12
+    while True:
+        if at >= size:
+            return None
+        length = data[at]
+        if length == 0:
+            break
+        if length > 63:
+            return None
+        at += length + 1
+    end = at + 5
+    additional = data[10:12]
+    if additional == b"\x00\x00":
+        return data[2:] if end == size else None
+    if additional != b"\x00\x01" or data[end:end + 3] != b"\x00\x00\x29" or end + 11 > size \
+            or end + 11 + int.from_bytes(data[end + 9:end + 11], "big") != size:
+        return None
+    return data[2:end + 9]
+
+
+def dns_name_ok(labels: Sequence[bytes]) -> bool:
+    """Whether these labels make a name DNS can carry (1-63 bytes each, 255 in all)."""
+    return all(0 < len(label) < 64 for label in labels) and \
+        sum(len(label) + 1 for label in labels) < 255
+
+
+def ip_literal(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(address)
+    except ValueError:
+        return None
+
+
+class Instance(NamedTuple):
+    """One instance of a service as DNS shows it."""
+
+    hostname: str
+    service: Service
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None  #: its address, if an IP
+    address: str  #: the service's own address, else the host's
+    own: bool  #: the service's own address (not the host's)
+
+
+class DnsZone:
+    """The names of the zone, looked up in lower case (DNS names are case-blind). Kept
+    up to date from the registry's notes: a change reads again only the hosts it names
+    (the whole registry on the first look, and when the notes were cut)."""
+
+    def __init__(self) -> None:
+        #: service name -> hostname -> its instance there
+        self.services: dict[bytes, dict[str, Instance]] = {}
+        #: hostname -> (hostname as it is, labels, its address if an IP)
+        self.nodes: dict[bytes, tuple[str, tuple[str, ...], Any]] = {}
+        self.offers: dict[str, list[bytes]] = {}  #: hostname -> the services it offers
+        self.place = -1  #: how far into the registry's notes this zone has read
+
+    def update(self, registry: Registry) -> None:
+        changed = registry.noted.since(self.place) if self.place >= 0 else None
+        hosts = registry.hosts
+        if changed is None:
+            self.services.clear()
+            self.nodes.clear()
+            self.offers.clear()
+            for hostname, entry in hosts.items():
+                self.add(hostname, entry[0])
+        else:
+            for hostname in set(changed):
+                self.drop(hostname)
+                entry = hosts.get(hostname)
+                if entry is not None:
+                    self.add(hostname, entry[0])
+        self.place = registry.noted.end
+
+    def add(self, hostname: str, labels: tuple[str, ...]) -> None:
+        address = host_address(hostname, labels)
+        ip = ip_literal(address)
+        self.nodes[hostname.lower().encode("utf-8", "surrogateescape")] = (hostname, labels, ip)
+        offers = self.offers[hostname] = []
+        for service in host_services(labels):
+            own = service.address
+            key = service.name.lower().encode("utf-8", "replace")
+            offers.append(key)
+            self.services.setdefault(key, {})[hostname] = Instance(
+                hostname, service, ip_literal(own) if own else ip, own or address, bool(own))
+
+    def drop(self, hostname: str) -> None:
+        node = hostname.lower().encode("utf-8", "surrogateescape")
+        if self.nodes.get(node, ("",))[0] == hostname:
+            del self.nodes[node]
+        for key in self.offers.pop(hostname, ()):
+            instances = self.services.get(key, {})
+            instances.pop(hostname, None)
+            if not instances:
+                self.services.pop(key, None)
+
+    def instances(self, service: bytes) -> list[Instance]:
+        """The instances of a service, by hostname."""
+        return sorted(self.services.get(service, {}).values(), key=operator.itemgetter(0))
+
+
+#: a record: (owner name as labels, type, data): data is an IP address, a (priority,
+#: weight, port, target labels) tuple for SRV, a list of byte strings for TXT, the
+#: SOA's (mname, rname, times)
+Record = tuple[tuple[bytes, ...], int, Any]
+
+
+def dns_records(zone: tuple[bytes, ...], name: tuple[bytes, ...], qtype: int, names: DnsZone,
+                soa: Record) -> tuple[int, list[Record], list[Record], list[Record]]:
+    """(rcode, answers, authority, additional) for `name` (lower case labels) of `qtype`
+    in `zone`: the answer builder, pure. REFUSED outside the zone, NXDOMAIN for a name
+    not in it, NOERROR without answers (and the SOA) for a name without that type."""
+    if name[len(name) - len(zone):] != zone or len(name) < len(zone):
+        return REFUSED, [], [], []
+    rel = name[:len(name) - len(zone)]
+    want = (QTYPE_A, QTYPE_AAAA, QTYPE_SRV, QTYPE_TXT, QTYPE_SOA) if qtype == QTYPE_ANY \
+        else (qtype,)
+    answers: list[Record] = []
+    extra: list[Record] = []
+    if not rel:  # the apex
+        if QTYPE_SOA in want:
+            answers.append(soa)
+    elif len(rel) == 1 and rel[0] in (b"service", b"node", b"addr"):
+        pass  # names with names below them only: they exist, without records
+    elif rel[-1] == b"service" and len(rel) in (2, 3):
+        if len(rel) == 3 and rel[1] == b"_tcp" and rel[0][:1] == b"_":
+            found = names.instances(rel[0][1:])
+            want = tuple(kind for kind in want if kind == QTYPE_SRV)
+        else:
+            found = names.instances(rel[-2])
+            if len(rel) == 3:
+                tag = rel[0]
+                found = [one for one in found
+                         if any(t.lower().encode("utf-8", "replace") == tag
+                                for t in one.service.tags)]
+        if not found:
+            return NXDOMAIN, [], [soa], []
+        for kind in want:
+            if kind in (QTYPE_A, QTYPE_AAAA):
+                version = 4 if kind == QTYPE_A else 6
+                for ip in dict.fromkeys(one.ip for one in found if one.ip is not None):
+                    if ip.version == version:  # type: ignore[union-attr]
+                        answers.append((name, kind, ip))
+            elif kind == QTYPE_SRV:
+                for one in found:
+                    target = srv_target(one, zone)
+                    if target is None:
+                        continue
+                    record = (name, QTYPE_SRV, (1, 1, one.service.port, target))
+                    if record in answers:
+                        continue
+                    answers.append(record)
+                    if one.ip is not None:
+                        glue = (target, QTYPE_A if one.ip.version == 4 else QTYPE_AAAA, one.ip)
+                        if glue not in extra:
+                            extra.append(glue)
+    elif rel[-1] == b"node" and len(rel) >= 2:
+        node = names.nodes.get(b".".join(rel[:-1]))
+        if node is None:
+            return NXDOMAIN, [], [soa], []
+        _hostname, labels, ip = node
+        for kind in want:
+            if kind in (QTYPE_A, QTYPE_AAAA) and ip is not None and \
+                    ip.version == (4 if kind == QTYPE_A else 6):
+                answers.append((name, kind, ip))
+            elif kind == QTYPE_TXT:
+                for label in labels:
+                    data = label.encode("utf-8", "surrogateescape")
+                    answers.append((name, QTYPE_TXT, [data[at:at + 255]
+                                                      for at in range(0, len(data), 255)]
+                                    or [b""]))
+    elif rel[-1] == b"addr" and len(rel) == 2 and len(rel[0]) in (8, 32):
+        try:
+            ip = ipaddress.ip_address(bytes.fromhex(rel[0].decode("ascii")))
+        except ValueError:
+            return NXDOMAIN, [], [soa], []
+        for kind in want:
+            if kind == (QTYPE_A if ip.version == 4 else QTYPE_AAAA):
+                answers.append((name, kind, ip))
+    else:
+        return NXDOMAIN, [], [soa], []
+    return NOERROR, answers, [] if answers else [soa], extra
+
+
+def srv_target(one: Instance, zone: tuple[bytes, ...]) -> tuple[bytes, ...] | None:
+    """Where an SRV record points: HOST.node.ZONE for an instance at its host's address,
+    else ADDRESS-IN-HEX.addr.ZONE; a service address that is a name is the target itself
+    (outside the zone: the client's resolver finds it). None: not a name DNS carries."""
+    if not one.own:
+        target = (*one.hostname.encode("utf-8", "surrogateescape").split(b"."), b"node", *zone)
+        if dns_name_ok(target):
+            return target
+    if one.ip is not None:
+        return (one.ip.packed.hex().encode(), b"addr", *zone)
+    target = tuple(one.address.encode("utf-8", "surrogateescape").rstrip(b".").split(b"."))
+    return target if one.own and dns_name_ok(target) else None
+
+
+class DnsAnswers:
+    """Query bytes in, reply bytes out (or None: dropped); nothing here touches a socket.
+
+    A plain query (dns_key) whose answer was built at this registry version is
+    answered from the kept bytes with its own ID: no parse, no build.
+    """
+
+    def __init__(self, registry: Registry, expire: Callable[[], None], domain: str, ttl: int):
+        import dnslib  # only here: a lobbyd without DNS_PORT never imports it
+
+        self.lib = dnslib
+        self.registry = registry
+        self.expire = expire
+        self.zone = tuple(domain.rstrip(".").encode("ascii").split(b"."))
+        self.ttl = ttl
+        self.kept = BoundedCache(DNS_CACHE_ENTRIES, DNS_CACHE_BYTES)
+        self.kept_version = -1
+        self.names = DnsZone()
+        #: (type, rcode) -> queries answered; packets dropped (responses, garbage)
+        self.counts: dict[tuple[int, int], int] = {}
+        self.dropped = 0
+
+    def respond(self, data: bytes, tcp: bool) -> bytes | None:
+        """The reply to one message (UDP: truncated to what the client takes)."""
+        self.expire()
+        if self.registry.version != self.kept_version:
+            self.kept.clear()
+            self.kept.cost = 0
+            self.kept_version = self.registry.version
+            self.names.update(self.registry)
+        key = dns_key(data)
+        if key is not None:
+            kept = self.kept.get((key, tcp))
+            if kept is not None:
+                counts = self.counts
+                counts[kept[1]] = counts.get(kept[1], 0) + 1
+                return data[:2] + kept[0]
+        try:
+            reply, counted = self.build(data, tcp)
+        except Exception as exc:  # whatever a packet holds: it costs itself, nothing more
+            log.debug("DNS: cannot answer a query: %s", describe_error(exc))
+            reply, counted = None, None
+        if reply is None or counted is None:
+            self.dropped += 1
+            return None
+        if counted[0] not in DNS_TYPE_NAMES:  # a type of a client's choosing: one sample
+            counted = (-1, counted[1])
+        self.counts[counted] = self.counts.get(counted, 0) + 1
+        if key is not None:
+            self.kept.put((key, tcp), (reply[2:], counted), len(reply))
+        return reply
+
+    def header_only(self, data: bytes, rcode: int) -> tuple[bytes | None, tuple[int, int]]:
+        """A reply with `rcode` and no sections, for a query we cannot or will not read;
+        None for a response or a runt."""
+        if len(data) < 12 or data[2] & 0x80:
+            return None, (0, rcode)
+        flags = 0x8000 | (data[2] & 0x79) << 8 | rcode  # QR, the opcode and RD kept
+        return data[:2] + flags.to_bytes(2, "big") + bytes(8), (0, rcode)
+
+    def build(self, data: bytes, tcp: bool) -> tuple[bytes | None, tuple[int, int] | None]:
+        lib = self.lib
+        if len(data) < 12 or data[2] & 0x80:
+            return None, None  # a runt, or a response: never answered
+        if (data[2] >> 3) & 0x0F:
+            return self.header_only(data, NOTIMP)
+        try:
+            query = lib.DNSRecord.parse(data)
+        except Exception:
+            return self.header_only(data, FORMERR)
+        if len(query.questions) != 1:
+            return self.header_only(data, FORMERR)
+        opts = [rr for rr in query.ar if rr.rtype == QTYPE_OPT]
+        if len(opts) > 1:
+            return self.header_only(data, FORMERR)
+        question = query.q
+        qtype = question.qtype
+        header = lib.DNSHeader(id=query.header.id, qr=1, aa=1, ra=0, rd=query.header.rd,
+                               cd=query.header.cd)
+        reply = lib.DNSRecord(header, q=question)
+        limit = 0xFFFF if tcp else 512
+        if opts:
+            limit = 0xFFFF if tcp else max(512, min(opts[0].rclass, DNS_UDP_MAX))
+            if (opts[0].ttl >> 16) & 0xFF:  # an EDNS version past 0: BADVERS
+                reply.add_ar(lib.EDNS0(udp_len=DNS_EDNS_SIZE, ext_rcode=1))
+                header.aa = 0
+                return self.packed(reply, limit), (qtype, 16)
+            reply.add_ar(lib.EDNS0(udp_len=DNS_EDNS_SIZE))
+        if question.qclass not in (1, 255):
+            header.rcode = REFUSED
+            header.aa = 0
+            return self.packed(reply, limit), (qtype, REFUSED)
+        name = tuple(label.lower() for label in question.qname.label)
+        rcode, answers, authority, extra = dns_records(self.zone, name, qtype, self.names,
+                                                       self.soa())
+        header.rcode = rcode
+        if rcode == REFUSED:
+            header.aa = 0
+        asked = question.qname
+        for owner, kind, value in answers:
+            reply.add_answer(self.rr(asked if owner == name else owner, kind, value))
+        for owner, kind, value in authority:
+            reply.add_auth(self.rr(owner, kind, value))
+        for owner, kind, value in extra:
+            reply.add_ar(self.rr(owner, kind, value))
+        return self.packed(reply, limit), (qtype, rcode)
+
+    def soa(self) -> Record:
+        zone = self.zone
+        times = (self.registry.version & 0xFFFFFFFF, 3600, 600, 86400, self.ttl)
+        return zone, QTYPE_SOA, ((b"ns", *zone), (b"hostmaster", *zone), times)
+
+    def rr(self, owner: Any, kind: int, value: Any) -> Any:
+        lib = self.lib
+        if kind == QTYPE_A:
+            data = lib.A(str(value))
+        elif kind == QTYPE_AAAA:
+            data = lib.AAAA(str(value))
+        elif kind == QTYPE_SRV:
+            priority, weight, port, target = value
+            data = lib.SRV(priority, weight, port, lib.DNSLabel(list(target)))
+        elif kind == QTYPE_TXT:
+            data = lib.TXT(value)
+        else:
+            mname, rname, times = value
+            data = lib.SOA(lib.DNSLabel(list(mname)), lib.DNSLabel(list(rname)), times)
+        owner = owner if isinstance(owner, lib.DNSLabel) else lib.DNSLabel(list(owner))
+        return lib.RR(owner, kind, ttl=self.ttl, rdata=data)
+
+    def packed(self, reply: Any, limit: int) -> bytes:
+        """The reply's bytes within `limit`: past it, with fewer additional records (the
+        SRV targets' addresses: no TC for them, RFC 2181), then the question alone (and
+        the OPT) with TC set; the client asks again over TCP. Over TCP (a host's thousand
+        long labels), as many records as fit."""
+        data = bytes(reply.pack())
+        if len(data) <= limit:
+            return data
+        opt = [rr for rr in reply.ar if rr.rtype == QTYPE_OPT]
+        extra = [rr for rr in reply.ar if rr.rtype != QTYPE_OPT]
+        if extra:  # as many as fit
+            reply.ar = opt
+            data = bytes(reply.pack())
+            if len(data) <= limit:
+                # a guess first, each name compressed but its first label (one more pack),
+                # then a bisection if the guess was too many
+                room, guess = limit - len(data), 0
+                for rr in extra:
+                    room -= len(rr.rname.label[0]) + 15 + (4 if rr.rtype == QTYPE_A else 16)
+                    if room < 0:
+                        break
+                    guess += 1
+                reply.ar = extra[:guess] + opt
+                data = bytes(reply.pack())
+                if len(data) <= limit:
+                    return data
+                low, high = 0, guess  # `low` records fit, `high` do not
+                while high - low > 1:
+                    middle = (low + high) // 2
+                    reply.ar = extra[:middle] + opt
+                    if len(reply.pack()) <= limit:
+                        low = middle
+                    else:
+                        high = middle
+                reply.ar = extra[:low] + opt
+                return bytes(reply.pack())
+        reply.header.tc = 1
+        if limit < 0xFFFF:
+            reply.rr, reply.auth, reply.ar = [], [], opt
+            return bytes(reply.pack())
+        reply.ar = opt
+        while reply.rr and len(data) > limit:
+            del reply.rr[len(reply.rr) // 2:]  # halves: a few packs at most
+            data = bytes(reply.pack())
+        return data
+
+
+class DnsProtocol(asyncio.DatagramProtocol):
+    """UDP: one reply per query, sent at once; nothing waits, nothing is kept."""
+
+    def __init__(self, answers: DnsAnswers):
+        self.answers = answers
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        reply = self.answers.respond(data, False)
+        if reply is not None and self.transport is not None:
+            self.transport.sendto(reply, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("DNS: %s", describe_error(exc))  # e.g. a client's port unreachable
+
+
+class DnsServer:
+    """DNS on HOST:DNS_PORT, UDP and TCP (at most DNS_TCP_MAX connections, each closed
+    after DNS_TCP_IDLE seconds without a whole query)."""
+
+    def __init__(self, answers: DnsAnswers):
+        self.answers = answers
+        self.udp: asyncio.DatagramTransport | None = None
+        self.tcp: asyncio.AbstractServer | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.where = ""
+
+    async def start(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self.where = f"{host} port {port}"
+        try:
+            self.udp, _protocol = await loop.create_datagram_endpoint(
+                lambda: DnsProtocol(self.answers), local_addr=(host, port))
+            self.tcp = await asyncio.start_server(self.serve, host, port,
+                                                  backlog=LISTEN_BACKLOG)
+        except OSError as exc:
+            await self.close()
+            if exc.errno == errno.EACCES:
+                raise ConfigError(f"DNS_PORT={port}: not allowed to listen there ({exc.strerror}"
+                                  "); use a port above 1023, e.g. 8600, and forward the zone "
+                                  "to it") from None
+            if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EINVAL):
+                raise ConfigError(f"HOST={show(host)}: cannot listen there for DNS: "
+                                  f"{exc.strerror}") from None
+            raise OSError(f"DNS_PORT={port}: cannot listen on {host}: "
+                          f"{exc.strerror or exc}") from None
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self.writers) >= DNS_TCP_MAX:
+            writer.close()
+            return
+        self.writers.add(writer)
+        timer = deadline(DNS_TCP_IDLE, writer.transport.abort)
+        try:
+            while True:
+                size = int.from_bytes(await reader.readexactly(2), "big")
+                query = await reader.readexactly(size)
+                reply = self.answers.respond(query, True)
+                if reply is None:
+                    break  # a response or garbage: this connection has nothing to say
+                writer.write(len(reply).to_bytes(2, "big") + reply)
+                await writer.drain()
+                timer.move(DNS_TCP_IDLE)
+        except (OSError, asyncio.IncompleteReadError):
+            pass  # the client went away, stalled, or sent what cannot be answered
+        finally:
+            timer.cancel()
+            self.writers.discard(writer)
+            writer.close()
+
+    async def close(self) -> None:
+        if self.udp is not None:
+            self.udp.close()
+        if self.tcp is not None:
+            self.tcp.close()
+        for writer in list(self.writers):
+            writer.close()
+
+    def state(self) -> dict[str, Any]:
+        """What GET /v1/health says of DNS."""
+        return {"listening": self.udp is not None and self.tcp is not None,
+                "address": self.where, "domain": ".".join(
+                    part.decode() for part in self.answers.zone) + ".",
+                "tcp_connections": len(self.writers),
+                "queries": sum(self.answers.counts.values()),
+                "dropped": self.answers.dropped}
+
+    def families(self) -> list[Family]:
+        """The DNS families of GET /metrics."""
+        counts = self.answers.counts
+        return [
+            Family("lobbyd_dns_queries_total", "counter", "DNS queries answered, by type "
+                   "and rcode.",
+                   [({"type": DNS_TYPE_NAMES.get(kind, "other"),
+                      "rcode": DNS_RCODE_NAMES.get(rcode, str(rcode))}, count)
+                    for (kind, rcode), count in sorted(counts.items())]),
+            Family("lobbyd_dns_dropped_total", "counter",
+                   "DNS messages dropped unanswered (responses, runts, failures).",
+                   [({}, self.answers.dropped)]),
+        ]
+
+
+###############################################################################
 # Commands: CALLBACK and exec checks run through one `run_command()`: a process
 # group of its own, bounded by a timeout, its output kept short.
 ###############################################################################
@@ -4728,6 +6430,30 @@ class Api:
 #: after a command exits, how long its output may still come (a grandchild may hold
 #: the pipe open: its output is not waited for)
 OUTPUT_GRACE = 0.5
+
+
+#: lobbyd's secrets, which no command it runs sees (a check's output is in /v1/health):
+#: these variables, and every NATS_* or REDIS_* one whose name says it is a secret
+SECRET_VARS = frozenset({"TOKEN", "REDIS_PASSWORD"})
+SECRET_NAME_RE = re.compile(r"(NATS|REDIS)_\w*(PASS|TOKEN|CRED|NKEY|SEED|JWT|SECRET|KEY)")
+
+
+def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment of CALLBACK and exec checks: lobbyd's, without its secrets;
+    NATS_URL stays, without user:password@ or token@."""
+    env = {name: value for name, value in environ.items()
+           if name not in SECRET_VARS and not SECRET_NAME_RE.match(name)}
+    if "NATS_URL" in env:
+        env["NATS_URL"] = ",".join(url_without_credentials(url.strip())
+                                   for url in env["NATS_URL"].split(","))
+    return env
+
+
+def url_without_credentials(url: str) -> str:
+    if "@" not in url:
+        return url
+    scheme, sep, rest = url.partition("://")
+    return scheme + sep + rest.rsplit("@", 1)[1] if sep else url.rsplit("@", 1)[1]
 
 
 class CommandResult(NamedTuple):
@@ -4744,7 +6470,7 @@ async def run_command(argv: Sequence[str], stdin: bytes | None, timeout: float,
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        start_new_session=True)
+        start_new_session=True, env=child_environment(os.environ))
     timed_out: list[bool] = []
 
     def time_out() -> None:
@@ -5036,25 +6762,28 @@ class LocalHost:
             self.changed()
 
     async def change_runtime_labels(self, add: Sequence[str], remove: Sequence[str]) -> None:
-        """Publish the new labels at once, then save them (two fsyncs) off the event loop.
+        """Save the new labels (two fsyncs, off the event loop), then publish them:
+        the fleet only ever hears labels that are on disk.
 
-        OSError if they cannot be saved: then the old labels are published again,
-        so a label is only kept (and the POST answered 200) once it is on disk.
+        OSError if they cannot be saved: nothing was published. NotDurable if they
+        were saved but their directory could not be synced: they are published too
+        (the file holds them; a re-read of the files would publish them anyway).
         """
         async with self.label_lock:
             current = self.runtime.read()
             new = changed_labels(current, add, remove)
             if new == current:
                 return
+            try:
+                await asyncio.to_thread(self.runtime.save, new)
+            except NotDurable:
+                self.files.collect()
+                self.set_labels(self.files.with_file(self.runtime.path, new))
+                await self.publish()
+                raise
             self.files.collect()  # a file written just before must be in this packet
             self.set_labels(self.files.with_file(self.runtime.path, new))
             await self.publish()
-            try:
-                await asyncio.to_thread(self.runtime.save, new)
-            except OSError:
-                self.set_labels(self.files.with_file(self.runtime.path, current))
-                await self.publish()
-                raise
 
     # leases -----------------------------------------------------------------------
     async def add_leases(self, labels: Sequence[str], ttl: int) -> None:
@@ -5190,7 +6919,7 @@ class Daemon:
     def __init__(self, config: Config, environ: Mapping[str, str]):
         self.config = config
         kv = config.discovery_mode == "kv"  # the hosts bucket says who left, not silence
-        self.registry = Registry(math.inf if kv else config.ttl)
+        self.registry = Registry(math.inf if kv else config.ttl, config.max_hosts)
         self.local = LocalHost(config, self.local_changed, self.publish_local, self.renamed)
         self.watch = Watchers(self.registry, self.local.packet, self.expire,
                               config.node_exporter_port)
@@ -5201,7 +6930,11 @@ class Daemon:
         self.fleet = Fleet(self.registry, self.counters, LabelCache(), config.ttl,
                            changed=self.registry_changed, expire=self.expire,
                            say_hi=self.publish_local, state_changed=self.tell_systemd,
-                           joined=self.joined.set, schedule=self.schedule)
+                           joined=self.joined.set, schedule=self.schedule,
+                           own_labels=lambda: self.local.labels)
+        self.fleet.hostname = self.local.hostname
+        if config.register:
+            self.fleet.own_hostname = self.local.hostname
         self.transports: list[Transport] = [
             TRANSPORTS[kind](config, environ, f"lobbyd {self.local.hostname}", self.fleet)
             for kind in (("NATS-KV",) if kv else config.driver)]
@@ -5213,10 +6946,16 @@ class Daemon:
         self.health = Health(self.registry, self.local, self.transports, self.counters,
                              self.callback.runs if self.callback else {})
         self.answers = Answers(self.registry, self.watch, self.expire,
-                               config.node_exporter_port)
+                               config.node_exporter_port, config.datacenter)
         self.api = Api(config, self.answers, self.watch, self.local, self.health)
-        self.http = HttpServer(self.api.handle, self.api.at_once, self.counters.http_codes)
+        self.http = HttpServer(self.api.handle, self.api.at_once, self.counters.http_codes,
+                               config.http_max_connections_per_address,
+                               ("/v1/health", "/metrics"))
+        self.dns = DnsServer(DnsAnswers(self.registry, self.expire, config.dns_domain,
+                                        config.dns_ttl)) if config.dns_port else None
+        self.health.dns = self.dns
         self._stopping = False
+        self._peak = 0  #: the most hosts since the memory was last released
 
     # the registry -----------------------------------------------------------------
     def local_changed(self) -> None:
@@ -5228,11 +6967,28 @@ class Daemon:
             self.callback.notify()
 
     def expire(self) -> None:
-        dead = self.registry.expire(time.time())
+        registry = self.registry
+        if len(registry) > self._peak:
+            self._peak = len(registry)
+        dead = registry.expire(time.time())
         if dead:
             self.counters.left_expired += len(dead)
             log.info("expired (silent for over %ds): %s", self.config.ttl, ", ".join(dead[:20]))
             self.registry_changed()
+        elif self._peak - len(registry) > SHRINK_HOSTS and len(registry) < self._peak / 2:
+            self.shrunk()  # once the hosts stopped expiring
+
+    def shrunk(self) -> None:
+        """Most of the registry is gone (a flood of made-up hosts ended): give the memory
+        it held back to the system."""
+        log.info("the registry shrank from %d to %s: releasing memory", self._peak,
+                 plural(len(self.registry), "host"))
+        self._peak = len(self.registry)
+        self.registry.compact()
+        self.fleet.cache.forget()  # the flood's names and labels
+        # once the watchers took the changes (the next turn of the loop) and the
+        # caller let go of the expired names
+        asyncio.get_running_loop().call_later(0.1, release_memory)
 
 
     # publishing -------------------------------------------------------------------
@@ -5245,11 +7001,12 @@ class Daemon:
         return sent > 0
 
     async def publish_local(self) -> None:
-        if not self.config.register:
+        if not self.config.register or self._stopping:  # never a hi after our goodbye
             return
         packet = self.local.packet()
+        self.fleet.sent_own(packet.labels)
         # we list ourselves even while NATS is away; our own packet refreshes it later
-        change = self.registry.apply_hi(packet.hostname, packet.labels, time.time())
+        change = self.registry.apply_hi(packet.hostname, packet.labels, time.time(), own=True)
         if change:
             self.counters.joined += change == NEW_HOST
             self.registry_changed()
@@ -5257,6 +7014,9 @@ class Daemon:
 
     def renamed(self, old: str) -> None:
         """The hostname changed: the fleet forgets the old name at once."""
+        self.fleet.hostname = self.local.hostname
+        if self.config.register:
+            self.fleet.own_hostname = self.local.hostname
         self.schedule(self.publish(Packet(old), "goodbye"))
         if self.registry.apply_goodbye(old):
             self.registry_changed()
@@ -5336,8 +7096,16 @@ class Daemon:
         watch_binary_loader(loop)
         if not self.config.disable_api:
             await self.listen()  # first: a HOST we cannot listen on is a config error
+        if self.dns:
+            await self.dns.start(self.config.host, self.config.dns_port)
+            log.info("DNS listening on %s (UDP and TCP) for %s", self.dns.where,
+                     self.config.dns_domain)
         self.local.runtime.remove_stale_temp_files()
         self.local.refresh()  # before any request can be served: no await in between
+        if not self.config.disable_api:
+            # a thread of its own, not the loop's executor: a look-up hung on a broken
+            # resolver must not hold shutdown, which waits for the executor's threads
+            threading.Thread(target=self.api.guard.learn_fqdn, daemon=True).start()
         log.info("lobbyd %s starting as %s (%s)", __version__, self.local.hostname,
                  "publishing" if self.config.register else "client only, not publishing")
         warn_about_timing(self.config)
@@ -5370,6 +7138,7 @@ class Daemon:
         """Goodbye, flush, close: well under two seconds."""
         notify_systemd("STOPPING=1")
         self._stopping = True  # every loop checks it: a lost cancellation cannot hang us
+        self.fleet.own_hostname = None  # our own goodbye is coming back
         self.watch.close()
         self.local.stop()
         for task in list(self.tasks):  # a running CALLBACK is killed with its group
@@ -5380,6 +7149,8 @@ class Daemon:
                 await transport.said_goodbye()
         await asyncio.gather(*(transport.close(timeout=0.8) for transport in self.transports))
         await self.http.close()
+        if self.dns:
+            await self.dns.close()
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=0.3)
 
@@ -5577,12 +7348,16 @@ def setup_logging(level: str) -> None:
 
 
 def check_drivers(config: Config) -> None:
-    """A driver whose library is missing is bad configuration, said before anything runs."""
+    """A driver (or DNS) whose library is missing is bad configuration, said before
+    anything runs."""
     import importlib.util
 
     if "Redis" in config.driver and importlib.util.find_spec("redis") is None:
         raise ConfigError("DRIVER=Redis needs the Python package redis: "
                           "pip install 'lobbyd[redis]'")
+    if config.dns_port and importlib.util.find_spec("dnslib") is None:
+        raise ConfigError(f"DNS_PORT={config.dns_port} needs the Python package dnslib: "
+                          "pip install 'lobbyd[dns]' (Debian: python3-dnslib)")
 
 
 async def run_daemon(config: Config) -> None:
@@ -5864,6 +7639,11 @@ def format_health(health: Mapping[str, Any], paint: Painter, now: float) -> str:
         state = paint.paint("up", "32") if check.get("up") else paint.paint("down", "31;1")
         output = f" ({check['output']})" if check.get("output") else ""
         lines.append(f"check {name}: {state}{output}")
+    dns = health.get("dns")
+    if isinstance(dns, dict):
+        lines.append(f"dns:      {'listening' if dns.get('listening') else 'not listening'} "
+                     f"on {dns.get('address')} for {dns.get('domain')}, "
+                     f"{dns.get('queries', 0)} queries answered")
     return "".join(line + "\n" for line in lines)
 
 

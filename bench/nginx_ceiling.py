@@ -77,7 +77,7 @@ http {{
         if self.proc.poll() is not None:
             raise AssertionError(f"nginx exited: {(self.dir / 'error.log').read_text()[-2000:]}")
         with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            s.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
             got = b""
             while chunk := s.recv(1 << 20):
                 got += chunk

@@ -243,7 +243,7 @@ class Daemon:
     def wait_ready(self, timeout: float = 30) -> float:
         """Seconds from exec to the first 200 of GET /v1/discovery (polled every ~1 ms)."""
         deadline = time.monotonic() + timeout
-        req = b"GET /v1/discovery HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        req = b"GET /v1/discovery HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
         while time.monotonic() < deadline:
             if self.proc and self.proc.poll() is not None:
                 raise RuntimeError(f"{self.hostname} exited {self.proc.returncode}: "

@@ -23,6 +23,9 @@ TARGETS = {
     "idle_rss": ("9.3 MB", "<= 30 MB"),
     "http@1000": ("-", "-"),
     "http@10000": ("83 req/s, p99 237 ms", ">= 1,245 req/s, p99 < 15 ms"),
+    "consul@10000": ("-", ">= 80 % of the same-bytes Python server"),
+    "consul_watch@10000": ("-", "(report: Consul's held queries vs Lobby's)"),
+    "dns@10000": ("-", ">= 50 % of dnsmasq's queries/s, p99 < 5 ms at that rate"),
     "propagation": ("2-4 ms", "p99 < 5 ms"),
     "goodbye": ("1-3 ms", "p99 < 5 ms"),
     "join": ("0-5 s", "<= 200 ms after connecting"),
@@ -71,7 +74,7 @@ def detail(key: str, r: dict) -> str:
     if key.startswith("steady@"):
         return (f"RSS {statistics.median([x['rss_mb'] for x in runs]):.1f} MB "
                 f"(peak {max(x['peak_mb'] for x in runs):.1f}) at {runs[0]['rate']:.0f} msg/s")
-    if key.startswith("http@"):
+    if key.startswith(("http@", "consul@")):
         parts = []
         for case in runs[0]["cases"]:
             rps = [x["cases"][case]["rps"] for x in runs]
@@ -79,6 +82,18 @@ def detail(key: str, r: dict) -> str:
             parts.append(f"`{case}` {statistics.median(rps):,.0f}/s "
                          f"(p99 {statistics.median(p99):.0f} ms)")
         return "; ".join(parts)
+    if key.startswith("consul_watch@"):
+        x = runs[len(runs) // 2]
+        return "; ".join(
+            f"{kind} `{x[kind]['path']}`: {x[kind]['held']} held, wake p50 {x[kind]['p50_ms']} "
+            f"ms p99 {x[kind]['p99_ms']} ms, RSS {x[kind]['rss_mb_without']} -> "
+            f"{x[kind]['rss_mb_with']} MB" for kind in ("lobby", "consul"))
+    if key.startswith("dns@"):
+        x = runs[len(runs) // 2]
+        return "; ".join(
+            f"{q} {c['qps']:,.0f}/s = {c['pct_of_dnsmasq']:.0f} % of dnsmasq's "
+            f"{c['dnsmasq_qps']:,.0f}/s, p99 {c['p99_ms']} ms at {c['rate']:,}/s (dnsmasq "
+            f"{c['dnsmasq_p99_ms']} ms)" for q, c in x["cases"].items())
     if key in ("propagation", "goodbye"):
         return (f"p99 {statistics.median([x['p99_ms'] for x in runs]):.1f} ms "
                 f"({min(x['p99_ms'] for x in runs):.1f}-{max(x['p99_ms'] for x in runs):.1f})")
@@ -111,9 +126,9 @@ def background(run: dict) -> str:
     return f"load {x['loadavg_start'][0]:.1f}, others {x['other_cpu_pct']:.0f} %"
 
 
-def http_case(doc: dict, case: str) -> tuple[dict, dict] | None:
-    """The median run's case of http@10000 (by lobbyd's share of the ceiling)."""
-    fig = doc["figures"].get("http@10000")
+def http_case(doc: dict, case: str, key: str = "http@10000") -> tuple[dict, dict] | None:
+    """The median run's case of figure `key` (by lobbyd's share of the ceiling)."""
+    fig = doc["figures"].get(key)
     if not fig or "runs" not in fig:
         return None
     runs = sorted((r for r in fig["runs"] if case in r.get("cases", {})),
@@ -137,15 +152,28 @@ def exact(v: float) -> str:
     return f"{v:,.4f}".rstrip("0").rstrip(".")
 
 
+def dns_target(c: dict) -> tuple[str, bool]:
+    """A DNS question's figure as compared, and whether it meets its target."""
+    return (f"{c['qps']:,.0f} / {c['dnsmasq_qps']:,.0f} q/s = {exact(c['pct_of_dnsmasq'])} %; "
+            f"p99 {exact(c['p99_ms'])} ms at {c['rate']:,}/s",
+            c["pct_of_dnsmasq"] >= 50 and c["p99_ms"] < 5)
+
+
 def target_rows(doc: dict) -> list[tuple[str, str, str, str]]:
     """The targets: (target, figure as compared, met, background), from the median run."""
     rows = []
-    for case, name, floor in (
-            ("/v1/discoveries c8", "GET /v1/discoveries, 10k hosts, 8 conns, stable", 100),
-            ("/v1/discoveries c8 label-churn", "same under label churn (2,000/s)", 80),
-            ("/v1/discoveries gzip c8", "same, gzip", 100),
-            ("/v1/prometheus/node c8", "GET /v1/prometheus/node, 10k hosts", 100)):
-        got = http_case(doc, case)
+    for case, name, floor, key in (
+            ("/v1/discoveries c8", "GET /v1/discoveries, 10k hosts, 8 conns, stable", 100,
+             "http@10000"),
+            ("/v1/discoveries c8 label-churn", "same under label churn (2,000/s)", 80,
+             "http@10000"),
+            ("/v1/discoveries gzip c8", "same, gzip", 100, "http@10000"),
+            ("/v1/prometheus/node c8", "GET /v1/prometheus/node, 10k hosts", 100, "http@10000"),
+            ("/v1/health/service/api c8", "Consul's GET /v1/health/service/api, 100 of 10k "
+             "hosts offer api", 80, "consul@10000"),
+            ("/v1/catalog/services c8", "Consul's GET /v1/catalog/services, 10k hosts", 80,
+             "consul@10000")):
+        got = http_case(doc, case, key)
         if got is None:
             continue
         c, run = got
@@ -187,6 +215,9 @@ def target_rows(doc: dict) -> list[tuple[str, str, str, str]]:
                     r.get("tree_mb", 99) <= 20)),
         ("startup_deb", "7. start-up of the .deb's lobbyd, exec -> first 200: <= 100 ms",
          lambda r: (f"{exact(r['value'])} ms", r["value"] <= 100)),
+        *(("dns@10000", f"DNS `NAME.service.lobby` {q}, 100 of 10k hosts: >= 50 % of "
+           "dnsmasq's queries/s (same records, same run), p99 < 5 ms at half its rate",
+           lambda r, q=q: dns_target(r["cases"][q])) for q in ("A", "SRV")),
     ]
     for key, name, judge in checks:
         run = median_run(doc, key)

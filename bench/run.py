@@ -36,6 +36,7 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # harness.py
 
+import dnsbench
 import httpload
 import kvbench
 from harness import ROOT, RedisServer, nats_server_binary, stop_process
@@ -73,6 +74,8 @@ class Profile:
     dead_variants: list[tuple[int, int, int, int]]  # (TTL, CLEAN_EVERY, victims' KEEP_ALIVE, n)
     startup_trials: int
     fanout_msgs: int
+    dns_seconds: float = 5  # one dnsperf turn (lobbyd's or dnsmasq's)
+    dns_rounds: int = 2  # turns of each per question type
 
 
 FULL = Profile(runs=3, ingest_hosts=[1000, 10000, 100000], ingest_confirm_s=5,
@@ -86,7 +89,7 @@ SMOKE = Profile(runs=1, ingest_hosts=[1000, 10000], ingest_confirm_s=2, redis_ho
                 steady_window_s=8, steady_big=False, http_hosts=[10000], http_seconds=4,
                 http_extra=False, http_rounds=2, prop_changes=40, goodbye_trials=5, join_trials=3,
                 join_peers=2, join_fakes=200, dead_variants=[(3, 15, 1, 1)],
-                startup_trials=5, fanout_msgs=100000)
+                startup_trials=5, fanout_msgs=100000, dns_seconds=2, dns_rounds=1)
 
 # What the issue gives for the Go daemon, and the targets it sets.
 REFERENCE = {
@@ -668,6 +671,141 @@ def fig_http(cmd: list[str], work: Path, prof: Profile, n: int) -> dict:
         env.close()
 
 
+#: hosts offering the service of the Consul figure, besides the N of the load generator
+CONSUL_OFFERING = 100
+
+
+def consul_check(d: Daemon, path: str, n: int) -> Callable[[], str]:
+    """What to check of a Consul answer fetched right after a turn: "" when right."""
+    def check() -> str:
+        got = d.get_json(path)
+        if path.startswith("/v1/health/service/"):
+            names = [entry["Node"]["Node"] for entry in got]  # type: ignore[union-attr]
+            want = [f"api{i:03d}.bench.invalid" for i in range(CONSUL_OFFERING)]
+            return "" if names == want else f"{len(names)} instances, want {len(want)}"
+        want_services = {"api": ["v1"], "cache": [], "db": [], "smtp": [], "web": []}
+        return "" if got == want_services else f"services {got!r}, want {want_services}"
+    return check
+
+
+def fig_consul(cmd: list[str], work: Path, prof: Profile, n: int = 10000) -> dict:
+    """Consul's API at fleet scale, as fig_http: wrk in turns with the same-bytes servers
+    while N hosts keep-alive. GET /v1/health/service/api (CONSUL_OFFERING more hosts
+    offer api, with port and tag) and GET /v1/catalog/services (every host offers one
+    of the load generator's four services)."""
+    env = Env(cmd, work)
+    cases = ["/v1/health/service/api", "/v1/catalog/services"]
+    rounds, turn = prof.http_rounds, prof.http_seconds / prof.http_rounds
+    per_case = rounds * 3 * (turn + 1.5) + 5
+    try:
+        d = env.daemon("bench-consul", TTL=86400)
+        prefill(env, d, n)
+        registry = check_registry(d, n, [0] * n)  # before the hosts offering api join
+        nats = env.nats.client()
+        for i in range(CONSUL_OFFERING):  # TTL=86400: one hi each holds them
+            nats.publish_json(SUBJECT, {"discovery": {
+                "hostname": f"api{i:03d}.bench.invalid", "last_check": 0,
+                "labels": ["service:api", "service:api:port:8080", "service:api:tag:v1",
+                           f"address:10.1.{i // 256}.{i % 256}", f"location:dc{i % 4}"]},
+                "message": "hi"})
+        nats.flush()
+        wait_until(lambda: len(d.get_json(cases[0])) == CONSUL_OFFERING, timeout=30)
+        total = len(cases) * per_case + 10
+        g = env.loadgen(n, mode="keepalive", rate=n / 5, duration=total, max_seconds=total + 30)
+        env.go(g)
+        out = {}
+        for path in cases:
+            res = ab_load(d, path, 8, None, turn, rounds, work, consul_check(d, path, n))
+            out[f"{path} c8"] = res
+            log(f"consul n={n} {path} c8: {res['rps']:.0f} req/s p99 {res.get('p99_ms')} ms "
+                f"= {res['pct_of_ceiling']:.1f}% of the Python server's "
+                f"{res['ceiling']['rps']:.0f} req/s, {res.get('pct_of_nginx', 0):.1f}% of "
+                f"nginx's {res.get('nginx', {}).get('rps', 0):.0f}; errors {res['errors']}, "
+                f"wrong answers {res['answers_checked']['wrong']}")
+        g.terminate()
+        g.wait(10)
+        main = out[f"{cases[0]} c8"]
+        return {"value": main["rps"], "unit": "req/s", "cases": out, "registry": registry,
+                "pct_of_ceiling": main["pct_of_ceiling"],
+                "services_pct_of_ceiling": out[f"{cases[1]} c8"]["pct_of_ceiling"],
+                "load": main["load"]}
+    finally:
+        env.close()
+
+
+#: held blocking queries of the consul_watch figure: the same number on each kind of route
+CONSUL_HELD = 500
+
+
+def fig_consul_watch(cmd: list[str], work: Path, prof: Profile, n: int = 10000) -> dict:
+    """CONSUL_HELD blocking queries held on a Lobby route, then as many on a Consul route
+    (both show the hosts offering service `watched`), N hosts: lobbyd's RSS with them,
+    and the time from a label change on a peer until every one has its answer."""
+    env = Env(cmd, work)
+    clients: list[subprocess.Popen] = []
+    try:
+        d = env.daemon("bench-cwatch", TTL=86400)
+        b = env.daemon("bench-cwatch-peer", TTL=86400)
+        prefill(env, d, n)
+        time.sleep(2)
+        out: dict = {}
+        with LoadMeter() as m:
+            for kind, path in [("lobby", "/v1/discoveries?labels=service:watched"),
+                               ("consul", "/v1/health/service/watched")]:
+                rss_before = d.mem_kib()["VmRSS"] / 1024
+                client = subprocess.Popen(
+                    [sys.executable, str(BENCH / "watchload.py"), "--port", str(d.port),
+                     "--plan", json.dumps([["held", path, CONSUL_HELD, True]]),
+                     "--max-seconds", "600"],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                clients.append(client)
+
+                def ask(command: str | None, client: subprocess.Popen = client) -> dict:
+                    if command:
+                        client.stdin.write(command + "\n")  # type: ignore[union-attr]
+                        client.stdin.flush()  # type: ignore[union-attr]
+                    line = client.stdout.readline()  # type: ignore[union-attr]
+                    if not line:
+                        raise RuntimeError("watchload ended early")
+                    return json.loads(line)
+
+                ready = ask(None)
+                time.sleep(2)
+                rss_with = d.mem_kib()["VmRSS"] / 1024
+                latencies: list[float] = []
+                missing = 0
+                for k in range(10 if prof is FULL else 4):
+                    ask("arm")
+                    time.sleep(1)  # the re-armed requests reach the daemon and are held
+                    t0 = time.monotonic()
+                    status, _ = b.http.request("POST" if k % 2 == 0 else "DELETE",
+                                               "/v1/labels", b"service:watched")
+                    assert status == 200, status
+                    got = ask("collect")
+                    latencies += [(t - t0) * 1000 for t in got["times"]]
+                    missing += got["missing"]
+                client.stdin.write("quit\n")  # type: ignore[union-attr]
+                client.stdin.flush()  # type: ignore[union-attr]
+                client.wait(10)
+                out[kind] = {"path": path, "held": ready["held"], "missing": missing,
+                             "p50_ms": round(pctl(latencies, 50), 1),
+                             "p99_ms": round(pctl(latencies, 99), 1),
+                             "rss_mb_without": round(rss_before, 1),
+                             "rss_mb_with": round(rss_with, 1),
+                             "rss_kib_per_held": round(
+                                 (rss_with - rss_before) * 1024 / max(1, ready["held"]), 1)}
+                log(f"consul_watch n={n} {kind} {path}: {ready['held']} held, wake p50 "
+                    f"{out[kind]['p50_ms']} ms p99 {out[kind]['p99_ms']} ms, RSS "
+                    f"{rss_before:.1f} -> {rss_with:.1f} MB, missing {missing}")
+        return {"value": out["consul"]["p99_ms"], "unit": "ms", **out, "load": m.stop()}
+    finally:
+        for client in clients:
+            if client.poll() is None:
+                client.kill()
+                client.wait(5)
+        env.close()
+
+
 def fig_propagation(cmd: list[str], work: Path, prof: Profile) -> dict:
     """POST/DELETE /v1/labels on A -> visible on B (B polled over one keep-alive conn)."""
     env = Env(cmd, work)
@@ -1207,7 +1345,7 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="short CI run: 1 run, small sizes")
     ap.add_argument("--runs", type=int, help="runs per figure (default 3, smoke 1)")
     ap.add_argument("--only", default="", help="comma list: idle,startup,ingest,ingest_redis,"
-                    "steady,http,propagation,goodbye,join,dead,fanout,watch,page; kv "
+                    "steady,http,consul,propagation,goodbye,join,dead,fanout,watch,page,dns; kv "
                     "(DISCOVERY_MODE=kv) runs only when named, at --hosts "
                     "(default 10000,100000)")
     ap.add_argument("--label", default="lobbyd", help="name of the implementation measured")
@@ -1294,6 +1432,9 @@ def main() -> int:
         if want("http"):
             for n in prof.http_hosts:
                 measure(f"http@{n}", lambda n=n: fig_http(cmd, work, prof, n))
+        if want("consul"):
+            measure("consul@10000", lambda: fig_consul(cmd, work, prof))
+            measure("consul_watch@10000", lambda: fig_consul_watch(cmd, work, prof))
         if want("propagation"):
             measure("propagation", lambda: fig_propagation(cmd, work, prof))
         if want("goodbye"):
@@ -1309,6 +1450,10 @@ def main() -> int:
             measure("watch@10000", lambda: fig_watch(cmd, work, prof))
         if want("page"):
             measure("page@10000", lambda: fig_page(cmd, work, prof, 10000))
+        if want("dns"):
+            measure("dns@10000", lambda: dnsbench.fig_dns(
+                lambda: Env(cmd, work), prefill, SUBJECT, 10000, prof.dns_seconds,
+                prof.dns_rounds))
         if want("fanout"):
             measure("nats_fanout", lambda: fig_fanout(work, prof), runs=1)
         if "kv" in only:
@@ -1405,6 +1550,13 @@ def regressions(results: dict[str, dict]) -> list[str]:
                 if s["batch_p99_ms"] >= 16 * f:
                     out.append(f"{where}: update batches p99 {s['batch_p99_ms']} ms, "
                                f"want under a 16 ms frame{scaled}")
+            elif key.startswith("dns@"):
+                for qtype, c in s["cases"].items():  # a same-run ceiling: no scaling
+                    if c["pct_of_dnsmasq"] < 50 or c["p99_ms"] >= 5 * f:
+                        out.append(f"{where}: {qtype} {c['qps']:.0f}/s = "
+                                   f"{c['pct_of_dnsmasq']}% of dnsmasq, p99 {c['p99_ms']} ms "
+                                   f"at {c['rate']}/s; "
+                                   f"want >= 50 % and < {5 * f:.1f} ms{scaled}")
             elif key.startswith("kv@"):
                 gone_by = s["ttl"] + 2 + 1  # README: about TTL + 2 s after the last keep-alive
                 if not s["killed_gone_s"] <= gone_by:
@@ -1449,7 +1601,7 @@ def wrong_results(results: dict[str, dict]) -> list[str]:
             if key.startswith(("ingest@", "ingest_redis@")):
                 if not (s.get("exact") and s["burst"].get("exact")):
                     out.append(f"{where}: registry not exact")
-            elif key.startswith("http@"):
+            elif key.startswith(("http@", "consul@")):
                 if not s["registry"]["exact"]:
                     out.append(f"{where}: registry not exact: {s['registry']}")
                 for case, c in s["cases"].items():
@@ -1472,6 +1624,11 @@ def wrong_results(results: dict[str, dict]) -> list[str]:
             elif key.startswith("dead"):
                 if not all(_ok_number(x) for x in s["from_kill_s"] + s["from_last_packet_s"]):
                     out.append(f"{where}: a dead host never went: {s['from_kill_s']}")
+            elif key.startswith("consul_watch@"):
+                for kind in ("lobby", "consul"):
+                    if s[kind]["missing"] or s[kind]["held"] != CONSUL_HELD:
+                        out.append(f"{where} {kind}: {s[kind]['held']} held, "
+                                   f"{s[kind]['missing']} never got their answer")
             elif key.startswith("watch@"):
                 streams = sum(count for kind, _t, count, _x in WATCH_PLAN if kind == "stream")
                 if s.get("missing"):
@@ -1593,6 +1750,13 @@ def table(doc: dict) -> str:
                       f"{first['nats_cpu_pct']}%; join {first['join_s']} s{other(first, 'join')}; "
                       f"killed gone {first['killed_gone_s']} s; restart whole "
                       f"{first['restart_whole_s']} s{other(first, 'restart')}")
+        elif key.startswith("dns@"):
+            ref = "target >= 50% of dnsmasq's queries/s, p99 < 5 ms at that rate"
+            detail = "; ".join(
+                f"{q}: {c['qps']:.0f}/s = {c['pct_of_dnsmasq']:.0f}% of dnsmasq "
+                f"{c['dnsmasq_qps']:.0f}/s; at {c['rate']}/s p99 {c['p99_ms']} ms (dnsmasq "
+                f"{c['dnsmasq_p99_ms']} ms), flat out {c['p99_flat_out_ms']} ms"
+                for q, c in first["cases"].items())
         elif key == "nats_fanout":
             detail = f"{first['subscribers']} subscribers, nats cpu {first['nats_cpu_pct']}%"
         rows.append((key, f"{fmt(r['median'], unit)} {unit}",

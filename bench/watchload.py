@@ -26,6 +26,11 @@ import sys
 import time
 
 
+def answer_index(headers: dict[str, str]) -> int:
+    """X-Lobby-Index, or X-Consul-Index on Consul's routes."""
+    return int(headers.get("x-lobby-index") or headers["x-consul-index"])
+
+
 class Held:
     def __init__(self, port: int, path: str, touched: bool):
         self.port, self.path, self.touched = port, path, touched
@@ -37,7 +42,7 @@ class Held:
         self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port,
                                                                  limit=64 << 20)
         _status, headers, _body = await self.request(self.path)
-        self.index = int(headers["x-lobby-index"])
+        self.index = answer_index(headers)
         self.task: asyncio.Future[None] | None = None
         self.arm()
 
@@ -46,7 +51,7 @@ class Held:
             self.task = asyncio.ensure_future(self.wait())
 
     async def request(self, path: str) -> tuple[int, dict[str, str], bytes]:
-        self.writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+        self.writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
         head = await self.reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         headers = {}
@@ -62,7 +67,7 @@ class Held:
         _status, headers, _body = await self.request(
             f"{self.path}{sep}index={self.index}&wait=10m")
         now = time.monotonic()
-        index = int(headers["x-lobby-index"])
+        index = answer_index(headers)
         if index != self.index:
             self.woken += 1
             if self.answered is None:
@@ -81,7 +86,8 @@ class Stream:
         # the snapshot of a big fleet is one line of megabytes
         self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port,
                                                                  limit=64 << 20)
-        self.writer.write(f"GET /v1/events{self.query} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+        self.writer.write(f"GET /v1/events{self.query} HTTP/1.1\r\n"
+                          "Host: localhost\r\n\r\n".encode())
         await self.reader.readuntil(b"\r\n\r\n")
         await self.reader.readuntil(b"\n\n")  # the snapshot
         self.open = True

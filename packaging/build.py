@@ -42,7 +42,7 @@ BINARY = DIST / f"lobbyd_linux_{ARCH}"
 ONEDIR = BUILD / "onedir"
 #: optional extras (pyproject.toml) both builds carry: extra -> the module lobbyd imports
 #: when it is configured. `nox -s binary` installs them; a build without one stops.
-BUNDLED_EXTRAS = {"redis": "redis.asyncio"}
+BUNDLED_EXTRAS = {"redis": "redis.asyncio", "dns": "dnslib"}
 
 
 def source() -> Path:

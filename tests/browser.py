@@ -217,12 +217,12 @@ class Page:
 class Chromium:
     """A headless Chromium process with a fresh profile; pages open as new tabs."""
 
-    def __init__(self, binary: str, workdir: Path | None = None):
+    def __init__(self, binary: str, workdir: Path | None = None, flags: tuple[str, ...] = ()):
         self.profile = Path(tempfile.mkdtemp(prefix="chromium-", dir=workdir))
         self.log = self.profile.parent / f"{self.profile.name}.log"
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [binary, *CHROMIUM_FLAGS, f"--user-data-dir={self.profile}",
+                [binary, *CHROMIUM_FLAGS, *flags, f"--user-data-dir={self.profile}",
                  "--window-size=1280,900", "about:blank"],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True)

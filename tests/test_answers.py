@@ -28,8 +28,9 @@ def make_api() -> tuple[Api, Registry]:
     registry = Registry(ttl=3600)
     watch = Watchers(registry, lambda: Packet("me", ()), lambda: None, 9100)
     answers = Answers(registry, watch, lambda: None, 9100)
-    config = SimpleNamespace(token="")
-    return Api(config, answers, watch, None, None), registry  # type: ignore[arg-type]
+    config = SimpleNamespace(token="", port=1313, host="127.0.0.1", http_allowed_hosts=())
+    local = SimpleNamespace(hostname="me")
+    return Api(config, answers, watch, local, None), registry  # type: ignore[arg-type]
 
 
 def get() -> Request:
@@ -120,7 +121,7 @@ def test_an_answer_is_given_again_only_while_it_is_the_answer() -> None:
     HttpServer's shortcut) is the same answer, and nothing once the registry changed."""
     api, registry = make_api()
     registry.apply_hi("a", ("x",), time.time())
-    head = b"GET /v1/resolve?label=x HTTP/1.1\r\nHost: h\r\n\r\n"
+    head = b"GET /v1/resolve?label=x HTTP/1.1\r\nHost: localhost\r\n\r\n"
     resolve = Request("GET", "/v1/resolve", {"label": ["x"]}, "HTTP/1.1", {"host": "h"},
                       head=head)
     first = api.answer(resolve, View.resolve("x"))

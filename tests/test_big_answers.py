@@ -43,7 +43,7 @@ def read_response(sock: socket.socket, buf: bytes, head_only: bool = False
 
 
 def ask(method: str, path: str, extra: str = "") -> bytes:
-    return f"{method} {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode()
+    return f"{method} {path} HTTP/1.1\r\nHost: localhost\r\n{extra}\r\n".encode()
 
 
 def test_big_answers_keep_alive_head_and_index(lobbyd, nats) -> None:

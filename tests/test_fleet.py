@@ -7,6 +7,7 @@ import json
 import logging
 import time
 
+import lobbyd
 from lobbyd import Counters, Fleet, LabelCache, Packet, Registry, encode_envelope
 
 
@@ -89,3 +90,90 @@ def test_connecting_says_hi_syncs_and_joins_once_every_transport_did() -> None:
         return calls
 
     assert asyncio.run(main()) == ["hi", "hi", "joined"]
+
+
+def test_a_packet_claiming_our_hostname_is_refused_and_ours_published_again(caplog) -> None:
+    async def main() -> tuple[Fleet, list[str]]:
+        fleet, calls = make_fleet()
+        fleet.own_hostname = "me"
+        fleet.own_labels = lambda: ("role:real",)
+        fleet.sent_own(("role:real",))
+        fleet.registry.apply_hi("me", ("role:real",), time.time(), own=True)
+        fleet.packet(encode_envelope(Packet("me", ("role:real",))))  # our echo: fine
+        for _ in range(20):  # an impostor, over and over
+            fleet.packet(encode_envelope(Packet("me", ("role:fake",))))
+        fleet.packet(encode_envelope(Packet("me"), "goodbye"))
+        await asyncio.sleep(0.01)
+        return fleet, calls
+
+    caplog.set_level(logging.INFO, logger="lobbyd")
+    fleet, calls = asyncio.run(main())
+    assert fleet.registry.packets()[0][:2] == ("me", ("role:real",))  # still ours
+    assert calls.count("hi") == 1  # published again at once, not once per impostor
+    assert "changed" not in calls and fleet.counters.impostors == 21
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert 1 <= len(warnings) <= 5 and "claiming to be this host ('me')" in warnings[0]
+
+
+def test_a_late_echo_of_our_own_labels_is_no_impostor(caplog) -> None:
+    fleet, _calls = make_fleet()
+    fleet.own_hostname, fleet.own_labels = "me", lambda: ("v:2",)
+    fleet.sent_own(("v:1",))
+    fleet.sent_own(("v:2",))
+    fleet.registry.apply_hi("me", ("v:2",), time.time(), own=True)
+    fleet.packet(encode_envelope(Packet("me", ("v:1",))))  # published before v:2, late
+    assert fleet.registry.packets()[0].labels == ("v:2",) and fleet.counters.impostors == 0
+
+
+def test_without_register_a_packet_of_our_name_is_listed() -> None:
+    fleet, _ = make_fleet()  # own_hostname None: REGISTER=false, someone else may be "me"
+    fleet.packet(encode_envelope(Packet("me", ("x",))))
+    assert fleet.registry.packets()[0][:2] == ("me", ("x",))
+
+
+def test_a_full_registry_keeps_who_it_has_and_counts_the_new() -> None:
+    fleet, _ = make_fleet()
+    fleet.registry.max_hosts = 3
+    for i in range(100):
+        fleet.packet(encode_envelope(Packet(f"h{i}", ("x",))))
+    fleet.packet(encode_envelope(Packet("h1", ("y",))))  # a known host still changes
+    assert [p.hostname for p in fleet.registry.packets()] == ["h0", "h1", "h2"]
+    assert fleet.registry.packets()[1].labels == ("y",)
+    assert fleet.counters.dropped_full == 97 and fleet.counters.joined == 3
+    assert fleet.registry.apply_hi("me", (), time.time(), own=True)  # never ourselves
+    assert not fleet.registry.learn("late", (), time.time())  # nor second-hand
+
+
+def test_join_answers_are_rationed() -> None:
+    fleet, _ = make_fleet()
+    for i in range(50):
+        fleet.registry.apply_hi(f"h{i}", ("x",), time.time())
+    answers = [fleet.answer(4096) for _ in range(50)]
+    assert sum(1 for chunks in answers if chunks) <= lobbyd.SYNC_ANSWER_BURST + 1
+    assert fleet.counters.sync_refused >= 50 - lobbyd.SYNC_ANSWER_BURST - 1
+
+
+def test_per_host_packets_speak_only_for_their_sender() -> None:
+    fleet, _ = make_fleet()
+    fleet.packet(encode_envelope(Packet("b", ("x",))), sender="b")
+    fleet.packet(encode_envelope(Packet("a", ("evil",))), sender="b")
+    fleet.packet(encode_envelope(Packet("b"), "goodbye"), sender="a")
+    assert [p.hostname for p in fleet.registry.packets()] == ["b"]
+    assert fleet.counters.dropped_subject == 2 and fleet.counters.dropped == 0
+
+
+def test_per_host_join_requests_get_one_packet_of_ours_each_second() -> None:
+    async def main() -> tuple[Fleet, list[str]]:
+        fleet, calls = make_fleet()
+        fleet.own_hostname = "me"
+        request = encode_envelope(Packet("b"), "sync")
+        for _ in range(50):  # a flood of requests: coalesced
+            fleet.packet(request, sender="b")
+        fleet.packet(encode_envelope(Packet("a"), "sync"), sender="b")  # for another: dropped
+        fleet.packet(encode_envelope(Packet("me"), "sync"), sender="me")  # ours: no answer
+        await asyncio.sleep(lobbyd.SYNC_SPREAD + 0.1)
+        return fleet, calls
+
+    fleet, calls = asyncio.run(main())
+    assert calls.count("hi") == 1
+    assert fleet.counters.dropped_subject == 1 and len(fleet.registry) == 0

@@ -203,7 +203,7 @@ def test_a_newcomer_reads_a_big_fleet_at_once_without_a_line_per_host(kv, js) ->
     logs = n.logs()
     assert re.search(r"learned \d+ hosts from the bucket lobby_discovery_hosts", logs), logs
     assert "new host f" not in logs  # no line per host of the join
-    assert metric(n, "lobbyd_packets_dropped_total") == 1
+    assert metric(n, 'lobbyd_packets_dropped_total{reason="invalid"}') == 1
     write_hosts(js, {L.kv_host_key("f0001"): packet("f0001", "service:db")})
     wait_for(lambda: n.labels_of("f0001") == ["service:db"], what="a change after the join")
     write_hosts(js, {L.kv_host_key("late"): packet("late")})
@@ -293,3 +293,59 @@ def test_plain_nats_py_joins_labels_and_goodbye(kv) -> None:
     wait_for(lambda: sees(a, ["a", "c"]) and sees(c, ["a", "c"]), timeout=2,
              what="b's goodbye heard")
     assert "using plain nats-py" in c.logs() and "Traceback" not in a.logs() + c.logs()
+
+
+# ----------------------------------------------------------------- what the bucket may not do
+
+def js_api(js, subject: str, request: dict) -> dict:
+    raw = js.client()
+    raw.subscribe("_INBOX.api")
+    raw.publish(subject, json.dumps(request), reply="_INBOX.api")
+    answer = json.loads(raw.next_msg()[1])
+    raw.close()
+    return answer
+
+
+def test_a_value_speaks_only_for_the_host_its_key_names(kv, js) -> None:
+    a = kv("a", TTL="60")
+    write_hosts(js, {L.kv_host_key("victim"): packet("victim", "role:real")})
+    wait_for(lambda: a.labels_of("victim") == ["role:real"], what="a lists victim")
+    write_hosts(js, {L.kv_host_key("victim"): packet("other", "role:evil"),  # under victim's key
+                     L.kv_host_key("attacker2"): L.encode_envelope(L.Packet("victim"),
+                                                                   "goodbye"),
+                     L.kv_host_key("marker"): packet("marker")})  # written last
+    wait_for(lambda: "marker" in a.hostnames(), what="the writes applied")
+    assert a.hostnames() == ["a", "marker", "victim"] and a.labels_of("victim") == ["role:real"]
+    assert metric(a, 'lobbyd_packets_dropped_total{reason="subject"}') == 2
+
+
+def test_our_key_written_by_another_is_written_again(kv, js) -> None:
+    a = kv("a", LABELS="role:real")
+    wait_for(lambda: stored(js, "h.a") is not None, what="a's packet stored")
+    write_hosts(js, {"h.a": packet("a", "role:fake")})
+    wait_for(lambda: json.loads(stored(js, "h.a"))["discovery"]["labels"] == ["role:real"],
+             timeout=5, what="a writes its own packet again")
+    assert a.labels_of("a") == ["role:real"]
+    assert "another's value in our key h.a: ignored; publishing ours again" in a.logs()
+
+
+def test_bucket_settings_that_break_the_fleet_are_said(kv, js) -> None:
+    common = {"max_msgs_per_subject": 1, "discard": "new", "storage": "memory",
+              "num_replicas": 1, "allow_rollup_hdrs": True, "deny_delete": True,
+              "allow_direct": True, "max_age": 0}
+    for bucket, extra in (("lobby_discovery_hosts", {"max_bytes": 64}),
+                          ("lobby_discovery_alive", {})):  # no TTL
+        answer = js_api(js, f"$JS.API.STREAM.CREATE.KV_{bucket}",
+                        {"name": f"KV_{bucket}", "subjects": [f"$KV.{bucket}.>"],
+                         **common, **extra})
+        assert "error" not in answer, answer
+    a = kv("a", start=False)
+    a.start(wait=False)
+    wait_for(lambda: "write_error" in health(a)["drivers"][0], what="a failed write said")
+    driver = health(a)["drivers"][0]
+    assert [w.split(" ", 2)[1] for w in driver["warnings"]] == ["lobby_discovery_hosts",
+                                                                  "lobby_discovery_alive"]
+    assert "maximum bytes" in driver["write_error"], driver
+    logs = a.logs()
+    assert "is limited to 64 bytes" in logs and "has no TTL" in logs
+    assert "writing to the buckets lobby_discovery_hosts, lobby_discovery_alive failed" in logs

@@ -28,7 +28,8 @@ def test_validate_label_trims_and_accepts_colons() -> None:
 
 @pytest.mark.parametrize("bad", ["", "   ", "a\nb", "a\rb", "a\0b", "tab\tinside", "x" * 1025,
                                  "é" * 513, "a\x85b", "a\u2028b", "a\u2029b", "a\x0bb",
-                                 "a\x1eb"])
+                                 "a\x1eb", "a\x9fb", "a\u202eb", "a\u200bb", "\ufeffa",
+                                 "a\U000e0041b", "a\u00adb"])
 def test_validate_label_rejects(bad: str) -> None:
     with pytest.raises(LabelError):
         validate_label(bad)

@@ -164,7 +164,7 @@ def test_metrics_count_what_happens(lobbyd, nats) -> None:
     assert delta('lobbyd_hosts_left_total{reason="expired"}') == 1
     assert delta('lobbyd_packets_received_total{message="goodbye"}') == 1
     assert delta('lobbyd_packets_received_total{message="hi"}') >= 4  # and a's own
-    assert delta("lobbyd_packets_dropped_total") == 2
+    assert delta('lobbyd_packets_dropped_total{reason="invalid"}') == 2
     assert delta("lobbyd_packets_published_total") >= 1  # keep-alives every second
     assert delta('lobbyd_http_requests_total{code="404"}') == 2
     assert delta('lobbyd_http_requests_total{code="200"}') >= 1

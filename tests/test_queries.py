@@ -114,6 +114,16 @@ def test_prometheus_invalid_label_names_are_left_out() -> None:
         {"Targets": ["h1:9100"], "Labels": {"ok_name": "1"}}]
 
 
+def test_prometheus_reserved_labels_and_job_are_left_out() -> None:
+    """Prometheus takes a target group's __scheme__, __metrics_path__, __address__, job ...
+    over the scrape config's: no host may redirect its own scrape or pose as another job."""
+    assert groups("prometheus:node:__scheme__:https", "prometheus:node:__metrics_path__:/x",
+                  "prometheus:node:__address__:evil:80", "prometheus:node:__param_a:1",
+                  "prometheus:node:job:other", "prometheus:node:_ok:1",
+                  "prometheus:node:jobs:2") == [
+        {"Targets": ["h1:9100"], "Labels": {"_ok": "1", "jobs": "2"}}]
+
+
 def test_prometheus_other_jobs_and_no_match() -> None:
     assert groups("prometheus:other", "prometheus:nodes") == []
     assert prometheus_groups("node", [], 9100) == []

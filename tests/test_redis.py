@@ -81,7 +81,7 @@ def test_garbage_on_the_channel_is_dropped_like_on_nats(lobbyd, redis) -> None:
     redis.cli("PUBLISH", CHANNEL, go_envelope("real", []))
     wait_for(lambda: a.hostnames() == ["a", "real"], timeout=2, what="the real host")
     metrics = a.request("GET", "/metrics")[2].decode()
-    assert "lobbyd_packets_dropped_total 7" in metrics
+    assert 'lobbyd_packets_dropped_total{reason="invalid"} 7' in metrics
     assert 'lobbyd_connected{driver="Redis"} 1' in metrics
 
 

@@ -65,6 +65,21 @@ def test_garbage_raises_packet_error(data: bytes) -> None:
         decode_envelope(data, LabelCache())
 
 
+@pytest.mark.parametrize("hostname", ["a\u202eb.example.com", "a\u200bb", "\ufeffa", "a\x85b",
+                                      "a\x9fb", "a\u2028b", "a\u2029b", "a\u00adb",
+                                      "a\U000e0061b"])
+@pytest.mark.parametrize("form", ["compact", "json"])
+def test_hostnames_with_invisible_or_control_characters_are_refused(hostname: str,
+                                                                     form: str) -> None:
+    """Both decoders (the fast one and the JSON parser, behind a leading space) refuse a
+    hostname that could show as another one (bidi overrides, zero-width and C1 controls)."""
+    data = encode_envelope(Packet(hostname, ("x",)))
+    with pytest.raises(PacketError):
+        decode_envelope(data if form == "compact" else b" " + data, LabelCache())
+    with pytest.raises(PacketError):  # the same in a label
+        decode_envelope(encode_envelope(Packet("h", (hostname,))), LabelCache())
+
+
 # ----------------------------------------------------------------- with daemons
 
 

@@ -24,7 +24,8 @@ CASES = int(os.environ.get("LOBBYD_DIFF_CASES", "300000"))
 ALPHABET = "abcxyz019-._:/=@"
 #: what the fast path must take as it is (its strings are their own values) ...
 HOSTILE_PLAIN = [" ", "  ", "\x7f", "\x85", "\u00a0", "\u2028", "\u2029", "é", "ß", "\u4e2d",
-                 "\U0001f600", "\ufeff", "[", "]", "{", "}", ",", ":", "'", "%", "\x20,\x20"]
+                 "\U0001f600", "\ufeff", "\u202e", "\u200b", "\x80", "\x9f", "[", "]", "{", "}",
+                 ",", ":", "'", "%", "\x20,\x20"]
 #: ... and what it must leave to the JSON parser (escapes, raw controls, lone surrogates)
 HOSTILE_ESCAPED = ['"', "\\", '","', '\\"', "\\u0041", "\t", "\n", "\x00", "\x1f", "\r\n",
                    "\ud800"]

@@ -61,7 +61,7 @@ class EventReader:
 
     def __init__(self, port: int, query: str = ""):
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-        self.sock.sendall(f"GET /v1/events{query} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        self.sock.sendall(f"GET /v1/events{query} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
         self.events: list[tuple[str, int | None, object]] = []
         self.comments = 0
         self.head = b""

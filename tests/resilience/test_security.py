@@ -35,6 +35,7 @@ from .conftest import (
     raw_exchange,
     record,
     statuses,
+    tmpfs,
 )
 
 SPY = """
@@ -361,3 +362,41 @@ def test_label_content_cannot_escape(lobbyd, tmp_path):
            and p != labels_dir and p.suffix != ".log"]
     assert not new, f"files created outside LABELS_PATH: {new}"
     assert not Path("/tmp/lobbyd-pwned").exists()
+
+
+def test_a_label_that_cannot_be_saved_is_never_published(lobbyd, nats, tmp_path):
+    """POST on a full disk: 507, and not one packet on the wire ever carried the label
+    (it was published before the save, then withdrawn). Watched with a raw subscriber
+    over the POSTs and three keep-alives after."""
+    mnt = tmp_path / "full-labels"
+    with tmpfs(mnt, "64k"):
+        d = lobbyd("full.wire", LABELS_PATH=str(mnt), LOG_LEVEL="INFO")
+        assert d.request("POST", "/v1/labels", "keep:one")[0] == 200
+        filler = mnt / ".filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+        with contextlib.suppress(OSError):  # until ENOSPC
+            for _ in range(10_000):
+                os.write(fd, b"# filler\n" * 512)
+        os.close(fd)
+        sub = nats.client()
+        sub.subscribe(SUBJECT)
+        try:
+            statuses_seen = [d.request("POST", "/v1/labels", f"fail:full{i}\n" + "x" * 900)[0]
+                             for i in range(3)]
+            assert statuses_seen == [507] * 3, statuses_seen
+            packets, his = [], 0
+            while his < 3:  # bounded: KEEP_ALIVE=1, and next_msg times out
+                _subject, payload = sub.next_msg(timeout=5)
+                envelope = json.loads(payload)
+                if envelope["discovery"]["hostname"] == "full.wire":
+                    packets.append(envelope["discovery"]["labels"])
+                    his += envelope["message"] == "hi"
+        finally:
+            sub.close()
+        assert all("keep:one" in labels for labels in packets), packets
+        leaked = [labels for labels in packets if any(x.startswith("fail:") for x in labels)]
+        assert not leaked, f"labels never saved went out on the wire: {leaked}"
+        filler.unlink()
+        d.stop()
+    record("11 unsaved labels not published", posts=3, packets_watched=len(packets),
+           published_unsaved=len(leaked))
