@@ -124,7 +124,6 @@ import signal
 import socket
 import threading
 import time
-import uuid
 import zlib
 from collections.abc import Awaitable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -3855,6 +3854,8 @@ def consul_compact(value: Any) -> bytes:
 
 def consul_node_id(hostname: str) -> str:
     """A stable UUID for a host (Consul's Node.ID): the same on every lobbyd."""
+    import uuid  # here: only the Consul views need it (0.2 MB)
+
     return str(uuid.uuid5(uuid.NAMESPACE_DNS, hostname))
 
 
@@ -5475,7 +5476,14 @@ class RequestGuard:
         is broken, so the Daemon runs it in a thread at start (until then, only the
         other names are accepted; the set is replaced whole, never changed in place)."""
         with contextlib.suppress(OSError, UnicodeError):
-            self.names = self.names | {socket.getfqdn().lower().rstrip(".")}
+            # socket.getfqdn(), but an ASCII name goes as bytes: as a str it would
+            # import the idna codec and unicodedata (0.25 MB) for good
+            name = socket.gethostname()
+            with contextlib.suppress(OSError):
+                host, aliases, _ = socket.gethostbyaddr(
+                    name.encode("ascii") if name.isascii() else name)
+                name = next((n for n in (host, *aliases) if "." in n), host)
+            self.names = self.names | {name.lower().rstrip(".")}
 
     def origin_ok(self, headers: Mapping[str, str]) -> bool:
         """Whether a request that changes state may come from where the browser says."""

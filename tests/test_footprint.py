@@ -124,3 +124,22 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", script, str(ROOT)], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_the_machines_fqdn_is_learnt_without_the_idna_codec() -> None:
+    """RequestGuard.learn_fqdn() finds what socket.getfqdn() finds, and (for an ASCII
+    host name) without importing the idna codec and unicodedata, which stay for good."""
+    script = """
+import sys, socket
+sys.path.insert(0, sys.argv[1])
+import lobbyd
+guard = lobbyd.RequestGuard.__new__(lobbyd.RequestGuard)
+guard.names = frozenset()
+guard.learn_fqdn()
+assert "encodings.idna" not in sys.modules and "unicodedata" not in sys.modules
+assert guard.names == {socket.getfqdn().lower().rstrip(".")}, guard.names
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script, str(ROOT)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
