@@ -16,7 +16,7 @@ the parts and hands each its collaborators.
 
   Errors             LobbydError and its kinds (ConfigError: exit 78, in main() only)
   Small helpers      BoundedCache (every cache), deadline (the one timer), within(), plural(),
-                     release_memory()
+                     release_memory(), ssl_module() (OpenSSL only when TLS is used)
   Config             Config (frozen, from the environment), ENV_VARS, --help
   Labels             the label rules, label files, RuntimeLabels (its atomic file), Leases
   Checks             check files parsed (CheckSpec), up and down (CheckState): pure
@@ -91,6 +91,21 @@ Where a change goes:
 
 from __future__ import annotations
 
+import sys
+
+# OpenSSL (ssl, _hashlib) only when a configuration uses TLS: asyncio imports ssl at
+# once, and with it libssl and libcrypto, ~5 MB of an idle lobbyd. asyncio learns of
+# ssl when lobbyd first needs it (ssl_module()); hashlib and hmac use Python's own
+# sha256 and compare_digest.
+if "ssl" not in sys.modules and "_hashlib" not in sys.modules:
+    sys.modules["ssl"] = sys.modules["_hashlib"] = None  # type: ignore[assignment]
+    try:
+        import asyncio
+        import hashlib
+        import hmac
+    finally:
+        del sys.modules["ssl"], sys.modules["_hashlib"]
+
 import asyncio
 import base64
 import contextlib
@@ -109,11 +124,8 @@ import resource
 import shlex
 import signal
 import socket
-import ssl
-import sys
 import threading
 import time
-import uuid
 import zlib
 from collections.abc import Awaitable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -272,6 +284,45 @@ async def within(seconds: float, awaitable: Awaitable[T]) -> T:
     if task.cancelled():
         raise asyncio.TimeoutError
     return task.result()
+
+
+def ssl_module() -> Any:
+    """The ssl module, imported when first used, and then handed to asyncio and nats-py.
+
+    lobbyd imports asyncio without ssl (see the imports at the top): its modules
+    hold None for ssl until this gives them the module, so every TLS user in
+    lobbyd (tls://, https:// checks) gets the module here, not with `import ssl`.
+    """
+    import ssl
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith(("asyncio.", "nats.")) and \
+                isinstance(getattr(module, "ssl", ssl), (type(None), LazyModule)):
+            module.ssl = ssl
+    sslproto = sys.modules.get("asyncio.sslproto")
+    if sslproto is not None and not hasattr(sslproto, "SSLAgainErrors"):
+        # asyncio >= 3.11 defines it only when it imported ssl itself
+        sslproto.SSLAgainErrors = (ssl.SSLWantReadError, ssl.SSLSyscallError)
+    return ssl
+
+
+class LazyModule(type(sys)):  # type: ignore[misc]
+    """A stand-in for a module that a library imports at once but lobbyd's
+    configuration may never use (see import_nats): `load()` (by default the
+    import of the module) on first use, whose names it then holds."""
+
+    def __init__(self, name: str, load: Callable[[], Any] | None = None):
+        super().__init__(name)
+        self._load = load
+
+    def __getattr__(self, name: str) -> Any:
+        import importlib
+
+        if name.startswith("__"):  # a probe (copy, pickle, inspect): not a use
+            raise AttributeError(name)
+        module = self._load() if self._load else importlib.import_module(self.__name__)
+        self.__dict__.update({k: v for k, v in vars(module).items() if not k.startswith("__")})
+        return getattr(module, name)
 
 
 ###############################################################################
@@ -2191,18 +2242,57 @@ def import_nats(urls: Sequence[str], trick: bool = True) -> Any:
     tempfile: 1.6 MB of an idle lobbyd. Without it nats-py says 0.0.0, as the
     static binary (no package metadata in it) always did. Not for ws:// URLs:
     their aiohttp, which nats-py imports if it can, may need importlib.metadata.
+    ssl, nats.js (JetStream) and datetime come as stand-ins (LazyModule), imported
+    when used.
     """
-    if not trick or "importlib.metadata" in sys.modules or \
-            any(url.startswith(("ws://", "wss://")) for url in urls):
-        import nats
-        return nats
-    # None in sys.modules: `from importlib.metadata import version` raises ImportError
-    sys.modules["importlib.metadata"] = None  # type: ignore[assignment]
+    stand_ins: dict[str, Any] = {}
+    if "ssl" not in sys.modules:  # its `import ssl` gets ssl_module() when used
+        stand_ins["ssl"] = LazyModule("ssl", ssl_module)
+    if "nats.js" not in sys.modules:  # JetStream, for DISCOVERY_MODE=kv (and email,
+        # calendar with it): 1.4 MB. nats-py's client reaches it as the package's `js`
+        stand_ins["nats.js"] = LazyModule("nats.js")
+        stand_ins["nats.js"].api = LazyModule("nats.js.api", jetstream_api)
+    if "datetime" not in sys.modules:  # for JetStream's metadata and dates
+        stand_ins["datetime"] = LazyModule("datetime")
+    if "uuid" not in sys.modules:  # `from uuid import uuid4`, for Subscription.next_msg()
+        stand_ins["uuid"] = LazyModule("uuid")
+        stand_ins["uuid"].uuid4 = lambda: __import__("uuid").uuid4()
+    if trick and "importlib.metadata" not in sys.modules and \
+            not any(url.startswith(("ws://", "wss://")) for url in urls):
+        # None in sys.modules: `from importlib.metadata import version` raises ImportError
+        stand_ins["importlib.metadata"] = None
+    sys.modules.update(stand_ins)
     try:
         import nats
     finally:
-        del sys.modules["importlib.metadata"]
+        for name in stand_ins:
+            del sys.modules[name]
+    if "nats.js" in stand_ins:  # until a real `import nats.js` puts the module there
+        nats.js = stand_ins["nats.js"]
     return nats
+
+
+def jetstream_api() -> Any:
+    """nats.js.api alone, for the names nats-py's client reads in status headers (a
+    request no one answers has one): the rest of nats.js, which imports the same
+    module when kv mode needs it, stays out."""
+    import importlib
+    import importlib.util
+
+    if "nats.js" in sys.modules or "nats.js.api" in sys.modules:
+        return importlib.import_module("nats.js.api")
+    spec = importlib.util.find_spec("nats.js")  # the package, not run: where it is
+    package = type(sys)("nats.js")
+    package.__path__ = list(spec.submodule_search_locations or ())  # type: ignore[union-attr]
+    stand_ins = {"nats.js": package}
+    if "datetime" not in sys.modules:  # as in import_nats
+        stand_ins["datetime"] = LazyModule("datetime")
+    sys.modules.update(stand_ins)
+    try:
+        return importlib.import_module("nats.js.api")
+    finally:
+        for name in stand_ins:
+            del sys.modules[name]
 
 
 def direct_client(nats: Any, batch_reads: bool = True) -> Any:
@@ -2437,8 +2527,7 @@ def tls_context(environ: Mapping[str, str]) -> Any:
     A frozen OpenSSL only looks at the build host's CA directory, so when no
     SSL_CERT_FILE/SSL_CERT_DIR is set and it finds no CA, try the usual bundles.
     """
-    import ssl
-
+    ssl = ssl_module()
     context = ssl.create_default_context()
     cafile, capath = environ.get("SSL_CERT_FILE"), environ.get("SSL_CERT_DIR")
     if cafile or capath:
@@ -3934,6 +4023,8 @@ def consul_compact(value: Any) -> bytes:
 
 def consul_node_id(hostname: str) -> str:
     """A stable UUID for a host (Consul's Node.ID): the same on every lobbyd."""
+    import uuid  # here: only the Consul views need it (0.2 MB)
+
     return str(uuid.uuid5(uuid.NAMESPACE_DNS, hostname))
 
 
@@ -5587,7 +5678,14 @@ class RequestGuard:
         is broken, so the Daemon runs it in a thread at start (until then, only the
         other names are accepted; the set is replaced whole, never changed in place)."""
         with contextlib.suppress(OSError, UnicodeError):
-            self.names = self.names | {socket.getfqdn().lower().rstrip(".")}
+            # socket.getfqdn(), but an ASCII name goes as bytes: as a str it would
+            # import the idna codec and unicodedata (0.25 MB) for good
+            name = socket.gethostname()
+            with contextlib.suppress(OSError):
+                host, aliases, _ = socket.gethostbyaddr(
+                    name.encode("ascii") if name.isascii() else name)
+                name = next((n for n in (host, *aliases) if "." in n), host)
+            self.names = self.names | {name.lower().rstrip(".")}
 
     def origin_ok(self, headers: Mapping[str, str]) -> bool:
         """Whether a request that changes state may come from where the browser says."""
@@ -6741,7 +6839,7 @@ async def probe_http(url: str) -> tuple[bool, str]:
     host = parts.hostname or ""
     reader, writer = await asyncio.open_connection(
         host, parts.port or (443 if tls else 80),
-        ssl=ssl.create_default_context() if tls else None)
+        ssl=ssl_module().create_default_context() if tls else None)
     try:
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         netloc = parts.netloc.rpartition("@")[2]
@@ -7304,7 +7402,8 @@ def warn_about_timing(config: Config) -> None:
 
 ###############################################################################
 # Static binary and systemd: the loader chain of the static binary (staticx, then
-# PyInstaller) and sd_notify. From source none of the loader part applies.
+# PyInstaller) and sd_notify. From source and in the .deb's one-directory build none
+# of the loader part applies.
 ###############################################################################
 
 #: lobbyd's exit status when the loader it runs under was killed (128 + SIGKILL)
@@ -7327,9 +7426,11 @@ def binary_loader_pid() -> int | None:
     The static binary is a chain: staticx's loader (the PID a shell, runit or
     systemd knows) -> PyInstaller's loader -> this Python process. staticx puts
     the binary's real path in STATICX_PROG_PATH: the ancestor running it is the
-    loader. From source (not frozen) there is none.
+    loader. From source (not frozen) and in the one-directory build (the .deb's,
+    which unpacks nothing: no _MEI directory) there is none.
     """
-    if not getattr(sys, "frozen", False):
+    if not getattr(sys, "frozen", False) or \
+            not os.path.basename(getattr(sys, "_MEIPASS", "")).startswith("_MEI"):
         return None
     prog = os.environ.get("STATICX_PROG_PATH")
     pid = os.getppid()

