@@ -188,3 +188,28 @@ def test_lintian_passes():
     for i, line in enumerate(overrides):
         if line and not line.startswith("#"):
             assert i > 0 and overrides[i - 1].startswith("#"), f"override without a why: {line}"
+
+
+@pytest.mark.parametrize("build", ["static binary", ".deb's unpacked tree"])
+def test_both_builds_answer_dns(build: str, deb_tree: Path, tmp_path: Path):
+    """dnslib is in both builds: with DNS_PORT set lobbyd answers dig (its own node's TXT
+    labels, with no NATS reachable) instead of asking for `pip install lobbyd[dns]`."""
+    exe = pk.need(pk.BINARY, "binary") if build == "static binary" else \
+        deb_tree / "usr/lib/lobbyd/lobbyd"
+    dns_port = pk.harness.free_port()
+    env = {"PATH": "/usr/bin:/bin", "HOSTNAME": "pkg.test", "LABELS": "role:packaged",
+           "PORT": str(pk.harness.free_port()), "DNS_PORT": str(dns_port),
+           "LABELS_PATH": str(tmp_path), "NATS_URL": "nats://127.0.0.1:1",
+           "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([str(exe)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+    def answered() -> bool:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else proc.returncode
+        return '"role:packaged"' in pk.sh(["dig", "@127.0.0.1", "-p", str(dns_port), "+short",
+                                           "+time=1", "+tries=1", "pkg.test.node.lobby",
+                                           "TXT"], check=False).stdout
+    try:
+        assert pk.wait_for(answered, timeout=30), build
+    finally:
+        pk.harness.stop_process(proc)
