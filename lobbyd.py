@@ -508,11 +508,16 @@ DISCOVERY_MODES = ("broadcast", "kv")
 DISCOVERY_SUBJECTS = ("shared", "per-host")
 
 
+def parse_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    """One of `choices`, in any case."""
+    choice = value.strip().lower()
+    if choice not in choices:
+        raise ConfigError(f"{name}={show(value)}: expected {' or '.join(choices)}")
+    return choice
+
+
 def parse_discovery_mode(name: str, value: str) -> str:
-    mode = value.strip().lower()
-    if mode not in DISCOVERY_MODES:
-        raise ConfigError(f"{name}={show(value)}: expected broadcast or kv")
-    return mode
+    return parse_choice(name, value, DISCOVERY_MODES)
 
 
 def parse_datacenter(name: str, value: str) -> str:
@@ -521,6 +526,8 @@ def parse_datacenter(name: str, value: str) -> str:
         raise ConfigError(f"{name}={show(value)}: expected letters, digits, '-', '_' or '.' "
                           "(at most 64)")
     return value
+
+
 DNS_LABEL_RE = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 
 
@@ -537,10 +544,7 @@ def parse_dns_domain(name: str, value: str) -> str:
 
 
 def parse_discovery_subjects(name: str, value: str) -> str:
-    subjects = value.strip().lower()
-    if subjects not in DISCOVERY_SUBJECTS:
-        raise ConfigError(f"{name}={show(value)}: expected shared or per-host")
-    return subjects
+    return parse_choice(name, value, DISCOVERY_SUBJECTS)
 
 
 def parse_replicas(name: str, value: str) -> int:

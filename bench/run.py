@@ -490,6 +490,15 @@ class Ceiling:
         stop_process(self.proc)
 
 
+def log_load(what: str, res: dict) -> None:
+    """One line for one HTTP load: lobbyd's figures, both ceilings', errors, wrong answers."""
+    log(f"{what}: {res['rps']:.0f} req/s p99 {res.get('p99_ms')} ms "
+        f"= {res['pct_of_ceiling']:.1f}% of the Python server's "
+        f"{res['ceiling']['rps']:.0f} req/s, {res.get('pct_of_nginx', 0):.1f}% of "
+        f"nginx's {res.get('nginx', {}).get('rps', 0):.0f}; errors {res['errors']}, "
+        f"wrong answers {res['answers_checked']['wrong']}")
+
+
 def ab_load(d: Daemon, path: str, conns: int, headers: dict[str, str] | None,
             seconds: float, rounds: int, work: Path,
             sample: Callable[[], str] | None = None) -> dict:
@@ -640,11 +649,7 @@ def fig_http(cmd: list[str], work: Path, prof: Profile, n: int) -> dict:
                           answer_check(d, path, headers, n, labels_known=True))
             key = f"{path}{' gzip' if headers else ''} c{conns}"
             out[key] = res
-            log(f"http n={n} {key}: {res['rps']:.0f} req/s p99 {res.get('p99_ms')} ms "
-                f"= {res['pct_of_ceiling']:.1f}% of the Python server's "
-                f"{res['ceiling']['rps']:.0f} req/s, {res.get('pct_of_nginx', 0):.1f}% of "
-                f"nginx's {res.get('nginx', {}).get('rps', 0):.0f}; errors {res['errors']}, "
-                f"wrong answers {res['answers_checked']['wrong']}")
+            log_load(f"http n={n} {key}", res)
         g.terminate()
         g.wait(10)
         # Label churn: the same N/5 packets/s, but every packet changes its host's labels
@@ -717,11 +722,7 @@ def fig_consul(cmd: list[str], work: Path, prof: Profile, n: int = 10000) -> dic
         for path in cases:
             res = ab_load(d, path, 8, None, turn, rounds, work, consul_check(d, path, n))
             out[f"{path} c8"] = res
-            log(f"consul n={n} {path} c8: {res['rps']:.0f} req/s p99 {res.get('p99_ms')} ms "
-                f"= {res['pct_of_ceiling']:.1f}% of the Python server's "
-                f"{res['ceiling']['rps']:.0f} req/s, {res.get('pct_of_nginx', 0):.1f}% of "
-                f"nginx's {res.get('nginx', {}).get('rps', 0):.0f}; errors {res['errors']}, "
-                f"wrong answers {res['answers_checked']['wrong']}")
+            log_load(f"consul n={n} {path} c8", res)
         g.terminate()
         g.wait(10)
         main = out[f"{cases[0]} c8"]

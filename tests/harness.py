@@ -594,13 +594,7 @@ class Traefik(ServerProcess):
         return True
 
     def get(self, path: str) -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-        try:
-            conn.request("GET", path)
-            resp = conn.getresponse()
-            return resp.status, resp.read()
-        finally:
-            conn.close()
+        return http_get(self.port, path)
 
 
 class Backend:
@@ -631,3 +625,14 @@ class Backend:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def http_get(port: int, path: str) -> tuple[int, bytes]:
+    """(status, body) of one GET on 127.0.0.1:PORT, on a connection of its own."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()

@@ -117,14 +117,7 @@ def start_in_chroot(root: Path, env: dict[str, str], log: Path) -> subprocess.Po
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
-def http_get(port: int, path: str) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
+http_get = pk.harness.http_get
 
 
 def stop(proc: subprocess.Popen) -> int:
