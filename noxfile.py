@@ -171,7 +171,8 @@ def _pytest_counts(logs: list[Path]) -> str:
         text = log.read_text(errors="replace") if log.exists() else ""
         lines = re.findall(r"^=* ?(\d+ \w+(?:, \d+ \w+)*) in [0-9.]+s", text, re.M)
         for count, what in re.findall(r"(\d+) (\w+)", lines[-1] if lines else ""):
-            total[what] = total.get(what, 0) + int(count)
+            if what != "deselected":  # in shares: the other shares' tests
+                total[what] = total.get(what, 0) + int(count)
     return ", ".join(f"{n} {what}" for what, n in total.items())
 
 
@@ -196,7 +197,8 @@ def suite(session: nox.Session) -> None:
     shard = os.environ.get("LOBBYD_SHARD", "")  # `nox -s tests` runs shares of it at once
     if not any(a.startswith("--basetemp") for a in args):
         # a private basetemp: other pytest runs on the machine rotate /tmp/pytest-of-<user>
-        name = "pytest" + (f"-share{shard.replace('/', 'of')}" if shard else "")
+        k, _, n = shard.partition("/")
+        name = "pytest" + (f"-share{int(k) + 1}of{n}" if shard else "")  # as in its log's name
         args.append(f"--basetemp={Path(session.create_tmp()) / name}")
     env = {}
     if session.python != PYTHONS[0] and "LOBBYD_DIFF_CASES" not in os.environ:
