@@ -154,8 +154,9 @@ def tests(session: nox.Session) -> None:
         bad = [o for o in outcomes if not o.startswith(("success", "skipped"))]
         if len(outcomes) < shards:
             bad.append(f"{shards - len(outcomes)} share(s) not run")
-        outcome = bad[0] if bad else (outcomes[0] if all(o == outcomes[0] for o in outcomes)
-                                      else "success")
+        skipped = [o for o in outcomes if o.startswith("skipped")]
+        outcome = bad[0] if bad else (skipped[0] if len(skipped) == len(outcomes) else
+                                      "success")
         if bad:
             failed.append(python)
         counts = _pytest_counts([log for _, _, log in done[python]])
@@ -186,7 +187,8 @@ def _suite_outcome(returncode: int, report: Path, log: Path) -> str:
     except (OSError, ValueError, KeyError, IndexError):
         return f"failed (nox exited {returncode}, no report)"
     if result == "skipped":
-        why = re.search(r"skipped: (.+?)\.?$", log.read_text(errors="replace"), re.M)
+        why = re.search(r"skipped: (.+?)(?: \(took [^)]*\))?\.?$", log.read_text(errors="replace"),
+                        re.M)
         return f"skipped ({why.group(1)})" if why else "skipped"
     return result if returncode == 0 or result != "success" else f"failed (exit {returncode})"
 
