@@ -57,53 +57,87 @@ def install(session: nox.Session, *args: str) -> None:
         session.install(*[a for a in args if a.startswith(".")])
 
 
-#: how many Pythons `nox -s tests` runs at once (LOBBYD_TEST_JOBS): the suite waits on
-#: sockets and processes far more than it computes
-TEST_JOBS = int(os.environ.get("LOBBYD_TEST_JOBS", "3"))
+#: how many test runs `nox -s tests` keeps going at once (LOBBYD_TEST_JOBS): the suite
+#: waits on sockets and processes far more than it computes (a quarter of a core per run:
+#: seven keep 2 cores busy without saturating them)
+TEST_JOBS = int(os.environ.get("LOBBYD_TEST_JOBS", "7"))
+#: each Python's suite in this many shares (LOBBYD_TEST_SHARDS; tests/selection.py's
+#: LOBBYD_SHARD, every test in exactly one), run as separate jobs: 5 Pythons x 4 shares on 7
+#: jobs end together, not with a last round of whole suites on a machine that has room for more
+TEST_SHARDS = int(os.environ.get("LOBBYD_TEST_SHARDS", "4"))
 #: the environment variable of tests/harness.py's port ranges (one per concurrent run)
 PORT_SLOT = "LOBBYD_PORT_SLOT"
 
 
 @nox.session(python=False)
 def tests(session: nox.Session) -> None:
-    """The whole test suite (real nats-server, real lobbyd processes) on every Python, 3 at once.
+    """The whole test suite (real nats-server, real lobbyd processes) on every Python.
 
-    Each Python is the session `suite-3.x`, run in ports of its own (LOBBYD_PORT_SLOT);
-    LOBBYD_TEST_JOBS sets how many run at once; `-- ARGS` go to every pytest.
+    Each Python is the session `suite-3.x`, in LOBBYD_TEST_SHARDS shares (each share one
+    job, in ports of its own: LOBBYD_PORT_SLOT); LOBBYD_TEST_JOBS sets how many jobs run at
+    once; `-- ARGS` go to every pytest.
     """
-    jobs = max(1, min(TEST_JOBS, len(PYTHONS)))
+    shards = max(1, TEST_SHARDS)
+    todo = [(python, k) for k in range(shards) for python in PYTHONS]
+    jobs = max(1, min(TEST_JOBS, len(todo), 10))  # tests/harness.py has 10 port slots
     logs = ROOT / ".nox" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    waiting = list(PYTHONS)
     free_slots = list(range(jobs))
-    running: dict[subprocess.Popen, tuple[str, int, float, Path, Path]] = {}
-    results: list[tuple[str, str, float]] = []
+    running: dict[subprocess.Popen, tuple[str, int, int, float, Path, Path]] = {}
+    done: dict[str, list[tuple[str, float, Path]]] = {python: [] for python in PYTHONS}
     started = time.monotonic()
+    first_share: dict[str, Path] = {}  # each Python's share 0 log: its venv is made there
+
+    def ready(python: str, k: int) -> bool:
+        """A later share starts once share 0 has made and filled the venv (it reached
+        pytest, or ended): two nox runs must not create one venv at once."""
+        if k == 0:
+            return True
+        if done[python]:
+            return True
+        log = first_share.get(python)
+        return bool(log and log.exists() and b"nox > pytest" in log.read_bytes())
+
+    def name(python: str, k: int) -> str:
+        return f"suite-{python}" + (f"-share{k + 1}of{shards}" if shards > 1 else "")
+
     try:
-        while waiting or running:
-            while waiting and free_slots:
-                python, slot = waiting.pop(0), free_slots.pop(0)
-                log, report = logs / f"suite-{python}.log", logs / f"suite-{python}.json"
+        while todo or running:
+            for python, k in list(todo):
+                if not free_slots:
+                    break
+                if not ready(python, k):
+                    continue
+                todo.remove((python, k))
+                free_slots.sort()  # the lowest: where only one Python exists, its shares
+                slot = free_slots.pop(0)  # take the first slots (CI's chroot: 0 to 3)
+                log, report = logs / f"{name(python, k)}.log", logs / f"{name(python, k)}.json"
                 report.unlink(missing_ok=True)
+                if k == 0:
+                    first_share[python] = log
                 cmd = [sys.executable, "-m", "nox", "--noxfile", str(ROOT / "noxfile.py"),
                        "-s", f"suite-{python}", "--report", str(report)]
+                if k > 0:  # share 0 installed this very checkout into the venv just now
+                    cmd.append("--no-install")
                 if session.posargs:
                     cmd += ["--", *session.posargs]
+                env = {**os.environ, PORT_SLOT: str(slot)}
+                if shards > 1:
+                    env["LOBBYD_SHARD"] = f"{k}/{shards}"
                 with open(log, "wb") as out:
                     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, cwd=ROOT,
-                                            env={**os.environ, PORT_SLOT: str(slot)})
-                running[proc] = (python, slot, time.monotonic(), log, report)
-                session.log(f"suite-{python}: started (ports of slot {slot}; log {log})")
+                                            stdin=subprocess.DEVNULL, cwd=ROOT, env=env)
+                running[proc] = (python, k, slot, time.monotonic(), log, report)
+                session.log(f"{name(python, k)}: started (ports of slot {slot}; log {log})")
             for proc in [p for p in running if p.poll() is not None]:
-                python, slot, t0, log, report = running.pop(proc)
+                python, k, slot, t0, log, report = running.pop(proc)
                 free_slots.append(slot)
                 took = time.monotonic() - t0
                 outcome = _suite_outcome(proc.returncode, report, log)
-                results.append((python, outcome, took))
-                print(f"\n===== suite-{python}: {outcome} in {took:.0f} s =====", flush=True)
+                done[python].append((outcome, took, log))
+                print(f"\n===== {name(python, k)}: {outcome} in {took:.0f} s =====", flush=True)
                 print(log.read_text(errors="replace"), end="", flush=True)
-            if running:
+            if running or todo:
                 time.sleep(0.5)  # a supervisor's poll: the workers end on their own
     finally:
         for proc in running:
@@ -111,13 +145,38 @@ def tests(session: nox.Session) -> None:
         for proc in running:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=30)
-    session.log(f"{len(PYTHONS)} Pythons, {jobs} at a time, in {time.monotonic() - started:.0f} s:")
-    for python, outcome, took in sorted(results, key=lambda r: PYTHONS.index(r[0])):
-        session.log(f"* suite-{python}: {outcome} ({took:.0f} s)")
-    failed = [python for python, outcome, _ in results if not outcome.startswith(("success",
-                                                                                    "skipped"))]
+    session.log(f"{len(PYTHONS)} Pythons, {shards} share(s) each, {jobs} jobs at a time, in "
+                f"{time.monotonic() - started:.0f} s:")
+    failed = []
+    for python in PYTHONS:
+        outcomes = [outcome for outcome, _, _ in done[python]]
+        took = sum(t for _, t, _ in done[python])
+        bad = [o for o in outcomes if not o.startswith(("success", "skipped"))]
+        if len(outcomes) < shards:
+            bad.append(f"{shards - len(outcomes)} share(s) not run")
+        skipped = [o for o in outcomes if o.startswith("skipped")]
+        outcome = bad[0] if bad else (skipped[0] if len(skipped) == len(outcomes) else
+                                      "success")
+        if bad:
+            failed.append(python)
+        counts = _pytest_counts([log for _, _, log in done[python]])
+        session.log(f"* suite-{python}: {outcome} ({took:.0f} s"
+                    + (f" in {shards} shares" if shards > 1 else "")
+                    + (f"; {counts})" if counts else ")"))
     if failed:
         session.error(f"failed on Python {', '.join(failed)}")
+
+
+def _pytest_counts(logs: list[Path]) -> str:
+    """The pytest summaries of a Python's shares added up: "550 passed, 1 skipped"."""
+    total: dict[str, int] = {}
+    for log in logs:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        lines = re.findall(r"^=* ?(\d+ \w+(?:, \d+ \w+)*) in [0-9.]+s", text, re.M)
+        for count, what in re.findall(r"(\d+) (\w+)", lines[-1] if lines else ""):
+            if what != "deselected":  # in shares: the other shares' tests
+                total[what] = total.get(what, 0) + int(count)
+    return ", ".join(f"{n} {what}" for what, n in total.items())
 
 
 def _suite_outcome(returncode: int, report: Path, log: Path) -> str:
@@ -128,7 +187,8 @@ def _suite_outcome(returncode: int, report: Path, log: Path) -> str:
     except (OSError, ValueError, KeyError, IndexError):
         return f"failed (nox exited {returncode}, no report)"
     if result == "skipped":
-        why = re.search(r"skipped: (.+?)\.?$", log.read_text(errors="replace"), re.M)
+        why = re.search(r"skipped: (.+?)(?: \(took [^)]*\))?\.?$", log.read_text(errors="replace"),
+                        re.M)
         return f"skipped ({why.group(1)})" if why else "skipped"
     return result if returncode == 0 or result != "success" else f"failed (exit {returncode})"
 
@@ -138,10 +198,18 @@ def suite(session: nox.Session) -> None:
     """The test suite on one Python (`nox -s suite-3.12`); `nox -s tests` runs them all."""
     install(session, ".[redis]", *TEST_DEPS)
     args = list(session.posargs or CORE_SUITE)
+    shard = os.environ.get("LOBBYD_SHARD", "")  # `nox -s tests` runs shares of it at once
     if not any(a.startswith("--basetemp") for a in args):
         # a private basetemp: other pytest runs on the machine rotate /tmp/pytest-of-<user>
-        args.append(f"--basetemp={Path(session.create_tmp()) / 'pytest'}")
-    session.run("pytest", *args)
+        k, _, n = shard.partition("/")
+        name = "pytest" + (f"-share{int(k) + 1}of{n}" if shard else "")  # as in its log's name
+        args.append(f"--basetemp={Path(session.create_tmp()) / name}")
+    env = {}
+    if session.python != PYTHONS[0] and "LOBBYD_DIFF_CASES" not in os.environ:
+        # the 300,000-case differential comparison of the fast envelope decoder on the first
+        # Python (12 CPU-seconds); a fifth of it, with a seed of its own, on each of the others
+        env["LOBBYD_DIFF_CASES"] = "60000"
+    session.run("pytest", *args, env=env)
 
 
 @nox.session(python="3.11")

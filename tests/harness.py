@@ -33,12 +33,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 #: LOBBYD_PORT_SLOT=K (set by `nox -s tests` for each of its concurrent workers, and by
-#: .ci/run for every session): free_port() picks from a range of K's own,
-#: [10000 + 3000 K, 13000 + 3000 K), all below the kernel's ephemeral ports (32768 and up),
+#: .ci/run for every session): free_port() picks from a range of K's own, K from 0 to 9,
+#: [10000 + 2000 K, 12000 + 2000 K), all below the kernel's ephemeral ports (32768 and up),
 #: so two workers never get the same port, nor a port the kernel hands out meanwhile.
 #: Unset: whatever free port the kernel gives (port 0).
 PORT_SLOT = "LOBBYD_PORT_SLOT"
-PORT_SLOT_BASE, PORT_SLOT_SPAN, PORT_SLOTS = 10000, 3000, 7
+PORT_SLOT_BASE, PORT_SLOT_SPAN, PORT_SLOTS = 10000, 2000, 10
 _next_in_slot: int | None = None
 
 
@@ -56,7 +56,7 @@ def port_range() -> range | None:
 
 def free_port() -> int:
     """A loopback port nothing listens on. In a slot, the ports are handed out in turn (a
-    port used a moment ago comes back only after the other 2,999), each tried by binding it
+    port used a moment ago comes back only after the other 1,999), each tried by binding it
     without SO_REUSEADDR (so not one with a connection in TIME_WAIT either)."""
     ports = port_range()
     if ports is None:
