@@ -105,8 +105,10 @@ def dnsperf(port: int, qtype: str, seconds: float, workdir: Path, rate: float = 
                         *(["-Q", str(int(rate))] if rate else []), "-v"],
                        stdout=sink, stderr=subprocess.STDOUT, timeout=seconds + 30, check=True)
     text = out.read_text(errors="replace")
-    latencies = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                 if line.startswith("> ")]
+    # "> NOERROR NAME TYPE 0.000123" per answer; a lost query's line ("> T NAME TYPE") has
+    # no time, and is counted in "Queries lost"
+    latencies = [float(last) for line in text.splitlines() if line.startswith("> ")
+                 and (last := line.rsplit(" ", 1)[-1]).replace(".", "", 1).isdigit()]
     qps = re.search(r"Queries per second:\s+([0-9.]+)", text)
     lost = re.search(r"Queries lost:\s+([0-9]+)", text)
     size = re.search(r"response ([0-9]+)", text)
