@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Callable
 
@@ -636,3 +637,21 @@ def http_get(port: int, path: str) -> tuple[int, bytes]:
         return resp.status, resp.read()
     finally:
         conn.close()
+
+
+def start_prometheus(config: Path, workdir: Path) -> tuple[subprocess.Popen, int]:
+    """A real Prometheus with this config file, its data and log in `workdir`, on a free
+    loopback port: (the process, stop it with stop_process; its port)."""
+    port = free_port()
+    with open(workdir / "prometheus.log", "wb") as log:
+        proc = subprocess.Popen(["prometheus", f"--config.file={config}",
+                                 f"--storage.tsdb.path={workdir / 'tsdb'}",
+                                 f"--web.listen-address=127.0.0.1:{port}"],
+                                stdout=log, stderr=subprocess.STDOUT)
+    return proc, port
+
+
+def prometheus_targets(port: int) -> list[dict]:
+    """The active targets of a Prometheus on 127.0.0.1:PORT (its API)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/targets", timeout=5) as r:
+        return json.load(r)["data"]["activeTargets"]

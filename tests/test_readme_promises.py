@@ -18,7 +18,6 @@ import ssl
 import subprocess
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -28,12 +27,11 @@ from conftest import (
     NatsServer,
     RedisServer,
     base_env,
-    free_port,
     lobbyd_command,
     skip_unless_required,
     wait_for,
 )
-from harness import RespSubscriber, stop_process
+from harness import RespSubscriber, prometheus_targets, start_prometheus, stop_process
 
 TOKEN = "tok-readme-promise"
 
@@ -72,18 +70,10 @@ def test_readme_http_sd_example_with_the_token_in_a_real_prometheus(lobbyd, tmp_
                     rf"\g<1>{TOKEN}}}", config)
     assert f"credentials: {TOKEN}}}" in config, config
     (tmp_path / "prometheus.yml").write_text("global: {scrape_interval: 1s}\n" + config)
-    port = free_port()
-    with open(tmp_path / "prometheus.log", "wb") as log:
-        prom = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
-                                 f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                                 f"--web.listen-address=127.0.0.1:{port}"],
-                                stdout=log, stderr=subprocess.STDOUT)
+    prom, port = start_prometheus(tmp_path / "prometheus.yml", tmp_path)
 
     def targets() -> dict[str, dict]:
-        url = f"http://127.0.0.1:{port}/api/v1/targets"
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return {t["labels"]["instance"]: t["labels"]
-                    for t in json.load(r)["data"]["activeTargets"]}
+        return {t["labels"]["instance"]: t["labels"] for t in prometheus_targets(port)}
 
     try:
         found = wait_for(lambda: targets() if set(targets()) == {"a:9100", "b:9200"} else None,

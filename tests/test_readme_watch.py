@@ -16,12 +16,11 @@ import signal
 import subprocess
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port, skip_unless_required, wait_for
-from harness import stop_process
+from conftest import ROOT, skip_unless_required, wait_for
+from harness import prometheus_targets, start_prometheus, stop_process
 
 import lobbyd as L
 
@@ -128,11 +127,6 @@ def test_check_examples_are_valid() -> None:
     assert replica.argv == ("/usr/local/lib/lobby/replica-ok", "--max-lag", "30")
 
 
-def prometheus_targets(port: int) -> list[dict]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/targets", timeout=5) as r:
-        return json.load(r)["data"]["activeTargets"]
-
-
 def instances(port: int) -> set[str]:
     return {t["labels"]["instance"] for t in prometheus_targets(port)}
 
@@ -155,12 +149,7 @@ scrape_configs:
       - files: [{targets}/lobbyd-*.json]
         refresh_interval: 1s
 """)
-    port = free_port()
-    with open(tmp_path / "prometheus.log", "wb") as log:
-        prom = subprocess.Popen(["prometheus", f"--config.file={config}",
-                                 f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                                 f"--web.listen-address=127.0.0.1:{port}"],
-                                stdout=log, stderr=subprocess.STDOUT)
+    prom, port = start_prometheus(config, tmp_path)
     try:
         wait_for(lambda: instances(port) == {"a:9100"}, timeout=30, what="Prometheus: a")
         target = prometheus_targets(port)[0]
