@@ -1569,30 +1569,14 @@ class Registry:
     def learn(self, hostname: str, labels: tuple[str, ...], received: float) -> int:
         """A host heard second-hand (a peer's sync answer): NEW_HOST if it was unknown;
         if the peer heard it later than we did, that hearing counts (NEW_LABELS or
-        HEARD_LATER); else 0, nothing changed."""
+        HEARD_LATER); else 0, nothing changed (or no room: MAX_HOSTS)."""
         entry = self.hosts.get(hostname)
-        if entry is not None:
-            if received <= entry[1]:
-                return 0
-            if entry[0] == labels:
-                self.hosts[hostname] = (entry[0], received)
-                return HEARD_LATER
-            self._note(hostname, entry[0])
-            self.hosts[hostname] = (labels, received)
-            self.version += 1
-            if self._carriers:
-                self._index(hostname, labels)
-            return NEW_LABELS
-        if len(self.hosts) >= self.max_hosts:
+        if entry is not None and received <= entry[1]:
             return 0
-        self.hosts[hostname] = (labels, received)
-        self._note(hostname, None)
-        if self._carriers:
-            self._index(hostname, labels)
-        self._oldest = min(self._oldest, received)
-        self.version += 1
-        self._order = None
-        return NEW_HOST
+        news = self.apply_hi(hostname, labels, received)
+        if news == FULL:
+            return 0
+        return news or HEARD_LATER
 
     def apply_goodbye(self, hostname: str) -> bool:
         entry = self.hosts.pop(hostname, None)
