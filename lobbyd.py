@@ -1705,6 +1705,10 @@ SYNC_ANSWER_BURST, SYNC_ANSWER_EVERY = 4, 1.0
 SYNC_SPREAD = 1.0
 #: seconds between two packets of ours published again because another claimed our name
 REPUBLISH_EVERY = 1.0
+#: seconds after a (re)connection in which a new host makes us publish our packet once
+#: more: a daemon that connected a moment after us missed the first one, and its join
+#: request may have found us still asking ours (out of the queue group)
+HI_AGAIN_WITHIN = SYNC_WINDOW
 
 
 class CutOff:
@@ -1773,6 +1777,7 @@ class Fleet:
         self._answered = time.monotonic()
         self._sync_hi_due = False  #: per-host: our answer to a join request is scheduled
         self._sync_hi_last = -math.inf
+        self._hi_again_until = -math.inf  #: monotonic: a new host until then gets ours again
         self.cut = cut or CutOff()  #: whether we are cut off from the fleet (SPEC 16)
 
     def attach(self, transport: Transport) -> None:
@@ -1812,9 +1817,20 @@ class Fleet:
                 counters.joined += 1
                 if not quiet:
                     self.membership_log.info("new host %s", hostname)
+                if self._hi_again_until > -math.inf:
+                    self.new_host_after_connecting()
             elif not quiet:
                 self.membership_log.info("new labels of %s", hostname)
             self.changed()
+
+    def new_host_after_connecting(self) -> None:
+        """Two daemons that connect together can each miss the other's first packet
+        (published before the other subscribed), and neither answers the other's join
+        request while asking its own: the first new host heard soon after connecting
+        gets our packet once more, instead of a keep-alive later."""
+        due, self._hi_again_until = self._hi_again_until, -math.inf
+        if time.monotonic() < due:
+            self.schedule(self.say_hi())
 
     def refused(self, hostname: str, labels: tuple[str, ...], change: int) -> None:
         """A packet not applied: a new host while the registry is full, or another
@@ -1886,6 +1902,7 @@ class Fleet:
 
     async def connected(self, transport: Transport) -> None:
         """On every (re)connect: say hi at once, then learn the fleet from one peer."""
+        self._hi_again_until = time.monotonic() + HI_AGAIN_WITHIN
         await self.say_hi()
         self.schedule(self.sync(transport))
 

@@ -290,8 +290,11 @@ def run_demo(lobbyd: list[str], nats_server: str, workdir: Path, nats_port: int,
     workdir.mkdir(parents=True)
     nats_path = workdir / "nats-server.log"
     nats_cmd = [nats_server, "-a", "127.0.0.1", "-p", str(nats_port)]
+    # NATS in a session of its own: Ctrl-C on the terminal reaches the daemons only, so
+    # they say goodbye over a NATS that is still up; the demo stops NATS after them.
     with open(nats_path, "ab") as nats_log:
-        nats = subprocess.Popen(nats_cmd, stdout=nats_log, stderr=subprocess.STDOUT)
+        nats = subprocess.Popen(nats_cmd, stdout=nats_log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     daemons: dict[str, subprocess.Popen] = {}
     tails: dict[str, list[str]] = {}  # the last lines of each daemon's output
     readers: dict[str, threading.Thread] = {}
@@ -341,14 +344,15 @@ def run_demo(lobbyd: list[str], nats_server: str, workdir: Path, nats_port: int,
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=3)
     finally:
-        for p in [*daemons.values(), nats]:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in [*daemons.values(), nats]:
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        for group in (list(daemons.values()), [nats]):  # NATS last: goodbyes go out first
+            for p in group:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            for p in group:
+                try:
+                    p.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
 
 
 def _wait_for_nats(nats: subprocess.Popen, port: int, log: Path, timeout: float = 10) -> None:

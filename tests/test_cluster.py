@@ -152,6 +152,36 @@ def test_a_joining_daemon_learns_the_fleet_without_waiting_a_keep_alive(lobbyd) 
     assert "learned 3 hosts from a peer" in c.logs()
 
 
+def test_a_new_host_just_after_connecting_gets_our_packet_once_more(lobbyd, nats) -> None:
+    """Two daemons that connect at once can each miss the other's first packet, and
+    neither answers the other's join while asking its own (the demo waited a keep-alive
+    for that). The first new host heard soon after connecting gets our packet again."""
+    watcher = nats.client()
+    watcher.subscribe(SUBJECT)
+    a = lobbyd("a", KEEP_ALIVE="60", TTL="120")
+
+    def from_a(messages: list[tuple[str, bytes]]) -> list[dict]:
+        packets = [json.loads(payload) for _, payload in messages]
+        return [p for p in packets if p.get("discovery", {}).get("hostname") == "a"]
+
+    first = wait_for(lambda: from_a(watcher.messages(0.1)), what="a's first packet")
+    assert len(first) == 1
+    peer = nats.client()
+    peer.publish_json(SUBJECT, {"message": "hi", "discovery": {
+        "hostname": "b", "labels": [], "last_check": int(time.time())}})
+    peer.flush()
+    again = wait_for(lambda: from_a(watcher.messages(0.1)), timeout=1,
+                     what="a's packet again (a keep-alive is a minute away)")
+    assert len(again) == 1 and "b" in a.hostnames()
+    peer.publish_json(SUBJECT, {"message": "hi", "discovery": {
+        "hostname": "c", "labels": [], "last_check": int(time.time())}})
+    peer.flush()
+    wait_for(lambda: "c" in a.hostnames(), what="a hears c")
+    assert from_a(watcher.messages(1.0)) == []  # once per connection, not once per host
+    watcher.close()
+    peer.close()
+
+
 def test_nats_restart_the_daemon_keeps_serving_and_comes_back(lobbyd, nats) -> None:
     a = lobbyd("a", TTL="30")
     b = lobbyd("b", TTL="30")

@@ -82,3 +82,47 @@ def test_stopping_nats_does_not_end_the_demo(tmp_path: Path) -> None:
         stop.set()
         demo.join(timeout=20)
     assert not demo.is_alive() and not errors, errors
+
+
+#: The demo as `nox -s demo` runs it, in a process group of its own like a terminal's job.
+DEMO_CHILD = """\
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import noxfile
+lobbyd, nats, workdir, nats_port, a, b = json.loads(sys.argv[2])
+noxfile.run_demo(lobbyd, nats, noxfile.Path(workdir), nats_port, (a, b))
+"""
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_ctrl_c_both_daemons_say_goodbye_before_nats_stops(tmp_path: Path, round_: int) -> None:
+    """Ctrl-C reaches every process of the terminal's group: NATS must not be one of
+    them, or a daemon finds it gone before its goodbye (it raced and lost in CI)."""
+    import json
+    import subprocess
+
+    args = [lobbyd_command(), nats_server_binary(), str(tmp_path / "demo"), free_port(),
+            free_port(), free_port()]
+    demo = subprocess.Popen([sys.executable, "-c", DEMO_CHILD, str(ROOT), json.dumps(args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True, text=True)
+    out: list[str] = []
+    try:
+        for line in demo.stdout:
+            out.append(line)
+            if "Ctrl-C stops the demo" in line:
+                break
+        os.killpg(demo.pid, signal.SIGINT)
+        out.append(demo.stdout.read())
+        status = demo.wait(timeout=30)
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+    text = "".join(out)
+    # The race is seldom lost on an idle machine; what NATS was sent is certain.
+    nats_log = (tmp_path / "demo" / "nats-server.log").read_text()
+    assert 'Trapped "interrupt" signal' not in nats_log, nats_log
+    assert 'Trapped "terminated" signal' in nats_log, nats_log
+    assert "said goodbye as alpha.demo" in text and "said goodbye as beta.demo" in text, text
+    assert "cut off from NATS" not in text and "Traceback" not in text, text
+    assert status == 0, text
