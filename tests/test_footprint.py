@@ -105,15 +105,21 @@ assert "uuid" in sys.modules
 lazy = nats.js
 assert type(lazy).__name__ == "LazyModule"
 status = nats.js.api.Header.STATUS  # what nats-py's client reads in a status header
+assert "nats.js.api" not in sys.modules and status == "Status", "the module for one name"
+assert nats.js.api.ConsumerConfig  # any other name: nats.js.api alone
 assert "nats.js.api" in sys.modules and "nats.js" not in sys.modules, "all of JetStream"
 assert "email" not in sys.modules and "datetime" not in sys.modules
+real = sys.modules["nats.js.api"].Header
+for name, ours in lobbyd.StatusHeader.__members__.items():  # the same keys, either way
+    assert real[name] == ours and hash(real[name]) == hash(ours) == hash(ours.value), name
+    assert {real[name].value: 1}.get(ours) == 1 == {ours.value: 1}.get(real[name])
 assert nats.js.api.ConsumerConfig._to_utc_iso(nats.aio.msg.datetime.datetime(2026, 1, 2)) == \
     "2026-01-02T00:00:00Z"  # datetime, imported when first used, in both modules
 from nats.js.api import KeyValueConfig  # as kv mode imports it
 context = nats.js.JetStreamContext  # as nc.jetstream() reaches it: the real package
 assert nats.js is sys.modules["nats.js"] and nats.js.api is sys.modules["nats.js.api"]
-assert nats.js.api.KeyValueConfig is KeyValueConfig and nats.js.api.Header.STATUS is status
-assert lazy.JetStreamContext is context and lazy.api.Header.STATUS is status
+assert nats.js.api.KeyValueConfig is KeyValueConfig and nats.js.api.Header is real
+assert lazy.JetStreamContext is context and lazy.api.Header is real
 assert "email" in sys.modules
 ssl = lobbyd.ssl_module()
 for m in (asyncio.sslproto, asyncio.selector_events, asyncio.base_events, nats.aio.client):
