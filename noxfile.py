@@ -330,7 +330,10 @@ def run_demo(lobbyd: list[str], nats_server: str, workdir: Path, nats_port: int,
         nats_said = False
         while not (stop and stop.is_set()):
             for name, daemon in daemons.items():
-                if daemon.poll() is not None:
+                if daemon.poll() == 0:  # lobbyd exits 0 on a signal only: Ctrl-C came first
+                    say(f"{name} stopped: stopping the demo")
+                    raise KeyboardInterrupt
+                if daemon.returncode is not None:
                     raise ended(name)
             if nats.poll() is not None and not nats_said:
                 nats_said = True
@@ -375,6 +378,9 @@ def _wait_for_nats(nats: subprocess.Popen, port: int, log: Path, timeout: float 
 def _prefix_lines(stream, prefix: str, tail: list[str], say=print) -> None:
     """A daemon's log lines on the terminal, each with the daemon's name in front; the
     last ones kept in `tail` for the reason it ends."""
+    # Ctrl-C is for the main thread: one taken here reaches Python's handler only at the
+    # main thread's next check, which may come after it saw a daemon end of that Ctrl-C
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     for line in stream:
         tail.append(line)
         del tail[:-20]

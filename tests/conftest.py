@@ -32,6 +32,13 @@ from selection import _classified_honestly, count_commands, deselect_in_process
 # every lobbyd command line is counted (tests/selection.py: what binary_tests runs)
 lobbyd_command = count_commands()  # noqa: F811
 
+# The tests interrupt lobbyctl, the demo and daemons with SIGINT, as a terminal's Ctrl-C
+# does. A suite started with SIGINT ignored (a script's background job, nohup) would hand
+# that on to every process it starts, and Python installs no KeyboardInterrupt for a
+# signal ignored at its start: the tests would wait for programs that cannot hear them.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 __all__ = ["ROOT", "Lobbyd", "NatsServer", "RedisServer", "base_env", "daemon_env", "free_port",
            "lobbyd_command", "nats_server_binary", "run_lobbyd", "skip_unless_required",
            "wait_for"]
