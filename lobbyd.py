@@ -2189,6 +2189,9 @@ class NatsPy:
         self.nats = import_nats(urls, trick=not forced)
         #: why plain nats-py is used; "" when the tricks are
         self.plain = "LOBBYD_PLAIN_NATS is set" if forced else untested_nats_py(self.nats)
+        api = getattr(getattr(self.nats, "js", None), "api", None)
+        if self.plain and isinstance(api, LazyModule):  # its real Header, on first use
+            api.__dict__.pop("Header", None)
         if self.plain:
             log.info("NATS: %s: using plain nats-py (slower at fleet scale)", self.plain)
 
@@ -2249,7 +2252,8 @@ def import_nats(urls: Sequence[str], trick: bool = True) -> Any:
     static binary (no package metadata in it) always did. Not for ws:// URLs:
     their aiohttp, which nats-py imports if it can, may need importlib.metadata.
     ssl, nats.js (JetStream) and datetime come as stand-ins (LazyModule), imported
-    when used.
+    when used; `trick`: also nats.js.api's Header as StatusHeader, the names the
+    tested releases read.
     """
     stand_ins: dict[str, Any] = {}
     if "ssl" not in sys.modules:  # its `import ssl` gets ssl_module() when used
@@ -2258,7 +2262,8 @@ def import_nats(urls: Sequence[str], trick: bool = True) -> Any:
         # calendar with it): 1.4 MB. nats-py's client reaches it as the package's `js`
         stand_ins["nats.js"] = LazyModule("nats.js")
         stand_ins["nats.js"].api = LazyModule("nats.js.api", jetstream_api)
-        stand_ins["nats.js"].api.Header = StatusHeader  # all its client reads: no import
+        if trick:  # all the tested releases' client reads of it (NatsPy may take it back)
+            stand_ins["nats.js"].api.Header = StatusHeader
     if "datetime" not in sys.modules:  # for JetStream's metadata and dates
         stand_ins["datetime"] = LazyModule("datetime")
     if "uuid" not in sys.modules:  # `from uuid import uuid4`, for Subscription.next_msg()

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import ROOT, Lobbyd, NatsServer, wait_for
 from test_readme_promises import make_ca
 
@@ -128,6 +129,34 @@ assert asyncio.sslproto.SSLAgainErrors == (ssl.SSLWantReadError, ssl.SSLSyscallE
 print("ok")
 """
     out = subprocess.run([sys.executable, "-c", script, str(ROOT)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.parametrize("why", ["forced", "untested"])
+def test_plain_nats_py_reads_the_real_status_header(why: str) -> None:
+    """StatusHeader names what the tested nats-py releases read in a status header, no
+    more: on plain nats-py (LOBBYD_PLAIN_NATS=1, or a release outside the tested ones)
+    the client reads nats.js.api's own Header."""
+    script = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import lobbyd
+environ = {}
+if sys.argv[2] == "forced":
+    environ["LOBBYD_PLAIN_NATS"] = "1"
+else:
+    lobbyd.untested_nats_py = lambda nats: "nats-py 9.9 is not one tested"
+natspy = lobbyd.NatsPy(environ, ["nats://127.0.0.1:4222"])
+assert natspy.plain, natspy.plain
+header = natspy.nats.js.api.Header  # what the client reads
+assert header is not lobbyd.StatusHeader and "nats.js.api" in sys.modules, header
+assert header is sys.modules["nats.js.api"].Header
+assert lobbyd.NatsPy({}, ["nats://127.0.0.1:4222"]).plain == ("" if sys.argv[2] == "forced"
+                                                             else "nats-py 9.9 is not one tested")
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script, str(ROOT), why], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
