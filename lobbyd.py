@@ -2189,10 +2189,10 @@ class NatsPy:
         self.nats = import_nats(urls, trick=not forced)
         #: why plain nats-py is used; "" when the tricks are
         self.plain = "LOBBYD_PLAIN_NATS is set" if forced else untested_nats_py(self.nats)
-        api = getattr(getattr(self.nats, "js", None), "api", None)
-        if self.plain and isinstance(api, LazyModule):  # its real Header, on first use
-            api.__dict__.pop("Header", None)
         if self.plain:
+            api = getattr(getattr(self.nats, "js", None), "api", None)
+            if isinstance(api, LazyModule):  # its real Header, on first use
+                api.__dict__.pop("Header", None)
             log.info("NATS: %s: using plain nats-py (slower at fleet scale)", self.plain)
 
     def client(self, batch_reads: bool) -> Callable[[], Any]:
