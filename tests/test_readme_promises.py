@@ -283,42 +283,59 @@ def test_lobbyctl_labels_add_with_ttl_is_a_lease_that_ends(lobbyd, nats) -> None
 
 def test_at_most_1000_connections_the_rest_closed_at_once(lobbyd) -> None:
     """README: lobbyd holds at most 1,000 connections; more are closed at once (or, the
-    first 16, once their reserved slot's 2 s for a health check's head are up), and it
-    serves again as soon as they go. The clients come from 8 loopback addresses: one
-    address alone may hold only HTTP_MAX_CONNECTIONS_PER_ADDRESS (250)."""
+    first 16, answered 503 once they send a request for anything but a health check), and
+    it serves again as soon as they go. The clients come from 8 loopback addresses: one
+    address alone may hold only HTTP_MAX_CONNECTIONS_PER_ADDRESS (250). Each sends a held
+    query at once, so that neither the 10 s a new connection has for its head nor the
+    closing of idle keep-alive connections decides which ones stay, however slowly the
+    machine lets 1,150 clients connect."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = 1150
     if hard != resource.RLIM_INFINITY and hard < want + 200:
         skip_unless_required(f"RLIMIT_NOFILE hard limit {hard}: too low for {want} clients")
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want + 200), hard))
     a = lobbyd("a")
+    index = a.request("GET", "/v1/discoveries")[1]["x-lobby-index"]
+    held = (f"GET /v1/discoveries?index={index}&wait=600s HTTP/1.1\r\n"
+            "Host: 127.0.0.1\r\n\r\n").encode()
     clients: list[socket.socket] = []
+    gone: dict[socket.socket, bytes] = {}  # closed by lobbyd -> what it answered first
     try:
         for i in range(want):
-            clients.append(socket.create_connection(("127.0.0.1", a.port), timeout=5,
-                                                    source_address=(f"127.0.0.{1 + i % 8}", 0)))
+            client = socket.create_connection(("127.0.0.1", a.port), timeout=5,
+                                              source_address=(f"127.0.0.{1 + i % 8}", 0))
+            clients.append(client)
+            try:
+                client.sendall(held)
+            except OSError:
+                gone[client] = b""  # closed before its request went out
 
-        def closed_by_lobbyd() -> list[socket.socket]:
-            gone = []
-            for s in clients:
-                s.setblocking(False)
+        def closed_by_lobbyd() -> int:
+            for client in clients:
+                if client in gone:
+                    continue
+                client.setblocking(False)
                 try:
-                    if s.recv(1) == b"":
-                        gone.append(s)
+                    answer = client.recv(65536)
                 except BlockingIOError:
-                    pass
+                    continue  # held: nothing yet
                 except OSError:
-                    gone.append(s)
-            return gone
+                    answer = b""
+                if answer == b"" or answer.startswith(b"HTTP/1.1 503"):
+                    gone[client] = answer
+            return len(gone)
 
-        # the excess is closed at once; the 1,000 stay open (idle: 60 s)
-        wait_for(lambda: len(closed_by_lobbyd()) >= want - 1000, timeout=10,
+        # the excess is closed at once; the 1,000 stay, held (for up to 600 s)
+        wait_for(lambda: closed_by_lobbyd() >= want - 1000, timeout=10,
                  what=f"{want - 1000} connections over the limit closed")
         time.sleep(0.5)  # nothing more goes
-        assert len(closed_by_lobbyd()) == want - 1000
+        assert closed_by_lobbyd() == want - 1000
+        # a reserved slot is free again once its 503 is sent, so more than 16 may get one
+        refused = [answer for answer in gone.values() if answer]
+        assert all(b"/v1/health" in answer for answer in refused), refused[:1]
     finally:
-        for s in clients:
-            s.close()
+        for client in clients:
+            client.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     wait_for(lambda: a.request("GET", "/v1/discovery")[0] == 200, timeout=10,
              what="serving again once they went")
