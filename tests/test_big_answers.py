@@ -8,6 +8,7 @@ import gzip
 import json
 import socket
 
+from conftest import wait_for
 from watchclient import SUBJECT, envelope, get, hold, returned
 
 import lobbyd as L
@@ -22,6 +23,16 @@ def fill(nats, count: int = HOSTS) -> None:
                   f"public_ip4:192.0.2.{i % 250}", f"some-long-label-{i:04}-padding-padding"]
         client.publish_json(SUBJECT, envelope(f"host{i:04}.example.org", labels))
     client.flush()
+
+
+def all_listed(port: int) -> bytes:
+    """/v1/discoveries once it lists every host: polled with a deadline, not a number of
+    tries (a loaded machine applies the packets slower than it answers)."""
+    def whole() -> bytes | None:
+        body = get(port, "/v1/discoveries")[2]
+        return body if len(json.loads(body)) == HOSTS + 1 else None
+
+    return wait_for(whole, timeout=30, what=f"{HOSTS + 1} hosts listed")  # type: ignore[return-value]
 
 
 def read_response(sock: socket.socket, buf: bytes, head_only: bool = False
@@ -49,11 +60,7 @@ def ask(method: str, path: str, extra: str = "") -> bytes:
 def test_big_answers_keep_alive_head_and_index(lobbyd, nats) -> None:
     d = lobbyd("a", TTL=120, LOG_LEVEL="INFO")
     fill(nats)
-    status, headers, body = get(d.port, "/v1/discoveries")
-    for _ in range(200):
-        if len(json.loads(body)) == HOSTS + 1:
-            break
-        status, headers, body = get(d.port, "/v1/discoveries")
+    body = all_listed(d.port)
     assert len(json.loads(body)) == HOSTS + 1 and len(body) > L.SLICE_MIN
     with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
         # GET, HEAD, GET again on one connection: HEAD sends no body from the file
@@ -106,10 +113,7 @@ def test_a_big_answer_the_socket_cannot_take_at_once_arrives_whole(lobbyd, nats)
         labels = [f"label-{k:02}-{i:04}-" + "x" * 230 for k in range(40)]
         client.publish_json(SUBJECT, envelope(f"host{i:04}.example.org", labels))
     client.flush()
-    for _ in range(200):
-        _status, _headers, body = get(d.port, "/v1/discoveries")
-        if len(json.loads(body)) == HOSTS + 1:
-            break
+    all_listed(d.port)
     with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
         answers = []
         for _ in range(3):
