@@ -38,7 +38,8 @@ def test_sigterm_says_goodbye_and_exits_quickly(lobbyd, nats) -> None:
     code = b.proc.wait(timeout=5)
     took = time.monotonic() - started
     assert code == 0 and took < 2.0, (code, took)
-    wait_for(lambda: a.hostnames() == ["a"], timeout=1, what="b gone from a within 1 s")
+    # b's goodbye, not its expiry (TTL=60), however slowly a loaded machine routes it
+    wait_for(lambda: a.hostnames() == ["a"], timeout=10, what="b gone from a by its goodbye")
     def next_goodbye() -> dict:
         while True:
             envelope = json.loads(sub.next_msg(timeout=5)[1])
@@ -147,9 +148,10 @@ def test_a_joining_daemon_learns_the_fleet_without_waiting_a_keep_alive(lobbyd) 
     # c learns from ONE peer's answer: the next keep-alive is a minute away
     started = time.monotonic()
     c = lobbyd("c", KEEP_ALIVE="60", TTL="120")
-    wait_for(lambda: c.hostnames() == ["a", "b", "c", "go"], timeout=2, what="c learns all")
-    assert time.monotonic() - started < 5
-    assert "learned 3 hosts from a peer" in c.logs()
+    wait_for(lambda: c.hostnames() == ["a", "b", "c", "go"], timeout=15, what="c learns all")
+    assert time.monotonic() - started < 30  # long before a keep-alive (60 s) could tell it
+    # logged once the sync's last chunk is in, a moment after the registry has the hosts
+    wait_for(lambda: "learned 3 hosts from a peer" in c.logs(), what="the sync logged")
 
 
 def test_a_new_host_just_after_connecting_gets_our_packet_once_more(lobbyd, nats) -> None:
@@ -170,7 +172,7 @@ def test_a_new_host_just_after_connecting_gets_our_packet_once_more(lobbyd, nats
     peer.publish_json(SUBJECT, {"message": "hi", "discovery": {
         "hostname": "b", "labels": [], "last_check": int(time.time())}})
     peer.flush()
-    again = wait_for(lambda: from_a(watcher.messages(0.1)), timeout=1,
+    again = wait_for(lambda: from_a(watcher.messages(0.1)), timeout=10,
                      what="a's packet again (a keep-alive is a minute away)")
     assert len(again) == 1 and "b" in a.hostnames()
     peer.publish_json(SUBJECT, {"message": "hi", "discovery": {
@@ -194,8 +196,8 @@ def test_nats_restart_the_daemon_keeps_serving_and_comes_back(lobbyd, nats) -> N
     nats.start()
     wait_for(lambda: b.labels_of("a") == ["during:outage"], timeout=10,
              what="b sees a's new label after NATS is back")
-    for d in (a, b):
-        assert "disconnected from NATS" in d.logs() and "reconnected to NATS" in d.logs()
+    for d in (a, b):  # nats-py publishes and delivers before its reconnected callback logs
+        wait_for(lambda d=d: "reconnected to NATS" in d.logs(), what=f"{d.name} logs it")
         assert d.logs().count("disconnected from NATS") == 1
 
 
@@ -289,10 +291,11 @@ def test_plain_nats_py_lists_joins_and_says_goodbye_with_the_fast_path(lobbyd) -
     wait_for(lambda: a.hostnames() == ["a", "b"] == b.hostnames(), what="a and b")
     b.kill()  # c learns b from a plain peer's answer, a keep-alive is a minute away
     c = lobbyd("c", **plain)
-    wait_for(lambda: c.hostnames() == ["a", "b", "c"], timeout=2, what="c learns all")
-    assert c.labels_of("a") == ["service:web"] and "learned 2 hosts from a peer" in c.logs()
+    wait_for(lambda: c.hostnames() == ["a", "b", "c"], timeout=15, what="c learns all")
+    assert c.labels_of("a") == ["service:web"]
+    wait_for(lambda: "learned 2 hosts from a peer" in c.logs(), what="the sync logged")
     assert c.stop() == 0
-    wait_for(lambda: a.hostnames() == ["a", "b"], timeout=1, what="c's goodbye heard")
+    wait_for(lambda: a.hostnames() == ["a", "b"], timeout=10, what="c's goodbye heard")
     assert "using plain nats-py" in a.logs()
     if not os.environ.get("LOBBYD_PLAIN_NATS"):  # (nox -s plain_nats: everyone is plain)
         assert "plain nats-py" not in b.logs()
