@@ -32,7 +32,9 @@ def all_listed(port: int) -> bytes:
         body = get(port, "/v1/discoveries")[2]
         return body if len(json.loads(body)) == HOSTS + 1 else None
 
-    return wait_for(whole, timeout=30, what=f"{HOSTS + 1} hosts listed")  # type: ignore[return-value]
+    body = wait_for(whole, timeout=30, what=f"{HOSTS + 1} hosts listed")
+    assert isinstance(body, bytes)
+    return body
 
 
 def read_response(sock: socket.socket, buf: bytes, head_only: bool = False
