@@ -110,22 +110,24 @@ def test_kill_9_expires_after_ttl(lobbyd) -> None:
 
 
 def test_runtime_labels_propagate_persist_and_delete(lobbyd) -> None:
-    a = lobbyd("a", LABELS="env:1")
-    b = lobbyd("b", KEEP_ALIVE="30")
+    # keep-alives a minute apart: a change on b within 10 s was published at once
+    a = lobbyd("a", start=False, LABELS="env:1", KEEP_ALIVE="60", TTL="180")
     labels_dir = Path(a.env["LABELS_PATH"])
     labels_dir.mkdir(exist_ok=True)
     (labels_dir / "static").write_text("file:1\n")
+    a.start()
+    b = lobbyd("b", KEEP_ALIVE="60", TTL="180")
     wait_for(lambda: b.labels_of("a") == ["env:1", "file:1"], what="b sees a's file label")
     posted = time.monotonic()
     assert a.request("POST", "/v1/labels", body="run:1\nrun:2")[0] == 200
-    wait_for(lambda: b.labels_of("a") == ["env:1", "file:1", "run:1", "run:2"], timeout=1,
-             what="POST visible on b within 1 s")
-    assert time.monotonic() - posted < 1
+    wait_for(lambda: b.labels_of("a") == ["env:1", "file:1", "run:1", "run:2"], timeout=10,
+             what="POST visible on b before a keep-alive")
+    assert time.monotonic() - posted < 10
     a.restart()
     assert a.get_json("/v1/discovery")["labels"] == ["env:1", "file:1", "run:1", "run:2"]
     assert a.request("DELETE", "/v1/labels", body="run:1\nenv:1\nfile:1")[0] == 200
-    wait_for(lambda: b.labels_of("a") == ["env:1", "file:1", "run:2"], timeout=1,
-             what="DELETE visible on b; env and file labels stay")
+    wait_for(lambda: b.labels_of("a") == ["env:1", "file:1", "run:2"], timeout=10,
+             what="DELETE visible on b before a keep-alive; env and file labels stay")
     assert (labels_dir / "_runtime").read_text().splitlines()[-1] == "run:2"
 
 
