@@ -356,6 +356,8 @@ def run_demo(lobbyd: list[str], nats_server: str, workdir: Path, nats_port: int,
                     p.wait(timeout=5)
                 except subprocess.TimeoutExpired:
                     p.kill()
+        for reader in readers.values():  # the daemons' last lines (their goodbyes) said
+            reader.join(timeout=2)
 
 
 def _wait_for_nats(nats: subprocess.Popen, port: int, log: Path, timeout: float = 10) -> None:
