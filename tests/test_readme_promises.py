@@ -230,9 +230,15 @@ def test_redis_host_db_and_channel_are_used(lobbyd, tmp_path) -> None:
                  what="a and b over Redis on 127.0.0.2, channel fleet:eu")
         channels = set(server.cli("PUBSUB", "CHANNELS", "*").split())
         assert "fleet:eu" in channels and "lobby:discovery" not in channels, channels
-        clients = server.cli("CLIENT", "LIST").splitlines()
-        lobbyds = [line for line in clients if "cmd=client" not in line]  # not redis-cli
-        assert lobbyds and all(" db=3 " in f" {line} " for line in lobbyds), clients
+        def on_db_3() -> list[str] | None:
+            """Every lobbyd connection on db 3, or None: a connection redis-py's pool has
+            just opened says HELLO before it SELECTs, and CLIENT LIST may catch it between."""
+            clients = server.cli("CLIENT", "LIST").splitlines()
+            lobbyds = [line for line in clients if "cmd=client" not in line]  # not redis-cli
+            return lobbyds if lobbyds and all(" db=3 " in f" {line} " for line in lobbyds) \
+                else None
+
+        wait_for(on_db_3, what="every lobbyd connection on db 3")
         health = a.get_json("/v1/health")
         assert f"redis://127.0.0.2:{server.port}/3" in json.dumps(health), health
         sub = RespSubscriber.__new__(RespSubscriber)  # on 127.0.0.2: what a Go daemon reads
