@@ -5,7 +5,6 @@ installed here (Prometheus consul_sd, consul-template, Fabio), replayed as raw H
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
 import threading
 import time
@@ -233,8 +232,9 @@ def test_writes_are_refused_and_say_where_labels_go() -> None:
 # ------------------------------------------- the clients' request sequences, raw HTTP
 
 
-def get(daemon: Lobbyd, target: str, **headers: str) -> tuple[int, dict[str, str], Any]:
-    status, found, body = daemon.request("GET", target, headers=headers)
+def get(daemon: Lobbyd, target: str, timeout: float = 5,
+        **headers: str) -> tuple[int, dict[str, str], Any]:
+    status, found, body = daemon.request("GET", target, headers=headers, timeout=timeout)
     return status, found, json.loads(body) if "json" in found.get("content-type", "") else body
 
 
@@ -246,16 +246,7 @@ def held(daemon: Lobbyd, target: str) -> Callable[[], tuple[int, dict[str, str],
     started = time.monotonic()
 
     def run() -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=60)
-        try:
-            conn.request("GET", target)
-            answer = conn.getresponse()
-            found = {k.lower(): v for k, v in answer.getheaders()}
-            body = answer.read()
-        finally:
-            conn.close()
-        result.append((answer.status, found, json.loads(body)
-                       if "json" in found.get("content-type", "") else body))
+        result.append(get(daemon, target, timeout=60))
         join.seconds = time.monotonic() - started  # type: ignore[attr-defined]
 
     thread = threading.Thread(target=run)
