@@ -1911,10 +1911,11 @@ class Fleet:
         """Join: learn every live host from one peer instead of waiting a keep-alive
         round, then answer the joins of others."""
         learned = again = 0
+        asked = time.time()
 
         def reply(data: bytes) -> bool:
             nonlocal learned, again
-            count, heard, complete = self.learn_chunk(data, time.time())
+            count, heard, complete = self.learn_chunk(data, asked)
             learned, again = learned + count, again + heard
             return complete
 
@@ -1926,9 +1927,14 @@ class Fleet:
             self.joined()
         await transport.serve_fleet(self.answer)
 
-    def learn_chunk(self, data: bytes, now: float) -> tuple[int, int, bool]:
+    def learn_chunk(self, data: bytes, asked: float) -> tuple[int, int, bool]:
         """Apply one chunk of a peer's join answer: (hosts added, known hosts the peer
-        heard later than we did, whether it was the last)."""
+        heard later than we did, whether it was the last).
+
+        Ages count back from `asked`, when our request went out, not from now: the
+        answer was made after it, so each hearing is at least that old, and an answer
+        that waited in a queue cannot pass for newer than a packet we heard since (it
+        would put back the labels that packet changed)."""
         try:
             hosts, done = decode_sync_chunk(data, self.cache)
         except PacketError as exc:
@@ -1937,7 +1943,7 @@ class Fleet:
         learn, ttl, added, again, changed = self.registry.learn, self.ttl, 0, 0, False
         for hostname, labels, age in hosts:
             if 0 <= age < ttl:
-                news = learn(hostname, labels, now - age)
+                news = learn(hostname, labels, asked - age)
                 if news == NEW_HOST:
                     added += 1
                 elif news:

@@ -44,9 +44,9 @@ class RawNats:
         line, self.buf = self.buf.split(b"\r\n", 1)
         return line
 
-    def subscribe(self, subject: str) -> int:
+    def subscribe(self, subject: str, queue: str = "") -> int:
         self.sid += 1
-        self.sock.sendall(f"SUB {subject} {self.sid}\r\n".encode())
+        self.sock.sendall(f"SUB {subject} {queue + ' ' if queue else ''}{self.sid}\r\n".encode())
         self.flush()
         return self.sid
 
@@ -78,6 +78,8 @@ class RawNats:
 
     def _read_msg(self, line: bytes) -> tuple[str, bytes]:
         parts = line.split()
+        #: the reply subject of the message read last ("" if it had none)
+        self.reply = parts[3].decode() if len(parts) == (6 if parts[0] == b"HMSG" else 5) else ""
         size = int(parts[-1])
         while len(self.buf) < size + 2:
             self._fill(5.0)

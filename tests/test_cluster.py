@@ -156,6 +156,22 @@ def test_a_joining_daemon_learns_the_fleet_without_waiting_a_keep_alive(lobbyd) 
     wait_for(lambda: "learned 3 hosts from a peer" in c.logs(), what="the sync logged")
 
 
+def test_a_late_join_answer_never_undoes_a_packet_heard_since(lobbyd, nats) -> None:
+    """A peer's join answer can reach us after a packet its host sent later (the answer
+    was made first, or waited in a queue): the later packet's labels stay."""
+    peer = nats.client()  # the fleet's only answerer of join requests
+    peer.subscribe(SUBJECT + ".sync", queue="lobbyd")
+    b = lobbyd("b", wait=False, KEEP_ALIVE="60", TTL="180")
+    peer.next_msg(timeout=30)  # b's join request
+    # x's new labels first-hand, then an answer made before them, which says v:1
+    peer.publish_json(SUBJECT, {"message": "hi", "discovery": {
+        "hostname": "x", "labels": ["v:2"], "last_check": int(time.time())}})
+    peer.publish(peer.reply, b'{"hosts":[["x",["v:1"],0],["y",["w:1"],0]],"done":true}')
+    peer.flush()
+    wait_for(lambda: b.labels_of("y") == ["w:1"], what="b took the answer")
+    assert b.labels_of("x") == ["v:2"]
+
+
 def test_a_new_host_just_after_connecting_gets_our_packet_once_more(lobbyd, nats) -> None:
     """Two daemons that connect at once can each miss the other's first packet, and
     neither answers the other's join while asking its own (the demo waited a keep-alive
