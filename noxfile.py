@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import hashlib
 import json
 import os
 import re
@@ -46,7 +47,15 @@ nox.options.error_on_missing_interpreters = bool(os.environ.get("CI"))
 
 def install(session: nox.Session, *args: str) -> None:
     """session.install, one session at a time: `pip install .` builds in the source tree
-    (build/, lobbyd.egg-info), which concurrent sessions (`nox -s tests`, CI) share."""
+    (build/, lobbyd.egg-info), which concurrent sessions (`nox -s tests`, CI) share.
+    Skipped when the venv already holds this very checkout with the same requirements
+    (pip's check and a rebuild of lobbyd's wheel: ~5 CPU-seconds, and they wait in line)."""
+    venv = getattr(session.virtualenv, "location", None)
+    stamp = Path(venv) / "lobbyd-installed" if venv else None
+    want = install_stamp(args)
+    if stamp is not None and stamp.is_file() and stamp.read_text() == want:
+        session.log("this checkout and the same requirements are installed already")
+        return
     others = [a for a in args if not a.startswith(".")]
     if others:
         session.install(*others)
@@ -55,6 +64,17 @@ def install(session: nox.Session, *args: str) -> None:
     with open(lock, "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         session.install(*[a for a in args if a.startswith(".")])
+    if stamp is not None and not {"--no-install", "-R"} & set(sys.argv):  # it installed
+        stamp.write_text(want)
+
+
+def install_stamp(args: tuple[str, ...]) -> str:
+    """What an install of `args` depends on: the arguments and the files lobbyd's wheel
+    is built from."""
+    digest = hashlib.sha256("\0".join(args).encode())
+    for name in ("pyproject.toml", "lobbyd.py", "README.md"):
+        digest.update((ROOT / name).read_bytes())
+    return digest.hexdigest()
 
 
 #: how many test runs `nox -s tests` keeps going at once (LOBBYD_TEST_JOBS): the suite
@@ -210,6 +230,17 @@ def suite(session: nox.Session) -> None:
         # Python (12 CPU-seconds); a fifth of it, with a seed of its own, on each of the others
         env["LOBBYD_DIFF_CASES"] = "60000"
     session.run("pytest", *args, env=env)
+
+
+@nox.session(python="3.11")
+def durations(session: nox.Session) -> None:
+    """Time every test of the core suite in a run alone into tests/durations.json, from
+    which `nox -s tests` and binary_tests cut shares that take about the same time. Run it
+    when tests were added, or got much longer or shorter; a test it does not know counts as
+    a median one."""
+    install(session, ".[redis]", *TEST_DEPS)
+    session.run("pytest", *CORE_SUITE,
+                env={"LOBBYD_DURATIONS_OUT": str(ROOT / "tests" / "durations.json")})
 
 
 @nox.session(python="3.11")

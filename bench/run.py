@@ -1,7 +1,7 @@
 """lobbyd benchmark harness: one table of fleet-scale figures.
 
     python bench/run.py            # full run (people): 3 runs of each figure, ~25 min
-    python bench/run.py --smoke    # CI smoke: 1 short run of each figure, < 3 min
+    python bench/run.py --smoke    # CI smoke: 1 short run of each figure, ~3.5 min
     LOBBYD_CMD="/usr/local/bin/lobby" python bench/run.py --label go   # any implementation
 
 The daemon under test is configured only through SPEC environment variables and
@@ -85,10 +85,10 @@ FULL = Profile(runs=3, ingest_hosts=[1000, 10000, 100000], ingest_confirm_s=5,
                join_trials=10, join_peers=5, join_fakes=1000,
                dead_variants=[(30, 15, 5, 3), (5, 60, 1, 3)], startup_trials=20,
                fanout_msgs=300000)
-# the smoke: every figure once, its answers checked; HTTP in one turn of each side (the
-# same 4 s of load each, without the second round's gaps: no guard reads its req/s)
+# the smoke: every figure once, its answers checked; HTTP in one turn of each side (2 s of
+# load each, without the second round's gaps: no guard reads its req/s)
 SMOKE = Profile(runs=1, ingest_hosts=[1000, 10000], ingest_confirm_s=2, redis_hosts=[10000],
-                steady_window_s=8, steady_big=False, http_hosts=[10000], http_seconds=4,
+                steady_window_s=8, steady_big=False, http_hosts=[10000], http_seconds=2,
                 http_extra=False, http_rounds=1, prop_changes=40, goodbye_trials=5, join_trials=3,
                 join_peers=2, join_fakes=200, dead_variants=[(3, 15, 1, 1)],
                 startup_trials=5, fanout_msgs=100000, dns_seconds=2, dns_rounds=1)

@@ -27,7 +27,12 @@ from harness import (
     skip_unless_required,
     wait_for,
 )
-from selection import _classified_honestly, count_commands, deselect_in_process
+from selection import (
+    _classified_honestly,
+    count_commands,
+    deselect_in_process,
+    record_durations,
+)
 
 # every lobbyd command line is counted (tests/selection.py: what binary_tests runs)
 lobbyd_command = count_commands()  # noqa: F811
@@ -76,6 +81,10 @@ def lobbyd(tmp_path: Path, nats: NatsServer) -> Iterator[Callable[..., Lobbyd]]:
     yield make
     for d in started:
         d.stop(signal.SIGKILL, timeout=5)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    record_durations(config)  # LOBBYD_DURATIONS_OUT=path (`nox -s durations`)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import os
 import sys
 import types
@@ -108,15 +109,67 @@ def exercises_daemon(item: pytest.Item) -> bool:
     return starts_daemon([f for f in funcs if f is not None])
 
 
-#: LOBBYD_SHARD=K/N: the K-th of N shares of the tests (by a hash of each test's id), so
-#: that N runs at once (CI's binary_tests) cover every test exactly once
+#: LOBBYD_SHARD=K/N: the K-th of N shares of the tests, so that N runs at once (`nox -s
+#: tests`, CI's binary_tests) cover every test exactly once
 SHARD = "LOBBYD_SHARD"
+#: seconds each test took in a run of the suite alone (`nox -s durations` writes it): the
+#: shares are cut to take about the same time, not to hold the same number of tests
+DURATIONS = TESTS / "durations.json"
+#: where a run writes the durations of its tests (`nox -s durations`)
+DURATIONS_OUT = "LOBBYD_DURATIONS_OUT"
 
 
-def in_shard(nodeid: str, shard: str) -> bool:
+def parse_shard(shard: str) -> tuple[int, int]:
     k, n = (int(x) for x in shard.split("/"))
     assert 0 <= k < n, f"{SHARD}={shard}: want K/N with 0 <= K < N"
-    return zlib.crc32(nodeid.encode()) % n == k
+    return k, n
+
+
+def cut_shares(nodeids: list[str], n: int, durations: dict[str, float]) -> dict[str, int]:
+    """The share (0 to n-1) of each test: the longest first, each to the share with the
+    least time so far; a test `durations` does not know counts as the median one, and
+    ties go by a hash of the id. The same tests always give the same shares, so the N
+    runs of one suite agree without talking to each other."""
+    known = sorted(durations.values())
+    default = known[len(known) // 2] if known else 1.0
+    order = sorted(nodeids, key=lambda t: (-durations.get(t, default),
+                                           zlib.crc32(t.encode()), t))
+    loads = [0.0] * n
+    shares = {}
+    for nodeid in order:
+        k = min(range(n), key=lambda i: (loads[i], i))
+        shares[nodeid] = k
+        loads[k] += durations.get(nodeid, default)
+    return shares
+
+
+def read_durations() -> dict[str, float]:
+    try:
+        return {str(k): float(v) for k, v in json.loads(DURATIONS.read_text()).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}  # no file: every test the same, shares of equal counts
+
+
+class DurationRecorder:
+    """A plugin (LOBBYD_DURATIONS_OUT=path): each test's set-up, call and tear-down
+    seconds, written as DURATIONS is read once the run ends."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.seconds: dict[str, float] = {}
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.seconds[report.nodeid] = self.seconds.get(report.nodeid, 0.0) + report.duration
+
+    def pytest_sessionfinish(self) -> None:
+        rounded = {k: round(v, 2) for k, v in sorted(self.seconds.items())}
+        self.path.write_text(json.dumps(rounded, indent=0) + "\n")
+
+
+def record_durations(config: pytest.Config) -> None:
+    out = os.environ.get(DURATIONS_OUT)
+    if out:
+        config.pluginmanager.register(DurationRecorder(Path(out)), "lobbyd-durations")
 
 
 def deselect_in_process(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -127,9 +180,12 @@ def deselect_in_process(config: pytest.Config, items: list[pytest.Item]) -> None
         return
     keep, drop = [], []
     for item in items:
-        wanted = (not binary_only or exercises_daemon(item)) and \
-            (not shard or in_shard(item.nodeid, shard))
-        (keep if wanted else drop).append(item)
+        (keep if not binary_only or exercises_daemon(item) else drop).append(item)
+    if shard:
+        k, n = parse_shard(shard)
+        shares = cut_shares([item.nodeid for item in keep], n, read_durations())
+        drop += [item for item in keep if shares[item.nodeid] != k]
+        keep = [item for item in keep if shares[item.nodeid] == k]
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
