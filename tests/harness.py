@@ -390,6 +390,24 @@ class Lobbyd:
         assert status == 200, (status, body)
         return json.loads(body)
 
+    def metrics(self, **headers: str) -> dict[str, float]:
+        """`name{labels}` -> value of every sample /metrics answers."""
+        status, head, body = self.request("GET", "/metrics", headers=headers or None)
+        assert status == 200, (status, body)
+        assert head["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+        samples = {}
+        for line in body.decode().splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                samples[name] = float(value)
+        return samples
+
+    def metric(self, sample: str) -> float:
+        """One sample's value, e.g. 'lobbyd_packets_dropped_total{reason="invalid"}'."""
+        samples = self.metrics()
+        assert sample in samples, (sample, sorted(samples))
+        return samples[sample]
+
     def hostnames(self) -> list[str]:
         return [d["hostname"] for d in self.get_json("/v1/discoveries")]  # type: ignore[union-attr]
 

@@ -6,9 +6,8 @@ processes; the attacker is a raw NATS client."""
 from __future__ import annotations
 
 import json
-import re
 
-from conftest import Lobbyd, wait_for
+from conftest import wait_for
 
 SUBJECT = "lobby.discovery"
 
@@ -16,13 +15,6 @@ SUBJECT = "lobby.discovery"
 def envelope(hostname: str, labels: list[str], message: str = "hi") -> bytes:
     return json.dumps({"discovery": {"hostname": hostname, "labels": labels, "last_check": 0},
                        "message": message}, separators=(",", ":")).encode()
-
-
-def metric(d: Lobbyd, sample: str) -> float:
-    body = d.request("GET", "/metrics")[2].decode()
-    match = re.search(rf"^{re.escape(sample)} (\S+)$", body, re.M)
-    assert match, (sample, body)
-    return float(match.group(1))
 
 
 def test_a_packet_claiming_our_hostname_never_shows_and_ours_goes_out_again(lobbyd,
@@ -51,8 +43,8 @@ def test_a_packet_claiming_our_hostname_never_shows_and_ours_goes_out_again(lobb
     wait_for(lambda: b.labels_of("a") == ["role:real"], timeout=5, what="b lists a's labels")
     assert a.labels_of("a") == ["role:real"]
     # a republished at the first impostor: the rest of the flood may still be coming in
-    wait_for(lambda: metric(a, "lobbyd_impostor_packets_total") >= 101, what="101 counted")
-    assert metric(a, "lobbyd_impostor_packets_total") == 101
+    wait_for(lambda: a.metric("lobbyd_impostor_packets_total") >= 101, what="101 counted")
+    assert a.metric("lobbyd_impostor_packets_total") == 101
     assert 1 <= a.logs().count("claiming to be this host ('a')") <= 5  # rate-limited
     watcher.close()
     mallory.close()
@@ -90,7 +82,7 @@ def test_a_burst_of_join_requests_costs_a_few_answers(lobbyd, nats) -> None:
     count, size = join_request_answers(nats, 50)
     # a burst of SYNC_ANSWER_BURST (4, daemons starting together), then one a second: not 50
     assert size <= 5 * one_size, (count, size, one_size)
-    wait_for(lambda: metric(a, "lobbyd_sync_answers_refused_total") >= 45,
+    wait_for(lambda: a.metric("lobbyd_sync_answers_refused_total") >= 45,
              what="the refusals counted")
     pub.close()
 
@@ -125,7 +117,7 @@ def test_a_flood_of_made_up_hosts_stops_at_max_hosts(lobbyd, nats) -> None:
     wait_for(lambda: a.labels_of("fake0000") == ["marker"], what="the flood applied")
     names = a.hostnames()
     assert len(names) == 50 and "a" in names and "b" in names
-    assert metric(a, 'lobbyd_packets_dropped_total{reason="registry_full"}') == 952
+    assert a.metric('lobbyd_packets_dropped_total{reason="registry_full"}') == 952
     b.request("POST", "/v1/labels", "v:2")  # a host it knows still changes
     wait_for(lambda: a.labels_of("b") == ["v:1", "v:2"], what="b's new label")
     assert 1 <= a.logs().count("registry full (MAX_HOSTS=50)") <= 5

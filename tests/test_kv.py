@@ -37,14 +37,6 @@ def kv(lobbyd, js):
     return make
 
 
-def metric(d, name: str) -> float:
-    status, _, body = d.request("GET", "/metrics")
-    assert status == 200
-    match = re.search(rf"^{re.escape(name)} (\S+)$", body.decode(), re.M)
-    assert match, name
-    return float(match.group(1))
-
-
 def health(d) -> dict:
     return json.loads(d.request("GET", "/v1/health")[2])
 
@@ -133,12 +125,12 @@ def test_keep_alives_are_not_delivered_to_peers(kv) -> None:
     a = kv("a")
     b = kv("b")
     wait_for(lambda: sees(a, ["a", "b"]), what="a sees b")
-    wait_for(lambda: metric(b, "lobbyd_packets_published_total") >= 3, what="b's keep-alives")
-    heard = metric(a, 'lobbyd_packets_received_total{message="hi"}')
-    published = metric(b, "lobbyd_packets_published_total")
-    wait_for(lambda: metric(b, "lobbyd_packets_published_total") >= published + 4,
+    wait_for(lambda: b.metric("lobbyd_packets_published_total") >= 3, what="b's keep-alives")
+    heard = a.metric('lobbyd_packets_received_total{message="hi"}')
+    published = b.metric("lobbyd_packets_published_total")
+    wait_for(lambda: b.metric("lobbyd_packets_published_total") >= published + 4,
              timeout=10, what="four more keep-alives of b")
-    assert metric(a, 'lobbyd_packets_received_total{message="hi"}') == heard
+    assert a.metric('lobbyd_packets_received_total{message="hi"}') == heard
     assert sees(a, ["a", "b"])  # and b has not expired from a's registry either
 
 
@@ -211,7 +203,7 @@ def test_a_newcomer_reads_a_big_fleet_at_once_without_a_line_per_host(kv, js) ->
                                n.logs()), what="n's join line")
     logs = n.logs()
     assert "new host f" not in logs  # no line per host of the join
-    assert metric(n, 'lobbyd_packets_dropped_total{reason="invalid"}') == 1
+    assert n.metric('lobbyd_packets_dropped_total{reason="invalid"}') == 1
     write_hosts(js, {L.kv_host_key("f0001"): packet("f0001", "service:db")})
     wait_for(lambda: n.labels_of("f0001") == ["service:db"], what="a change after the join")
     write_hosts(js, {L.kv_host_key("late"): packet("late")})
@@ -227,7 +219,7 @@ def test_after_a_restart_a_packet_written_again_as_it_was_changes_nothing(kv, js
                      "h.gone": packet("gone", "k:1")})
     wait_for(lambda: sees(b, ["a", "b", "changed", "gone", "same"]), what="b sees all")
     before = stored(js, "h.a")
-    heard = metric(b, 'lobbyd_packets_received_total{message="hi"}')
+    heard = b.metric('lobbyd_packets_received_total{message="hi"}')
     js.stop()
     js.start()  # its memory lost
     wait_for(lambda: health(a)["status"] == "ok" and health(b)["status"] == "ok",
@@ -240,7 +232,7 @@ def test_after_a_restart_a_packet_written_again_as_it_was_changes_nothing(kv, js
     wait_for(lambda: sees(b, ["a", "b", "changed", "same"]), timeout=5, what="gone forgotten")
     assert b.labels_of("same") == ["k:1"] and b.labels_of("a") == ["x:1"]
     # only the changed packet was decoded again (a's, b's and same's were as they were)
-    assert metric(b, 'lobbyd_packets_received_total{message="hi"}') == heard + 1
+    assert b.metric('lobbyd_packets_received_total{message="hi"}') == heard + 1
 
 
 def test_jetstream_unavailable_is_one_clear_error_and_no_crash(lobbyd, nats) -> None:
@@ -326,7 +318,7 @@ def test_a_value_speaks_only_for_the_host_its_key_names(kv, js) -> None:
                      L.kv_host_key("marker"): packet("marker")})  # written last
     wait_for(lambda: "marker" in a.hostnames(), what="the writes applied")
     assert a.hostnames() == ["a", "marker", "victim"] and a.labels_of("victim") == ["role:real"]
-    assert metric(a, 'lobbyd_packets_dropped_total{reason="subject"}') == 2
+    assert a.metric('lobbyd_packets_dropped_total{reason="subject"}') == 2
 
 
 def test_our_key_written_by_another_is_written_again(kv, js) -> None:

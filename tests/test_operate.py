@@ -38,19 +38,6 @@ def health(d: Lobbyd, **headers: str) -> tuple[int, dict]:
     return status, json.loads(body) if status in (200, 503) else {}
 
 
-def metrics(d: Lobbyd, **headers: str) -> dict[str, float]:
-    """`name{labels}` -> value of every sample /metrics answers."""
-    status, head, body = d.request("GET", "/metrics", headers=headers or None)
-    assert status == 200, (status, body)
-    assert head["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
-    samples = {}
-    for line in body.decode().splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
-
-
 def prometheus_tool(name: str) -> str:
     """promtool or prometheus (Debian's package `prometheus`; .ci/run installs it)."""
     path = shutil.which(name)
@@ -139,9 +126,9 @@ def test_an_unhealthy_answer_keeps_the_connection(lobbyd, nats) -> None:
 def test_metrics_count_what_happens(lobbyd, nats) -> None:
     a = lobbyd("a", TTL="3", CALLBACK="true", CALLBACK_FIRST_RUN_DELAY="0",
                CALLBACK_COOLDOWN="0")
-    wait_for(lambda: metrics(a)['lobbyd_callback_runs_total{result="ok"}'] >= 1,
+    wait_for(lambda: a.metrics()['lobbyd_callback_runs_total{result="ok"}'] >= 1,
              what="the first callback run")
-    before = metrics(a)
+    before = a.metrics()
     assert before[f'lobbyd_build_info{{version="{L.__version__}"}}'] == 1
     assert before['lobbyd_connected{driver="NATS"}'] == 1
     assert before["lobbyd_hosts"] == 1 and before["lobbyd_local_labels"] == 0
@@ -159,12 +146,12 @@ def test_metrics_count_what_happens(lobbyd, nats) -> None:
         assert a.request("GET", "/no/such/path")[0] == 404
     # hostnames() is ["a"] before x and y are even heard: wait for what counts them
     expired = 'lobbyd_hosts_left_total{reason="expired"}'
-    wait_for(lambda: metrics(a)[expired] > before.get(expired, 0), timeout=15,
+    wait_for(lambda: a.metrics()[expired] > before.get(expired, 0), timeout=15,
              what="y expired")
     assert a.hostnames() == ["a"]
-    wait_for(lambda: metrics(a)['lobbyd_callback_runs_total{result="ok"}']
+    wait_for(lambda: a.metrics()['lobbyd_callback_runs_total{result="ok"}']
              > before['lobbyd_callback_runs_total{result="ok"}'], what="a callback run")
-    after = metrics(a)
+    after = a.metrics()
 
     def delta(name: str) -> float:
         return after[name] - before.get(name, 0)
@@ -464,7 +451,7 @@ def test_a_cut_off_daemon_keeps_the_fleet_and_every_answer_says_how_stale(lobbyd
     assert b"\r\nX-Lobby-Stale: " in head, head
     status, body = health(a)
     assert status == 503 and time.time() - 30 < body["cut_off_since"] <= time.time() - 3
-    assert metrics(a)["lobbyd_cut_off_seconds"] >= 3
+    assert a.metrics()["lobbyd_cut_off_seconds"] >= 3
 
     def ctl(*words: str) -> subprocess.CompletedProcess:
         return subprocess.run([*lobbyd_command(), "ctl", "-port", str(a.port), *words],

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -36,9 +35,9 @@ def health(d: Lobbyd) -> tuple[int, dict]:
 
 def left(d: Lobbyd) -> dict[str, int]:
     """lobbyd_hosts_left_total by reason."""
-    metrics = d.request("GET", "/metrics")[2].decode()
-    return {reason: int(float(count)) for reason, count in re.findall(
-        r'^lobbyd_hosts_left_total\{reason="(\w+)"\} (\S+)$', metrics, re.M)}
+    return {sample[len('lobbyd_hosts_left_total{reason="'):-2]: int(value)
+            for sample, value in d.metrics().items()
+            if sample.startswith('lobbyd_hosts_left_total{reason="')}
 
 
 def go_envelope(hostname: str, labels: list[str] | None, message: str = "hi") -> str:
