@@ -531,7 +531,7 @@ def _run_binary_pytest(session: nox.Session, default_args: list[str], env: dict[
 
 @nox.session(python="3.11")
 def bench(session: nox.Session) -> None:
-    """Fleet-scale benchmark table; `-- --smoke` is the short CI run (< 3 min).
+    """Fleet-scale benchmark table; `-- --smoke` is the short CI run (~3.5 min).
 
     Measures any implementation: `LOBBYD_CMD=/path/to/lobby nox -s bench -- --label go`.
     HTTP figures use wrk when it is on PATH (Debian package `wrk`), else a Python client.
