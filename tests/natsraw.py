@@ -17,6 +17,7 @@ class RawNats:
         """`auth`: user and pass, or auth_token, as nats-server's CONNECT expects them."""
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.buf = b""
+        self.reply = ""  #: the reply subject of the message read last ("" if it had none)
         self.info = json.loads(self._line()[5:])
         options = {"verbose": False, "pedantic": False, "headers": True, "no_responders": True,
                    "protocol": 1, **auth}
@@ -78,7 +79,6 @@ class RawNats:
 
     def _read_msg(self, line: bytes) -> tuple[str, bytes]:
         parts = line.split()
-        #: the reply subject of the message read last ("" if it had none)
         self.reply = parts[3].decode() if len(parts) == (6 if parts[0] == b"HMSG" else 5) else ""
         size = int(parts[-1])
         while len(self.buf) < size + 2:
