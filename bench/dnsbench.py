@@ -152,7 +152,7 @@ def fig_dns(env_factory, prefill, subject: str, n: int, seconds: float, rounds: 
         g = env.loadgen(n, mode="keepalive", rate=n / 5, duration=total, max_seconds=total + 30)
         env.go(g)
         cases: dict[str, dict] = {}
-        with LoadMeter() as meter:
+        with LoadMeter(pace=True) as meter:
             for qtype in ("A", "SRV"):
                 ours, theirs = [], []
                 for _ in range(rounds):

@@ -99,7 +99,7 @@ def fig_kv(cmd: list[str], work: Path, n: int, keep_alive: int = 5, ttl: int = 1
         for d in daemons:
             until(lambda d=d: hosts_of(d) == n - 1, 60, f"{d.hostname} lists the fleet")
         newcomer = Daemon(cmd, server.url, work, "kv-d", SUBJECT, **env)
-        with LoadMeter() as join_load:  # the machine's load during the join itself
+        with LoadMeter(pace=True) as join_load:  # the machine's load during the join itself
             newcomer.start(wait=False)
             t_exec = time.monotonic()
             until(lambda: hosts_of(newcomer) == n, 60, "the newcomer lists the fleet", 0.01)
@@ -137,7 +137,7 @@ def fig_kv(cmd: list[str], work: Path, n: int, keep_alive: int = 5, ttl: int = 1
 
         # nats-server restarted, its memory storage lost
         server.stop()
-        with LoadMeter() as restart_load:
+        with LoadMeter(pace=True) as restart_load:
             server.start()
             restarted = time.monotonic()
             until(lambda: bucket_keys(server, f"{BASE}_hosts") >= n - 1, keep_alive + 60,

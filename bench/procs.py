@@ -103,18 +103,51 @@ def loadavg() -> list[float]:
         return [float(x) for x in f.read().split()[:3]]
 
 
+#: machine_pace() on the machine the timed targets were set on (2 cores, idle, a fresh VM):
+#: 13.3 ms; 10 calls, each in a new process, gave 13.2-13.5 (2026-12-06)
+PACE_REFERENCE_MS = 13.3
+
+
+def pace_work() -> None:
+    """A fixed piece of Python, CPU and memory bound, like a start-up or a request."""
+    doc = {"hosts": [{"hostname": f"host-{i}.example", "labels": [f"service:web{i % 7}",
+                                                                   f"seq:{i}"]}
+                     for i in range(400)]}
+    for _ in range(12):
+        json.loads(json.dumps(doc))
+        sorted((str(i * 7919 % 4001) for i in range(4000)), reverse=True)
+
+
+def machine_pace(trials: int = 5) -> float:
+    """Milliseconds of pace_work(), the median of `trials`: how fast this machine runs Python
+    at this moment. A VM whose host is busy runs everything slower, in stalls that nothing
+    inside the VM shows as another process's load; the median, not the best, because a
+    stall-free moment says nothing of the stalls the figure met."""
+    pace_work()  # the first call in a process is up to 60 % slower (allocator, caches)
+    times = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        pace_work()
+        times.append((time.perf_counter() - t0) * 1000)
+    return sorted(times)[len(times) // 2]
+
+
 class LoadMeter:
     """Background load during a measurement: what OTHER processes did to the machine.
 
     `other_cpu_pct` is the CPU the rest of the machine used (percent of one core,
     at most 100 x cores), i.e. machine busy time minus this harness's own process
-    tree (daemons, nats-server, load generators, wrk).
+    tree (daemons, nats-server, load generators, wrk). With `pace`, also how much
+    slower than the reference machine_pace() ran, at the start and at the end (the
+    slower of the two): `pace` is that ratio, at least 1.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, pace: bool = False) -> None:
         self.me = os.getpid()
+        self.pace = pace
 
     def __enter__(self) -> LoadMeter:
+        self.pace_ms = machine_pace() if self.pace else 0.0
         self.t0 = time.monotonic()
         self.busy0, _ = machine_busy_seconds()
         self.own0 = tree_cpu_seconds(self.me)
@@ -141,6 +174,10 @@ class LoadMeter:
             "other_cpu_pct": round(max(0.0, machine - own), 1),
             "cores": os.cpu_count(),
         }
+        if self.pace:
+            pace_ms = max(self.pace_ms, machine_pace())
+            self.result.update(pace_ms=round(pace_ms, 2),
+                               pace=round(max(1.0, pace_ms / PACE_REFERENCE_MS), 2))
         return self.result
 
 
