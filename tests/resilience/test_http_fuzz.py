@@ -408,16 +408,25 @@ def test_connection_flood_beyond_fd_limit(nats_mod, tmp_path):
 
 
 def settled_fd_count(d: ResLobbyd, timeout: float = 10) -> tuple[int, int]:
-    """The daemon's open file descriptors once its accept queue has been worked off (three
-    readings 50 ms apart agree), and the highest count seen on the way there."""
-    readings: list[int] = []
+    """The daemon's open file descriptors once its accept queue has been worked off, and
+    the highest count seen on the way there. Settled: three readings 50 ms apart agree and
+    each was taken while the daemon's event loop slept (state S before and after it: no
+    callback ready, every accepted socket dealt with). A daemon that is runnable but gets
+    no CPU on a busy machine holds what it accepted, and its count stands still too."""
+    readings: list[tuple[int, bool]] = []
+
+    def sleeping() -> bool:
+        return Path(f"/proc/{d.pid}/stat").read_text().rsplit(") ", 1)[1][0] == "S"
 
     def settled() -> bool:
-        readings.append(len(list(Path(f"/proc/{d.pid}/fd").iterdir())))
-        return len(readings) >= 3 and len(set(readings[-3:])) == 1
+        before = sleeping()
+        count = len(list(Path(f"/proc/{d.pid}/fd").iterdir()))
+        readings.append((count, before and sleeping()))
+        last = readings[-3:]
+        return len(last) == 3 and len({c for c, _ in last}) == 1 and all(s for _, s in last)
 
     wait_for(settled, timeout=timeout, interval=0.05, what="the fd count to settle")
-    return readings[-1], max(readings)
+    return readings[-1][0], max(c for c, _ in readings)
 
 
 def test_zz_idle_keepalive_closed(daemon, idle_probe):
