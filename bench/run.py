@@ -325,7 +325,7 @@ def fig_ingest(cmd: list[str], work: Path, prof: Profile, n: int,
     1. prefill one round; 2. a burst (as fast as the generator goes) estimates the drain
     rate, only to place the ladder; 3. paced runs of `ingest_confirm_s` at a target rate,
     each followed by a sentinel on the same connection. A run HOLDS when the sentinel
-    shows in the daemon's API at most max(2 % of the run, 50 ms) after the sender's last
+    shows in the daemon's API at most the lag allowed (below) after the sender's last
     packet (first poll that sees it; no correction), the daemon's CPU over the run stayed
     under 95 % of a core, and the registry then lists every host with exactly its last
     seq. Its rate is the DAEMON's: packets / (sentinel visible - first packet sent). The
@@ -1533,9 +1533,14 @@ def busy(run: dict) -> float:
     busy slows every process, and nothing inside the VM shows it as load: one CI machine's
     HTTP, DNS and start-up figures were 1.8-3 times those of an idle one). Timer-bound
     figures (dead host, kv's reaping) and sizes (RSS) are judged as they are."""
-    load = run.get("load") if isinstance(run.get("load"), dict) else {}
+    load = run_load(run)
     others = 1 + max(0.0, float(load.get("other_cpu_pct", 0))) / 100
     return max(others, float(load.get("pace", 1.0)))
+
+
+def run_load(run: dict) -> dict:
+    """A run's LoadMeter result ({} where it has none)."""
+    return run["load"] if isinstance(run.get("load"), dict) else {}
 
 
 def allowance_note(run: dict) -> str:
@@ -1543,15 +1548,15 @@ def allowance_note(run: dict) -> str:
     f = busy(run)
     if f <= 1:
         return ""
-    load = run.get("load") if isinstance(run.get("load"), dict) else {}
+    load = run_load(run)
     return (f" (x {f:.2f}: others took {float(load.get('other_cpu_pct', 0)):.0f} % of a "
             f"core, the machine's pace {float(load.get('pace', 1.0)):.2f})")
 
 
 def regressions(results: dict[str, dict]) -> list[str]:
     """Figures past their target or guard. Load only adds time, so a time is judged on its
-    best sample (start-up) or its median (propagation, goodbye), not on its tail, against
-    its limit times busy() (the machine's other load in that very figure)."""
+    best sample (start-up, goodbye) or its median (propagation), not on its tail, against
+    its limit times busy() (others' load and the machine's pace in that very figure)."""
     out: list[str] = []
     try:
         base = json.loads(BASELINE.read_text())["figures"]
