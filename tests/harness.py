@@ -225,6 +225,20 @@ class NatsServer(ServerProcess):
     def client(self) -> RawNats:
         return RawNats("127.0.0.1", self.port, **self.client_auth)
 
+    def answers_joins(self, subject: str = "lobby.discovery.sync", wait: float = 0.5) -> bool:
+        """Whether a lobbyd answers a join request now (one of its rationed answers):
+        a lobbyd joins the answering queue group only after its own join."""
+        client = self.client()
+        try:
+            client.subscribe("_INBOX.harness")
+            client.publish(subject, b"{}", reply="_INBOX.harness")
+            client.next_msg(timeout=wait)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            client.close()
+
 
 def nats_cluster(workdir: Path, n: int = 3, jetstream: bool = False) -> list[NatsServer]:
     """n nats-server processes routed into one cluster on loopback (not started yet); with

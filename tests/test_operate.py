@@ -266,8 +266,11 @@ def notify(tmp_path: Path):
     sock.close()
 
 
-def test_ready_after_the_join_sync_when_nats_is_up(lobbyd, notify) -> None:
+def test_ready_after_the_join_sync_when_nats_is_up(lobbyd, nats, notify) -> None:
     lobbyd("a")
+    # a answers joins once its own is over, a moment after its first packet: asked
+    # before, b would be first and READY with 1 host (unless a's packet came again)
+    wait_for(nats.answers_joins, what="a answers joins")
     b = lobbyd("b", start=False, NOTIFY_SOCKET=str(notify.path))
     started = time.monotonic()
     b.start(wait=False)

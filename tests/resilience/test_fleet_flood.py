@@ -65,7 +65,9 @@ def test_a_flood_past_max_hosts_leaves_the_known_hosts_and_a_bounded_registry(na
                                                                              fleet) -> None:
     a = fleet("a", nats.url, MAX_HOSTS="1000")
     b = fleet("b", nats.url, MAX_HOSTS="1000")
-    wait_for(lambda: a.hostnames() == ["a", "b"], what="a lists b")
+    # both ways: b learns a a moment after a hears b (a's answer or packet), and a b
+    # still without a when the flood fills its registry would refuse a until then
+    wait_for(lambda: a.hostnames() == ["a", "b"] == b.hostnames(), what="a and b")
     base = a.rss_kb()
     flood(nats, FLOOD)
     wait_for(lambda: all(d.logs().count("registry full") for d in (a, b)), timeout=30,
