@@ -98,15 +98,16 @@ def test_a_second_sigterm_sends_no_second_goodbye(lobbyd, nats, second: str) -> 
 
 
 def test_kill_9_expires_after_ttl(lobbyd) -> None:
-    a = lobbyd("a", TTL="3", CLEAN_EVERY="15")
-    b = lobbyd("b", TTL="3")
+    a = lobbyd("a", TTL="4", CLEAN_EVERY="15")
+    b = lobbyd("b", TTL="4")
     wait_for(lambda: a.hostnames() == ["a", "b"], what="a sees b")
     killed = time.monotonic()
     b.kill()
-    wait_for(lambda: a.hostnames() == ["a"], timeout=6, what="b expired")
+    wait_for(lambda: a.hostnames() == ["a"], timeout=8, what="b expired")
     gone_after = time.monotonic() - killed
-    # not before TTL minus the last keep-alive interval, and not long after TTL
-    assert 1.5 < gone_after < 5.0, gone_after
+    # not before TTL minus the last keep-alive interval (1 s) and a second more for a
+    # keep-alive late on a loaded machine, and not long after TTL
+    assert 2.0 < gone_after < 6.0, gone_after
 
 
 def test_runtime_labels_propagate_persist_and_delete(lobbyd) -> None:

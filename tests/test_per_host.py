@@ -110,19 +110,21 @@ def test_a_joining_daemon_learns_every_host_from_its_own_packet(secured) -> None
     server, start = secured
     slow = {"KEEP_ALIVE": "60", "TTL": "180"}  # no keep-alive during the test: only the sync
     a, b = start("a", **slow), start("b", **slow)
-    wait_for(lambda: a.hostnames() == ["a", "b"] and b.hostnames() == ["a", "b"], timeout=5,
+    wait_for(lambda: a.hostnames() == ["a", "b"] and b.hostnames() == ["a", "b"], timeout=15,
              what="a and b through the join sync")
     watcher = server.client()
     watcher.subscribe(f"{SUBJECT}.host.>")
     began = time.monotonic()
     c = start("c", **slow)
-    wait_for(lambda: c.hostnames() == ["a", "b", "c"], timeout=5, what="c learns a and b")
+    wait_for(lambda: c.hostnames() == ["a", "b", "c"], timeout=15, what="c learns a and b")
     learned_in = time.monotonic() - began
     seen = watcher.messages(0.5)
     for subject, payload in seen:  # every packet speaks for the host of its subject
         assert json.loads(payload)["discovery"]["hostname"] == subject.rsplit(".host.", 1)[1]
     assert {subject for subject, _ in seen} >= {f"{SUBJECT}.host.a", f"{SUBJECT}.host.b"}
-    assert learned_in < 5 and "learned" not in c.logs()  # nothing second-hand
+    # long before a keep-alive (60 s) could tell it (c's start-up counts: up to 15 s on a
+    # loaded machine); nothing second-hand
+    assert learned_in < 30 and "learned" not in c.logs()
     watcher.close()
 
 
