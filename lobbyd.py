@@ -5155,14 +5155,27 @@ class HttpServer:
         self.codes: dict[int, int] = {} if codes is None else codes
         self.server: asyncio.AbstractServer | None = None
         self.writers: set[asyncio.StreamWriter] = set()
+        self.stopping = False  #: shutdown began: no new connection, no new request
 
     async def start(self, host: str, port: int) -> None:
         self.server = await asyncio.get_running_loop().create_server(
             lambda: HttpProtocol(self), host, port, backlog=LISTEN_BACKLOG)
 
-    async def close(self) -> None:
+    def stop_accepting(self) -> None:
+        """Shutdown, first: no new connection, idle keep-alive connections closed, and
+        a request read from now on answered 503; requests being answered finish. A
+        client that comes back (the page, a blocking query) finds the port closed and
+        keeps what it had, instead of an answer from a daemon whose own goodbye may
+        already have dropped it from its registry."""
+        self.stopping = True
         if self.server:
             self.server.close()
+        for connections in list(self.by_address.values()):
+            while self._close_idle(connections):
+                pass
+
+    async def close(self) -> None:
+        self.stop_accepting()
         for writer in list(self.writers):
             writer.close()
 
@@ -5182,7 +5195,8 @@ class HttpServer:
         protocol.timer = timer
         try:
             first = True
-            while await self._serve_one(reader, writer, timer, protocol, first):
+            while await self._serve_one(reader, writer, timer, protocol, first) and \
+                    not self.stopping:
                 first = False
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                 asyncio.TimeoutError, OSError):
@@ -5264,6 +5278,8 @@ class HttpServer:
         """Serve one request; False when the connection should close."""
         try:
             head = await self._read_head(reader, timer, protocol, first)
+            if self.stopping:
+                raise HttpError(503, "lobbyd is stopping")
             prepared = self.at_once(head, math.inf) if self.at_once is not None else None
             if prepared is not None:  # the answer it got last time still is the answer
                 await self._send(writer, prepared, timer, protocol.fd)
@@ -5281,7 +5297,7 @@ class HttpServer:
         # a refused client (403, 421) tries again on a new connection, if at all
         keep_alive = wants_keep_alive(request) and (response.status < 500 or
                                                     response.status == 503) and \
-            response.status not in (403, 421)
+            response.status not in (403, 421) and not self.stopping  # a held one, woken
         await self._write(writer, response, keep_alive, request.method == "HEAD", timer,
                           protocol.fd)
         return keep_alive
@@ -7390,6 +7406,7 @@ class Daemon:
         """Goodbye, flush, close: well under two seconds."""
         notify_systemd("STOPPING=1")
         self._stopping = True  # every loop checks it: a lost cancellation cannot hang us
+        self.http.stop_accepting()  # the open requests are answered, streams end below
         self.fleet.own_hostname = None  # our own goodbye is coming back
         self.watch.close()
         self.local.stop()

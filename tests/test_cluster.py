@@ -7,6 +7,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -48,6 +49,33 @@ def test_sigterm_says_goodbye_and_exits_quickly(lobbyd, nats) -> None:
 
     assert next_goodbye()["discovery"] == {"hostname": "b", "labels": [], "last_check": 0}
     assert "Traceback" not in b.logs()
+
+
+def test_a_stopping_daemon_takes_no_new_connection_or_request(lobbyd, nats) -> None:
+    """From SIGTERM on, a client that comes back (the page reconnecting, a blocking query
+    asked again) finds the port closed, and its kept-alive connection closed, rather
+    than an answer from a daemon that its own goodbye may have dropped from its registry.
+    NATS paused holds the shutdown for its 0.8 s close, so the daemon is seen stopping."""
+    a = lobbyd("a", TTL="60")
+    kept = socket.create_connection(("127.0.0.1", a.port), timeout=5)
+    kept.sendall(b"GET /v1/discovery HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert kept.recv(65536).startswith(b"HTTP/1.1 200 ")  # and kept alive
+    nats.proc.send_signal(signal.SIGSTOP)
+    try:
+        a.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "said goodbye as a" in a.logs(), what="the goodbye")
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", a.port), timeout=5)
+        answer = b""
+        with contextlib.suppress(OSError):  # closed: the request may not even go out
+            kept.sendall(b"GET /v1/discovery HTTP/1.1\r\nHost: a\r\n\r\n")
+            while chunk := kept.recv(65536):
+                answer += chunk
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 503 "), answer[:200]
+    finally:
+        nats.proc.send_signal(signal.SIGCONT)
+        kept.close()
+    assert a.proc.wait(timeout=5) == 0 and "Traceback" not in a.logs()
 
 
 @pytest.mark.parametrize("second", ["at once", "after the goodbye"])
