@@ -377,11 +377,22 @@ def test_sigterms_during_the_loaders_clean_up(nats: NatsServer, supervised):
     its loaders remove their temporary directories (a supervisor insisting): the
     released staticx loader, and PyInstaller's, put the default action back for that
     clean-up and died there with -15, leaving their directories. Ours ignores them:
-    exit 0, one goodbye, TMPDIR clean."""
+    exit 0, one goodbye, TMPDIR clean. The clean-up lasts milliseconds: a test kept off
+    the CPU through all of it (a loaded machine) has sent nothing, and tries again."""
     sub = nats.client()
     sub.subscribe("lobby.discovery")
-    s = supervised("twice")
-    pk.wait_for(lambda: packet_from(sub, "twice"), timeout=15, what="its first packet")
+    for attempt in range(3):
+        sent = sigterms_during_clean_up(supervised, sub, f"twice{attempt}")
+        if sent:
+            break
+    assert sent > 0, "lobbyd ended after its loaders in 3 tries: the clean-up was not hit"
+
+
+def sigterms_during_clean_up(supervised, sub, name: str) -> int:
+    """One round of the test above: the SIGTERMs that reached the loader after lobbyd's
+    own process had ended (each round's outcome asserted whatever that count)."""
+    s = supervised(name)
+    pk.wait_for(lambda: packet_from(sub, name), timeout=15, what="its first packet")
     loader, python = s.chain[0], s.chain[2]
     os.kill(loader, signal.SIGTERM)
     deadline = time.monotonic() + 3
@@ -398,11 +409,11 @@ def test_sigterms_during_the_loaders_clean_up(nats: NatsServer, supervised):
     code = int(s.sup.stdout.readline())  # the loader's exit status, as its supervisor saw it
     logs = s.logs()
     print(f"{sent} SIGTERMs during the loaders' clean-up; exit {code}")
-    assert sent > 0, "lobbyd ended after its loaders: the clean-up was not hit"
     assert code == 0, logs[-3000:]
-    assert "said goodbye as twice" in logs and "Traceback" not in logs, logs[-3000:]
-    assert goodbyes(sub, "twice", 1.0) == 1
+    assert f"said goodbye as {name}" in logs and "Traceback" not in logs, logs[-3000:]
+    assert goodbyes(sub, name, 1.0) == 1
     assert list(s.tmpdir.iterdir()) == [], "a loader died before removing its directory"
+    return sent
 
 
 @pytest.mark.parametrize("target", [0, 1, 2], ids=["staticx-loader", "pyinstaller-loader",
